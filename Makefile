@@ -1,0 +1,36 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both install first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+ASSETS  := examples/assets/tiny-llama
+
+.PHONY: install demo test test-unit assets clean
+
+install: $(STAMP)
+
+# torch is installed in the same pip command as everything else (ENVIRONMENT.md): alone, peft or
+# accelerate resolve torch to a multi-GB CUDA build.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+$(ASSETS)/config.json: | $(STAMP)
+	$(BIN)/python -m kubetune.quickstart build-model --out $(ASSETS)
+
+assets: $(ASSETS)/config.json
+
+demo: install assets
+	bash examples/quickstart.sh
+
+test: install assets
+	$(BIN)/python -m pytest -q
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
+clean:
+	rm -rf $(VENV) runs examples/assets .pytest_cache

@@ -1,0 +1,1 @@
+"""The run folder: layout, events, checkpoints (COMPLETE markers), manifest, merge."""

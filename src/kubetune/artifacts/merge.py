@@ -1,0 +1,70 @@
+"""`kubetune merge RUN`: fold the LoRA adapter into the base weights → final/merged, and prove it.
+
+The merged model must compute what adapter-on-base computes: logits on a few prompts are
+compared in fp32 and the merge is refused (nothing written) above the tolerance.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune.artifacts.events import EventLog
+from kubetune.artifacts.export import readable
+from kubetune.artifacts.layout import open_run
+from kubetune.errors import TrainingError, UsageError
+from kubetune.spec.load import load_spec
+from kubetune.storage import resolve_model
+
+PROBES = [
+    [{"role": "user", "content": "Describe a blue fox."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 2?"}],
+    [{"role": "user", "content": "Spell tree."}, {"role": "assistant", "content": "tree is spelled t-r-e-e."},
+     {"role": "user", "content": "Thanks!"}],
+]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    path: Path
+    max_diff: float
+
+
+def merge_run(run: str, tolerance: float = 1e-4) -> MergeResult:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    layout = open_run(run)
+    spec = load_spec(layout.spec)
+    if spec.method.type == "full":
+        raise UsageError(f"{run} is a full fine-tune: {layout.merged} already holds the whole model")
+    if not (layout.adapter / "adapter_config.json").exists():
+        raise UsageError(f"{run} has no adapter yet ({layout.adapter})", "run `kubetune train` first")
+    base_dir = resolve_model(spec.model.base, spec.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(layout.adapter)
+    # fp32 for the check: the tolerance is meaningful only without bf16 rounding noise.
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, layout.adapter)
+    model.eval()
+    prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROBES]
+    batches = [tokenizer(p, return_tensors="pt", add_special_tokens=False) for p in prompts]
+    with torch.no_grad():
+        before = [model(**b).logits for b in batches]
+        merged = model.merge_and_unload(safe_merge=True)
+        after = [merged(**b).logits for b in batches]
+    max_diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
+    if max_diff > tolerance:
+        raise TrainingError(f"merged model differs from adapter-on-base by {max_diff:.2e} (> {tolerance:g}); "
+                            "nothing was written", "report this with the run's manifest.json")
+    tmp = layout.merged.with_name("merged.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)  # carries the training chat template
+    shutil.copy(layout.adapter / "generation_config.json", tmp / "generation_config.json")
+    readable(tmp)
+    shutil.rmtree(layout.merged, ignore_errors=True)
+    tmp.rename(layout.merged)  # a reader never sees a half-written merged model
+    EventLog(layout.events).emit("merge", path=str(layout.merged), max_logit_diff=max_diff)
+    return MergeResult(layout.merged, max_diff)

@@ -1,0 +1,79 @@
+"""kubetune's command line: a table of verbs, each a thin function over the library.
+
+`main(argv) -> int` is testable without a subprocess. Heavy imports (torch, transformers) happen
+inside the verbs that need them, so `--help`, `validate` and `schema` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from kubetune import __version__
+from kubetune.errors import EXIT_USAGE, KubetuneError
+
+__all__ = ["main", "run"]
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="run spec YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field by dotted path, YAML-typed (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kubetune.cli import verbs
+
+    parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune, evaluate and serve open LLMs from one spec.")
+    parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    table: list[tuple[str, str, Callable[..., int], bool]] = [
+        ("validate", "check the spec and its data; list every problem", verbs.validate, True),
+        ("plan", "dry run: a rendered sample with its loss mask, token stats, steps, time estimate", verbs.plan, True),
+        ("train", "train here (torchrun for several local devices)", verbs.train, True),
+    ]
+    for name, help_text, func, takes_spec in table:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if takes_spec:
+            _spec_args(p)
+        p.set_defaults(func=func)
+    p = sub.add_parser("schema", help="JSON Schema of the run spec", description="JSON Schema of the run spec")
+    p.set_defaults(func=verbs.schema)
+    p = sub.add_parser("merge", help="merge a run's adapter into its base model (final/merged)")
+    p.add_argument("run", help="run folder, e.g. runs/NAME")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (fp32)")
+    p.set_defaults(func=verbs.merge)
+    p = sub.add_parser("chat", help="ask a run's model (or its base, with --base) one or more questions")
+    p.add_argument("target", help="run folder")
+    p.add_argument("messages", nargs="*", help="one-shot questions (each answered separately)")
+    p.add_argument("--base", action="store_true", help="answer with the base model instead of the tuned one")
+    p.add_argument("--compare", action="store_true", help="print base and tuned answers side by side")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=verbs.chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "verb", None) == "chat" and not any(e.startswith("-") for e in extra):
+        args.messages += extra  # argparse stops positional matching at the first flag: `chat RUN --base "hi"`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except KubetuneError as exc:
+        print(exc.render(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""One function per verb: parse nothing, decide nothing — call the library, print, return a code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kubetune.spec import load_spec
+
+
+def _data_summary(prepared: object) -> list[str]:
+    from kubetune.data.prepare import Prepared
+
+    assert isinstance(prepared, Prepared)
+    lines = []
+    for src in prepared.samples.sources:
+        skipped = f", {src.skipped} skipped" if src.skipped else ""
+        lines.append(f"  {src.uri}: {src.format}, {src.used} rows{skipped}, weight {src.weight:g}")
+    tr = prepared.train
+    st = tr.stats()
+    lines.append(f"  train rows {len(tr.rows)}, eval rows {len(prepared.eval.rows)}")
+    lines.append(f"  tokens per row: min {st['min']}  p50 {st['p50']}  p95 {st['p95']}  max {st['max']}")
+    lines.append(f"  over max_length: {tr.truncated} truncated, {tr.dropped} dropped (of {tr.total})")
+    lines.append(f"  chat template: {prepared.formatter.template_source}")
+    return lines
+
+
+def validate(args: argparse.Namespace) -> int:
+    from kubetune.data.prepare import prepare
+
+    spec = load_spec(args.spec, args.overrides)
+    prepared = prepare(spec)
+    print(f"ok: {args.spec} (run {spec.name})")
+    for line in _data_summary(prepared):
+        print(line)
+    if prepared.samples.skipped:
+        print(f"  skipped {len(prepared.samples.skipped)} bad rows (data.bad_rows: skip)")
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kubetune.data.prepare import prepare
+    from kubetune.train.plan import make_plan, render_sample
+
+    spec = load_spec(args.spec, args.overrides)
+    prepared = prepare(spec)
+    p = make_plan(spec, prepared)
+    console = Console(highlight=False, soft_wrap=True)
+    color = console.is_terminal
+    console.print(f"[bold]plan for {spec.name}[/bold]  (nothing is trained)")
+    console.print("\n".join(_data_summary(prepared)), markup=False)
+    d = p.as_dict()
+    console.print(f"  truncated {d['truncated_pct']}%  dropped {d['dropped_pct']}%", markup=False)
+    console.print(f"  method {spec.method.type}; {p.params:,} parameters; world size {p.batches.world_size}", markup=False)
+    console.print(f"  batch: {p.batches.per_device} per device x {p.batches.accumulation} accumulation x "
+                  f"{p.batches.world_size} devices = {p.batches.total}", markup=False)
+    console.print(f"  optimizer steps: {p.steps}", markup=False)
+    console.print(f"  rough time: {_duration(p.est_seconds)}", markup=False)
+    if p.sample is not None:
+        legend = "green = trained, dim = masked" if color else "⟦trained⟧, the rest masked"
+        console.print(f"\nsample ({p.sample.where}; {legend}):", markup=False)
+        console.print(render_sample(p, color))
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 5400:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+def schema(args: argparse.Namespace) -> int:
+    from kubetune.spec.models import RunSpec
+
+    print(json.dumps(RunSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from kubetune.train.runner import DistInfo
+
+    spec = load_spec(args.spec, args.overrides)
+    if spec.resources.devices_per_node > 1 and not DistInfo.from_env().launched:
+        from kubetune.train.launcher import launch_local
+
+        return launch_local(spec, args.spec, args.overrides)
+    from kubetune.train.runner import train as run_training
+
+    run_training(spec)
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    from kubetune.artifacts.merge import merge_run
+
+    result = merge_run(args.run, tolerance=args.tolerance)
+    print(f"merged into {result.path}  (max |logit diff| vs adapter-on-base: {result.max_diff:.2e})")
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    from kubetune.evaluate.generate import answer_locally
+
+    if not args.messages:
+        print("give one or more messages (interactive chat arrives with the serving issue)", file=sys.stderr)
+        return 2
+    which = ["base", "tuned"] if args.compare else (["base"] if args.base else ["tuned"])
+    answers = {w: answer_locally(args.target, args.messages, base=(w == "base"), system=args.system,
+                                 max_new_tokens=args.max_new_tokens) for w in which}
+    for i, msg in enumerate(args.messages):
+        if len(which) == 1:
+            print(answers[which[0]][i])
+            continue
+        print(f"> {msg}")
+        for w in which:
+            print(f"  {w:>5}: {answers[w][i]}")
+    return 0

@@ -1,0 +1,1 @@
+"""Data: sources, formats, chat templates with loss masks, encoding and the validation report."""

@@ -1,0 +1,138 @@
+"""From `spec.data` to train and eval samples: read each source, detect its format, convert and
+validate every row (all problems at once), mix sources by weight, and split off eval rows."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubetune.data.formats import Sample, detect_format, to_sample
+from kubetune.data.sources import read_source
+from kubetune.errors import DataError, Problem
+from kubetune.spec.models import Columns, DataSource, DataSpec
+
+MAX_LISTED = 200  # beyond this many bad rows the report shows a count; the first ones suffice to fix a pattern
+
+
+@dataclass
+class SourceReport:
+    uri: str
+    format: str
+    rows: int
+    used: int
+    skipped: int
+    weight: float
+
+
+@dataclass
+class Samples:
+    train: list[Sample]
+    eval: list[Sample]
+    sources: list[SourceReport] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)
+
+
+def load_samples(data: DataSpec, seed: int) -> Samples:
+    """Every row of every source, checked; raises DataError listing all bad rows (unless skipped)."""
+    problems: list[Problem] = []
+    reports: list[SourceReport] = []
+    files: list[Path] = []
+    per_source: list[list[Sample]] = []
+    need_assistant = data.loss_on == "assistant"
+    for source in data.sources():
+        samples, report, bad, src_files = _load_source(source, data, need_assistant)
+        problems += bad
+        reports.append(report)
+        files += src_files
+        per_source.append(samples)
+    eval_samples: list[Sample] = []
+    eval_source = data.eval_source()
+    if eval_source is not None:
+        eval_samples, report, bad, src_files = _load_source(eval_source, data, need_assistant)
+        report.uri = f"{report.uri} (eval)"
+        problems += bad
+        reports.append(report)
+        files += src_files
+    if problems and data.bad_rows == "error":
+        shown = problems[:MAX_LISTED]
+        more = len(problems) - len(shown)
+        if more:
+            shown.append(Problem("", f"... and {more} more"))
+        raise DataError(shown, hint="fix these rows, or set data.bad_rows: skip to train without them")
+    rng = random.Random(seed)
+    train: list[Sample] = []
+    for source, samples in zip(data.sources(), per_source):
+        train += _weighted(samples, source.weight, rng)
+    ratio = data.eval_ratio()
+    if ratio is not None:
+        train, eval_samples = split_by_ratio(train, ratio, seed)
+    if not train:
+        raise DataError([Problem("data.train", "no usable training rows")])
+    return Samples(train, eval_samples, reports, files, problems)
+
+
+def _load_source(source: DataSource, data: DataSpec, need_assistant: bool
+                 ) -> tuple[list[Sample], SourceReport, list[Problem], list[Path]]:
+    read = read_source(source.path)
+    columns: Columns = source.columns or data.columns
+    fmt = source.format or data.format
+    if fmt == "auto":
+        fmt = _detect(read.rows, columns, source.path)
+    samples: list[Sample] = []
+    problems = list(read.problems)
+    for row in read.rows:
+        result = to_sample(row.data, row.where, fmt, columns, data.system_prompt, need_assistant)
+        if isinstance(result, Problem):
+            problems.append(result)
+        else:
+            samples.append(result)
+    report = SourceReport(source.path, fmt, len(read.rows) + len(read.problems), len(samples),
+                          len(problems), source.weight)
+    return samples, report, problems, read.files
+
+
+def _detect(rows: list, columns: Columns, uri: str) -> str:
+    votes: dict[str, int] = {}
+    seen_keys: set[str] = set()
+    for row in rows[:100]:
+        if isinstance(row.data, dict):
+            keys = set(row.data)
+            seen_keys |= keys
+            fmt = detect_format(keys, columns)
+            if fmt:
+                votes[fmt] = votes.get(fmt, 0) + 1
+    if not votes:
+        raise DataError(
+            [Problem(uri, f"cannot tell the format from the columns {sorted(seen_keys) or '(none)'}")],
+            hint="expected messages, instruction+output, prompt+completion or text; "
+            "set data.format and map your column names with data.columns (e.g. columns: {prompt: question})",
+        )
+    return max(votes, key=lambda k: votes[k])
+
+
+def _weighted(samples: list[Sample], weight: float, rng: random.Random) -> list[Sample]:
+    """weight 2 repeats every row twice; 0.5 keeps a random half (deterministic for a seed)."""
+    whole, frac = divmod(weight, 1.0)
+    out = samples * int(whole)
+    extra = round(frac * len(samples))
+    if extra:
+        out += rng.sample(samples, extra)
+    return out
+
+
+def split_by_ratio(samples: list[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out ``ratio`` of the rows for eval, chosen by a hash of (seed, row), so the split is
+    stable across runs and machines and does not depend on row order."""
+    if len(samples) < 2:
+        return samples, []
+    n_eval = max(1, round(len(samples) * ratio))
+
+    def key(s: Sample) -> str:
+        return hashlib.sha256(f"{seed}|{s.where}".encode()).hexdigest()
+
+    ranked = sorted(range(len(samples)), key=lambda i: key(samples[i]))
+    held = set(ranked[:n_eval])
+    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])

@@ -1,0 +1,170 @@
+"""Read rows from a data source, remembering where each came from (``file:line``).
+
+Local JSONL/JSON/CSV/Parquet are read here rather than through `datasets`, because a user fixing a
+broken file needs the line number, and `datasets` does not keep it. Hub datasets (`hf://`) go
+through `datasets.load_dataset`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.errors import DataError, Problem, UsageError
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Row:
+    data: Any
+    where: str  # file:line, or hf://name:split#index
+
+
+@dataclass
+class SourceRows:
+    uri: str
+    rows: list[Row]
+    problems: list[Problem]  # rows that could not even be parsed (bad JSON)
+    files: list[Path]
+
+
+def read_source(uri: str) -> SourceRows:
+    """All rows of one source (a file, a folder of files, or hf://org/name[:split][@revision])."""
+    if uri.startswith("hf://"):
+        return _read_hub(uri)
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise UsageError(
+            f"data source {uri}: {scheme}:// sources are not readable by this version",
+            "copy the data to a local path (object storage support is tracked in the storage issue)",
+        )
+    path = Path(uri)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise UsageError(f"data folder {uri} holds no {', '.join(SUFFIXES)} files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UsageError(f"data source not found: {uri}", "check the path (relative paths are from the current folder)")
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    for file in files:
+        r, p = read_file(file)
+        rows += r
+        problems += p
+    return SourceRows(uri, rows, problems, files)
+
+
+def read_file(path: Path) -> tuple[list[Row], list[Problem]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise UsageError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def _read_jsonl(path: Path) -> tuple[list[Row], list[Problem]]:
+    rows, problems = [], []
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(Row(json.loads(line), f"{path}:{n}"))
+            except json.JSONDecodeError as exc:
+                problems.append(Problem(f"{path}:{n}", f"bad JSON: {exc.msg} (column {exc.colno})"))
+    return rows, problems
+
+
+def _read_json(path: Path) -> tuple[list[Row], list[Problem]]:
+    """A JSON array of objects; each row keeps the line its object starts on."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    decoder = json.JSONDecoder()
+    i = _skip_ws(text, 0)
+    if i < len(text) and text[i] == "{":
+        # A single object holding the rows under one key, e.g. {"data": [...]}, is common too.
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return [], [Problem(f"{path}:{exc.lineno}", f"bad JSON: {exc.msg}")]
+        lists = [v for v in obj.values() if isinstance(v, list)] if isinstance(obj, dict) else []
+        if len(lists) != 1:
+            return [], [Problem(f"{path}:1", "expected a JSON array of rows (or an object with one list of rows)")]
+        return [Row(r, f"{path}[{k}]") for k, r in enumerate(lists[0])], []
+    if i >= len(text) or text[i] != "[":
+        return [], [Problem(f"{path}:1", "expected a JSON array of rows; for one object per line use .jsonl")]
+    rows: list[Row] = []
+    i = _skip_ws(text, i + 1)
+    while i < len(text) and text[i] != "]":
+        line = text.count("\n", 0, i) + 1
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as exc:
+            return rows, [Problem(f"{path}:{exc.lineno}", f"bad JSON: {exc.msg}; rows after this point were not read")]
+        rows.append(Row(value, f"{path}:{line}"))
+        i = _skip_ws(text, i)
+        if i < len(text) and text[i] == ",":
+            i = _skip_ws(text, i + 1)
+    return rows, []
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _read_csv(path: Path) -> tuple[list[Row], list[Problem]]:
+    rows = []
+    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.DictReader(fh)
+        start = 2
+        for record in reader:
+            rows.append(Row(dict(record), f"{path}:{start}"))
+            start = reader.line_num + 1
+    return rows, []
+
+
+def _read_parquet(path: Path) -> tuple[list[Row], list[Problem]]:
+    import pyarrow.parquet as pq  # heavy; only for parquet sources
+
+    table = pq.read_table(path)
+    return [Row(r, f"{path}#row{k + 1}") for k, r in enumerate(table.to_pylist())], []
+
+
+def parse_hub_uri(uri: str) -> tuple[str, str, str | None]:
+    """hf://org/name[:split][@revision] → (repo, split, revision)."""
+    body = uri[len("hf://"):]
+    body, _, revision = body.partition("@")
+    repo, _, split = body.partition(":")
+    if repo.count("/") > 1 or not repo:
+        raise UsageError(f"{uri}: expected hf://org/name[:split][@revision]")
+    return repo, split or "train", revision or None
+
+
+def _read_hub(uri: str) -> SourceRows:
+    repo, split, revision = parse_hub_uri(uri)
+    try:
+        import datasets
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        ds = datasets.load_dataset(repo, split=split, revision=revision)
+    except (ConnectionError, OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            [Problem(uri, f"cannot load dataset {repo!r} split {split!r} from the Hugging Face Hub: {reason}")],
+            hint="check the name, network access and HF_TOKEN; or copy the data to a local path "
+            "(without network: set HF_HUB_OFFLINE=1 and use a cached dataset)",
+        ) from None
+    rows = [Row(r, f"{uri}#{k}") for k, r in enumerate(ds)]
+    return SourceRows(uri, rows, [], [])

@@ -1,0 +1,92 @@
+"""kubetune's exceptions. Every error a user can cause is one of these; the CLI prints it and exits.
+
+The tree::
+
+    KubetuneError                 exit 1  something failed; the message says what and what to do
+    ├── UsageError                exit 2  the user's input is wrong (spec, data, flags, paths)
+    │   ├── SpecError             exit 2  the run spec: a list of Problems (field path, line, message)
+    │   └── DataError             exit 2  the datasets: a list of Problems (file:line, message)
+    └── TrainingError             exit 1  training itself failed (not a configuration mistake)
+
+Exit code 2 is reserved for "fix your input and try again"; Kubernetes Jobs use it to fail at once
+instead of retrying (see podFailurePolicy in k8s/render).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_USAGE",
+    "DataError",
+    "KubetuneError",
+    "Problem",
+    "SpecError",
+    "TrainingError",
+    "UsageError",
+]
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong, and where: ``where`` is ``file:line``, a field path, or both."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class KubetuneError(Exception):
+    """Base of all kubetune errors; ``hint`` says what to do next."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def render(self) -> str:
+        text = f"error: {self.message}"
+        if self.hint:
+            text += f"\nhint: {self.hint}"
+        return text
+
+
+class UsageError(KubetuneError):
+    exit_code = EXIT_USAGE
+
+
+class _ProblemList(UsageError):
+    title = "problems"
+
+    def __init__(self, problems: list[Problem], hint: str | None = None, title: str | None = None) -> None:
+        self.problems = list(problems)
+        if title:
+            self.title = title
+        super().__init__(f"{len(self.problems)} {self.title}", hint)
+
+    def render(self) -> str:
+        lines = [f"error: {self.message}:"]
+        lines += [f"  {p}" for p in self.problems]
+        if self.hint:
+            lines.append(f"hint: {self.hint}")
+        return "\n".join(lines)
+
+
+class SpecError(_ProblemList):
+    title = "problem(s) in the run spec"
+
+
+class DataError(_ProblemList):
+    title = "problem(s) in the data"
+
+
+class TrainingError(KubetuneError):
+    exit_code = EXIT_FAILURE

@@ -1,0 +1,1 @@
+"""Evaluation: generation with the run's template and stop tokens, metrics, reports."""

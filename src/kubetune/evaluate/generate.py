@@ -1,0 +1,69 @@
+"""Batched greedy generation for a run's tuned model or its base, with the run's own chat
+template and generation config (so both stop at the end-of-turn token the run trained)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+from kubetune.artifacts.layout import RunLayout, open_run
+from kubetune.errors import UsageError
+from kubetune.spec.load import load_spec
+from kubetune.storage import resolve_model
+
+
+def load_for_generation(layout: RunLayout, base: bool) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, generation_config) for the tuned run or its base model, in fp32 eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    spec = load_spec(layout.spec)
+    artifacts = layout.merged if (layout.merged / "config.json").exists() else layout.adapter
+    if not (artifacts / "tokenizer_config.json").exists():
+        raise UsageError(f"{layout.root} has no trained model yet (no {artifacts})", "run `kubetune train` first")
+    tokenizer = AutoTokenizer.from_pretrained(artifacts)
+    gen = GenerationConfig.from_pretrained(artifacts)
+    base_dir = resolve_model(spec.model.base, spec.model.revision)
+    if base or artifacts == layout.adapter:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        if not base:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, artifacts)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(artifacts, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer, gen
+
+
+def generate(model: Any, tokenizer: Any, gen: Any, conversations: Sequence[Sequence[dict[str, str]]],
+             max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+    import torch
+
+    tokenizer.padding_side = "left"  # decoder-only batches: pad on the left so answers start aligned
+    gen = copy.deepcopy(gen)
+    gen.max_new_tokens, gen.do_sample = max_new_tokens, False
+    gen.temperature = gen.top_p = gen.top_k = None
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    out: list[str] = []
+    for i in range(0, len(conversations), batch_size):
+        chunk = [list(c) for c in conversations[i:i + batch_size]]
+        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            ids = model.generate(**enc, generation_config=gen)
+        for row in ids[:, enc["input_ids"].shape[1]:]:
+            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return out
+
+
+def answer_locally(run: str | Path, messages: Sequence[str], base: bool = False, system: str | None = None,
+                   max_new_tokens: int = 64) -> list[str]:
+    """One answer per message, from the run's tuned model (or its base)."""
+    layout = open_run(str(run))
+    model, tokenizer, gen = load_for_generation(layout, base)
+    convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": m}]
+             for m in messages]
+    return generate(model, tokenizer, gen, convs, max_new_tokens=max_new_tokens)

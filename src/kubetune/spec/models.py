@@ -1,0 +1,238 @@
+"""The run spec: one typed model per section of DESIGN.md. Field descriptions become `--help`
+text and the JSON Schema (`kubetune schema`). Cross-field rules live in `RunSpec._cross_checks`,
+in one place, so every violation is reported together with the per-field ones."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")
+
+
+class _Section(BaseModel):
+    # extra=forbid: a misspelt key must be an error, never a silently ignored default.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(_Section):
+    base: str = Field(description="Base model: local folder, hf://org/name[@revision].")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of an hf:// base.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype. auto = bfloat16 on GPUs that support it, float32 on CPU."
+    )
+    chat_template: str = Field(
+        "auto",
+        description="auto = the tokenizer's own template (chatml if it has none); chatml; or a path to a Jinja file.",
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the Hub (off: only trusted architectures).")
+
+
+class Columns(_Section):
+    """Maps the standard field names to the dataset's column names."""
+
+    messages: str = Field("messages", description="Column with OpenAI-style chat messages.")
+    instruction: str = Field("instruction", description="Alpaca instruction column.")
+    input: str = Field("input", description="Alpaca optional input column.")
+    output: str = Field("output", description="Alpaca output column.")
+    prompt: str = Field("prompt", description="Prompt column (prompt/completion format).")
+    completion: str = Field("completion", description="Completion column (prompt/completion format).")
+    text: str = Field("text", description="Plain text column (trained on every token).")
+    system: str = Field("system", description="Optional per-row system prompt column (alpaca, prompt/completion).")
+
+
+Format = Literal["auto", "messages", "alpaca", "prompt_completion", "text"]
+
+
+class DataSource(_Section):
+    path: str = Field(description="File, folder, or hf://org/name[:split] dataset.")
+    weight: float = Field(1.0, gt=0, description="Mixing weight: 0.5 takes half the rows, 2 repeats them twice.")
+    format: Format | None = Field(None, description="Overrides data.format for this source.")
+    columns: Columns | None = Field(None, description="Overrides data.columns for this source.")
+
+
+class SplitRatio(_Section):
+    split_ratio: float = Field(0.05, gt=0, lt=1, description="Fraction of the training rows held out for eval.")
+
+
+def _source_kind(value: Any) -> str | None:
+    # Choose the union branch from the value's shape, so errors come from one branch only
+    # (pydantic would otherwise report every branch's complaint about the same value).
+    if isinstance(value, dict):
+        return "<ratio>" if "split_ratio" in value and "path" not in value else "<source>"
+    if isinstance(value, str):
+        return "<uri>"
+    if isinstance(value, (DataSource, SplitRatio)):
+        return "<ratio>" if isinstance(value, SplitRatio) else "<source>"
+    return None
+
+
+SourceRef = Annotated[
+    Union[Annotated[str, Tag("<uri>")], Annotated[DataSource, Tag("<source>")]], Discriminator(_source_kind)
+]
+EvalRef = Annotated[
+    Union[Annotated[str, Tag("<uri>")], Annotated[DataSource, Tag("<source>")], Annotated[SplitRatio, Tag("<ratio>")]],
+    Discriminator(_source_kind),
+]
+
+
+class DataSpec(_Section):
+    train: list[SourceRef] = Field(description="Training sources (URIs or {path, weight}).", min_length=1)
+    eval: EvalRef | None = Field(
+        default_factory=SplitRatio, description="Eval source, or {split_ratio}; null for no eval split."
+    )
+    format: Format = Field("auto", description="Row format; auto detects it per source from the columns.")
+    columns: Columns = Field(default_factory=Columns, description="Column names, when they differ from the standard ones.")
+    system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+    max_length: int = Field(2048, ge=16, description="Maximum tokens per training row.")
+    too_long: Literal["truncate", "drop", "error"] = Field("truncate", description="What to do with rows over max_length.")
+    loss_on: Literal["assistant", "all"] = Field("assistant", description="Train on assistant turns only, or every token.")
+    bad_rows: Literal["error", "skip"] = Field("error", description="Stop on malformed rows (listing all), or skip and count them.")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_source_is_a_list(cls, value: object) -> object:
+        return [value] if isinstance(value, (str, dict)) else value
+
+    def sources(self) -> list[DataSource]:
+        return [DataSource(path=s) if isinstance(s, str) else s for s in self.train]
+
+    def eval_source(self) -> DataSource | None:
+        if isinstance(self.eval, str):
+            return DataSource(path=self.eval)
+        return self.eval if isinstance(self.eval, DataSource) else None
+
+    def eval_ratio(self) -> float | None:
+        return self.eval.split_ratio if isinstance(self.eval, SplitRatio) else None
+
+
+class LoraSpec(_Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="all-linear, or module names; a name matching no module is an error."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: object) -> object:
+        if isinstance(value, list) and not value:
+            raise PydanticCustomError("empty", "must name at least one module, or be 'all-linear'")
+        return value
+
+
+class MethodSpec(_Section):
+    type: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base, CUDA only) or full.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
+
+
+class TrainSpec(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; -1 = derived from epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. adamw_torch, adamw_bnb_8bit.")
+    total_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step, across all devices.")
+    max_per_device_batch_size: int = Field(8, ge=1, description="Upper bound per device; the rest is gradient accumulation.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    save_every_steps: int = Field(100, ge=1, description="Checkpoint interval in optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept (oldest deleted first).")
+    eval_every_steps: int | None = Field(None, ge=1, description="Eval loss interval; null = at the end only.")
+    logging_steps: int = Field(10, ge=1, description="Progress line / event interval in steps.")
+    seed: int = Field(42, description="Seed for data order, splits and initialisation.")
+    sampling: Literal["random", "group_by_length"] = Field(
+        "group_by_length", description="Batch order: group_by_length cuts padding (same tokens, less compute)."
+    )
+    dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class TrackingSpec(_Section):
+    report_to: list[Literal["mlflow", "wandb", "tensorboard"]] = Field(
+        default_factory=list, description="transformers integrations to report to."
+    )
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (else MLFLOW_TRACKING_URI).")
+    experiment: str | None = Field(None, description="MLflow experiment / W&B project.")
+
+
+class EvalSpec(_Section):
+    metrics: list[Literal["loss", "rouge", "exact_match"]] = Field(
+        default_factory=list, description="Metrics computed by `kubetune eval` (and at the end of train)."
+    )
+    max_new_tokens: int = Field(64, ge=1)
+    num_samples: int = Field(32, ge=1, description="Eval rows used for generation metrics.")
+
+
+class ResourcesSpec(_Section):
+    accelerator: Literal["auto", "cpu", "nvidia", "amd", "gaudi"] = Field(
+        "auto", description="auto = a local GPU if there is one, else CPU."
+    )
+    devices_per_node: int = Field(1, ge=1, description="Devices (processes) per node; >1 launches torchrun.")
+    nodes: int = Field(1, ge=1, description="Nodes (Kubernetes only).")
+    cpu: str | None = Field(None, description="CPU request per node, e.g. '8'.")
+    memory: str | None = Field(None, description="Memory request per node, e.g. '48Gi'.")
+
+    @property
+    def world_size(self) -> int:
+        return self.devices_per_node * self.nodes
+
+
+class RunSpec(_Section):
+    name: str = Field(description="Run name: output folder, Kubernetes object names, tracking run name.")
+    model: ModelSpec
+    data: DataSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    output: str | None = Field(None, description="Run output location; default runs/{name}.")
+    resume: str = Field("auto", description="auto = latest complete checkpoint under output; never; or a checkpoint path.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise PydanticCustomError(
+                "name",
+                "must be lowercase letters, digits and '-', start and end alphanumeric, at most 52 characters "
+                "(it names Kubernetes objects)",
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunSpec:
+        problems: list[tuple[str, str]] = []
+        acc = self.resources.accelerator
+        if self.method.type == "qlora" and acc in ("cpu", "amd", "gaudi"):
+            problems.append(("method.type", f"qlora needs NVIDIA GPUs (bitsandbytes 4-bit); resources.accelerator is {acc}"))
+        if self.model.dtype == "float16" and acc == "cpu":
+            problems.append(("model.dtype", "float16 training needs a GPU; use float32 or auto on CPU"))
+        world = self.resources.world_size
+        if self.train.total_batch_size % world:
+            problems.append((
+                "train.total_batch_size",
+                f"{self.train.total_batch_size} is not divisible by the {world} processes "
+                f"(nodes x devices_per_node); use a multiple of {world}",
+            ))
+        if self.eval.metrics and self.data.eval is None:
+            problems.append(("eval.metrics", "needs eval data: set data.eval to a source or {split_ratio: 0.05}"))
+        if self.train.max_steps == 0 or self.train.max_steps < -1:
+            problems.append(("train.max_steps", "must be a positive number of steps, or -1 to use epochs"))
+        if self.resume not in ("auto", "never") and not self.resume.strip():
+            problems.append(("resume", "must be auto, never, or a checkpoint path"))
+        if problems:
+            # One error carrying every cross-field problem; spec/load.py splits it back into fields.
+            raise PydanticCustomError("cross", "\n".join(f"{p}\t{m}" for p, m in problems))
+        return self
+
+    @property
+    def output_uri(self) -> str:
+        return self.output or f"runs/{self.name}"
+

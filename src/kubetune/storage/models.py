@@ -1,0 +1,49 @@
+"""Find a base model's files locally: a folder as is, or `hf://org/name[@revision]` downloaded
+(or found in the Hugging Face cache) with huggingface_hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kubetune.errors import UsageError
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json", "config.json"]
+
+
+def resolve_model(uri: str, revision: str | None = None, only_tokenizer: bool = False) -> Path:
+    """Local folder holding the model (or just its tokenizer and configs when ``only_tokenizer``)."""
+    if uri.startswith("hf://"):
+        return _from_hub(uri.removeprefix("hf://"), revision, only_tokenizer)
+    if "://" in uri:
+        raise UsageError(
+            f"model.base {uri}: {uri.split('://')[0]}:// is not readable by this version",
+            "use a local folder or hf://org/name (object storage support is tracked in the storage issue)",
+        )
+    path = Path(uri)
+    if not path.exists():
+        hint = f"for a Hub model write hf://{uri}" if uri.count("/") == 1 else "check the path"
+        raise UsageError(f"model.base {uri}: no such folder", hint)
+    if not (path / "config.json").exists():
+        raise UsageError(
+            f"model.base {uri}: not a model folder (no config.json there)",
+            "point model.base at a folder written by save_pretrained, or use hf://org/name",
+        )
+    return path
+
+
+def _from_hub(repo: str, revision: str | None, only_tokenizer: bool) -> Path:
+    repo, _, at = repo.partition("@")
+    revision = revision or at or None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = TOKENIZER_FILES if only_tokenizer else ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"model.base hf://{repo}: cannot download from the Hugging Face Hub ({reason})",
+            "check the name, network access and HF_TOKEN (gated models need an accepted licence)",
+        ) from None

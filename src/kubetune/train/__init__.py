@@ -1,0 +1,1 @@
+"""Training: batch sizing, model + PEFT setup, Trainer wiring, callbacks, resume, torchrun launcher."""

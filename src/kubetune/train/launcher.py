@@ -1,0 +1,39 @@
+"""Several local devices: re-run `kubetune train` under torchrun, one process per device."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from kubetune.spec.models import RunSpec
+
+
+def torchrun_command(spec_path: str, overrides: list[str], nproc: int) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "kubetune", "train", spec_path]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def launch_local(spec: RunSpec, spec_path: str, overrides: list[str]) -> int:
+    """Run torchrun in the foreground and return its exit code; Ctrl-C/SIGTERM reach every rank."""
+    nproc = spec.resources.devices_per_node
+    env = dict(os.environ)
+    if spec.resources.accelerator in ("cpu", "auto"):
+        # On CPU each rank gets its share of cores; oversubscribed threads make DDP slower, not faster.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"launching {nproc} processes with torchrun", flush=True)
+    proc = subprocess.Popen(torchrun_command(spec_path, overrides, nproc), env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

@@ -1,0 +1,106 @@
+"""Load the base model in the right dtype and wrap it for the chosen method (LoRA, QLoRA, full)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+from kubetune.errors import Problem, SpecError, UsageError
+from kubetune.spec.models import RunSpec
+
+
+def resolve_dtype(dtype: str, accelerator: str) -> Any:
+    import torch
+
+    gpu = torch.cuda.is_available() and accelerator != "cpu"
+    if dtype == "auto":
+        return torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype in ("bfloat16", "float16") and not gpu:
+        raise UsageError(f"model.dtype {dtype} needs a GPU and this machine has none",
+                         "use model.dtype: auto (float32 on CPU)")
+    return getattr(torch, dtype)
+
+
+def use_cpu(spec: RunSpec) -> bool:
+    import torch
+
+    return spec.resources.accelerator == "cpu" or not torch.cuda.is_available()
+
+
+def load_model(spec: RunSpec, model_dir: Path) -> Any:
+    """The base model, ready for training with spec.method (PEFT-wrapped for lora/qlora)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(spec.model.dtype, spec.resources.accelerator),
+                              "trust_remote_code": spec.model.trust_remote_code}
+    if spec.method.type == "qlora":
+        kwargs["quantization_config"] = _qlora_config(kwargs["dtype"])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model.base {spec.model.base}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    if spec.method.type == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets = check_target_modules(model, spec.method.lora.target_modules)
+    if spec.method.type == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.train.gradient_checkpointing)
+    lora = spec.method.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(model, config)
+    if spec.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Distinct short names of the model's Linear layers (the LoRA candidates), minus the LM head."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    try:
+        head = model.get_output_embeddings()
+        names -= {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head}
+    except (AttributeError, NotImplementedError):
+        names.discard("lm_head")
+    return sorted(names)
+
+
+def check_target_modules(model: Any, targets: str | list[str]) -> str | list[str]:
+    """Every named target must match a Linear layer (a silent partial match is the classic bug:
+    'q_proj vproj' trained only q_proj). Unknown names are one error listing the real names."""
+    if targets == "all-linear":
+        return targets
+    available = linear_module_names(model)
+    problems = []
+    for i, name in enumerate(targets):
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=1)
+            tip = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(Problem(f"method.lora.target_modules[{i}]",
+                                    f"{name!r} matches no linear layer; {tip}the model has: {', '.join(available)}"))
+    if problems:
+        raise SpecError(problems, hint="use names from that list, or target_modules: all-linear")
+    return list(targets)
+
+
+def _qlora_config(dtype: Any) -> Any:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(
+            "method.type qlora needs a CUDA GPU (bitsandbytes 4-bit), and this machine has none",
+            "use method.type: lora here, or run on an NVIDIA GPU",
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UsageError("method.type qlora needs bitsandbytes", "pip install 'kubetune[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if dtype != torch.float32 else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)

@@ -1,0 +1,122 @@
+"""`kubetune plan`: what a run will do, computed without torch and without training."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.data.encode import Encoded
+from kubetune.data.prepare import Prepared
+from kubetune.data.template import IGNORE
+from kubetune.spec.models import RunSpec
+from kubetune.train.batching import BatchPlan, optimizer_steps, plan_batches
+
+# Dense peak FLOP/s per device (bf16 tensor cores for GPUs; fp32 FMA for one CPU core). Rough by
+# design: the estimate is for "minutes or days?", not for billing.
+PEAK_FLOPS = {"nvidia": 989e12, "amd": 1300e12, "gaudi": 432e12, "cpu": 80e9}
+ASSUMED_MFU = {"nvidia": 0.35, "amd": 0.30, "gaudi": 0.30, "cpu": 0.15}
+STEP_OVERHEAD_S = {"nvidia": 0.05, "amd": 0.05, "gaudi": 0.05, "cpu": 0.01}
+
+
+@dataclass
+class Plan:
+    spec: RunSpec
+    data: Prepared
+    batches: BatchPlan
+    steps: int
+    params: int
+    est_seconds: float
+    sample: Encoded | None
+
+    def as_dict(self) -> dict[str, Any]:
+        tr = self.data.train
+        return {
+            "train_rows": len(tr.rows), "eval_rows": len(self.data.eval.rows),
+            "tokens": tr.stats(),
+            "truncated_pct": _pct(tr.truncated, tr.total), "dropped_pct": _pct(tr.dropped, tr.total),
+            "optimizer_steps": self.steps, "per_device_batch": self.batches.per_device,
+            "accumulation": self.batches.accumulation, "world_size": self.batches.world_size,
+            "params": self.params, "estimated_seconds": round(self.est_seconds, 1),
+        }
+
+
+def make_plan(spec: RunSpec, data: Prepared) -> Plan:
+    world = spec.resources.world_size
+    batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, world)
+    steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
+    params = count_params(data.model_dir)
+    mean_tokens = data.train.stats()["mean"] or 1
+    tokens = steps * batches.total * min(mean_tokens, spec.data.max_length)
+    acc = _accelerator(spec)
+    per_token = (6 if spec.method.type == "full" else 4) * params  # forward + backward (no weight grads for LoRA)
+    devices = world
+    peak = PEAK_FLOPS[acc] * ((os.cpu_count() or 1) if acc == "cpu" else devices)
+    est = tokens * per_token / (peak * ASSUMED_MFU[acc]) + steps * batches.accumulation * STEP_OVERHEAD_S[acc]
+    sample = next((r for r in data.train.rows if any(x == IGNORE for x in r.labels)), None)
+    sample = sample or (data.train.rows[0] if data.train.rows else None)
+    return Plan(spec, data, batches, steps, params, est, sample)
+
+
+def _accelerator(spec: RunSpec) -> str:
+    acc = spec.resources.accelerator
+    if acc == "auto":
+        return "nvidia" if Path("/dev/nvidia0").exists() else "cpu"
+    return acc
+
+
+def _pct(part: int, whole: int) -> float:
+    return round(100.0 * part / whole, 2) if whole else 0.0
+
+
+def count_params(model_dir: Path) -> int:
+    """Parameters from safetensors headers (exact, no torch), else estimated from config.json."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        total = 0
+        for f in files:
+            with f.open("rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            for name, meta in header.items():
+                if name != "__metadata__":
+                    n = 1
+                    for d in meta["shape"]:
+                        n *= d
+                    total += n
+        return total
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0
+    h, layers = cfg.get("hidden_size", 0), cfg.get("num_hidden_layers", 0)
+    inter, vocab = cfg.get("intermediate_size", 4 * h), cfg.get("vocab_size", 0)
+    return layers * (4 * h * h + 3 * h * inter) + 2 * vocab * h
+
+
+def render_sample(plan: Plan, color: bool) -> Any:
+    """The sample as rich Text: trained tokens green, masked tokens dim (or ⟦trained⟧ without colour)."""
+    from rich.text import Text
+
+    text = Text()
+    row = plan.sample
+    if row is None:
+        return text
+    fmt = plan.data.formatter
+    runs: list[tuple[bool, list[int]]] = []
+    for tid, label in zip(row.input_ids, row.labels):
+        trained = label != IGNORE
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(tid)
+        else:
+            runs.append((trained, [tid]))
+    for trained, ids in runs:
+        piece = fmt.decode(ids)
+        if color:
+            text.append(piece, style="bold green" if trained else "dim")
+        else:
+            text.append(f"⟦{piece}⟧" if trained else piece)
+    return text

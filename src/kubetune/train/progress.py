@@ -1,0 +1,70 @@
+"""Progress for humans and for pod logs: a live bar on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from typing import Any, Protocol
+
+
+def fmt_eta(seconds: float | None) -> str:
+    return "?" if seconds is None else str(timedelta(seconds=int(seconds)))
+
+
+def step_line(rec: dict[str, Any]) -> str:
+    parts = [f"step {rec['step']}/{rec['total_steps']}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("learning_rate", "lr {:.2e}"), ("tokens_per_s", "tok/s {:.0f}")):
+        if rec.get(key) is not None:
+            parts.append(fmt.format(rec[key]))
+    parts.append(f"eta {fmt_eta(rec.get('eta_s'))}")
+    return "  ".join(parts)
+
+
+class Progress(Protocol):
+    def start(self, total: int, done: int) -> None: ...
+    def update(self, rec: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class PlainProgress:
+    """One line per logged step: readable in `kubectl logs` and CI output."""
+
+    def start(self, total: int, done: int) -> None:
+        print(f"training: {total} optimizer steps" + (f", resuming at step {done}" if done else ""), flush=True)
+
+    def update(self, rec: dict[str, Any]) -> None:
+        print(step_line(rec), flush=True)
+
+    def message(self, text: str) -> None:
+        print(text, flush=True)
+
+    def stop(self) -> None:
+        pass
+
+
+class RichProgress:
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+        self.bar = Bar(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+        self.task: Any = None
+
+    def start(self, total: int, done: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total, completed=done, info="")
+
+    def update(self, rec: dict[str, Any]) -> None:
+        info = step_line(rec).split("  ", 1)[1] if "  " in step_line(rec) else ""
+        self.bar.update(self.task, completed=rec["step"], info=info)
+
+    def message(self, text: str) -> None:
+        self.bar.console.print(text)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def make_progress() -> Progress:
+    return RichProgress() if sys.stdout.isatty() else PlainProgress()

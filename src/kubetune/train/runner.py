@@ -1,0 +1,240 @@
+"""`kubetune train`: one run from spec to final/adapter, resumable at every checkpoint.
+
+Order matters for "nothing saved is lost": decide resume before touching the run folder; refuse to
+train over a run's checkpoints when resume is `never`; write final/COMPLETE only after the adapter,
+tokenizer and generation config are on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.artifacts.checkpoints import latest_complete, list_checkpoints, remove_incomplete
+from kubetune.artifacts.events import EventLog
+from kubetune.artifacts.export import save_tokenizer_and_config
+from kubetune.artifacts.layout import RunLayout, local_run
+from kubetune.artifacts.manifest import build_manifest
+from kubetune.data.prepare import Prepared, prepare
+from kubetune.errors import KubetuneError, TrainingError, UsageError
+from kubetune.spec.load import spec_to_yaml
+from kubetune.spec.models import RunSpec
+from kubetune.train.batching import optimizer_steps, plan_batches
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def launched(self) -> bool:
+        return "LOCAL_RANK" in os.environ
+
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                   int(os.environ.get("WORLD_SIZE", 1)))
+
+
+@dataclass
+class TrainResult:
+    layout: RunLayout
+    status: str  # "finished" | "already-finished"
+    global_step: int = 0
+    resumed_from: str | None = None
+
+
+def train(spec: RunSpec, log: Any = print) -> TrainResult:
+    """Train here, in this process (torchrun ranks each call this). See launcher for >1 device."""
+    dist = DistInfo.from_env()
+    main = dist.rank == 0
+    layout = local_run(spec.output_uri)
+    say = log if main else (lambda *_a, **_k: None)
+    if spec.resources.nodes > 1 and not dist.launched:
+        raise UsageError("resources.nodes > 1 needs a cluster", "run it with `kubetune submit`, or set resources.nodes: 1")
+    if layout.is_finished() and spec.resume != "never":
+        changed = spec_changes(layout, spec)
+        if changed:
+            raise UsageError(
+                f"run {spec.name} in {layout.root} already finished with a different spec ({'; '.join(changed)})",
+                "give the new run another name (--set name=...), or another output folder",
+            )
+        say(f"run {spec.name} already finished: {layout.adapter if spec.method.type != 'full' else layout.merged}")
+        return TrainResult(layout, "already-finished")
+    resume_from = _resume_point(spec, layout, main)
+    if resume_from:
+        say(f"resuming from {resume_from}")
+
+    data = prepare(spec)
+    if main:
+        _write_run_files(spec, layout, data, dist.world_size)
+    events = EventLog(layout.events, enabled=main)
+    batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, dist.world_size)
+    total_steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
+    stop = data.formatter.stop if any(s.messages for s in data.samples.train) else None
+    if stop is not None and not stop.consistent:
+        say(f"note: generation stopped at {stop.generation_eos_ids} but the chat template ends turns with "
+            f"{stop.eot_token} (id {stop.eot_id}); the saved generation_config stops at {stop.fixed_eos_ids}")
+    events.emit("start", name=spec.name, resumed_from=str(resume_from) if resume_from else None,
+                train_rows=len(data.train.rows), eval_rows=len(data.eval.rows), total_steps=total_steps,
+                per_device_batch=batches.per_device, accumulation=batches.accumulation, world_size=dist.world_size,
+                truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped))
+    try:
+        trainer = _build_trainer(spec, data, layout, events, batches)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if data.eval.rows:
+            trainer.evaluate()
+        _save_final(spec, trainer, data, layout, main)
+    except KubetuneError:
+        raise
+    except Exception as exc:  # training blew up: record it where `status` and logs will look
+        events.emit("error", error=f"{type(exc).__name__}: {exc}")
+        raise TrainingError(f"training failed: {type(exc).__name__}: {exc}",
+                            f"the run's checkpoints are kept in {layout.checkpoints}; fix the cause and rerun "
+                            "(resume: auto continues from the latest complete one)") from exc
+    step = trainer.state.global_step
+    events.emit("end", step=step, final=str(layout.final))
+    say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
+        f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
+    return TrainResult(layout, "finished", step, str(resume_from) if resume_from else None)
+
+
+def spec_changes(layout: RunLayout, spec: RunSpec) -> list[str]:
+    """Fields whose value differs from the run's saved spec.yaml (dotted path: old → new)."""
+    import yaml
+
+    if not layout.spec.exists():
+        return []
+    old = yaml.safe_load(layout.spec.read_text()) or {}
+    new = spec.model_dump(mode="json")
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+
+    walk(old, new, "")
+    return out
+
+
+def _resume_point(spec: RunSpec, layout: RunLayout, main: bool) -> Path | None:
+    if spec.resume == "never":
+        existing = [p for _, p, ok in list_checkpoints(layout.checkpoints) if ok]
+        if existing or layout.final.exists():
+            raise UsageError(
+                f"{layout.root} already holds a run ({len(existing)} checkpoint(s)); resume is 'never', "
+                "and kubetune does not overwrite saved work",
+                "set resume: auto to continue it, or choose another name/output",
+            )
+        return None
+    if spec.resume == "auto":
+        if main:
+            remove_incomplete(layout.checkpoints)
+        return latest_complete(layout.checkpoints)
+    path = Path(spec.resume)
+    if not (path / "COMPLETE").exists():
+        raise UsageError(f"resume: {spec.resume} is not a complete checkpoint (no COMPLETE marker)",
+                         f"use resume: auto, or one of the folders under {layout.checkpoints}")
+    return path
+
+
+def _write_run_files(spec: RunSpec, layout: RunLayout, data: Prepared, world_size: int) -> None:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    text = spec_to_yaml(spec)
+    if layout.spec.exists() and layout.spec.read_text() != text:
+        # A resumed run with a changed spec: keep the earlier one rather than lose it.
+        n = 1
+        while (layout.root / f"spec.{n}.yaml").exists():
+            n += 1
+        layout.spec.rename(layout.root / f"spec.{n}.yaml")
+    layout.spec.write_text(text)
+    manifest = build_manifest(data.samples.files, spec.train.seed, world_size,
+                              {"model_dir": str(data.model_dir), "chat_template": data.formatter.template_source})
+    layout.manifest.write_text(json.dumps(manifest, indent=2))
+
+
+def _build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: EventLog, batches: Any) -> Any:
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from kubetune.train.callbacks import CheckpointCallback, EventsCallback
+    from kubetune.train.collate import ListDataset, PadCollator
+    from kubetune.train.model import load_model, resolve_dtype, use_cpu
+    from kubetune.train.progress import make_progress
+
+    if spec.tracking.mlflow_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = spec.tracking.mlflow_uri  # read by transformers' MLflow integration
+    if spec.tracking.experiment:
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", spec.tracking.experiment)
+        os.environ.setdefault("WANDB_PROJECT", spec.tracking.experiment)
+    # peft still reads a renamed transformers attribute; the warning is theirs to fix, not the user's.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    model = load_model(spec, data.model_dir)
+    dtype = resolve_dtype(spec.model.dtype, spec.resources.accelerator)
+    t = spec.train
+    has_eval = bool(data.eval.rows)
+    args = TrainingArguments(
+        output_dir=str(layout.checkpoints),
+        per_device_train_batch_size=batches.per_device,
+        per_device_eval_batch_size=batches.per_device,
+        gradient_accumulation_steps=batches.accumulation,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_every_steps,
+        save_total_limit=None,  # retention is ours: it must respect COMPLETE markers
+        eval_strategy="steps" if has_eval and t.eval_every_steps else "no",
+        eval_steps=t.eval_every_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=use_cpu(spec),
+        report_to=list(spec.tracking.report_to) or "none",
+        run_name=spec.name,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy=t.sampling,
+        dataloader_num_workers=t.dataloader_workers,
+        log_level="warning",
+    )
+    progress = make_progress() if DistInfo.from_env().rank == 0 else None
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ListDataset(data.train.rows),
+        eval_dataset=ListDataset(data.eval.rows) if has_eval else None,
+        data_collator=PadCollator(data.formatter.pad_id),
+        callbacks=[EventsCallback(events, progress), CheckpointCallback(layout.checkpoints, t.keep_checkpoints, events)],
+    )
+    trainer.remove_callback(PrinterCallback)  # our EventsCallback prints progress (once, formatted)
+    return trainer
+
+
+def _save_final(spec: RunSpec, trainer: Any, data: Prepared, layout: RunLayout, main: bool) -> None:
+    target = layout.merged if spec.method.type == "full" else layout.adapter
+    trainer.save_model(str(target))  # main process only; a PEFT model saves just the adapter
+    if main:
+        stop = data.formatter.stop if any(s.messages for s in data.samples.train) else None
+        save_tokenizer_and_config(data.model_dir, data.formatter.template, stop, data.formatter.pad_id, target)
+        layout.final_complete.write_text("ok\n")
