@@ -104,7 +104,8 @@ def apply_override(raw: dict[str, Any], key_path: Path_, value: Any, item: str) 
             raise UsageError(f"--set {item!r}: {_dotted(key_path[:depth])} is not a section")
         child = node.get(part)
         if not isinstance(child, (dict, list)):
-            child = [] if isinstance(nxt, int) else {}
+            # A one-source shorthand (train: file.jsonl) addressed by index becomes a list of it.
+            child = ([] if child is None else [child]) if isinstance(nxt, int) else {}
             node[part] = child
         node = child
     last = key_path[-1]
@@ -149,7 +150,13 @@ def _to_problem(err: Any, raw: dict[str, Any], filename: str, lines: dict[Path_,
         name = str(loc[-1])
         close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
         msg = f"unknown key {name!r}"
-        msg += f"; did you mean {close[0]!r}?" if close else f"; allowed here: {', '.join(sorted(allowed))}"
+        elsewhere = [f"{sec}.{name}" for sec in _section_names() if name in _allowed_keys((sec,))]
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
+        elif elsewhere:
+            msg += f"; it belongs in {' or '.join(elsewhere)}"
+        else:
+            msg += f"; allowed here: {', '.join(sorted(allowed))}"
         return [Problem(where, msg)]
     if err["type"] == "missing":
         return [Problem(where, "required field is missing")]
@@ -212,6 +219,10 @@ def _allowed_keys(loc: Path_) -> list[str]:
                 nxt.extend(_models_in(field.annotation))
         models = nxt
     return sorted({name for m in models for name in m.model_fields})
+
+
+def _section_names() -> list[str]:
+    return [name for name, f in RunSpec.model_fields.items() if _models_in(f.annotation)]
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

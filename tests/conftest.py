@@ -1,0 +1,80 @@
+"""Shared fixtures: the project's tiny model (built offline once), spec files, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "assets" / "tiny-llama"
+QUICKSTART_DATA = ROOT / "examples" / "data" / "quickstart"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    if not (TINY / "config.json").exists():
+        from kubetune.quickstart.assets import build_model
+
+        build_model(TINY)
+    return TINY
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path, tiny_model: Path):
+    """write_spec(**sections) → path of a valid spec (quickstart-like, tiny) with sections replaced."""
+
+    def _write(name: str = "t", **sections: Any) -> Path:
+        spec: dict[str, Any] = {
+            "name": name,
+            "model": {"base": str(tiny_model)},
+            "data": {"train": str(QUICKSTART_DATA / "train.jsonl"), "eval": {"split_ratio": 0.05}, "max_length": 128},
+            "train": {"max_steps": 10, "total_batch_size": 8, "max_per_device_batch_size": 8, "save_every_steps": 5,
+                      "logging_steps": 5, "learning_rate": 3e-3},
+            "output": str(tmp_path / "runs" / name),
+            "resources": {"accelerator": "cpu"},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(spec.get(key), dict):
+                spec[key] = {**spec[key], **value}
+            else:
+                spec[key] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run kubetune's main(argv) in-process; returns (exit code, stdout, stderr)."""
+    from kubetune.cli import main
+
+    def _run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return _run
+
+
+def kubetune_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kubetune", *args]
+
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+                "OMP_NUM_THREADS": "1"}, **extra)
+    return env
+
+
+def run_kubetune(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(kubetune_cmd(*args), capture_output=True, text=True, timeout=timeout, env=quiet_env(**env),
+                          cwd=ROOT)

@@ -1,0 +1,79 @@
+"""The CLI: exit codes, no tracebacks for user mistakes, fast start without torch, examples valid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, quiet_env
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_validate_ok_prints_data_summary(cli, write_spec) -> None:
+    code, out, _ = cli("validate", str(write_spec()))
+    assert code == 0
+    assert "messages, 1200 rows" in out and "tokens per row: min" in out and "truncated" in out
+
+
+def test_validate_broken_spec_exits_2_with_every_problem(cli, write_spec) -> None:
+    path = write_spec(train={"learning_rat": 1}, data={"max_length": 4})
+    code, out, err = cli("validate", str(path))
+    assert code == 2 and out == ""
+    assert "train.learning_rat: unknown key 'learning_rat'; did you mean 'learning_rate'?" in err
+    assert "data.max_length: Input should be greater than or equal to 16 (got 4)" in err
+    assert "Traceback" not in err
+
+
+def test_validate_bad_data_lists_rows(cli, write_spec, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n{nope\n')
+    code, _, err = cli("validate", str(write_spec(data={"train": str(bad)})))
+    assert code == 2
+    assert f"{bad}:1: conversation has no assistant turn" in err and f"{bad}:2: bad JSON" in err
+
+
+def test_missing_model_folder_is_exit_2(cli, write_spec) -> None:
+    code, _, err = cli("validate", str(write_spec(model={"base": "no/such-model"})))
+    assert code == 2 and "model.base no/such-model: no such folder" in err and "hf://no/such-model" in err
+
+
+def test_plan_shows_mask_stats_steps(cli, write_spec) -> None:
+    code, out, _ = cli("plan", str(write_spec(train={"max_steps": -1, "epochs": 2})))
+    assert code == 0
+    assert "optimizer steps: " in out and "p95" in out and "rough time" in out
+    # Without a terminal, trained tokens are marked ⟦...⟧; the user turn is not inside the marks.
+    marked = out.split("sample (", 1)[1]
+    assert "⟦" in marked and "<|im_end|>⟧" in marked
+    assert "<|im_start|>user" not in marked.split("⟦", 1)[1].split("⟧", 1)[0]
+
+
+def test_help_and_validate_do_not_import_torch(write_spec) -> None:
+    code = ("import sys; from kubetune.cli import main; rc = main(sys.argv[1:]); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    res = subprocess.run([sys.executable, "-c", code, "validate", str(write_spec())], capture_output=True,
+                         text=True, env=quiet_env(), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("NO-TORCH")
+
+
+def test_unexpected_verb_usage_is_exit_2() -> None:
+    res = subprocess.run([sys.executable, "-m", "kubetune", "frobnicate"], capture_output=True, text=True,
+                         env=quiet_env(), timeout=60)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_validates(example: Path, cli, tiny_model) -> None:
+    code, out, err = cli("validate", str(example))
+    assert code == 0, err
+    assert out.startswith("ok:")
+
+
+def test_schema_is_json(cli) -> None:
+    code, out, _ = cli("schema")
+    assert code == 0 and json.loads(out)["title"] == "RunSpec"
