@@ -86,7 +86,7 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
                 per_device_batch=batches.per_device, accumulation=batches.accumulation, world_size=dist.world_size,
                 truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped))
     try:
-        trainer = _build_trainer(spec, data, layout, events, batches)
+        trainer = build_trainer(spec, data, layout, events, batches)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if data.eval.rows:
             trainer.evaluate()
@@ -162,9 +162,9 @@ def _write_run_files(spec: RunSpec, layout: RunLayout, data: Prepared, world_siz
     layout.manifest.write_text(json.dumps(manifest, indent=2))
 
 
-def _build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: EventLog, batches: Any) -> Any:
+def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: EventLog, batches: Any) -> Any:
     import torch
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from kubetune.train.callbacks import CheckpointCallback, EventsCallback
     from kubetune.train.collate import ListDataset, PadCollator
@@ -178,6 +178,9 @@ def _build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: Eve
         os.environ.setdefault("WANDB_PROJECT", spec.tracking.experiment)
     # peft still reads a renamed transformers attribute; the warning is theirs to fix, not the user's.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # Seed before the model exists: LoRA's A matrices are initialised randomly inside load_model,
+    # and the Trainer seeds only later; without this a run is not reproducible from train.seed.
+    set_seed(spec.train.seed)
     model = load_model(spec, data.model_dir)
     dtype = resolve_dtype(spec.model.dtype, spec.resources.accelerator)
     t = spec.train

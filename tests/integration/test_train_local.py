@@ -1,0 +1,116 @@
+"""Real training on the tiny model: run layout, adapter contents, merge parity, chat."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from kubetune.artifacts.events import read_events
+from tests.conftest import run_kubetune
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    from tests.conftest import QUICKSTART_DATA
+
+    tmp = tmp_path_factory.mktemp("run")
+    spec = {
+        "name": "e2e", "model": {"base": str(tiny_model)},
+        "data": {"train": str(QUICKSTART_DATA / "train.jsonl"), "eval": str(QUICKSTART_DATA / "eval.jsonl"),
+                 "max_length": 128},
+        "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]}},
+        "train": {"max_steps": 30, "total_batch_size": 8, "max_per_device_batch_size": 4, "save_every_steps": 10,
+                  "keep_checkpoints": 2, "logging_steps": 5, "learning_rate": 3e-3},
+        "output": str(tmp / "runs" / "e2e"), "resources": {"accelerator": "cpu"},
+    }
+    path = tmp / "e2e.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    res = run_kubetune("train", str(path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 30/30" in res.stdout  # plain progress lines when not on a terminal
+    return tmp / "runs" / "e2e"
+
+
+def test_run_layout(trained: Path) -> None:
+    spec = yaml.safe_load((trained / "spec.yaml").read_text())
+    assert spec["train"]["max_steps"] == 30 and spec["data"]["too_long"] == "truncate"  # resolved, defaults filled
+    manifest = json.loads((trained / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] and manifest["versions"]["transformers"] and manifest["seed"] == 42
+    assert all(len(h) == 64 for h in manifest["data"].values()) and len(manifest["data"]) == 2
+    assert manifest["hardware"]["cpu_count"] >= 1
+    events = read_events(trained / "events.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and "eval" in kinds
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [5, 10, 15, 20, 25, 30]
+    assert all(e["total_steps"] == 30 and e["loss"] > 0 and e["learning_rate"] is not None for e in steps)
+    assert all(e["tokens_per_s"] > 0 and e["eta_s"] is not None for e in steps)
+    assert events[0]["per_device_batch"] == 4 and events[0]["accumulation"] == 2
+    # Retention: the two newest complete checkpoints remain, each with its marker.
+    ckpts = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-20", "checkpoint-30"]
+    assert all((trained / "checkpoints" / c / "COMPLETE").exists() for c in ckpts)
+    assert (trained / "final" / "COMPLETE").exists()
+
+
+def test_adapter_holds_only_lora_tensors_and_the_template(trained: Path) -> None:
+    adapter = trained / "final" / "adapter"
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys} == {"q_proj", "v_proj", "down_proj"}
+    assert "<|im_start|>" in (adapter / "chat_template.jinja").read_text()
+    gen = json.loads((adapter / "generation_config.json").read_text())
+    assert gen["eos_token_id"][0] == 5  # <|im_end|> first: generation stops at the end of the turn
+    assert all(oct(p.stat().st_mode)[-3:] == "644" for p in adapter.iterdir())
+
+
+def test_finished_run_is_not_retrained(trained: Path) -> None:
+    res = run_kubetune("train", str(trained.parent.parent / "e2e.yaml"))
+    assert res.returncode == 0 and "already finished" in res.stdout
+    changed = run_kubetune("train", str(trained.parent.parent / "e2e.yaml"), "--set", "train.learning_rate=1e-3")
+    assert changed.returncode == 2
+    assert "already finished with a different spec (train.learning_rate: 0.003 -> 0.001)" in changed.stderr
+
+
+def test_merge_matches_adapter_on_base_and_chat_answers(trained: Path) -> None:
+    res = run_kubetune("merge", str(trained))
+    assert res.returncode == 0, res.stderr[-2000:]
+    diff = float(res.stdout.split("max |logit diff| vs adapter-on-base: ")[1].rstrip(")\n"))
+    assert diff < 1e-4
+    merged = trained / "final" / "merged"
+    assert (merged / "model.safetensors").exists() and (merged / "chat_template.jinja").exists()
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"][0] == 5
+    merge_events = [e for e in read_events(trained / "events.jsonl") if e["event"] == "merge"]
+    assert merge_events and merge_events[-1]["max_logit_diff"] == pytest.approx(diff, rel=1e-2)
+    chat = run_kubetune("chat", str(trained), "--compare", "Describe a blue fox.", "--max-new-tokens", "12")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert "> Describe a blue fox." in chat.stdout and "base:" in chat.stdout and "tuned:" in chat.stdout
+
+
+def test_unknown_target_module_lists_the_real_ones(write_spec) -> None:
+    res = run_kubetune("train", str(write_spec(method={"lora": {"target_modules": ["q_proj", "vproj"]}})))
+    assert res.returncode == 2
+    assert "method.lora.target_modules[1]: 'vproj' matches no linear layer; did you mean 'v_proj'?" in res.stderr
+    assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_qlora_without_cuda_is_a_clear_error(write_spec) -> None:
+    res = run_kubetune("train", str(write_spec(method={"type": "qlora"}, resources={"accelerator": "auto"})))
+    assert res.returncode == 2
+    assert "qlora needs a CUDA GPU" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_full_fine_tune_writes_the_model(write_spec, tmp_path: Path) -> None:
+    res = run_kubetune("train", str(write_spec(name="full", method={"type": "full"},
+                                               train={"max_steps": 4, "save_every_steps": 4})))
+    assert res.returncode == 0, res.stderr[-2000:]
+    merged = tmp_path / "runs" / "full" / "final" / "merged"
+    assert (merged / "model.safetensors").exists() and (merged / "tokenizer.json").exists()
