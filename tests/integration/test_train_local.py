@@ -94,12 +94,19 @@ def test_merge_matches_adapter_on_base_and_chat_answers(trained: Path) -> None:
     assert "> Describe a blue fox." in chat.stdout and "base:" in chat.stdout and "tuned:" in chat.stdout
 
 
-def test_unknown_target_module_lists_the_real_ones(write_spec) -> None:
+def test_unknown_target_module_lists_the_real_ones(write_spec, tmp_path: Path) -> None:
     res = run_kubetune("train", str(write_spec(method={"lora": {"target_modules": ["q_proj", "vproj"]}})))
     assert res.returncode == 2
     assert "method.lora.target_modules[1]: 'vproj' matches no linear layer; did you mean 'v_proj'?" in res.stderr
     assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in res.stderr
     assert "Traceback" not in res.stderr
+    assert not (tmp_path / "runs" / "t").exists()  # a config mistake leaves no half-made run behind
+
+
+def test_unknown_optimizer_is_a_spec_error(write_spec, tmp_path: Path) -> None:
+    res = run_kubetune("train", str(write_spec(train={"optim": "adamw_nope"})))
+    assert res.returncode == 2 and "train.optim: adamw_nope is not a valid OptimizerNames" in res.stderr
+    assert not (tmp_path / "runs" / "t").exists()
 
 
 def test_qlora_without_cuda_is_a_clear_error(write_spec) -> None:

@@ -28,10 +28,12 @@ def _data_summary(prepared: object) -> list[str]:
 
 def validate(args: argparse.Namespace) -> int:
     from kubetune.data.prepare import prepare
+    from kubetune.train.runner import preflight
 
     spec = load_spec(args.spec, args.overrides)
+    layout = preflight(spec)
     prepared = prepare(spec)
-    print(f"ok: {args.spec} (run {spec.name})")
+    print(f"ok: {args.spec} (run {spec.name} → {layout.root})")
     for line in _data_summary(prepared):
         print(line)
     if prepared.samples.skipped:

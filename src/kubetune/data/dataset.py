@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubetune.data.formats import Sample, detect_format, to_sample
-from kubetune.data.sources import read_source
+from kubetune.data.sources import SourceRows, read_source
 from kubetune.errors import DataError, Problem
 from kubetune.spec.models import Columns, DataSource, DataSpec
 
@@ -80,7 +80,7 @@ def _load_source(source: DataSource, data: DataSpec, need_assistant: bool
     columns: Columns = source.columns or data.columns
     fmt = source.format or data.format
     if fmt == "auto":
-        fmt = _detect(read.rows, columns, source.path)
+        fmt = _detect(read, columns)
     samples: list[Sample] = []
     problems = list(read.problems)
     for row in read.rows:
@@ -94,10 +94,10 @@ def _load_source(source: DataSource, data: DataSpec, need_assistant: bool
     return samples, report, problems, read.files
 
 
-def _detect(rows: list, columns: Columns, uri: str) -> str:
+def _detect(read: SourceRows, columns: Columns) -> str:
     votes: dict[str, int] = {}
     seen_keys: set[str] = set()
-    for row in rows[:100]:
+    for row in read.rows[:100]:
         if isinstance(row.data, dict):
             keys = set(row.data)
             seen_keys |= keys
@@ -105,8 +105,15 @@ def _detect(rows: list, columns: Columns, uri: str) -> str:
             if fmt:
                 votes[fmt] = votes.get(fmt, 0) + 1
     if not votes:
+        if not read.rows:
+            # Nothing parsed: the reading problems (bad JSON, corrupt file) are the real story.
+            raise DataError(read.problems or [Problem(read.uri, "no rows")],
+                            hint="fix the file, or point data.train at another one")
+        if not seen_keys:
+            kind = type(read.rows[0].data).__name__
+            raise DataError(read.problems[:20] + [Problem(read.rows[0].where, f"rows must be objects with columns, got {kind}")])
         raise DataError(
-            [Problem(uri, f"cannot tell the format from the columns {sorted(seen_keys) or '(none)'}")],
+            read.problems[:20] + [Problem(read.uri, f"cannot tell the format from the columns {sorted(seen_keys)}")],
             hint="expected messages, instruction+output, prompt+completion or text; "
             "set data.format and map your column names with data.columns (e.g. columns: {prompt: question})",
         )

@@ -54,7 +54,10 @@ def read_source(uri: str) -> SourceRows:
     rows: list[Row] = []
     problems: list[Problem] = []
     for file in files:
-        r, p = read_file(file)
+        try:
+            r, p = read_file(file)
+        except (OSError, ValueError) as exc:  # unreadable or corrupt (pyarrow raises ValueError subclasses)
+            r, p = [], [Problem(str(file), f"cannot read {file.suffix} file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")]
         rows += r
         problems += p
     return SourceRows(uri, rows, problems, files)
@@ -115,6 +118,8 @@ def _read_json(path: Path) -> tuple[list[Row], list[Problem]]:
         i = _skip_ws(text, i)
         if i < len(text) and text[i] == ",":
             i = _skip_ws(text, i + 1)
+    if i >= len(text):
+        return rows, [Problem(f"{path}:{text.count(chr(10)) + 1}", "bad JSON: the array is not closed (missing ']')")]
     return rows, []
 
 

@@ -160,6 +160,8 @@ def _to_problem(err: Any, raw: dict[str, Any], filename: str, lines: dict[Path_,
         return [Problem(where, msg)]
     if err["type"] == "missing":
         return [Problem(where, "required field is missing")]
+    if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        return [Problem(where, f"expected a path/URI or a mapping such as {{path: ..., weight: 1}} (got {err.get('input')!r})")]
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]

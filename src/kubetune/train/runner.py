@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from kubetune.artifacts.export import save_tokenizer_and_config
 from kubetune.artifacts.layout import RunLayout, local_run
 from kubetune.artifacts.manifest import build_manifest
 from kubetune.data.prepare import Prepared, prepare
-from kubetune.errors import KubetuneError, TrainingError, UsageError
+from kubetune.errors import KubetuneError, Problem, SpecError, TrainingError, UsageError
 from kubetune.spec.load import spec_to_yaml
 from kubetune.spec.models import RunSpec
 from kubetune.train.batching import optimizer_steps, plan_batches
@@ -50,11 +51,21 @@ class TrainResult:
     resumed_from: str | None = None
 
 
+def preflight(spec: RunSpec) -> RunLayout:
+    """Checks that need no data and no torch, shared by `validate` and `train`: where the run goes,
+    and that an explicit resume point is a complete checkpoint."""
+    layout = local_run(spec.output_uri)
+    if spec.resume not in ("auto", "never") and not (Path(spec.resume) / "COMPLETE").exists():
+        raise UsageError(f"resume: {spec.resume} is not a complete checkpoint (no COMPLETE marker)",
+                         f"use resume: auto, or one of the folders under {layout.checkpoints}")
+    return layout
+
+
 def train(spec: RunSpec, log: Any = print) -> TrainResult:
     """Train here, in this process (torchrun ranks each call this). See launcher for >1 device."""
     dist = DistInfo.from_env()
     main = dist.rank == 0
-    layout = local_run(spec.output_uri)
+    layout = preflight(spec)
     say = log if main else (lambda *_a, **_k: None)
     if spec.resources.nodes > 1 and not dist.launched:
         raise UsageError("resources.nodes > 1 needs a cluster", "run it with `kubetune submit`, or set resources.nodes: 1")
@@ -72,10 +83,13 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
         say(f"resuming from {resume_from}")
 
     data = prepare(spec)
+    batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, dist.world_size)
+    args = training_arguments(spec, layout, batches, has_eval=bool(data.eval.rows))
+    events = EventLog(layout.events, enabled=main)
+    # Loads the model: target_modules and qlora mistakes surface here, before anything is written.
+    trainer = build_trainer(spec, data, layout, events, batches, args)
     if main:
         _write_run_files(spec, layout, data, dist.world_size)
-    events = EventLog(layout.events, enabled=main)
-    batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, dist.world_size)
     total_steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
     stop = data.formatter.stop if any(s.messages for s in data.samples.train) else None
     if stop is not None and not stop.consistent:
@@ -86,7 +100,6 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
                 per_device_batch=batches.per_device, accumulation=batches.accumulation, world_size=dist.world_size,
                 truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped))
     try:
-        trainer = build_trainer(spec, data, layout, events, batches)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if data.eval.rows:
             trainer.evaluate()
@@ -140,11 +153,7 @@ def _resume_point(spec: RunSpec, layout: RunLayout, main: bool) -> Path | None:
         if main:
             remove_incomplete(layout.checkpoints)
         return latest_complete(layout.checkpoints)
-    path = Path(spec.resume)
-    if not (path / "COMPLETE").exists():
-        raise UsageError(f"resume: {spec.resume} is not a complete checkpoint (no COMPLETE marker)",
-                         f"use resume: auto, or one of the folders under {layout.checkpoints}")
-    return path
+    return Path(spec.resume)  # checked by preflight
 
 
 def _write_run_files(spec: RunSpec, layout: RunLayout, data: Prepared, world_size: int) -> None:
@@ -162,13 +171,65 @@ def _write_run_files(spec: RunSpec, layout: RunLayout, data: Prepared, world_siz
     layout.manifest.write_text(json.dumps(manifest, indent=2))
 
 
-def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: EventLog, batches: Any) -> Any:
+def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval: bool) -> Any:
+    """transformers TrainingArguments for the spec; a name transformers rejects is a spec error."""
     import torch
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments
+
+    from kubetune.train.model import resolve_dtype, use_cpu
+
+    dtype = resolve_dtype(spec.model.dtype, spec.resources.accelerator)
+    t = spec.train
+    try:
+        return TrainingArguments(
+            output_dir=str(layout.checkpoints),
+            per_device_train_batch_size=batches.per_device,
+            per_device_eval_batch_size=batches.per_device,
+            gradient_accumulation_steps=batches.accumulation,
+            num_train_epochs=t.epochs,
+            max_steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            optim=t.optim,
+            logging_steps=t.logging_steps,
+            save_strategy="steps",
+            save_steps=t.save_every_steps,
+            save_total_limit=None,  # retention is ours: it must respect COMPLETE markers
+            eval_strategy="steps" if has_eval and t.eval_every_steps else "no",
+            eval_steps=t.eval_every_steps,
+            seed=t.seed,
+            data_seed=t.seed,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            use_cpu=use_cpu(spec),
+            report_to=list(spec.tracking.report_to) or "none",
+            run_name=spec.name,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            activation_checkpointing=t.gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+            ddp_find_unused_parameters=False,
+            include_num_input_tokens_seen="non_padding",
+            train_sampling_strategy=t.sampling,
+            dataloader_num_workers=t.dataloader_workers,
+            log_level="warning",
+        )
+    except ValueError as exc:
+        msg = str(exc)
+        field = "train.optim" if "OptimizerNames" in msg else "train.lr_scheduler" if "SchedulerType" in msg else "train"
+        raise SpecError([Problem(field, msg)], hint="names follow transformers' TrainingArguments") from None
+
+
+def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: EventLog, batches: Any,
+                  args: Any = None) -> Any:
+    from transformers import PrinterCallback, Trainer, set_seed
 
     from kubetune.train.callbacks import CheckpointCallback, EventsCallback
     from kubetune.train.collate import ListDataset, PadCollator
-    from kubetune.train.model import load_model, resolve_dtype, use_cpu
+    from kubetune.train.model import load_model
     from kubetune.train.progress import make_progress
 
     if spec.tracking.mlflow_uri:
@@ -176,51 +237,18 @@ def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: Even
     if spec.tracking.experiment:
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", spec.tracking.experiment)
         os.environ.setdefault("WANDB_PROJECT", spec.tracking.experiment)
+    if not sys.stdout.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in pod logs
     # peft still reads a renamed transformers attribute; the warning is theirs to fix, not the user's.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # Seed before the model exists: LoRA's A matrices are initialised randomly inside load_model,
     # and the Trainer seeds only later; without this a run is not reproducible from train.seed.
     set_seed(spec.train.seed)
     model = load_model(spec, data.model_dir)
-    dtype = resolve_dtype(spec.model.dtype, spec.resources.accelerator)
-    t = spec.train
     has_eval = bool(data.eval.rows)
-    args = TrainingArguments(
-        output_dir=str(layout.checkpoints),
-        per_device_train_batch_size=batches.per_device,
-        per_device_eval_batch_size=batches.per_device,
-        gradient_accumulation_steps=batches.accumulation,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_every_steps,
-        save_total_limit=None,  # retention is ours: it must respect COMPLETE markers
-        eval_strategy="steps" if has_eval and t.eval_every_steps else "no",
-        eval_steps=t.eval_every_steps,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=use_cpu(spec),
-        report_to=list(spec.tracking.report_to) or "none",
-        run_name=spec.name,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        ddp_find_unused_parameters=False,
-        include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy=t.sampling,
-        dataloader_num_workers=t.dataloader_workers,
-        log_level="warning",
-    )
+    args = args or training_arguments(spec, layout, batches, has_eval)
     progress = make_progress() if DistInfo.from_env().rank == 0 else None
     trainer = Trainer(
         model=model,
@@ -228,7 +256,7 @@ def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: Even
         train_dataset=ListDataset(data.train.rows),
         eval_dataset=ListDataset(data.eval.rows) if has_eval else None,
         data_collator=PadCollator(data.formatter.pad_id),
-        callbacks=[EventsCallback(events, progress), CheckpointCallback(layout.checkpoints, t.keep_checkpoints, events)],
+        callbacks=[EventsCallback(events, progress), CheckpointCallback(layout.checkpoints, spec.train.keep_checkpoints, events)],
     )
     trainer.remove_callback(PrinterCallback)  # our EventsCallback prints progress (once, formatted)
     return trainer
