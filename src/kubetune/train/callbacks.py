@@ -58,6 +58,10 @@ class EventsCallback(TrainerCallback):
         if self.progress:
             self.progress.update(rec)
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress:
+            self.progress.tick(state.global_step)
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress and state.is_world_process_zero:
             self.progress.stop()

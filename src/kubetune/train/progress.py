@@ -23,6 +23,7 @@ def step_line(rec: dict[str, Any]) -> str:
 class Progress(Protocol):
     def start(self, total: int, done: int) -> None: ...
     def update(self, rec: dict[str, Any]) -> None: ...
+    def tick(self, step: int) -> None: ...
     def message(self, text: str) -> None: ...
     def stop(self) -> None: ...
 
@@ -36,6 +37,9 @@ class PlainProgress:
     def update(self, rec: dict[str, Any]) -> None:
         print(step_line(rec), flush=True)
 
+    def tick(self, step: int) -> None:
+        pass  # plain output only at logging steps
+
     def message(self, text: str) -> None:
         print(text, flush=True)
 
@@ -45,10 +49,10 @@ class PlainProgress:
 
 class RichProgress:
     def __init__(self) -> None:
-        from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress as Bar, TextColumn
 
         self.bar = Bar(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+                       TextColumn("{task.fields[info]}"))
         self.task: Any = None
 
     def start(self, total: int, done: int) -> None:
@@ -56,8 +60,10 @@ class RichProgress:
         self.task = self.bar.add_task("train", total=total, completed=done, info="")
 
     def update(self, rec: dict[str, Any]) -> None:
-        info = step_line(rec).split("  ", 1)[1] if "  " in step_line(rec) else ""
-        self.bar.update(self.task, completed=rec["step"], info=info)
+        self.bar.update(self.task, completed=rec["step"], info=step_line(rec).split("  ", 1)[-1])
+
+    def tick(self, step: int) -> None:
+        self.bar.update(self.task, completed=step)
 
     def message(self, text: str) -> None:
         self.bar.console.print(text)
