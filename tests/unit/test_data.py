@@ -141,3 +141,15 @@ def test_hub_dataset_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
         load_samples(DataSpec(train=["hf://nobody-has/this-dataset:train"], eval=None), seed=0)
     msg = str(info.value.problems[0])
     assert msg.startswith("hf://nobody-has/this-dataset:train: cannot load dataset 'nobody-has/this-dataset'")
+
+
+def test_folder_source_reads_every_supported_file(tmp_path: Path) -> None:
+    folder = tmp_path / "shards"
+    (folder / "nested").mkdir(parents=True)
+    _jsonl(folder / "a.jsonl", [CHAT, CHAT])
+    _jsonl(folder / "nested" / "b.jsonl", [CHAT])
+    (folder / "notes.txt").write_text("ignored")
+    samples = load_samples(DataSpec(train=[str(folder)], eval=None), seed=0)
+    assert sorted(s.where for s in samples.train) == [f"{folder}/a.jsonl:1", f"{folder}/a.jsonl:2",
+                                                      f"{folder}/nested/b.jsonl:1"]
+    assert sorted(map(str, samples.files)) == [f"{folder}/a.jsonl", f"{folder}/nested/b.jsonl"]

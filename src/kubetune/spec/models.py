@@ -147,8 +147,10 @@ class TrainSpec(_Section):
     eval_every_steps: int | None = Field(None, ge=1, description="Eval loss interval; null = at the end only.")
     logging_steps: int = Field(10, ge=1, description="Progress line / event interval in steps.")
     seed: int = Field(42, description="Seed for data order, splits and initialisation.")
-    sampling: Literal["random", "group_by_length"] = Field(
-        "group_by_length", description="Batch order: group_by_length cuts padding (same tokens, less compute)."
+    sampling: Literal["length_buckets", "group_by_length", "random"] = Field(
+        "length_buckets",
+        description="Batch order. length_buckets: rows of almost equal length batched together (near-zero padding, "
+        "same batch size); group_by_length: transformers' windowed grouping; random: plain shuffling.",
     )
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 

@@ -16,12 +16,17 @@ from kubetune.train.progress import Progress
 class EventsCallback(TrainerCallback):
     """Turns Trainer logs into `step`/`eval` events with tokens/s and ETA (main process only)."""
 
-    def __init__(self, events: EventLog, progress: Progress | None) -> None:
+    def __init__(self, events: EventLog, progress: Progress | None, flops_per_token: float = 0.0,
+                 peak_flops: float = 0.0) -> None:
         self.events = events
         self.progress = progress
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
         self._t0 = 0.0
         self._start_step = 0
         self._last: tuple[float, int] | None = None  # (time, tokens seen) at the previous log
+        self._first_step_seen = False
+        self.trainer: Any = None  # set by the runner: padding counts live on the trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._t0 = time.monotonic()
@@ -49,16 +54,22 @@ class EventsCallback(TrainerCallback):
         done = state.global_step - self._start_step
         rate = (now - self._t0) / done if done else None
         eta = rate * (state.max_steps - state.global_step) if rate else None
+        padding = self.trainer.take_padding_fraction() if hasattr(self.trainer, "take_padding_fraction") else None
+        mfu = tokens_per_s * self.flops_per_token / self.peak_flops if tokens_per_s and self.peak_flops else None
         rec = self.events.emit(
             "step", step=state.global_step, total_steps=state.max_steps, epoch=round(state.epoch or 0, 4),
             loss=logs.get("loss"), learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
             tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None, tokens_seen=seen,
+            mfu=round(mfu, 4) if mfu is not None else None, padding=round(padding, 4) if padding is not None else None,
             eta_s=round(eta, 1) if eta is not None else None,
         )
         if self.progress:
             self.progress.update(rec)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._first_step_seen and state.is_world_process_zero:
+            self._first_step_seen = True
+            self.events.emit("first_step", step=state.global_step)
         if self.progress:
             self.progress.tick(state.global_step)
 

@@ -16,6 +16,9 @@ class ListDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def lengths(self) -> list[int]:
+        return [len(r.input_ids) for r in self.rows]
+
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         row = self.rows[i]
         return {"input_ids": row.input_ids, "labels": row.labels}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,9 @@ from kubetune.data.prepare import Prepared
 from kubetune.data.template import IGNORE
 from kubetune.spec.models import RunSpec
 from kubetune.train.batching import BatchPlan, optimizer_steps, plan_batches
+from kubetune.train.flops import device_peak, flops_per_token
 
-# Dense peak FLOP/s per device (bf16 tensor cores for GPUs; fp32 FMA for one CPU core). Rough by
-# design: the estimate is for "minutes or days?", not for billing.
-PEAK_FLOPS = {"nvidia": 989e12, "amd": 1300e12, "gaudi": 432e12, "cpu": 80e9}
+# Rough by design: the estimate answers "minutes or days?", not billing.
 ASSUMED_MFU = {"nvidia": 0.35, "amd": 0.30, "gaudi": 0.30, "cpu": 0.15}
 STEP_OVERHEAD_S = {"nvidia": 0.05, "amd": 0.05, "gaudi": 0.05, "cpu": 0.01}
 
@@ -52,9 +50,10 @@ def make_plan(spec: RunSpec, data: Prepared) -> Plan:
     mean_tokens = data.train.stats()["mean"] or 1
     tokens = steps * batches.total * min(mean_tokens, spec.data.max_length)
     acc = _accelerator(spec)
-    per_token = (6 if spec.method.type == "full" else 4) * params  # forward + backward (no weight grads for LoRA)
-    devices = world
-    peak = PEAK_FLOPS[acc] * ((os.cpu_count() or 1) if acc == "cpu" else devices)
+    cfg = _config(data.model_dir)
+    per_token = flops_per_token(params, spec.method.type == "full", cfg.get("num_hidden_layers", 0),
+                                cfg.get("hidden_size", 0), mean_tokens / 2)
+    peak = device_peak(acc, devices=world)
     est = tokens * per_token / (peak * ASSUMED_MFU[acc]) + steps * batches.accumulation * STEP_OVERHEAD_S[acc]
     sample = next((r for r in data.train.rows if any(x == IGNORE for x in r.labels)), None)
     sample = sample or (data.train.rows[0] if data.train.rows else None)
@@ -70,6 +69,13 @@ def _accelerator(spec: RunSpec) -> str:
 
 def _pct(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 2) if whole else 0.0
+
+
+def _config(model_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def count_params(model_dir: Path) -> int:
@@ -88,10 +94,7 @@ def count_params(model_dir: Path) -> int:
                         n *= d
                     total += n
         return total
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return 0
+    cfg = _config(model_dir)
     h, layers = cfg.get("hidden_size", 0), cfg.get("num_hidden_layers", 0)
     inter, vocab = cfg.get("intermediate_size", 4 * h), cfg.get("vocab_size", 0)
     return layers * (4 * h * h + 3 * h * inter) + 2 * vocab * h

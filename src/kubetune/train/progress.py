@@ -13,7 +13,8 @@ def fmt_eta(seconds: float | None) -> str:
 
 def step_line(rec: dict[str, Any]) -> str:
     parts = [f"step {rec['step']}/{rec['total_steps']}"]
-    for key, fmt in (("loss", "loss {:.4f}"), ("learning_rate", "lr {:.2e}"), ("tokens_per_s", "tok/s {:.0f}")):
+    for key, fmt in (("loss", "loss {:.4f}"), ("learning_rate", "lr {:.2e}"), ("tokens_per_s", "tok/s {:.0f}"),
+                     ("mfu", "mfu {:.1%}")):
         if rec.get(key) is not None:
             parts.append(fmt.format(rec[key]))
     parts.append(f"eta {fmt_eta(rec.get('eta_s'))}")

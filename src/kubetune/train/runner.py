@@ -100,7 +100,7 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
                 per_device_batch=batches.per_device, accumulation=batches.accumulation, world_size=dist.world_size,
                 truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped))
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if data.eval.rows:
             trainer.evaluate()
         _save_final(spec, trainer, data, layout, main)
@@ -112,7 +112,8 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
                             f"the run's checkpoints are kept in {layout.checkpoints}; fix the cause and rerun "
                             "(resume: auto continues from the latest complete one)") from exc
     step = trainer.state.global_step
-    events.emit("end", step=step, final=str(layout.final))
+    events.emit("end", step=step, final=str(layout.final), train_loss=output.training_loss,
+                train_runtime=output.metrics.get("train_runtime"))
     say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
         f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
     return TrainResult(layout, "finished", step, str(resume_from) if resume_from else None)
@@ -213,7 +214,7 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
             activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
             ddp_find_unused_parameters=False,
             include_num_input_tokens_seen="non_padding",
-            train_sampling_strategy=t.sampling,
+            train_sampling_strategy="random" if t.sampling == "length_buckets" else t.sampling,
             dataloader_num_workers=t.dataloader_workers,
             log_level="warning",
         )
@@ -225,12 +226,13 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
 
 def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: EventLog, batches: Any,
                   args: Any = None) -> Any:
-    from transformers import PrinterCallback, Trainer, set_seed
+    from transformers import PrinterCallback, set_seed
 
     from kubetune.train.callbacks import CheckpointCallback, EventsCallback
     from kubetune.train.collate import ListDataset, PadCollator
     from kubetune.train.model import load_model
     from kubetune.train.progress import make_progress
+    from kubetune.train.trainer import KubetuneTrainer
 
     if spec.tracking.mlflow_uri:
         os.environ["MLFLOW_TRACKING_URI"] = spec.tracking.mlflow_uri  # read by transformers' MLflow integration
@@ -250,16 +252,37 @@ def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: Even
     has_eval = bool(data.eval.rows)
     args = args or training_arguments(spec, layout, batches, has_eval)
     progress = make_progress() if DistInfo.from_env().rank == 0 else None
-    trainer = Trainer(
+    trainer = KubetuneTrainer(
+        length_buckets=spec.train.sampling == "length_buckets",
         model=model,
         args=args,
         train_dataset=ListDataset(data.train.rows),
         eval_dataset=ListDataset(data.eval.rows) if has_eval else None,
         data_collator=PadCollator(data.formatter.pad_id),
-        callbacks=[EventsCallback(events, progress), CheckpointCallback(layout.checkpoints, spec.train.keep_checkpoints, events)],
+        callbacks=[CheckpointCallback(layout.checkpoints, spec.train.keep_checkpoints, events)],
     )
+    progress_cb = EventsCallback(events, progress, *_flops(spec, model, data))
+    progress_cb.trainer = trainer
+    trainer.add_callback(progress_cb)
     trainer.remove_callback(PrinterCallback)  # our EventsCallback prints progress (once, formatted)
     return trainer
+
+
+def _flops(spec: RunSpec, model: Any, data: Prepared) -> tuple[float, float]:
+    """(FLOPs per trained token, peak FLOP/s of this process's device) for the MFU estimate."""
+    import torch
+
+    from kubetune.train.flops import device_peak, flops_per_token
+
+    cfg = getattr(model, "config", None)
+    params = sum(p.numel() for p in model.parameters())
+    per_token = flops_per_token(params, spec.method.type == "full", getattr(cfg, "num_hidden_layers", 0),
+                                getattr(cfg, "hidden_size", 0), data.train.stats()["mean"] / 2)
+    on_gpu = torch.cuda.is_available() and spec.resources.accelerator != "cpu"
+    kind = "cpu" if not on_gpu else (spec.resources.accelerator if spec.resources.accelerator != "auto" else "nvidia")
+    name = torch.cuda.get_device_name(0) if on_gpu else None
+    # tokens/s is gathered over all ranks, so the peak is that of every device (CPU ranks share the cores).
+    return per_token, device_peak(kind, name, devices=DistInfo.from_env().world_size)
 
 
 def _save_final(spec: RunSpec, trainer: Any, data: Prepared, layout: RunLayout, main: bool) -> None:
