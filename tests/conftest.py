@@ -12,6 +12,13 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests (and the kubetune processes they start) use their own data cache, never the user's.
+    import tempfile
+
+    os.environ.setdefault("KUBETUNE_CACHE", tempfile.mkdtemp(prefix="kubetune-test-cache-"))
 TINY = ROOT / "examples" / "assets" / "tiny-llama"
 QUICKSTART_DATA = ROOT / "examples" / "data" / "quickstart"
 

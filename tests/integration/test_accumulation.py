@@ -35,7 +35,7 @@ def one_step(spec_path: Path, tmp: Path, max_per_device: int, method: str) -> tu
     spec = load_spec(spec_path, [
         f"train.max_per_device_batch_size={max_per_device}", "train.total_batch_size=8", "train.max_steps=1",
         "train.sampling=random", "train.max_grad_norm=0", "train.logging_steps=1", "train.warmup_ratio=0",
-        "data.eval=null", "method.lora.dropout=0", f"method.type={method}", f"output={tmp / str(max_per_device)}",
+        "data.eval=null", "method.lora.dropout=0", "train.mixed_precision=fp32", f"method.type={method}", f"output={tmp / str(max_per_device)}",
     ])
     data = prepare(spec)
     batches = plan_batches(8, max_per_device, 1)

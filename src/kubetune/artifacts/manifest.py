@@ -53,11 +53,12 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def build_manifest(data_files: list[Path], seed: int, world_size: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_manifest(data_hashes: dict[str, str], seed: int, world_size: int,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "versions": package_versions(),
         "git_sha": git_sha(),
-        "data": {str(p): sha256_file(p) for p in sorted(set(data_files))},
+        "data": dict(sorted(data_hashes.items())),
         "seed": seed,
         "world_size": world_size,
         "hardware": hardware(),

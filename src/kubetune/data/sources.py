@@ -42,15 +42,7 @@ def read_source(uri: str) -> SourceRows:
             f"data source {uri}: {scheme}:// sources are not readable by this version",
             "copy the data to a local path (object storage support is tracked in the storage issue)",
         )
-    path = Path(uri)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-        if not files:
-            raise UsageError(f"data folder {uri} holds no {', '.join(SUFFIXES)} files")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise UsageError(f"data source not found: {uri}", "check the path (relative paths are from the current folder)")
+    files = local_files(uri)
     rows: list[Row] = []
     problems: list[Problem] = []
     for file in files:
@@ -61,6 +53,19 @@ def read_source(uri: str) -> SourceRows:
         rows += r
         problems += p
     return SourceRows(uri, rows, problems, files)
+
+
+def local_files(uri: str) -> list[Path]:
+    """The data files behind a local source (a file, or every supported file under a folder)."""
+    path = Path(uri)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise UsageError(f"data folder {uri} holds no {', '.join(SUFFIXES)} files")
+        return files
+    if path.is_file():
+        return [path]
+    raise UsageError(f"data source not found: {uri}", "check the path (relative paths are from the current folder)")
 
 
 def read_file(path: Path) -> tuple[list[Row], list[Problem]]:

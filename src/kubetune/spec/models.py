@@ -141,12 +141,21 @@ class TrainSpec(_Section):
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. adamw_torch, adamw_bnb_8bit.")
     total_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step, across all devices.")
     max_per_device_batch_size: int = Field(8, ge=1, description="Upper bound per device; the rest is gradient accumulation.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    gradient_checkpointing: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="Recompute activations to save memory. auto: only for micro-batches longer than half the "
+        "longest one — the peak memory of always-on checkpointing, without its cost on short batches.",
+    )
     save_every_steps: int = Field(100, ge=1, description="Checkpoint interval in optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept (oldest deleted first).")
     eval_every_steps: int | None = Field(None, ge=1, description="Eval loss interval; null = at the end only.")
     logging_steps: int = Field(10, ge=1, description="Progress line / event interval in steps.")
     seed: int = Field(42, description="Seed for data order, splits and initialisation.")
+    mixed_precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Autocast compute precision (weights keep model.dtype). auto: bf16 on GPUs that support it and on "
+        "CPUs with native bf16 instructions (AVX512-BF16/AMX) for models where it pays (hidden size >= 256), else fp32 (no autocast).",
+    )
     sampling: Literal["length_buckets", "group_by_length", "random"] = Field(
         "length_buckets",
         description="Batch order. length_buckets: rows of almost equal length batched together (near-zero padding, "
@@ -216,6 +225,8 @@ class RunSpec(_Section):
             problems.append(("method.type", f"qlora needs NVIDIA GPUs (bitsandbytes 4-bit); resources.accelerator is {acc}"))
         if self.model.dtype == "float16" and acc == "cpu":
             problems.append(("model.dtype", "float16 training needs a GPU; use float32 or auto on CPU"))
+        if self.train.mixed_precision == "fp16" and acc == "cpu":
+            problems.append(("train.mixed_precision", "fp16 autocast needs a GPU; use bf16, auto or fp32 on CPU"))
         world = self.resources.world_size
         if self.train.total_batch_size % world:
             problems.append((

@@ -24,19 +24,25 @@ class EventsCallback(TrainerCallback):
         self.peak_flops = peak_flops
         self._t0 = 0.0
         self._start_step = 0
-        self._last: tuple[float, int] | None = None  # (time, tokens seen) at the previous log
+        self._last_time = 0.0
+        self.tokens_seen = 0.0  # real (non-pad) tokens trained by this process's run, all ranks
         self._first_step_seen = False
         self.trainer: Any = None  # set by the runner: padding counts live on the trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._t0 = time.monotonic()
         self._start_step = state.global_step
-        self._last = (self._t0, state.num_input_tokens_seen or 0)
+        self._last_time = self._t0
         if self.progress and state.is_world_process_zero:
             self.progress.start(state.max_steps, state.global_step)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if not state.is_world_process_zero or not logs:
+        if not logs:
+            return
+        is_step_log = "loss" in logs and not any(k.startswith("eval_") for k in logs)
+        # Token counts are a collective under DDP: every rank takes them at the same (step) logs.
+        real, positions = self.trainer.take_token_counts() if is_step_log and self.trainer else (0.0, 0.0)
+        if not state.is_world_process_zero:
             return
         now = time.monotonic()
         if any(k.startswith("eval_") for k in logs):
@@ -47,19 +53,18 @@ class EventsCallback(TrainerCallback):
             return
         if "loss" not in logs:
             return  # the train summary at the end; the runner writes the end event
-        seen = state.num_input_tokens_seen or 0
-        last_t, last_seen = self._last or (now, seen)
-        tokens_per_s = (seen - last_seen) / (now - last_t) if now > last_t and seen > last_seen else None
-        self._last = (now, seen)
+        self.tokens_seen += real
+        tokens_per_s = real / (now - self._last_time) if now > self._last_time and real else None
+        self._last_time = now
+        padding = 1 - real / positions if positions else None
         done = state.global_step - self._start_step
         rate = (now - self._t0) / done if done else None
         eta = rate * (state.max_steps - state.global_step) if rate else None
-        padding = self.trainer.take_padding_fraction() if hasattr(self.trainer, "take_padding_fraction") else None
         mfu = tokens_per_s * self.flops_per_token / self.peak_flops if tokens_per_s and self.peak_flops else None
         rec = self.events.emit(
             "step", step=state.global_step, total_steps=state.max_steps, epoch=round(state.epoch or 0, 4),
             loss=logs.get("loss"), learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
-            tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None, tokens_seen=seen,
+            tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None, tokens_seen=int(self.tokens_seen),
             mfu=round(mfu, 4) if mfu is not None else None, padding=round(padding, 4) if padding is not None else None,
             eta_s=round(eta, 1) if eta is not None else None,
         )

@@ -40,7 +40,7 @@ class PadCollator:
         mask = torch.zeros((len(features), longest), dtype=torch.long)
         for i, f in enumerate(features):
             n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
+            ids[i, :n] = torch.as_tensor(f["input_ids"])  # lists, or int32 numpy views from the data cache
+            labels[i, :n] = torch.as_tensor(f["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}

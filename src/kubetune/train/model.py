@@ -22,6 +22,36 @@ def resolve_dtype(dtype: str, accelerator: str) -> Any:
     return getattr(torch, dtype)
 
 
+# Measured on a 2-core AVX512-BF16 CPU, LoRA fwd+bwd of 8x256 tokens: bf16 autocast vs fp32 is 1.13x at
+# hidden 64, 1.44x at 256, 1.63x at 512; but on the quickstart's tiny batches (hidden 64, ~500 tokens
+# a step) casting overhead makes it 2x SLOWER. Real LLMs (hidden >= 2048) are far above the line.
+CPU_BF16_MIN_HIDDEN = 256
+
+
+def resolve_mixed_precision(spec: RunSpec, dtype: Any, hidden_size: int = 0) -> str:
+    """'bf16', 'fp16' or 'fp32' for the Trainer's autocast, from train.mixed_precision and the hardware."""
+    import torch
+
+    choice = spec.train.mixed_precision
+    if dtype in (torch.bfloat16, torch.float16):  # half-precision weights: autocast in the same type
+        return "bf16" if dtype == torch.bfloat16 else "fp16"
+    if choice != "auto":
+        return choice
+    if not use_cpu(spec):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() and hidden_size >= CPU_BF16_MIN_HIDDEN else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    # Without native bf16 instructions the same autocast is emulated and slower than fp32.
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def use_cpu(spec: RunSpec) -> bool:
     import torch
 
@@ -46,12 +76,12 @@ def load_model(spec: RunSpec, model_dir: Path) -> Any:
 
     targets = check_target_modules(model, spec.method.lora.target_modules)
     if spec.method.type == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.train.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.train.gradient_checkpointing is not False)
     lora = spec.method.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, config)
-    if spec.train.gradient_checkpointing:
+    if spec.train.gradient_checkpointing is not False:
         model.enable_input_require_grads()
     return model
 

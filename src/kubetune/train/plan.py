@@ -110,7 +110,7 @@ def render_sample(plan: Plan, color: bool) -> Any:
         return text
     fmt = plan.data.formatter
     runs: list[tuple[bool, list[int]]] = []
-    for tid, label in zip(row.input_ids, row.labels):
+    for tid, label in zip(map(int, row.input_ids), map(int, row.labels)):
         trained = label != IGNORE
         if runs and runs[-1][0] == trained:
             runs[-1][1].append(tid)

@@ -84,23 +84,25 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
 
     data = prepare(spec)
     batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, dist.world_size)
-    args = training_arguments(spec, layout, batches, has_eval=bool(data.eval.rows))
+    args = training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir)
     events = EventLog(layout.events, enabled=main)
     # Loads the model: target_modules and qlora mistakes surface here, before anything is written.
     trainer = build_trainer(spec, data, layout, events, batches, args)
     if main:
         _write_run_files(spec, layout, data, dist.world_size)
     total_steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
-    stop = data.formatter.stop if any(s.messages for s in data.samples.train) else None
+    stop = data.formatter.stop if data.has_chat else None
     if stop is not None and not stop.consistent:
         say(f"note: generation stopped at {stop.generation_eos_ids} but the chat template ends turns with "
             f"{stop.eot_token} (id {stop.eot_id}); the saved generation_config stops at {stop.fixed_eos_ids}")
     events.emit("start", name=spec.name, resumed_from=str(resume_from) if resume_from else None,
                 train_rows=len(data.train.rows), eval_rows=len(data.eval.rows), total_steps=total_steps,
                 per_device_batch=batches.per_device, accumulation=batches.accumulation, world_size=dist.world_size,
+                mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
                 truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped))
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.events_callback.tokens_seen += trainer.take_token_counts()[0]  # steps after the last log
         if data.eval.rows:
             trainer.evaluate()
         _save_final(spec, trainer, data, layout, main)
@@ -113,6 +115,7 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
                             "(resume: auto continues from the latest complete one)") from exc
     step = trainer.state.global_step
     events.emit("end", step=step, final=str(layout.final), train_loss=output.training_loss,
+                tokens_seen=int(trainer.events_callback.tokens_seen),
                 train_runtime=output.metrics.get("train_runtime"))
     say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
         f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
@@ -167,19 +170,27 @@ def _write_run_files(spec: RunSpec, layout: RunLayout, data: Prepared, world_siz
             n += 1
         layout.spec.rename(layout.root / f"spec.{n}.yaml")
     layout.spec.write_text(text)
-    manifest = build_manifest(data.samples.files, spec.train.seed, world_size,
+    manifest = build_manifest(data.file_hashes, spec.train.seed, world_size,
                               {"model_dir": str(data.model_dir), "chat_template": data.formatter.template_source})
     layout.manifest.write_text(json.dumps(manifest, indent=2))
 
 
-def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval: bool) -> Any:
+def model_hidden_size(model_dir: Path | None) -> int:
+    try:
+        return int(json.loads((Path(model_dir) / "config.json").read_text()).get("hidden_size", 0))
+    except (OSError, TypeError, ValueError):
+        return 0
+
+
+def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval: bool,
+                       data_model_dir: Path | None = None) -> Any:
     """transformers TrainingArguments for the spec; a name transformers rejects is a spec error."""
-    import torch
     from transformers import TrainingArguments
 
-    from kubetune.train.model import resolve_dtype, use_cpu
+    from kubetune.train.model import resolve_dtype, resolve_mixed_precision, use_cpu
 
     dtype = resolve_dtype(spec.model.dtype, spec.resources.accelerator)
+    precision = resolve_mixed_precision(spec, dtype, model_hidden_size(data_model_dir))
     t = spec.train
     try:
         return TrainingArguments(
@@ -203,17 +214,17 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
             eval_steps=t.eval_every_steps,
             seed=t.seed,
             data_seed=t.seed,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
             use_cpu=use_cpu(spec),
             report_to=list(spec.tracking.report_to) or "none",
             run_name=spec.name,
             disable_tqdm=True,
             remove_unused_columns=False,
-            activation_checkpointing=t.gradient_checkpointing,
-            activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+            activation_checkpointing=t.gradient_checkpointing is not False,
+            activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is not False else None,
             ddp_find_unused_parameters=False,
-            include_num_input_tokens_seen="non_padding",
+            include_num_input_tokens_seen="no",  # counted by KubetuneTrainer without a per-step host sync
             train_sampling_strategy="random" if t.sampling == "length_buckets" else t.sampling,
             dataloader_num_workers=t.dataloader_workers,
             log_level="warning",
@@ -250,10 +261,11 @@ def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: Even
     set_seed(spec.train.seed)
     model = load_model(spec, data.model_dir)
     has_eval = bool(data.eval.rows)
-    args = args or training_arguments(spec, layout, batches, has_eval)
+    args = args or training_arguments(spec, layout, batches, has_eval, data.model_dir)
     progress = make_progress() if DistInfo.from_env().rank == 0 else None
     trainer = KubetuneTrainer(
         length_buckets=spec.train.sampling == "length_buckets",
+        checkpoint_above_tokens=_checkpoint_threshold(spec, data, batches),
         model=model,
         args=args,
         train_dataset=ListDataset(data.train.rows),
@@ -263,9 +275,21 @@ def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: Even
     )
     progress_cb = EventsCallback(events, progress, *_flops(spec, model, data))
     progress_cb.trainer = trainer
+    trainer.events_callback = progress_cb
     trainer.add_callback(progress_cb)
     trainer.remove_callback(PrinterCallback)  # our EventsCallback prints progress (once, formatted)
     return trainer
+
+
+def _checkpoint_threshold(spec: RunSpec, data: Prepared, batches: Any) -> int | None:
+    """For gradient_checkpointing: auto, the padded-token size above which a micro-batch recomputes.
+
+    Half the longest micro-batch: activation memory grows faster than linearly with length (attention),
+    so a batch of half the tokens without checkpointing needs no more than the longest one with it."""
+    if spec.train.gradient_checkpointing != "auto":
+        return None
+    longest = max((len(r.input_ids) for r in data.train.rows), default=0)
+    return batches.per_device * longest // 2
 
 
 def _flops(spec: RunSpec, model: Any, data: Prepared) -> tuple[float, float]:
@@ -289,6 +313,6 @@ def _save_final(spec: RunSpec, trainer: Any, data: Prepared, layout: RunLayout, 
     target = layout.merged if spec.method.type == "full" else layout.adapter
     trainer.save_model(str(target))  # main process only; a PEFT model saves just the adapter
     if main:
-        stop = data.formatter.stop if any(s.messages for s in data.samples.train) else None
+        stop = data.formatter.stop if data.has_chat else None
         save_tokenizer_and_config(data.model_dir, data.formatter.template, stop, data.formatter.pad_id, target)
         layout.final_complete.write_text("ok\n")
