@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quickstart, end to end on CPU: validate → plan → train → merge → base vs tuned answers.
+# The quickstart, end to end on CPU: validate → plan → train (+ eval) → merge → eval → base vs tuned answers.
 # Run by `make demo` (after `make install assets`). Re-running continues or reuses the finished run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,9 @@ $KT train "$SPEC"
 echo
 echo "== kubetune merge runs/quickstart"
 $KT merge runs/quickstart
+echo
+echo "== kubetune eval runs/quickstart   (the merged model vs its base: loss, ROUGE, exact match)"
+$KT eval runs/quickstart
 echo
 echo "== base vs tuned (kubetune chat runs/quickstart --compare ...)"
 $KT chat runs/quickstart --compare "Describe a blue fox." "What is 3 plus 4?" "Spell moon." "Describe a green owl."

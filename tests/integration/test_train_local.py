@@ -28,13 +28,30 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
         "train": {"max_steps": 30, "total_batch_size": 8, "max_per_device_batch_size": 4, "save_every_steps": 10,
                   "keep_checkpoints": 2, "logging_steps": 5, "learning_rate": 3e-3},
         "output": str(tmp / "runs" / "e2e"), "resources": {"accelerator": "cpu"},
+        "eval": {"metrics": ["loss", "rouge", "exact_match"], "num_samples": 8, "max_new_tokens": 16},
     }
     path = tmp / "e2e.yaml"
     path.write_text(yaml.safe_dump(spec))
     res = run_kubetune("train", str(path))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step 30/30" in res.stdout  # plain progress lines when not on a terminal
+    assert "Loading weights" not in res.stdout + res.stderr  # no tqdm bars in logs
     return tmp / "runs" / "e2e"
+
+
+def test_train_with_eval_metrics_writes_the_evaluation(trained: Path) -> None:
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    assert set(metrics) >= {"base", "tuned", "num_samples", "num_loss_rows"}
+    for model in ("base", "tuned"):
+        assert set(metrics[model]) == {"loss", "perplexity", "rouge1", "rouge2", "rougeL", "exact_match"}
+    assert metrics["num_samples"] == 8 and metrics["num_loss_rows"] == 60
+    # 30 steps already move the tuned model well away from the random base on its own eval rows.
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"] - 1.0
+    rows = [json.loads(line) for line in (trained / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all({"prompt", "reference", "base", "tuned"} <= set(r) for r in rows)
+    report = (trained / "eval" / "report.md").read_text()
+    assert "| rougeL |" in report and "![loss curve](loss.png)" in report
+    assert (trained / "eval" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_run_layout(trained: Path) -> None:
@@ -46,7 +63,7 @@ def test_run_layout(trained: Path) -> None:
     assert manifest["hardware"]["cpu_count"] >= 1
     events = read_events(trained / "events.jsonl")
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "start" and kinds[-1] == "end" and "eval" in kinds
+    assert kinds[0] == "start" and "eval" in kinds and kinds.index("eval_report") == kinds.index("end") + 1
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == [5, 10, 15, 20, 25, 30]
     assert all(e["total_steps"] == 30 and e["loss"] > 0 and e["learning_rate"] is not None for e in steps)
@@ -121,3 +138,11 @@ def test_full_fine_tune_writes_the_model(write_spec, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     merged = tmp_path / "runs" / "full" / "final" / "merged"
     assert (merged / "model.safetensors").exists() and (merged / "tokenizer.json").exists()
+
+
+def test_eval_verb_without_base(trained: Path) -> None:
+    res = run_kubetune("eval", str(trained), "--no-base")
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    assert "base" not in metrics and "rougeL" in metrics["tuned"]
+    assert res.stdout.splitlines()[0].split() == ["metric", "tuned"]

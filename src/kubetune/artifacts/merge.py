@@ -14,6 +14,7 @@ from kubetune.artifacts.events import EventLog
 from kubetune.artifacts.export import readable
 from kubetune.artifacts.layout import open_run
 from kubetune.errors import TrainingError, UsageError
+from kubetune.hf import quiet_progress_bars
 from kubetune.spec.load import load_spec
 from kubetune.storage import resolve_model
 
@@ -36,6 +37,7 @@ def merge_run(run: str, tolerance: float = 1e-4) -> MergeResult:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_progress_bars()
     layout = open_run(run)
     spec = load_spec(layout.spec)
     if spec.method.type == "full":

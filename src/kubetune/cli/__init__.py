@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder, e.g. runs/NAME")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (fp32)")
     p.set_defaults(func=verbs.merge)
+    p = sub.add_parser("eval", help="eval loss/perplexity, ROUGE and exact match: base vs tuned → RUN/eval/")
+    p.add_argument("run", help="run folder, e.g. runs/NAME")
+    p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate the base model on the same samples (default: yes)")
+    p.set_defaults(func=verbs.evaluate)
     p = sub.add_parser("chat", help="ask a run's model (or its base, with --base) one or more questions")
     p.add_argument("target", help="run folder")
     p.add_argument("messages", nargs="*", help="one-shot questions (each answered separately)")

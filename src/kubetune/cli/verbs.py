@@ -105,6 +105,14 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from kubetune.evaluate.run import evaluate_run
+
+    result = evaluate_run(args.run, compare_base=args.base)
+    print(f"written: {result.folder}/metrics.json, samples.jsonl, report.md")
+    return 0
+
+
 def chat(args: argparse.Namespace) -> int:
     from kubetune.evaluate.generate import answer_locally
 

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from kubetune.artifacts.layout import RunLayout, open_run
 from kubetune.errors import UsageError
+from kubetune.hf import quiet_progress_bars
 from kubetune.spec.load import load_spec
 from kubetune.storage import resolve_model
 
@@ -18,6 +19,7 @@ def load_for_generation(layout: RunLayout, base: bool) -> tuple[Any, Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    quiet_progress_bars()
     spec = load_spec(layout.spec)
     artifacts = layout.merged if (layout.merged / "config.json").exists() else layout.adapter
     if not (artifacts / "tokenizer_config.json").exists():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from kubetune.artifacts.layout import RunLayout, local_run
 from kubetune.artifacts.manifest import build_manifest
 from kubetune.data.prepare import Prepared, prepare
 from kubetune.errors import KubetuneError, Problem, SpecError, TrainingError, UsageError
+from kubetune.hf import quiet_progress_bars
 from kubetune.spec.load import spec_to_yaml
 from kubetune.spec.models import RunSpec
 from kubetune.train.batching import optimizer_steps, plan_batches
@@ -119,7 +119,22 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
                 train_runtime=output.metrics.get("train_runtime"))
     say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
         f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
+    if main and spec.eval.metrics and (data.eval.rows or data.samples.eval):
+        _evaluate_after_training(layout, say)
     return TrainResult(layout, "finished", step, str(resume_from) if resume_from else None)
+
+
+def _evaluate_after_training(layout: RunLayout, say: Any) -> None:
+    from kubetune.evaluate.run import evaluate_run
+
+    say("evaluating base vs tuned (eval.metrics)")
+    try:
+        evaluate_run(str(layout.root), log=say)
+    except KubetuneError:
+        raise
+    except Exception as exc:
+        raise TrainingError(f"training finished, but evaluation failed: {type(exc).__name__}: {exc}",
+                            f"the trained run is complete in {layout.root}; rerun `kubetune eval {layout.root}`") from exc
 
 
 def spec_changes(layout: RunLayout, spec: RunSpec) -> list[str]:
@@ -250,10 +265,7 @@ def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: Even
     if spec.tracking.experiment:
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", spec.tracking.experiment)
         os.environ.setdefault("WANDB_PROJECT", spec.tracking.experiment)
-    if not sys.stdout.isatty():
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in pod logs
+    quiet_progress_bars()
     # peft still reads a renamed transformers attribute; the warning is theirs to fix, not the user's.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # Seed before the model exists: LoRA's A matrices are initialised randomly inside load_model,
