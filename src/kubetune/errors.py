@@ -25,6 +25,7 @@ __all__ = [
     "SpecError",
     "TrainingError",
     "UsageError",
+    "capped",
 ]
 
 EXIT_FAILURE = 1
@@ -40,6 +41,13 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
+
+
+def capped(problems: list[Problem], limit: int = 200) -> list[Problem]:
+    """The first ``limit`` problems and a count of the rest: enough to fix a pattern, short enough to read."""
+    if len(problems) <= limit:
+        return list(problems)
+    return [*problems[:limit], Problem("", f"... and {len(problems) - limit} more")]
 
 
 class KubetuneError(Exception):

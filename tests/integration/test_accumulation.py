@@ -31,10 +31,11 @@ class GradGrab(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def one_step(spec_path: Path, tmp: Path, max_per_device: int, method: str) -> tuple[float, dict[str, torch.Tensor], Any]:
+def one_step(spec_path: Path, tmp: Path, max_per_device: int, method: str, sampling: str
+             ) -> tuple[float, dict[str, torch.Tensor], Any]:
     spec = load_spec(spec_path, [
         f"train.max_per_device_batch_size={max_per_device}", "train.total_batch_size=8", "train.max_steps=1",
-        "train.sampling=random", "train.max_grad_norm=0", "train.logging_steps=1", "train.warmup_ratio=0",
+        f"train.sampling={sampling}", "train.gradient_checkpointing=false", "train.max_grad_norm=0", "train.logging_steps=1", "train.warmup_ratio=0",
         "data.eval=null", "method.lora.dropout=0", "train.mixed_precision=fp32", f"method.type={method}", f"output={tmp / str(max_per_device)}",
     ])
     data = prepare(spec)
@@ -48,11 +49,11 @@ def one_step(spec_path: Path, tmp: Path, max_per_device: int, method: str) -> tu
     return loss, grab.grads, batches
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_accumulation_4x2_equals_1x8(write_spec, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize("method,sampling", [("lora", "random"), ("full", "random"), ("lora", "length_buckets")])
+def test_accumulation_4x2_equals_1x8(write_spec, tmp_path: Path, method: str, sampling: str) -> None:
     spec_path = write_spec()
-    loss_a, grads_a, plan_a = one_step(spec_path, tmp_path, 2, method)
-    loss_b, grads_b, plan_b = one_step(spec_path, tmp_path, 8, method)
+    loss_a, grads_a, plan_a = one_step(spec_path, tmp_path, 2, method, sampling)
+    loss_b, grads_b, plan_b = one_step(spec_path, tmp_path, 8, method, sampling)
     assert (plan_a.per_device, plan_a.accumulation) == (2, 4)
     assert (plan_b.per_device, plan_b.accumulation) == (8, 1)
     assert loss_a == pytest.approx(loss_b, rel=1e-5)

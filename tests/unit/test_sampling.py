@@ -39,3 +39,10 @@ def test_rank_groups_are_contiguous() -> None:
     for k in range(0, 64, 8):
         group = [lengths[i] for i in order[k:k + 8]]
         assert group == sorted(group, reverse=True)
+
+
+def test_an_optimizer_step_holds_the_same_rows_however_it_is_split() -> None:
+    lengths = _long_tailed(256)
+    whole = list(LengthBucketSampler(lengths, batch_size=8, seed=5))
+    split = list(LengthBucketSampler(lengths, batch_size=2, accumulation=4, seed=5))
+    assert [sorted(whole[k:k + 8]) for k in range(0, 256, 8)] == [sorted(split[k:k + 8]) for k in range(0, 256, 8)]

@@ -10,11 +10,8 @@ from pathlib import Path
 
 from kubetune.data.formats import Sample, detect_format, to_sample
 from kubetune.data.sources import SourceRows, read_source
-from kubetune.errors import DataError, Problem
+from kubetune.errors import DataError, Problem, capped
 from kubetune.spec.models import Columns, DataSource, DataSpec
-
-MAX_LISTED = 200  # beyond this many bad rows the report shows a count; the first ones suffice to fix a pattern
-
 
 @dataclass
 class SourceReport:
@@ -57,11 +54,7 @@ def load_samples(data: DataSpec, seed: int) -> Samples:
         reports.append(report)
         files += src_files
     if problems and data.bad_rows == "error":
-        shown = problems[:MAX_LISTED]
-        more = len(problems) - len(shown)
-        if more:
-            shown.append(Problem("", f"... and {more} more"))
-        raise DataError(shown, hint="fix these rows, or set data.bad_rows: skip to train without them")
+        raise DataError(capped(problems), hint="fix these rows, or set data.bad_rows: skip to train without them")
     rng = random.Random(seed)
     train: list[Sample] = []
     for source, samples in zip(data.sources(), per_source):

@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 
 from kubetune.data.formats import Sample
 from kubetune.data.template import IGNORE, ChatFormatter, TemplateMismatch
-from kubetune.errors import DataError, Problem
-
-MAX_LISTED = 200
+from kubetune.errors import DataError, Problem, capped
 
 
 @dataclass
@@ -77,11 +75,8 @@ def encode_samples(samples: list[Sample], fmt: ChatFormatter, max_length: int, t
             continue
         report.rows.append(row)
     if problems:
-        shown = problems[:MAX_LISTED]
-        if len(problems) > MAX_LISTED:
-            shown.append(Problem("", f"... and {len(problems) - MAX_LISTED} more"))
         hint = ("raise data.max_length, or set data.too_long: truncate or drop"
                 if any("max_length" in p.message for p in problems) else
                 "use a prefix-stable template (model.chat_template: chatml or a template file)")
-        raise DataError(shown, hint=hint)
+        raise DataError(capped(problems), hint=hint)
     return report

@@ -1,8 +1,9 @@
 """Length-bucketed batch order: near-zero padding at the same batch size.
 
-Rows are shuffled, then sorted by length inside large windows, cut into micro-batches of rows of
-almost equal length, and the micro-batches (in groups of one per rank, so ranks wait on each other
-as little as possible) are shuffled again. Every row is seen once per epoch, batches keep their
+Rows are shuffled, then sorted by length inside large windows and cut into optimizer steps (per-device
+batch x ranks x accumulation) of rows of almost equal length; the steps are shuffled again. So an
+optimizer step holds the same rows however it is split into micro-batches and ranks (the gradient
+is the same), and ranks wait on each other as little as possible. Every row is seen once per epoch, batches keep their
 size (so the effective batch is unchanged), only the padding goes away. The order is a pure
 function of (seed, epoch), which the Trainer relies on to skip batches exactly on resume.
 
@@ -18,12 +19,13 @@ from typing import Iterator, Sequence
 
 class LengthBucketSampler:
     def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int = 1, seed: int = 0,
-                 window: int = 8192) -> None:
+                 window: int = 8192, accumulation: int = 1) -> None:
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.world_size = world_size
+        self.accumulation = accumulation
         self.seed = seed
-        self.window = max(window, batch_size * world_size)
+        self.window = max(window, batch_size * world_size * accumulation)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -36,7 +38,7 @@ class LengthBucketSampler:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        group = self.batch_size * self.world_size
+        group = self.batch_size * self.world_size * self.accumulation
         groups: list[list[int]] = []
         for start in range(0, len(order), self.window):
             chunk = sorted(order[start:start + self.window], key=lambda i: self.lengths[i], reverse=True)

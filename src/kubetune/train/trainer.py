@@ -69,7 +69,8 @@ class KubetuneTrainer(Trainer):
         if not self.length_buckets or not hasattr(dataset, "lengths"):
             return super()._get_train_sampler(train_dataset)
         return LengthBucketSampler(dataset.lengths(), self.args.per_device_train_batch_size,
-                                   world_size=self.args.world_size, seed=self.args.data_seed or self.args.seed)
+                                   world_size=self.args.world_size, seed=self.args.data_seed or self.args.seed,
+                                   accumulation=self.args.gradient_accumulation_steps)
 
 
 def _malloc_trim() -> Any:
