@@ -52,11 +52,13 @@ def test_plan_shows_mask_stats_steps(cli, write_spec) -> None:
     assert "<|im_start|>user" not in marked.split("⟦", 1)[1].split("⟧", 1)[0]
 
 
-def test_help_and_validate_do_not_import_torch(write_spec) -> None:
-    code = ("import sys; from kubetune.cli import main; rc = main(sys.argv[1:]); "
+@pytest.mark.parametrize("argv", [["validate", "SPEC"], ["plan", "SPEC"], ["schema"], ["--help"], ["train", "--help"]])
+def test_fast_verbs_do_not_import_torch_or_transformers_models(write_spec, argv: list[str]) -> None:
+    argv = [str(write_spec()) if a == "SPEC" else a for a in argv]
+    code = ("import sys\nfrom kubetune.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
-    res = subprocess.run([sys.executable, "-c", code, "validate", str(write_spec())], capture_output=True,
-                         text=True, env=quiet_env(), timeout=60)
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=quiet_env(),
+                         timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith("NO-TORCH")
 
