@@ -6,7 +6,8 @@ The tree::
     ├── UsageError                exit 2  the user's input is wrong (spec, data, flags, paths)
     │   ├── SpecError             exit 2  the run spec: a list of Problems (field path, line, message)
     │   └── DataError             exit 2  the datasets: a list of Problems (file:line, message)
-    └── TrainingError             exit 1  training itself failed (not a configuration mistake)
+    ├── TrainingError             exit 1  training itself failed (not a configuration mistake)
+    └── Preempted                 exit 143  stopped by SIGTERM/Ctrl-C after saving a checkpoint: rerun to resume
 
 Exit code 2 is reserved for "fix your input and try again"; Kubernetes Jobs use it to fail at once
 instead of retrying (see podFailurePolicy in k8s/render).
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 
 __all__ = [
     "EXIT_FAILURE",
+    "EXIT_PREEMPTED",
     "EXIT_USAGE",
     "DataError",
     "KubetuneError",
+    "Preempted",
     "Problem",
     "SpecError",
     "TrainingError",
@@ -30,6 +33,7 @@ __all__ = [
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a terminated process reports; retried by Kubernetes
 
 
 @dataclass(frozen=True)
@@ -98,3 +102,7 @@ class DataError(_ProblemList):
 
 class TrainingError(KubetuneError):
     exit_code = EXIT_FAILURE
+
+
+class Preempted(KubetuneError):
+    exit_code = EXIT_PREEMPTED

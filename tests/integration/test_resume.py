@@ -73,3 +73,36 @@ def test_resume_never_refuses_to_overwrite(write_spec, tmp_path: Path) -> None:
     res = run_kubetune("train", str(spec), "--set", "resume=never")
     assert res.returncode == 2 and "does not overwrite saved work" in res.stderr
     assert (tmp_path / "runs" / "keep" / "final" / "COMPLETE").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_there(write_spec, tmp_path: Path) -> None:
+    spec = write_spec(name="term", data={"eval": None},
+                      train={"max_steps": 400, "save_every_steps": 1000, "logging_steps": 10})
+    out = tmp_path / "runs" / "term"
+    log = (tmp_path / "term.log").open("w")
+    proc = subprocess.Popen(kubetune_cmd("train", str(spec)), stdout=log, stderr=subprocess.STDOUT, env=quiet_env(),
+                            cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(e["event"] == "step" for e in read_events(out / "events.jsonl")):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # what Kubernetes sends before it kills a pod
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, (tmp_path / "term.log").read_text()[-2000:]
+    preempted = [e for e in read_events(out / "events.jsonl") if e["event"] == "preempted"]
+    assert len(preempted) == 1
+    step = preempted[0]["step"]
+    assert 10 <= step < 400
+    saved = out / "checkpoints" / f"checkpoint-{step}"
+    assert (saved / "COMPLETE").exists()  # saved at the signal, not at a save_every_steps boundary
+    assert "saving a checkpoint after this step" in (tmp_path / "term.log").read_text()
+
+    res = run_kubetune("train", str(spec))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"resuming from {saved}" in res.stdout
+    events = read_events(out / "events.jsonl")
+    assert events[-1]["event"] == "end" and events[-1]["step"] == 400

@@ -7,6 +7,9 @@ import signal
 import subprocess
 import sys
 
+from kubetune.artifacts.events import read_events
+from kubetune.artifacts.layout import local_run
+from kubetune.errors import EXIT_PREEMPTED
 from kubetune.spec.models import RunSpec
 
 
@@ -33,7 +36,15 @@ def launch_local(spec: RunSpec, spec_path: str, overrides: list[str]) -> int:
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
+        code = proc.wait()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+    # torchrun answers a forwarded SIGTERM with its own error exit; what matters is whether the ranks
+    # saved a checkpoint and stopped (they record it), which makes this a resumable preemption.
+    last = read_events(local_run(spec.output_uri).events)[-1:] if code else []
+    if last and last[0]["event"] == "preempted":
+        print(f"stopped at step {last[0]['step']} after saving {last[0]['checkpoint']}; run the same command "
+              "again to resume", flush=True)
+        return EXIT_PREEMPTED
+    return code

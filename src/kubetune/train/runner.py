@@ -20,7 +20,7 @@ from kubetune.artifacts.export import save_tokenizer_and_config
 from kubetune.artifacts.layout import RunLayout, local_run
 from kubetune.artifacts.manifest import build_manifest
 from kubetune.data.prepare import Prepared, prepare
-from kubetune.errors import KubetuneError, Problem, SpecError, TrainingError, UsageError
+from kubetune.errors import KubetuneError, Preempted, Problem, SpecError, TrainingError, UsageError
 from kubetune.hf import quiet_progress_bars
 from kubetune.spec.load import spec_to_yaml
 from kubetune.spec.models import RunSpec
@@ -88,6 +88,10 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
     events = EventLog(layout.events, enabled=main)
     # Loads the model: target_modules and qlora mistakes surface here, before anything is written.
     trainer = build_trainer(spec, data, layout, events, batches, args)
+    from kubetune.train.preempt import GracefulStop, StopCallback  # imports transformers: not at module level
+
+    graceful = GracefulStop(say)
+    trainer.add_callback(StopCallback(graceful))
     if main:
         _write_run_files(spec, layout, data, dist.world_size)
     total_steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
@@ -100,9 +104,16 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
                 per_device_batch=batches.per_device, accumulation=batches.accumulation, world_size=dist.world_size,
                 mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
                 truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped))
+    graceful.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         trainer.events_callback.tokens_seen += trainer.take_token_counts()[0]  # steps after the last log
+        if graceful.requested:
+            step = trainer.state.global_step
+            saved = layout.checkpoints / f"checkpoint-{step}"
+            events.emit("preempted", step=step, checkpoint=str(saved))
+            raise Preempted(f"stopped at step {step} after saving {saved}",
+                            "run the same command again: resume: auto continues from that checkpoint")
         if data.eval.rows:
             trainer.evaluate()
         _save_final(spec, trainer, data, layout, main)
@@ -113,6 +124,8 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
         raise TrainingError(f"training failed: {type(exc).__name__}: {exc}",
                             f"the run's checkpoints are kept in {layout.checkpoints}; fix the cause and rerun "
                             "(resume: auto continues from the latest complete one)") from exc
+    finally:
+        graceful.restore()
     step = trainer.state.global_step
     events.emit("end", step=step, final=str(layout.final), train_loss=output.training_loss,
                 tokens_seen=int(trainer.events_callback.tokens_seen),
