@@ -112,11 +112,13 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
             step = trainer.state.global_step
             saved = layout.checkpoints / f"checkpoint-{step}"
             events.emit("preempted", step=step, checkpoint=str(saved))
+            _finish_distributed()
             raise Preempted(f"stopped at step {step} after saving {saved}",
                             "run the same command again: resume: auto continues from that checkpoint")
         if data.eval.rows:
             trainer.evaluate()
         _save_final(spec, trainer, data, layout, main)
+        _finish_distributed()
     except KubetuneError:
         raise
     except Exception as exc:  # training blew up: record it where `status` and logs will look
@@ -135,6 +137,16 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
     if main and spec.eval.metrics and (data.eval.rows or data.samples.eval):
         _evaluate_after_training(layout, say)
     return TrainResult(layout, "finished", step, str(resume_from) if resume_from else None)
+
+
+def _finish_distributed() -> None:
+    """Ranks leave together: without this a rank that is done exits while rank 0 still saves, and
+    gloo/NCCL may abort (SIGABRT) in the exiting rank when its peer's connection goes away."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _evaluate_after_training(layout: RunLayout, say: Any) -> None:
