@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from kubetune.errors import UsageError
 
@@ -47,3 +49,11 @@ def _from_hub(repo: str, revision: str | None, only_tokenizer: bool) -> Path:
             f"model.base hf://{repo}: cannot download from the Hugging Face Hub ({reason})",
             "check the name, network access and HF_TOKEN (gated models need an accepted licence)",
         ) from None
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """The model's config.json as a dict ({} when absent or unreadable), without loading transformers."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}

@@ -13,6 +13,7 @@ from kubetune.data.prepare import Prepared
 from kubetune.data.template import IGNORE
 from kubetune.spec.models import RunSpec
 from kubetune.train.batching import BatchPlan, optimizer_steps, plan_batches
+from kubetune.storage import read_model_config
 from kubetune.train.flops import device_peak, flops_per_token
 
 # Rough by design: the estimate answers "minutes or days?", not billing.
@@ -50,7 +51,7 @@ def make_plan(spec: RunSpec, data: Prepared) -> Plan:
     mean_tokens = data.train.stats()["mean"] or 1
     tokens = steps * batches.total * min(mean_tokens, spec.data.max_length)
     acc = _accelerator(spec)
-    cfg = _config(data.model_dir)
+    cfg = read_model_config(data.model_dir)
     per_token = flops_per_token(params, spec.method.type == "full", cfg.get("num_hidden_layers", 0),
                                 cfg.get("hidden_size", 0), mean_tokens / 2)
     peak = device_peak(acc, devices=world)
@@ -71,13 +72,6 @@ def _pct(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 2) if whole else 0.0
 
 
-def _config(model_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def count_params(model_dir: Path) -> int:
     """Parameters from safetensors headers (exact, no torch), else estimated from config.json."""
     files = sorted(model_dir.glob("*.safetensors"))
@@ -94,7 +88,7 @@ def count_params(model_dir: Path) -> int:
                         n *= d
                     total += n
         return total
-    cfg = _config(model_dir)
+    cfg = read_model_config(model_dir)
     h, layers = cfg.get("hidden_size", 0), cfg.get("num_hidden_layers", 0)
     inter, vocab = cfg.get("intermediate_size", 4 * h), cfg.get("vocab_size", 0)
     return layers * (4 * h * h + 3 * h * inter) + 2 * vocab * h

@@ -24,6 +24,7 @@ from kubetune.errors import KubetuneError, Preempted, Problem, SpecError, Traini
 from kubetune.hf import quiet_progress_bars
 from kubetune.spec.load import spec_to_yaml
 from kubetune.spec.models import RunSpec
+from kubetune.storage import read_model_config
 from kubetune.train.batching import optimizer_steps, plan_batches
 
 
@@ -215,22 +216,14 @@ def _write_run_files(spec: RunSpec, layout: RunLayout, data: Prepared, world_siz
     layout.manifest.write_text(json.dumps(manifest, indent=2))
 
 
-def model_hidden_size(model_dir: Path | None) -> int:
-    try:
-        return int(json.loads((Path(model_dir) / "config.json").read_text()).get("hidden_size", 0))
-    except (OSError, TypeError, ValueError):
-        return 0
-
-
-def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval: bool,
-                       data_model_dir: Path | None = None) -> Any:
+def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval: bool, model_dir: Path) -> Any:
     """transformers TrainingArguments for the spec; a name transformers rejects is a spec error."""
     from transformers import TrainingArguments
 
     from kubetune.train.model import resolve_dtype, resolve_mixed_precision, use_cpu
 
     dtype = resolve_dtype(spec.model.dtype, spec.resources.accelerator)
-    precision = resolve_mixed_precision(spec, dtype, model_hidden_size(data_model_dir))
+    precision = resolve_mixed_precision(spec, dtype, int(read_model_config(model_dir).get("hidden_size", 0)))
     t = spec.train
     try:
         return TrainingArguments(

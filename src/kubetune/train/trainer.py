@@ -1,4 +1,6 @@
-"""The transformers Trainer with one change: kubetune's length-bucketed batch order."""
+"""The transformers Trainer plus kubetune's per-step policies: length-bucketed batch order,
+checkpointing only long micro-batches, malloc_trim on CPU, and sync-free token/padding counts.
+The training loop itself stays transformers'."""
 
 from __future__ import annotations
 
