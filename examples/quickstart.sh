@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The quickstart, end to end on CPU: validate → plan → train (+ eval) → merge → eval → base vs tuned answers.
+# The quickstart, end to end on CPU: validate → plan → train (+ eval) → merge → eval → base vs tuned answers
+# → serve (OpenAI-compatible) → one chat request over HTTP.
 # Run by `make demo` (after `make install assets`). Re-running continues or reuses the finished run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,3 +26,17 @@ $KT eval runs/quickstart
 echo
 echo "== base vs tuned (kubetune chat runs/quickstart --compare ...)"
 $KT chat runs/quickstart --compare "Describe a blue fox." "What is 3 plus 4?" "Spell moon." "Describe a green owl."
+echo
+echo "== kubetune serve runs/quickstart   (OpenAI-compatible, in the background) + kubetune chat URL"
+PORT="${KUBETUNE_DEMO_PORT:-8765}"
+$KT serve runs/quickstart --port "$PORT" > runs/quickstart/serve.log 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  .venv/bin/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health', timeout=1)" 2>/dev/null && break
+  kill -0 $SERVER 2>/dev/null || { cat runs/quickstart/serve.log; exit 1; }
+  sleep 0.5
+done
+head -1 runs/quickstart/serve.log
+echo "\$ kubetune chat http://127.0.0.1:$PORT \"Describe a green owl.\""
+$KT chat "http://127.0.0.1:$PORT" "Describe a green owl."

@@ -50,13 +50,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the base model on the same samples (default: yes)")
     p.set_defaults(func=verbs.evaluate)
-    p = sub.add_parser("chat", help="ask a run's model (or its base, with --base) one or more questions")
-    p.add_argument("target", help="run folder")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a run (or a model folder)",
+                       description="OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, "
+                                   "/v1/completions, /tokenize, /health, /metrics")
+    p.add_argument("targets", nargs="+", metavar="RUN|MODEL",
+                   help="run folder(s) (several adapter runs of one base share it) or a model folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="auto: vLLM when installed with a CUDA GPU, else transformers")
+    p.add_argument("--served-model-name", dest="served_name", help="name in /v1/models (default: the run name)")
+    p.add_argument("--max-concurrency", type=int, default=64,
+                   help="requests admitted at once (generating or queued); one more gets HTTP 429")
+    p.add_argument("--api-key", help="require this key (Bearer); default from KUBETUNE_API_KEY")
+    p.add_argument("--no-base", dest="with_base", action="store_false",
+                   help="do not also serve the base model of an adapter run")
+    p.set_defaults(func=verbs.serve)
+    p = sub.add_parser("chat", help="chat with a served model (URL) or a run: one-shot, or interactive without MESSAGE")
+    p.add_argument("target", metavar="URL|RUN", help="http(s)://host:port of an OpenAI-compatible server, or a run folder")
     p.add_argument("messages", nargs="*", help="one-shot questions (each answered separately)")
-    p.add_argument("--base", action="store_true", help="answer with the base model instead of the tuned one")
-    p.add_argument("--compare", action="store_true", help="print base and tuned answers side by side")
+    p.add_argument("--base", action="store_true", help="answer with the base model instead of the tuned one (RUN)")
+    p.add_argument("--compare", action="store_true", help="print base and tuned answers side by side (RUN)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--model", help="model name on the server (default: the first in /v1/models)")
+    p.add_argument("--api-key", help="API key for the server (default: KUBETUNE_API_KEY or OPENAI_API_KEY)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=verbs.chat)
     return parser
 

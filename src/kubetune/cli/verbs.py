@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 
@@ -113,12 +114,68 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    from kubetune.serve.server import ServeOptions, serve as run_server
+
+    run_server(args.targets, ServeOptions(host=args.host, port=args.port, engine=args.engine,
+                                          served_name=args.served_name, max_concurrency=args.max_concurrency,
+                                          api_key=args.api_key, with_base=args.with_base))
+    return 0
+
+
 def chat(args: argparse.Namespace) -> int:
+    from kubetune.serve.client import is_url
+
+    if is_url(args.target) and (args.base or args.compare):
+        print("--base/--compare apply to a run folder; for a server pass --model NAME", file=sys.stderr)
+        return 2
+    if args.messages and not is_url(args.target):
+        return _answer_run(args)
+    from kubetune.serve.client import backend_for
+
+    api_key = args.api_key or os.environ.get("KUBETUNE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    backend = backend_for(args.target, args.model, api_key, base=args.base)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.messages:
+        for msg in args.messages:
+            _stream_answer(backend, [*system, {"role": "user", "content": msg}], args.max_new_tokens)
+        return 0
+    return _interactive(backend, system, args.max_new_tokens)
+
+
+def _stream_answer(backend: object, messages: list[dict[str, str]], max_tokens: int) -> str:
+    parts = []
+    for delta in backend.stream(messages, max_tokens):  # type: ignore[attr-defined]
+        parts.append(delta)
+        print(delta, end="", flush=True)
+    print()
+    return "".join(parts)
+
+
+def _interactive(backend: object, system: list[dict[str, str]], max_tokens: int) -> int:
+    """A conversation that keeps its history; an empty line or EOF (Ctrl-D) ends it."""
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"chatting with {backend.model} (empty line or Ctrl-D to quit)")  # type: ignore[attr-defined]
+    history = list(system)
+    while True:
+        try:
+            line = input("you> " if tty else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        if tty:
+            print(f"{backend.model}> ", end="", flush=True)  # type: ignore[attr-defined]
+        history.append({"role": "assistant", "content": _stream_answer(backend, history, max_tokens)})
+    return 0
+
+
+def _answer_run(args: argparse.Namespace) -> int:
+    """One-shot questions to a run folder, batched (and base vs tuned with --compare)."""
     from kubetune.evaluate.generate import answer_locally
 
-    if not args.messages:
-        print("give one or more messages (interactive chat arrives with the serving issue)", file=sys.stderr)
-        return 2
     which = ["base", "tuned"] if args.compare else (["base"] if args.base else ["tuned"])
     answers = {w: answer_locally(args.target, args.messages, base=(w == "base"), system=args.system,
                                  max_new_tokens=args.max_new_tokens) for w in which}

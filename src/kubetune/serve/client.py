@@ -1,0 +1,128 @@
+"""Chat with a model: over HTTP with the `openai` client (kubetune's server, vLLM, any
+OpenAI-compatible URL), or in-process with a run's model. Both stream text deltas."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator, Protocol, Sequence
+
+from kubetune.errors import KubetuneError, UsageError
+
+Messages = Sequence[dict[str, str]]
+
+
+class ChatBackend(Protocol):
+    model: str
+
+    def stream(self, messages: Messages, max_tokens: int) -> Iterator[str]: ...
+
+
+def is_url(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
+class HttpChat:
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None) -> None:
+        import openai
+
+        base = url.rstrip("/")
+        base = base if base.endswith("/v1") else base + "/v1"
+        self.url = base
+        self._client = openai.OpenAI(base_url=base, api_key=api_key or "none", max_retries=0, timeout=600)
+        self._errors = openai
+        self.model = model or self._first_model()
+
+    def _first_model(self) -> str:
+        with self._translate():
+            models = [m.id for m in self._client.models.list()]
+        if not models:
+            raise KubetuneError(f"{self.url}/models lists no model", "check the server's logs")
+        return models[0]
+
+    def stream(self, messages: Messages, max_tokens: int) -> Iterator[str]:
+        with self._translate():
+            chunks = self._client.chat.completions.create(model=self.model, messages=list(messages),  # type: ignore[arg-type]
+                                                          max_tokens=max_tokens, temperature=0, stream=True)
+            for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+
+    def _translate(self) -> "_Translate":
+        return _Translate(self.url, self._errors)
+
+
+class _Translate:
+    """openai's exceptions → kubetune errors that say which URL and what to do."""
+
+    def __init__(self, url: str, errors: object) -> None:
+        self.url, self.errors = url, errors
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+        e = self.errors
+        if exc is None:
+            return False
+        if isinstance(exc, e.APIConnectionError):  # type: ignore[attr-defined]
+            raise UsageError(f"cannot reach {self.url}", "is the server running? (kubetune serve RUN)") from None
+        if isinstance(exc, e.AuthenticationError):  # type: ignore[attr-defined]
+            raise UsageError(f"{self.url}: the server wants an API key",
+                             "pass --api-key or set KUBETUNE_API_KEY / OPENAI_API_KEY") from None
+        if isinstance(exc, e.APIStatusError):  # type: ignore[attr-defined]
+            raise KubetuneError(f"{self.url}: HTTP {exc.status_code}: {_message(exc)}") from None  # type: ignore[attr-defined]
+        return False
+
+
+def _message(exc: BaseException) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(exc)
+
+
+class LocalChat:
+    """A run's model in this process (no server): the same engine `kubetune serve` uses."""
+
+    def __init__(self, run: str, base: bool = False) -> None:
+        from kubetune.serve.engine import load_engine
+
+        self._engine = load_engine([run], with_base=True)
+        names = self._engine.names
+        self.model = names[-1] if base and len(names) > 1 else names[0]
+
+    def stream(self, messages: Messages, max_tokens: int) -> Iterator[str]:
+        from kubetune.serve.engine import GenerationParams, iter_text
+
+        ids_out: queue.Queue[list[int] | None] = queue.Queue()
+        prompt = self._engine.render(self.model, messages)
+        params = GenerationParams(max_tokens=max_tokens, temperature=0)
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._engine.generate(self.model, prompt, params, ids_out.put, lambda: False)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                failure.append(exc)
+            finally:
+                ids_out.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        ids: list[int] = []
+        text = ""
+        while (item := ids_out.get()) is not None:
+            ids.extend(item)
+            delta, text = iter_text(lambda x: self._engine.decode(self.model, x), ids, text)
+            if delta:
+                yield delta
+        if failure:
+            raise failure[0]
+
+
+def backend_for(target: str, model: str | None = None, api_key: str | None = None, base: bool = False) -> ChatBackend:
+    if is_url(target):
+        return HttpChat(target, model, api_key)
+    return LocalChat(target, base=base)

@@ -1,0 +1,93 @@
+"""`kubetune serve`: pick an engine, load the run(s), listen. vLLM when asked for (or, with
+engine auto, when it is installed and a CUDA GPU is present); otherwise the embedded
+transformers engine behind kubetune's own OpenAI-compatible app."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from kubetune.errors import UsageError
+from kubetune.serve.vllm import VllmTarget, adapter_rank, vllm_command
+
+API_KEY_ENV = "KUBETUNE_API_KEY"
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: str = "auto"               # auto | vllm | transformers
+    served_name: str | None = None
+    max_concurrency: int = 64
+    api_key: str | None = None
+    with_base: bool = True
+
+
+def choose_engine(choice: str) -> str:
+    if choice == "transformers":
+        return choice
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    cuda = has_vllm and _cuda_available()
+    if choice == "vllm" and not cuda:
+        why = "vLLM is not installed" if not has_vllm else "no CUDA GPU is visible"
+        raise UsageError(f"serve --engine vllm: {why}", "install vllm on a GPU machine, or use --engine transformers")
+    return "vllm" if cuda else "transformers"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmTarget:
+    """What `vllm serve` needs for one run: its merged model, or its base plus the adapter as a LoRA module."""
+    from kubetune.artifacts.layout import open_run
+    from kubetune.spec.load import load_spec
+
+    if len(targets) != 1:
+        raise UsageError("the vLLM engine serves one run per server here", "start one server per run")
+    target = targets[0]
+    if (Path(target) / "config.json").exists() and not (Path(target) / "spec.yaml").exists():
+        return VllmTarget(model=target, served_name=served_name or Path(target).name, run_folder=target)
+    layout = open_run(target)
+    spec = load_spec(layout.spec)
+    if (layout.merged / "config.json").exists():
+        return VllmTarget(str(layout.merged), served_name or spec.name, str(layout.merged))
+    base, _, at = spec.model.base.removeprefix("hf://").partition("@")  # vLLM loads a Hub id itself
+    name = served_name or spec.name
+    return VllmTarget(base, base.rstrip("/").split("/")[-1], str(layout.adapter), ((name, str(layout.adapter)),),
+                      adapter_rank(layout.adapter), revision=spec.model.revision or at or None)
+
+
+def serve(targets: Sequence[str], options: ServeOptions) -> None:
+    api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
+    if choose_engine(options.engine) == "vllm":
+        cmd = vllm_command(vllm_target(targets, options.served_name), options.host, options.port,
+                           max_num_seqs=options.max_concurrency)
+        env = dict(os.environ)
+        if api_key:
+            env["VLLM_API_KEY"] = api_key  # by environment: a key on the command line shows in `ps`
+        print("starting:", " ".join(cmd), flush=True)
+        os.execvpe(cmd[0], cmd, env)
+    import uvicorn
+
+    from kubetune.serve.app import ServerSettings, create_app
+    from kubetune.serve.engine import load_engine
+
+    engine = load_engine(targets, options.served_name, with_base=options.with_base)
+    app = create_app(engine, ServerSettings(max_concurrency=options.max_concurrency, api_key=api_key))
+    url = f"http://{options.host}:{options.port}"
+    print(f"serving {', '.join(engine.names)} at {url}/v1 (transformers engine, "
+          f"{options.max_concurrency} requests at most{', API key required' if api_key else ''})", flush=True)
+    print(f"try: kubetune chat {url} \"hello\"", flush=True)
+    try:
+        uvicorn.run(app, host=options.host, port=options.port, log_level="warning", access_log=False)
+    except OSError as exc:  # pragma: no cover - uvicorn reports bind errors itself and exits
+        print(f"error: cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,247 @@
+"""`kubetune serve` on a trained adapter run (no merge), driven by the official `openai` client
+and raw HTTP: models, chat, streaming, completions, concurrency, errors, auth, metrics, template
+parity with training, and `kubetune chat` against the URL."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import httpx2 as httpx  # the HTTP client openai itself uses
+import openai
+import pytest
+import yaml
+
+from kubetune.data.template import IGNORE, ChatFormatter
+from tests.conftest import QUICKSTART_DATA, kubetune_cmd, quiet_env, run_kubetune
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "Describe a blue fox."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("serve")
+    spec = {
+        "name": "served", "model": {"base": str(tiny_model)},
+        "data": {"train": str(QUICKSTART_DATA / "train.jsonl"), "max_length": 128},
+        "method": {"type": "lora", "lora": {"r": 16, "alpha": 32}},
+        "train": {"max_steps": 250, "total_batch_size": 16, "max_per_device_batch_size": 16,
+                  "save_every_steps": 250, "logging_steps": 50, "learning_rate": 3e-3},
+        "output": str(tmp / "runs" / "served"), "resources": {"accelerator": "cpu"},
+    }
+    path = tmp / "served.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    res = run_kubetune("train", str(path), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp / "runs" / "served"
+    assert not (run / "final" / "merged").exists()  # served straight from the adapter
+    return run
+
+
+def start_server(run: Path, *flags: str, **env: str) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    proc = subprocess.Popen(kubetune_cmd("serve", str(run), "--port", str(port), *flags), env=quiet_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("server did not become healthy in 120 s")
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out or ""
+
+
+@pytest.fixture(scope="module")
+def server(adapter_run: Path) -> Iterator[str]:
+    proc, url = start_server(adapter_run)
+    yield url
+    stop(proc)
+
+
+@pytest.fixture
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_run_and_its_base(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["served", "tiny-llama"]
+
+
+def test_chat_stream_and_plain_give_the_same_text_and_stop_at_end_of_turn(client: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": QUESTION}]
+    plain = client.chat.completions.create(model="served", messages=msgs, temperature=0, max_tokens=64)
+    text = plain.choices[0].message.content
+    assert text and "<|im_end|>" not in text
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 64
+    streamed = client.chat.completions.create(model="served", messages=msgs, temperature=0, max_tokens=64, stream=True,
+                                              stream_options={"include_usage": True})
+    parts, reasons, usage = [], [], None
+    for chunk in streamed:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(parts) == text
+    assert len([p for p in parts if p]) > 1  # really streamed, not one blob
+    assert reasons[-1] == "stop" and usage is not None and usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_base_model_answers_differently(client: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": QUESTION}]
+    base = client.chat.completions.create(model="tiny-llama", messages=msgs, temperature=0, max_tokens=16)
+    tuned = client.chat.completions.create(model="served", messages=msgs, temperature=0, max_tokens=16)
+    assert base.choices[0].message.content != tuned.choices[0].message.content
+
+
+def test_completions_and_stop_strings(client: openai.OpenAI) -> None:
+    res = client.completions.create(model="served", prompt="A blue fox", max_tokens=8, temperature=0)
+    assert res.usage.completion_tokens <= 8 and res.choices[0].finish_reason in {"stop", "length"}
+    msgs = [{"role": "user", "content": QUESTION}]
+    full = client.chat.completions.create(model="served", messages=msgs, temperature=0, max_tokens=64)
+    text = full.choices[0].message.content or ""
+    word = text.split()[1]  # stop at the second word: the answer is cut just before it
+    cut = client.chat.completions.create(model="served", messages=msgs, temperature=0, max_tokens=64, stop=[word])
+    assert cut.choices[0].message.content == text[:text.index(word)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_clients_all_get_answers(client: openai.OpenAI) -> None:
+    questions = [f"What is {i} + {i + 1}?" for i in range(32)]
+
+    def ask(q: str) -> str:
+        res = client.chat.completions.create(model="served", messages=[{"role": "user", "content": q}],
+                                             temperature=0, max_tokens=32)
+        return res.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, questions))
+    assert len(answers) == 32 and all(answers)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (json.dumps({"model": "served"}).encode(), 400, "messages"),
+    (json.dumps({"model": "served", "messages": [{"role": "bot", "content": "x"}]}).encode(), 400, "messages.0.role"),
+    (json.dumps({"model": "served", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(),
+     400, "max_tokens"),
+    (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
+])
+def test_bad_requests_get_openai_style_errors(server: str, body: bytes, status: int, param: str | None) -> None:
+    res = httpx.post(f"{server}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert res.status_code == status
+    err = res.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+
+
+def test_openai_client_sees_a_bad_request(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="served", messages=[{"role": "user", "content": "x " * 5000}])
+    assert info.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+
+
+def test_template_parity_with_training(server: str, tiny_model: Path) -> None:
+    """The server renders the same token ids as training did, and the answer starts where training's loss did."""
+    formatter = ChatFormatter(tiny_model, "auto")
+    rows = [json.loads(line) for line in (QUICKSTART_DATA / "train.jsonl").read_text().splitlines()[:20]]
+    rows.append({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2 + 2?"},
+                              {"role": "assistant", "content": "4"}]})
+    for row in rows:
+        messages = row["messages"]
+        ids, labels = formatter.encode_chat(messages)
+        full = httpx.post(f"{server}/tokenize", json={"model": "served", "messages": messages,
+                                                      "add_generation_prompt": False}).json()["tokens"]
+        assert full == ids
+        prompt = httpx.post(f"{server}/tokenize", json={"model": "served", "messages": messages[:-1]}).json()["tokens"]
+        first_trained = next(i for i in range(len(labels) - 1, -1, -1)
+                             if labels[i] != IGNORE and (i == 0 or labels[i - 1] == IGNORE))
+        assert ids[:len(prompt)] == prompt and first_trained == len(prompt)
+
+
+def test_metrics_count_requests_and_tokens(server: str, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model="served", messages=[{"role": "user", "content": QUESTION}], max_tokens=8)
+    text = httpx.get(f"{server}/metrics").text
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['kubetune_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert samples['kubetune_generation_tokens_total{model="served"}'] > 0
+    assert samples["kubetune_requests_waiting"] == 0
+    assert samples['kubetune_request_latency_seconds_count{model="served"}'] >= 1
+
+
+def test_api_key_and_a_full_queue(adapter_run: Path) -> None:
+    proc, url = start_server(adapter_run, "--max-concurrency", "1", KUBETUNE_API_KEY="s3cret-key")
+    try:
+        denied = httpx.get(f"{url}/v1/models")
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret-key", max_retries=0)
+        assert [m.id for m in client.models.list()][0] == "served"
+
+        # the base model does not stop early: each request holds the only slot for a while
+        def ask(_: int) -> int:
+            try:
+                client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "x"}],
+                                               max_tokens=120, temperature=0)
+                return 200
+            except openai.RateLimitError as exc:
+                assert exc.body["type"] == "rate_limit_error"  # type: ignore[index]
+                return 429
+
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(ask, range(6)))
+        assert 200 in codes and 429 in codes
+        assert client.models.list()  # still alive after refusing
+    finally:
+        out = stop(proc)
+    assert "s3cret-key" not in out
+
+
+def test_chat_cli_one_shot_and_interactive_against_the_url(server: str, client: openai.OpenAI) -> None:
+    expected = client.chat.completions.create(model="served", messages=[{"role": "user", "content": QUESTION}],
+                                              temperature=0, max_tokens=128).choices[0].message.content
+    res = run_kubetune("chat", server, QUESTION)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == expected
+    res = subprocess.run(kubetune_cmd("chat", server, "--model", "served"), input=f"{QUESTION}\nWhat is 2 + 3?\n",
+                         capture_output=True, text=True, env=quiet_env(), timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == expected and len(lines) == 2 and lines[1]
+
+
+def test_chat_cli_errors_name_the_url() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    res = run_kubetune("chat", url, "hi")
+    assert res.returncode == 2 and f"cannot reach {url}" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,57 @@
+"""The `vllm serve` command line for a run (vLLM itself needs a CUDA GPU, so the command is what is tested)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.errors import UsageError
+from kubetune.serve.server import choose_engine, vllm_target
+from kubetune.serve.vllm import max_lora_rank, vllm_command
+
+
+def _adapter_run(tmp_path: Path, r: int = 12, merged: bool = False) -> Path:
+    run = tmp_path / "runs" / "r1"
+    (run / "final" / "adapter").mkdir(parents=True)
+    (run / "spec.yaml").write_text(yaml.safe_dump({"name": "r1", "model": {"base": "hf://org/Base-7B@main"},
+                                                  "data": {"train": "d.jsonl"}}))
+    (run / "final" / "adapter" / "adapter_config.json").write_text(json.dumps({"r": r, "rank_pattern": {}}))
+    if merged:
+        (run / "final" / "merged").mkdir()
+        (run / "final" / "merged" / "config.json").write_text("{}")
+    return run
+
+
+def test_adapter_run_is_served_as_a_lora_module_with_the_runs_template(tmp_path: Path) -> None:
+    run = _adapter_run(tmp_path)
+    cmd = vllm_command(vllm_target([str(run)]), port=9000, max_num_seqs=32)
+    adapter = str(run / "final" / "adapter")
+    assert cmd[:3] == ["vllm", "serve", "org/Base-7B"] and cmd[cmd.index("--revision") + 1] == "main"
+    assert cmd[cmd.index("--lora-modules") + 1] == f"r1={adapter}"
+    assert "--enable-lora" in cmd and cmd[cmd.index("--max-lora-rank") + 1] == "16"  # 12 → vLLM's next size
+    assert cmd[cmd.index("--served-model-name") + 1] == "Base-7B"
+    assert cmd[cmd.index("--chat-template") + 1] == f"{adapter}/chat_template.jinja"
+    assert cmd[cmd.index("--generation-config") + 1] == adapter  # stops at the run's end-of-turn token
+    assert cmd[cmd.index("--max-num-seqs") + 1] == "32" and cmd[cmd.index("--port") + 1] == "9000"
+
+
+def test_merged_run_is_served_under_the_run_name(tmp_path: Path) -> None:
+    run = _adapter_run(tmp_path, merged=True)
+    cmd = vllm_command(vllm_target([str(run)]))
+    assert cmd[2] == str(run / "final" / "merged") and "--enable-lora" not in cmd
+    assert cmd[cmd.index("--served-model-name") + 1] == "r1"
+
+
+def test_lora_ranks_round_up_to_what_vllm_accepts() -> None:
+    assert [max_lora_rank(r) for r in (1, 4, 8, 9, 64, 65, 500)] == [1, 8, 8, 16, 64, 128, 512]
+    with pytest.raises(ValueError):
+        max_lora_rank(1024)
+
+
+def test_engine_vllm_without_vllm_is_a_clear_error() -> None:
+    with pytest.raises(UsageError, match="vLLM is not installed|no CUDA GPU"):
+        choose_engine("vllm")
+    assert choose_engine("auto") == "transformers"  # this machine: no vLLM, no GPU
