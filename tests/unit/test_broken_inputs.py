@@ -21,15 +21,22 @@ CASES = {
                                                               b'{"role": "assistant", "content": "x"}]}\n'},
                            "content must be a string, got list"),
     "missing-template-file": ("model: {base: MODEL, chat_template: /nope.jinja}\n", {}, "model.chat_template: '/nope.jinja'"),
-    "object-storage-output": ("output: s3://bucket/x\n", {}, "output s3://bucket/x: s3:// outputs are not supported"),
+    "object-storage-output-no-credentials": ("output: s3://bucket/x\n", {}, "output s3://bucket/x/.kubetune-write-check: no storage credentials found"),
     "resume-not-a-checkpoint": ("resume: /tmp/definitely-not-here\n", {}, "is not a complete checkpoint"),
     "model-not-a-folder": ("model: {base: /tmp}\n", {}, "not a model folder (no config.json there)"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_broken_input_is_exit_2_with_message(name: str, tmp_path: Path, tiny_model: Path, cli) -> None:
+def test_broken_input_is_exit_2_with_message(name: str, tmp_path: Path, tiny_model: Path, cli,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.conftest import QUICKSTART_DATA
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe for credentials
 
     body, files, expected = CASES[name]
     data_file = ""

@@ -47,7 +47,7 @@ def mark_complete(path: Path, step: int) -> None:
     os.replace(tmp, path / COMPLETE)
 
 
-def prune(folder: Path, keep: int) -> list[Path]:
+def prune(folder: Path, keep: int, protect: set[int] | frozenset[int] = frozenset()) -> list[Path]:
     """Keep the newest ``keep`` complete checkpoints; delete older ones and incomplete leftovers
     older than the newest complete one (never the newest complete itself)."""
     ckpts = list_checkpoints(folder)
@@ -58,6 +58,8 @@ def prune(folder: Path, keep: int) -> list[Path]:
     keep_steps = {s for s, _ in complete[-max(1, keep):]}
     removed = []
     for step, path, ok in ckpts:
+        if step in protect:
+            continue
         if (ok and step not in keep_steps) or (not ok and step < newest):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from kubetune.artifacts.events import EventLog
 from kubetune.artifacts.export import readable
-from kubetune.artifacts.layout import open_run
 from kubetune.errors import TrainingError, UsageError
 from kubetune.hf import quiet_progress_bars
 from kubetune.spec.load import load_spec
@@ -38,7 +37,10 @@ def merge_run(run: str, tolerance: float = 1e-4) -> MergeResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_progress_bars()
-    layout = open_run(run)
+    from kubetune.storage.runs import open_any_run, publish
+
+    output = open_any_run(run)
+    layout = output.layout
     spec = load_spec(layout.spec)
     if spec.method.type == "full":
         raise UsageError(f"{run} is a full fine-tune: {layout.merged} already holds the whole model")
@@ -69,4 +71,5 @@ def merge_run(run: str, tolerance: float = 1e-4) -> MergeResult:
     shutil.rmtree(layout.merged, ignore_errors=True)
     tmp.rename(layout.merged)  # a reader never sees a half-written merged model
     EventLog(layout.events).emit("merge", path=str(layout.merged), max_logit_diff=max_diff)
-    return MergeResult(layout.merged, max_diff)
+    publish(output, layout.merged)
+    return MergeResult(output.remote(layout.merged) if output.store else layout.merged, max_diff)

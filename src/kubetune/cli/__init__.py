@@ -50,6 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the base model on the same samples (default: yes)")
     p.set_defaults(func=verbs.evaluate)
+    p = sub.add_parser("stage", help="deliver the base model and datasets to the storage the run reads from",
+                       description="copy stage.model → model.base and stage.data → data.train (or --model/--data → --to); "
+                                   "identical files are skipped, so a re-run resumes")
+    p.add_argument("spec", nargs="?", help="run spec YAML (its stage: section)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--model", help="model URI to deliver (hf://org/name, s3://..., a folder)")
+    p.add_argument("--data", action="append", default=[], help="dataset URI to deliver (repeatable)")
+    p.add_argument("--to", help="destination prefix (s3://bucket/prefix, gs://..., pvc://..., a folder)")
+    p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
+                   help="files not to copy (default: the spec's stage.exclude, or original/*, *.pth, consolidated.*)")
+    p.set_defaults(func=verbs.stage)
+    p = sub.add_parser("push", help="publish a run's merged model or adapter to the Hub (hf://org/name) or a bucket")
+    p.add_argument("run", help="run folder or URI")
+    p.add_argument("--to", required=True, help="hf://ORG/NAME, or s3://... / gs://... / a folder")
+    p.add_argument("--public", action="store_true", help="create the Hub repository public (default: private)")
+    p.set_defaults(func=verbs.push)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a run (or a model folder)",
                        description="OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, "
                                    "/v1/completions, /tokenize, /health, /metrics")

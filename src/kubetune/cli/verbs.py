@@ -32,9 +32,9 @@ def validate(args: argparse.Namespace) -> int:
     from kubetune.train.runner import preflight
 
     spec = load_spec(args.spec, args.overrides)
-    layout = preflight(spec)
+    output = preflight(spec)
     prepared = prepare(spec)
-    print(f"ok: {args.spec} (run {spec.name} → {layout.root})")
+    print(f"ok: {args.spec} (run {spec.name} → {output.uri})")
     for line in _data_summary(prepared):
         print(line)
     if prepared.samples.skipped:
@@ -111,6 +111,42 @@ def evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_run(args.run, compare_base=args.base)
     print(f"written: {result.folder}/metrics.json, samples.jsonl, report.md")
+    return 0
+
+
+def stage(args: argparse.Namespace) -> int:
+    from kubetune.storage.stage import deliveries_from_flags, deliveries_from_spec, stage as run_stage
+
+    if args.spec and (args.model or args.data or args.to):
+        print("give a SPEC, or --model/--data with --to, not both", file=sys.stderr)
+        return 2
+    exclude = args.exclude
+    if args.spec:
+        from kubetune.storage.runs import apply_storage_env
+
+        spec = load_spec(args.spec, args.overrides)
+        apply_storage_env(spec)
+        items = deliveries_from_spec(spec)
+        exclude = exclude if exclude is not None else spec.stage.exclude
+    elif args.to:
+        items = deliveries_from_flags(args.model, args.data, args.to)
+    else:
+        print("give a SPEC, or --model/--data with --to", file=sys.stderr)
+        return 2
+    from kubetune.spec.models import StageSpec
+
+    report = run_stage(items, exclude if exclude is not None else StageSpec().exclude)
+    print(report.summary())
+    for item in items:
+        print(f"  {item.what}: {item.dest}")
+    return 0
+
+
+def push(args: argparse.Namespace) -> int:
+    from kubetune.storage.push import push as run_push
+
+    where = run_push(args.run, args.to, private=not args.public)
+    print(f"published: {where}")
     return 0
 
 

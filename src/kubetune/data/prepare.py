@@ -68,7 +68,7 @@ def prepare(spec: RunSpec, model_dir: Path | None = None, use_cache: bool = True
 def _local_data_files(spec: RunSpec) -> list[Path] | None:
     """Every file behind the spec's sources, or None when one is not local (Hub datasets)."""
     sources = spec.data.sources() + ([spec.data.eval_source()] if spec.data.eval_source() else [])
-    if any("://" in s.path for s in sources):
+    if any(s.path.startswith("hf://") for s in sources):
         return None
     return [f for s in sources for f in local_files(s.path)]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,6 @@ def read_source(uri: str) -> SourceRows:
     """All rows of one source (a file, a folder of files, or hf://org/name[:split][@revision])."""
     if uri.startswith("hf://"):
         return _read_hub(uri)
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0]
-        raise UsageError(
-            f"data source {uri}: {scheme}:// sources are not readable by this version",
-            "copy the data to a local path (object storage support is tracked in the storage issue)",
-        )
     files = local_files(uri)
     rows: list[Row] = []
     problems: list[Problem] = []
@@ -52,12 +46,23 @@ def read_source(uri: str) -> SourceRows:
             r, p = [], [Problem(str(file), f"cannot read {file.suffix} file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")]
         rows += r
         problems += p
+    if "://" in uri:  # fetched into the cache: report file:line against the URI, not the cache path
+        local = str(fetched(uri))
+        rows = [replace(row, where=row.where.replace(local, uri.rstrip("/"))) for row in rows]
+        problems = [Problem(p.where.replace(local, uri.rstrip("/")), p.message) for p in problems]
     return SourceRows(uri, rows, problems, files)
+
+
+def fetched(uri: str) -> Path:
+    """The local copy of a data source: itself, or (s3://, gs://, pvc://) a verified copy in the cache."""
+    from kubetune.storage.fetch import fetch
+
+    return fetch(uri)
 
 
 def local_files(uri: str) -> list[Path]:
     """The data files behind a local source (a file, or every supported file under a folder)."""
-    path = Path(uri)
+    path = fetched(uri) if "://" in uri else Path(uri)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         if not files:

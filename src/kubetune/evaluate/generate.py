@@ -7,7 +7,7 @@ import copy
 from pathlib import Path
 from typing import Any, Sequence
 
-from kubetune.artifacts.layout import RunLayout, open_run
+from kubetune.artifacts.layout import RunLayout
 from kubetune.errors import UsageError
 from kubetune.hf import quiet_progress_bars
 from kubetune.spec.load import load_spec
@@ -64,7 +64,9 @@ def generate(model: Any, tokenizer: Any, gen: Any, conversations: Sequence[Seque
 def answer_locally(run: str | Path, messages: Sequence[str], base: bool = False, system: str | None = None,
                    max_new_tokens: int = 64) -> list[str]:
     """One answer per message, from the run's tuned model (or its base)."""
-    layout = open_run(str(run))
+    from kubetune.storage.runs import open_any_run
+
+    layout = open_any_run(str(run)).layout
     model, tokenizer, gen = load_for_generation(layout, base)
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": m}]
              for m in messages]

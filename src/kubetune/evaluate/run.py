@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kubetune.artifacts.events import EventLog
-from kubetune.artifacts.layout import open_run
+from kubetune.storage.runs import open_any_run, publish
 from kubetune.data.prepare import prepare
 from kubetune.errors import UsageError
 from kubetune.evaluate.generate import generate, load_for_generation
@@ -32,7 +32,8 @@ class EvalResult:
 
 
 def evaluate_run(run: str, compare_base: bool = True, log: Callable[[str], None] = print) -> EvalResult:
-    layout = open_run(run)
+    output = open_any_run(run)
+    layout = output.layout
     spec = load_spec(layout.spec)
     wanted = spec.eval.metrics or ALL_METRICS
     data = prepare(spec)
@@ -76,7 +77,8 @@ def evaluate_run(run: str, compare_base: bool = True, log: Callable[[str], None]
     EventLog(layout.events).emit("eval_report", path=str(folder), **{
         f"{w}_{k}": v for w in ("base", "tuned") if w in metrics for k, v in metrics[w].items()})
     log(format_table(metrics))
-    return EvalResult(metrics, folder)
+    publish(output, folder)  # a run in object storage gets its eval/ there too
+    return EvalResult(metrics, output.remote(folder) if output.store else folder)
 
 
 def eval_loss(model: Any, rows: list[Any], pad_id: int, batch_size: int = 16) -> float:

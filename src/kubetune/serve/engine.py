@@ -143,7 +143,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from kubetune.artifacts.layout import open_run
+    from kubetune.storage.runs import open_any_run
     from kubetune.hf import quiet_progress_bars
     from kubetune.spec.load import load_spec
     from kubetune.storage import resolve_model
@@ -163,7 +163,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
 
     runs = []
     for target in targets:
-        layout = open_run(target)
+        layout = open_any_run(target).layout
         spec = load_spec(layout.spec)
         merged = (layout.merged / "config.json").exists()
         folder = layout.merged if merged else layout.adapter

@@ -47,7 +47,7 @@ def _cuda_available() -> bool:
 
 def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmTarget:
     """What `vllm serve` needs for one run: its merged model, or its base plus the adapter as a LoRA module."""
-    from kubetune.artifacts.layout import open_run
+    from kubetune.storage.runs import open_any_run
     from kubetune.spec.load import load_spec
 
     if len(targets) != 1:
@@ -55,7 +55,7 @@ def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmT
     target = targets[0]
     if (Path(target) / "config.json").exists() and not (Path(target) / "spec.yaml").exists():
         return VllmTarget(model=target, served_name=served_name or Path(target).name, run_folder=target)
-    layout = open_run(target)
+    layout = open_any_run(target).layout
     spec = load_spec(layout.spec)
     if (layout.merged / "config.json").exists():
         return VllmTarget(str(layout.merged), served_name or spec.name, str(layout.merged))

@@ -194,6 +194,84 @@ class ResourcesSpec(_Section):
         return self.devices_per_node * self.nodes
 
 
+class StorageSpec(_Section):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...); default AWS_ENDPOINT_URL or AWS.")
+    region: str | None = Field(None, description="S3 region; default the AWS chain (AWS_DEFAULT_REGION, profile).")
+    profile: str | None = Field(None, description="AWS profile name for credentials (a reference; never put keys in the spec).")
+
+
+class StageData(_Section):
+    source: str | None = Field(None, description="Where the data comes from: hf://datasets/org/name, s3://..., a local path.")
+    script: str | None = Field(None, description="Or a Python script that writes JSONL to $KUBETUNE_OUTPUT.")
+    args: list[str] = Field(default_factory=list, description="Arguments for the script.")
+    to: str | None = Field(None, description="Destination URI; default the data.train entry at the same position.")
+
+
+class StageSpec(_Section):
+    model: str | None = Field(None, description="Where the base model comes from (hf://org/name); copied to model.base.")
+    data: list[StageData] = Field(default_factory=list, description="Datasets to deliver, by position in data.train.")
+    exclude: list[str] = Field(default_factory=lambda: ["original/*", "*.pth", "consolidated.*"],
+                               description="Glob patterns of files not copied (duplicate weight formats).")
+
+
+class Toleration(_Section):
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class SecretsSpec(_Section):
+    hf_token: str | None = Field(None, description="SECRET/KEY holding the Hugging Face token (e.g. hf-secret/token).")
+    storage: str | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (envFrom).")
+    api_key: str | None = Field(None, description="SECRET/KEY holding the serving API key (vLLM --api-key).")
+
+    @field_validator("hf_token", "api_key")
+    @classmethod
+    def _secret_key(cls, value: str | None) -> str | None:
+        if value is not None and value.count("/") != 1:
+            raise PydanticCustomError("secret_ref", "must be SECRET/KEY, e.g. hf-secret/token")
+        return value
+
+
+class KubernetesSpec(_Section):
+    namespace: str = Field("default", description="Namespace of the run's objects.")
+    image: str = Field("ghcr.io/kubetune/kubetune:0.1.0-cuda", description="Container image with kubetune installed.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    queue: str | None = Field(None, description="Kueue LocalQueue name (kueue.x-k8s.io/queue-name label).")
+    priority_class: str | None = Field(None, description="PriorityClass of the pods (and Kueue workload priority).")
+    service_account: str | None = Field(None, description="Service account (e.g. bound to a cloud identity for GCS).")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    secrets: SecretsSpec = Field(default_factory=SecretsSpec)
+    scratch_size: str = Field("50Gi", description="Ephemeral scratch volume for the local working copy and caches.")
+    storage_class: str | None = Field(None, description="Storage class of the scratch volume (default: the cluster's).")
+    shm_size: str = Field("16Gi", description="Size limit of /dev/shm (memory emptyDir).")
+    run_as_user: int = Field(1000, ge=1, description="Non-root UID of every container.")
+    run_as_group: int = Field(1000, ge=0)
+    fs_group: int = Field(1000, ge=0)
+    backoff_limit: int = Field(6, ge=1, description="Job retries on disruption or transient failure (each resumes).")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object.")
+
+
+class Autoscaling(_Section):
+    min: int = Field(1, ge=1, description="Minimum replicas.")
+    max: int = Field(4, ge=1, description="Maximum replicas.")
+    target_queue: float = Field(5, gt=0, description="Target vllm:num_requests_waiting per pod.")
+
+
+class ServeSpec(_Section):
+    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM on GPUs, else transformers.")
+    replicas: int = Field(1, ge=1)
+    max_concurrency: int = Field(64, ge=1, description="Requests admitted at once per replica (vLLM --max-num-seqs).")
+    port: int = Field(8000, ge=1, le=65535)
+    image: str = Field("vllm/vllm-openai:v0.11.0", description="Serving image (vLLM's OpenAI server).")
+    autoscaling: Autoscaling | None = Field(default_factory=Autoscaling, description="HPA on queue length; null = fixed replicas.")
+    cpu: str = Field("2", description="CPU per serving pod.")
+    memory: str = Field("10Gi", description="Memory per serving pod.")
+
+
 class RunSpec(_Section):
     name: str = Field(description="Run name: output folder, Kubernetes object names, tracking run name.")
     model: ModelSpec
@@ -205,6 +283,10 @@ class RunSpec(_Section):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    stage: StageSpec = Field(default_factory=StageSpec)
+    kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
 
     @field_validator("name")
     @classmethod
@@ -240,6 +322,13 @@ class RunSpec(_Section):
             problems.append(("train.max_steps", "must be a positive number of steps, or -1 to use epochs"))
         if self.resume not in ("auto", "never") and not self.resume.strip():
             problems.append(("resume", "must be auto, never, or a checkpoint path"))
+        if self.serve.autoscaling and self.serve.autoscaling.min > self.serve.autoscaling.max:
+            problems.append(("serve.autoscaling.min", "must not be above serve.autoscaling.max"))
+        if len(self.stage.data) > len(self.data.train) and any(d.to is None for d in self.stage.data):
+            problems.append(("stage.data", "more entries than data.train: give each extra entry a `to` URI"))
+        for i, d in enumerate(self.stage.data):
+            if (d.source is None) == (d.script is None):
+                problems.append((f"stage.data.{i}", "give exactly one of source or script"))
         if problems:
             # One error carrying every cross-field problem; spec/load.py splits it back into fields.
             raise PydanticCustomError("cross", "\n".join(f"{p}\t{m}" for p, m in problems))

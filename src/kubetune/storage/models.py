@@ -17,11 +17,19 @@ def resolve_model(uri: str, revision: str | None = None, only_tokenizer: bool = 
     """Local folder holding the model (or just its tokenizer and configs when ``only_tokenizer``)."""
     if uri.startswith("hf://"):
         return _from_hub(uri.removeprefix("hf://"), revision, only_tokenizer)
-    if "://" in uri:
-        raise UsageError(
-            f"model.base {uri}: {uri.split('://')[0]}:// is not readable by this version",
-            "use a local folder or hf://org/name (object storage support is tracked in the storage issue)",
-        )
+    if uri.startswith(("s3://", "gs://")):
+        from kubetune.storage.fetch import fetch
+
+        # transformers cannot read object storage: a verified local copy in the cache
+        path = fetch(uri, include=TOKENIZER_FILES if only_tokenizer else (), exclude=("original/*",))
+        if not (path / "config.json").exists():
+            raise UsageError(f"model.base {uri}: not a model folder (no config.json there)",
+                             "point model.base at a folder written by save_pretrained (kubetune stage copies one)")
+        return path
+    if uri.startswith("pvc://"):
+        from kubetune.storage.store import pvc_path
+
+        uri = str(pvc_path(uri))
     path = Path(uri)
     if not path.exists():
         hint = f"for a Hub model write hf://{uri}" if uri.count("/") == 1 else "check the path"

@@ -86,10 +86,11 @@ class EventsCallback(TrainerCallback):
 class CheckpointCallback(TrainerCallback):
     """After the Trainer saved checkpoint-N on every rank, mark it COMPLETE and apply retention."""
 
-    def __init__(self, folder: Path, keep: int, events: EventLog) -> None:
+    def __init__(self, folder: Path, keep: int, events: EventLog, uploader: Any = None) -> None:
         self.folder = folder
         self.keep = keep
         self.events = events
+        self.uploader = uploader  # storage.sync.Uploader for object-storage outputs
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _barrier()  # every rank's files (rng_state_<rank>.pth) are written before the marker
@@ -97,9 +98,15 @@ class CheckpointCallback(TrainerCallback):
             path = self.folder / f"checkpoint-{state.global_step}"
             if path.is_dir():
                 mark_complete(path, state.global_step)
-                removed = prune(self.folder, self.keep)
+                if self.uploader is not None:
+                    self.uploader.checkpoint(path, state.global_step)  # background; COMPLETE uploaded last
+                # a checkpoint still being uploaded is not deleted locally
+                protect = self.uploader.pending_steps() if self.uploader is not None else set()
+                removed = prune(self.folder, self.keep, protect)
                 self.events.emit("checkpoint", step=state.global_step, path=str(path),
                                  removed=[str(p) for p in removed])
+                if self.uploader is not None:
+                    self.uploader.files(self.events.path)
         _barrier()
 
 

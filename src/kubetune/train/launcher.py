@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 from kubetune.artifacts.events import read_events
-from kubetune.artifacts.layout import local_run
 from kubetune.errors import EXIT_PREEMPTED
 from kubetune.spec.models import RunSpec
+from kubetune.storage.runs import run_output
 
 
 def torchrun_command(spec_path: str, overrides: list[str], nproc: int) -> list[str]:
@@ -23,6 +23,9 @@ def torchrun_command(spec_path: str, overrides: list[str], nproc: int) -> list[s
 
 def launch_local(spec: RunSpec, spec_path: str, overrides: list[str]) -> int:
     """Run torchrun in the foreground and return its exit code; Ctrl-C/SIGTERM reach every rank."""
+    from kubetune.train.runner import prepare_output
+
+    prepare_output(spec)  # storage checks and the pull of a remote run happen once, before the ranks start
     nproc = spec.resources.devices_per_node
     env = dict(os.environ)
     if spec.resources.accelerator in ("cpu", "auto"):
@@ -42,7 +45,7 @@ def launch_local(spec: RunSpec, spec_path: str, overrides: list[str]) -> int:
             signal.signal(s, handler)
     # torchrun answers a forwarded SIGTERM with its own error exit; what matters is whether the ranks
     # saved a checkpoint and stopped (they record it), which makes this a resumable preemption.
-    last = read_events(local_run(spec.output_uri).events)[-1:] if code else []
+    last = read_events(run_output(spec).layout.events)[-1:] if code else []
     if last and last[0]["event"] == "preempted":
         print(f"stopped at step {last[0]['step']} after saving {last[0]['checkpoint']}; run the same command "
               "again to resume", flush=True)

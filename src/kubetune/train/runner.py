@@ -17,14 +17,17 @@ from typing import Any
 from kubetune.artifacts.checkpoints import latest_complete, list_checkpoints, remove_incomplete
 from kubetune.artifacts.events import EventLog
 from kubetune.artifacts.export import save_tokenizer_and_config
-from kubetune.artifacts.layout import RunLayout, local_run
+from kubetune.artifacts.layout import RunLayout
 from kubetune.artifacts.manifest import build_manifest
 from kubetune.data.prepare import Prepared, prepare
 from kubetune.errors import KubetuneError, Preempted, Problem, SpecError, TrainingError, UsageError
 from kubetune.hf import quiet_progress_bars
 from kubetune.spec.load import spec_to_yaml
 from kubetune.spec.models import RunSpec
-from kubetune.storage import read_model_config
+from kubetune.storage import read_model_config, resolve_model
+from kubetune.storage.runs import RunOutput, apply_storage_env, run_output
+from kubetune.storage.store import Store, scheme
+from kubetune.storage.sync import Uploader, pull
 from kubetune.train.batching import optimizer_steps, plan_batches
 
 
@@ -52,22 +55,45 @@ class TrainResult:
     resumed_from: str | None = None
 
 
-def preflight(spec: RunSpec) -> RunLayout:
+def preflight(spec: RunSpec, check_storage: bool = True) -> RunOutput:
     """Checks that need no data and no torch, shared by `validate` and `train`: where the run goes,
-    and that an explicit resume point is a complete checkpoint."""
-    layout = local_run(spec.output_uri)
+    that an explicit resume point is a complete checkpoint, and — before any training — that every
+    object-storage input is readable and the output writable with the credentials at hand."""
+    apply_storage_env(spec)
+    output = run_output(spec)
     if spec.resume not in ("auto", "never") and not (Path(spec.resume) / "COMPLETE").exists():
         raise UsageError(f"resume: {spec.resume} is not a complete checkpoint (no COMPLETE marker)",
-                         f"use resume: auto, or one of the folders under {layout.checkpoints}")
-    return layout
+                         f"use resume: auto, or one of the folders under {output.layout.checkpoints}")
+    if check_storage:
+        if output.store is not None:
+            output.store.check_writable("output")
+        inputs = [("model.base", spec.model.base)] + [(f"data source", s.path) for s in spec.data.sources()]
+        for what, uri in inputs:
+            if scheme(uri) in ("s3", "gs"):
+                Store(uri).check_readable(what)
+    return output
+
+
+def prepare_output(spec: RunSpec, log: Any = print) -> RunOutput:
+    """Pre-flight, then bring a remote run's state into the local working copy (once per machine)."""
+    output = preflight(spec)
+    if output.store is not None:
+        pulled = pull(output.store, output.layout, log)
+        if pulled.checkpoint is not None:
+            log(f"found {output.store.url(f'checkpoints/checkpoint-{pulled.checkpoint}')} (complete)")
+    return output
 
 
 def train(spec: RunSpec, log: Any = print) -> TrainResult:
     """Train here, in this process (torchrun ranks each call this). See launcher for >1 device."""
     dist = DistInfo.from_env()
     main = dist.rank == 0
-    layout = preflight(spec)
     say = log if main else (lambda *_a, **_k: None)
+    # Under torchrun the launcher already checked storage and pulled the run: ranks only find the folder.
+    output = run_output(spec) if dist.launched else prepare_output(spec, say)
+    if dist.launched:
+        apply_storage_env(spec)
+    layout = output.layout
     if spec.resources.nodes > 1 and not dist.launched:
         raise UsageError("resources.nodes > 1 needs a cluster", "run it with `kubetune submit`, or set resources.nodes: 1")
     if layout.is_finished() and spec.resume != "never":
@@ -81,20 +107,24 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
         return TrainResult(layout, "already-finished")
     resume_from = _resume_point(spec, layout, main)
     if resume_from:
-        say(f"resuming from {resume_from}")
+        say(f"resuming from {output.remote(resume_from)}")
+    uploader = Uploader(output.store, layout, spec.train.keep_checkpoints, log=say) \
+        if output.store is not None and main else None
 
     data = prepare(spec)
     batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, dist.world_size)
     args = training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir)
     events = EventLog(layout.events, enabled=main)
     # Loads the model: target_modules and qlora mistakes surface here, before anything is written.
-    trainer = build_trainer(spec, data, layout, events, batches, args)
+    trainer = build_trainer(spec, data, layout, events, batches, args, uploader)
     from kubetune.train.preempt import GracefulStop, StopCallback  # imports transformers: not at module level
 
     graceful = GracefulStop(say)
     trainer.add_callback(StopCallback(graceful))
     if main:
         _write_run_files(spec, layout, data, dist.world_size)
+        if uploader:
+            uploader.files(layout.spec, layout.manifest)
     total_steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
     stop = data.formatter.stop if data.has_chat else None
     if stop is not None and not stop.consistent:
@@ -107,37 +137,57 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
                 truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped))
     graceful.install()
     try:
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trained = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         trainer.events_callback.tokens_seen += trainer.take_token_counts()[0]  # steps after the last log
         if graceful.requested:
             step = trainer.state.global_step
             saved = layout.checkpoints / f"checkpoint-{step}"
-            events.emit("preempted", step=step, checkpoint=str(saved))
+            events.emit("preempted", step=step, checkpoint=output.remote(saved))
             _finish_distributed()
+            _drain(uploader, layout, say, timeout=float(os.environ.get("KUBETUNE_PREEMPT_UPLOAD_SECONDS", "120")))
             raise Preempted(f"stopped at step {step} after saving {saved}",
                             "run the same command again: resume: auto continues from that checkpoint")
         if data.eval.rows:
             trainer.evaluate()
         _save_final(spec, trainer, data, layout, main)
+        if uploader:
+            uploader.tree(layout.final)  # final/COMPLETE goes last
         _finish_distributed()
     except KubetuneError:
         raise
     except Exception as exc:  # training blew up: record it where `status` and logs will look
         events.emit("error", error=f"{type(exc).__name__}: {exc}")
+        try:
+            _drain(uploader, layout, say, timeout=60)
+        except TrainingError:
+            pass  # the training error is the one to report
         raise TrainingError(f"training failed: {type(exc).__name__}: {exc}",
                             f"the run's checkpoints are kept in {layout.checkpoints}; fix the cause and rerun "
                             "(resume: auto continues from the latest complete one)") from exc
     finally:
         graceful.restore()
     step = trainer.state.global_step
-    events.emit("end", step=step, final=str(layout.final), train_loss=output.training_loss,
+    events.emit("end", step=step, final=str(layout.final), train_loss=trained.training_loss,
                 tokens_seen=int(trainer.events_callback.tokens_seen),
-                train_runtime=output.metrics.get("train_runtime"))
+                train_runtime=trained.metrics.get("train_runtime"))
     say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
         f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
     if main and spec.eval.metrics and (data.eval.rows or data.samples.eval):
         _evaluate_after_training(layout, say)
-    return TrainResult(layout, "finished", step, str(resume_from) if resume_from else None)
+        if uploader:
+            uploader.tree(layout.eval)
+    if uploader:
+        say(f"waiting for uploads to {output.uri} ...")
+        _drain(uploader, layout, say)
+        say(f"stored in {output.uri}")
+    return TrainResult(layout, "finished", step, output.remote(resume_from) if resume_from else None)
+
+
+def _drain(uploader: Uploader | None, layout: RunLayout, say: Any, timeout: float | None = None) -> None:
+    """Send the event log last and wait for the queue; a failed upload is an error (local files stay)."""
+    if uploader is not None:
+        uploader.files(layout.events)
+        uploader.close(timeout)
 
 
 def _finish_distributed() -> None:
@@ -269,7 +319,7 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
 
 
 def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: EventLog, batches: Any,
-                  args: Any = None) -> Any:
+                  args: Any = None, uploader: Uploader | None = None) -> Any:
     from transformers import PrinterCallback, set_seed
 
     from kubetune.train.callbacks import CheckpointCallback, EventsCallback
@@ -289,7 +339,8 @@ def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: Even
     # Seed before the model exists: LoRA's A matrices are initialised randomly inside load_model,
     # and the Trainer seeds only later; without this a run is not reproducible from train.seed.
     set_seed(spec.train.seed)
-    model = load_model(spec, data.model_dir)
+    # data.model_dir may hold only the tokenizer and configs (enough for validate/plan): the weights now
+    model = load_model(spec, resolve_model(spec.model.base, spec.model.revision))
     has_eval = bool(data.eval.rows)
     args = args or training_arguments(spec, layout, batches, has_eval, data.model_dir)
     progress = make_progress() if DistInfo.from_env().rank == 0 else None
@@ -301,7 +352,7 @@ def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: Even
         train_dataset=ListDataset(data.train.rows),
         eval_dataset=ListDataset(data.eval.rows) if has_eval else None,
         data_collator=PadCollator(data.formatter.pad_id),
-        callbacks=[CheckpointCallback(layout.checkpoints, spec.train.keep_checkpoints, events)],
+        callbacks=[CheckpointCallback(layout.checkpoints, spec.train.keep_checkpoints, events, uploader)],
     )
     progress_cb = EventsCallback(events, progress, *_flops(spec, model, data))
     progress_cb.trainer = trainer

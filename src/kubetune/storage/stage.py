@@ -1,0 +1,139 @@
+"""`kubetune stage`: deliver a base model and datasets to the storage a run will read them from.
+
+Sources: the Hub (hf://org/name, hf://datasets/org/name), object storage, local paths, or a user's
+Python script that writes JSONL. Idempotent: a file already at the destination with the same size
+(and the same MD5, where the destination's ETag is one) is skipped, so a re-run after an
+interruption copies only what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from kubetune.errors import UsageError
+from kubetune.spec.models import RunSpec
+from kubetune.storage.fetch import excluded, fetch, md5_of
+from kubetune.storage.store import Store
+
+
+@dataclass(frozen=True)
+class Delivery:
+    what: str                 # "model" | "data"
+    dest: str
+    source: str | None = None
+    script: str | None = None
+    args: tuple[str, ...] = ()
+
+
+@dataclass
+class StageReport:
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_copied: int = 0
+
+    def summary(self) -> str:
+        return (f"copied {len(self.copied)} file(s) ({self.bytes_copied / 1e6:.1f} MB), "
+                f"skipped {len(self.skipped)} identical")
+
+
+def deliveries_from_spec(spec: RunSpec) -> list[Delivery]:
+    out = []
+    if spec.stage.model:
+        out.append(Delivery("model", spec.model.base, spec.stage.model))
+    sources = spec.data.sources()
+    for i, d in enumerate(spec.stage.data):
+        dest = d.to or sources[i].path
+        out.append(Delivery("data", dest, d.source, d.script, tuple(d.args)))
+    if not out:
+        raise UsageError("the spec has nothing to stage (no stage.model, no stage.data)",
+                         "add stage: {model: hf://org/name, data: [{source: hf://datasets/org/name}]}")
+    return out
+
+
+def deliveries_from_flags(model: str | None, data: Sequence[str], to: str) -> list[Delivery]:
+    to = to.rstrip("/")
+    out = []
+    if model:
+        out.append(Delivery("model", f"{to}/models/{_basename(model)}", model))
+    for d in data:
+        out.append(Delivery("data", f"{to}/data/{_basename(d)}", d))
+    if not out:
+        raise UsageError("stage --to needs --model and/or --data", "e.g. kubetune stage --model hf://org/name --to s3://bucket/")
+    return out
+
+
+def _basename(uri: str) -> str:
+    return uri.split("://", 1)[-1].split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def stage(deliveries: Sequence[Delivery], exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> StageReport:
+    report = StageReport()
+    for item in deliveries:
+        if item.script:
+            log(f"{item.what}: running {item.script} → {item.dest}")
+            with tempfile.TemporaryDirectory(prefix="kubetune-stage-") as tmp:
+                produced = _run_script(item, Path(tmp))
+                _copy_tree(produced, item.dest, exclude, report, log, single=True)
+            continue
+        assert item.source is not None
+        log(f"{item.what}: {item.source} → {item.dest}")
+        local = fetch(item.source, exclude=exclude)
+        _copy_tree(local, item.dest, exclude, report, log, single=local.is_file())
+    return report
+
+
+def _run_script(item: Delivery, tmp: Path) -> Path:
+    script = Path(item.script or "")
+    if not script.is_file():
+        raise UsageError(f"stage.data script {script}: no such file")
+    name = _basename(item.dest) if item.dest.endswith((".jsonl", ".json", ".parquet", ".csv")) else "data.jsonl"
+    output = tmp / name
+    env = dict(os.environ, KUBETUNE_OUTPUT=str(output))
+    res = subprocess.run([sys.executable, str(script), *item.args], env=env)
+    if res.returncode != 0:
+        raise UsageError(f"stage.data script {script} exited with {res.returncode}", "fix the script; nothing was copied")
+    if not output.is_file() or output.stat().st_size == 0:
+        raise UsageError(f"stage.data script {script} wrote nothing to $KUBETUNE_OUTPUT ({output})",
+                         "the script must write its JSONL rows to the path in KUBETUNE_OUTPUT")
+    return output
+
+
+def _copy_tree(local: Path, dest: str, exclude: Sequence[str], report: StageReport, log: Callable[[str], None],
+               single: bool) -> None:
+    if single:
+        parent, _, name = dest.rstrip("/").rpartition("/")
+        if not parent:
+            parent, name = ".", dest
+        files = {name: local}
+        store = Store(parent)
+    else:
+        files = {p.relative_to(local).as_posix(): p for p in sorted(local.rglob("*"))
+                 if p.is_file() and not p.name.startswith(".")}
+        files = {k: v for k, v in files.items() if not excluded(k, exclude)}
+        store = Store(dest)
+    existing = store.find(name) if single else store.find()
+    for key, path in files.items():
+        if _same(path, existing.get(key)):
+            report.skipped.append(store.url(key))
+            continue
+        store.put(path, key)
+        report.copied.append(store.url(key))
+        report.bytes_copied += path.stat().st_size
+        log(f"  copied {key} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def _same(path: Path, info: dict | None) -> bool:
+    if not info:
+        return False
+    if int(info.get("size") or info.get("Size") or -1) != path.stat().st_size:
+        return False
+    etag = str(info.get("ETag") or "").strip('"')
+    if len(etag) == 32 and "-" not in etag:
+        return md5_of(path) == etag
+    return True  # same size, no comparable checksum (multipart ETag, local file)

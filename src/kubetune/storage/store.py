@@ -1,0 +1,242 @@
+"""One small interface over every place a run can read from or write to: local folders, S3 (AWS,
+MinIO, any S3-compatible endpoint), GCS, the Hugging Face Hub (read) and PVC mounts.
+
+fsspec does the work (s3fs, gcsfs, huggingface_hub's HfFileSystem); this module picks the
+filesystem for a URI, sets timeouts, and turns the libraries' exceptions into errors that name
+the URI and say what to do. Credentials never pass through here: s3fs/botocore read the standard
+AWS chain (environment, profile, web identity), gcsfs Google's ADC, HfFileSystem HF_TOKEN.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from kubetune.errors import UsageError
+
+REMOTE_SCHEMES = ("s3", "gs", "hf")
+PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"   # where pvc://CLAIM/... is mounted inside pods (render mounts it there)
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Non-secret connection settings (spec `storage:`); None = the library's own default chain."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+
+
+def scheme(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def is_remote(uri: str) -> bool:
+    return scheme(uri) in REMOTE_SCHEMES
+
+
+def pvc_path(uri: str) -> Path:
+    """pvc://claim/path → the mount path inside a pod (KUBETUNE_PVC_ROOT/claim/path)."""
+    body = uri.removeprefix("pvc://").strip("/")
+    if not body:
+        raise UsageError(f"{uri}: expected pvc://CLAIM/path")
+    return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / body
+
+
+def local_path(uri: str) -> Path | None:
+    """The local path of a local or pvc:// URI, None for object storage."""
+    if uri.startswith("pvc://"):
+        return pvc_path(uri)
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    return None if "://" in uri else Path(uri)
+
+
+class Store:
+    """Files under one URI prefix. Keys are relative paths with '/'."""
+
+    def __init__(self, uri: str, options: StorageOptions | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.scheme = scheme(uri)
+        self.fs, self.root = _filesystem(self.uri, options or StorageOptions())
+
+    def _path(self, key: str = "") -> str:
+        return f"{self.root}/{key}".rstrip("/") if key else self.root
+
+    def url(self, key: str = "") -> str:
+        return f"{self.uri}/{key}" if key else self.uri
+
+    def exists(self, key: str) -> bool:
+        with translate(self.url(key)):
+            return bool(self.fs.exists(self._path(key)))
+
+    def find(self, prefix: str = "") -> dict[str, dict[str, Any]]:
+        """Every file under prefix: relative key → info (size, ETag/md5 where the store has one)."""
+        base = self._path(prefix)
+        with translate(self.url(prefix)):
+            if not self.fs.exists(base):
+                return {}
+            found = self.fs.find(base, detail=True)
+        out = {}
+        for path, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            rel = path[len(self.root):].lstrip("/") if path.startswith(self.root) else path
+            out[rel] = info
+        return out
+
+    def listdir(self, prefix: str) -> list[str]:
+        """Names directly under prefix (files and folders)."""
+        base = self._path(prefix)
+        with translate(self.url(prefix)):
+            if not self.fs.exists(base):
+                return []
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+
+    def get(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.part")
+        with translate(self.url(key)):
+            self.fs.get_file(self._path(key), str(tmp))
+        os.replace(tmp, local)  # a killed download never looks like a finished file
+
+    def put(self, local: Path, key: str) -> None:
+        with translate(self.url(key)):
+            if self.scheme == "file":
+                Path(self._path(key)).parent.mkdir(parents=True, exist_ok=True)
+            self.fs.put_file(str(local), self._path(key))
+
+    def read_text(self, key: str) -> str:
+        with translate(self.url(key)):
+            return self.fs.cat_file(self._path(key)).decode()
+
+    def write_text(self, key: str, text: str) -> None:
+        with translate(self.url(key)):
+            if self.scheme == "file":
+                Path(self._path(key)).parent.mkdir(parents=True, exist_ok=True)
+            self.fs.pipe_file(self._path(key), text.encode())
+
+    def remove(self, prefix: str) -> None:
+        with translate(self.url(prefix)):
+            if self.fs.exists(self._path(prefix)):
+                self.fs.rm(self._path(prefix), recursive=True)
+
+    def check_readable(self, what: str) -> None:
+        """Pre-flight for an input: it exists and the credentials may read it."""
+        try:  # info, not exists: exists() turns wrong credentials into "False"
+            self.fs.info(self._path())
+        except BaseException as exc:  # noqa: BLE001 - classified below
+            raise (describe(exc, f"{what} {self.uri}") or exc) from None
+
+    def check_writable(self, what: str) -> None:
+        """Pre-flight for an output: the bucket exists and the credentials may list and write it."""
+        probe = ".kubetune-write-check"
+        try:
+            self.write_text(probe, "ok\n")
+            self.remove(probe)
+        except UsageError as exc:
+            raise UsageError(f"{what} {exc.message}", exc.hint) from None
+
+
+def _filesystem(uri: str, options: StorageOptions) -> tuple[Any, str]:
+    import fsspec
+
+    kind = scheme(uri)
+    if kind == "s3":
+        endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client: dict[str, Any] = {}
+        if endpoint:
+            client["endpoint_url"] = endpoint
+        if options.region:
+            client["region_name"] = options.region
+        fs = fsspec.filesystem(
+            "s3", client_kwargs=client, profile=options.profile, skip_instance_cache=True, use_listings_cache=False,
+            # Short timeouts and few botocore retries: kubetune's uploader retries with its own backoff,
+            # and a pre-flight check must fail in seconds, not minutes.
+            config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}})
+        return fs, uri.removeprefix("s3://")
+    if kind == "gs":
+        try:
+            import gcsfs  # noqa: F401
+        except ImportError:
+            raise UsageError(f"{uri}: gs:// needs gcsfs", "pip install gcsfs (in a pod, mount the bucket with the GCS FUSE "
+                                                          "CSI driver instead: kubetune render does it)") from None
+        return fsspec.filesystem("gs", skip_instance_cache=True, use_listings_cache=False), uri.removeprefix("gs://")
+    if kind == "hf":
+        from huggingface_hub import HfFileSystem
+
+        return HfFileSystem(), uri.removeprefix("hf://")
+    path = local_path(uri)
+    if path is None:
+        raise UsageError(f"{uri}: unsupported URI scheme {kind}://", "use a local path, s3://, gs://, hf:// or pvc://")
+    return fsspec.filesystem("file"), str(path.absolute())
+
+
+class translate:
+    """Library exceptions → UsageError naming the URI (wrong credentials, no bucket, no key, no network)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, UsageError):
+            return False
+        error = describe(exc, self.uri)
+        if error is None:
+            return False
+        raise error from None
+
+
+def describe(exc: BaseException, uri: str = "") -> UsageError | None:
+    """A UsageError for a storage failure the user can fix, None for anything else."""
+    text = f"{type(exc).__name__}: {exc}"
+    code = _error_code(exc)
+    where = uri or "storage"
+    if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthFailure"} \
+            or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        return UsageError(f"{where}: the storage credentials were rejected ({code or 'access denied'})",
+                          "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the profile / Kubernetes Secret)")
+    if any(type(e).__name__ in {"NoCredentialsError", "PartialCredentialsError"} for e in _chain(exc)):
+        return UsageError(f"{where}: no storage credentials found",
+                          "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (in a pod: kubernetes.secrets.storage)")
+    if code == "NoSuchBucket" or "NoSuchBucket" in text:
+        return UsageError(f"{where}: the bucket does not exist", "create it, or fix the URI")
+    if isinstance(exc, PermissionError) or code in {"AccessDenied", "403", "Forbidden"}:
+        return UsageError(f"{where}: access denied", "the credentials may not read/write this location")
+    if isinstance(exc, FileNotFoundError) or code in {"NoSuchKey", "404"}:
+        return UsageError(f"{where}: not found", "check the key (kubetune stage copies inputs there)")
+    if _is_connection_error(exc):
+        return UsageError(f"{where}: cannot connect to the storage endpoint ({type(exc).__name__})",
+                          "check AWS_ENDPOINT_URL / storage.endpoint_url and the network")
+    return None
+
+
+def _error_code(exc: BaseException) -> str | None:
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            if code:
+                return str(code)
+    return None
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    names = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
+             "ServerDisconnectedError", "ReadTimeoutError", "ConnectionClosedError", "ClientOSError"}
+    return any(type(e).__name__ in names or isinstance(e, ConnectionError) for e in _chain(exc))
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__

@@ -1,0 +1,211 @@
+"""A run whose output is object storage (or a PVC): a local working copy, mirrored to the output URI.
+
+The output URI is the source of truth. Before training, `pull` brings the run's files and its
+newest complete checkpoint into an empty local folder (so any machine can resume); incomplete
+checkpoints in the store are deleted. While training, `Uploader` sends each checkpoint from a
+background thread — COMPLETE last, after every other file of it — retries with backoff while
+the store is unreachable, and applies retention in the store too. The run ends after the queue
+is drained; uploads that never succeeded are a clear error, and the local files stay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kubetune.artifacts.checkpoints import checkpoint_step
+from kubetune.artifacts.layout import COMPLETE, RunLayout
+from kubetune.errors import TrainingError
+from kubetune.storage.store import StorageOptions, Store, local_path
+
+WORKDIR_ENV = "KUBETUNE_WORKDIR"             # where remote runs are worked on locally (a pod's scratch volume)
+RETRY_ENV = "KUBETUNE_UPLOAD_RETRY_SECONDS"  # how long one upload keeps retrying before it is a failure
+RUN_FILES = ("spec.yaml", "manifest.json", "events.jsonl")
+
+
+def is_synced(uri: str) -> bool:
+    """Outputs that need a local working copy: object storage. pvc:// is a mounted folder: written directly."""
+    return local_path(uri) is None
+
+
+def workdir_for(uri: str, name: str) -> Path:
+    base = os.environ.get(WORKDIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "kubetune", "work")
+    return Path(base) / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+
+
+def remote_checkpoints(store: Store) -> list[tuple[int, bool]]:
+    """(step, complete) of every checkpoint in the store, oldest first."""
+    out = []
+    for name in store.listdir("checkpoints"):
+        step = checkpoint_step(Path(name))
+        if step is not None:
+            out.append((step, store.exists(f"checkpoints/{name}/{COMPLETE}")))
+    return sorted(out)
+
+
+@dataclass
+class PullResult:
+    checkpoint: int | None = None          # step of the checkpoint brought down
+    removed_incomplete: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print) -> PullResult:
+    """Make the local working copy agree with the store: run files, final/ when complete, and the
+    newest complete checkpoint. Incomplete checkpoints in the store are removed."""
+    result = PullResult()
+    for name in RUN_FILES:
+        if store.exists(name):
+            store.get(name, layout.root / name)
+    if store.exists(f"final/{COMPLETE}"):
+        for key in sorted(store.find("final")):
+            store.get(key, layout.root / key)
+        result.finished = True
+        return result
+    ckpts = remote_checkpoints(store)
+    for step, complete in ckpts:
+        if not complete:
+            store.remove(f"checkpoints/checkpoint-{step}")
+            result.removed_incomplete.append(step)
+    complete_steps = [s for s, ok in ckpts if ok]
+    if complete_steps:
+        step = complete_steps[-1]
+        local = layout.checkpoints / f"checkpoint-{step}"
+        if not (local / COMPLETE).exists():
+            keys = sorted(store.find(f"checkpoints/checkpoint-{step}"))
+            for key in [k for k in keys if not k.endswith(f"/{COMPLETE}")] + [k for k in keys if k.endswith(f"/{COMPLETE}")]:
+                store.get(key, layout.root / key)
+        result.checkpoint = step
+    if result.removed_incomplete:
+        log(f"removed incomplete checkpoints from {store.uri}: {result.removed_incomplete}")
+    return result
+
+
+@dataclass
+class _Job:
+    kind: str              # "checkpoint" | "files" | "tree"
+    paths: list[Path]
+    step: int | None = None
+
+
+class Uploader:
+    """Background uploads from the local working copy to the store, in order, with retries."""
+
+    def __init__(self, store: Store, layout: RunLayout, keep: int, retry_seconds: float | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.store, self.layout, self.keep, self.log = store, layout, keep, log
+        self.retry_seconds = retry_seconds if retry_seconds is not None else float(os.environ.get(RETRY_ENV, "900"))
+        self.failures: list[str] = []
+        self.uploaded_steps: list[int] = []
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._pending: set[int] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="kubetune-upload", daemon=True)
+        self._thread.start()
+
+    # -- called from the training loop (never blocks on the network) --
+    def checkpoint(self, path: Path, step: int) -> None:
+        with self._lock:
+            self._pending.add(step)
+        self._queue.put(_Job("checkpoint", [path], step))
+
+    def files(self, *paths: Path) -> None:
+        self._queue.put(_Job("files", list(paths)))
+
+    def tree(self, folder: Path) -> None:
+        """A folder whose COMPLETE (if any) must arrive last, like final/."""
+        self._queue.put(_Job("tree", [folder]))
+
+    def pending_steps(self) -> set[int]:
+        with self._lock:
+            return set(self._pending)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for every queued upload; raise TrainingError if some never succeeded."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.failures.append(f"uploads still running after {timeout:.0f} s")
+        if self.failures:
+            raise TrainingError(
+                f"uploading to {self.store.uri} failed: {'; '.join(self.failures[:5])}",
+                f"the local copy is intact in {self.layout.root}; fix the storage and rerun the same command "
+                "(resume: auto uploads and continues)")
+
+    # -- the worker thread --
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                if job.kind == "checkpoint":
+                    self._upload_tree(job.paths[0])
+                    self.uploaded_steps.append(job.step or 0)
+                    self._retention()
+                elif job.kind == "tree":
+                    self._upload_tree(job.paths[0])
+                else:
+                    for path in job.paths:
+                        if path.exists():
+                            self._retry(lambda p=path: self.store.put(p, self._key(p)), self._key(path))
+            except _GaveUp as exc:
+                self.failures.append(str(exc))
+            except Exception as exc:  # noqa: BLE001 - reported at close(); training goes on
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                if job.step is not None:
+                    with self._lock:
+                        self._pending.discard(job.step)
+
+    def _key(self, path: Path) -> str:
+        return path.relative_to(self.layout.root).as_posix()
+
+    def _upload_tree(self, folder: Path) -> None:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        marker = [p for p in files if p.name == COMPLETE and p.parent == folder]
+        for path in [p for p in files if p not in marker] + marker:  # the marker after everything else
+            self._retry(lambda p=path: self.store.put(p, self._key(p)), self._key(path))
+
+    def _retention(self) -> None:
+        """Keep the newest `keep` complete checkpoints in the store; never the newest complete one."""
+        ckpts = self._retry(lambda: remote_checkpoints(self.store), "checkpoints/")
+        complete = [s for s, ok in ckpts if ok]
+        keep = set(complete[-max(1, self.keep):])
+        for step in complete:
+            if step not in keep:
+                self._retry(lambda s=step: self.store.remove(f"checkpoints/checkpoint-{s}"), f"checkpoint-{step}")
+
+    def _retry(self, action: Callable[[], Any], what: str) -> Any:
+        deadline = time.monotonic() + self.retry_seconds
+        delay, warned = 0.5, False
+        while True:
+            try:
+                result = action()
+                if warned:
+                    self.log(f"storage reachable again: {self.store.url(what)} uploaded")
+                return result
+            except Exception as exc:  # noqa: BLE001 - every failure is retried until the deadline
+                if time.monotonic() + delay > deadline:
+                    raise _GaveUp(f"{self.store.url(what)}: {_short(exc)} (gave up after {self.retry_seconds:.0f} s)") from exc
+                if not warned:
+                    self.log(f"upload of {self.store.url(what)} failed ({_short(exc)}); retrying with backoff")
+                    warned = True
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+class _GaveUp(Exception):
+    pass
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:200]
+
+
+def open_store(uri: str, options: StorageOptions | None = None) -> Store:
+    return Store(uri, options)
