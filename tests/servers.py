@@ -58,14 +58,15 @@ class S3Server:
             self.proc.wait(10)
 
 
-def start_s3(extra_env: dict[str, str] | None = None) -> S3Server:
+def start_s3(extra_env: dict[str, str] | None = None, nice: int = 0) -> S3Server:
     external = os.environ.get("KUBETUNE_TEST_S3_ENDPOINT")
     if external and not extra_env:
         return S3Server(external, os.environ.get("AWS_ACCESS_KEY_ID", "minioadmin"),
                         os.environ.get("AWS_SECRET_ACCESS_KEY", "minioadmin"))
     port = free_port()
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*(["nice", "-n", str(nice)] if nice else []), exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, **(extra_env or {})})
     wait_port(port)
     return S3Server(f"http://127.0.0.1:{port}", "testing-key-id", "testing-secret", proc)

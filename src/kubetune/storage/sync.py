@@ -140,6 +140,10 @@ class Uploader:
 
     # -- the worker thread --
     def _work(self) -> None:
+        try:  # Linux threads are tasks: a lower priority for this one leaves the cores to training
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while (job := self._queue.get()) is not None:
             try:
                 if job.kind == "checkpoint":
