@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "identical files are skipped, so a re-run resumes")
     p.add_argument("spec", nargs="?", help="run spec YAML (its stage: section)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--model", help="model URI to deliver (hf://org/name, s3://..., a folder)")
+    p.add_argument("--model", action="append", default=[], help="model URI to deliver (hf://org/name, s3://..., a folder; repeatable)")
     p.add_argument("--data", action="append", default=[], help="dataset URI to deliver (repeatable)")
     p.add_argument("--to", help="destination prefix (s3://bucket/prefix, gs://..., pvc://..., a folder)")
     p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="hf://ORG/NAME, or s3://... / gs://... / a folder")
     p.add_argument("--public", action="store_true", help="create the Hub repository public (default: private)")
     p.set_defaults(func=verbs.push)
+    p = sub.add_parser("render", help="print Kubernetes manifests for kubectl apply -f - (pure: no cluster needed)")
+    _spec_args(p)
+    p.add_argument("--what", choices=["train", "stage", "serve"], default="train")
+    p.add_argument("--run", help="(serve) the run's output URI, if not the spec's output")
+    p.set_defaults(func=verbs.render)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a run (or a model folder)",
                        description="OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, "
                                    "/v1/completions, /tokenize, /health, /metrics")

@@ -88,7 +88,7 @@ def train(args: argparse.Namespace) -> int:
     from kubetune.train.runner import DistInfo
 
     spec = load_spec(args.spec, args.overrides)
-    if spec.resources.devices_per_node > 1 and not DistInfo.from_env().launched:
+    if (spec.resources.devices_per_node > 1 or spec.resources.nodes > 1) and not DistInfo.from_env().launched:
         from kubetune.train.launcher import launch_local
 
         return launch_local(spec, args.spec, args.overrides)
@@ -147,6 +147,14 @@ def push(args: argparse.Namespace) -> int:
 
     where = run_push(args.run, args.to, private=not args.public)
     print(f"published: {where}")
+    return 0
+
+
+def render(args: argparse.Namespace) -> int:
+    from kubetune.k8s.render import render as render_objects, to_yaml
+
+    spec = load_spec(args.spec, args.overrides)
+    sys.stdout.write(to_yaml(render_objects(spec, args.what, args.run)))
     return 0
 
 

@@ -251,6 +251,8 @@ class KubernetesSpec(_Section):
     run_as_user: int = Field(1000, ge=1, description="Non-root UID of every container.")
     run_as_group: int = Field(1000, ge=0)
     fs_group: int = Field(1000, ge=0)
+    hugepages: str = Field("4Gi", description="hugepages-2Mi per pod on Gaudi nodes.")
+    termination_grace_seconds: int = Field(180, ge=30, description="Time a preempted pod gets to checkpoint and upload.")
     backoff_limit: int = Field(6, ge=1, description="Job retries on disruption or transient failure (each resumes).")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object.")
 

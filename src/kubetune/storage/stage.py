@@ -56,10 +56,10 @@ def deliveries_from_spec(spec: RunSpec) -> list[Delivery]:
     return out
 
 
-def deliveries_from_flags(model: str | None, data: Sequence[str], to: str) -> list[Delivery]:
+def deliveries_from_flags(models: Sequence[str], data: Sequence[str], to: str) -> list[Delivery]:
     to = to.rstrip("/")
     out = []
-    if model:
+    for model in models:
         out.append(Delivery("model", f"{to}/models/{_basename(model)}", model))
     for d in data:
         out.append(Delivery("data", f"{to}/data/{_basename(d)}", d))

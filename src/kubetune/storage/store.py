@@ -19,6 +19,7 @@ from kubetune.errors import UsageError
 REMOTE_SCHEMES = ("s3", "gs", "hf")
 PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"   # where pvc://CLAIM/... is mounted inside pods (render mounts it there)
 DEFAULT_PVC_ROOT = "/mnt/pvc"
+GCS_MOUNT_ENV = "KUBETUNE_GCS_MOUNT"  # where gs://BUCKET/... is mounted (GCS FUSE) inside pods
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ def local_path(uri: str) -> Path | None:
     """The local path of a local or pvc:// URI, None for object storage."""
     if uri.startswith("pvc://"):
         return pvc_path(uri)
+    if uri.startswith("gs://") and os.environ.get(GCS_MOUNT_ENV):
+        # inside a pod the bucket is mounted by the GCS FUSE CSI driver (kubetune render does it)
+        return Path(os.environ[GCS_MOUNT_ENV]) / uri.removeprefix("gs://")
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
     return None if "://" in uri else Path(uri)

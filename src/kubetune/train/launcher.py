@@ -8,13 +8,22 @@ import subprocess
 import sys
 
 from kubetune.artifacts.events import read_events
-from kubetune.errors import EXIT_PREEMPTED
+from kubetune.errors import EXIT_PREEMPTED, UsageError
 from kubetune.spec.models import RunSpec
 from kubetune.storage.runs import run_output
 
 
-def torchrun_command(spec_path: str, overrides: list[str], nproc: int) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+RDZV_ENV = "KUBETUNE_RDZV_ENDPOINT"  # host:port of node 0, set by the rendered Indexed Job
+
+
+def torchrun_command(spec_path: str, overrides: list[str], nproc: int, nodes: int = 1, run_id: str = "kubetune",
+                     rdzv_endpoint: str | None = None) -> list[str]:
+    if nodes > 1:
+        where = ["--nnodes", str(nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", str(rdzv_endpoint),
+                 "--rdzv-id", run_id]
+    else:
+        where = ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}",
            "-m", "kubetune", "train", spec_path]
     for item in overrides:
         cmd += ["--set", item]
@@ -25,14 +34,18 @@ def launch_local(spec: RunSpec, spec_path: str, overrides: list[str]) -> int:
     """Run torchrun in the foreground and return its exit code; Ctrl-C/SIGTERM reach every rank."""
     from kubetune.train.runner import prepare_output
 
-    prepare_output(spec)  # storage checks and the pull of a remote run happen once, before the ranks start
+    nodes = spec.resources.nodes
+    endpoint = os.environ.get(RDZV_ENV)
+    if nodes > 1 and not endpoint:
+        raise UsageError("resources.nodes > 1 needs a cluster", "run it with `kubetune submit`, or set resources.nodes: 1")
+    prepare_output(spec)  # storage checks and the pull of a remote run happen once per node, before the ranks start
     nproc = spec.resources.devices_per_node
     env = dict(os.environ)
     if spec.resources.accelerator in ("cpu", "auto"):
         # On CPU each rank gets its share of cores; oversubscribed threads make DDP slower, not faster.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    print(f"launching {nproc} processes with torchrun", flush=True)
-    proc = subprocess.Popen(torchrun_command(spec_path, overrides, nproc), env=env)
+    print(f"launching {nproc} processes{f' on each of {nodes} nodes' if nodes > 1 else ''} with torchrun", flush=True)
+    proc = subprocess.Popen(torchrun_command(spec_path, overrides, nproc, nodes, spec.name, endpoint), env=env)
 
     def forward(signum: int, _frame: object) -> None:
         proc.send_signal(signum)

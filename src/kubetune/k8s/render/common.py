@@ -1,0 +1,163 @@
+"""What every kubetune pod shares: labels, secure contexts, environment (by reference only),
+storage volumes (PVC mounts, GCS FUSE), scratch, /dev/shm and accelerator resources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune import __version__
+from kubetune.spec.models import RunSpec
+
+SPEC_DIR = "/etc/kubetune"
+SCRATCH = "/scratch"
+PVC_ROOT = "/mnt/pvc"
+GCS_ROOT = "/mnt/gcs"
+GCS_DRIVER = "gcsfuse.csi.storage.gke.io"
+ACCELERATOR_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu", "gaudi": "habana.ai/gaudi"}
+
+
+def labels(spec: RunSpec, component: str, sweep: str | None = None) -> dict[str, str]:
+    out = {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/instance": spec.name,
+           "app.kubernetes.io/component": component, "app.kubernetes.io/managed-by": "kubetune",
+           "app.kubernetes.io/version": __version__, "kubetune.dev/run": spec.name}
+    if sweep:
+        out["kubetune.dev/sweep"] = sweep
+    return {**out, **spec.kubernetes.labels}
+
+
+def metadata(spec: RunSpec, name: str, component: str, **extra_labels: str) -> dict[str, Any]:
+    return {"name": name, "namespace": spec.kubernetes.namespace,
+            "labels": {**labels(spec, component, spec_sweep(spec)), **extra_labels}}
+
+
+def spec_sweep(spec: RunSpec) -> str | None:
+    return spec.kubernetes.labels.get("kubetune.dev/sweep")
+
+
+def pod_security(spec: RunSpec) -> dict[str, Any]:
+    k = spec.kubernetes
+    return {"runAsNonRoot": True, "runAsUser": k.run_as_user, "runAsGroup": k.run_as_group, "fsGroup": k.fs_group,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def uris(spec: RunSpec) -> list[str]:
+    return [spec.output_uri, spec.model.base, *[s.path for s in spec.data.sources()],
+            *([spec.data.eval_source().path] if spec.data.eval_source() else [])]
+
+
+def pvc_claims(spec: RunSpec) -> list[str]:
+    return sorted({u.removeprefix("pvc://").split("/", 1)[0] for u in uris(spec) if u.startswith("pvc://")})
+
+
+def gcs_buckets(spec: RunSpec) -> list[str]:
+    return sorted({u.removeprefix("gs://").split("/", 1)[0] for u in uris(spec) if u.startswith("gs://")})
+
+
+def uses_s3(spec: RunSpec) -> bool:
+    return any(u.startswith("s3://") for u in uris(spec))
+
+
+def _secret_ref(ref: str) -> dict[str, Any]:
+    name, key = ref.split("/", 1)
+    return {"secretKeyRef": {"name": name, "key": key}}
+
+
+def env(spec: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(env, envFrom): paths, storage endpoint, and secrets by reference — never a value."""
+    k = spec.kubernetes
+    out: list[dict[str, Any]] = [
+        {"name": "HOME", "value": f"{SCRATCH}/home"},
+        {"name": "KUBETUNE_WORKDIR", "value": f"{SCRATCH}/work"},
+        {"name": "KUBETUNE_CACHE", "value": f"{SCRATCH}/cache"},
+        {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
+        {"name": "MPLCONFIGDIR", "value": f"{SCRATCH}/matplotlib"},
+        {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if gcs_buckets(spec):
+        out.append({"name": "KUBETUNE_GCS_MOUNT", "value": GCS_ROOT})
+    if spec.storage.endpoint_url:
+        out.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint_url})
+    if spec.storage.region:
+        out.append({"name": "AWS_DEFAULT_REGION", "value": spec.storage.region})
+    if k.secrets.hf_token:
+        out.append({"name": "HF_TOKEN", "valueFrom": _secret_ref(k.secrets.hf_token)})
+    env_from = [{"secretRef": {"name": k.secrets.storage}}] if k.secrets.storage else []
+    return out, env_from
+
+
+@dataclass
+class Volumes:
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def volumes(spec: RunSpec, config_map: str | None, scratch: bool = True) -> Volumes:
+    k = spec.kubernetes
+    v = Volumes()
+    if config_map:
+        v.volumes.append({"name": "spec", "configMap": {"name": config_map}})
+        v.mounts.append({"name": "spec", "mountPath": SPEC_DIR, "readOnly": True})
+    v.volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}})
+    v.mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    v.volumes.append({"name": "tmp", "emptyDir": {}})
+    v.mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    if scratch:
+        claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": k.scratch_size}}}
+        if k.storage_class:
+            claim["storageClassName"] = k.storage_class
+        v.volumes.append({"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": claim}}})
+        v.mounts.append({"name": "scratch", "mountPath": SCRATCH})
+    for i, claim_name in enumerate(pvc_claims(spec)):
+        v.volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim_name}})
+        v.mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim_name}"})
+    for i, bucket in enumerate(gcs_buckets(spec)):
+        v.volumes.append({"name": f"gcs-{i}", "csi": {"driver": GCS_DRIVER, "volumeAttributes": {
+            "bucketName": bucket, "mountOptions": "implicit-dirs"}}})
+        v.mounts.append({"name": f"gcs-{i}", "mountPath": f"{GCS_ROOT}/{bucket}"})
+        v.annotations["gke-gcsfuse/volumes"] = "true"
+    return v
+
+
+def resources(spec: RunSpec, devices: int | None = None, cpu: str | None = None, memory: str | None = None,
+              accelerator: bool = True) -> dict[str, Any]:
+    """requests == limits: a training pod is not a burstable workload, and device counts must match."""
+    r = spec.resources
+    amount = {"cpu": cpu or r.cpu or "4", "memory": memory or r.memory or "16Gi"}
+    kind = r.accelerator
+    if accelerator and kind in ACCELERATOR_RESOURCE:
+        amount[ACCELERATOR_RESOURCE[kind]] = str(devices or r.devices_per_node)
+        if kind == "gaudi":
+            amount["hugepages-2Mi"] = spec.kubernetes.hugepages
+    return {"requests": dict(amount), "limits": dict(amount)}
+
+
+def pod_placement(spec: RunSpec) -> dict[str, Any]:
+    k = spec.kubernetes
+    out: dict[str, Any] = {}
+    if k.service_account:
+        out["serviceAccountName"] = k.service_account
+    if k.priority_class:
+        out["priorityClassName"] = k.priority_class
+    if k.node_selector:
+        out["nodeSelector"] = dict(sorted(k.node_selector.items()))
+    if k.tolerations:
+        out["tolerations"] = [_toleration(t) for t in k.tolerations]
+    return out
+
+
+def _toleration(t: Any) -> dict[str, Any]:
+    out = {"key": t.key, "operator": t.operator, "value": t.value, "effect": t.effect,
+           "tolerationSeconds": t.toleration_seconds}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def queue_labels(spec: RunSpec) -> dict[str, str]:
+    return {"kueue.x-k8s.io/queue-name": spec.kubernetes.queue} if spec.kubernetes.queue else {}

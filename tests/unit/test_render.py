@@ -1,0 +1,165 @@
+"""`kubetune render`: every example renders for train (stage and serve where they apply), every
+object passes the official schemas strictly for Kubernetes 1.29 and 1.33, output is byte-stable
+(golden files), and the quickstart's overrides produce the right objects.
+
+Refresh the golden files after an intended change:  KUBETUNE_REFRESH_GOLDEN=1 pytest tests/unit/test_render.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kubetune.k8s.render import render, to_yaml
+from kubetune.spec.load import load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden"
+EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.yaml"))
+VERSIONS = ["1.29.0", "1.33.0"]
+
+
+def cases() -> list[tuple[str, str]]:
+    out = []
+    for name in EXAMPLES:
+        spec = load_spec(ROOT / "examples" / name)
+        for what in ("train", "serve", *(["stage"] if spec.stage.model or spec.stage.data else [])):
+            out.append((name, what))
+    return out
+
+
+def rendered(name: str, what: str, *overrides: str) -> list[dict[str, Any]]:
+    return render(load_spec(ROOT / "examples" / name, list(overrides)), what)
+
+
+@pytest.mark.parametrize("name, what", cases())
+def test_examples_render_valid_objects_for_1_29_and_1_33(name: str, what: str) -> None:
+    for obj in rendered(name, what):
+        for version in VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{name} --what {what}: {obj['kind']} {obj['metadata']['name']} invalid for {version}: "
+                            f"{exc.message} at {'.'.join(map(str, exc.path))}")
+
+
+@pytest.mark.parametrize("name, what", cases())
+def test_rendering_matches_the_golden_file(name: str, what: str) -> None:
+    text = to_yaml(rendered(name, what))
+    assert text == to_yaml(rendered(name, what))  # pure: same spec, same bytes
+    golden = GOLDEN / f"{Path(name).stem}.{what}.yaml"
+    if os.environ.get("KUBETUNE_REFRESH_GOLDEN") or not golden.exists():
+        golden.write_text(text)
+    assert text == golden.read_text(), f"{golden} differs; if intended: KUBETUNE_REFRESH_GOLDEN=1 pytest {__file__}"
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def pod_of(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    owner = (by_kind(objects, "Job") or by_kind(objects, "Deployment"))[0]
+    return owner["spec"]["template"]["spec"]
+
+
+def test_quickstart_with_kueue_queue() -> None:
+    objs = rendered("quickstart.yaml", "train", "kubernetes.queue=team-a")
+    job = by_kind(objs, "Job")[0]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kubetune.dev/run"] == "quickstart"
+
+
+@pytest.mark.parametrize("accelerator, resource", [("nvidia", "nvidia.com/gpu"), ("amd", "amd.com/gpu"),
+                                                   ("gaudi", "habana.ai/gaudi"), ("cpu", None)])
+def test_accelerator_resources(accelerator: str, resource: str | None) -> None:
+    objs = rendered("quickstart.yaml", "train", f"resources.accelerator={accelerator}", "resources.devices_per_node=2")
+    res = pod_of(objs)["containers"][0]["resources"]
+    assert res["requests"] == res["limits"] and {"cpu", "memory"} <= set(res["requests"])
+    devices = {k: v for k, v in res["limits"].items() if k in {"nvidia.com/gpu", "amd.com/gpu", "habana.ai/gaudi"}}
+    assert devices == ({resource: "2"} if resource else {})
+    assert ("hugepages-2Mi" in res["limits"]) == (accelerator == "gaudi")
+
+
+def test_two_nodes_render_an_indexed_job_and_a_headless_service() -> None:
+    objs = rendered("quickstart.yaml", "train", "resources.nodes=2", "resources.devices_per_node=2",
+                    "resources.accelerator=nvidia")
+    job = by_kind(objs, "Job")[0]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    svc = by_kind(objs, "Service")[0]
+    assert svc["spec"]["clusterIP"] == "None" and svc["metadata"]["name"] == job["spec"]["template"]["spec"]["subdomain"]
+    env = {e["name"]: e.get("value") for e in pod_of(objs)["containers"][0]["env"]}
+    assert env["KUBETUNE_RDZV_ENDPOINT"] == "quickstart-0.quickstart.default.svc:29500"
+
+
+def test_job_retries_disruptions_but_fails_at_once_on_configuration_errors() -> None:
+    job = by_kind(rendered("quickstart.yaml", "train"), "Job")[0]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [2]}} in rules
+    assert any(r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget" for r in rules)
+    assert job["spec"]["backoffLimit"] > 0
+
+
+@pytest.mark.parametrize("name, what", cases())
+def test_secure_defaults_on_every_pod(name: str, what: str) -> None:
+    pod = pod_of(rendered(name, what))
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert c["resources"]["requests"] and c["resources"]["limits"]
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert "/dev/shm" in mounts
+
+
+def test_storage_by_reference() -> None:
+    pod = pod_of(rendered("d-minio-lora-sweep.yaml", "train"))
+    c = pod["containers"][0]
+    assert c["envFrom"] == [{"secretRef": {"name": "minio-credentials"}}]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio.svc.cluster.local:9000"
+    a = pod_of(rendered("a-mistral-lora-gcs.yaml", "train"))
+    assert a["serviceAccountName"] == "kubetune-gcs"
+    assert any(v.get("csi", {}).get("driver") == "gcsfuse.csi.storage.gke.io" for v in a["volumes"])
+    job = by_kind(rendered("a-mistral-lora-gcs.yaml", "train"), "Job")[0]
+    assert job["spec"]["template"]["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
+    hf = {e["name"]: e for e in a["containers"][0]["env"]}["HF_TOKEN"]
+    assert hf["valueFrom"] == {"secretKeyRef": {"name": "hf-secret", "key": "hf_api_token"}}
+    c_pod = pod_of(rendered("c-gaudi-pvc.yaml", "train"))
+    assert {"name": "pvc-0", "persistentVolumeClaim": {"claimName": "shared-data"}} in c_pod["volumes"]
+    assert c_pod["securityContext"]["runAsUser"] == 1001
+
+
+def test_serve_objects_for_an_adapter_run() -> None:
+    objs = rendered("b-summarise-qlora-serve.yaml", "serve")
+    assert [o["kind"] for o in objs] == ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"]
+    pod = pod_of(objs)
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--lora-modules") + 1] == "llama32-3b-samsum=/models/models/adapter"
+    assert "--enable-lora" in args and args[args.index("--max-lora-rank") + 1] == "16"
+    assert pod["initContainers"][0]["command"][:4] == ["kubetune", "stage", "--model",
+                                                       "s3://kubetune-runs/runs/llama32-3b-samsum/final/adapter"]
+    hpa = objs[3]["spec"]
+    assert hpa["metrics"][0]["pods"]["metric"]["name"] == "vllm:num_requests_waiting"
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 4)
+    c = pod["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health" and c["startupProbe"]["httpGet"]
+
+
+def test_planted_secrets_appear_nowhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    planted = {"AWS_SECRET_ACCESS_KEY": "planted-aws-secret-9f8e7d", "AWS_ACCESS_KEY_ID": "AKIAPLANTED123",
+               "HF_TOKEN": "hf_plantedtoken123456", "KUBETUNE_API_KEY": "planted-api-key-42",
+               "VLLM_API_KEY": "planted-vllm-key-43"}
+    for k, v in planted.items():
+        monkeypatch.setenv(k, v)
+    text = "".join(to_yaml(rendered(name, what)) for name, what in cases())
+    for value in planted.values():
+        assert value not in text
