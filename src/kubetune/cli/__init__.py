@@ -71,6 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", choices=["train", "stage", "serve"], default="train")
     p.add_argument("--run", help="(serve) the run's output URI, if not the spec's output")
     p.set_defaults(func=verbs.render)
+    p = sub.add_parser("submit", help="create or update the run's Kubernetes objects (idempotent by run name)")
+    _spec_args(p)
+    p.set_defaults(func=verbs.submit)
+    p = sub.add_parser("deploy", help="serve a trained run on Kubernetes: vLLM Deployment, Service, HPA, PDB")
+    _spec_args(p)
+    p.add_argument("--run", help="the run's output URI, if not the spec's output")
+    p.set_defaults(func=verbs.deploy)
+    for name, help_text, func in (("status", "phase, pods, step/total, loss, ETA and why a run waits", verbs.status),
+                                  ("logs", "the leader pod's log", verbs.logs),
+                                  ("cancel", "delete the run's Job and pods (storage is kept)", verbs.cancel)):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("name", help="run name")
+        p.add_argument("-n", "--namespace", default="default")
+        if name == "logs":
+            p.add_argument("-f", "--follow", action="store_true", help="stream until the pod ends")
+        p.set_defaults(func=func)
+    p = sub.add_parser("list", help="kubetune runs in the namespace")
+    p.add_argument("-n", "--namespace", default="default")
+    p.set_defaults(func=verbs.list_runs)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a run (or a model folder)",
                        description="OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, "
                                    "/v1/completions, /tokenize, /health, /metrics")

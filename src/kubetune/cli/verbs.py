@@ -158,6 +158,80 @@ def render(args: argparse.Namespace) -> int:
     return 0
 
 
+def submit(args: argparse.Namespace) -> int:
+    from kubetune.k8s.client import Cluster
+    from kubetune.k8s.render import render as render_objects
+
+    spec = load_spec(args.spec, args.overrides)
+    for line in Cluster(spec.kubernetes.namespace).apply(render_objects(spec, "train")):
+        print(line)
+    print(f"follow it: kubetune status {spec.name} -n {spec.kubernetes.namespace}")
+    return 0
+
+
+def deploy(args: argparse.Namespace) -> int:
+    from kubetune.k8s.client import Cluster
+    from kubetune.k8s.render import render as render_objects
+
+    spec = load_spec(args.spec, args.overrides)
+    ns = spec.kubernetes.namespace
+    for line in Cluster(ns).apply(render_objects(spec, "serve", args.run)):
+        print(line)
+    port = spec.serve.port
+    print(f"try it:\n  kubectl -n {ns} port-forward service/{spec.name}-serve {port}:{port}\n"
+          f"  kubetune chat http://127.0.0.1:{port} --model {spec.name} \"Hello\"")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    from kubetune.k8s.client import Cluster
+    from kubetune.k8s.status import format_status, run_status
+
+    print(format_status(run_status(Cluster(args.namespace), args.name)))
+    return 0
+
+
+def logs(args: argparse.Namespace) -> int:
+    from kubetune.k8s.client import Cluster
+
+    cluster = Cluster(args.namespace)
+    pods = cluster.pods(args.name)
+    if args.follow and not any(p.status and p.status.phase != "Pending" for p in pods):
+        print(f"waiting for a pod of {args.name} to start ...", file=sys.stderr)
+        pod = cluster.wait_for_pod(args.name)
+        pods = [pod] if pod is not None else pods
+    if not pods:
+        print(f"run {args.name} has no pods yet (kubetune status {args.name})", file=sys.stderr)
+        return 1
+    for chunk in cluster.log(pods[0].metadata.name, follow=args.follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+def cancel(args: argparse.Namespace) -> int:
+    from kubetune.k8s.client import Cluster
+
+    for line in Cluster(args.namespace).delete_run(args.name):
+        print(line)
+    return 0
+
+
+def list_runs(args: argparse.Namespace) -> int:
+    from kubetune.k8s.client import Cluster, job_phase
+
+    jobs = Cluster(args.namespace).jobs()
+    if not jobs:
+        print(f"no kubetune runs in namespace {args.namespace}")
+        return 0
+    print(f"{'RUN':<40} {'PHASE':<10} {'COMPONENT':<10}")
+    for job in sorted(jobs, key=lambda j: j.metadata.name):
+        labels = job.metadata.labels or {}
+        print(f"{labels.get('kubetune.dev/run', job.metadata.name):<40} {job_phase(job):<10} "
+              f"{labels.get('app.kubernetes.io/component', ''):<10}")
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     from kubetune.serve.server import ServeOptions, serve as run_server
 

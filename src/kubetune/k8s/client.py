@@ -1,0 +1,235 @@
+"""Working with a cluster through the Kubernetes API (kubeconfig or in-cluster config): apply the
+rendered objects idempotently by run name, read a run's state, stream its log, delete it.
+
+Every API failure a user can cause becomes a UsageError that says which verb on which resource in
+which namespace failed and what to do (no cluster, forbidden, missing namespace)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from kubetune.errors import KubetuneError, UsageError
+
+JOB_LABEL = "batch.kubernetes.io/job-name"
+
+# kind → (API class, method stem, resource name for messages)
+_KINDS = {
+    "ConfigMap": ("CoreV1Api", "config_map", "configmaps"),
+    "Service": ("CoreV1Api", "service", "services"),
+    "Job": ("BatchV1Api", "job", "jobs.batch"),
+    "Deployment": ("AppsV1Api", "deployment", "deployments.apps"),
+    "HorizontalPodAutoscaler": ("AutoscalingV2Api", "horizontal_pod_autoscaler", "horizontalpodautoscalers.autoscaling"),
+    "PodDisruptionBudget": ("PolicyV1Api", "pod_disruption_budget", "poddisruptionbudgets.policy"),
+}
+
+
+class Cluster:
+    def __init__(self, namespace: str, api_client: Any = None) -> None:
+        import kubernetes
+
+        self.namespace = namespace
+        self._k = kubernetes
+        if api_client is None:
+            try:
+                # KUBECONFIG read now: the client's own default is captured when it is first imported
+                kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+            except Exception:  # noqa: BLE001 - no kubeconfig: try the pod's service account
+                try:
+                    kubernetes.config.load_incluster_config()
+                except Exception:  # noqa: BLE001
+                    raise UsageError("no Kubernetes cluster configured (no kubeconfig, not in a pod)",
+                                     "set KUBECONFIG or run `kubectl config use-context ...`; "
+                                     "`kubetune render` works without a cluster") from None
+            api_client = kubernetes.client.ApiClient()
+        self.api = api_client
+
+    def _api(self, cls: str) -> Any:
+        return getattr(self._k.client, cls)(self.api)
+
+    def _call(self, verb: str, resource: str, name: str | None, fn: Callable[[], Any]) -> Any:
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn()
+        except self._k.client.ApiException as exc:
+            raise self._explain(exc, verb, resource, name) from None
+        except HTTPError as exc:
+            host = self.api.configuration.host
+            raise UsageError(f"cannot reach the Kubernetes API at {host} ({type(exc).__name__})",
+                             "check the cluster, VPN and kubeconfig context") from None
+
+    def _explain(self, exc: Any, verb: str, resource: str, name: str | None) -> KubetuneError:
+        where = f"{resource}{'/' + name if name else ''} in namespace {self.namespace}"
+        try:
+            body = json.loads(exc.body or "{}")
+        except ValueError:
+            body = {}
+        message = body.get("message") or exc.reason
+        if exc.status == 403:
+            return UsageError(f"forbidden: cannot {verb} {resource} in namespace {self.namespace} ({message})",
+                              "ask an admin for the Role in deploy/rbac.yaml, or use another namespace")
+        if exc.status == 404 and body.get("details", {}).get("kind") == "namespaces":
+            return UsageError(f"namespace {self.namespace} does not exist",
+                              f"create it (kubectl create namespace {self.namespace}) or set kubernetes.namespace")
+        if exc.status == 404:
+            return UsageError(f"{where}: not found", "check the run name (kubetune list)")
+        if exc.status == 401:
+            return UsageError(f"the cluster rejected the credentials ({message})", "refresh your kubeconfig login")
+        return KubetuneError(f"Kubernetes API: {verb} {where} failed: HTTP {exc.status} {message}")
+
+    # -- objects --
+    def apply(self, objects: list[dict[str, Any]]) -> list[str]:
+        """Create each object, or bring it up to date; a Job that failed is replaced (its rerun resumes),
+        a Job that is running or finished is left alone."""
+        results = []
+        for obj in objects:
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            cls, stem, resource = _KINDS[kind]
+            api = self._api(cls)
+            create = getattr(api, f"create_namespaced_{stem}")
+            try:
+                self._call("create", resource, name, lambda: create(self.namespace, obj))
+                results.append(f"{kind.lower()}/{name} created")
+                continue
+            except KubetuneError as exc:
+                if "HTTP 409" not in str(exc):
+                    raise
+            if kind == "Job":
+                results.append(self._resubmit_job(api, obj))
+            else:
+                patch = getattr(api, f"patch_namespaced_{stem}")
+                self._call("patch", resource, name, lambda: patch(name, self.namespace, obj))
+                results.append(f"{kind.lower()}/{name} configured")
+        return results
+
+    def _resubmit_job(self, api: Any, obj: dict[str, Any]) -> str:
+        name = obj["metadata"]["name"]
+        current = self._call("get", "jobs.batch", name, lambda: api.read_namespaced_job(name, self.namespace))
+        phase = job_phase(current)
+        if phase != "Failed":
+            return f"job/{name} unchanged ({phase.lower()})"
+        self._call("delete", "jobs.batch", name, lambda: api.delete_namespaced_job(
+            name, self.namespace, propagation_policy="Background"))
+        self._call("create", "jobs.batch", name, lambda: api.create_namespaced_job(self.namespace, obj))
+        return f"job/{name} recreated (it failed before; the new pods resume from the latest checkpoint)"
+
+    def job(self, name: str) -> Any:
+        api = self._api("BatchV1Api")
+        return self._call("get", "jobs.batch", name, lambda: api.read_namespaced_job(name, self.namespace))
+
+    def jobs(self) -> list[Any]:
+        api = self._api("BatchV1Api")
+        return self._call("list", "jobs.batch", None, lambda: api.list_namespaced_job(
+            self.namespace, label_selector="app.kubernetes.io/managed-by=kubetune")).items
+
+    def pods(self, name: str) -> list[Any]:
+        api = self._api("CoreV1Api")
+        pods = self._call("list", "pods", None, lambda: api.list_namespaced_pod(
+            self.namespace, label_selector=f"{JOB_LABEL}={name}")).items
+        return sorted(pods, key=lambda p: (_index(p), str(p.metadata.creation_timestamp or "")))
+
+    def spec_text(self, name: str) -> str | None:
+        api = self._api("CoreV1Api")
+        try:
+            cm = self._call("get", "configmaps", f"{name}-spec", lambda: api.read_namespaced_config_map(
+                f"{name}-spec", self.namespace))
+        except UsageError:
+            return None
+        return (cm.data or {}).get("spec.yaml")
+
+    def log(self, pod: str, follow: bool = False, tail: int | None = None) -> Iterator[str]:
+        api = self._api("CoreV1Api")
+        resp = self._call("get", "pods/log", pod, lambda: api.read_namespaced_pod_log(
+            pod, self.namespace, follow=follow, tail_lines=tail, _preload_content=False))
+        for chunk in resp.stream(4096):
+            yield chunk.decode(errors="replace")
+
+    def wait_for_pod(self, name: str, timeout: int = 300) -> Any:
+        """Watch the run's pods until one has started (or the watch ends)."""
+        api = self._api("CoreV1Api")
+        watch = self._k.watch.Watch()
+        stream = self._call("watch", "pods", None, lambda: watch.stream(
+            api.list_namespaced_pod, self.namespace, label_selector=f"{JOB_LABEL}={name}", timeout_seconds=timeout))
+        for event in stream:
+            pod = event["object"]
+            if pod.status and pod.status.phase in ("Running", "Succeeded", "Failed"):
+                watch.stop()
+                return pod
+        return None
+
+    def delete_run(self, name: str) -> list[str]:
+        done = []
+        batch, core = self._api("BatchV1Api"), self._api("CoreV1Api")
+        self._call("delete", "jobs.batch", name, lambda: batch.delete_namespaced_job(
+            name, self.namespace, propagation_policy="Background"))  # the Job's pods go with it
+        done.append(f"job/{name} deleted")
+        for kind, fn, obj in (("configmap", core.delete_namespaced_config_map, f"{name}-spec"),
+                              ("service", core.delete_namespaced_service, name)):
+            try:
+                self._call("delete", f"{kind}s", obj, lambda f=fn, o=obj: f(o, self.namespace))
+                done.append(f"{kind}/{obj} deleted")
+            except UsageError as exc:
+                if "not found" not in exc.message:
+                    raise
+        return done
+
+    def pod_events(self, pod: str) -> list[Any]:
+        api = self._api("CoreV1Api")
+        return self._call("list", "events", None, lambda: api.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={pod}")).items
+
+
+def _index(pod: Any) -> int:
+    labels = pod.metadata.labels or {}
+    return int(labels.get("batch.kubernetes.io/job-completion-index", 0))
+
+
+def job_phase(job: Any) -> str:
+    conditions = {c.type: c.status for c in (job.status.conditions or [])} if job.status else {}
+    if conditions.get("Complete") == "True":
+        return "Succeeded"
+    if conditions.get("Failed") == "True":
+        return "Failed"
+    if job.spec and job.spec.suspend:
+        return "Queued"
+    if job.status and (job.status.active or 0) > 0:
+        return "Running"
+    return "Pending"
+
+
+@dataclass
+class PodState:
+    name: str
+    phase: str
+    detail: str = ""
+
+
+@dataclass
+class RunStatus:
+    name: str
+    phase: str
+    pods: list[PodState] = field(default_factory=list)
+    reason: str = ""
+    progress: dict[str, Any] = field(default_factory=dict)
+
+
+def pod_state(pod: Any) -> PodState:
+    phase = pod.status.phase if pod.status else "Pending"
+    detail = ""
+    for cs in (pod.status.container_statuses or []) if pod.status else []:
+        if cs.state and cs.state.waiting and cs.state.waiting.reason:
+            w = cs.state.waiting
+            detail = f"{w.reason}: {w.message or ''}".strip(": ")
+            if w.reason in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
+                detail = f"image pull failed ({w.reason}): {w.message or cs.image}"
+        elif cs.state and cs.state.terminated:
+            t = cs.state.terminated
+            detail = f"exited {t.exit_code} ({t.reason or ''})".replace(" ()", "")
+    if phase == "Pending" and not detail:
+        for c in (pod.status.conditions or []) if pod.status else []:
+            if c.type == "PodScheduled" and c.status == "False":
+                detail = f"unschedulable: {c.message or c.reason}"
+    return PodState(pod.metadata.name, phase, detail)

@@ -1,0 +1,149 @@
+"""submit / status / logs / cancel / list / deploy with the real `kubernetes` client against an
+HTTP server on 127.0.0.1 speaking the Kubernetes API (tests/k8s_server.py): the requests made, and
+the handling of 404, 409, 403, watch streams, a missing namespace and no cluster at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.k8s_server import FakeKubernetes
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = str(ROOT / "examples" / "quickstart.yaml")
+
+
+@pytest.fixture
+def k8s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubernetes]:
+    fake = FakeKubernetes()
+    monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
+    yield fake
+    fake.stop()
+
+
+def writes(fake: FakeKubernetes) -> list[tuple[str, str]]:
+    return [(m, p.split("?")[0]) for m, p in fake.requests if m != "GET"]
+
+
+def test_submit_creates_then_leaves_a_running_run_alone(k8s: FakeKubernetes, cli) -> None:
+    code, out, err = cli("submit", SPEC, "--set", "kubernetes.namespace=ml")
+    assert code == 0, err
+    assert "configmap/quickstart-spec created" in out and "job/quickstart created" in out
+    assert writes(k8s) == [("POST", "/api/v1/namespaces/ml/configmaps"), ("POST", "/apis/batch/v1/namespaces/ml/jobs")]
+    job = k8s.get("jobs", "ml", "quickstart")
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["kubetune", "train"]
+    k8s.requests.clear()
+    job["status"] = {"active": 1}
+    code, out, _ = cli("submit", SPEC, "--set", "kubernetes.namespace=ml")
+    assert code == 0 and "job/quickstart unchanged (running)" in out and "configmap/quickstart-spec configured" in out
+    assert ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/quickstart") not in writes(k8s)  # 409 → read, not replace
+
+
+def test_resubmitting_a_failed_run_recreates_its_job(k8s: FakeKubernetes, cli) -> None:
+    cli("submit", SPEC)
+    k8s.get("jobs", "default", "quickstart")["status"] = {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the backoff limit"}]}
+    code, out, _ = cli("status", "quickstart")
+    assert "Failed — BackoffLimitExceeded" in out
+    k8s.requests.clear()
+    code, out, err = cli("submit", SPEC)
+    assert code == 0, err
+    assert "recreated" in out
+    assert ("DELETE", "/apis/batch/v1/namespaces/default/jobs/quickstart") in writes(k8s)
+    assert writes(k8s)[-1] == ("POST", "/apis/batch/v1/namespaces/default/jobs")
+
+
+def _pod(name: str, phase: str, **status: object) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {
+        "batch.kubernetes.io/job-name": "quickstart", "batch.kubernetes.io/job-completion-index": "0"}},
+        "spec": {"containers": [{"name": "train", "image": "img"}]}, "status": {"phase": phase, **status}}
+
+
+def test_status_explains_pending_queued_and_running(k8s: FakeKubernetes, cli) -> None:
+    cli("submit", SPEC, "--set", "kubernetes.queue=team-a")
+    code, out, _ = cli("status", "quickstart")
+    assert code == 0 and "Queued — queued by Kueue in LocalQueue team-a" in out and "no pods yet" in out
+
+    job = k8s.get("jobs", "default", "quickstart")
+    job["spec"]["suspend"] = False
+    k8s.put("pods", "default", _pod("quickstart-0-abc", "Pending", conditions=[
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]))
+    code, out, _ = cli("status", "quickstart")
+    assert "unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in out
+
+    k8s.put("pods", "default", _pod("quickstart-0-abc", "Pending", containerStatuses=[
+        {"name": "train", "image": "ghcr.io/x/y:nope", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"ghcr.io/x/y:nope\""}}}]))
+    code, out, _ = cli("status", "quickstart")
+    assert "image pull failed (ImagePullBackOff)" in out
+
+    job["status"] = {"active": 1}
+    k8s.put("pods", "default", _pod("quickstart-0-abc", "Running"))
+    k8s.logs["quickstart-0-abc"] = ("training: 800 optimizer steps\nstep 50/800  loss 2.3456  lr 3.0e-03  tok/s 900  "
+                                    "eta 0:05:10\nstep 100/800  loss 1.2345  lr 2.9e-03  tok/s 950  eta 0:04:40\n")
+    code, out, _ = cli("status", "quickstart")
+    assert "run quickstart: Running" in out and "step 100/800  loss 1.2345  eta 0:04:40" in out
+
+
+def test_logs_list_and_cancel(k8s: FakeKubernetes, cli) -> None:
+    cli("submit", SPEC)
+    k8s.put("pods", "default", _pod("quickstart-0-abc", "Running"))
+    k8s.logs["quickstart-0-abc"] = "step 10/800  loss 5.0\n"
+    code, out, _ = cli("logs", "quickstart")
+    assert code == 0 and out == "step 10/800  loss 5.0\n"
+    code, out, _ = cli("list")
+    assert "quickstart" in out and "Pending" in out
+    code, out, _ = cli("cancel", "quickstart")
+    assert code == 0 and "job/quickstart deleted" in out and "configmap/quickstart-spec deleted" in out
+    assert k8s.get("pods", "default", "quickstart-0-abc") is None
+    code, out, err = cli("status", "quickstart")
+    assert code == 2 and "jobs.batch/quickstart in namespace default: not found" in err
+
+
+def test_logs_follow_watches_for_the_pod(k8s: FakeKubernetes, cli) -> None:
+    cli("submit", SPEC)
+    k8s.put("pods", "default", _pod("quickstart-0-abc", "Pending"))
+    k8s.logs["quickstart-0-abc"] = "hello\n"
+
+    # the watch stream reports the pod as running (ADDED event) → its log is followed
+    original = k8s.dispatch
+
+    def running_on_watch(method, r, query, body):  # type: ignore[no-untyped-def]
+        if query.get("watch") == "true":
+            k8s.get("pods", "default", "quickstart-0-abc")["status"]["phase"] = "Running"
+        return original(method, r, query, body)
+
+    k8s.dispatch = running_on_watch  # type: ignore[method-assign]
+    code, out, err = cli("logs", "quickstart", "-f")
+    assert code == 0 and out == "hello\n", err
+    assert any("watch=true" in p for _, p in k8s.requests)
+    assert any("follow=true" in p for _, p in k8s.requests)
+
+
+def test_forbidden_missing_namespace_and_no_cluster(k8s: FakeKubernetes, cli, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    k8s.forbidden.add(("POST", "jobs"))
+    code, _, err = cli("submit", SPEC)
+    assert code == 2 and "forbidden: cannot create jobs.batch in namespace default" in err
+    assert "deploy/rbac.yaml" in err and "Traceback" not in err
+    code, _, err = cli("submit", SPEC, "--set", "kubernetes.namespace=nope")
+    assert code == 2 and "namespace nope does not exist" in err
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    code, _, err = cli("list")
+    assert code == 2 and "no Kubernetes cluster configured" in err
+
+
+def test_deploy_applies_the_serving_objects_and_says_how_to_try_it(k8s: FakeKubernetes, cli) -> None:
+    code, out, err = cli("deploy", str(ROOT / "examples" / "b-summarise-qlora-serve.yaml"))
+    assert code == 0, err
+    for kind in ("deployment", "service", "poddisruptionbudget", "horizontalpodautoscaler"):
+        assert f"{kind}/llama32-3b-samsum-serve created" in out
+    assert "kubectl -n ml port-forward service/llama32-3b-samsum-serve 8000:8000" in out
+    assert "kubetune chat http://127.0.0.1:8000 --model llama32-3b-samsum" in out
+    hpa = k8s.get("horizontalpodautoscalers", "ml", "llama32-3b-samsum-serve")
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm:num_requests_waiting"

@@ -1,0 +1,177 @@
+"""An HTTP server on 127.0.0.1 that speaks the part of the Kubernetes API kubetune uses: create,
+get, list (label/field selectors, watch streams), patch, delete for namespaced objects, pod logs,
+Status bodies for 404/409/403 — so the real `kubernetes` client is tested against real HTTP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+_PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
+                   r"(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$")
+
+
+class FakeKubernetes:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.namespaces = {"default", "ml", "team-a"}
+        self.forbidden: set[tuple[str, str]] = set()   # (HTTP method, plural)
+        self.logs: dict[str, str] = {}
+        self.requests: list[tuple[str, str]] = []      # (method, path?query)
+        self._lock = threading.Lock()
+        self._uid = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, code: int, body: Any, content_type: str = "application/json") -> None:
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self, method: str) -> None:
+                url = urlparse(self.path)
+                fake.requests.append((method, self.path))
+                m = _PATH.match(url.path)
+                if not m:
+                    return self._send(404, status(404, "NotFound", f"no route {url.path}"))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                code, payload, ctype = fake.dispatch(method, m.groupdict(), query, body)
+                if code == 200 and query.get("watch") == "true":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    for item in payload["items"]:
+                        self.wfile.write((json.dumps({"type": "ADDED", "object": item}) + "\n").encode())
+                    return
+                self._send(code, payload, ctype)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._handle("GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._handle("POST")
+
+            def do_PATCH(self) -> None:  # noqa: N802
+                self._handle("PATCH")
+
+            def do_DELETE(self) -> None:  # noqa: N802
+                self._handle("DELETE")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
+            "users": [{"name": "test", "user": {"token": "test-token"}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": namespace}}]}))
+        return path
+
+    def put(self, plural: str, ns: str, obj: dict[str, Any]) -> None:
+        self.objects[(plural, ns, obj["metadata"]["name"])] = self._stamp(copy.deepcopy(obj), ns)
+
+    def get(self, plural: str, ns: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get((plural, ns, name))
+
+    def _stamp(self, obj: dict[str, Any], ns: str) -> dict[str, Any]:
+        self._uid += 1
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("namespace", ns)
+        meta.setdefault("uid", f"uid-{self._uid}")
+        meta["resourceVersion"] = str(self._uid)
+        meta.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+        return obj
+
+    def dispatch(self, method: str, r: dict[str, str], query: dict[str, str], body: Any) -> tuple[int, Any, str]:
+        plural, ns, name, sub = r["plural"], r["ns"], r["name"], r["sub"]
+        if (method, plural) in self.forbidden:
+            group = r["group"] or ""
+            verb = {"GET": "get" if name else "list", "POST": "create", "PATCH": "patch", "DELETE": "delete"}[method]
+            return 403, status(403, "Forbidden", f'{plural}{"." + group if group else ""} is forbidden: User "test" '
+                                                 f'cannot {verb} resource "{plural}" in API group "{group}" in the '
+                                                 f'namespace "{ns}"'), "application/json"
+        if ns not in self.namespaces:
+            return 404, status(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"}), \
+                "application/json"
+        with self._lock:
+            key = (plural, ns, name or "")
+            if sub == "log":
+                if (("pods", ns, name)) not in self.objects:
+                    return 404, status(404, "NotFound", f'pods "{name}" not found'), "application/json"
+                return 200, self.logs.get(name, ""), "text/plain"
+            if method == "POST":
+                key = (plural, ns, body["metadata"]["name"])
+                if key in self.objects:
+                    return 409, status(409, "AlreadyExists", f'{plural} "{key[2]}" already exists'), "application/json"
+                self.objects[key] = self._stamp(body, ns)
+                return 201, self.objects[key], "application/json"
+            if method == "GET" and not name:
+                items = [o for (p, n, _), o in sorted(self.objects.items()) if p == plural and n == ns
+                         and _matches(o, query.get("labelSelector"), query.get("fieldSelector"))]
+                return 200, {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}, \
+                    "application/json"
+            if key not in self.objects:
+                return 404, status(404, "NotFound", f'{plural} "{name}" not found', {"name": name, "kind": plural}), \
+                    "application/json"
+            if method == "GET":
+                return 200, self.objects[key], "application/json"
+            if method == "PATCH":
+                _merge(self.objects[key], body)
+                return 200, self.objects[key], "application/json"
+            if method == "DELETE":
+                gone = self.objects.pop(key)
+                if plural == "jobs":  # the Job's pods go with it (propagation)
+                    for k in [k for k, o in self.objects.items() if k[0] == "pods" and k[1] == ns and
+                              (o["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name") == name]:
+                        del self.objects[k]
+                return 200, gone, "application/json"
+        return 405, status(405, "MethodNotAllowed", method), "application/json"
+
+
+def status(code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code, **({"details": details} if details else {})}
+
+
+def _matches(obj: dict[str, Any], labels: str | None, fields: str | None) -> bool:
+    have = obj.get("metadata", {}).get("labels") or {}
+    for term in filter(None, (labels or "").split(",")):
+        k, _, v = term.partition("=")
+        if have.get(k) != v:
+            return False
+    for term in filter(None, (fields or "").split(",")):
+        k, _, v = term.partition("=")
+        cur: Any = obj
+        for part in k.split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if cur != v:
+            return False
+    return True
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge(target[k], v)
+        else:
+            target[k] = v
