@@ -85,3 +85,15 @@ def quiet_env(**extra: str) -> dict[str, str]:
 def run_kubetune(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(kubetune_cmd(*args), capture_output=True, text=True, timeout=timeout, env=quiet_env(**env),
                           cwd=ROOT)
+
+
+def tiny_overrides(output: Path) -> list[str]:
+    """--set items that make any example spec run here, at tiny scale: the project's tiny model and
+    quickstart data, CPU, a few steps; everything else (method, LoRA, schedule, eval) stays the example's."""
+    items = [f"model.base={TINY}", f"data.train={QUICKSTART_DATA / 'train.jsonl'}",
+             f"data.eval={QUICKSTART_DATA / 'eval.jsonl'}", "data.format=auto", "data.max_length=128",
+             "model.dtype=auto", f"output={output}", "resources.accelerator=cpu", "resources.devices_per_node=1",
+             "resources.nodes=1", "train.optim=adamw_torch", "train.max_steps=3", "train.total_batch_size=4",
+             "train.max_per_device_batch_size=4", "train.save_every_steps=3", "train.logging_steps=1", "tracking.report_to=[]",
+             "eval.num_samples=4", "eval.max_new_tokens=8"]
+    return items

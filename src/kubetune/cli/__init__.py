@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="kubetune runs in the namespace")
     p.add_argument("-n", "--namespace", default="default")
     p.set_defaults(func=verbs.list_runs)
+    p = sub.add_parser("sweep", help="one run per grid combination (here or as Kubernetes Jobs); `sweep status` ranks them",
+                       description="kubetune sweep SPEC --grid KEY=V1,V2 ... | kubetune sweep status SPEC --grid ... [--metric M]")
+    p.add_argument("words", nargs="+", metavar="[status] SPEC")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="values of one field (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--target", choices=["local", "k8s"], default="local")
+    p.add_argument("--parallel", type=int, default=1, help="local runs at a time")
+    p.add_argument("--metric", help="(status) eval metric to rank by; default rougeL, else loss")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and their overrides; start nothing")
+    p.set_defaults(func=verbs.sweep)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a run (or a model folder)",
                        description="OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, "
                                    "/v1/completions, /tokenize, /health, /metrics")

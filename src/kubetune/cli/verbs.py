@@ -232,6 +232,35 @@ def list_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep(args: argparse.Namespace) -> int:
+    from kubetune import sweep as sw
+
+    words = list(args.words)
+    status_mode = words[0] == "status"
+    if status_mode:
+        words = words[1:]
+    if len(words) != 1:
+        print("usage: kubetune sweep [status] SPEC --grid KEY=V1,V2 ...", file=sys.stderr)
+        return 2
+    spec, runs = sw.plan_sweep(words[0], sw.parse_grid(args.grid), args.overrides)
+    if status_mode:
+        metric, rows = sw.ranking(words[0], runs, args.metric)
+        print(sw.format_ranking(metric, rows))
+        return 0
+    print(f"sweep {spec.name}: {len(runs)} runs ({', '.join(r.name for r in runs)})")
+    if args.dry_run:
+        sys.stdout.write(sw.dump_plan(runs))
+        return 0
+    if args.target == "k8s":
+        sw.submit_k8s(words[0], runs)
+        print(f"rank them when they finish: kubetune sweep status {words[0]} {' '.join('--grid ' + g for g in args.grid)}")
+        return 0
+    codes = sw.run_local(words[0], runs, args.parallel)
+    failed = [n for n, c in codes.items() if c]
+    print(f"{len(codes) - len(failed)} finished, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
+    return 1 if failed else 0
+
+
 def serve(args: argparse.Namespace) -> int:
     from kubetune.serve.server import ServeOptions, serve as run_server
 

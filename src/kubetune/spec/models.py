@@ -255,6 +255,7 @@ class KubernetesSpec(_Section):
     termination_grace_seconds: int = Field(180, ge=30, description="Time a preempted pod gets to checkpoint and upload.")
     backoff_limit: int = Field(6, ge=1, description="Job retries on disruption or transient failure (each resumes).")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object.")
+    sweep: str | None = Field(None, description="The sweep this run belongs to (label kubetune.dev/sweep; set by kubetune sweep).")
 
 
 class Autoscaling(_Section):

@@ -32,7 +32,7 @@ def metadata(spec: RunSpec, name: str, component: str, **extra_labels: str) -> d
 
 
 def spec_sweep(spec: RunSpec) -> str | None:
-    return spec.kubernetes.labels.get("kubetune.dev/sweep")
+    return spec.kubernetes.sweep
 
 
 def pod_security(spec: RunSpec) -> dict[str, Any]:

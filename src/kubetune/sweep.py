@@ -1,0 +1,163 @@
+"""`kubetune sweep`: one run per combination of grid values, named deterministically
+(NAME-r4-lr1e-4), each with its own output; run here (sequentially or N at a time) or submitted
+as Kubernetes Jobs that Kueue queues. `sweep status` ranks the runs by an eval metric."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from kubetune.errors import KubetuneError, UsageError
+from kubetune.spec.load import load_spec
+from kubetune.spec.models import RunSpec
+
+_SHORT = {"learning_rate": "lr", "r": "r", "alpha": "a", "dropout": "do", "total_batch_size": "bs",
+          "max_steps": "steps", "epochs": "ep", "weight_decay": "wd", "warmup_ratio": "wu", "max_length": "len",
+          "seed": "seed", "lr_scheduler": "sched", "type": "m"}
+LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    name: str
+    overrides: tuple[str, ...]   # --set items: the grid values plus name and output
+
+
+def parse_grid(items: Sequence[str]) -> list[Grid]:
+    grids = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise UsageError(f"--grid {item}: expected KEY=V1,V2,...", "e.g. --grid method.lora.r=4,8,16")
+        vals = tuple(v.strip() for v in values.split(",") if v.strip())
+        if len(set(vals)) != len(vals):
+            raise UsageError(f"--grid {item}: repeated value")
+        grids.append(Grid(key.strip(), vals))
+    if not grids:
+        raise UsageError("sweep needs at least one --grid KEY=V1,V2", "e.g. --grid method.lora.r=4,8,16")
+    return grids
+
+
+def _slug(value: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "", value.lower().replace(".", "p").replace("_", "-")).strip("-") or "x"
+
+
+def run_name(base: str, combo: Sequence[tuple[str, str]]) -> str:
+    parts = [f"{_SHORT.get(key.rsplit('.', 1)[-1], _slug(key.rsplit('.', 1)[-1]))}{_slug(value)}" for key, value in combo]
+    return "-".join([base, *parts])
+
+
+def _output_for(spec: RunSpec, name: str) -> str:
+    if spec.output is None:
+        return f"runs/{name}"
+    out = spec.output.rstrip("/")
+    parent, _, last = out.rpartition("/")
+    return f"{parent}/{name}" if last == spec.name and parent else f"{out}/{name}"
+
+
+def plan_sweep(spec_path: str, grids: Sequence[Grid], overrides: Sequence[str] = ()) -> tuple[RunSpec, list[SweepRun]]:
+    spec = load_spec(spec_path, list(overrides))
+    runs = []
+    for combo in itertools.product(*[[(g.key, v) for v in g.values] for g in grids]):
+        name = run_name(spec.name, combo)
+        sets = (*overrides, *(f"{k}={v}" for k, v in combo), f"name={name}", f"output={_output_for(spec, name)}",
+                f"kubernetes.sweep={spec.name}")
+        load_spec(spec_path, list(sets))  # every combination is a valid spec before anything starts
+        runs.append(SweepRun(name, sets))
+    return spec, runs
+
+
+def run_local(spec_path: str, runs: Sequence[SweepRun], parallel: int = 1,
+              log: Callable[[str], None] = print) -> dict[str, int]:
+    """Train each run here, at most `parallel` at a time; returns run → exit code."""
+    pending = list(runs)
+    active: dict[str, subprocess.Popen[bytes]] = {}
+    codes: dict[str, int] = {}
+    while pending or active:
+        while pending and len(active) < max(1, parallel):
+            r = pending.pop(0)
+            cmd = [sys.executable, "-m", "kubetune", "train", spec_path]
+            for item in r.overrides:
+                cmd += ["--set", item]
+            log(f"start {r.name}")
+            active[r.name] = subprocess.Popen(cmd, stdout=None if parallel == 1 else subprocess.DEVNULL)
+        for name, proc in list(active.items()):
+            if proc.poll() is not None:
+                codes[name] = proc.returncode
+                log(f"{'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}: {name}")
+                del active[name]
+        time.sleep(0.2)
+    return codes
+
+
+def submit_k8s(spec_path: str, runs: Sequence[SweepRun], log: Callable[[str], None] = print) -> None:
+    from kubetune.k8s.client import Cluster
+    from kubetune.k8s.render import render
+
+    cluster = None
+    for r in runs:
+        spec = load_spec(spec_path, list(r.overrides))
+        cluster = cluster or Cluster(spec.kubernetes.namespace)
+        for line in cluster.apply(render(spec, "train")):
+            log(line)
+
+
+def ranking(spec_path: str, runs: Sequence[SweepRun], metric: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """Rows (run, metric value, all tuned metrics, state), best first; runs without metrics last."""
+    from kubetune.storage.runs import open_any_run
+
+    rows = []
+    for r in runs:
+        spec = load_spec(spec_path, list(r.overrides))
+        row: dict[str, Any] = {"run": r.name, "value": None, "metrics": {}, "state": "not found"}
+        try:
+            layout = open_any_run(spec.output_uri).layout
+            path = layout.eval / "metrics.json"
+            if path.exists():
+                row["metrics"] = json.loads(path.read_text()).get("tuned", {})
+                row["state"] = "evaluated"
+            else:
+                row["state"] = "finished" if layout.is_finished() else "running or failed"
+        except KubetuneError:
+            pass
+        rows.append(row)
+    names = {k for row in rows for k in row["metrics"]}
+    chosen = metric or ("rougeL" if "rougeL" in names else "loss")
+    if names and chosen not in names:
+        raise UsageError(f"--metric {chosen}: the runs have {', '.join(sorted(names))}")
+    for row in rows:
+        row["value"] = row["metrics"].get(chosen)
+    sign = 1 if chosen in LOWER_IS_BETTER else -1
+    rows.sort(key=lambda row: (row["value"] is None, sign * (row["value"] or 0), row["run"]))
+    return chosen, rows
+
+
+def format_ranking(metric: str, rows: list[dict[str, Any]]) -> str:
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    lines = [f"ranked by {metric} ({better} is better)", f"{'#':>2}  {'RUN':<40} {metric:>10}  STATE"]
+    for i, row in enumerate(rows, 1):
+        value = "-" if row["value"] is None else f"{row['value']:.4f}"
+        lines.append(f"{i:>2}  {row['run']:<40} {value:>10}  {row['state']}")
+    return "\n".join(lines)
+
+
+def dump_plan(runs: Sequence[SweepRun]) -> str:
+    return yaml.safe_dump([{"name": r.name, "set": list(r.overrides)} for r in runs], sort_keys=False)
+
+
+__all__ = ["Grid", "SweepRun", "parse_grid", "plan_sweep", "ranking", "run_local", "submit_k8s", "Path"]
