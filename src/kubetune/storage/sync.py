@@ -11,8 +11,10 @@ is drained; uploads that never succeeded are a clear error, and the local files 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import queue
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -87,15 +89,14 @@ def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print) ->
     return result
 
 
-@dataclass
-class _Job:
-    kind: str              # "checkpoint" | "files" | "tree"
-    paths: list[Path]
-    step: int | None = None
-
-
 class Uploader:
-    """Background uploads from the local working copy to the store, in order, with retries."""
+    """Background uploads from the local working copy to the store, in order, with retries.
+
+    The uploads run in a child process (kubetune.storage.upload_worker), not a thread: on a
+    CPU-bound training loop an upload thread competes for the GIL (botocore signs, hashes and
+    copies in Python), which measurably slowed steps; a niced child process does not. Jobs go
+    to it as JSON lines on stdin, its reports come back on stdout. It dies with its parent.
+    """
 
     def __init__(self, store: Store, layout: RunLayout, keep: int, retry_seconds: float | None = None,
                  log: Callable[[str], None] = print) -> None:
@@ -103,24 +104,27 @@ class Uploader:
         self.retry_seconds = retry_seconds if retry_seconds is not None else float(os.environ.get(RETRY_ENV, "900"))
         self.failures: list[str] = []
         self.uploaded_steps: list[int] = []
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._pending: set[int] = set()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="kubetune-upload", daemon=True)
-        self._thread.start()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune.storage.upload_worker", store.uri, str(layout.root), str(keep),
+             str(self.retry_seconds)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._reader = threading.Thread(target=self._read, name="kubetune-upload-reports", daemon=True)
+        self._reader.start()
 
     # -- called from the training loop (never blocks on the network) --
     def checkpoint(self, path: Path, step: int) -> None:
         with self._lock:
             self._pending.add(step)
-        self._queue.put(_Job("checkpoint", [path], step))
+        self._send({"kind": "checkpoint", "paths": [str(path)], "step": step})
 
     def files(self, *paths: Path) -> None:
-        self._queue.put(_Job("files", list(paths)))
+        self._send({"kind": "files", "paths": [str(p) for p in paths]})
 
     def tree(self, folder: Path) -> None:
         """A folder whose COMPLETE (if any) must arrive last, like final/."""
-        self._queue.put(_Job("tree", [folder]))
+        self._send({"kind": "tree", "paths": [str(folder)]})
 
     def pending_steps(self) -> set[int]:
         with self._lock:
@@ -128,47 +132,82 @@ class Uploader:
 
     def close(self, timeout: float | None = None) -> None:
         """Wait for every queued upload; raise TrainingError if some never succeeded."""
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        try:
+            if self._proc.stdin:
+                self._proc.stdin.close()  # end of jobs: the worker finishes the queue and exits
+        except OSError:
+            pass
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
             self.failures.append(f"uploads still running after {timeout:.0f} s")
+        self._reader.join(10)
+        if self._proc.returncode not in (0, None) and not self.failures:
+            self.failures.append(f"the upload process exited with {self._proc.returncode}")
         if self.failures:
             raise TrainingError(
                 f"uploading to {self.store.uri} failed: {'; '.join(self.failures[:5])}",
                 f"the local copy is intact in {self.layout.root}; fix the storage and rerun the same command "
                 "(resume: auto uploads and continues)")
 
-    # -- the worker thread --
-    def _work(self) -> None:
-        try:  # Linux threads are tasks: a lower priority for this one leaves the cores to training
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass
-        while (job := self._queue.get()) is not None:
+    def _send(self, job: dict[str, Any]) -> None:
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(json.dumps(job) + "\n")
+            self._proc.stdin.flush()
+        except (OSError, ValueError) as exc:
+            self.failures.append(f"upload process gone ({type(exc).__name__})")
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
             try:
-                if job.kind == "checkpoint":
-                    self._upload_tree(job.paths[0])
-                    self.uploaded_steps.append(job.step or 0)
-                    self._retention()
-                elif job.kind == "tree":
-                    self._upload_tree(job.paths[0])
-                else:
-                    for path in job.paths:
-                        if path.exists():
-                            self._retry(lambda p=path: self.store.put(p, self._key(p)), self._key(path))
-            except _GaveUp as exc:
-                self.failures.append(str(exc))
-            except Exception as exc:  # noqa: BLE001 - reported at close(); training goes on
-                self.failures.append(f"{type(exc).__name__}: {exc}")
-            finally:
-                if job.step is not None:
-                    with self._lock:
-                        self._pending.discard(job.step)
+                report = json.loads(line)
+            except ValueError:
+                continue
+            if report["kind"] == "log":
+                self.log(report["message"])
+            elif report["kind"] == "failure":
+                self.failures.append(report["message"])
+            elif report["kind"] == "done" and report.get("step") is not None:
+                self.uploaded_steps.append(report["step"])
+            if report["kind"] in ("done", "failure") and report.get("step") is not None:
+                with self._lock:
+                    self._pending.discard(report["step"])
+
+
+@dataclass
+class _Job:
+    kind: str              # "checkpoint" | "files" | "tree"
+    paths: list[Path]
+    step: int | None = None
+
+
+class UploadWorker:
+    """Runs in the upload process: one job at a time, COMPLETE last, retention, retries."""
+
+    def __init__(self, store: Store, root: Path, keep: int, retry_seconds: float,
+                 log: Callable[[str], None]) -> None:
+        self.store, self.root, self.keep, self.retry_seconds, self.log = store, root, keep, retry_seconds, log
+
+    def run(self, job: _Job) -> None:
+        if job.kind == "checkpoint":
+            self._upload_tree(job.paths[0])
+            self._retention()
+        elif job.kind == "tree":
+            self._upload_tree(job.paths[0])
+        else:
+            for path in job.paths:
+                if path.exists():
+                    self._retry(lambda p=path: self.store.put(p, self._key(p)), self._key(path))
 
     def _key(self, path: Path) -> str:
-        return path.relative_to(self.layout.root).as_posix()
+        return path.relative_to(self.root).as_posix()
 
     def _upload_tree(self, folder: Path) -> None:
+        if not folder.exists():
+            return
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
         marker = [p for p in files if p.name == COMPLETE and p.parent == folder]
         for path in [p for p in files if p not in marker] + marker:  # the marker after everything else
