@@ -245,3 +245,39 @@ def test_chat_cli_errors_name_the_url() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     res = run_kubetune("chat", url, "hi")
     assert res.returncode == 2 and f"cannot reach {url}" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_two_adapter_runs_share_one_base(adapter_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(adapter_run, twin)
+    spec = yaml.safe_load((twin / "spec.yaml").read_text())
+    spec["name"] = "twin"
+    (twin / "spec.yaml").write_text(yaml.safe_dump(spec))
+    proc = subprocess.Popen(kubetune_cmd("serve", str(adapter_run), str(twin), "--port", str(port := free_port())),
+                            env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["served", "twin", "tiny-llama"]
+        msgs = [{"role": "user", "content": QUESTION}]
+        a, b = (client.chat.completions.create(model=m, messages=msgs, temperature=0, max_tokens=32)
+                .choices[0].message.content for m in ("served", "twin"))
+        assert a == b and a  # the same adapter weights under two names, one base in memory
+    finally:
+        stop(proc)
+
+
+def test_chat_with_a_run_interactively_in_process(adapter_run: Path) -> None:
+    res = subprocess.run(kubetune_cmd("chat", str(adapter_run)), input=f"{QUESTION}\n\n", capture_output=True,
+                         text=True, env=quiet_env(), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.strip().splitlines()) == 1 and res.stdout.strip()
