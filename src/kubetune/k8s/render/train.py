@@ -10,9 +10,10 @@ object storage or a PVC every retry resumes from the newest complete checkpoint.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from kubetune.errors import EXIT_USAGE
+from kubetune.errors import EXIT_USAGE, UsageError
 from kubetune.k8s.render.common import (
     SCRATCH, SPEC_DIR, container_security, env, metadata, pod_placement, pod_security, queue_labels, resources, volumes,
 )
@@ -91,10 +92,25 @@ def train_objects(spec: RunSpec) -> list[dict[str, Any]]:
 
 
 def stage_objects(spec: RunSpec) -> list[dict[str, Any]]:
-    """The delivery Job: `kubetune stage` with the spec's stage section, no accelerator."""
-    env_list, env_from = env(spec)
-    vols = volumes(spec, f"{spec.name}-spec")
+    """The delivery Job: `kubetune stage` with the spec's stage section, no accelerator. Data scripts
+    travel in the Job's own ConfigMap (the image does not have the user's files); the spec there
+    points at their mounted copies."""
     name = f"{spec.name}-stage"
+    scripts: dict[str, str] = {}
+    data = []
+    for i, item in enumerate(spec.stage.data):
+        if item.script:
+            path = Path(item.script)
+            try:
+                scripts[f"script-{i}.py"] = path.read_text()
+            except OSError:
+                raise UsageError(f"stage.data.{i}.script: cannot read {path}",
+                                 "the script is copied into the stage Job's ConfigMap; check the path") from None
+            item = item.model_copy(update={"script": f"{SPEC_DIR}/script-{i}.py"})
+        data.append(item)
+    staged = spec.model_copy(update={"stage": spec.stage.model_copy(update={"data": data})})
+    env_list, env_from = env(spec)
+    vols = volumes(spec, f"{name}-spec")
     container = {
         "name": "stage", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
         "command": ["kubetune", "stage", f"{SPEC_DIR}/spec.yaml"],
@@ -102,7 +118,8 @@ def stage_objects(spec: RunSpec) -> list[dict[str, Any]]:
         "resources": resources(spec, cpu="2", memory="8Gi", accelerator=False),
         "securityContext": container_security(), "volumeMounts": vols.mounts,
     }
-    cm = config_map(spec, "stage")
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(spec, f"{name}-spec", "stage"),
+          "data": {"spec.yaml": spec_to_yaml(staged), **scripts}}
     job = _job(spec, name, "stage", container, vols, backoff=3)
     job["spec"]["template"]["spec"].pop("nodeSelector", None)  # no accelerator node needed to copy files
     job["spec"]["template"]["spec"].pop("tolerations", None)
