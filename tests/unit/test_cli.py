@@ -63,6 +63,21 @@ def test_fast_verbs_do_not_import_torch_or_transformers_models(write_spec, argv:
     assert res.stdout.strip().endswith("NO-TORCH")
 
 
+def test_plan_for_kubernetes_prints_the_manifests(cli, write_spec) -> None:
+    code, out, _ = cli("plan", str(write_spec()), "--target", "k8s", "--set", "resources.accelerator=nvidia")
+    assert code == 0 and "kind: Job" in out and "nvidia.com/gpu: '1'" in out
+
+
+@pytest.mark.parametrize("argv", [["render", "SPEC"], ["render", "SPEC", "--what", "serve"], ["sweep", "SPEC", "--grid",
+                                                                                             "method.lora.r=4,8", "--dry-run"]])
+def test_render_and_sweep_planning_do_not_import_torch(write_spec, argv: list[str]) -> None:
+    argv = [str(write_spec()) if a == "SPEC" else a for a in argv]
+    code = ("import sys\nfrom kubetune.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=quiet_env(), timeout=60)
+    assert res.stdout.strip().endswith("NO-TORCH 0"), res.stdout[-500:] + res.stderr[-2000:]
+
+
 def test_unexpected_verb_usage_is_exit_2() -> None:
     res = subprocess.run([sys.executable, "-m", "kubetune", "frobnicate"], capture_output=True, text=True,
                          env=quiet_env(), timeout=60)

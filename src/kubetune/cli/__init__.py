@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if takes_spec:
             _spec_args(p)
+        if name == "plan":
+            p.add_argument("--target", choices=["local", "k8s"], default="local",
+                           help="k8s: also print the manifests `kubetune render` would apply")
         p.set_defaults(func=func)
     p = sub.add_parser("schema", help="JSON Schema of the run spec", description="JSON Schema of the run spec")
     p.set_defaults(func=verbs.schema)

@@ -66,6 +66,11 @@ def plan(args: argparse.Namespace) -> int:
         legend = "green = trained, dim = masked" if color else "⟦trained⟧, the rest masked"
         console.print(f"\nsample ({p.sample.where}; {legend}):", markup=False)
         console.print(render_sample(p, color))
+    if getattr(args, "target", "local") == "k8s":
+        from kubetune.k8s.render import render as render_objects, to_yaml
+
+        console.print("\nmanifests (kubetune render):", markup=False)
+        console.print(to_yaml(render_objects(spec, "train")), markup=False, highlight=False)
     return 0
 
 
