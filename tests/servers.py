@@ -64,7 +64,8 @@ def start_s3(extra_env: dict[str, str] | None = None, nice: int = 0) -> S3Server
         return S3Server(external, os.environ.get("AWS_ACCESS_KEY_ID", "minioadmin"),
                         os.environ.get("AWS_SECRET_ACCESS_KEY", "minioadmin"))
     port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    beside = Path(sys.executable).parent / "moto_server"  # the venv's own, not whatever PATH finds first
+    exe = str(beside) if beside.exists() else (shutil.which("moto_server") or "moto_server")
     proc = subprocess.Popen([*(["nice", "-n", str(nice)] if nice else []), exe, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, **(extra_env or {})})

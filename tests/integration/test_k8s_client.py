@@ -147,3 +147,27 @@ def test_deploy_applies_the_serving_objects_and_says_how_to_try_it(k8s: FakeKube
     assert "kubetune chat http://127.0.0.1:8000 --model llama32-3b-samsum" in out
     hpa = k8s.get("horizontalpodautoscalers", "ml", "llama32-3b-samsum-serve")
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm:num_requests_waiting"
+
+
+def test_status_reads_progress_from_the_runs_events_in_storage(k8s: FakeKubernetes, cli, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from tests.servers import start_s3
+
+    s3 = start_s3()
+    try:
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        s3.client().create_bucket(Bucket="runs")
+        events = [{"event": "start"}, {"event": "step", "step": 300, "total": 800, "loss": 0.75, "eta": "0:03:00"}]
+        s3.client().put_object(Bucket="runs", Key="qs/events.jsonl",
+                               Body="".join(json.dumps(e) + "\n" for e in events).encode())
+        cli("submit", SPEC, "--set", "output=s3://runs/qs")
+        k8s.get("jobs", "default", "quickstart")["status"] = {"active": 1}
+        k8s.put("pods", "default", _pod("quickstart-0-abc", "Running"))
+        code, out, err = cli("status", "quickstart")
+        assert code == 0, err
+        assert "step 300/800  loss 0.75  eta 0:03:00  (from s3://runs/qs/events.jsonl)" in out
+    finally:
+        s3.stop()
