@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
@@ -160,4 +159,4 @@ def dump_plan(runs: Sequence[SweepRun]) -> str:
     return yaml.safe_dump([{"name": r.name, "set": list(r.overrides)} for r in runs], sort_keys=False)
 
 
-__all__ = ["Grid", "SweepRun", "parse_grid", "plan_sweep", "ranking", "run_local", "submit_k8s", "Path"]
+__all__ = ["Grid", "SweepRun", "parse_grid", "plan_sweep", "ranking", "run_local", "submit_k8s"]

@@ -92,6 +92,26 @@ def assert_complete_means_complete(s3: S3Server, name: str) -> None:
             assert CKPT_FILES <= files, f"{ckpt} carries COMPLETE without {CKPT_FILES - files}"
 
 
+def train_behind_relay(s3: S3Server, staged: dict[str, str], tmp: Path, name: str, steps: int,
+                       separate_stderr: bool = False, **env: str) -> tuple[Relay, subprocess.Popen[str], Path]:
+    """Start training with the S3 endpoint behind a relay the test can cut; return once a complete
+    checkpoint is in the bucket."""
+    if s3.proc is None:
+        pytest.skip("outages are simulated with a relay in front of a local moto_server")
+    relay = Relay(int(s3.endpoint.rsplit(":", 1)[1]))
+    spec = spec_file(tmp, name, staged, steps)
+    home = tmp / "m"
+    home.mkdir()
+    proc = subprocess.Popen(kubetune_cmd("train", str(spec)), cwd=home, env=fresh_env(s3, home, relay.endpoint, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE if separate_stderr else subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not any("COMPLETE" in f for f in remote_checkpoints(s3, name).values()):
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.1)
+    return relay, proc, home
+
+
 def test_stage_copied_the_inputs_skips_identical_and_excluded_files(s3: S3Server, staged: dict[str, str]) -> None:
     keys = s3.keys(BUCKET, "inputs/")
     assert "inputs/models/tiny-llama/config.json" in keys and "inputs/data/train.jsonl" in keys
@@ -176,19 +196,8 @@ def test_sigkill_then_resume_on_a_fresh_machine(s3: S3Server, staged: dict[str, 
 
 def test_outage_during_training_retries_and_every_checkpoint_completes(s3: S3Server, staged: dict[str, str],
                                                                        tmp_path: Path) -> None:
-    if s3.proc is None:
-        pytest.skip("the outage is simulated with a relay in front of a local moto_server")
-    relay = Relay(int(s3.endpoint.rsplit(":", 1)[1]))
     name = "outage"
-    spec = spec_file(tmp_path, name, staged, 80)
-    home = tmp_path / "m"
-    home.mkdir()
-    proc = subprocess.Popen(kubetune_cmd("train", str(spec)), cwd=home, env=fresh_env(s3, home, relay.endpoint),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and not any("COMPLETE" in f for f in remote_checkpoints(s3, name).values()):
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        time.sleep(0.1)
+    relay, proc, _ = train_behind_relay(s3, staged, tmp_path, name, 80)
     relay.cut()
     time.sleep(10)
     alive_during_outage = proc.poll() is None
@@ -204,20 +213,9 @@ def test_outage_during_training_retries_and_every_checkpoint_completes(s3: S3Ser
 
 def test_storage_that_never_comes_back_is_a_clear_error_and_local_checkpoints_stay(
         s3: S3Server, staged: dict[str, str], tmp_path: Path) -> None:
-    if s3.proc is None:
-        pytest.skip("simulated with a relay in front of a local moto_server")
-    relay = Relay(int(s3.endpoint.rsplit(":", 1)[1]))
     name = "gone"
-    spec = spec_file(tmp_path, name, staged, 40)
-    home = tmp_path / "m"
-    home.mkdir()
-    proc = subprocess.Popen(kubetune_cmd("train", str(spec)), cwd=home,
-                            env=fresh_env(s3, home, relay.endpoint, KUBETUNE_UPLOAD_RETRY_SECONDS="4"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and not any("COMPLETE" in f for f in remote_checkpoints(s3, name).values()):
-        assert proc.poll() is None
-        time.sleep(0.1)
+    relay, proc, home = train_behind_relay(s3, staged, tmp_path, name, 40, separate_stderr=True,
+                                           KUBETUNE_UPLOAD_RETRY_SECONDS="4")
     relay.cut()
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-2000:] + err[-2000:]

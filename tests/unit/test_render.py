@@ -13,7 +13,6 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml
 
 from kubetune.k8s.render import render, to_yaml
 from kubetune.spec.load import load_spec

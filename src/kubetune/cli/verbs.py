@@ -160,6 +160,9 @@ def render(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     sys.stdout.write(to_yaml(render_objects(spec, args.what, args.run)))
+    if "://" not in spec.output_uri:  # stderr: stdout stays valid YAML for kubectl
+        print(f"note: output {spec.output_uri} is a local path: in a pod it lives on the scratch volume and is lost "
+              "with the pod, and a retried pod starts over; use --set output=s3://... (or gs://, pvc://)", file=sys.stderr)
     return 0
 
 

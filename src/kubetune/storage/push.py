@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from kubetune.errors import UsageError
 from kubetune.storage.runs import open_any_run
-from kubetune.storage.stage import Delivery, StageReport, _copy_tree
+from kubetune.storage.stage import StageReport, copy_tree
 
 
 def push(run: str, to: str, private: bool = True, api: Any = None, log: Callable[[str], None] = print) -> str:
@@ -22,7 +22,7 @@ def push(run: str, to: str, private: bool = True, api: Any = None, log: Callable
         return _push_hub(folder, to.removeprefix("hf://").rstrip("/"), what, private, api, log)
     log(f"pushing the {what} {folder} → {to}")
     report = StageReport()
-    _copy_tree(folder, to, (), report, log, single=False)
+    copy_tree(folder, to, (), report, log, single=False)
     log(report.summary())
     return to
 
@@ -48,5 +48,3 @@ def _push_hub(folder: Path, repo: str, what: str, private: bool, api: Any, log: 
                          "check HF_TOKEN (a write token), the organisation name and network access") from None
     return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo}")
 
-
-__all__ = ["Delivery", "push"]

@@ -79,12 +79,12 @@ def stage(deliveries: Sequence[Delivery], exclude: Sequence[str] = (), log: Call
             log(f"{item.what}: running {item.script} → {item.dest}")
             with tempfile.TemporaryDirectory(prefix="kubetune-stage-") as tmp:
                 produced = _run_script(item, Path(tmp))
-                _copy_tree(produced, item.dest, exclude, report, log, single=True)
+                copy_tree(produced, item.dest, exclude, report, log, single=True)
             continue
         assert item.source is not None
         log(f"{item.what}: {item.source} → {item.dest}")
         local = fetch(item.source, exclude=exclude)
-        _copy_tree(local, item.dest, exclude, report, log, single=local.is_file())
+        copy_tree(local, item.dest, exclude, report, log, single=local.is_file())
     return report
 
 
@@ -104,7 +104,7 @@ def _run_script(item: Delivery, tmp: Path) -> Path:
     return output
 
 
-def _copy_tree(local: Path, dest: str, exclude: Sequence[str], report: StageReport, log: Callable[[str], None],
+def copy_tree(local: Path, dest: str, exclude: Sequence[str], report: StageReport, log: Callable[[str], None],
                single: bool) -> None:
     if single:
         parent, _, name = dest.rstrip("/").rpartition("/")

@@ -178,7 +178,7 @@ class Uploader:
 
 
 @dataclass
-class _Job:
+class UploadJob:
     kind: str              # "checkpoint" | "files" | "tree"
     paths: list[Path]
     step: int | None = None
@@ -191,7 +191,7 @@ class UploadWorker:
                  log: Callable[[str], None]) -> None:
         self.store, self.root, self.keep, self.retry_seconds, self.log = store, root, keep, retry_seconds, log
 
-    def run(self, job: _Job) -> None:
+    def run(self, job: UploadJob) -> None:
         if job.kind == "checkpoint":
             self._upload_tree(job.paths[0])
             self._retention()
@@ -233,7 +233,7 @@ class UploadWorker:
                 return result
             except Exception as exc:  # noqa: BLE001 - every failure is retried until the deadline
                 if time.monotonic() + delay > deadline:
-                    raise _GaveUp(f"{self.store.url(what)}: {_short(exc)} (gave up after {self.retry_seconds:.0f} s)") from exc
+                    raise GaveUp(f"{self.store.url(what)}: {_short(exc)} (gave up after {self.retry_seconds:.0f} s)") from exc
                 if not warned:
                     self.log(f"upload of {self.store.url(what)} failed ({_short(exc)}); retrying with backoff")
                     warned = True
@@ -241,7 +241,7 @@ class UploadWorker:
                 delay = min(delay * 2, 10.0)
 
 
-class _GaveUp(Exception):
+class GaveUp(Exception):
     pass
 
 

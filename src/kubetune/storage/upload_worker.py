@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     except OSError:
         pass
     from kubetune.storage.store import Store
-    from kubetune.storage.sync import UploadWorker, _GaveUp, _Job
+    from kubetune.storage.sync import UploadWorker, GaveUp, UploadJob
 
     uri, root, keep, retry = argv[0], Path(argv[1]), int(argv[2]), float(argv[3])
     out_lock = threading.Lock()
@@ -54,11 +54,11 @@ def main(argv: list[str]) -> int:
 
     threading.Thread(target=read, daemon=True).start()
     while (raw := jobs.get()) is not None:
-        job = _Job(raw["kind"], [Path(p) for p in raw["paths"]], raw.get("step"))
+        job = UploadJob(raw["kind"], [Path(p) for p in raw["paths"]], raw.get("step"))
         try:
             worker.run(job)
             report(kind="done", step=job.step)
-        except _GaveUp as exc:
+        except GaveUp as exc:
             report(kind="failure", message=str(exc), step=job.step)
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
             report(kind="failure", message=f"{type(exc).__name__}: {exc}", step=job.step)

@@ -11,7 +11,7 @@ from typing import Any
 from kubetune.k8s.render.common import (
     GCS_ROOT, PVC_ROOT, container_security, env, metadata, pod_placement, pod_security, resources, volumes,
 )
-from kubetune.serve.vllm import VllmTarget, max_lora_rank, vllm_command
+from kubetune.serve.vllm import VllmTarget, vllm_command
 from kubetune.spec.models import RunSpec
 
 MODELS = "/models"
@@ -127,5 +127,3 @@ def _fetch_only(spec: RunSpec, env_list: list[dict[str, Any]], env_from: list[di
 def _quantity(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{int(value * 1000)}m"
 
-
-__all__ = ["serve_objects", "max_lora_rank"]
