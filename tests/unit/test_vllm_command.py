@@ -55,3 +55,21 @@ def test_engine_vllm_without_vllm_is_a_clear_error() -> None:
     with pytest.raises(UsageError, match="vLLM is not installed|no CUDA GPU"):
         choose_engine("vllm")
     assert choose_engine("auto") == "transformers"  # this machine: no vLLM, no GPU
+
+
+def test_torchrun_command_for_one_node_and_for_several() -> None:
+    from kubetune.train.launcher import torchrun_command
+
+    one = torchrun_command("/etc/kubetune/spec.yaml", [], 2)
+    assert "--standalone" in one and "--nproc_per_node=2" in one
+    many = torchrun_command("/etc/kubetune/spec.yaml", ["train.seed=1"], 8, nodes=2, run_id="r",
+                            rdzv_endpoint="r-0.r.ml.svc:29500")
+    assert "--standalone" not in many
+    assert many[many.index("--nnodes") + 1] == "2" and many[many.index("--rdzv-backend") + 1] == "c10d"
+    assert many[many.index("--rdzv-endpoint") + 1] == "r-0.r.ml.svc:29500" and many[-2:] == ["--set", "train.seed=1"]
+
+
+def test_several_nodes_without_a_cluster_is_a_clear_error(cli, write_spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBETUNE_RDZV_ENDPOINT", raising=False)
+    code, _, err = cli("train", str(write_spec(resources={"accelerator": "cpu", "nodes": 2})))
+    assert code == 2 and "resources.nodes > 1 needs a cluster" in err

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -47,6 +48,23 @@ class ApiError(Exception):
         self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
+class _Ticket:
+    """One admitted request's slot. The engine job releases it when it ends; until the job exists the
+    ticket owns it, so a request that never reaches the engine (a stream whose client left before
+    the first byte) gives its slot back when the ticket is dropped."""
+
+    def __init__(self, admission: _Admission) -> None:
+        self._admission, self._owned = admission, True
+
+    def hand_over(self) -> None:
+        self._owned = False
+
+    def release(self) -> None:
+        if self._owned:
+            self._owned = False
+            self._admission.leave(started=False)
+
+
 class _Admission:
     """Counts admitted requests; `enter` refuses above the limit (never blocks)."""
 
@@ -54,7 +72,7 @@ class _Admission:
         self.limit, self.admitted, self.running, self.metrics = limit, 0, 0, metrics
         self._lock = threading.Lock()
 
-    def enter(self) -> None:
+    def enter(self) -> _Ticket:
         with self._lock:
             if self.admitted >= self.limit:
                 self.metrics.rejected.inc()
@@ -62,6 +80,7 @@ class _Admission:
                                "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": "1"})
             self.admitted += 1
             self._publish()
+        return _Ticket(self)
 
     def started(self) -> None:
         with self._lock:
@@ -153,7 +172,8 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
         return GenerationParams(max_tokens=min(limit, room), temperature=req.temperature, top_p=req.top_p,
                                 seed=req.seed, stop=req.stop_list)
 
-    async def run(name: str, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[str | Finished]:
+    async def run(name: str, prompt_ids: list[int], params: GenerationParams,
+                  ticket: _Ticket) -> AsyncIterator[str | Finished]:
         """Text deltas as they are generated, then the Finished record. Admission is already taken."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
@@ -172,6 +192,7 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         future = loop.run_in_executor(worker, job)
+        ticket.hand_over()  # from here the job's done-callback gives the slot back
         future.add_done_callback(done)
         hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
         ids: list[int] = []
@@ -242,7 +263,7 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
             raise ApiError(400, "the last message is the assistant's; end with a user message", param="messages")
         prompt_ids = engine.render(name, conversation)
         params = params_for(req, len(prompt_ids))
-        admission.enter()
+        ticket = admission.enter()
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -254,7 +275,7 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
 
             async def events() -> AsyncIterator[str]:
                 yield chunk({"role": "assistant", "content": ""}, None)
-                async for item in run(name, prompt_ids, params):
+                async for item in run(name, prompt_ids, params, ticket):
                     if isinstance(item, Finished):
                         yield chunk({}, item.finish_reason)
                         if include_usage:
@@ -265,8 +286,11 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
                         yield chunk({"content": item}, None)
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text, finished = await collect(run(name, prompt_ids, params))
+            return _stream(events(), ticket)
+        try:
+            text, finished = await collect(run(name, prompt_ids, params, ticket))
+        finally:
+            ticket.release()
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": name,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                           "logprobs": None, "finish_reason": finished.finish_reason}],
@@ -277,13 +301,13 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
         name = served(req.model)
         prompt_ids = engine.encode(name, req.text())
         params = params_for(req, len(prompt_ids))
-        admission.enter()
+        ticket = admission.enter()
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prefix = req.text() if req.echo else ""
         if req.stream:
             async def events() -> AsyncIterator[str]:
                 first = prefix
-                async for item in run(name, prompt_ids, params):
+                async for item in run(name, prompt_ids, params, ticket):
                     text, reason = (("", item.finish_reason) if isinstance(item, Finished) else (first + item, None))
                     first = ""
                     body = {"id": rid, "object": "text_completion", "created": now, "model": name,
@@ -291,14 +315,22 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
                     yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text, finished = await collect(run(name, prompt_ids, params))
+            return _stream(events(), ticket)
+        try:
+            text, finished = await collect(run(name, prompt_ids, params, ticket))
+        finally:
+            ticket.release()
         return JSONResponse({"id": rid, "object": "text_completion", "created": now, "model": name,
                              "choices": [{"index": 0, "text": prefix + text, "logprobs": None,
                                           "finish_reason": finished.finish_reason}],
                              "usage": usage(len(prompt_ids), finished)})
 
     return app
+
+
+def _stream(body: AsyncIterator[str], ticket: _Ticket) -> StreamingResponse:
+    weakref.finalize(body, ticket.release)  # never iterated (client gone): the slot is not lost
+    return StreamingResponse(body, media_type="text/event-stream")
 
 
 async def collect(stream: AsyncIterator[str | Finished]) -> tuple[str, Finished]:
