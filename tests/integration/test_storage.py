@@ -192,6 +192,10 @@ def test_sigkill_then_resume_on_a_fresh_machine(s3: S3Server, staged: dict[str, 
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"written: s3://{BUCKET}/runs/{name}/eval/metrics.json" in res.stdout
     assert f"runs/{name}/eval/metrics.json" in s3.keys(BUCKET, f"runs/{name}/eval/")
+    res = run(["merge", f"s3://{BUCKET}/runs/{name}"], s3, tmp_path / "machine-4", timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"merged into s3://{BUCKET}/runs/{name}/final/merged" in res.stdout
+    assert f"runs/{name}/final/merged/model.safetensors" in s3.keys(BUCKET, f"runs/{name}/final/merged/")
 
 
 def test_outage_during_training_retries_and_every_checkpoint_completes(s3: S3Server, staged: dict[str, str],
