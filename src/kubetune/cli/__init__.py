@@ -45,11 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="JSON Schema of the run spec", description="JSON Schema of the run spec")
     p.set_defaults(func=verbs.schema)
     p = sub.add_parser("merge", help="merge a run's adapter into its base model (final/merged)")
-    p.add_argument("run", help="run folder, e.g. runs/NAME")
+    p.add_argument("run", help="run folder or URI, e.g. runs/NAME or s3://bucket/runs/NAME")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (fp32)")
     p.set_defaults(func=verbs.merge)
     p = sub.add_parser("eval", help="eval loss/perplexity, ROUGE and exact match: base vs tuned → RUN/eval/")
-    p.add_argument("run", help="run folder, e.g. runs/NAME")
+    p.add_argument("run", help="run folder or URI, e.g. runs/NAME or s3://bucket/runs/NAME")
     p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the base model on the same samples (default: yes)")
     p.set_defaults(func=verbs.evaluate)
