@@ -49,12 +49,16 @@ class Cluster:
     def _api(self, cls: str) -> Any:
         return getattr(self._k.client, cls)(self.api)
 
-    def _call(self, verb: str, resource: str, name: str | None, fn: Callable[[], Any]) -> Any:
+    def _call(self, verb: str, resource: str, name: str | None, fn: Callable[[], Any],
+              tolerate: tuple[int, ...] = ()) -> Any:
+        """fn() through the API; an HTTP status in `tolerate` returns it (an int) instead of raising."""
         from urllib3.exceptions import HTTPError
 
         try:
             return fn()
         except self._k.client.ApiException as exc:
+            if exc.status in tolerate:
+                return int(exc.status)
             raise self._explain(exc, verb, resource, name) from None
         except HTTPError as exc:
             host = self.api.configuration.host
@@ -90,14 +94,9 @@ class Cluster:
             cls, stem, resource = _KINDS[kind]
             api = self._api(cls)
             create = getattr(api, f"create_namespaced_{stem}")
-            try:
-                self._call("create", resource, name, lambda: create(self.namespace, obj))
+            if self._call("create", resource, name, lambda: create(self.namespace, obj), tolerate=(409,)) != 409:
                 results.append(f"{kind.lower()}/{name} created")
-                continue
-            except KubetuneError as exc:
-                if "HTTP 409" not in str(exc):
-                    raise
-            if kind == "Job":
+            elif kind == "Job":
                 results.append(self._resubmit_job(api, obj))
             else:
                 patch = getattr(api, f"patch_namespaced_{stem}")
@@ -133,12 +132,9 @@ class Cluster:
 
     def spec_text(self, name: str) -> str | None:
         api = self._api("CoreV1Api")
-        try:
-            cm = self._call("get", "configmaps", f"{name}-spec", lambda: api.read_namespaced_config_map(
-                f"{name}-spec", self.namespace))
-        except UsageError:
-            return None
-        return (cm.data or {}).get("spec.yaml")
+        cm = self._call("get", "configmaps", f"{name}-spec", lambda: api.read_namespaced_config_map(
+            f"{name}-spec", self.namespace), tolerate=(403, 404))  # progress is optional: no spec, no events
+        return None if isinstance(cm, int) else (cm.data or {}).get("spec.yaml")
 
     def log(self, pod: str, follow: bool = False, tail: int | None = None) -> Iterator[str]:
         api = self._api("CoreV1Api")
@@ -168,18 +164,9 @@ class Cluster:
         done.append(f"job/{name} deleted")
         for kind, fn, obj in (("configmap", core.delete_namespaced_config_map, f"{name}-spec"),
                               ("service", core.delete_namespaced_service, name)):
-            try:
-                self._call("delete", f"{kind}s", obj, lambda f=fn, o=obj: f(o, self.namespace))
+            if self._call("delete", f"{kind}s", obj, lambda f=fn, o=obj: f(o, self.namespace), tolerate=(404,)) != 404:
                 done.append(f"{kind}/{obj} deleted")
-            except UsageError as exc:
-                if "not found" not in exc.message:
-                    raise
         return done
-
-    def pod_events(self, pod: str) -> list[Any]:
-        api = self._api("CoreV1Api")
-        return self._call("list", "events", None, lambda: api.list_namespaced_event(
-            self.namespace, field_selector=f"involvedObject.name={pod}")).items
 
 
 def _index(pod: Any) -> int:

@@ -225,6 +225,14 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
         metrics.latency.labels(name).observe(time.perf_counter() - began)
         yield finished
 
+    async def complete(name: str, prompt_ids: list[int], params: GenerationParams,
+                       ticket: _Ticket) -> tuple[str, Finished]:
+        """A whole answer (no streaming); the slot is given back even if the request fails before the engine."""
+        try:
+            return await collect(run(name, prompt_ids, params, ticket))
+        finally:
+            ticket.release()
+
     def usage(prompt: int, finished: Finished) -> dict[str, int]:
         return {"prompt_tokens": prompt, "completion_tokens": finished.completion_tokens,
                 "total_tokens": prompt + finished.completion_tokens}
@@ -271,7 +279,7 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
             def chunk(delta: dict[str, Any], reason: str | None) -> str:
                 body = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-                return f"data: {json.dumps(body)}\n\n"
+                return _sse(body)
 
             async def events() -> AsyncIterator[str]:
                 yield chunk({"role": "assistant", "content": ""}, None)
@@ -281,16 +289,13 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
                         if include_usage:
                             body = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": name,
                                     "choices": [], "usage": usage(len(prompt_ids), item)}
-                            yield f"data: {json.dumps(body)}\n\n"
+                            yield _sse(body)
                     else:
                         yield chunk({"content": item}, None)
                 yield "data: [DONE]\n\n"
 
             return _stream(events(), ticket)
-        try:
-            text, finished = await collect(run(name, prompt_ids, params, ticket))
-        finally:
-            ticket.release()
+        text, finished = await complete(name, prompt_ids, params, ticket)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": name,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                           "logprobs": None, "finish_reason": finished.finish_reason}],
@@ -312,20 +317,21 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
                     first = ""
                     body = {"id": rid, "object": "text_completion", "created": now, "model": name,
                             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
-                    yield f"data: {json.dumps(body)}\n\n"
+                    yield _sse(body)
                 yield "data: [DONE]\n\n"
 
             return _stream(events(), ticket)
-        try:
-            text, finished = await collect(run(name, prompt_ids, params, ticket))
-        finally:
-            ticket.release()
+        text, finished = await complete(name, prompt_ids, params, ticket)
         return JSONResponse({"id": rid, "object": "text_completion", "created": now, "model": name,
                              "choices": [{"index": 0, "text": prefix + text, "logprobs": None,
                                           "finish_reason": finished.finish_reason}],
                              "usage": usage(len(prompt_ids), finished)})
 
     return app
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\n"
 
 
 def _stream(body: AsyncIterator[str], ticket: _Ticket) -> StreamingResponse:

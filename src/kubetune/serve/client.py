@@ -3,9 +3,10 @@ OpenAI-compatible URL), or in-process with a run's model. Both stream text delta
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from typing import Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from kubetune.errors import KubetuneError, UsageError
 
@@ -48,31 +49,22 @@ class HttpChat:
                 if chunk.choices and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
 
-    def _translate(self) -> "_Translate":
-        return _Translate(self.url, self._errors)
+    def _translate(self) -> contextlib.AbstractContextManager[None]:
+        return _translate(self.url, self._errors)
 
 
-class _Translate:
+@contextlib.contextmanager
+def _translate(url: str, errors: Any) -> Iterator[None]:
     """openai's exceptions → kubetune errors that say which URL and what to do."""
-
-    def __init__(self, url: str, errors: object) -> None:
-        self.url, self.errors = url, errors
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
-        e = self.errors
-        if exc is None:
-            return False
-        if isinstance(exc, e.APIConnectionError):  # type: ignore[attr-defined]
-            raise UsageError(f"cannot reach {self.url}", "is the server running? (kubetune serve RUN)") from None
-        if isinstance(exc, e.AuthenticationError):  # type: ignore[attr-defined]
-            raise UsageError(f"{self.url}: the server wants an API key",
-                             "pass --api-key or set KUBETUNE_API_KEY / OPENAI_API_KEY") from None
-        if isinstance(exc, e.APIStatusError):  # type: ignore[attr-defined]
-            raise KubetuneError(f"{self.url}: HTTP {exc.status_code}: {_message(exc)}") from None  # type: ignore[attr-defined]
-        return False
+    try:
+        yield
+    except errors.APIConnectionError:
+        raise UsageError(f"cannot reach {url}", "is the server running? (kubetune serve RUN)") from None
+    except errors.AuthenticationError:
+        raise UsageError(f"{url}: the server wants an API key",
+                         "pass --api-key or set KUBETUNE_API_KEY / OPENAI_API_KEY") from None
+    except errors.APIStatusError as exc:
+        raise KubetuneError(f"{url}: HTTP {exc.status_code}: {_message(exc)}") from None
 
 
 def _message(exc: BaseException) -> str:

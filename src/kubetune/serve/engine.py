@@ -147,19 +147,13 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     from kubetune.hf import quiet_progress_bars
     from kubetune.spec.load import load_spec
     from kubetune.storage import resolve_model
+    from kubetune.storage.store import uri_basename
 
     quiet_progress_bars()
     if not targets:
         raise UsageError("nothing to serve", "pass a run folder (runs/NAME) or a model folder")
     if len(targets) == 1 and (Path(targets[0]) / "config.json").exists() and not (Path(targets[0]) / "spec.yaml").exists():
-        path = Path(targets[0])
-        name = served_name or path.name
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(path)
-        _require_template(tok, str(path))
-        gen = GenerationConfig.from_pretrained(path) if (path / "generation_config.json").exists() \
-            else GenerationConfig.from_model_config(model.config)
-        return TransformersEngine(model, [ServedModel(name, tok, gen, None, str(path))], _context(path))
+        return _whole_model(Path(targets[0]), served_name or Path(targets[0]).name)
 
     runs = []
     for target in targets:
@@ -172,10 +166,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
         runs.append((spec, folder, merged))
     if len(runs) == 1 and runs[0][2]:
         spec, folder, _ = runs[0]
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(folder)
-        return TransformersEngine(model, [ServedModel(served_name or spec.name, tok, GenerationConfig.from_pretrained(folder),
-                                                      None, str(folder))], _context(folder))
+        return _whole_model(folder, served_name or spec.name)
     bases = {str(resolve_model(s.model.base, s.model.revision).resolve()) for s, _, _ in runs}
     if len(bases) > 1 or any(m for _, _, m in runs):
         raise UsageError("several runs can be served together only as adapters of one base model",
@@ -197,11 +188,24 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
         served.append(ServedModel(name, tok, gen, name, str(folder)))
     if with_base:
         first_spec = runs[0][0]
-        base_name = first_spec.model.base.removeprefix("hf://").split("@")[0].rstrip("/").split("/")[-1]
+        base_name = uri_basename(first_spec.model.base)
         if base_name not in {s.name for s in served}:
             served.append(ServedModel(base_name, served[0].tokenizer, served[0].generation, None, str(base_dir)))
     model.eval()
     return TransformersEngine(model, served, _context(base_dir))
+
+
+def _whole_model(folder: Path, name: str) -> TransformersEngine:
+    """A model folder (a merged run, or any save_pretrained folder with a chat template), served as is."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    _require_template(tok, str(folder))
+    gen = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() \
+        else GenerationConfig.from_model_config(model.config)
+    return TransformersEngine(model, [ServedModel(name, tok, gen, None, str(folder))], _context(folder))
 
 
 def _require_template(tok: Any, where: str) -> None:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from kubetune.errors import UsageError
 from kubetune.serve.vllm import VllmTarget, adapter_rank, vllm_command
+from kubetune.storage.store import uri_basename
 
 API_KEY_ENV = "KUBETUNE_API_KEY"
 
@@ -61,7 +62,7 @@ def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmT
         return VllmTarget(str(layout.merged), served_name or spec.name, str(layout.merged))
     base, _, at = spec.model.base.removeprefix("hf://").partition("@")  # vLLM loads a Hub id itself
     name = served_name or spec.name
-    return VllmTarget(base, base.rstrip("/").split("/")[-1], str(layout.adapter), ((name, str(layout.adapter)),),
+    return VllmTarget(base, uri_basename(base), str(layout.adapter), ((name, str(layout.adapter)),),
                       adapter_rank(layout.adapter), revision=spec.model.revision or at or None)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kubetune.errors import UsageError
-from kubetune.storage.store import StorageOptions, Store, local_path
+from kubetune.storage.store import Store, local_path
 
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -34,21 +34,34 @@ def identity(info: dict[str, Any]) -> str:
     tag = (info.get("ETag") or info.get("etag") or info.get("md5Hash") or lfs.get("sha256") or info.get("blob_id")
            or info.get("sha256") or "")
     tag = str(tag).strip('"')
-    return f"{tag}-{int(info.get('size') or info.get('Size') or 0)}"
+    return f"{tag}-{size_of(info)}"
+
+
+def size_of(info: dict[str, Any]) -> int:
+    return int(info.get("size") or info.get("Size") or 0)
+
+
+def matches(path: Path, info: dict[str, Any]) -> bool:
+    """A local file holds what `info` describes: the same size, and the same MD5 where the ETag is one
+    (single-part S3 uploads; multipart ETags and other stores are compared by size)."""
+    if path.stat().st_size != size_of(info):
+        return False
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    return not _MD5.match(etag) or md5_of(path) == etag
 
 
 def excluded(key: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(key, p) for p in patterns)
 
 
-def fetch(uri: str, options: StorageOptions | None = None, exclude: Sequence[str] = (),
+def fetch(uri: str, exclude: Sequence[str] = (),
           on_file: Callable[[str, bool], None] | None = None, include: Sequence[str] = ()) -> Path:
     """Local path holding the files of `uri` (itself when local). `on_file(key, downloaded)` reports
     progress; `include` (file-name globs) limits a folder to some files, e.g. just the tokenizer."""
     local = local_path(uri)
     if local is not None:
         return local
-    store = Store(uri, options)
+    store = Store(uri)
     files = store.find()
     if not files:
         store.check_readable("input")  # raises with the reason (no bucket, no key, credentials)
@@ -63,7 +76,7 @@ def fetch(uri: str, options: StorageOptions | None = None, exclude: Sequence[str
         blob = cache_root() / "blobs" / hashlib.sha256(identity(info).encode()).hexdigest()
         fresh = not blob.exists()
         if fresh:
-            _download(store, key, info, blob, uri)
+            _download(store, key, info, blob)
         if not target.exists() or target.stat().st_ino != blob.stat().st_ino:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.unlink(missing_ok=True)
@@ -73,18 +86,16 @@ def fetch(uri: str, options: StorageOptions | None = None, exclude: Sequence[str
     return tree / (uri.rstrip("/").rsplit("/", 1)[-1]) if single else tree
 
 
-def _download(store: Store, key: str, info: dict[str, Any], blob: Path, uri: str) -> None:
+def _download(store: Store, key: str, info: dict[str, Any], blob: Path) -> None:
     blob.parent.mkdir(parents=True, exist_ok=True)
     part = blob.with_name(blob.name + ".download")
     store.get(key, part)
-    size = int(info.get("size") or info.get("Size") or 0)
-    if size and part.stat().st_size != size:
+    if not matches(part, info):
+        got = part.stat().st_size
         part.unlink(missing_ok=True)
-        raise UsageError(f"{store.url(key)}: downloaded {part.stat().st_size} bytes, expected {size}", "retry")
-    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
-    if _MD5.match(etag) and md5_of(part) != etag:
-        part.unlink(missing_ok=True)
-        raise UsageError(f"{store.url(key)}: checksum mismatch after download (ETag {etag})", "retry")
+        raise UsageError(f"{store.url(key)}: the download ({got} bytes) does not match the stored size "
+                         f"({size_of(info)} bytes) or checksum", "retry; if it persists, the object changed while "
+                                                                 "it was read")
     os.replace(part, blob)
 
 

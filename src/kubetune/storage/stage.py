@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 from kubetune.errors import UsageError
 from kubetune.spec.models import RunSpec
-from kubetune.storage.fetch import excluded, fetch, md5_of
-from kubetune.storage.store import Store
+from kubetune.storage.fetch import excluded, fetch, matches
+from kubetune.storage.store import Store, uri_basename
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,12 @@ def deliveries_from_flags(models: Sequence[str], data: Sequence[str], to: str) -
     to = to.rstrip("/")
     out = []
     for model in models:
-        out.append(Delivery("model", f"{to}/models/{_basename(model)}", model))
+        out.append(Delivery("model", f"{to}/models/{uri_basename(model)}", model))
     for d in data:
-        out.append(Delivery("data", f"{to}/data/{_basename(d)}", d))
+        out.append(Delivery("data", f"{to}/data/{uri_basename(d)}", d))
     if not out:
         raise UsageError("stage --to needs --model and/or --data", "e.g. kubetune stage --model hf://org/name --to s3://bucket/")
     return out
-
-
-def _basename(uri: str) -> str:
-    return uri.split("://", 1)[-1].split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def stage(deliveries: Sequence[Delivery], exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> StageReport:
@@ -92,7 +88,7 @@ def _run_script(item: Delivery, tmp: Path) -> Path:
     script = Path(item.script or "")
     if not script.is_file():
         raise UsageError(f"stage.data script {script}: no such file")
-    name = _basename(item.dest) if item.dest.endswith((".jsonl", ".json", ".parquet", ".csv")) else "data.jsonl"
+    name = uri_basename(item.dest) if item.dest.endswith((".jsonl", ".json", ".parquet", ".csv")) else "data.jsonl"
     output = tmp / name
     env = dict(os.environ, KUBETUNE_OUTPUT=str(output))
     res = subprocess.run([sys.executable, str(script), *item.args], env=env)
@@ -105,7 +101,7 @@ def _run_script(item: Delivery, tmp: Path) -> Path:
 
 
 def copy_tree(local: Path, dest: str, exclude: Sequence[str], report: StageReport, log: Callable[[str], None],
-               single: bool) -> None:
+              single: bool) -> None:
     if single:
         parent, _, name = dest.rstrip("/").rpartition("/")
         if not parent:
@@ -119,7 +115,7 @@ def copy_tree(local: Path, dest: str, exclude: Sequence[str], report: StageRepor
         store = Store(dest)
     existing = store.find(name) if single else store.find()
     for key, path in files.items():
-        if _same(path, existing.get(key)):
+        if key in existing and matches(path, existing[key]):  # already there: a re-run resumes
             report.skipped.append(store.url(key))
             continue
         store.put(path, key)
@@ -128,12 +124,3 @@ def copy_tree(local: Path, dest: str, exclude: Sequence[str], report: StageRepor
         log(f"  copied {key} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
-def _same(path: Path, info: dict | None) -> bool:
-    if not info:
-        return False
-    if int(info.get("size") or info.get("Size") or -1) != path.stat().st_size:
-        return False
-    etag = str(info.get("ETag") or "").strip('"')
-    if len(etag) == 32 and "-" not in etag:
-        return md5_of(path) == etag
-    return True  # same size, no comparable checksum (multipart ETag, local file)

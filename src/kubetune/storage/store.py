@@ -9,8 +9,8 @@ AWS chain (environment, profile, web identity), gcsfs Google's ADC, HfFileSystem
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,21 +22,17 @@ DEFAULT_PVC_ROOT = "/mnt/pvc"
 GCS_MOUNT_ENV = "KUBETUNE_GCS_MOUNT"  # where gs://BUCKET/... is mounted (GCS FUSE) inside pods
 
 
-@dataclass(frozen=True)
-class StorageOptions:
-    """Non-secret connection settings (spec `storage:`); None = the library's own default chain."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-
-
 def scheme(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
 def is_remote(uri: str) -> bool:
     return scheme(uri) in REMOTE_SCHEMES
+
+
+def uri_basename(uri: str) -> str:
+    """The last path segment of a URI or path, without a @revision: the name a model or file goes by."""
+    return uri.split("://", 1)[-1].split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def pvc_path(uri: str) -> Path:
@@ -62,10 +58,10 @@ def local_path(uri: str) -> Path | None:
 class Store:
     """Files under one URI prefix. Keys are relative paths with '/'."""
 
-    def __init__(self, uri: str, options: StorageOptions | None = None) -> None:
+    def __init__(self, uri: str) -> None:
         self.uri = uri.rstrip("/")
         self.scheme = scheme(uri)
-        self.fs, self.root = _filesystem(self.uri, options or StorageOptions())
+        self.fs, self.root = _filesystem(self.uri)
 
     def _path(self, key: str = "") -> str:
         return f"{self.root}/{key}".rstrip("/") if key else self.root
@@ -132,8 +128,10 @@ class Store:
         """Pre-flight for an input: it exists and the credentials may read it."""
         try:  # info, not exists: exists() turns wrong credentials into "False"
             self.fs.info(self._path())
-        except BaseException as exc:  # noqa: BLE001 - classified below
-            raise (describe(exc, f"{what} {self.uri}") or exc) from None
+        except Exception as exc:  # noqa: BLE001 - classified below; anything else still names the URI
+            raise describe(exc, f"{what} {self.uri}") or UsageError(
+                f"{what} {self.uri}: cannot read it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                "check the URI, the credentials and the network") from None
 
     def check_writable(self, what: str) -> None:
         """Pre-flight for an output: the bucket exists and the credentials may list and write it."""
@@ -145,19 +143,18 @@ class Store:
             raise UsageError(f"{what} {exc.message}", exc.hint) from None
 
 
-def _filesystem(uri: str, options: StorageOptions) -> tuple[Any, str]:
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """The fsspec filesystem for a URI. Connection settings come from the environment only (the spec's
+    `storage:` section is exported there by storage.runs.apply_storage_env): one mechanism, which
+    torchrun ranks and the upload process inherit too."""
     import fsspec
 
     kind = scheme(uri)
     if kind == "s3":
-        endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        client: dict[str, Any] = {}
-        if endpoint:
-            client["endpoint_url"] = endpoint
-        if options.region:
-            client["region_name"] = options.region
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         fs = fsspec.filesystem(
-            "s3", client_kwargs=client, profile=options.profile, skip_instance_cache=True, use_listings_cache=False,
+            "s3", client_kwargs={"endpoint_url": endpoint} if endpoint else {}, skip_instance_cache=True,
+            use_listings_cache=False,
             # Short timeouts and few botocore retries: kubetune's uploader retries with its own backoff,
             # and a pre-flight check must fail in seconds, not minutes.
             config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}})
@@ -179,21 +176,17 @@ def _filesystem(uri: str, options: StorageOptions) -> tuple[Any, str]:
     return fsspec.filesystem("file"), str(path.absolute())
 
 
-class translate:
+@contextlib.contextmanager
+def translate(uri: str) -> Iterator[None]:
     """Library exceptions → UsageError naming the URI (wrong credentials, no bucket, no key, no network)."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or isinstance(exc, UsageError):
-            return False
-        error = describe(exc, self.uri)
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as exc:
+        error = describe(exc, uri)
         if error is None:
-            return False
+            raise
         raise error from None
 
 

@@ -3,7 +3,7 @@
 The output URI is the source of truth. Before training, `pull` brings the run's files and its
 newest complete checkpoint into an empty local folder (so any machine can resume); incomplete
 checkpoints in the store are deleted. While training, `Uploader` sends each checkpoint from a
-background thread — COMPLETE last, after every other file of it — retries with backoff while
+background process — COMPLETE last, after every other file of it — retries with backoff while
 the store is unreachable, and applies retention in the store too. The run ends after the queue
 is drained; uploads that never succeeded are a clear error, and the local files stay.
 """
@@ -19,12 +19,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from kubetune.artifacts.checkpoints import checkpoint_step
 from kubetune.artifacts.layout import COMPLETE, RunLayout
 from kubetune.errors import TrainingError
-from kubetune.storage.store import StorageOptions, Store, local_path
+from kubetune.storage.store import Store, local_path
 
 WORKDIR_ENV = "KUBETUNE_WORKDIR"             # where remote runs are worked on locally (a pod's scratch volume)
 RETRY_ENV = "KUBETUNE_UPLOAD_RETRY_SECONDS"  # how long one upload keeps retrying before it is a failure
@@ -41,6 +41,11 @@ def workdir_for(uri: str, name: str) -> Path:
     return Path(base) / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
 
 
+def marker_last(keys: Iterable[str]) -> list[str]:
+    """Keys in order, COMPLETE markers after every other file: a reader that sees the marker sees all."""
+    return sorted(keys, key=lambda k: (k.rsplit("/", 1)[-1] == COMPLETE, k))
+
+
 def remote_checkpoints(store: Store) -> list[tuple[int, bool]]:
     """(step, complete) of every checkpoint in the store, oldest first."""
     out = []
@@ -55,7 +60,6 @@ def remote_checkpoints(store: Store) -> list[tuple[int, bool]]:
 class PullResult:
     checkpoint: int | None = None          # step of the checkpoint brought down
     removed_incomplete: list[int] = field(default_factory=list)
-    finished: bool = False
 
 
 def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print) -> PullResult:
@@ -68,7 +72,6 @@ def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print) ->
     if store.exists(f"final/{COMPLETE}"):
         for key in sorted(store.find("final")):
             store.get(key, layout.root / key)
-        result.finished = True
         return result
     ckpts = remote_checkpoints(store)
     for step, complete in ckpts:
@@ -80,8 +83,7 @@ def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print) ->
         step = complete_steps[-1]
         local = layout.checkpoints / f"checkpoint-{step}"
         if not (local / COMPLETE).exists():
-            keys = sorted(store.find(f"checkpoints/checkpoint-{step}"))
-            for key in [k for k in keys if not k.endswith(f"/{COMPLETE}")] + [k for k in keys if k.endswith(f"/{COMPLETE}")]:
+            for key in marker_last(store.find(f"checkpoints/checkpoint-{step}")):
                 store.get(key, layout.root / key)
         result.checkpoint = step
     if result.removed_incomplete:
@@ -103,7 +105,6 @@ class Uploader:
         self.store, self.layout, self.keep, self.log = store, layout, keep, log
         self.retry_seconds = retry_seconds if retry_seconds is not None else float(os.environ.get(RETRY_ENV, "900"))
         self.failures: list[str] = []
-        self.uploaded_steps: list[int] = []
         self._pending: set[int] = set()
         self._lock = threading.Lock()
         self._proc = subprocess.Popen(
@@ -170,8 +171,6 @@ class Uploader:
                 self.log(report["message"])
             elif report["kind"] == "failure":
                 self.failures.append(report["message"])
-            elif report["kind"] == "done" and report.get("step") is not None:
-                self.uploaded_steps.append(report["step"])
             if report["kind"] in ("done", "failure") and report.get("step") is not None:
                 with self._lock:
                     self._pending.discard(report["step"])
@@ -208,10 +207,9 @@ class UploadWorker:
     def _upload_tree(self, folder: Path) -> None:
         if not folder.exists():
             return
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        marker = [p for p in files if p.name == COMPLETE and p.parent == folder]
-        for path in [p for p in files if p not in marker] + marker:  # the marker after everything else
-            self._retry(lambda p=path: self.store.put(p, self._key(p)), self._key(path))
+        files = [self._key(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        for key in marker_last(files):
+            self._retry(lambda k=key: self.store.put(self.root / k, k), key)
 
     def _retention(self) -> None:
         """Keep the newest `keep` complete checkpoints in the store; never the newest complete one."""
@@ -249,6 +247,3 @@ def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"[:200]
 
-
-def open_store(uri: str, options: StorageOptions | None = None) -> Store:
-    return Store(uri, options)

@@ -67,7 +67,7 @@ def preflight(spec: RunSpec, check_storage: bool = True) -> RunOutput:
     if check_storage:
         if output.store is not None:
             output.store.check_writable("output")
-        inputs = [("model.base", spec.model.base)] + [(f"data source", s.path) for s in spec.data.sources()]
+        inputs = [("model.base", spec.model.base)] + [("data source", s.path) for s in spec.data.sources()]
         for what, uri in inputs:
             if scheme(uri) in ("s3", "gs"):
                 Store(uri).check_readable(what)
@@ -90,9 +90,8 @@ def train(spec: RunSpec, log: Any = print) -> TrainResult:
     main = dist.rank == 0
     say = log if main else (lambda *_a, **_k: None)
     # Under torchrun the launcher already checked storage and pulled the run: ranks only find the folder.
+    apply_storage_env(spec)
     output = run_output(spec) if dist.launched else prepare_output(spec, say)
-    if dist.launched:
-        apply_storage_env(spec)
     layout = output.layout
     if spec.resources.nodes > 1 and not dist.launched:
         raise UsageError("resources.nodes > 1 needs a cluster", "run it with `kubetune submit`, or set resources.nodes: 1")

@@ -26,7 +26,8 @@ def render(spec: RunSpec, what: str = "train", run_uri: str | None = None) -> li
 
 
 class _Dumper(yaml.SafeDumper):
-    pass
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # containers sharing one env list are written out in full, not as &id001 anchors
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:

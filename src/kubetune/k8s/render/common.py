@@ -63,7 +63,7 @@ def uses_s3(spec: RunSpec) -> bool:
     return any(u.startswith("s3://") for u in uris(spec))
 
 
-def _secret_ref(ref: str) -> dict[str, Any]:
+def secret_ref(ref: str) -> dict[str, Any]:
     name, key = ref.split("/", 1)
     return {"secretKeyRef": {"name": name, "key": key}}
 
@@ -87,7 +87,7 @@ def env(spec: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if spec.storage.region:
         out.append({"name": "AWS_DEFAULT_REGION", "value": spec.storage.region})
     if k.secrets.hf_token:
-        out.append({"name": "HF_TOKEN", "valueFrom": _secret_ref(k.secrets.hf_token)})
+        out.append({"name": "HF_TOKEN", "valueFrom": secret_ref(k.secrets.hf_token)})
     env_from = [{"secretRef": {"name": k.secrets.storage}}] if k.secrets.storage else []
     return out, env_from
 

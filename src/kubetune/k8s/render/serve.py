@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.k8s.render.common import (
-    GCS_ROOT, PVC_ROOT, container_security, env, metadata, pod_placement, pod_security, resources, volumes,
+    GCS_ROOT, PVC_ROOT, container_security, env, metadata, pod_placement, pod_security, resources, secret_ref, volumes,
 )
 from kubetune.serve.vllm import VllmTarget, vllm_command
 from kubetune.spec.models import RunSpec
+from kubetune.storage.store import uri_basename
 
 MODELS = "/models"
 
@@ -35,44 +36,38 @@ def serve_objects(spec: RunSpec, run_uri: str | None = None, adapter: bool | Non
     name = f"{spec.name}-serve"
     s = spec.serve
     folder = f"{run}/final/{'adapter' if adapter else 'merged'}"
-    mounted = _local_view(folder)
-    init: list[dict[str, Any]] = []
     env_list, env_from = env(spec)
     vols = volumes(spec, None, scratch=False)
     vols.volumes.append({"name": "models", "emptyDir": {}})
     vols.mounts.append({"name": "models", "mountPath": MODELS})
     vols.volumes.append({"name": "scratch", "emptyDir": {}})
     vols.mounts.append({"name": "scratch", "mountPath": "/scratch"})
-    if mounted is None:  # object storage: copied in by kubetune before vLLM starts
-        local = f"{MODELS}/models/{'adapter' if adapter else 'merged'}"
-        init.append({"name": "fetch-run", "image": spec.kubernetes.image,
-                     "imagePullPolicy": spec.kubernetes.image_pull_policy,
-                     "command": ["kubetune", "stage", "--model", folder, "--to", MODELS],
-                     "env": env_list, **({"envFrom": env_from} if env_from else {}),
-                     "resources": resources(spec, cpu="1", memory="2Gi", accelerator=False),
-                     "securityContext": container_security(), "volumeMounts": vols.mounts})
-    else:
-        local = mounted
-    base = spec.model.base
-    base_local = _local_view(base) if not base.startswith("hf://") else base.removeprefix("hf://").split("@")[0]
-    if base_local is None:  # s3:// base: the init container copies it too
-        base_local = f"{MODELS}/models/{base.rstrip('/').rsplit('/', 1)[-1]}"
-        if init:
-            init[0]["command"] += ["--model", base]
-        else:
-            init.append({**_fetch_only(spec, env_list, env_from, vols.mounts), "command": [
-                "kubetune", "stage", "--model", base, "--to", MODELS]})
-    revision = spec.model.revision or (base.split("@", 1)[1] if base.startswith("hf://") and "@" in base else None)
+    fetch: list[str] = []  # object-storage URIs an init container copies to /models before vLLM starts
+
+    def in_pod(uri: str) -> str:
+        local = _local_view(uri)
+        if local is None:
+            fetch.append(uri)
+            local = f"{MODELS}/models/{uri_basename(uri)}"  # where `kubetune stage --to /models` puts it
+        return local
+
+    local = in_pod(folder)
     if adapter:
-        target = VllmTarget(base_local, base_local.rstrip("/").rsplit("/", 1)[-1], local, ((spec.name, local),),
-                            spec.method.lora.r, revision)
+        base = spec.model.base
+        base_local = base.removeprefix("hf://").split("@")[0] if base.startswith("hf://") else in_pod(base)
+        revision = spec.model.revision or (base.split("@", 1)[1] if base.startswith("hf://") and "@" in base else None)
+        target = VllmTarget(base_local, uri_basename(base_local), local, ((spec.name, local),), spec.method.lora.r,
+                            revision)
     else:
         target = VllmTarget(local, spec.name, local)
+    init = [{"name": "fetch-run", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
+             "command": ["kubetune", "stage", *[a for uri in fetch for a in ("--model", uri)], "--to", MODELS],
+             "env": env_list, **({"envFrom": env_from} if env_from else {}),
+             "resources": resources(spec, cpu="1", memory="2Gi", accelerator=False),
+             "securityContext": container_security(), "volumeMounts": vols.mounts}] if fetch else []
     args = vllm_command(target, host="0.0.0.0", port=s.port, max_num_seqs=s.max_concurrency)
-    api_env = []
-    if spec.kubernetes.secrets.api_key:
-        secret, key = spec.kubernetes.secrets.api_key.split("/", 1)
-        api_env = [{"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}]
+    api_env = [{"name": "VLLM_API_KEY", "valueFrom": secret_ref(spec.kubernetes.secrets.api_key)}] \
+        if spec.kubernetes.secrets.api_key else []
     probe_path = "/health" if api_env else "/v1/models"
     http = {"port": "http"}
     container = {
@@ -114,14 +109,6 @@ def serve_objects(spec: RunSpec, run_uri: str | None = None, adapter: bool | Non
                                 "metric": {"name": "vllm:num_requests_waiting"},
                                 "target": {"type": "AverageValue", "averageValue": _quantity(a.target_queue)}}}]}})
     return objects
-
-
-def _fetch_only(spec: RunSpec, env_list: list[dict[str, Any]], env_from: list[dict[str, Any]],
-                mounts: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"name": "fetch-run", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
-            "env": env_list, **({"envFrom": env_from} if env_from else {}),
-            "resources": resources(spec, cpu="1", memory="2Gi", accelerator=False),
-            "securityContext": container_security(), "volumeMounts": mounts}
 
 
 def _quantity(value: float) -> str:
