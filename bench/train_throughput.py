@@ -124,14 +124,16 @@ def kubetune_spec(model: Path, data: Path, out: Path) -> Path:
 
 
 def kubetune_result(run: Path, started: float) -> dict[str, float]:
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    steps = [e for e in events if e["event"] == "step"]
-    end = next(e for e in events if e["event"] == "end")
-    first = next(e for e in events if e["event"] == "first_step")
-    pads = [e["padding"] for e in steps if e.get("padding") is not None]
-    return {"real_tokens": end["tokens_seen"], "runtime": end["train_runtime"],
-            "padding": sum(pads) / len(pads), "first_step": first["time"] - started, "loss": end["train_loss"],
-            "steps": end["step"]}
+    from kubetune.artifacts.events import EndEvent, FirstStepEvent, StepEvent, read_events
+
+    events = read_events(run / "events.jsonl")
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    end = next(e for e in events if isinstance(e, EndEvent))
+    first = next(e for e in events if isinstance(e, FirstStepEvent))
+    pads = [e.padding for e in steps if e.padding is not None]
+    return {"real_tokens": end.tokens_seen, "runtime": end.train_runtime or 0.0,
+            "padding": sum(pads) / len(pads), "first_step": first.time - started, "loss": end.train_loss or 0.0,
+            "steps": end.step}
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:

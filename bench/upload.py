@@ -25,6 +25,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.servers import start_s3  # noqa: E402  (the same server the tests use)
+from kubetune.artifacts.events import CheckpointEvent, EndEvent, read_events  # noqa: E402
 
 
 def spec(path: Path, name: str, output: str, steps: int, args_every: int) -> Path:
@@ -50,9 +51,9 @@ def run(spec_path: Path, env: dict[str, str]) -> tuple[float, float, int]:
         raise SystemExit(res.stdout[-2000:] + res.stderr[-2000:])
     events_path = next(Path(env["KUBETUNE_WORKDIR"]).rglob("events.jsonl"), None) if "s3://" in spec_path.read_text() \
         else Path(json.loads(json.dumps(str(spec_path.parent / "runs" / spec_path.stem / "events.jsonl"))))
-    events = [json.loads(line) for line in Path(events_path).read_text().splitlines()]
-    end = [e for e in events if e["event"] == "end"][-1]
-    return end["train_runtime"] / end["step"], wall, sum(e["event"] == "checkpoint" for e in events)
+    events = read_events(Path(events_path))
+    end = [e for e in events if isinstance(e, EndEvent)][-1]
+    return (end.train_runtime or 0.0) / end.step, wall, sum(isinstance(e, CheckpointEvent) for e in events)
 
 
 def main() -> None:

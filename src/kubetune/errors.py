@@ -7,10 +7,15 @@ The tree::
     │   ├── SpecError             exit 2  the run spec: a list of Problems (field path, line, message)
     │   └── DataError             exit 2  the datasets: a list of Problems (file:line, message)
     ├── TrainingError             exit 1  training itself failed (not a configuration mistake)
+    ├── TransientError            exit 75  infrastructure that may work again: storage, Hub or Kubernetes API
+    │   │                                  unreachable, timeouts, HTTP 5xx, throttling (EX_TEMPFAIL)
+    │   └── LeaseHeld             exit 75  another trainer holds the run's lease: it is being written now
     └── Preempted                 exit 143  stopped by SIGTERM/Ctrl-C after saving a checkpoint: rerun to resume
 
-Exit code 2 is reserved for "fix your input and try again"; Kubernetes Jobs use it to fail at once
-instead of retrying (see podFailurePolicy in k8s/render).
+The codes are a contract that Kubernetes acts on (podFailurePolicy in k8s/render/train.py): 2 fails
+the Job at once ("fix your input"), 75 and 1 are retried within backoffLimit (each retry resumes from
+the newest complete checkpoint), and a pod disrupted by preemption or a drain is not counted.
+Errors are classified by exception type and HTTP status, never by message text.
 """
 
 from __future__ import annotations
@@ -20,19 +25,23 @@ from dataclasses import dataclass
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_PREEMPTED",
+    "EXIT_TRANSIENT",
     "EXIT_USAGE",
     "DataError",
     "KubetuneError",
+    "LeaseHeld",
     "Preempted",
     "Problem",
     "SpecError",
     "TrainingError",
+    "TransientError",
     "UsageError",
     "capped",
 ]
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL (sysexits.h): try again later; Kubernetes retries it
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a terminated process reports; retried by Kubernetes
 
 
@@ -102,6 +111,16 @@ class DataError(_ProblemList):
 
 class TrainingError(KubetuneError):
     exit_code = EXIT_FAILURE
+
+
+class TransientError(KubetuneError):
+    """The infrastructure failed in a way that may pass: retrying the same command can succeed."""
+
+    exit_code = EXIT_TRANSIENT
+
+
+class LeaseHeld(TransientError):
+    """Another trainer is writing this run (its lease is live)."""
 
 
 class Preempted(KubetuneError):

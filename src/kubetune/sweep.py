@@ -5,7 +5,6 @@ as Kubernetes Jobs that Kueue queues. `sweep status` ranks the runs by an eval m
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from kubetune.artifacts.events import ErrorEvent, EvalReportEvent, StepEvent, read_events
 from kubetune.errors import KubetuneError, UsageError
 from kubetune.spec.load import load_spec
 from kubetune.spec.models import RunSpec
@@ -126,14 +126,22 @@ def ranking(spec_path: str, runs: Sequence[SweepRun], metric: str | None = None)
         row: dict[str, Any] = {"run": r.name, "value": None, "metrics": {}, "state": "not found"}
         try:
             layout = open_any_run(spec.output_uri).layout
-            path = layout.eval / "metrics.json"
-            if path.exists():
-                row["metrics"] = json.loads(path.read_text()).get("tuned", {})
-                row["state"] = "evaluated"
-            else:
-                row["state"] = "finished" if layout.is_finished() else "running or failed"
         except KubetuneError:
-            pass
+            rows.append(row)
+            continue
+        events = read_events(layout.events)
+        reports = [e for e in events if isinstance(e, EvalReportEvent)]
+        steps = [e for e in events if isinstance(e, StepEvent)]
+        if reports:
+            row["metrics"], row["state"] = reports[-1].metrics.get("tuned", {}), "evaluated"
+        elif layout.is_finished():
+            row["state"] = "finished"
+        elif events and isinstance(events[-1], ErrorEvent):
+            row["state"] = f"failed: {events[-1].error}"[:80]
+        elif steps:
+            row["state"] = f"step {steps[-1].step}/{steps[-1].total_steps}"
+        else:
+            row["state"] = "not started"
         rows.append(row)
     names = {k for row in rows for k in row["metrics"]}
     chosen = metric or ("rougeL" if "rougeL" in names else "loss")

@@ -151,8 +151,9 @@ def test_deploy_applies_the_serving_objects_and_says_how_to_try_it(k8s: FakeKube
 
 def test_status_reads_progress_from_the_runs_events_in_storage(k8s: FakeKubernetes, cli, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import json
-
+    """The events are those of a real short training run into s3:// (written by the trainer, not here)."""
+    from kubetune.artifacts.events import StepEvent, format_eta, parse_events
+    from tests.conftest import run_kubetune, tiny_overrides
     from tests.servers import start_s3
 
     s3 = start_s3()
@@ -160,14 +161,30 @@ def test_status_reads_progress_from_the_runs_events_in_storage(k8s: FakeKubernet
         for key, value in s3.env().items():
             monkeypatch.setenv(key, value)
         s3.client().create_bucket(Bucket="runs")
-        events = [{"event": "start"}, {"event": "step", "step": 300, "total": 800, "loss": 0.75, "eta": "0:03:00"}]
-        s3.client().put_object(Bucket="runs", Key="qs/events.jsonl",
-                               Body="".join(json.dumps(e) + "\n" for e in events).encode())
+        overrides = [a for item in tiny_overrides(tmp_path / "unused") if not item.startswith("output=")
+                     for a in ("--set", item)]
+        overrides += ["--set", "output=s3://runs/qs", "--set", "train.max_steps=6", "--set", "train.logging_steps=2"]
+        res = run_kubetune("train", SPEC, *overrides, HOME=str(tmp_path / "home"), **s3.env())
+        assert res.returncode == 0, res.stderr[-2000:]
+        text = s3.client().get_object(Bucket="runs", Key="qs/events.jsonl")["Body"].read().decode()
+        steps = [e for e in parse_events(text.splitlines()) if isinstance(e, StepEvent)]
+        assert [e.step for e in steps] == [2, 4, 6]
+
         cli("submit", SPEC, "--set", "output=s3://runs/qs")
         k8s.get("jobs", "default", "quickstart")["status"] = {"active": 1}
         k8s.put("pods", "default", _pod("quickstart-0-abc", "Running"))
         code, out, err = cli("status", "quickstart")
         assert code == 0, err
-        assert "step 300/800  loss 0.75  eta 0:03:00  (from s3://runs/qs/events.jsonl)" in out
+        assert f"step 6/6  loss {steps[-1].loss:.4f}  eta done  (from s3://runs/qs/events.jsonl)" in out
+        assert "newest checkpoint in storage: s3://runs/qs/checkpoints/checkpoint-6" in out
+
+        # the same run seen while it was still training: the events up to its second step event
+        lines = text.splitlines()
+        cut = [i for i, line in enumerate(lines) if '"event":"step"' in line][1]
+        s3.client().put_object(Bucket="runs", Key="qs/events.jsonl", Body="\n".join(lines[:cut + 1]).encode())
+        code, out, err = cli("status", "quickstart")
+        assert code == 0, err
+        assert steps[1].eta_s is not None and steps[1].loss is not None
+        assert f"step 4/6  loss {steps[1].loss:.4f}  eta {format_eta(steps[1].eta_s)}  (from" in out
     finally:
         s3.stop()

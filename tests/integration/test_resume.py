@@ -21,9 +21,9 @@ def _wait_for_checkpoint(events: Path, proc: subprocess.Popen, timeout: float = 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, "training ended before it could be killed"
-        done = [e for e in read_events(events) if e["event"] == "checkpoint"]
+        done = [e for e in read_events(events) if e.event == "checkpoint"]
         if done:
-            return done[0]["step"]
+            return done[0].step
         time.sleep(0.05)
     raise AssertionError("no checkpoint within the timeout")
 
@@ -58,11 +58,11 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(write_spec, tmp_path:
     assert f"resuming from {resume_from}" in res.stdout
     assert not partial.exists()
     events = read_events(out / "events.jsonl")
-    starts = [i for i, e in enumerate(events) if e["event"] == "start"]
-    assert len(starts) == 2 and events[starts[1]]["resumed_from"] == str(resume_from)
-    after = [e for e in events[starts[1]:] if e["event"] == "step"]
-    assert after[0]["step"] == step_at_kill + 10 - step_at_kill % 10  # the global step continues
-    assert after[-1]["step"] == 300 and events[-1]["event"] == "end" and events[-1]["step"] == 300
+    starts = [i for i, e in enumerate(events) if e.event == "start"]
+    assert len(starts) == 2 and events[starts[1]].resumed_from == str(resume_from)
+    after = [e for e in events[starts[1]:] if e.event == "step"]
+    assert after[0].step == step_at_kill + 10 - step_at_kill % 10  # the global step continues
+    assert after[-1].step == 300 and events[-1].event == "end" and events[-1].step == 300
     assert all(ok for _, _, ok in list_checkpoints(out / "checkpoints"))
     assert (out / "final" / "adapter" / "adapter_model.safetensors").exists()
 
@@ -84,7 +84,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_there(write_spec, tmp_
                             cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
-        while not any(e["event"] == "step" for e in read_events(out / "events.jsonl")):
+        while not any(e.event == "step" for e in read_events(out / "events.jsonl")):
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)  # what Kubernetes sends before it kills a pod
@@ -93,9 +93,9 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_there(write_spec, tmp_
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, (tmp_path / "term.log").read_text()[-2000:]
-    preempted = [e for e in read_events(out / "events.jsonl") if e["event"] == "preempted"]
+    preempted = [e for e in read_events(out / "events.jsonl") if e.event == "preempted"]
     assert len(preempted) == 1
-    step = preempted[0]["step"]
+    step = preempted[0].step
     assert 10 <= step < 400
     saved = out / "checkpoints" / f"checkpoint-{step}"
     assert (saved / "COMPLETE").exists()  # saved at the signal, not at a save_every_steps boundary
@@ -105,4 +105,4 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_there(write_spec, tmp_
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert f"resuming from {saved}" in res.stdout
     events = read_events(out / "events.jsonl")
-    assert events[-1]["event"] == "end" and events[-1]["step"] == 400
+    assert events[-1].event == "end" and events[-1].step == 400

@@ -4,7 +4,6 @@ during training, an endpoint that never comes back, pre-flight errors, no leaked
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from typing import Iterator
 import pytest
 import yaml
 
+from kubetune.artifacts.events import parse_events
 from tests.conftest import QUICKSTART_DATA, ROOT, kubetune_cmd, quiet_env
 from tests.servers import Relay, S3Server, start_s3, start_s3_with_auth
 
@@ -173,13 +173,13 @@ def test_sigkill_then_resume_on_a_fresh_machine(s3: S3Server, staged: dict[str, 
         assert f"runs/{name}/{key}" in keys
     assert_complete_means_complete(s3, name)
     assert len(remote_checkpoints(s3, name)) <= 2  # keep_checkpoints applies in the bucket
-    events = [json.loads(line) for line in s3.client().get_object(
-        Bucket=BUCKET, Key=f"runs/{name}/events.jsonl")["Body"].read().decode().splitlines()]
-    starts = [e for e in events if e["event"] == "start"]
-    assert starts[-1]["resumed_from"] and events[-1]["event"] == "end" and events[-1]["step"] == 120
+    events = parse_events(s3.client().get_object(
+        Bucket=BUCKET, Key=f"runs/{name}/events.jsonl")["Body"].read().decode().splitlines())
+    starts = [e for e in events if e.event == "start"]
+    assert starts[-1].resumed_from and events[-1].event == "end" and events[-1].step == 120
     # the global step continued: no step of the second start is at or below the resume point
     after = events[events.index(starts[-1]):]
-    assert min(e["step"] for e in after if e["event"] == "step") > step
+    assert min(e.step for e in after if e.event == "step") > step
 
     # credentials appear nowhere the run writes or prints
     written = res.stdout + res.stderr + "".join(

@@ -21,15 +21,15 @@ def test_two_processes_train_one_adapter(write_spec, tmp_path: Path) -> None:
     assert "launching 2 processes with torchrun" in res.stdout
     out = tmp_path / "runs" / "ddp"
     start = read_events(out / "events.jsonl")[0]
-    assert start["world_size"] == 2 and start["per_device_batch"] == 2 and start["accumulation"] == 2
+    assert start.world_size == 2 and start.per_device_batch == 2 and start.accumulation == 2
     # Each rank saves its own RNG state into every checkpoint: proof that both ranks reached the save.
     ckpt = out / "checkpoints" / "checkpoint-6"
     assert (ckpt / "COMPLETE").exists()
     assert (ckpt / "rng_state_0.pth").exists() and (ckpt / "rng_state_1.pth").exists()
     adapters = list(out.rglob("final/adapter/adapter_model.safetensors"))
     assert len(adapters) == 1
-    ends = [e for e in read_events(out / "events.jsonl") if e["event"] == "end"]
-    assert len(ends) == 1 and ends[0]["step"] == 6  # events come from rank 0 only
+    ends = [e for e in read_events(out / "events.jsonl") if e.event == "end"]
+    assert len(ends) == 1 and ends[0].step == 6  # events come from rank 0 only
 
 
 def test_sigterm_under_torchrun_saves_on_every_rank_and_resumes(write_spec, tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_resumes(write_spec, tmp_
                             text=True, env=quiet_env(), cwd=ROOT)
     try:
         deadline = time.monotonic() + 180
-        while not any(e["event"] == "step" for e in read_events(out / "events.jsonl")):
+        while not any(e.event == "step" for e in read_events(out / "events.jsonl")):
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
@@ -57,12 +57,12 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_resumes(write_spec, tmp_
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, output[-3000:]
-    (pre,) = [e for e in read_events(out / "events.jsonl") if e["event"] == "preempted"]
-    saved = Path(pre["checkpoint"])
+    (pre,) = [e for e in read_events(out / "events.jsonl") if e.event == "preempted"]
+    saved = Path(pre.checkpoint)
     # both ranks stopped at the same step and wrote their part before the marker
     assert (saved / "COMPLETE").exists() and (saved / "rng_state_0.pth").exists() and (saved / "rng_state_1.pth").exists()
     res = run_kubetune("train", str(spec), timeout=400)
     errors = [ln for ln in (res.stdout + res.stderr).splitlines() if any(w in ln for w in ("rror", "terminate", "abort"))]
     assert res.returncode == 0, "\n".join(errors[:40])
     assert f"resuming from {saved}" in res.stdout
-    assert read_events(out / "events.jsonl")[-1]["step"] == 400
+    assert read_events(out / "events.jsonl")[-1].step == 400

@@ -62,13 +62,13 @@ def test_run_layout(trained: Path) -> None:
     assert all(len(h) == 64 for h in manifest["data"].values()) and len(manifest["data"]) == 2
     assert manifest["hardware"]["cpu_count"] >= 1
     events = read_events(trained / "events.jsonl")
-    kinds = [e["event"] for e in events]
+    kinds = [e.event for e in events]
     assert kinds[0] == "start" and "eval" in kinds and kinds.index("eval_report") == kinds.index("end") + 1
-    steps = [e for e in events if e["event"] == "step"]
-    assert [e["step"] for e in steps] == [5, 10, 15, 20, 25, 30]
-    assert all(e["total_steps"] == 30 and e["loss"] > 0 and e["learning_rate"] is not None for e in steps)
-    assert all(e["tokens_per_s"] > 0 and e["eta_s"] is not None for e in steps)
-    assert events[0]["per_device_batch"] == 4 and events[0]["accumulation"] == 2
+    steps = [e for e in events if e.event == "step"]
+    assert [e.step for e in steps] == [5, 10, 15, 20, 25, 30]
+    assert all(e.total_steps == 30 and e.loss > 0 and e.learning_rate is not None for e in steps)
+    assert all(e.tokens_per_s > 0 and e.eta_s is not None for e in steps)
+    assert events[0].per_device_batch == 4 and events[0].accumulation == 2
     # Retention: the two newest complete checkpoints remain, each with its marker.
     ckpts = sorted(p.name for p in (trained / "checkpoints").iterdir())
     assert ckpts == ["checkpoint-20", "checkpoint-30"]
@@ -104,8 +104,8 @@ def test_merge_matches_adapter_on_base_and_chat_answers(trained: Path) -> None:
     merged = trained / "final" / "merged"
     assert (merged / "model.safetensors").exists() and (merged / "chat_template.jinja").exists()
     assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"][0] == 5
-    merge_events = [e for e in read_events(trained / "events.jsonl") if e["event"] == "merge"]
-    assert merge_events and merge_events[-1]["max_logit_diff"] == pytest.approx(diff, rel=1e-2)
+    merge_events = [e for e in read_events(trained / "events.jsonl") if e.event == "merge"]
+    assert merge_events and merge_events[-1].max_logit_diff == pytest.approx(diff, rel=1e-2)
     chat = run_kubetune("chat", str(trained), "--compare", "Describe a blue fox.", "--max-new-tokens", "12")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert "> Describe a blue fox." in chat.stdout and "base:" in chat.stdout and "tuned:" in chat.stdout

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune.errors import UsageError
-
 COMPLETE = "COMPLETE"
 
 
@@ -53,20 +51,3 @@ class RunLayout:
     def is_finished(self) -> bool:
         return self.final_complete.exists()
 
-
-def local_run(uri: str) -> RunLayout:
-    """The run folder for an output URI; only local paths in this version."""
-    if "://" in uri:
-        raise UsageError(
-            f"output {uri}: {uri.split('://')[0]}:// outputs are not supported by this version",
-            "use a local output folder (object storage support is tracked in the storage issue)",
-        )
-    return RunLayout(Path(uri))
-
-
-def open_run(run: str) -> RunLayout:
-    """An existing run folder (for merge, chat, eval): must hold spec.yaml."""
-    layout = local_run(run)
-    if not layout.spec.exists():
-        raise UsageError(f"{run} is not a kubetune run folder (no spec.yaml)", "pass runs/NAME of a trained run")
-    return layout

@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune.artifacts.events import EventLog
+from kubetune.artifacts.events import EventLog, MergeEvent
 from kubetune.artifacts.export import readable
 from kubetune.errors import TrainingError, UsageError
 from kubetune.hf import quiet_progress_bars
@@ -70,6 +70,6 @@ def merge_run(run: str, tolerance: float = 1e-4) -> MergeResult:
     readable(tmp)
     shutil.rmtree(layout.merged, ignore_errors=True)
     tmp.rename(layout.merged)  # a reader never sees a half-written merged model
-    EventLog(layout.events).emit("merge", path=str(layout.merged), max_logit_diff=max_diff)
+    EventLog(layout.events).emit(MergeEvent(path=str(layout.merged), max_logit_diff=max_diff))
     publish(output, layout.merged)
     return MergeResult(output.remote(layout.merged) if output.store else layout.merged, max_diff)

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if takes_spec:
             _spec_args(p)
+        if name == "train":
+            p.add_argument("--wait", action="store_true",
+                           help="if another trainer is writing this run, wait until it is done (or its lease "
+                                "lapses) instead of exiting with code 75")
         if name == "plan":
             p.add_argument("--target", choices=["local", "k8s"], default="local",
                            help="k8s: also print the manifests `kubetune render` would apply")

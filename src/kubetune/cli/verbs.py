@@ -7,6 +7,7 @@ import os
 import json
 import sys
 
+from kubetune import settings
 from kubetune.spec import load_spec
 
 
@@ -96,10 +97,10 @@ def train(args: argparse.Namespace) -> int:
     if (spec.resources.devices_per_node > 1 or spec.resources.nodes > 1) and not DistInfo.from_env().launched:
         from kubetune.train.launcher import launch_local
 
-        return launch_local(spec, args.spec, args.overrides)
+        return launch_local(spec, args.spec, args.overrides, wait=args.wait)
     from kubetune.train.runner import train as run_training
 
-    run_training(spec)
+    run_training(spec, wait=args.wait)
     return 0
 
 
@@ -288,7 +289,7 @@ def chat(args: argparse.Namespace) -> int:
         return _answer_run(args)
     from kubetune.serve.client import backend_for
 
-    api_key = args.api_key or os.environ.get("KUBETUNE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    api_key = args.api_key or settings.api_key() or os.environ.get("OPENAI_API_KEY")
     backend = backend_for(args.target, args.model, api_key, base=args.base)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.messages:

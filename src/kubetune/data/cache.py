@@ -18,15 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from kubetune import __version__
+from kubetune import __version__, settings
 from kubetune.data.encode import EncodeReport, Encoded
 
 FORMAT = 1
 
 
 def cache_root() -> Path:
-    base = os.environ.get("KUBETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kubetune")
-    return Path(base) / "data"
+    return settings.cache_dir() / "data"
 
 
 def cache_key(parts: dict[str, Any]) -> str:

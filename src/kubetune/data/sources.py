@@ -175,11 +175,13 @@ def _read_hub(uri: str) -> SourceRows:
 
         ds = datasets.load_dataset(repo, split=split, revision=revision)
     except (ConnectionError, OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(
-            [Problem(uri, f"cannot load dataset {repo!r} split {split!r} from the Hugging Face Hub: {reason}")],
-            hint="check the name, network access and HF_TOKEN; or copy the data to a local path "
-            "(without network: set HF_HUB_OFFLINE=1 and use a cached dataset)",
-        ) from None
+        from kubetune.storage.models import hub_error
+
+        error = hub_error(exc, f"cannot load dataset {repo!r} split {split!r} from the Hugging Face Hub",
+                          "check the name, network access and HF_TOKEN; or copy the data to a local path "
+                          "(without network: set HF_HUB_OFFLINE=1 and use a cached dataset)")
+        if isinstance(error, UsageError):
+            raise DataError([Problem(uri, error.message)], hint=error.hint) from None
+        raise type(error)(f"{uri}: {error.message}", error.hint) from None
     rows = [Row(r, f"{uri}#{k}") for k, r in enumerate(ds)]
     return SourceRows(uri, rows, [], [])

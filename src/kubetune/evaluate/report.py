@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kubetune.artifacts.events import read_events
+from kubetune.artifacts.events import EvalEvent, StepEvent, read_events
 
 
 def loss_plot(events_path: Path, out: Path) -> bool:
     """Training (and eval) loss by step; False when the run has no step events."""
     events = read_events(events_path)
-    steps = [(e["step"], e["loss"]) for e in events if e["event"] == "step" and e.get("loss") is not None]
-    evals = [(e["step"], e["loss"]) for e in events if e["event"] == "eval" and e.get("loss") is not None]
+    steps = [(e.step, e.loss) for e in events if isinstance(e, StepEvent) and e.loss is not None]
+    evals = [(e.step, e.loss) for e in events if isinstance(e, EvalEvent) and e.loss is not None]
     if not steps:
         return False
     import matplotlib

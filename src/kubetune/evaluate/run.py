@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kubetune.artifacts.events import EventLog
+from kubetune.artifacts.events import EvalReportEvent, EventLog
 from kubetune.storage.runs import open_any_run, publish
 from kubetune.data.prepare import prepare
 from kubetune.errors import UsageError
@@ -74,8 +74,8 @@ def evaluate_run(run: str, compare_base: bool = True, log: Callable[[str], None]
             fh.write(json.dumps(s) + "\n")
     plot = loss_plot(layout.events, folder / "loss.png")
     write_report(folder, spec.name, metrics, samples, plot)
-    EventLog(layout.events).emit("eval_report", path=str(folder), **{
-        f"{w}_{k}": v for w in ("base", "tuned") if w in metrics for k, v in metrics[w].items()})
+    EventLog(layout.events).emit(EvalReportEvent(
+        path=str(folder), metrics={w: metrics[w] for w in ("base", "tuned") if w in metrics}))
     log(format_table(metrics))
     publish(output, folder)  # a run in object storage gets its eval/ there too
     return EvalResult(metrics, output.remote(folder) if output.store else folder)

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from kubetune.errors import KubetuneError, UsageError
+from kubetune.errors import KubetuneError, TransientError, UsageError
 
 JOB_LABEL = "batch.kubernetes.io/job-name"
 
@@ -60,10 +60,11 @@ class Cluster:
             if exc.status in tolerate:
                 return int(exc.status)
             raise self._explain(exc, verb, resource, name) from None
-        except HTTPError as exc:
+        except (HTTPError, OSError) as exc:  # no answer: refused, DNS, timeout, TLS reset
             host = self.api.configuration.host
-            raise UsageError(f"cannot reach the Kubernetes API at {host} ({type(exc).__name__})",
-                             "check the cluster, VPN and kubeconfig context") from None
+            raise TransientError(f"cannot reach the Kubernetes API at {host} ({type(exc).__name__})",
+                                 "check the cluster, VPN and kubeconfig context; the same command retried later "
+                                 "continues") from None
 
     def _explain(self, exc: Any, verb: str, resource: str, name: str | None) -> KubetuneError:
         where = f"{resource}{'/' + name if name else ''} in namespace {self.namespace}"
@@ -82,6 +83,12 @@ class Cluster:
             return UsageError(f"{where}: not found", "check the run name (kubetune list)")
         if exc.status == 401:
             return UsageError(f"the cluster rejected the credentials ({message})", "refresh your kubeconfig login")
+        if exc.status in (0, 429) or exc.status >= 500:  # 0: the client got no HTTP answer at all
+            return TransientError(f"Kubernetes API: {verb} {where} failed: HTTP {exc.status} {message}",
+                                  "the API server is busy or failing; the same command retried later continues")
+        if exc.status in (400, 409, 410, 422):
+            return UsageError(f"Kubernetes API: {verb} {where} was refused: HTTP {exc.status} {message}",
+                              "the object conflicts with what is on the cluster; check the spec's kubernetes section")
         return KubetuneError(f"Kubernetes API: {verb} {where} failed: HTTP {exc.status} {message}")
 
     # -- objects --

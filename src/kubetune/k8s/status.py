@@ -5,12 +5,14 @@ ConfigMap), or, when the storage is not readable from here, from the leader pod'
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import yaml
 
+from kubetune.artifacts.events import (
+    CheckpointStoredEvent, EndEvent, ErrorEvent, Event, StepEvent, format_eta, parse_events,
+)
 from kubetune.errors import KubetuneError
 from kubetune.k8s.client import Cluster, RunStatus, job_phase, pod_state
 
@@ -42,12 +44,9 @@ def _progress(cluster: Cluster, name: str, status: RunStatus) -> dict[str, Any]:
 
             output = (yaml.safe_load(text) or {}).get("output") or ""
             if "://" in output and not output.startswith("pvc://"):
-                events = [json.loads(line) for line in Store(output).read_text("events.jsonl").splitlines() if line]
-                steps = [e for e in events if e.get("event") == "step"]
-                if steps:
-                    last = steps[-1]
-                    return {"step": last.get("step"), "total": last.get("total"), "loss": last.get("loss"),
-                            "eta": last.get("eta"), "source": f"{output}/events.jsonl"}
+                found = progress_from_events(parse_events(Store(output).read_text("events.jsonl").splitlines()))
+                if found:
+                    return {**found, "source": f"{output}/events.jsonl"}
         except (KubetuneError, OSError, ValueError):
             pass  # not readable from here: fall back to the log
     running = [p for p in status.pods if p.phase in ("Running", "Succeeded", "Failed")]
@@ -64,11 +63,33 @@ def _progress(cluster: Cluster, name: str, status: RunStatus) -> dict[str, Any]:
     return {"step": int(step), "total": int(total), "loss": float(loss), "eta": eta, "source": f"pod/{running[0].name} log"}
 
 
+def progress_from_events(events: list[Event]) -> dict[str, Any]:
+    """step/total, loss and ETA from the last step event; the newest checkpoint in storage; an error."""
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    if not steps:
+        return {}
+    last = steps[-1]
+    out: dict[str, Any] = {"step": last.step, "total": last.total_steps, "loss": last.loss, "eta": format_eta(last.eta_s)}
+    stored = [e for e in events if isinstance(e, CheckpointStoredEvent)]
+    if stored:
+        out["stored"] = stored[-1].uri
+    if isinstance(events[-1], EndEvent):
+        out["eta"] = "done"
+    elif isinstance(events[-1], ErrorEvent):
+        out["error"] = events[-1].error
+    return out
+
+
 def format_status(s: RunStatus) -> str:
     lines = [f"run {s.name}: {s.phase}" + (f" — {s.reason}" if s.reason else "")]
     p = s.progress
     if p:
-        lines.append(f"  step {p.get('step')}/{p.get('total')}  loss {p.get('loss')}  eta {p.get('eta')}  (from {p.get('source')})")
+        loss = f"{p['loss']:.4f}" if isinstance(p.get("loss"), float) else p.get("loss")
+        lines.append(f"  step {p.get('step')}/{p.get('total')}  loss {loss}  eta {p.get('eta')}  (from {p.get('source')})")
+        if p.get("stored"):
+            lines.append(f"  newest checkpoint in storage: {p['stored']}")
+        if p.get("error"):
+            lines.append(f"  error: {p['error']}")
     for pod in s.pods:
         lines.append(f"  pod {pod.name}: {pod.phase}" + (f" — {pod.detail}" if pod.detail else ""))
     if not s.pods:

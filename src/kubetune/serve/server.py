@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from kubetune import settings
 from kubetune.errors import UsageError
 from kubetune.serve.vllm import VllmTarget, adapter_rank, vllm_command
 from kubetune.storage.store import uri_basename
 
-API_KEY_ENV = "KUBETUNE_API_KEY"
 
 
 @dataclass
@@ -67,7 +67,7 @@ def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmT
 
 
 def serve(targets: Sequence[str], options: ServeOptions) -> None:
-    api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = options.api_key or settings.api_key()
     if choose_engine(options.engine) == "vllm":
         cmd = vllm_command(vllm_target(targets, options.served_name), options.host, options.port,
                            max_num_seqs=options.max_concurrency)

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from kubetune import settings
 from kubetune.errors import UsageError
 from kubetune.storage.store import Store, local_path
 
@@ -24,8 +25,7 @@ _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
 
 def cache_root() -> Path:
-    base = os.environ.get("KUBETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kubetune")
-    return Path(base) / "objects"
+    return settings.cache_dir() / "objects"
 
 
 def identity(info: dict[str, Any]) -> str:

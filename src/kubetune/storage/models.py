@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from kubetune.errors import UsageError
+from kubetune.errors import KubetuneError, TransientError, UsageError
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json", "config.json"]
@@ -52,11 +53,24 @@ def _from_hub(repo: str, revision: str | None, only_tokenizer: bool) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(
-            f"model.base hf://{repo}: cannot download from the Hugging Face Hub ({reason})",
-            "check the name, network access and HF_TOKEN (gated models need an accepted licence)",
-        ) from None
+        raise hub_error(exc, f"model.base hf://{repo}: cannot download from the Hugging Face Hub",
+                        "check the name, network access and HF_TOKEN (gated models need an accepted licence)") from None
+
+
+def hub_error(exc: BaseException, what: str, hint: str) -> KubetuneError:
+    """A Hub failure, by type and HTTP status: unreachable, 5xx or 429 may pass (TransientError);
+    a missing or gated repository, a bad revision or offline mode is for the user to fix."""
+    from kubetune.storage.store import exception_chain, http_status, is_connection_error
+
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    status = http_status(exc)
+    offline = any(type(e).__name__ == "OfflineModeIsEnabled" for e in exception_chain(exc)) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not offline and ((status is not None and (status >= 500 or status == 429)) or
+                        (status is None and is_connection_error(exc))):
+        return TransientError(f"{what} ({reason})", "the Hub did not answer; the same command retried later "
+                                                    "continues (on Kubernetes the Job retries it)")
+    return UsageError(f"{what} ({reason})", hint)
+
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:

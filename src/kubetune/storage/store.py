@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
-from kubetune.errors import UsageError
+from kubetune import settings
+from kubetune.errors import KubetuneError, TransientError, UsageError
 
 REMOTE_SCHEMES = ("s3", "gs", "hf")
-PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"   # where pvc://CLAIM/... is mounted inside pods (render mounts it there)
-DEFAULT_PVC_ROOT = "/mnt/pvc"
-GCS_MOUNT_ENV = "KUBETUNE_GCS_MOUNT"  # where gs://BUCKET/... is mounted (GCS FUSE) inside pods
+T = TypeVar("T")
 
 
 def scheme(uri: str) -> str:
@@ -40,16 +40,17 @@ def pvc_path(uri: str) -> Path:
     body = uri.removeprefix("pvc://").strip("/")
     if not body:
         raise UsageError(f"{uri}: expected pvc://CLAIM/path")
-    return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / body
+    return settings.pvc_root() / body
 
 
 def local_path(uri: str) -> Path | None:
     """The local path of a local or pvc:// URI, None for object storage."""
     if uri.startswith("pvc://"):
         return pvc_path(uri)
-    if uri.startswith("gs://") and os.environ.get(GCS_MOUNT_ENV):
+    mount = settings.gcs_mount()
+    if uri.startswith("gs://") and mount:
         # inside a pod the bucket is mounted by the GCS FUSE CSI driver (kubetune render does it)
-        return Path(os.environ[GCS_MOUNT_ENV]) / uri.removeprefix("gs://")
+        return Path(mount) / uri.removeprefix("gs://")
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
     return None if "://" in uri else Path(uri)
@@ -139,8 +140,25 @@ class Store:
         try:
             self.write_text(probe, "ok\n")
             self.remove(probe)
-        except UsageError as exc:
-            raise UsageError(f"{what} {exc.message}", exc.hint) from None
+        except KubetuneError as exc:
+            raise type(exc)(f"{what} {exc.message}", exc.hint) from None
+
+
+def retry_transient(check: Callable[[], T], say: Callable[[str], None] = print, attempts: int | None = None) -> T:
+    """Run a check; a TransientError (storage unreachable, 5xx, throttling) is retried with backoff
+    (2, 4, 8 s ... up to settings.preflight_retries() attempts) before it is raised."""
+    attempts = attempts or settings.preflight_retries()
+    delay = 2.0
+    for attempt in range(1, attempts + 1):
+        try:
+            return check()
+        except TransientError as exc:
+            if attempt == attempts:
+                raise
+            say(f"{exc.message}; retrying in {delay:.0f} s ({attempt}/{attempts - 1})")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    raise AssertionError("unreachable")
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
@@ -178,10 +196,11 @@ def _filesystem(uri: str) -> tuple[Any, str]:
 
 @contextlib.contextmanager
 def translate(uri: str) -> Iterator[None]:
-    """Library exceptions → UsageError naming the URI (wrong credentials, no bucket, no key, no network)."""
+    """Library exceptions → an error naming the URI: UsageError for what the user can fix (wrong
+    credentials, no bucket, no key), TransientError for what may pass (no network, 5xx, throttling)."""
     try:
         yield
-    except UsageError:
+    except KubetuneError:
         raise
     except Exception as exc:
         error = describe(exc, uri)
@@ -190,32 +209,49 @@ def translate(uri: str) -> Iterator[None]:
         raise error from None
 
 
-def describe(exc: BaseException, uri: str = "") -> UsageError | None:
-    """A UsageError for a storage failure the user can fix, None for anything else."""
-    text = f"{type(exc).__name__}: {exc}"
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthFailure",
+                     "InvalidClientTokenId", "UnrecognizedClientException"}
+# Error codes S3 (and compatible stores) return for a busy or failing service: retrying may succeed.
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                    "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "ServerBusy",
+                    "BandwidthLimitExceeded", "OperationAborted"}
+_CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
+                      "ServerDisconnectedError", "ReadTimeoutError", "ConnectionClosedError", "ClientOSError",
+                      "ConnectTimeout", "ReadTimeout", "ConnectError", "TimeoutError", "ProxyConnectionError",
+                      "ServerTimeoutError", "ClientPayloadError"}
+
+
+def describe(exc: BaseException, uri: str = "") -> KubetuneError | None:
+    """The error for a storage failure, classified by exception type, error code and HTTP status:
+    UsageError for what the user can fix, TransientError for what may pass; None for anything else."""
     code = _error_code(exc)
+    status = http_status(exc)
     where = uri or "storage"
-    if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AuthFailure"} \
-            or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
-        return UsageError(f"{where}: the storage credentials were rejected ({code or 'access denied'})",
+    if code in _CREDENTIAL_CODES:
+        return UsageError(f"{where}: the storage credentials were rejected ({code})",
                           "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the profile / Kubernetes Secret)")
-    if any(type(e).__name__ in {"NoCredentialsError", "PartialCredentialsError"} for e in _chain(exc)):
+    if any(type(e).__name__ in {"NoCredentialsError", "PartialCredentialsError"} for e in exception_chain(exc)):
         return UsageError(f"{where}: no storage credentials found",
                           "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (in a pod: kubernetes.secrets.storage)")
-    if code == "NoSuchBucket" or "NoSuchBucket" in text:
+    if code == "NoSuchBucket":
         return UsageError(f"{where}: the bucket does not exist", "create it, or fix the URI")
-    if isinstance(exc, PermissionError) or code in {"AccessDenied", "403", "Forbidden"}:
+    if code in _TRANSIENT_CODES or (status is not None and (status >= 500 or status == 429)):
+        return TransientError(f"{where}: the storage service is failing or throttling ({code or f'HTTP {status}'})",
+                              "nothing is wrong with your input: the same command retried later continues "
+                              "(on Kubernetes the Job retries it)")
+    if isinstance(exc, PermissionError) or code in {"AccessDenied", "AllAccessDisabled", "Forbidden"} or status == 403:
         return UsageError(f"{where}: access denied", "the credentials may not read/write this location")
-    if isinstance(exc, FileNotFoundError) or code in {"NoSuchKey", "404"}:
+    if isinstance(exc, FileNotFoundError) or code in {"NoSuchKey", "NotFound"} or status == 404:
         return UsageError(f"{where}: not found", "check the key (kubetune stage copies inputs there)")
-    if _is_connection_error(exc):
-        return UsageError(f"{where}: cannot connect to the storage endpoint ({type(exc).__name__})",
-                          "check AWS_ENDPOINT_URL / storage.endpoint_url and the network")
+    if is_connection_error(exc):
+        return TransientError(f"{where}: cannot connect to the storage endpoint ({type(exc).__name__})",
+                              "check AWS_ENDPOINT_URL / storage.endpoint_url and the network; the same command "
+                              "retried later continues (on Kubernetes the Job retries it)")
     return None
 
 
 def _error_code(exc: BaseException) -> str | None:
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         response = getattr(e, "response", None)
         if isinstance(response, dict):
             code = response.get("Error", {}).get("Code")
@@ -224,13 +260,28 @@ def _error_code(exc: BaseException) -> str | None:
     return None
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    names = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
-             "ServerDisconnectedError", "ReadTimeoutError", "ConnectionClosedError", "ClientOSError"}
-    return any(type(e).__name__ in names or isinstance(e, ConnectionError) for e in _chain(exc))
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a failed request anywhere in the exception chain (botocore, requests, httpx)."""
+    for e in exception_chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int):
+                return status
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def is_connection_error(exc: BaseException) -> bool:
+    """No answer at all: refused, reset, DNS, or a timeout, in any HTTP library of the chain."""
+    return any(type(e).__name__ in _CONNECTION_ERRORS or isinstance(e, (ConnectionError, TimeoutError))
+               for e in exception_chain(exc))
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """exc, its cause or context, and theirs: where a library's original error hides."""
     seen = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -21,13 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from kubetune import settings
 from kubetune.artifacts.checkpoints import checkpoint_step
 from kubetune.artifacts.layout import COMPLETE, RunLayout
-from kubetune.errors import TrainingError
+from kubetune.errors import TransientError
 from kubetune.storage.store import Store, local_path
 
-WORKDIR_ENV = "KUBETUNE_WORKDIR"             # where remote runs are worked on locally (a pod's scratch volume)
-RETRY_ENV = "KUBETUNE_UPLOAD_RETRY_SECONDS"  # how long one upload keeps retrying before it is a failure
 RUN_FILES = ("spec.yaml", "manifest.json", "events.jsonl")
 
 
@@ -37,8 +35,7 @@ def is_synced(uri: str) -> bool:
 
 
 def workdir_for(uri: str, name: str) -> Path:
-    base = os.environ.get(WORKDIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "kubetune", "work")
-    return Path(base) / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+    return settings.workdir() / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
 
 
 def marker_last(keys: Iterable[str]) -> list[str]:
@@ -101,9 +98,10 @@ class Uploader:
     """
 
     def __init__(self, store: Store, layout: RunLayout, keep: int, retry_seconds: float | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, on_stored: Callable[[int], None] | None = None) -> None:
         self.store, self.layout, self.keep, self.log = store, layout, keep, log
-        self.retry_seconds = retry_seconds if retry_seconds is not None else float(os.environ.get(RETRY_ENV, "900"))
+        self.on_stored = on_stored  # called (from the reader thread) when a checkpoint is complete in the store
+        self.retry_seconds = retry_seconds if retry_seconds is not None else settings.upload_retry_seconds()
         self.failures: list[str] = []
         self._pending: set[int] = set()
         self._lock = threading.Lock()
@@ -147,7 +145,9 @@ class Uploader:
         if self._proc.returncode not in (0, None) and not self.failures:
             self.failures.append(f"the upload process exited with {self._proc.returncode}")
         if self.failures:
-            raise TrainingError(
+            # The storage never came back within the retry window: an infrastructure failure, retried
+            # by the Job (the local copy and the checkpoints already stored are intact).
+            raise TransientError(
                 f"uploading to {self.store.uri} failed: {'; '.join(self.failures[:5])}",
                 f"the local copy is intact in {self.layout.root}; fix the storage and rerun the same command "
                 "(resume: auto uploads and continues)")
@@ -174,6 +174,8 @@ class Uploader:
             if report["kind"] in ("done", "failure") and report.get("step") is not None:
                 with self._lock:
                     self._pending.discard(report["step"])
+                if report["kind"] == "done" and self.on_stored is not None:
+                    self.on_stored(int(report["step"]))
 
 
 @dataclass

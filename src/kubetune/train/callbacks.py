@@ -9,7 +9,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from kubetune.artifacts.checkpoints import mark_complete, prune
-from kubetune.artifacts.events import EventLog
+from kubetune.artifacts.events import CheckpointEvent, EvalEvent, EventLog, FirstStepEvent, StepEvent
 from kubetune.train.progress import Progress
 
 
@@ -46,10 +46,12 @@ class EventsCallback(TrainerCallback):
             return
         now = time.monotonic()
         if any(k.startswith("eval_") for k in logs):
-            metrics = {k.removeprefix("eval_"): v for k, v in logs.items() if k.startswith("eval_")}
-            self.events.emit("eval", step=state.global_step, **metrics)
+            metrics = {k.removeprefix("eval_"): float(v) for k, v in logs.items()
+                       if k.startswith("eval_") and isinstance(v, (int, float))}
+            loss = metrics.pop("loss", None)
+            self.events.emit(EvalEvent(step=state.global_step, loss=loss, metrics=metrics))
             if self.progress:
-                self.progress.message(f"eval at step {state.global_step}: loss {metrics.get('loss', float('nan')):.4f}")
+                self.progress.message(f"eval at step {state.global_step}: loss {loss if loss is not None else float('nan'):.4f}")
             return
         if "loss" not in logs:
             return  # the train summary at the end; the runner writes the end event
@@ -61,20 +63,21 @@ class EventsCallback(TrainerCallback):
         rate = (now - self._t0) / done if done else None
         eta = rate * (state.max_steps - state.global_step) if rate else None
         mfu = tokens_per_s * self.flops_per_token / self.peak_flops if tokens_per_s and self.peak_flops else None
-        rec = self.events.emit(
-            "step", step=state.global_step, total_steps=state.max_steps, epoch=round(state.epoch or 0, 4),
+        rec = StepEvent(
+            step=state.global_step, total_steps=state.max_steps, epoch=round(state.epoch or 0, 4),
             loss=logs.get("loss"), learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
             tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None, tokens_seen=int(self.tokens_seen),
             mfu=round(mfu, 4) if mfu is not None else None, padding=round(padding, 4) if padding is not None else None,
             eta_s=round(eta, 1) if eta is not None else None,
         )
+        self.events.emit(rec)
         if self.progress:
             self.progress.update(rec)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self._first_step_seen and state.is_world_process_zero:
             self._first_step_seen = True
-            self.events.emit("first_step", step=state.global_step)
+            self.events.emit(FirstStepEvent(step=state.global_step))
         if self.progress:
             self.progress.tick(state.global_step)
 
@@ -103,8 +106,8 @@ class CheckpointCallback(TrainerCallback):
                 # a checkpoint still being uploaded is not deleted locally
                 protect = self.uploader.pending_steps() if self.uploader is not None else set()
                 removed = prune(self.folder, self.keep, protect)
-                self.events.emit("checkpoint", step=state.global_step, path=str(path),
-                                 removed=[str(p) for p in removed])
+                self.events.emit(CheckpointEvent(step=state.global_step, path=str(path),
+                                                 removed=[str(p) for p in removed]))
                 if self.uploader is not None:
                     self.uploader.files(self.events.path)
         _barrier()
@@ -115,3 +118,18 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+class LeaseWatch(TrainerCallback):
+    """Stops at the next step when the run's lease was lost (another trainer took it over): from
+    then on this process must not write a checkpoint or an event."""
+
+    def __init__(self, lease: Any) -> None:
+        self.lease = lease
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.lease.lost:
+            from kubetune.errors import LeaseHeld
+
+            raise LeaseHeld(f"stopped at step {state.global_step}: another trainer took over this run's lease",
+                            "nothing was written after the lease was lost; the other trainer continues the run")

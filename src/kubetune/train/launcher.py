@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 
-from kubetune.artifacts.events import read_events
-from kubetune.errors import EXIT_PREEMPTED, UsageError
+from kubetune import settings
+from kubetune.artifacts.events import PreemptedEvent, read_events
+from kubetune.errors import EXIT_PREEMPTED, LeaseHeld, UsageError
 from kubetune.spec.models import RunSpec
+from kubetune.storage.lease import Lease
 from kubetune.storage.runs import run_output
 
 
-RDZV_ENV = "KUBETUNE_RDZV_ENDPOINT"  # host:port of node 0, set by the rendered Indexed Job
 
 
 def torchrun_command(spec_path: str, overrides: list[str], nproc: int, nodes: int = 1, run_id: str = "kubetune",
@@ -30,37 +31,59 @@ def torchrun_command(spec_path: str, overrides: list[str], nproc: int, nodes: in
     return cmd
 
 
-def launch_local(spec: RunSpec, spec_path: str, overrides: list[str]) -> int:
-    """Run torchrun in the foreground and return its exit code; Ctrl-C/SIGTERM reach every rank."""
+def launch_local(spec: RunSpec, spec_path: str, overrides: list[str], wait: bool = False) -> int:
+    """Run torchrun in the foreground and return its exit code; Ctrl-C/SIGTERM reach every rank.
+    This process holds the run's lease for the ranks (on several nodes, node 0 holds it)."""
     from kubetune.train.runner import prepare_output
 
     nodes = spec.resources.nodes
-    endpoint = os.environ.get(RDZV_ENV)
+    endpoint = settings.rdzv_endpoint()
     if nodes > 1 and not endpoint:
         raise UsageError("resources.nodes > 1 needs a cluster", "run it with `kubetune submit`, or set resources.nodes: 1")
-    prepare_output(spec)  # storage checks and the pull of a remote run happen once per node, before the ranks start
-    nproc = spec.resources.devices_per_node
+    # storage checks, the lease and the pull of a remote run happen once per node, before the ranks start
+    leader = os.environ.get("JOB_COMPLETION_INDEX", "0") == "0"
+    _, lease = prepare_output(spec, wait=wait, lease=leader)
+    try:
+        return _run_torchrun(spec, spec_path, overrides, endpoint, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_torchrun(spec: RunSpec, spec_path: str, overrides: list[str], endpoint: str | None, lease: Lease | None) -> int:
+    nodes, nproc = spec.resources.nodes, spec.resources.devices_per_node
     env = dict(os.environ)
     if spec.resources.accelerator in ("cpu", "auto"):
         # On CPU each rank gets its share of cores; oversubscribed threads make DDP slower, not faster.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print(f"launching {nproc} processes{f' on each of {nodes} nodes' if nodes > 1 else ''} with torchrun", flush=True)
-    proc = subprocess.Popen(torchrun_command(spec_path, overrides, nproc, nodes, spec.name, endpoint), env=env)
+    # its own process group: a lost lease stops every rank at once, and signals arrive only as forwarded
+    proc = subprocess.Popen(torchrun_command(spec_path, overrides, nproc, nodes, spec.name, endpoint), env=env,
+                            start_new_session=True)
 
     def forward(signum: int, _frame: object) -> None:
         proc.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = proc.wait()
+        while True:
+            try:
+                code = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if lease is not None and lease.lost:
+                    os.killpg(proc.pid, signal.SIGKILL)  # not a checkpoint more: the run has another writer
+                    proc.wait()
+                    raise LeaseHeld("stopped: another trainer took over this run's lease",
+                                    "nothing was written after the lease was lost; the other trainer continues the run")
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
     # torchrun answers a forwarded SIGTERM with its own error exit; what matters is whether the ranks
     # saved a checkpoint and stopped (they record it), which makes this a resumable preemption.
     last = read_events(run_output(spec).layout.events)[-1:] if code else []
-    if last and last[0]["event"] == "preempted":
-        print(f"stopped at step {last[0]['step']} after saving {last[0]['checkpoint']}; run the same command "
+    if last and isinstance(last[0], PreemptedEvent):
+        print(f"stopped at step {last[0].step} after saving {last[0].checkpoint}; run the same command "
               "again to resume", flush=True)
         return EXIT_PREEMPTED
     return code

@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
 from typing import Any, Protocol
 
-
-def fmt_eta(seconds: float | None) -> str:
-    return "?" if seconds is None else str(timedelta(seconds=int(seconds)))
+from kubetune.artifacts.events import StepEvent, format_eta
 
 
-def step_line(rec: dict[str, Any]) -> str:
-    parts = [f"step {rec['step']}/{rec['total_steps']}"]
-    for key, fmt in (("loss", "loss {:.4f}"), ("learning_rate", "lr {:.2e}"), ("tokens_per_s", "tok/s {:.0f}"),
-                     ("mfu", "mfu {:.1%}")):
-        if rec.get(key) is not None:
-            parts.append(fmt.format(rec[key]))
-    parts.append(f"eta {fmt_eta(rec.get('eta_s'))}")
+def step_line(rec: StepEvent) -> str:
+    """`step 30/400  loss 1.2345  lr 2.00e-04  tok/s 950  mfu 1.2%  eta 0:00:21` (status parses pod logs by it)."""
+    parts = [f"step {rec.step}/{rec.total_steps}"]
+    for value, fmt in ((rec.loss, "loss {:.4f}"), (rec.learning_rate, "lr {:.2e}"), (rec.tokens_per_s, "tok/s {:.0f}"),
+                       (rec.mfu, "mfu {:.1%}")):
+        if value is not None:
+            parts.append(fmt.format(value))
+    parts.append(f"eta {format_eta(rec.eta_s)}")
     return "  ".join(parts)
 
 
 class Progress(Protocol):
     def start(self, total: int, done: int) -> None: ...
-    def update(self, rec: dict[str, Any]) -> None: ...
+    def update(self, rec: StepEvent) -> None: ...
     def tick(self, step: int) -> None: ...
     def message(self, text: str) -> None: ...
     def stop(self) -> None: ...
@@ -35,7 +33,7 @@ class PlainProgress:
     def start(self, total: int, done: int) -> None:
         print(f"training: {total} optimizer steps" + (f", resuming at step {done}" if done else ""), flush=True)
 
-    def update(self, rec: dict[str, Any]) -> None:
+    def update(self, rec: StepEvent) -> None:
         print(step_line(rec), flush=True)
 
     def tick(self, step: int) -> None:
@@ -60,8 +58,8 @@ class RichProgress:
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=done, info="")
 
-    def update(self, rec: dict[str, Any]) -> None:
-        self.bar.update(self.task, completed=rec["step"], info=step_line(rec).split("  ", 1)[-1])
+    def update(self, rec: StepEvent) -> None:
+        self.bar.update(self.task, completed=rec.step, info=step_line(rec).split("  ", 1)[-1])
 
     def tick(self, step: int) -> None:
         self.bar.update(self.task, completed=step)

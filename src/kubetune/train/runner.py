@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune import settings
 from kubetune.artifacts.checkpoints import latest_complete, list_checkpoints, remove_incomplete
-from kubetune.artifacts.events import EventLog
+from kubetune.artifacts.events import (
+    CheckpointStoredEvent, EndEvent, ErrorEvent, EventLog, LeaseEvent, PreemptedEvent, StartEvent,
+)
 from kubetune.artifacts.export import save_tokenizer_and_config
 from kubetune.artifacts.layout import RunLayout
 from kubetune.artifacts.manifest import build_manifest
@@ -25,10 +28,12 @@ from kubetune.hf import quiet_progress_bars
 from kubetune.spec.load import spec_to_yaml
 from kubetune.spec.models import RunSpec
 from kubetune.storage import read_model_config, resolve_model
+from kubetune.storage.lease import Lease, lease_for
 from kubetune.storage.runs import RunOutput, apply_storage_env, run_output
-from kubetune.storage.store import Store, scheme
+from kubetune.storage.store import Store, retry_transient, scheme
 from kubetune.storage.sync import Uploader, pull
 from kubetune.train.batching import optimizer_steps, plan_batches
+from kubetune.train.devices import check_accelerator
 
 
 @dataclass(frozen=True)
@@ -66,120 +71,202 @@ def preflight(spec: RunSpec, check_storage: bool = True) -> RunOutput:
                          f"use resume: auto, or one of the folders under {output.layout.checkpoints}")
     if check_storage:
         if output.store is not None:
-            output.store.check_writable("output")
+            retry_transient(lambda: output.store.check_writable("output"), say=print)
         inputs = [("model.base", spec.model.base)] + [("data source", s.path) for s in spec.data.sources()]
         for what, uri in inputs:
             if scheme(uri) in ("s3", "gs"):
-                Store(uri).check_readable(what)
+                retry_transient(lambda w=what, u=uri: Store(u).check_readable(w), say=print)
     return output
 
 
-def prepare_output(spec: RunSpec, log: Any = print) -> RunOutput:
-    """Pre-flight, then bring a remote run's state into the local working copy (once per machine)."""
+def prepare_output(spec: RunSpec, log: Any = print, wait: bool = False, lease: bool = True) -> tuple[RunOutput, Lease | None]:
+    """Before any training: pre-flight, this machine's devices, the run's lease (this process
+    becomes its only writer, or LeaseHeld), then a remote run's state into the local working copy.
+    The lease comes before the pull: the pull deletes incomplete checkpoints, which, while another
+    trainer writes, may be its checkpoint in flight."""
     output = preflight(spec)
-    if output.store is not None:
-        pulled = pull(output.store, output.layout, log)
-        if pulled.checkpoint is not None:
-            log(f"found {output.store.url(f'checkpoints/checkpoint-{pulled.checkpoint}')} (complete)")
-    return output
+    check_accelerator(spec)
+    held: Lease | None = None
+    taken_from: str | None = None
+    if lease:
+        held = lease_for(output.uri, output.store, settings.lease_holder(), settings.lease_seconds(), log)
+        taken_from = held.acquire(wait)
+        if taken_from:
+            log(f"took over the run's lease from {taken_from} (it was no longer renewed)")
+    try:
+        if output.store is not None:
+            pulled = pull(output.store, output.layout, log)
+            if pulled.checkpoint is not None:
+                log(f"found {output.store.url(f'checkpoints/checkpoint-{pulled.checkpoint}')} (complete)")
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    if held is not None and taken_from:
+        EventLog(output.layout.events).emit(LeaseEvent(holder=settings.lease_holder(), taken_over_from=taken_from))
+    return output, held
 
 
-def train(spec: RunSpec, log: Any = print) -> TrainResult:
-    """Train here, in this process (torchrun ranks each call this). See launcher for >1 device."""
+@dataclass
+class Fit:
+    """One training process's state, from set-up to the final save."""
+
+    spec: RunSpec
+    dist: DistInfo
+    output: RunOutput
+    say: Any
+    lease: Lease | None = None
+    resume_from: Path | None = None
+    uploader: Uploader | None = None
+    data: Any = None
+    events: Any = None
+    trainer: Any = None
+    graceful: Any = None
+    args: Any = None
+
+    @property
+    def layout(self) -> RunLayout:
+        return self.output.layout
+
+    @property
+    def main(self) -> bool:
+        return self.dist.rank == 0
+
+
+def train(spec: RunSpec, log: Any = print, wait: bool = False) -> TrainResult:
+    """Train here, in this process (torchrun ranks each call this; see launcher for >1 device):
+    open the run, resume, set up, fit, finalize."""
     dist = DistInfo.from_env()
-    main = dist.rank == 0
-    say = log if main else (lambda *_a, **_k: None)
-    # Under torchrun the launcher already checked storage and pulled the run: ranks only find the folder.
-    apply_storage_env(spec)
-    output = run_output(spec) if dist.launched else prepare_output(spec, say)
-    layout = output.layout
+    say = log if dist.rank == 0 else (lambda *_a, **_k: None)
     if spec.resources.nodes > 1 and not dist.launched:
         raise UsageError("resources.nodes > 1 needs a cluster", "run it with `kubetune submit`, or set resources.nodes: 1")
-    if layout.is_finished() and spec.resume != "never":
-        changed = spec_changes(layout, spec)
-        if changed:
-            raise UsageError(
-                f"run {spec.name} in {layout.root} already finished with a different spec ({'; '.join(changed)})",
-                "give the new run another name (--set name=...), or another output folder",
-            )
-        say(f"run {spec.name} already finished: {layout.adapter if spec.method.type != 'full' else layout.merged}")
-        return TrainResult(layout, "already-finished")
-    resume_from = _resume_point(spec, layout, main)
-    if resume_from:
-        say(f"resuming from {output.remote(resume_from)}")
-    uploader = Uploader(output.store, layout, spec.train.keep_checkpoints, log=say) \
-        if output.store is not None and main else None
+    apply_storage_env(spec)
+    # Under torchrun the launcher already checked, took the lease and pulled: ranks only find the folder.
+    output, lease = (run_output(spec), None) if dist.launched else prepare_output(spec, say, wait)
+    fit = Fit(spec, dist, output, say, lease)
+    try:
+        done = _already_finished(fit)
+        if done is not None:
+            return done
+        fit.resume_from = _resume_point(spec, fit.layout, fit.main)
+        if fit.resume_from:
+            say(f"resuming from {output.remote(fit.resume_from)}")
+        _set_up(fit)
+        trained = _fit(fit)
+        return _finalize(fit, trained)
+    finally:
+        if lease is not None:
+            lease.release()
 
+
+def _already_finished(fit: Fit) -> TrainResult | None:
+    spec, layout = fit.spec, fit.layout
+    if not layout.is_finished() or spec.resume == "never":
+        return None
+    changed = spec_changes(layout, spec)
+    if changed:
+        raise UsageError(
+            f"run {spec.name} in {layout.root} already finished with a different spec ({'; '.join(changed)})",
+            "give the new run another name (--set name=...), or another output folder",
+        )
+    fit.say(f"run {spec.name} already finished: {layout.adapter if spec.method.type != 'full' else layout.merged}")
+    return TrainResult(layout, "already-finished")
+
+
+def _set_up(fit: Fit) -> None:
+    """Data, batch plan, model and Trainer; the run's files and the start event."""
+    spec, layout, say = fit.spec, fit.layout, fit.say
+    events = EventLog(layout.events, enabled=fit.main)
+    if fit.output.store is not None and fit.main:
+        store_uri = fit.output.store.uri
+        fit.uploader = Uploader(fit.output.store, layout, spec.train.keep_checkpoints, log=say, on_stored=lambda step: (
+            events.emit(CheckpointStoredEvent(step=step, uri=f"{store_uri}/checkpoints/checkpoint-{step}"))))
     data = prepare(spec)
-    batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, dist.world_size)
+    batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, fit.dist.world_size)
     args = training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir)
-    events = EventLog(layout.events, enabled=main)
     # Loads the model: target_modules and qlora mistakes surface here, before anything is written.
-    trainer = build_trainer(spec, data, layout, events, batches, args, uploader)
+    trainer = build_trainer(spec, data, layout, events, batches, args, fit.uploader)
+    from kubetune.train.callbacks import LeaseWatch
     from kubetune.train.preempt import GracefulStop, StopCallback  # imports transformers: not at module level
 
     graceful = GracefulStop(say)
     trainer.add_callback(StopCallback(graceful))
-    if main:
-        _write_run_files(spec, layout, data, dist.world_size)
-        if uploader:
-            uploader.files(layout.spec, layout.manifest)
+    if fit.lease is not None:
+        trainer.add_callback(LeaseWatch(fit.lease))
+    if fit.main:
+        _write_run_files(spec, layout, data, fit.dist.world_size)
+        if fit.uploader:
+            fit.uploader.files(layout.spec, layout.manifest)
     total_steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
     stop = data.formatter.stop if data.has_chat else None
     if stop is not None and not stop.consistent:
         say(f"note: generation stopped at {stop.generation_eos_ids} but the chat template ends turns with "
             f"{stop.eot_token} (id {stop.eot_id}); the saved generation_config stops at {stop.fixed_eos_ids}")
-    events.emit("start", name=spec.name, resumed_from=str(resume_from) if resume_from else None,
-                train_rows=len(data.train.rows), eval_rows=len(data.eval.rows), total_steps=total_steps,
-                per_device_batch=batches.per_device, accumulation=batches.accumulation, world_size=dist.world_size,
-                mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-                truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped))
-    graceful.install()
+    events.emit(StartEvent(
+        name=spec.name, resumed_from=str(fit.resume_from) if fit.resume_from else None,
+        train_rows=len(data.train.rows), eval_rows=len(data.eval.rows), total_steps=total_steps,
+        per_device_batch=batches.per_device, accumulation=batches.accumulation, world_size=fit.dist.world_size,
+        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped)))
+    fit.data, fit.events, fit.trainer, fit.graceful, fit.args = data, events, trainer, graceful, args
+
+
+def _fit(fit: Fit) -> Any:
+    """trainer.train under the graceful-stop handler; a stop request ends in a checkpoint and Preempted."""
+    trainer, layout, events = fit.trainer, fit.layout, fit.events
+    fit.graceful.install()
     try:
-        trained = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trained = trainer.train(resume_from_checkpoint=str(fit.resume_from) if fit.resume_from else None)
         trainer.events_callback.tokens_seen += trainer.take_token_counts()[0]  # steps after the last log
-        if graceful.requested:
+        if fit.graceful.requested:
             step = trainer.state.global_step
             saved = layout.checkpoints / f"checkpoint-{step}"
-            events.emit("preempted", step=step, checkpoint=output.remote(saved))
+            events.emit(PreemptedEvent(step=step, checkpoint=fit.output.remote(saved)))
             _finish_distributed()
-            _drain(uploader, layout, say, timeout=float(os.environ.get("KUBETUNE_PREEMPT_UPLOAD_SECONDS", "120")))
+            _drain(fit.uploader, layout, fit.say, timeout=settings.preempt_upload_seconds())
             raise Preempted(f"stopped at step {step} after saving {saved}",
                             "run the same command again: resume: auto continues from that checkpoint")
-        if data.eval.rows:
+        if fit.data.eval.rows:
             trainer.evaluate()
-        _save_final(spec, trainer, data, layout, main)
-        if uploader:
-            uploader.tree(layout.final)  # final/COMPLETE goes last
+        _save_final(fit.spec, trainer, fit.data, layout, fit.main)
+        if fit.uploader:
+            fit.uploader.tree(layout.final)  # final/COMPLETE goes last
         _finish_distributed()
+        return trained
     except KubetuneError:
         raise
     except Exception as exc:  # training blew up: record it where `status` and logs will look
-        events.emit("error", error=f"{type(exc).__name__}: {exc}")
+        events.emit(ErrorEvent(error=f"{type(exc).__name__}: {exc}"))
         try:
-            _drain(uploader, layout, say, timeout=60)
-        except TrainingError:
+            _drain(fit.uploader, layout, fit.say, timeout=60)
+        except KubetuneError:
             pass  # the training error is the one to report
         raise TrainingError(f"training failed: {type(exc).__name__}: {exc}",
                             f"the run's checkpoints are kept in {layout.checkpoints}; fix the cause and rerun "
                             "(resume: auto continues from the latest complete one)") from exc
     finally:
-        graceful.restore()
+        fit.graceful.restore()
+
+
+def _finalize(fit: Fit, trained: Any) -> TrainResult:
+    """The end event, evaluation (eval.metrics), and the wait for every upload."""
+    spec, layout, say, trainer = fit.spec, fit.layout, fit.say, fit.trainer
     step = trainer.state.global_step
-    events.emit("end", step=step, final=str(layout.final), train_loss=trained.training_loss,
-                tokens_seen=int(trainer.events_callback.tokens_seen),
-                train_runtime=trained.metrics.get("train_runtime"))
+    fit.events.emit(EndEvent(step=step, final=str(layout.final), train_loss=trained.training_loss,
+                             tokens_seen=int(trainer.events_callback.tokens_seen),
+                             train_runtime=trained.metrics.get("train_runtime")))
     say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
         f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
-    if main and spec.eval.metrics and (data.eval.rows or data.samples.eval):
+    if fit.main and spec.eval.metrics and (fit.data.eval.rows or fit.data.samples.eval):
         _evaluate_after_training(layout, say)
-        if uploader:
-            uploader.tree(layout.eval)
-    if uploader:
-        say(f"waiting for uploads to {output.uri} ...")
-        _drain(uploader, layout, say)
-        say(f"stored in {output.uri}")
-    return TrainResult(layout, "finished", step, output.remote(resume_from) if resume_from else None)
+        if fit.uploader:
+            fit.uploader.tree(layout.eval)
+    if fit.uploader:
+        say(f"waiting for uploads to {fit.output.uri} ...")
+        _drain(fit.uploader, layout, say)
+        say(f"stored in {fit.output.uri}")
+    resumed = fit.output.remote(fit.resume_from) if fit.resume_from else None
+    return TrainResult(layout, "finished", step, resumed)
 
 
 def _drain(uploader: Uploader | None, layout: RunLayout, say: Any, timeout: float | None = None) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune import __version__
+from kubetune import __version__, settings
 from kubetune.spec.models import RunSpec
 
 SPEC_DIR = "/etc/kubetune"
@@ -73,15 +73,15 @@ def env(spec: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     k = spec.kubernetes
     out: list[dict[str, Any]] = [
         {"name": "HOME", "value": f"{SCRATCH}/home"},
-        {"name": "KUBETUNE_WORKDIR", "value": f"{SCRATCH}/work"},
-        {"name": "KUBETUNE_CACHE", "value": f"{SCRATCH}/cache"},
+        {"name": settings.WORKDIR, "value": f"{SCRATCH}/work"},
+        {"name": settings.CACHE, "value": f"{SCRATCH}/cache"},
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
         {"name": "MPLCONFIGDIR", "value": f"{SCRATCH}/matplotlib"},
-        {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": settings.PVC_ROOT, "value": PVC_ROOT},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if gcs_buckets(spec):
-        out.append({"name": "KUBETUNE_GCS_MOUNT", "value": GCS_ROOT})
+        out.append({"name": settings.GCS_MOUNT, "value": GCS_ROOT})
     if spec.storage.endpoint_url:
         out.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint_url})
     if spec.storage.region:

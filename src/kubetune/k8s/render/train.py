@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kubetune import settings
 from kubetune.errors import EXIT_USAGE, UsageError
 from kubetune.k8s.render.common import (
     SCRATCH, SPEC_DIR, container_security, env, metadata, pod_placement, pod_security, queue_labels, resources, volumes,
@@ -69,7 +70,7 @@ def train_objects(spec: RunSpec) -> list[dict[str, Any]]:
     env_list, env_from = env(spec)
     vols = volumes(spec, f"{spec.name}-spec")
     if nodes > 1:
-        env_list.append({"name": "KUBETUNE_RDZV_ENDPOINT",
+        env_list.append({"name": settings.RDZV_ENDPOINT,
                          "value": f"{spec.name}-0.{spec.name}.{spec.kubernetes.namespace}.svc:{RDZV_PORT}"})
     container: dict[str, Any] = {
         "name": "train", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
