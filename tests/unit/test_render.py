@@ -162,3 +162,36 @@ def test_planted_secrets_appear_nowhere(monkeypatch: pytest.MonkeyPatch) -> None
     text = "".join(to_yaml(rendered(name, what)) for name, what in cases())
     for value in planted.values():
         assert value not in text
+
+
+def job_reaction(policy: dict[str, Any], container: str, exit_code: int, disrupted: bool = False) -> str:
+    """What the Job controller does with a failed pod under `policy` (batch/v1 podFailurePolicy: the
+    first rule that matches decides; no match counts the failure against backoffLimit)."""
+    for rule in policy["rules"]:
+        on_exit = rule.get("onExitCodes")
+        if on_exit and on_exit.get("containerName", container) == container:
+            inside = exit_code in on_exit["values"]
+            if inside == (on_exit["operator"] == "In"):
+                return rule["action"]
+        for cond in rule.get("onPodConditions", []):
+            if disrupted and cond["type"] == "DisruptionTarget" and cond["status"] == "True":
+                return rule["action"]
+    return "Count"
+
+
+@pytest.mark.parametrize("what", ["train", "stage"])
+def test_exit_codes_are_the_contract_the_job_acts_on(what: str) -> None:
+    from kubetune.errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE
+
+    name = "d-minio-lora-sweep.yaml"
+    (job,) = by_kind(rendered(name, what), "Job")
+    policy, container = job["spec"]["podFailurePolicy"], job["spec"]["template"]["spec"]["containers"][0]["name"]
+    assert job_reaction(policy, container, EXIT_USAGE) == "FailJob"          # fix your input: no retry
+    assert job_reaction(policy, container, EXIT_TRANSIENT) == "Count"        # storage blip: retried
+    assert job_reaction(policy, container, EXIT_FAILURE) == "Count"
+    assert job_reaction(policy, container, EXIT_PREEMPTED, disrupted=True) == "Ignore"  # not even counted
+    assert job["spec"]["backoffLimit"] >= 1
+    # no replacement pod while the old one is still terminating: one writer per run
+    assert job["spec"]["podReplacementPolicy"] == "Failed"
+    if what == "train":
+        assert job["spec"]["template"]["spec"]["containers"][0]["command"][-1] == "--wait"

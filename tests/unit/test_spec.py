@@ -112,3 +112,30 @@ def test_schema_has_descriptions(cli) -> None:
     lora = schema["$defs"]["LoraSpec"]["properties"]
     assert "matching no module" in lora["target_modules"]["description"]
     assert schema["$defs"]["DataSpec"]["additionalProperties"] is False
+
+
+def test_field_and_cross_field_problems_come_in_one_report(tmp_path: Path) -> None:
+    spec = tmp_path / "both.yaml"
+    spec.write_text("name: Bad_Name\nmodel: {base: x}\ndata: {train: x.jsonl, max_length: 3}\nmethod: {type: qlora}\n"
+                    "train: {total_batch_size: 7, learning_rate: -1}\nresources: {accelerator: gaudi, devices_per_node: 2}\n"
+                    "serve: {autoscaling: {min: 5, max: 2}}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    found = {str(p).split(": ", 2)[1]: str(p) for p in info.value.problems}
+    # field problems ...
+    assert {"name", "data.max_length", "train.learning_rate"} <= set(found)
+    # ... and, in the same report, every cross-field rule the rest of the spec breaks
+    assert "qlora needs NVIDIA GPUs" in found["method.type"] and f"{spec}:4" in found["method.type"]
+    assert "7 is not divisible by the 2 processes" in found["train.total_batch_size"]
+    assert "must not be above serve.autoscaling.max" in found["serve.autoscaling.min"]
+
+
+def test_a_cross_field_rule_on_a_broken_field_is_not_judged_by_its_default(tmp_path: Path) -> None:
+    spec = tmp_path / "b.yaml"
+    spec.write_text("name: ok\nmodel: {base: x}\ndata: {train: x.jsonl}\ntrain: {total_batch_size: many}\n"
+                    "resources: {devices_per_node: 3}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    text = "\n".join(map(str, info.value.problems))
+    assert "train.total_batch_size: Input should be a valid integer" in text
+    assert "not divisible" not in text  # the default 16 was not what the user wrote

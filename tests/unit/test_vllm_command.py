@@ -47,7 +47,7 @@ def test_merged_run_is_served_under_the_run_name(tmp_path: Path) -> None:
 
 def test_lora_ranks_round_up_to_what_vllm_accepts() -> None:
     assert [max_lora_rank(r) for r in (1, 4, 8, 9, 64, 65, 500)] == [1, 8, 8, 16, 64, 128, 512]
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="method.lora.r"):
         max_lora_rank(1024)
 
 

@@ -11,8 +11,8 @@ import os
 import sys
 from typing import Callable
 
-from kubetune import __version__
-from kubetune.errors import EXIT_USAGE, KubetuneError
+from kubetune import __version__, settings
+from kubetune.errors import EXIT_FAILURE, EXIT_USAGE, KubetuneError
 
 __all__ = ["main", "run"]
 
@@ -154,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - no traceback reaches a user; KUBETUNE_DEBUG=1 shows it
+        if settings.debug():
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: unexpected {type(exc).__name__}: {text}\nhint: this is a kubetune bug, not your input; rerun "
+              f"with {settings.DEBUG}=1 for the traceback and report it", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def run() -> None:

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.errors import UsageError
+
 # vLLM accepts only these LoRA ranks for --max-lora-rank
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -30,7 +32,9 @@ def max_lora_rank(rank: int) -> int:
     for allowed in _VLLM_LORA_RANKS:
         if rank <= allowed:
             return allowed
-    raise ValueError(f"LoRA rank {rank} is above vLLM's largest ({_VLLM_LORA_RANKS[-1]})")
+    raise UsageError(f"method.lora.r: LoRA rank {rank} is above the largest vLLM serves ({_VLLM_LORA_RANKS[-1]})",
+                     "merge the adapter (kubetune merge RUN) and serve the merged model, or train with a rank "
+                     f"of at most {_VLLM_LORA_RANKS[-1]}")
 
 
 def adapter_rank(adapter_dir: Path) -> int:

@@ -128,10 +128,81 @@ def validate_spec(
     try:
         return RunSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = [_to_problem(err, raw, filename, lines or {}, set_paths or {}) for err in exc.errors()]
+        errors = list(exc.errors())
+        if not any(err["type"] == "cross" for err in errors):
+            errors += _cross_field_errors(raw, errors)
+        problems = [_to_problem(err, raw, filename, lines or {}, set_paths or {}) for err in errors]
         problems = [p for group in problems for p in group]
         hint = "run `kubetune schema` for every field and its meaning"
         raise SpecError(_dedupe(problems), hint) from None
+
+
+# Placeholders for required fields, so cross-field rules can run while those fields are broken.
+_REQUIRED = {("name",): "placeholder", ("model",): {}, ("model", "base"): "placeholder", ("data",): {},
+             ("data", "train"): ["placeholder"]}
+
+
+def _cross_field_errors(raw: dict[str, Any], errors: list[Any]) -> list[Any]:
+    """The cross-field rules, checked on the spec with every broken field set back to its default
+    (pydantic runs them only when every field is valid): field and cross-field problems come in one
+    report. A rule that points at a field that was itself broken is left out (its default spoke)."""
+    import copy
+
+    data = copy.deepcopy(raw)
+    reset: set[Path_] = set()
+    for _ in range(5):
+        for err in errors:
+            loc = _clean_loc(tuple(err["loc"]), data)
+            if err["type"] == "missing" and loc in _REQUIRED:
+                _set(data, loc, copy.deepcopy(_REQUIRED[loc]))
+            else:
+                loc = _drop(data, loc)
+            reset.add(loc)
+        try:
+            RunSpec.model_validate(data)
+            return []
+        except ValidationError as exc:
+            errors = list(exc.errors())
+        except Exception:  # noqa: BLE001 - a best-effort extra: the field problems are reported regardless
+            return []
+        cross = [err for err in errors if err["type"] == "cross"]
+        if cross:
+            rows = [row for row in cross[0]["msg"].split("\n")
+                    if not any(_under(tuple(int(p) if p.isdigit() else p for p in row.split("\t")[0].split(".")), r)
+                               for r in reset)]
+            return [{**cross[0], "msg": "\n".join(rows)}] if rows else []
+    return []
+
+
+def _under(path: Path_, prefix: Path_) -> bool:
+    return path[: len(prefix)] == prefix or prefix[: len(path)] == path
+
+
+def _set(data: dict[str, Any], loc: Path_, value: Any) -> None:
+    node: Any = data
+    for part in loc[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[loc[-1]] = value
+
+
+def _drop(data: dict[str, Any], loc: Path_) -> Path_:
+    """Remove the value at loc (a whole list when an item of it is broken); returns what was removed."""
+    cut = next((i for i, p in enumerate(loc) if isinstance(p, int)), None)
+    if cut is not None and cut == len(loc) - 1:
+        loc = loc[:cut]
+    node: Any = data
+    for part in loc[:-1]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return loc
+    if isinstance(node, dict) and loc:
+        node.pop(loc[-1], None)
+    return loc
 
 
 def _to_problem(err: Any, raw: dict[str, Any], filename: str, lines: dict[Path_, int],

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import settings
-from kubetune.errors import EXIT_USAGE, UsageError
+from kubetune.errors import EXIT_TRANSIENT, EXIT_USAGE, UsageError
 from kubetune.k8s.render.common import (
     SCRATCH, SPEC_DIR, container_security, env, metadata, pod_placement, pod_security, queue_labels, resources, volumes,
 )
@@ -30,8 +30,12 @@ def config_map(spec: RunSpec, component: str) -> dict[str, Any]:
 
 
 def _failure_policy(container: str) -> dict[str, Any]:
+    """errors.py's exit codes, acted on: 2 (fix your input) fails the Job at once; 75 (storage, Hub or
+    API unreachable) and 1 are retried within backoffLimit; a disrupted pod (preemption, eviction,
+    drain) is retried without counting. Every retry resumes from the newest complete checkpoint."""
     return {"rules": [
         {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_USAGE]}},
+        {"action": "Count", "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_TRANSIENT]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
 
@@ -55,6 +59,8 @@ def _job(spec: RunSpec, name: str, component: str, container: dict[str, Any], vo
         "backoffLimit": backoff if backoff is not None else spec.kubernetes.backoff_limit,
         "completions": completions, "parallelism": completions,
         "podFailurePolicy": _failure_policy(container["name"]),
+        # a replacement pod starts only once the old one has terminated: never two writers of one run
+        "podReplacementPolicy": "Failed",
         "template": {"metadata": pod_meta, "spec": pod},
     }
     if indexed:
@@ -74,7 +80,8 @@ def train_objects(spec: RunSpec) -> list[dict[str, Any]]:
                          "value": f"{spec.name}-0.{spec.name}.{spec.kubernetes.namespace}.svc:{RDZV_PORT}"})
     container: dict[str, Any] = {
         "name": "train", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
-        "command": ["kubetune", "train", f"{SPEC_DIR}/spec.yaml"],
+        # --wait: a retry that starts while its killed predecessor's lease has not lapsed waits for it
+        "command": ["kubetune", "train", f"{SPEC_DIR}/spec.yaml", "--wait"],
         "workingDir": SCRATCH,  # relative paths in the spec land on the scratch volume, not the read-only root
         "env": env_list, **({"envFrom": env_from} if env_from else {}),
         "resources": resources(spec), "securityContext": container_security(), "volumeMounts": vols.mounts,
