@@ -56,11 +56,14 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_params_and_loss_reach_mlflow(write_spec, mlflow_server: str) -> None:
+def test_params_loss_and_eval_reach_mlflow(write_spec, mlflow_server: str, tmp_path: Path) -> None:
+    import json
+
     from mlflow.tracking import MlflowClient
 
     spec = write_spec(name="mlf", train={"max_steps": 10, "logging_steps": 2},
-                      tracking={"report_to": ["mlflow"], "mlflow_uri": mlflow_server, "experiment": "kubetune-tests"})
+                      tracking={"report_to": ["mlflow"], "mlflow_uri": mlflow_server, "experiment": "kubetune-tests"},
+                      eval={"metrics": ["loss", "rouge"], "num_samples": 4, "max_new_tokens": 8})
     res = run_kubetune("train", str(spec), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -74,3 +77,11 @@ def test_params_and_loss_reach_mlflow(write_spec, mlflow_server: str) -> None:
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6, 8, 10]
     assert all(m.value > 0 for m in history)
+    # the final evaluation (base and tuned) and its report reach the same run
+    metrics = json.loads((tmp_path / "runs" / "mlf" / "eval" / "metrics.json").read_text())
+    for model in ("base", "tuned"):
+        for key in ("loss", "rougeL"):
+            (point,) = client.get_metric_history(run.info.run_id, f"eval/{model}/{key}")
+            assert point.step == 10 and point.value == pytest.approx(metrics[model][key], rel=1e-5)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "eval")] == ["eval/report.md"]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"

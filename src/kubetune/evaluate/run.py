@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kubetune.artifacts.events import EvalReportEvent, EventLog
+from kubetune.artifacts.events import EndEvent, EvalReportEvent, EventLog, read_events
+from kubetune.artifacts.trackers import TrackerRuns
 from kubetune.storage.runs import open_any_run, publish
 from kubetune.data.prepare import prepare
 from kubetune.errors import UsageError
@@ -74,8 +75,13 @@ def evaluate_run(run: str, compare_base: bool = True, log: Callable[[str], None]
             fh.write(json.dumps(s) + "\n")
     plot = loss_plot(layout.events, folder / "loss.png")
     write_report(folder, spec.name, metrics, samples, plot)
-    EventLog(layout.events).emit(EvalReportEvent(
-        path=str(folder), metrics={w: metrics[w] for w in ("base", "tuned") if w in metrics}))
+    by_model = {w: metrics[w] for w in ("base", "tuned") if w in metrics}
+    EventLog(layout.events).emit(EvalReportEvent(path=str(folder), metrics=by_model))
+    if spec.tracking.report_to:
+        ends = [e for e in read_events(layout.events) if isinstance(e, EndEvent)]
+        trackers = TrackerRuns(spec, layout, log)
+        trackers.log_eval(by_model, folder / "report.md", ends[-1].step if ends else None)
+        trackers.finish()
     log(format_table(metrics))
     publish(output, folder)  # a run in object storage gets its eval/ there too
     return EvalResult(metrics, output.remote(folder) if output.store else folder)

@@ -226,8 +226,11 @@ class SecretsSpec(_Section):
     hf_token: str | None = Field(None, description="SECRET/KEY holding the Hugging Face token (e.g. hf-secret/token).")
     storage: str | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (envFrom).")
     api_key: str | None = Field(None, description="SECRET/KEY holding the serving API key (vLLM --api-key).")
+    wandb: str | None = Field(None, description="SECRET/KEY holding the Weights & Biases API key (WANDB_API_KEY).")
+    mlflow: str | None = Field(None, description="Secret with MLflow credentials: MLFLOW_TRACKING_USERNAME / "
+                                                 "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN (envFrom).")
 
-    @field_validator("hf_token", "api_key")
+    @field_validator("hf_token", "api_key", "wandb")
     @classmethod
     def _secret_key(cls, value: str | None) -> str | None:
         if value is not None and value.count("/") != 1:

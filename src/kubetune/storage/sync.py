@@ -26,7 +26,7 @@ from kubetune.artifacts.layout import COMPLETE, RunLayout
 from kubetune.errors import TransientError
 from kubetune.storage.store import Store, local_path
 
-RUN_FILES = ("spec.yaml", "manifest.json", "events.jsonl")
+RUN_FILES = ("spec.yaml", "manifest.json", "events.jsonl", "trackers.json")
 
 
 def is_synced(uri: str) -> bool:

@@ -22,6 +22,7 @@ from kubetune.artifacts.events import (
 from kubetune.artifacts.export import save_tokenizer_and_config
 from kubetune.artifacts.layout import RunLayout
 from kubetune.artifacts.manifest import build_manifest
+from kubetune.artifacts.trackers import TrackerRuns, check_trackers
 from kubetune.data.prepare import Prepared, prepare
 from kubetune.errors import KubetuneError, Preempted, Problem, SpecError, TrainingError, UsageError
 from kubetune.hf import quiet_progress_bars
@@ -65,6 +66,7 @@ def preflight(spec: RunSpec, check_storage: bool = True) -> RunOutput:
     that an explicit resume point is a complete checkpoint, and — before any training — that every
     object-storage input is readable and the output writable with the credentials at hand."""
     apply_storage_env(spec)
+    check_trackers(spec)
     output = run_output(spec)
     if spec.resume not in ("auto", "never") and not (Path(spec.resume) / "COMPLETE").exists():
         raise UsageError(f"resume: {spec.resume} is not a complete checkpoint (no COMPLETE marker)",
@@ -123,6 +125,7 @@ class Fit:
     trainer: Any = None
     graceful: Any = None
     args: Any = None
+    trackers: TrackerRuns | None = None
 
     @property
     def layout(self) -> RunLayout:
@@ -155,6 +158,8 @@ def train(spec: RunSpec, log: Any = print, wait: bool = False) -> TrainResult:
         trained = _fit(fit)
         return _finalize(fit, trained)
     finally:
+        if fit.trackers is not None:
+            fit.trackers.finish()
         if lease is not None:
             lease.release()
 
@@ -195,8 +200,13 @@ def _set_up(fit: Fit) -> None:
         trainer.add_callback(LeaseWatch(fit.lease))
     if fit.main:
         _write_run_files(spec, layout, data, fit.dist.world_size)
+        if spec.tracking.report_to:
+            # before train: transformers' integrations then log into these runs; their ids go with the run
+            fit.trackers = TrackerRuns(spec, layout, say)
+            for callback in fit.trackers.start():
+                trainer.add_callback(callback)
         if fit.uploader:
-            fit.uploader.files(layout.spec, layout.manifest)
+            fit.uploader.files(layout.spec, layout.manifest, *([fit.trackers.path] if fit.trackers else []))
     total_steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
     stop = data.formatter.stop if data.has_chat else None
     if stop is not None and not stop.consistent:
@@ -258,9 +268,11 @@ def _finalize(fit: Fit, trained: Any) -> TrainResult:
     say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
         f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
     if fit.main and spec.eval.metrics and (fit.data.eval.rows or fit.data.samples.eval):
-        _evaluate_after_training(layout, say)
+        _evaluate_after_training(layout, say)  # sends the eval metrics and report to the trackers too
         if fit.uploader:
             fit.uploader.tree(layout.eval)
+    if fit.uploader and fit.trackers is not None and fit.trackers.tensorboard_dir.exists():
+        fit.uploader.tree(fit.trackers.tensorboard_dir)
     if fit.uploader:
         say(f"waiting for uploads to {fit.output.uri} ...")
         _drain(fit.uploader, layout, say)
@@ -386,7 +398,7 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
             bf16=precision == "bf16",
             fp16=precision == "fp16",
             use_cpu=use_cpu(spec),
-            report_to=list(spec.tracking.report_to) or "none",
+            report_to=[n for n in spec.tracking.report_to if n != "tensorboard"] or "none",  # see TrackerRuns
             run_name=spec.name,
             disable_tqdm=True,
             remove_unused_columns=False,
@@ -414,11 +426,6 @@ def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: Even
     from kubetune.train.progress import make_progress
     from kubetune.train.trainer import KubetuneTrainer
 
-    if spec.tracking.mlflow_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = spec.tracking.mlflow_uri  # read by transformers' MLflow integration
-    if spec.tracking.experiment:
-        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", spec.tracking.experiment)
-        os.environ.setdefault("WANDB_PROJECT", spec.tracking.experiment)
     quiet_progress_bars()
     # peft still reads a renamed transformers attribute; the warning is theirs to fix, not the user's.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -68,8 +68,9 @@ def secret_ref(ref: str) -> dict[str, Any]:
     return {"secretKeyRef": {"name": name, "key": key}}
 
 
-def env(spec: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(env, envFrom): paths, storage endpoint, and secrets by reference — never a value."""
+def env(spec: RunSpec, trackers: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(env, envFrom): paths, storage endpoint, and secrets by reference — never a value. Tracker
+    credentials only where training runs (`trackers`)."""
     k = spec.kubernetes
     out: list[dict[str, Any]] = [
         {"name": "HOME", "value": f"{SCRATCH}/home"},
@@ -88,7 +89,10 @@ def env(spec: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         out.append({"name": "AWS_DEFAULT_REGION", "value": spec.storage.region})
     if k.secrets.hf_token:
         out.append({"name": "HF_TOKEN", "valueFrom": secret_ref(k.secrets.hf_token)})
-    env_from = [{"secretRef": {"name": k.secrets.storage}}] if k.secrets.storage else []
+    if trackers and k.secrets.wandb:
+        out.append({"name": "WANDB_API_KEY", "valueFrom": secret_ref(k.secrets.wandb)})
+    env_from = [{"secretRef": {"name": name}} for name in (k.secrets.storage, k.secrets.mlflow if trackers else None)
+                if name]
     return out, env_from
 
 

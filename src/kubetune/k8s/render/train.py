@@ -73,7 +73,7 @@ def _job(spec: RunSpec, name: str, component: str, container: dict[str, Any], vo
 
 def train_objects(spec: RunSpec) -> list[dict[str, Any]]:
     nodes = spec.resources.nodes
-    env_list, env_from = env(spec)
+    env_list, env_from = env(spec, trackers=True)
     vols = volumes(spec, f"{spec.name}-spec")
     if nodes > 1:
         env_list.append({"name": settings.RDZV_ENDPOINT,
