@@ -153,3 +153,46 @@ def test_folder_source_reads_every_supported_file(tmp_path: Path) -> None:
     assert sorted(s.where for s in samples.train) == [f"{folder}/a.jsonl:1", f"{folder}/a.jsonl:2",
                                                       f"{folder}/nested/b.jsonl:1"]
     assert sorted(map(str, samples.files)) == [f"{folder}/a.jsonl", f"{folder}/nested/b.jsonl"]
+
+
+def test_files_are_read_by_content_not_by_name(tmp_path: Path, write_spec, cli) -> None:
+    import gzip
+
+    import zstandard
+
+    rows = [CHAT, {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}] * 20
+    lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    files = {
+        "array.jsonl": json.dumps(rows, indent=2).encode(),     # what stage makes of a Hub file that is one JSON array
+        "lines.json": lines,                                    # JSON lines under a .json name
+        "wrapped.jsonl": json.dumps({"data": rows}, indent=1).encode(),
+        "one-row.jsonl": (json.dumps(CHAT) + "\n").encode(),     # one JSON line is a row, not a document
+        "rows.jsonl.gz": gzip.compress(lines),
+        "rows.jsonl.zst": zstandard.ZstdCompressor().compress(lines),
+        "array.json.gz": gzip.compress(json.dumps(rows).encode()),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        samples = load_samples(DataSpec(train=[str(tmp_path / name)], eval=None), seed=0)
+        assert len(samples.train) == (1 if name == "one-row.jsonl" else 40), name
+        assert samples.train[0].messages[0]["role"] == "user"
+    first = load_samples(DataSpec(train=[str(tmp_path / "array.jsonl")], eval=None), seed=0)
+    assert {s.where.rsplit(":", 1)[0] for s in first.train} == {str(tmp_path / "array.jsonl")}
+    # through the CLI as a user would: the array named .jsonl validates, a folder of compressed files too
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl.zst").write_bytes(files["rows.jsonl.zst"])
+    (folder / "b.json.gz").write_bytes(files["array.json.gz"])
+    for source in (tmp_path / "array.jsonl", folder):
+        code, out, err = cli("validate", str(write_spec(name="bycontent", data={"train": str(source)})))
+        assert code == 0, err
+        assert ("messages, 40 rows" if source.is_file() else "messages, 80 rows") in out
+
+
+def test_a_corrupt_compressed_file_is_a_located_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl.zst").write_bytes(b"definitely not zstd")
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"definitely not gzip")
+    for name in ("bad.jsonl.zst", "bad.jsonl.gz"):
+        with pytest.raises(DataError) as info:
+            load_samples(DataSpec(train=[str(tmp_path / name)], eval=None), seed=0)
+        assert str(info.value.problems[0]).startswith(f"{tmp_path / name}: cannot read")

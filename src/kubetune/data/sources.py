@@ -16,6 +16,7 @@ from typing import Any
 from kubetune.errors import DataError, Problem, UsageError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+COMPRESSED = (".gz", ".zst")  # on top of .jsonl/.json/.csv: read through gzip / zstandard
 
 
 @dataclass(frozen=True)
@@ -64,44 +65,92 @@ def local_files(uri: str) -> list[Path]:
     """The data files behind a local source (a file, or every supported file under a folder)."""
     path = fetched(uri) if "://" in uri else Path(uri)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        files = sorted(p for p in path.rglob("*") if data_suffix(p) in SUFFIXES and p.is_file())
         if not files:
-            raise UsageError(f"data folder {uri} holds no {', '.join(SUFFIXES)} files")
+            raise UsageError(f"data folder {uri} holds no {', '.join(SUFFIXES)} files (plain, .gz or .zst)")
         return files
     if path.is_file():
         return [path]
     raise UsageError(f"data source not found: {uri}", "check the path (relative paths are from the current folder)")
 
 
+def data_suffix(path: Path) -> str:
+    """The data format's suffix, under a compression suffix: train.jsonl.zst → .jsonl."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
 def read_file(path: Path) -> tuple[list[Row], list[Problem]]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
+    """Rows of one file. JSON lines and a JSON document are told apart by their content, not their
+    name: a Hub file that is one JSON array, saved as .jsonl, is still read as an array."""
+    suffix = data_suffix(path)
+    if suffix in (".jsonl", ".json"):
+        text = _read_text(path)
+        if _is_json_document(text, suffix):
+            return _read_json(path, text)
+        return _read_jsonl(path, text)
     if suffix == ".csv":
         return _read_csv(path)
     if suffix == ".parquet":
         return _read_parquet(path)
-    raise UsageError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+    raise UsageError(f"{path}: unsupported file type {''.join(path.suffixes[-2:])!r}; use one of "
+                     f"{', '.join(SUFFIXES)} (JSON and CSV also as .gz or .zst)")
 
 
-def _read_jsonl(path: Path) -> tuple[list[Row], list[Problem]]:
+def _read_text(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        import gzip
+
+        with gzip.open(path, "rb") as fh:
+            return fh.read().decode("utf-8", errors="replace")
+    if name.endswith(".zst"):
+        import zstandard
+
+        try:
+            with path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as fh:
+                return fh.read().decode("utf-8", errors="replace")
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"not a zstd file ({exc})") from None
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _is_json_document(text: str, suffix: str) -> bool:
+    """An array; or one object holding the rows ({"data": [...]}): in a .json file when the whole text
+    is that object, in a .jsonl file when it is also not complete on its first line (one JSON line
+    of one row is JSON lines)."""
+    i = _skip_ws(text, 0)
+    if i >= len(text) or text[i] != "{":
+        return i < len(text) and text[i] == "["
+    if suffix == ".jsonl" and _parses(text[i:].split("\n", 1)[0]):
+        return False
+    return _parses(text)  # broken either way: read as JSON lines, which reports it line by line
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[list[Row], list[Problem]]:
     rows, problems = [], []
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(Row(json.loads(line), f"{path}:{n}"))
-            except json.JSONDecodeError as exc:
-                problems.append(Problem(f"{path}:{n}", f"bad JSON: {exc.msg} (column {exc.colno})"))
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(Row(json.loads(line), f"{path}:{n}"))
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(f"{path}:{n}", f"bad JSON: {exc.msg} (column {exc.colno})"))
     return rows, problems
 
 
-def _read_json(path: Path) -> tuple[list[Row], list[Problem]]:
+def _read_json(path: Path, text: str) -> tuple[list[Row], list[Problem]]:
     """A JSON array of objects; each row keeps the line its object starts on."""
-    text = path.read_text(encoding="utf-8", errors="replace")
     decoder = json.JSONDecoder()
     i = _skip_ws(text, 0)
     if i < len(text) and text[i] == "{":
@@ -140,8 +189,10 @@ def _skip_ws(text: str, i: int) -> int:
 
 
 def _read_csv(path: Path) -> tuple[list[Row], list[Problem]]:
+    import io
+
     rows = []
-    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+    with io.StringIO(_read_text(path), newline="") as fh:
         reader = csv.DictReader(fh)
         start = 2
         for record in reader:
