@@ -14,7 +14,8 @@ lease is the only writer; any other exits with LeaseHeld naming the holder, or w
 
 Expiry is judged two ways, so a skewed clock cannot steal a live lease: the holder's own deadline
 has passed, or the waiter has watched the lease stay unchanged for a whole lifetime. A holder on
-this same host whose process is gone is abandoned at once (a rerun after `kill -9`).
+this same host whose process is gone is abandoned at once (a rerun after `kill -9`); in a pod the
+host is the pod, so a replacement pod waits for the lapse.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ class Holder:
             return None  # a torn or foreign file: treated as abandoned
 
     def abandoned_here(self) -> bool:
-        """The holder ran on this host and its process is gone."""
-        if self.host != socket.gethostname():
+        """The holder, named by its host and process (the default name), ran on this host and its
+        process is gone. A holder with a name of its own (KUBETUNE_LEASE_HOLDER) waits for expiry."""
+        if self.host != socket.gethostname() or self.name != f"{self.host}:{self.pid}":
             return False
         try:
             os.kill(self.pid, 0)
