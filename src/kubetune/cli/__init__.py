@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--target", choices=["local", "k8s"], default="local",
                            help="k8s: also print the manifests `kubetune render` would apply")
         p.set_defaults(func=func)
-    p = sub.add_parser("schema", help="JSON Schema of the run spec", description="JSON Schema of the run spec")
+    p = sub.add_parser("schema", help="JSON Schema of the run spec (or of events.jsonl)",
+                       description="JSON Schema of the run spec, or with --events of one line of a run's events.jsonl")
+    p.add_argument("--events", action="store_true", help="the schema of events.jsonl instead")
     p.set_defaults(func=verbs.schema)
     p = sub.add_parser("merge", help="merge a run's adapter into its base model (final/merged)")
     p.add_argument("run", help="run folder or URI, e.g. runs/NAME or s3://bucket/runs/NAME")

@@ -84,6 +84,11 @@ def _duration(seconds: float) -> str:
 
 
 def schema(args: argparse.Namespace) -> int:
+    if args.events:
+        from kubetune.artifacts.events import events_schema
+
+        print(json.dumps(events_schema(), indent=2))
+        return 0
     from kubetune.spec.models import RunSpec
 
     print(json.dumps(RunSpec.model_json_schema(), indent=2))
