@@ -17,10 +17,10 @@ import yaml
 from kubetune.artifacts.events import LeaseEvent, StartEvent, StepEvent, parse_events
 from kubetune.errors import EXIT_TRANSIENT, EXIT_USAGE
 from tests.conftest import kubetune_cmd
-from tests.integration.test_storage import (  # noqa: F401  (fixtures)
-    BUCKET, CKPT_FILES, assert_complete_means_complete, fresh_env, remote_checkpoints, run, s3, spec_file, staged,
+from tests.s3_runs import (
+    BUCKET, CKPT_FILES, assert_complete_means_complete, fresh_env, remote_checkpoints, run, spec_file,
 )
-from tests.servers import S3Server, free_port, start_s3
+from tests.servers import S3Server, start_s3
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from kubetune.artifacts.events import (
-    CheckpointStoredEvent, EndEvent, ErrorEvent, Event, StepEvent, format_eta, parse_events,
+    CheckpointStoredEvent, EndEvent, ErrorEvent, Event, StartEvent, StepEvent, format_eta, parse_events,
 )
 from kubetune.errors import KubetuneError
 from kubetune.k8s.client import Cluster, RunStatus, job_phase, pod_state
@@ -73,10 +73,12 @@ def progress_from_events(events: list[Event]) -> dict[str, Any]:
     stored = [e for e in events if isinstance(e, CheckpointStoredEvent)]
     if stored:
         out["stored"] = stored[-1].uri
-    if isinstance(events[-1], EndEvent):
+    starts = [i for i, e in enumerate(events) if isinstance(e, StartEvent)]
+    since = events[starts[-1]:] if starts else events  # what the latest (re)start did
+    if any(isinstance(e, EndEvent) for e in since):
         out["eta"] = "done"
-    elif isinstance(events[-1], ErrorEvent):
-        out["error"] = events[-1].error
+    elif isinstance(since[-1], ErrorEvent):
+        out["error"] = since[-1].error
     return out
 
 

@@ -103,32 +103,38 @@ def _held_error(uri: str, holder: Holder | None, ttl: float) -> LeaseHeld:
 
 
 class FileLease:
-    """flock on RUN/.lease: released by the kernel when the holder exits or is killed."""
+    """flock on RUN/.lease: released by the kernel when the holder exits or is killed. A run folder
+    that the lease alone created is removed again on release (a failed start writes nothing)."""
 
     def __init__(self, root: Path, holder: str, log: Callable[[str], None]) -> None:
         self.root, self.holder, self.log = root, holder, log
         self.lost = False
         self._fd: int | None = None
+        self._created: list[Path] = []
 
     def acquire(self, wait: bool) -> str | None:
         import fcntl
 
+        missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LEASE, os.O_RDWR | os.O_CREAT, 0o644)
+        self._created = missing  # innermost first: what release may remove again
+        path = self.root / LEASE
         told = False
         while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 current = Holder.decode(os.pread(fd, 4096, 0))
+                os.close(fd)
                 if not wait:
-                    os.close(fd)
+                    self._remove_created()
                     raise _held_error(str(self.root), current, 0) from None
                 if not told:
                     self.log(f"waiting for {current.name if current else 'another trainer'} to finish writing {self.root}")
                     told = True
                 time.sleep(1.0)
+                continue
             except OSError as exc:  # a filesystem without flock (some FUSE mounts)
                 os.close(fd)
                 if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
@@ -136,6 +142,12 @@ class FileLease:
                     self.release = fallback.release  # type: ignore[method-assign]
                     return fallback.acquire(wait)
                 raise
+            try:  # the file we locked is still the lease (a releasing holder may have removed it)
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, Holder.now(self.holder, 0).encode(), 0)
         self._fd = fd
@@ -144,8 +156,19 @@ class FileLease:
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
+            if self._created and [p.name for p in self.root.iterdir()] == [LEASE]:
+                (self.root / LEASE).unlink()  # while still locked: a waiter re-opens the path
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self._created:
+            try:
+                folder.rmdir()  # only if empty: anything the run wrote stays
+            except OSError:
+                break
+        self._created = []
 
 
 class _RenewingLease:

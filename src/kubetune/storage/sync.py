@@ -105,6 +105,7 @@ class Uploader:
         self.failures: list[str] = []
         self._pending: set[int] = set()
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "kubetune.storage.upload_worker", store.uri, str(layout.root), str(keep),
              str(self.retry_seconds)],
@@ -128,6 +129,11 @@ class Uploader:
     def pending_steps(self) -> set[int]:
         with self._lock:
             return set(self._pending)
+
+    def wait_for_checkpoints(self, timeout: float | None = None) -> bool:
+        """Block until every queued checkpoint is stored (or failed); False on timeout."""
+        with self._settled:
+            return self._settled.wait_for(lambda: not self._pending or self._proc.poll() is not None, timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Wait for every queued upload; raise TrainingError if some never succeeded."""
@@ -172,10 +178,11 @@ class Uploader:
             elif report["kind"] == "failure":
                 self.failures.append(report["message"])
             if report["kind"] in ("done", "failure") and report.get("step") is not None:
+                if report["kind"] == "done" and self.on_stored is not None:
+                    self.on_stored(int(report["step"]))  # before it stops being pending: see wait_for_checkpoints
                 with self._lock:
                     self._pending.discard(report["step"])
-                if report["kind"] == "done" and self.on_stored is not None:
-                    self.on_stored(int(report["step"]))
+                    self._settled.notify_all()
 
 
 @dataclass

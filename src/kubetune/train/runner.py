@@ -262,6 +262,8 @@ def _finalize(fit: Fit, trained: Any) -> TrainResult:
     """The end event, evaluation (eval.metrics), and the wait for every upload."""
     spec, layout, say, trainer = fit.spec, fit.layout, fit.say, fit.trainer
     step = trainer.state.global_step
+    if fit.uploader:  # the last checkpoint_stored event comes before the end event
+        fit.uploader.wait_for_checkpoints(settings.upload_retry_seconds())
     fit.events.emit(EndEvent(step=step, final=str(layout.final), train_loss=trained.training_loss,
                              tokens_seen=int(trainer.events_callback.tokens_seen),
                              train_runtime=trained.metrics.get("train_runtime")))
