@@ -27,9 +27,11 @@ demo: install assets
 	bash examples/quickstart.sh
 
 test: install assets
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-unit: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not integration"
 
 clean:

@@ -105,27 +105,23 @@ def run_local(spec_path: str, runs: Sequence[SweepRun], parallel: int = 1,
 
 
 def submit_k8s(spec_path: str, runs: Sequence[SweepRun], log: Callable[[str], None] = print) -> None:
-    from kubetune.k8s.client import Cluster
-    from kubetune.k8s.render import render
+    from kubetune.launch import Launch, launcher_for
 
-    cluster = None
     for r in runs:
         spec = load_spec(spec_path, list(r.overrides))
-        cluster = cluster or Cluster(spec.kubernetes.namespace)
-        for line in cluster.apply(render(spec, "train")):
-            log(line)
+        launcher_for(spec, "k8s").launch(Launch(spec, spec_path, tuple(r.overrides), log=log))
 
 
 def ranking(spec_path: str, runs: Sequence[SweepRun], metric: str | None = None) -> tuple[str, list[dict[str, Any]]]:
     """Rows (run, metric value, all tuned metrics, state), best first; runs without metrics last."""
-    from kubetune.storage.runs import open_any_run
+    from kubetune.storage.runs import Run
 
     rows = []
     for r in runs:
         spec = load_spec(spec_path, list(r.overrides))
         row: dict[str, Any] = {"run": r.name, "value": None, "metrics": {}, "state": "not found"}
         try:
-            layout = open_any_run(spec.output_uri).layout
+            layout = Run.open(spec.output_uri).layout
         except KubetuneError:
             rows.append(row)
             continue

@@ -18,7 +18,7 @@ from kubetune.artifacts.layout import RunLayout
 from kubetune.data.prepare import prepare
 from kubetune.spec import load_spec
 from kubetune.train.batching import plan_batches
-from kubetune.train.runner import build_trainer
+from kubetune.train.build import build_trainer
 
 pytestmark = pytest.mark.integration
 

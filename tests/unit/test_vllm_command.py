@@ -19,9 +19,11 @@ def _adapter_run(tmp_path: Path, r: int = 12, merged: bool = False) -> Path:
     (run / "spec.yaml").write_text(yaml.safe_dump({"name": "r1", "model": {"base": "hf://org/Base-7B@main"},
                                                   "data": {"train": "d.jsonl"}}))
     (run / "final" / "adapter" / "adapter_config.json").write_text(json.dumps({"r": r, "rank_pattern": {}}))
+    (run / "final" / "adapter" / "tokenizer_config.json").write_text("{}")
     if merged:
         (run / "final" / "merged").mkdir()
         (run / "final" / "merged" / "config.json").write_text("{}")
+        (run / "final" / "merged" / "tokenizer_config.json").write_text("{}")
     return run
 
 
@@ -58,7 +60,7 @@ def test_engine_vllm_without_vllm_is_a_clear_error() -> None:
 
 
 def test_torchrun_command_for_one_node_and_for_several() -> None:
-    from kubetune.train.launcher import torchrun_command
+    from kubetune.launch.torchrun import torchrun_command
 
     one = torchrun_command("/etc/kubetune/spec.yaml", [], 2)
     assert "--standalone" in one and "--nproc_per_node=2" in one

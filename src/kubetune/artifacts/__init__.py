@@ -1,1 +1,1 @@
-"""The run folder: layout, events, checkpoints (COMPLETE markers), manifest, merge."""
+"""A run's records: folder layout, typed events, checkpoints (COMPLETE markers), manifest, trackers."""

@@ -96,21 +96,14 @@ def schema(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from kubetune.train.runner import DistInfo
+    from kubetune.launch import Launch, launcher_for
 
     spec = load_spec(args.spec, args.overrides)
-    if (spec.resources.devices_per_node > 1 or spec.resources.nodes > 1) and not DistInfo.from_env().launched:
-        from kubetune.train.launcher import launch_local
-
-        return launch_local(spec, args.spec, args.overrides, wait=args.wait)
-    from kubetune.train.runner import train as run_training
-
-    run_training(spec, wait=args.wait)
-    return 0
+    return launcher_for(spec, "local").launch(Launch(spec, args.spec, tuple(args.overrides), wait=args.wait))
 
 
 def merge(args: argparse.Namespace) -> int:
-    from kubetune.artifacts.merge import merge_run
+    from kubetune.train.merge import merge_run
 
     result = merge_run(args.run, tolerance=args.tolerance)
     print(f"merged into {result.path}  (max |logit diff| vs adapter-on-base: {result.max_diff:.2e})")
@@ -173,14 +166,12 @@ def render(args: argparse.Namespace) -> int:
 
 
 def submit(args: argparse.Namespace) -> int:
-    from kubetune.k8s.client import Cluster
-    from kubetune.k8s.render import render as render_objects
+    from kubetune.launch import Launch, launcher_for
 
     spec = load_spec(args.spec, args.overrides)
-    for line in Cluster(spec.kubernetes.namespace).apply(render_objects(spec, "train")):
-        print(line)
+    code = launcher_for(spec, "k8s").launch(Launch(spec, args.spec, tuple(args.overrides)))
     print(f"follow it: kubetune status {spec.name} -n {spec.kubernetes.namespace}")
-    return 0
+    return code
 
 
 def deploy(args: argparse.Namespace) -> int:

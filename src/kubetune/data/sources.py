@@ -226,7 +226,7 @@ def _read_hub(uri: str) -> SourceRows:
 
         ds = datasets.load_dataset(repo, split=split, revision=revision)
     except (ConnectionError, OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as exc:
-        from kubetune.storage.models import hub_error
+        from kubetune.storage.model_files import hub_error
 
         error = hub_error(exc, f"cannot load dataset {repo!r} split {split!r} from the Hugging Face Hub",
                           "check the name, network access and HF_TOKEN; or copy the data to a local path "

@@ -7,34 +7,28 @@ import copy
 from pathlib import Path
 from typing import Any, Sequence
 
-from kubetune.artifacts.layout import RunLayout
-from kubetune.errors import UsageError
 from kubetune.hf import quiet_progress_bars
-from kubetune.spec.load import load_spec
 from kubetune.storage import resolve_model
+from kubetune.storage.runs import Run
 
 
-def load_for_generation(layout: RunLayout, base: bool) -> tuple[Any, Any, Any]:
+def load_for_generation(run: Run, base: bool) -> tuple[Any, Any, Any]:
     """(model, tokenizer, generation_config) for the tuned run or its base model, in fp32 eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     quiet_progress_bars()
-    spec = load_spec(layout.spec)
-    artifacts = layout.merged if (layout.merged / "config.json").exists() else layout.adapter
-    if not (artifacts / "tokenizer_config.json").exists():
-        raise UsageError(f"{layout.root} has no trained model yet (no {artifacts})", "run `kubetune train` first")
-    tokenizer = AutoTokenizer.from_pretrained(artifacts)
-    gen = GenerationConfig.from_pretrained(artifacts)
-    base_dir = resolve_model(spec.model.base, spec.model.revision)
-    if base or artifacts == layout.adapter:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    final = run.final_model()
+    tokenizer = AutoTokenizer.from_pretrained(final.folder)
+    gen = GenerationConfig.from_pretrained(final.folder)
+    if base or final.adapter is not None:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(final.base, final.revision), dtype=torch.float32)
         if not base:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, artifacts)
+            model = PeftModel.from_pretrained(model, final.folder)
     else:
-        model = AutoModelForCausalLM.from_pretrained(artifacts, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(final.folder, dtype=torch.float32)
     model.eval()
     return model, tokenizer, gen
 
@@ -64,10 +58,7 @@ def generate(model: Any, tokenizer: Any, gen: Any, conversations: Sequence[Seque
 def answer_locally(run: str | Path, messages: Sequence[str], base: bool = False, system: str | None = None,
                    max_new_tokens: int = 64) -> list[str]:
     """One answer per message, from the run's tuned model (or its base)."""
-    from kubetune.storage.runs import open_any_run
-
-    layout = open_any_run(str(run)).layout
-    model, tokenizer, gen = load_for_generation(layout, base)
+    model, tokenizer, gen = load_for_generation(Run.open(str(run)), base)
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": m}]
              for m in messages]
     return generate(model, tokenizer, gen, convs, max_new_tokens=max_new_tokens)

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kubetune.artifacts.events import EndEvent, EvalReportEvent, EventLog, read_events
+from kubetune.artifacts.layout import RunLayout
 from kubetune.artifacts.trackers import TrackerRuns
-from kubetune.storage.runs import open_any_run, publish
+from kubetune.storage.runs import Run
 from kubetune.data.prepare import prepare
-from kubetune.errors import UsageError
+from kubetune.errors import KubetuneError, TrainingError, UsageError
 from kubetune.evaluate.generate import generate, load_for_generation
 from kubetune.evaluate.metrics import exact_match, rouge
 from kubetune.evaluate.report import loss_plot, write_report
-from kubetune.spec.load import load_spec
 
 ALL_METRICS = ["loss", "rouge", "exact_match"]
 
@@ -33,9 +33,9 @@ class EvalResult:
 
 
 def evaluate_run(run: str, compare_base: bool = True, log: Callable[[str], None] = print) -> EvalResult:
-    output = open_any_run(run)
-    layout = output.layout
-    spec = load_spec(layout.spec)
+    opened = Run.open(run)
+    layout, spec = opened.layout, opened.spec
+    assert spec is not None
     wanted = spec.eval.metrics or ALL_METRICS
     data = prepare(spec)
     if not data.eval.rows and not data.samples.eval:
@@ -50,7 +50,7 @@ def evaluate_run(run: str, compare_base: bool = True, log: Callable[[str], None]
     metrics: dict[str, Any] = {"num_samples": len(chats) if generation else 0, "num_loss_rows": len(data.eval.rows)}
     outputs: dict[str, list[str]] = {}
     for which in (["base"] if compare_base else []) + ["tuned"]:
-        model, tokenizer, gen = load_for_generation(layout, base=which == "base")
+        model, tokenizer, gen = load_for_generation(opened, base=which == "base")
         scores: dict[str, float] = {}
         if "loss" in wanted and data.eval.rows:
             loss = eval_loss(model, data.eval.rows, data.formatter.pad_id)
@@ -83,15 +83,15 @@ def evaluate_run(run: str, compare_base: bool = True, log: Callable[[str], None]
         trackers.log_eval(by_model, folder / "report.md", ends[-1].step if ends else None)
         trackers.finish()
     log(format_table(metrics))
-    publish(output, folder)  # a run in object storage gets its eval/ there too
-    return EvalResult(metrics, output.remote(folder) if output.store else folder)
+    opened.publish(folder)  # a run in object storage gets its eval/ there too
+    return EvalResult(metrics, opened.where(folder))
 
 
 def eval_loss(model: Any, rows: list[Any], pad_id: int, batch_size: int = 16) -> float:
     """Token-weighted mean loss over the trained tokens of ``rows`` (the same tokens training scores)."""
     import torch
 
-    from kubetune.train.collate import PadCollator
+    from kubetune.data.collate import PadCollator
 
     collate = PadCollator(pad_id)
     total, count = 0.0, 0
@@ -113,3 +113,16 @@ def format_table(metrics: dict[str, Any]) -> str:
     for key in keys:
         lines.append(f"{key:<12}" + "".join(f"{metrics[m].get(key, float('nan')):>10.4f}" for m in models))
     return "\n".join(lines)
+
+
+def evaluate_after_training(layout: RunLayout, say: Callable[[str], None]) -> None:
+    """eval.metrics at the end of `kubetune train` (the launcher hands this to train): a failure of
+    the evaluation keeps the trained run and says how to evaluate it again."""
+    say("evaluating base vs tuned (eval.metrics)")
+    try:
+        evaluate_run(str(layout.root), log=say)
+    except KubetuneError:
+        raise
+    except Exception as exc:
+        raise TrainingError(f"training finished, but evaluation failed: {type(exc).__name__}: {exc}",
+                            f"the trained run is complete in {layout.root}; rerun `kubetune eval {layout.root}`") from exc

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kubetune.errors import UsageError
-from kubetune.storage.models import read_model_config
+from kubetune.storage.model_files import read_model_config
 
 
 @dataclass
@@ -143,10 +143,9 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from kubetune.storage.runs import open_any_run
     from kubetune.hf import quiet_progress_bars
-    from kubetune.spec.load import load_spec
     from kubetune.storage import resolve_model
+    from kubetune.storage.runs import Run
     from kubetune.storage.store import uri_basename
 
     quiet_progress_bars()
@@ -157,13 +156,9 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
 
     runs = []
     for target in targets:
-        layout = open_any_run(target).layout
-        spec = load_spec(layout.spec)
-        merged = (layout.merged / "config.json").exists()
-        folder = layout.merged if merged else layout.adapter
-        if not (folder / "tokenizer_config.json").exists():
-            raise UsageError(f"{target} has no trained model yet (no {layout.adapter})", "run `kubetune train` first")
-        runs.append((spec, folder, merged))
+        run = Run.open(target)
+        final = run.final_model()
+        runs.append((run.spec, final.folder, final.merged))
     if len(runs) == 1 and runs[0][2]:
         spec, folder, _ = runs[0]
         return _whole_model(folder, served_name or spec.name)

@@ -48,22 +48,21 @@ def _cuda_available() -> bool:
 
 def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmTarget:
     """What `vllm serve` needs for one run: its merged model, or its base plus the adapter as a LoRA module."""
-    from kubetune.storage.runs import open_any_run
-    from kubetune.spec.load import load_spec
+    from kubetune.storage.runs import Run
 
     if len(targets) != 1:
         raise UsageError("the vLLM engine serves one run per server here", "start one server per run")
     target = targets[0]
     if (Path(target) / "config.json").exists() and not (Path(target) / "spec.yaml").exists():
         return VllmTarget(model=target, served_name=served_name or Path(target).name, run_folder=target)
-    layout = open_any_run(target).layout
-    spec = load_spec(layout.spec)
-    if (layout.merged / "config.json").exists():
-        return VllmTarget(str(layout.merged), served_name or spec.name, str(layout.merged))
-    base, _, at = spec.model.base.removeprefix("hf://").partition("@")  # vLLM loads a Hub id itself
-    name = served_name or spec.name
-    return VllmTarget(base, uri_basename(base), str(layout.adapter), ((name, str(layout.adapter)),),
-                      adapter_rank(layout.adapter), revision=spec.model.revision or at or None)
+    run = Run.open(target)
+    final = run.final_model()
+    name = served_name or run.name
+    if final.merged:
+        return VllmTarget(str(final.folder), name, str(final.folder))
+    base, _, at = final.base.removeprefix("hf://").partition("@")  # vLLM loads a Hub id itself
+    return VllmTarget(base, uri_basename(base), str(final.folder), ((name, str(final.folder)),),
+                      adapter_rank(final.folder), revision=final.revision or at or None)
 
 
 def serve(targets: Sequence[str], options: ServeOptions) -> None:

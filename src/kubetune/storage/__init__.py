@@ -1,6 +1,7 @@
-"""URIs → local paths. This version resolves local folders and Hugging Face Hub models; object
-storage (s3://, gs://, pvc://) arrives with the storage issue behind the same functions."""
+"""Where a run's inputs and outputs live: local folders, object storage (s3://, gs://), the Hugging
+Face Hub (hf://) and PVC mounts (pvc://), behind one Store; model folders resolved to local paths;
+the run itself (`Run`), its working copy, uploads and lease."""
 
-from kubetune.storage.models import read_model_config, resolve_model
+from kubetune.storage.model_files import read_model_config, resolve_model
 
 __all__ = ["read_model_config", "resolve_model"]

@@ -7,17 +7,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kubetune.errors import UsageError
-from kubetune.storage.runs import open_any_run
+from kubetune.storage.runs import Run
 from kubetune.storage.stage import StageReport, copy_tree
 
 
 def push(run: str, to: str, private: bool = True, api: Any = None, log: Callable[[str], None] = print) -> str:
     """Upload final/merged (else final/adapter); return where it went. `api` is an HfApi (tests pass a fake)."""
-    layout = open_any_run(run).layout
-    folder = layout.merged if (layout.merged / "config.json").exists() else layout.adapter
-    if not (folder / "tokenizer_config.json").exists():
-        raise UsageError(f"{run} has nothing to publish yet (no {layout.adapter})", "run `kubetune train` first")
-    what = "merged model" if folder == layout.merged else "adapter"
+    final = Run.open(run).final_model()
+    folder, what = final.folder, "merged model" if final.merged else "adapter"
     if to.startswith("hf://"):
         return _push_hub(folder, to.removeprefix("hf://").rstrip("/"), what, private, api, log)
     log(f"pushing the {what} {folder} → {to}")

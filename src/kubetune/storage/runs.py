@@ -1,4 +1,6 @@
-"""Where a run lives: a local folder, a PVC mount, or object storage mirrored by a local working copy."""
+"""A run, wherever it lives: a local folder, a PVC mount, or object storage mirrored by a local
+working copy. Every verb that takes RUN (eval, merge, serve, chat, push, sweep status) opens it
+with `Run.open`; training gets its own with `Run.for_spec`."""
 
 from __future__ import annotations
 
@@ -6,24 +8,105 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.artifacts.events import Event, read_events
 from kubetune.artifacts.layout import RunLayout
 from kubetune.errors import UsageError
 from kubetune.spec.models import RunSpec
-from kubetune.storage.store import Store, local_path
+from kubetune.storage.store import Store, local_path, uri_basename
 from kubetune.storage.sync import Uploader, is_synced, pull, workdir_for
 
 
+@dataclass(frozen=True)
+class FinalModel:
+    """What a run trained, ready to load: a whole model folder (merged, or a full fine-tune) or an
+    adapter on its base. Either folder carries the tokenizer, the training chat template and the
+    generation config that stops at its end-of-turn token."""
+
+    folder: Path
+    merged: bool
+    base: str                 # model.base URI of the run
+    revision: str | None
+
+    @property
+    def adapter(self) -> Path | None:
+        return None if self.merged else self.folder
+
+
 @dataclass
-class RunOutput:
+class Run:
     uri: str
     layout: RunLayout            # always local: the run folder, or the working copy of a remote run
     store: Store | None = None   # the remote side, None when the run is written in place
+    spec: RunSpec | None = None  # the resolved spec (spec.yaml); None only before a first training wrote it
+
+    @classmethod
+    def for_spec(cls, spec: RunSpec) -> Run:
+        """Where a spec's run is written (not read: nothing is fetched)."""
+        uri = spec.output_uri
+        if is_synced(uri):
+            return cls(uri, RunLayout(workdir_for(uri, spec.name)), Store(uri), spec)
+        path = local_path(uri)
+        assert path is not None
+        return cls(uri, RunLayout(path), None, spec)
+
+    @classmethod
+    def open(cls, uri: str) -> Run:
+        """An existing run by folder or URI. A remote run's spec, events, final/ and eval/ are
+        brought into its working copy first."""
+        from kubetune.spec.load import load_spec
+
+        path = local_path(uri)
+        if path is not None:
+            layout = RunLayout(path)
+            if not layout.spec.exists():
+                raise UsageError(f"{uri} is not a kubetune run folder (no spec.yaml)", "pass runs/NAME of a trained run")
+            return cls(uri, layout, None, load_spec(layout.spec))
+        store = Store(uri)
+        if not store.exists("spec.yaml"):
+            store.check_readable("run")
+            raise UsageError(f"{uri} is not a kubetune run (no spec.yaml there)", "pass the output URI of a trained run")
+        layout = RunLayout(workdir_for(uri, uri_basename(uri)))
+        pull(store, layout, log=lambda _m: None)
+        for key in sorted(store.find("eval")):
+            store.get(key, layout.root / key)
+        return cls(uri, layout, store, load_spec(layout.spec))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name if self.spec else self.layout.root.name
+
+    def final_model(self) -> FinalModel:
+        """final/merged when it exists (a merge, or a full fine-tune), else final/adapter on the base."""
+        assert self.spec is not None
+        merged = (self.layout.merged / "config.json").exists()
+        folder = self.layout.merged if merged else self.layout.adapter
+        if not (folder / "tokenizer_config.json").exists():
+            raise UsageError(f"{self.uri} has no trained model yet (no {self.layout.adapter})",
+                             "run `kubetune train` first")
+        return FinalModel(folder, merged, self.spec.model.base, self.spec.model.revision)
+
+    def events(self) -> list[Event]:
+        return read_events(self.layout.events)
 
     def remote(self, path: Path) -> str:
         """The URI of a file of the working copy (the local path when the run is local)."""
         if self.store is None:
             return str(path)
         return self.store.url(path.relative_to(self.layout.root).as_posix())
+
+    def where(self, path: Path) -> str | Path:
+        """How to tell a user where a file of the run is: its URI for a remote run, else the path."""
+        return self.remote(path) if self.store is not None else path
+
+    def publish(self, folder: Path) -> None:
+        """Upload a folder of the working copy (eval/, final/merged) with the event log, and wait:
+        a verb that writes into a remote run ends when it is stored."""
+        if self.store is None or not folder.exists():
+            return
+        uploader = Uploader(self.store, self.layout, keep=1)
+        uploader.tree(folder)
+        uploader.files(self.layout.events)
+        uploader.close()
 
 
 def apply_storage_env(spec: RunSpec) -> None:
@@ -33,43 +116,3 @@ def apply_storage_env(spec: RunSpec) -> None:
     for value, name in ((st.endpoint_url, "AWS_ENDPOINT_URL"), (st.region, "AWS_DEFAULT_REGION"), (st.profile, "AWS_PROFILE")):
         if value:
             os.environ.setdefault(name, value)
-
-
-def run_output(spec: RunSpec) -> RunOutput:
-    uri = spec.output_uri
-    if is_synced(uri):
-        return RunOutput(uri, RunLayout(workdir_for(uri, spec.name)), Store(uri))
-    path = local_path(uri)
-    assert path is not None
-    return RunOutput(uri, RunLayout(path))
-
-
-def open_any_run(run: str) -> RunOutput:
-    """An existing run by folder or URI (for eval, merge, serve, chat, push). A remote run's spec,
-    final/ and eval/ are brought into its working copy first."""
-    path = local_path(run)
-    if path is not None:
-        layout = RunLayout(path)
-        if not layout.spec.exists():
-            raise UsageError(f"{run} is not a kubetune run folder (no spec.yaml)", "pass runs/NAME of a trained run")
-        return RunOutput(run, layout)
-    store = Store(run)
-    if not store.exists("spec.yaml"):
-        store.check_readable("run")
-        raise UsageError(f"{run} is not a kubetune run (no spec.yaml there)", "pass the output URI of a trained run")
-    name = run.rstrip("/").rsplit("/", 1)[-1]
-    layout = RunLayout(workdir_for(run, name))
-    pull(store, layout, log=lambda _m: None)
-    for key in sorted(store.find("eval")):
-        store.get(key, layout.root / key)
-    return RunOutput(run, layout, store)
-
-
-def publish(output: RunOutput, folder: Path) -> None:
-    """Upload a folder of the working copy (eval/, final/merged) and wait: the verb ends when it is stored."""
-    if output.store is None or not folder.exists():
-        return
-    uploader = Uploader(output.store, output.layout, keep=1)
-    uploader.tree(folder)
-    uploader.files(output.layout.events)
-    uploader.close()

@@ -8,49 +8,32 @@ tokenizer and generation config are on disk.
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kubetune import settings
 from kubetune.artifacts.checkpoints import latest_complete, list_checkpoints, remove_incomplete
 from kubetune.artifacts.events import (
     CheckpointStoredEvent, EndEvent, ErrorEvent, EventLog, LeaseEvent, PreemptedEvent, StartEvent,
 )
-from kubetune.artifacts.export import save_tokenizer_and_config
 from kubetune.artifacts.layout import RunLayout
 from kubetune.artifacts.manifest import build_manifest
 from kubetune.artifacts.trackers import TrackerRuns, check_trackers
-from kubetune.data.prepare import Prepared, prepare
-from kubetune.errors import KubetuneError, Preempted, Problem, SpecError, TrainingError, UsageError
-from kubetune.hf import quiet_progress_bars
+from kubetune.data.prepare import Prepared
+from kubetune.errors import KubetuneError, Preempted, TrainingError, UsageError
 from kubetune.spec.load import spec_to_yaml
 from kubetune.spec.models import RunSpec
-from kubetune.storage import read_model_config, resolve_model
 from kubetune.storage.lease import Lease, lease_for
-from kubetune.storage.runs import RunOutput, apply_storage_env, run_output
+from kubetune.storage.runs import Run, apply_storage_env
 from kubetune.storage.store import Store, retry_transient, scheme
 from kubetune.storage.sync import Uploader, pull
 from kubetune.train.batching import optimizer_steps, plan_batches
+from kubetune.train.arguments import training_arguments
+from kubetune.train.build import build_trainer
 from kubetune.train.devices import check_accelerator
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @property
-    def launched(self) -> bool:
-        return "LOCAL_RANK" in os.environ
-
-    @classmethod
-    def from_env(cls) -> DistInfo:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("WORLD_SIZE", 1)))
+from kubetune.train.dist import DistInfo, finish_distributed
+from kubetune.train.objectives import Objective, objective_for
 
 
 @dataclass
@@ -61,13 +44,13 @@ class TrainResult:
     resumed_from: str | None = None
 
 
-def preflight(spec: RunSpec, check_storage: bool = True) -> RunOutput:
+def preflight(spec: RunSpec, check_storage: bool = True) -> Run:
     """Checks that need no data and no torch, shared by `validate` and `train`: where the run goes,
     that an explicit resume point is a complete checkpoint, and — before any training — that every
     object-storage input is readable and the output writable with the credentials at hand."""
     apply_storage_env(spec)
     check_trackers(spec)
-    output = run_output(spec)
+    output = Run.for_spec(spec)
     if spec.resume not in ("auto", "never") and not (Path(spec.resume) / "COMPLETE").exists():
         raise UsageError(f"resume: {spec.resume} is not a complete checkpoint (no COMPLETE marker)",
                          f"use resume: auto, or one of the folders under {output.layout.checkpoints}")
@@ -81,7 +64,7 @@ def preflight(spec: RunSpec, check_storage: bool = True) -> RunOutput:
     return output
 
 
-def prepare_output(spec: RunSpec, log: Any = print, wait: bool = False, lease: bool = True) -> tuple[RunOutput, Lease | None]:
+def prepare_output(spec: RunSpec, log: Any = print, wait: bool = False, lease: bool = True) -> tuple[Run, Lease | None]:
     """Before any training: pre-flight, this machine's devices, the run's lease (this process
     becomes its only writer, or LeaseHeld), then a remote run's state into the local working copy.
     The lease comes before the pull: the pull deletes incomplete checkpoints, which, while another
@@ -115,9 +98,11 @@ class Fit:
 
     spec: RunSpec
     dist: DistInfo
-    output: RunOutput
+    output: Run
     say: Any
+    objective: Objective
     lease: Lease | None = None
+    after_training: AfterTraining | None = None
     resume_from: Path | None = None
     uploader: Uploader | None = None
     data: Any = None
@@ -136,17 +121,22 @@ class Fit:
         return self.dist.rank == 0
 
 
-def train(spec: RunSpec, log: Any = print, wait: bool = False) -> TrainResult:
-    """Train here, in this process (torchrun ranks each call this; see launcher for >1 device):
-    open the run, resume, set up, fit, finalize."""
+# What runs on rank 0 once training is done and before the uploads drain (eval, with eval.metrics):
+# given by the caller, so training never imports evaluation.
+AfterTraining = Callable[[RunLayout, Callable[[str], None]], None]
+
+
+def train(spec: RunSpec, log: Any = print, wait: bool = False, after_training: AfterTraining | None = None) -> TrainResult:
+    """Train here, in this process (torchrun ranks each call this; kubetune.launch picks the
+    launcher): open the run, resume, set up, fit, finalize."""
     dist = DistInfo.from_env()
     say = log if dist.rank == 0 else (lambda *_a, **_k: None)
     if spec.resources.nodes > 1 and not dist.launched:
         raise UsageError("resources.nodes > 1 needs a cluster", "run it with `kubetune submit`, or set resources.nodes: 1")
     apply_storage_env(spec)
     # Under torchrun the launcher already checked, took the lease and pulled: ranks only find the folder.
-    output, lease = (run_output(spec), None) if dist.launched else prepare_output(spec, say, wait)
-    fit = Fit(spec, dist, output, say, lease)
+    output, lease = (Run.for_spec(spec), None) if dist.launched else prepare_output(spec, say, wait)
+    fit = Fit(spec, dist, output, say, objective_for(spec), lease, after_training)
     try:
         done = _already_finished(fit)
         if done is not None:
@@ -186,11 +176,11 @@ def _set_up(fit: Fit) -> None:
         store_uri = fit.output.store.uri
         fit.uploader = Uploader(fit.output.store, layout, spec.train.keep_checkpoints, log=say, on_stored=lambda step: (
             events.emit(CheckpointStoredEvent(step=step, uri=f"{store_uri}/checkpoints/checkpoint-{step}"))))
-    data = prepare(spec)
+    data = fit.objective.prepare(spec)
     batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, fit.dist.world_size)
     args = training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir)
     # Loads the model: target_modules and qlora mistakes surface here, before anything is written.
-    trainer = build_trainer(spec, data, layout, events, batches, args, fit.uploader)
+    trainer = build_trainer(spec, data, layout, events, batches, args, fit.uploader, fit.objective)
     from kubetune.train.callbacks import LeaseWatch
     from kubetune.train.preempt import GracefulStop, StopCallback  # imports transformers: not at module level
 
@@ -232,16 +222,16 @@ def _fit(fit: Fit) -> Any:
             step = trainer.state.global_step
             saved = layout.checkpoints / f"checkpoint-{step}"
             events.emit(PreemptedEvent(step=step, checkpoint=fit.output.remote(saved)))
-            _finish_distributed()
+            finish_distributed()
             _drain(fit.uploader, layout, fit.say, timeout=settings.preempt_upload_seconds())
             raise Preempted(f"stopped at step {step} after saving {saved}",
                             "run the same command again: resume: auto continues from that checkpoint")
         if fit.data.eval.rows:
             trainer.evaluate()
-        _save_final(fit.spec, trainer, fit.data, layout, fit.main)
+        fit.objective.save_final(fit.spec, trainer, fit.data, layout, fit.main)
         if fit.uploader:
             fit.uploader.tree(layout.final)  # final/COMPLETE goes last
-        _finish_distributed()
+        finish_distributed()
         return trained
     except KubetuneError:
         raise
@@ -269,8 +259,8 @@ def _finalize(fit: Fit, trained: Any) -> TrainResult:
                              train_runtime=trained.metrics.get("train_runtime")))
     say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
         f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
-    if fit.main and spec.eval.metrics and (fit.data.eval.rows or fit.data.samples.eval):
-        _evaluate_after_training(layout, say)  # sends the eval metrics and report to the trackers too
+    if fit.main and fit.after_training and spec.eval.metrics and (fit.data.eval.rows or fit.data.samples.eval):
+        fit.after_training(layout, say)  # eval: metrics, report, and the trackers
         if fit.uploader:
             fit.uploader.tree(layout.eval)
     if fit.uploader and fit.trackers is not None and fit.trackers.tensorboard_dir.exists():
@@ -288,29 +278,6 @@ def _drain(uploader: Uploader | None, layout: RunLayout, say: Any, timeout: floa
     if uploader is not None:
         uploader.files(layout.events)
         uploader.close(timeout)
-
-
-def _finish_distributed() -> None:
-    """Ranks leave together: without this a rank that is done exits while rank 0 still saves, and
-    gloo/NCCL may abort (SIGABRT) in the exiting rank when its peer's connection goes away."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _evaluate_after_training(layout: RunLayout, say: Any) -> None:
-    from kubetune.evaluate.run import evaluate_run
-
-    say("evaluating base vs tuned (eval.metrics)")
-    try:
-        evaluate_run(str(layout.root), log=say)
-    except KubetuneError:
-        raise
-    except Exception as exc:
-        raise TrainingError(f"training finished, but evaluation failed: {type(exc).__name__}: {exc}",
-                            f"the trained run is complete in {layout.root}; rerun `kubetune eval {layout.root}`") from exc
 
 
 def spec_changes(layout: RunLayout, spec: RunSpec) -> list[str]:
@@ -364,131 +331,3 @@ def _write_run_files(spec: RunSpec, layout: RunLayout, data: Prepared, world_siz
     manifest = build_manifest(data.file_hashes, spec.train.seed, world_size,
                               {"model_dir": str(data.model_dir), "chat_template": data.formatter.template_source})
     layout.manifest.write_text(json.dumps(manifest, indent=2))
-
-
-def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval: bool, model_dir: Path) -> Any:
-    """transformers TrainingArguments for the spec; a name transformers rejects is a spec error."""
-    from transformers import TrainingArguments
-
-    from kubetune.train.model import resolve_dtype, resolve_mixed_precision, use_cpu
-
-    dtype = resolve_dtype(spec.model.dtype, spec.resources.accelerator)
-    precision = resolve_mixed_precision(spec, dtype, int(read_model_config(model_dir).get("hidden_size", 0)))
-    t = spec.train
-    try:
-        return TrainingArguments(
-            output_dir=str(layout.checkpoints),
-            per_device_train_batch_size=batches.per_device,
-            per_device_eval_batch_size=batches.per_device,
-            gradient_accumulation_steps=batches.accumulation,
-            num_train_epochs=t.epochs,
-            max_steps=t.max_steps,
-            learning_rate=t.learning_rate,
-            lr_scheduler_type=t.lr_scheduler,
-            warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
-            weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
-            optim=t.optim,
-            logging_steps=t.logging_steps,
-            save_strategy="steps",
-            save_steps=t.save_every_steps,
-            save_total_limit=None,  # retention is ours: it must respect COMPLETE markers
-            eval_strategy="steps" if has_eval and t.eval_every_steps else "no",
-            eval_steps=t.eval_every_steps,
-            seed=t.seed,
-            data_seed=t.seed,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            use_cpu=use_cpu(spec),
-            report_to=[n for n in spec.tracking.report_to if n != "tensorboard"] or "none",  # see TrackerRuns
-            run_name=spec.name,
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            activation_checkpointing=t.gradient_checkpointing is not False,
-            activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is not False else None,
-            ddp_find_unused_parameters=False,
-            include_num_input_tokens_seen="no",  # counted by KubetuneTrainer without a per-step host sync
-            train_sampling_strategy="random" if t.sampling == "length_buckets" else t.sampling,
-            dataloader_num_workers=t.dataloader_workers,
-            log_level="warning",
-        )
-    except ValueError as exc:
-        msg = str(exc)
-        field = "train.optim" if "OptimizerNames" in msg else "train.lr_scheduler" if "SchedulerType" in msg else "train"
-        raise SpecError([Problem(field, msg)], hint="names follow transformers' TrainingArguments") from None
-
-
-def build_trainer(spec: RunSpec, data: Prepared, layout: RunLayout, events: EventLog, batches: Any,
-                  args: Any = None, uploader: Uploader | None = None) -> Any:
-    from transformers import PrinterCallback, set_seed
-
-    from kubetune.train.callbacks import CheckpointCallback, EventsCallback
-    from kubetune.train.collate import ListDataset, PadCollator
-    from kubetune.train.model import load_model
-    from kubetune.train.progress import make_progress
-    from kubetune.train.trainer import KubetuneTrainer
-
-    quiet_progress_bars()
-    # peft still reads a renamed transformers attribute; the warning is theirs to fix, not the user's.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # Seed before the model exists: LoRA's A matrices are initialised randomly inside load_model,
-    # and the Trainer seeds only later; without this a run is not reproducible from train.seed.
-    set_seed(spec.train.seed)
-    # data.model_dir may hold only the tokenizer and configs (enough for validate/plan): the weights now
-    model = load_model(spec, resolve_model(spec.model.base, spec.model.revision))
-    has_eval = bool(data.eval.rows)
-    args = args or training_arguments(spec, layout, batches, has_eval, data.model_dir)
-    progress = make_progress() if DistInfo.from_env().rank == 0 else None
-    trainer = KubetuneTrainer(
-        length_buckets=spec.train.sampling == "length_buckets",
-        checkpoint_above_tokens=_checkpoint_threshold(spec, data, batches),
-        model=model,
-        args=args,
-        train_dataset=ListDataset(data.train.rows),
-        eval_dataset=ListDataset(data.eval.rows) if has_eval else None,
-        data_collator=PadCollator(data.formatter.pad_id),
-        callbacks=[CheckpointCallback(layout.checkpoints, spec.train.keep_checkpoints, events, uploader)],
-    )
-    progress_cb = EventsCallback(events, progress, *_flops(spec, model, data))
-    progress_cb.trainer = trainer
-    trainer.events_callback = progress_cb
-    trainer.add_callback(progress_cb)
-    trainer.remove_callback(PrinterCallback)  # our EventsCallback prints progress (once, formatted)
-    return trainer
-
-
-def _checkpoint_threshold(spec: RunSpec, data: Prepared, batches: Any) -> int | None:
-    """For gradient_checkpointing: auto, the padded-token size above which a micro-batch recomputes.
-
-    Half the longest micro-batch: activation memory grows faster than linearly with length (attention),
-    so a batch of half the tokens without checkpointing needs no more than the longest one with it."""
-    if spec.train.gradient_checkpointing != "auto":
-        return None
-    longest = max((len(r.input_ids) for r in data.train.rows), default=0)
-    return batches.per_device * longest // 2
-
-
-def _flops(spec: RunSpec, model: Any, data: Prepared) -> tuple[float, float]:
-    """(FLOPs per trained token, peak FLOP/s of this process's device) for the MFU estimate."""
-    import torch
-
-    from kubetune.train.flops import device_peak, flops_per_token
-
-    cfg = getattr(model, "config", None)
-    params = sum(p.numel() for p in model.parameters())
-    per_token = flops_per_token(params, spec.method.type == "full", getattr(cfg, "num_hidden_layers", 0),
-                                getattr(cfg, "hidden_size", 0), data.train.stats()["mean"] / 2)
-    on_gpu = torch.cuda.is_available() and spec.resources.accelerator != "cpu"
-    kind = "cpu" if not on_gpu else (spec.resources.accelerator if spec.resources.accelerator != "auto" else "nvidia")
-    name = torch.cuda.get_device_name(0) if on_gpu else None
-    # tokens/s is gathered over all ranks, so the peak is that of every device (CPU ranks share the cores).
-    return per_token, device_peak(kind, name, devices=DistInfo.from_env().world_size)
-
-
-def _save_final(spec: RunSpec, trainer: Any, data: Prepared, layout: RunLayout, main: bool) -> None:
-    target = layout.merged if spec.method.type == "full" else layout.adapter
-    trainer.save_model(str(target))  # main process only; a PEFT model saves just the adapter
-    if main:
-        stop = data.formatter.stop if data.has_chat else None
-        save_tokenizer_and_config(data.model_dir, data.formatter.template, stop, data.formatter.pad_id, target)
-        layout.final_complete.write_text("ok\n")

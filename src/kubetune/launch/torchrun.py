@@ -1,4 +1,5 @@
-"""Several local devices: re-run `kubetune train` under torchrun, one process per device."""
+"""Several local devices (or one node of several): re-run `kubetune train` under torchrun, one
+process per device; this process holds the run's lease for its ranks."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ import subprocess
 import sys
 
 from kubetune import settings
-from kubetune.artifacts.events import PreemptedEvent, read_events
+from kubetune.artifacts.events import PreemptedEvent
 from kubetune.errors import EXIT_PREEMPTED, LeaseHeld, UsageError
 from kubetune.spec.models import RunSpec
 from kubetune.storage.lease import Lease
-from kubetune.storage.runs import run_output
-
-
+from kubetune.storage.runs import Run
+from kubetune.train.runner import prepare_output
 
 
 def torchrun_command(spec_path: str, overrides: list[str], nproc: int, nodes: int = 1, run_id: str = "kubetune",
@@ -31,11 +31,9 @@ def torchrun_command(spec_path: str, overrides: list[str], nproc: int, nodes: in
     return cmd
 
 
-def launch_local(spec: RunSpec, spec_path: str, overrides: list[str], wait: bool = False) -> int:
+def run_torchrun(spec: RunSpec, spec_path: str, overrides: list[str], wait: bool = False) -> int:
     """Run torchrun in the foreground and return its exit code; Ctrl-C/SIGTERM reach every rank.
     This process holds the run's lease for the ranks (on several nodes, node 0 holds it)."""
-    from kubetune.train.runner import prepare_output
-
     nodes = spec.resources.nodes
     endpoint = settings.rdzv_endpoint()
     if nodes > 1 and not endpoint:
@@ -81,7 +79,7 @@ def _run_torchrun(spec: RunSpec, spec_path: str, overrides: list[str], endpoint:
             signal.signal(s, handler)
     # torchrun answers a forwarded SIGTERM with its own error exit; what matters is whether the ranks
     # saved a checkpoint and stopped (they record it), which makes this a resumable preemption.
-    last = read_events(run_output(spec).layout.events)[-1:] if code else []
+    last = Run.for_spec(spec).events()[-1:] if code else []
     if last and isinstance(last[0], PreemptedEvent):
         print(f"stopped at step {last[0].step} after saving {last[0].checkpoint}; run the same command "
               "again to resume", flush=True)

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.artifacts.events import EventLog, MergeEvent
-from kubetune.artifacts.export import readable
+from kubetune.data.export import readable
 from kubetune.errors import TrainingError, UsageError
 from kubetune.hf import quiet_progress_bars
-from kubetune.spec.load import load_spec
 from kubetune.storage import resolve_model
+from kubetune.storage.runs import Run
 
 PROBES = [
     [{"role": "user", "content": "Describe a blue fox."}],
@@ -37,11 +37,9 @@ def merge_run(run: str, tolerance: float = 1e-4) -> MergeResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_progress_bars()
-    from kubetune.storage.runs import open_any_run, publish
-
-    output = open_any_run(run)
-    layout = output.layout
-    spec = load_spec(layout.spec)
+    opened = Run.open(run)
+    layout, spec = opened.layout, opened.spec
+    assert spec is not None
     if spec.method.type == "full":
         raise UsageError(f"{run} is a full fine-tune: {layout.merged} already holds the whole model")
     if not (layout.adapter / "adapter_config.json").exists():
@@ -71,5 +69,5 @@ def merge_run(run: str, tolerance: float = 1e-4) -> MergeResult:
     shutil.rmtree(layout.merged, ignore_errors=True)
     tmp.rename(layout.merged)  # a reader never sees a half-written merged model
     EventLog(layout.events).emit(MergeEvent(path=str(layout.merged), max_logit_diff=max_diff))
-    publish(output, layout.merged)
-    return MergeResult(output.remote(layout.merged) if output.store else layout.merged, max_diff)
+    opened.publish(layout.merged)
+    return MergeResult(opened.where(layout.merged), max_diff)

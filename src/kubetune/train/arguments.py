@@ -1,0 +1,63 @@
+"""transformers' TrainingArguments from the spec: the one place spec names become Trainer settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kubetune.artifacts.layout import RunLayout
+from kubetune.errors import Problem, SpecError
+from kubetune.spec.models import RunSpec
+from kubetune.storage import read_model_config
+
+
+def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval: bool, model_dir: Path) -> Any:
+    """transformers TrainingArguments for the spec; a name transformers rejects is a spec error."""
+    from transformers import TrainingArguments
+
+    from kubetune.train.model import resolve_dtype, resolve_mixed_precision, use_cpu
+
+    dtype = resolve_dtype(spec.model.dtype, spec.resources.accelerator)
+    precision = resolve_mixed_precision(spec, dtype, int(read_model_config(model_dir).get("hidden_size", 0)))
+    t = spec.train
+    try:
+        return TrainingArguments(
+            output_dir=str(layout.checkpoints),
+            per_device_train_batch_size=batches.per_device,
+            per_device_eval_batch_size=batches.per_device,
+            gradient_accumulation_steps=batches.accumulation,
+            num_train_epochs=t.epochs,
+            max_steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            optim=t.optim,
+            logging_steps=t.logging_steps,
+            save_strategy="steps",
+            save_steps=t.save_every_steps,
+            save_total_limit=None,  # retention is ours: it must respect COMPLETE markers
+            eval_strategy="steps" if has_eval and t.eval_every_steps else "no",
+            eval_steps=t.eval_every_steps,
+            seed=t.seed,
+            data_seed=t.seed,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            use_cpu=use_cpu(spec),
+            report_to=[n for n in spec.tracking.report_to if n != "tensorboard"] or "none",  # see TrackerRuns
+            run_name=spec.name,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            activation_checkpointing=t.gradient_checkpointing is not False,
+            activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is not False else None,
+            ddp_find_unused_parameters=False,
+            include_num_input_tokens_seen="no",  # counted by KubetuneTrainer without a per-step host sync
+            train_sampling_strategy="random" if t.sampling == "length_buckets" else t.sampling,
+            dataloader_num_workers=t.dataloader_workers,
+            log_level="warning",
+        )
+    except ValueError as exc:
+        msg = str(exc)
+        field = "train.optim" if "OptimizerNames" in msg else "train.lr_scheduler" if "SchedulerType" in msg else "train"
+        raise SpecError([Problem(field, msg)], hint="names follow transformers' TrainingArguments") from None

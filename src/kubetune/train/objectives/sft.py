@@ -1,0 +1,55 @@
+"""Supervised fine-tuning: chat/instruction/text rows with loss masks from the chat template,
+length-bucketed padded batches, and the token-weighted causal-LM loss of transformers' Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kubetune.artifacts.layout import RunLayout
+from kubetune.data.prepare import Prepared, prepare
+from kubetune.spec.models import RunSpec
+
+
+class SFT:
+    name = "sft"
+
+    def prepare(self, spec: RunSpec) -> Prepared:
+        return prepare(spec)
+
+    def trainer(self, spec: RunSpec, data: Prepared, model: Any, args: Any, batches: Any, callbacks: list[Any]) -> Any:
+        from kubetune.data.collate import ListDataset, PadCollator
+        from kubetune.train.trainer import KubetuneTrainer
+
+        return KubetuneTrainer(
+            length_buckets=spec.train.sampling == "length_buckets",
+            checkpoint_above_tokens=checkpoint_threshold(spec, data, batches),
+            model=model,
+            args=args,
+            train_dataset=ListDataset(data.train.rows),
+            eval_dataset=ListDataset(data.eval.rows) if data.eval.rows else None,
+            data_collator=PadCollator(data.formatter.pad_id),
+            callbacks=callbacks,
+        )
+
+    def save_final(self, spec: RunSpec, trainer: Any, data: Prepared, layout: RunLayout, main: bool) -> Path:
+        from kubetune.data.export import save_tokenizer_and_config
+
+        target = layout.merged if spec.method.type == "full" else layout.adapter
+        trainer.save_model(str(target))  # main process only; a PEFT model saves just the adapter
+        if main:
+            stop = data.formatter.stop if data.has_chat else None
+            save_tokenizer_and_config(data.model_dir, data.formatter.template, stop, data.formatter.pad_id, target)
+            layout.final_complete.write_text("ok\n")
+        return target
+
+
+def checkpoint_threshold(spec: RunSpec, data: Prepared, batches: Any) -> int | None:
+    """For gradient_checkpointing: auto, the padded-token size above which a micro-batch recomputes.
+
+    Half the longest micro-batch: activation memory grows faster than linearly with length (attention),
+    so a batch of half the tokens without checkpointing needs no more than the longest one with it."""
+    if spec.train.gradient_checkpointing != "auto":
+        return None
+    longest = max((len(r.input_ids) for r in data.train.rows), default=0)
+    return batches.per_device * longest // 2
