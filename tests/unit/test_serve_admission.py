@@ -8,12 +8,13 @@ from typing import AsyncIterator
 
 import pytest
 
-from kubetune.serve.app import ApiError, _Admission, _stream
+from kubetune.serve.admission import Admission, stream_response
+from kubetune.serve.errors import ApiError
 from kubetune.serve.metrics import ServerMetrics
 
 
 def test_full_admission_is_429_and_an_unstarted_stream_gives_its_slot_back() -> None:
-    admission = _Admission(1, ServerMetrics())
+    admission = Admission(1, ServerMetrics())
     ticket = admission.enter()
     with pytest.raises(ApiError) as info:
         admission.enter()
@@ -22,7 +23,7 @@ def test_full_admission_is_429_and_an_unstarted_stream_gives_its_slot_back() -> 
     async def body() -> AsyncIterator[str]:
         yield "never sent"
 
-    response = _stream(body(), ticket)
+    response = stream_response(body(), ticket)
     del response
     gc.collect()
     assert admission.admitted == 0
@@ -30,7 +31,7 @@ def test_full_admission_is_429_and_an_unstarted_stream_gives_its_slot_back() -> 
 
 
 def test_a_handed_over_ticket_is_released_by_the_job_not_twice() -> None:
-    admission = _Admission(2, ServerMetrics())
+    admission = Admission(2, ServerMetrics())
     ticket = admission.enter()
     ticket.hand_over()
     ticket.release()

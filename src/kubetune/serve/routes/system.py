@@ -1,0 +1,45 @@
+"""/health and /metrics for probes and Prometheus (open without a key), /v1/models, and vLLM's /tokenize."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kubetune.serve.errors import ApiError
+from kubetune.serve.protocol import ChatRequest, TokenizeRequest
+from kubetune.serve.state import ServerState, server_state
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def prometheus(state: ServerState = Depends(server_state)) -> Response:
+    return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def models(state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    return {"object": "list", "data": [
+        {"id": m.name, "object": "model", "created": state.created, "owned_by": "kubetune", "root": m.source}
+        for m in state.engine.served.values()]}
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, state: ServerState = Depends(server_state)) -> dict[str, Any]:
+    name = state.generation.served(req.model)
+    if req.messages is not None:
+        conv = ChatRequest(model=name, messages=req.messages).conversation()
+        tokens = state.engine.render(name, conv, add_generation_prompt=req.add_generation_prompt)
+    elif req.prompt is not None:
+        tokens = state.engine.encode(name, req.prompt)
+    else:
+        raise ApiError(400, "give messages or prompt", param="messages", code="missing_field")
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.context_length}

@@ -1,0 +1,54 @@
+"""The serving parts through their public interface, on the project's tiny model: Generation streams
+text deltas that add up to the whole answer, cuts at a stop string that spans tokens without ever
+sending a piece of it, and gives its admission slot back."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from kubetune.serve.admission import Admission
+from kubetune.serve.engine import Finished, load_engine
+from kubetune.serve.errors import ApiError
+from kubetune.serve.generation import Generation
+from kubetune.serve.metrics import ServerMetrics
+
+
+async def _stream(gen: Generation, admission: Admission, prompt: list[int], stop: list[str]) -> tuple[list[str], Finished]:
+    params = gen.params(24, 0.0, 1.0, 0, stop, len(prompt), "messages")
+    parts: list[str] = []
+    finished = None
+    async for item in gen.run("tiny-llama", prompt, params, admission.enter()):
+        if isinstance(item, Finished):
+            finished = item
+        else:
+            parts.append(item)
+    assert finished is not None
+    return parts, finished
+
+
+def test_generation_streams_cuts_at_stop_strings_and_frees_its_slot(tiny_model: Path) -> None:
+    engine = load_engine([str(tiny_model)])
+    metrics = ServerMetrics()
+    admission = Admission(2, metrics)
+    gen = Generation(engine, admission, metrics)
+    prompt = engine.render("tiny-llama", [{"role": "user", "content": "Describe a blue fox."}])
+    try:
+        parts, finished = asyncio.run(_stream(gen, admission, prompt, []))
+        whole = "".join(parts)
+        assert len(whole) > 6 and finished.completion_tokens > 0
+        stop = whole[3:6]  # a stop string from inside the answer (greedy: the same answer again)
+        parts, finished = asyncio.run(_stream(gen, admission, prompt, [stop]))
+        assert "".join(parts) == whole[:whole.index(stop)] and finished.finish_reason == "stop"
+        assert not any(stop in p for p in parts)
+        assert admission.admitted == 0 and admission.running == 0  # every slot given back
+        with pytest.raises(ApiError) as info:
+            gen.served("not-served")
+        assert info.value.status == 404 and info.value.body["error"]["code"] == "model_not_found"
+        with pytest.raises(ApiError) as info:
+            gen.params(8, 1.0, 1.0, None, [], engine.context_length, "messages")
+        assert info.value.body["error"]["code"] == "context_length_exceeded"
+    finally:
+        gen.close()
