@@ -159,8 +159,19 @@ def format_ranking(metric: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_command(words: Sequence[str]) -> tuple[bool, str]:
+    """`sweep SPEC` or `sweep status SPEC` → (status?, SPEC)."""
+    words = list(words)
+    status = bool(words) and words[0] == "status"
+    if status:
+        words = words[1:]
+    if len(words) != 1:
+        raise UsageError("usage: kubetune sweep [status] SPEC --grid KEY=V1,V2 ...")
+    return status, words[0]
+
+
 def dump_plan(runs: Sequence[SweepRun]) -> str:
     return yaml.safe_dump([{"name": r.name, "set": list(r.overrides)} for r in runs], sort_keys=False)
 
 
-__all__ = ["Grid", "SweepRun", "parse_grid", "plan_sweep", "ranking", "run_local", "submit_k8s"]
+__all__ = ["Grid", "SweepRun", "parse_command", "parse_grid", "plan_sweep", "ranking", "run_local", "submit_k8s"]

@@ -34,7 +34,7 @@ def test_generation_streams_cuts_at_stop_strings_and_frees_its_slot(tiny_model: 
     metrics = ServerMetrics()
     admission = Admission(2, metrics)
     gen = Generation(engine, admission, metrics)
-    prompt = engine.render("tiny-llama", [{"role": "user", "content": "Describe a blue fox."}])
+    prompt = engine.encode_chat("tiny-llama", [{"role": "user", "content": "Describe a blue fox."}])
     try:
         parts, finished = asyncio.run(_stream(gen, admission, prompt, []))
         whole = "".join(parts)

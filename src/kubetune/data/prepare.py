@@ -33,6 +33,20 @@ class Prepared:
     file_hashes: dict[str, str] = field(default_factory=dict)
     cached: bool = False
 
+    def summary(self) -> list[str]:
+        """What `validate` and `plan` report: each source, rows, token lengths, truncation, template."""
+        lines = []
+        for src in self.samples.sources:
+            skipped = f", {src.skipped} skipped" if src.skipped else ""
+            lines.append(f"  {src.uri}: {src.format}, {src.used} rows{skipped}, weight {src.weight:g}")
+        tr = self.train
+        st = tr.stats()
+        lines.append(f"  train rows {len(tr.rows)}, eval rows {len(self.eval.rows)}")
+        lines.append(f"  tokens per row: min {st['min']}  p50 {st['p50']}  p95 {st['p95']}  max {st['max']}")
+        lines.append(f"  over max_length: {tr.truncated} truncated, {tr.dropped} dropped (of {tr.total})")
+        lines.append(f"  chat template: {self.formatter.template_source}")
+        return lines
+
 
 def prepare(spec: RunSpec, model_dir: Path | None = None, use_cache: bool = True) -> Prepared:
     """Load, check and tokenise the spec's data (no torch). Raises DataError/UsageError."""

@@ -91,7 +91,7 @@ class ChatFormatter:
             raise UsageError(f"model.chat_template: {choice!r} is not auto, chatml or a template file that exists")
         return path.read_text(), str(path)
 
-    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    def text(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
         from jinja2 import TemplateError
         from transformers.utils.chat_template_utils import render_jinja_template  # torch-free
 
@@ -126,8 +126,8 @@ class ChatFormatter:
     @cached_property
     def stop(self) -> StopCheck:
         """The token that ends an assistant turn, checked against the generation config."""
-        full = self.render(_PROBE)
-        start = len(self.render(_PROBE[:1], add_generation_prompt=True))
+        full = self.text(_PROBE)
+        start = len(self.text(_PROBE[:1], add_generation_prompt=True))
         end = full.index("OK.", start) + len("OK.")
         enc = self.tokenizer.encode(full, add_special_tokens=False)
         after = [tid for tid, (s, _) in zip(enc.ids, enc.offsets) if s >= end]
@@ -151,7 +151,7 @@ class ChatFormatter:
     # -- encoding with masks -------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[dict[str, str]], loss_on: str = "assistant") -> tuple[list[int], list[int]]:
         """Token ids and labels (IGNORE where no loss) for one conversation."""
-        full = self.render(messages)
+        full = self.text(messages)
         enc = self.tokenizer.encode(full, add_special_tokens=False)
         ids = list(enc.ids)
         if loss_on == "all":
@@ -180,14 +180,14 @@ class ChatFormatter:
 
     def assistant_spans(self, messages: Sequence[dict[str, str]], full: str | None = None) -> list[tuple[int, int]]:
         """Character spans of assistant turns in the rendered conversation (prefix diffing)."""
-        full = self.render(messages) if full is None else full
+        full = self.text(messages) if full is None else full
         spans = []
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
             try:
-                before = self.render(messages[:i], add_generation_prompt=True)
-                upto = self.render(messages[: i + 1])
+                before = self.text(messages[:i], add_generation_prompt=True)
+                upto = self.text(messages[: i + 1])
             except _TemplateRefused as exc:
                 raise TemplateMismatch(f"the template refuses the prefix ending at turn {i}: {exc}") from None
             if not (full.startswith(upto) and upto.startswith(before)):

@@ -62,3 +62,18 @@ def answer_locally(run: str | Path, messages: Sequence[str], base: bool = False,
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": m}]
              for m in messages]
     return generate(model, tokenizer, gen, convs, max_new_tokens=max_new_tokens)
+
+
+def compare_answers(run: str, messages: Sequence[str], which: Sequence[str], system: str | None = None,
+                    max_new_tokens: int = 64) -> list[str]:
+    """Lines to print: one answer per message from one model (`which` = ["tuned"] or ["base"]), or
+    each message with the answers of several side by side (["base", "tuned"])."""
+    answers = {w: answer_locally(run, messages, base=(w == "base"), system=system, max_new_tokens=max_new_tokens)
+               for w in which}
+    if len(which) == 1:
+        return list(answers[which[0]])
+    lines = []
+    for i, msg in enumerate(messages):
+        lines.append(f"> {msg}")
+        lines += [f"  {w:>5}: {answers[w][i]}" for w in which]
+    return lines

@@ -163,6 +163,17 @@ class Cluster:
                 return pod
         return None
 
+    def follow_log(self, name: str, follow: bool, waiting: Callable[[str], None]) -> Iterator[str]:
+        """The leader pod's log; with `follow`, first wait for a pod of the run to start."""
+        pods = self.pods(name)
+        if follow and not any(p.status and p.status.phase != "Pending" for p in pods):
+            waiting(f"waiting for a pod of {name} to start ...")
+            pod = self.wait_for_pod(name)
+            pods = [pod] if pod is not None else pods
+        if not pods:
+            raise KubetuneError(f"run {name} has no pods yet", f"kubetune status {name} -n {self.namespace}")
+        yield from self.log(pods[0].metadata.name, follow=follow)
+
     def delete_run(self, name: str) -> list[str]:
         done = []
         batch, core = self._api("BatchV1Api"), self._api("CoreV1Api")

@@ -97,3 +97,15 @@ def format_status(s: RunStatus) -> str:
     if not s.pods:
         lines.append("  no pods yet")
     return "\n".join(lines)
+
+
+def format_runs(jobs: list[Any], namespace: str) -> str:
+    """`kubetune list`: each run's Job, its phase and component."""
+    if not jobs:
+        return f"no kubetune runs in namespace {namespace}"
+    lines = [f"{'RUN':<40} {'PHASE':<10} {'COMPONENT':<10}"]
+    for job in sorted(jobs, key=lambda j: j.metadata.name):
+        labels = job.metadata.labels or {}
+        lines.append(f"{labels.get('kubetune.dev/run', job.metadata.name):<40} {job_phase(job):<10} "
+                     f"{labels.get('app.kubernetes.io/component', ''):<10}")
+    return "\n".join(lines)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from kubetune.errors import KubetuneError, UsageError
 
@@ -90,7 +90,7 @@ class LocalChat:
         from kubetune.serve.engine import GenerationParams, iter_text
 
         ids_out: queue.Queue[list[int] | None] = queue.Queue()
-        prompt = self._engine.render(self.model, messages)
+        prompt = self._engine.encode_chat(self.model, messages)
         params = GenerationParams(max_tokens=max_tokens, temperature=0)
         failure: list[BaseException] = []
 
@@ -118,3 +118,33 @@ def backend_for(target: str, model: str | None = None, api_key: str | None = Non
     if is_url(target):
         return HttpChat(target, model, api_key)
     return LocalChat(target, base=base)
+
+
+def stream_answer(backend: ChatBackend, messages: Messages, max_tokens: int,
+                  write: Callable[[str], None] = lambda s: print(s, end="", flush=True)) -> str:
+    """Stream one answer to `write` as it comes; the whole answer."""
+    parts = []
+    for delta in backend.stream(messages, max_tokens):
+        parts.append(delta)
+        write(delta)
+    write("\n")
+    return "".join(parts)
+
+
+def converse(backend: ChatBackend, system: Messages, max_tokens: int, read: Callable[[str], str] = input,
+             write: Callable[[str], None] = lambda s: print(s, end="", flush=True), tty: bool = False) -> None:
+    """An interactive conversation that keeps its history; an empty line or EOF (Ctrl-D) ends it."""
+    if tty:
+        write(f"chatting with {backend.model} (empty line or Ctrl-D to quit)\n")
+    history = list(system)
+    while True:
+        try:
+            line = read("you> " if tty else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        if tty:
+            write(f"{backend.model}> ")
+        history.append({"role": "assistant", "content": stream_answer(backend, history, max_tokens, write)})

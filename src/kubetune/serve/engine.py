@@ -71,7 +71,7 @@ class TransformersEngine:
     def names(self) -> list[str]:
         return list(self.served)
 
-    def render(self, name: str, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, name: str, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation, through the run's saved chat template (what training used)."""
         tok = self.served[name].tokenizer
         text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)

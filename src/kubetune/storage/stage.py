@@ -124,3 +124,19 @@ def copy_tree(local: Path, dest: str, exclude: Sequence[str], report: StageRepor
         log(f"  copied {key} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+
+
+def deliveries(spec: RunSpec | None, models: Sequence[str], data: Sequence[str], to: str | None,
+               exclude: Sequence[str] | None) -> tuple[list[Delivery], list[str]]:
+    """What `kubetune stage` copies, and what it skips: from a spec's stage section, or from
+    --model/--data with --to (not both)."""
+    from kubetune.spec.models import StageSpec
+
+    if spec is not None and (models or data or to):
+        raise UsageError("give a SPEC, or --model/--data with --to, not both")
+    if spec is not None:
+        items = deliveries_from_spec(spec)
+        return items, list(exclude if exclude is not None else spec.stage.exclude)
+    if not to:
+        raise UsageError("give a SPEC, or --model/--data with --to")
+    return deliveries_from_flags(models, data, to), list(exclude if exclude is not None else StageSpec().exclude)

@@ -94,7 +94,7 @@ def count_params(model_dir: Path) -> int:
     return layers * (4 * h * h + 3 * h * inter) + 2 * vocab * h
 
 
-def render_sample(plan: Plan, color: bool) -> Any:
+def show_sample(plan: Plan, color: bool) -> Any:
     """The sample as rich Text: trained tokens green, masked tokens dim (or ⟦trained⟧ without colour)."""
     from rich.text import Text
 
@@ -117,3 +117,44 @@ def render_sample(plan: Plan, color: bool) -> Any:
         else:
             text.append(f"⟦{piece}⟧" if trained else piece)
     return text
+
+
+def validate(spec: RunSpec, source: str = "spec") -> list[str]:
+    """`kubetune validate`: pre-flight (storage, trackers, resume point) and every data row; the report."""
+    from kubetune.train.objectives import objective_for
+    from kubetune.train.runner import preflight
+
+    output = preflight(spec)
+    prepared = objective_for(spec).prepare(spec)
+    lines = [f"ok: {source} (run {spec.name} → {output.uri})", *prepared.summary()]
+    if prepared.samples.skipped:
+        lines.append(f"  skipped {len(prepared.samples.skipped)} bad rows (data.bad_rows: skip)")
+    return lines
+
+
+def plan_report(spec: RunSpec, color: bool) -> list[Any]:
+    """`kubetune plan`: lines (str, or rich Text for the sample with its loss mask) to print."""
+    from kubetune.train.objectives import objective_for
+
+    prepared = objective_for(spec).prepare(spec)
+    p = make_plan(spec, prepared)
+    d = p.as_dict()
+    lines: list[Any] = [f"plan for {spec.name}  (nothing is trained)", *prepared.summary(),
+                        f"  truncated {d['truncated_pct']}%  dropped {d['dropped_pct']}%",
+                        f"  method {spec.method.type}; {p.params:,} parameters; world size {p.batches.world_size}",
+                        f"  batch: {p.batches.per_device} per device x {p.batches.accumulation} accumulation x "
+                        f"{p.batches.world_size} devices = {p.batches.total}",
+                        f"  optimizer steps: {p.steps}",
+                        f"  rough time: {duration(p.est_seconds)}"]
+    if p.sample is not None:
+        legend = "green = trained, dim = masked" if color else "⟦trained⟧, the rest masked"
+        lines += [f"\nsample ({p.sample.where}; {legend}):", show_sample(p, color)]
+    return lines
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 5400:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"

@@ -31,7 +31,7 @@ async def chat(req: ChatRequest, state: ServerState = Depends(server_state)) -> 
     conversation = req.conversation()
     if conversation[-1]["role"] == "assistant":
         raise ApiError(400, "the last message is the assistant's; end with a user message", param="messages")
-    prompt_ids = state.engine.render(name, conversation)
+    prompt_ids = state.engine.encode_chat(name, conversation)
     params = gen.params(req.token_limit, req.temperature, req.top_p, req.seed, req.stop_list, len(prompt_ids),
                         "messages")
     ticket = state.admission.enter()

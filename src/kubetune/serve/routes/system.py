@@ -37,7 +37,7 @@ async def tokenize(req: TokenizeRequest, state: ServerState = Depends(server_sta
     name = state.generation.served(req.model)
     if req.messages is not None:
         conv = ChatRequest(model=name, messages=req.messages).conversation()
-        tokens = state.engine.render(name, conv, add_generation_prompt=req.add_generation_prompt)
+        tokens = state.engine.encode_chat(name, conv, add_generation_prompt=req.add_generation_prompt)
     elif req.prompt is not None:
         tokens = state.engine.encode(name, req.prompt)
     else:
