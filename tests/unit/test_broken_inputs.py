@@ -17,9 +17,16 @@ CASES = {
     "empty-file": ("data: {train: F}\n", {"f.jsonl": b""}, "f.jsonl: no rows"),
     "corrupt-parquet": ("data: {train: F}\n", {"f.parquet": b"nope"}, "cannot read .parquet file"),
     "csv-unknown-columns": ("data: {train: F}\n", {"f.csv": b"a,b\n1,2\n"}, "cannot tell the format from the columns ['a', 'b']"),
-    "multimodal-content": ("data: {train: F}\n", {"f.jsonl": b'{"messages": [{"role": "user", "content": [{"type": "text"}]}, '
-                                                              b'{"role": "assistant", "content": "x"}]}\n'},
-                           "content must be a string, got list"),
+    "text-part-without-text": ("data: {train: F}\n", {"f.jsonl": b'{"messages": [{"role": "user", "content": [{"type": "text"}]}, '
+                                                                  b'{"role": "assistant", "content": "x"}]}\n'},
+                               "content part {'type': 'text'} is not {'type': 'text', 'text': ...}"),
+    "multimodal-content": ("data: {train: F}\n", {"f.jsonl": b'{"messages": [{"role": "user", "content": [{"type": "image_url", '
+                                                              b'"image_url": {"url": "x.png"}}]}, {"role": "assistant", "content": "x"}]}\n'},
+                           "a 'image_url' part is not text: this is a text-only run"),
+    "openai-preference-file": ("data: {train: F}\n", {"f.jsonl": b'{"input": {"messages": [{"role": "user", "content": "q"}]}, '
+                                                                  b'"preferred_output": [{"role": "assistant", "content": "a"}], '
+                                                                  b'"non_preferred_output": [{"role": "assistant", "content": "b"}]}\n'},
+                               "preference tuning is not supported by this version"),
     "missing-template-file": ("model: {base: MODEL, chat_template: /nope.jinja}\n", {}, "model.chat_template: '/nope.jinja'"),
     "object-storage-output-no-credentials": ("output: s3://bucket/x\n", {}, "output s3://bucket/x/.kubetune-write-check: no storage credentials found"),
     "resume-not-a-checkpoint": ("resume: /tmp/definitely-not-here\n", {}, "is not a complete checkpoint"),

@@ -100,3 +100,20 @@ def test_every_example_validates(example: Path, cli, tiny_model, tmp_path: Path)
 def test_schema_is_json(cli) -> None:
     code, out, _ = cli("schema")
     assert code == 0 and json.loads(out)["title"] == "RunSpec"
+
+
+def test_plan_show_json_gives_samples_as_trained_and_masked_segments(write_spec, cli) -> None:
+    import json
+
+    code, out, err = cli("plan", str(write_spec(name="show", data={"eval": None})), "--show", "3", "--json")
+    assert code == 0, err
+    samples = [json.loads(line) for line in out.splitlines()]
+    assert len(samples) == 3 and all(":" in s["where"] for s in samples)
+    for s in samples:
+        assert {frozenset(seg) for seg in s["segments"]} == {frozenset({"text", "trained"})}
+        flags = [seg["trained"] for seg in s["segments"]]
+        assert flags[0] is False and True in flags  # the prompt is context; the answer is trained
+        trained = "".join(seg["text"] for seg in s["segments"] if seg["trained"])
+        assert trained.endswith("<|im_end|>")  # up to and including the end-of-turn token, not the newline after it
+        context = s["segments"][0]["text"]
+        assert context.endswith("<|im_start|>assistant\n")  # the generation prompt is context, never target

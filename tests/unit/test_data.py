@@ -44,7 +44,7 @@ def test_all_bad_rows_reported_with_file_and_line(tmp_path: Path) -> None:
         f"{f}:5: messages[0]: unknown role 'robot'; expected one of system, user, assistant, tool",
         f"{f}:6: empty conversation",
         f"{f}:7: column 'messages' must be a list of messages, got str",
-        f"{f}:8: messages[0] (user): content must be a string, got int",
+        f"{f}:8: messages[0] (user): content must be a string or a list of text parts, got int",
         f"{f}:9: conversation has no assistant turn (nothing to train on)",
     ]
     assert "bad_rows: skip" in (info.value.hint or "")
@@ -196,3 +196,51 @@ def test_a_corrupt_compressed_file_is_a_located_error(tmp_path: Path) -> None:
         with pytest.raises(DataError) as info:
             load_samples(DataSpec(train=[str(tmp_path / name)], eval=None), seed=0)
         assert str(info.value.problems[0]).startswith(f"{tmp_path / name}: cannot read")
+
+
+def test_sharegpt_rows_are_detected_and_their_speakers_mapped(tmp_path: Path) -> None:
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                               {"from": "gpt", "value": "Hello."}]},
+            {"conversations": [{"from": "human", "value": "Weather?"},
+                               {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Oslo"}}'},
+                               {"from": "observation", "value": "{\"temp\": 3}"}, {"from": "gpt", "value": "3 °C."}]}]
+    samples = load_samples(DataSpec(train=[str(_jsonl(tmp_path / "s.jsonl", rows))], eval=None), seed=0)
+    assert samples.sources[0].format == "sharegpt"
+    first, second = samples.train
+    assert [m["role"] for m in first.messages] == ["system", "user", "assistant"]
+    assert [m["role"] for m in second.messages] == ["user", "assistant", "tool", "assistant"]
+    assert second.messages[1]["tool_calls"] == [{"type": "function", "function": {"name": "get_weather",
+                                                                                  "arguments": {"city": "Oslo"}}}]
+    bad = _jsonl(tmp_path / "b.jsonl", [{"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}])
+    with pytest.raises(DataError) as info:
+        load_samples(DataSpec(train=[str(bad)], eval=None), seed=0)
+    assert "conversations[0]: unknown role 'narrator'; expected one of human, user, gpt" in str(info.value.problems[0])
+
+
+def test_openai_fine_tuning_rows_keep_tools_weights_parts_and_reasoning(tmp_path: Path) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    row = {"tools": tools, "parallel_tool_calls": False, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Call "}, {"type": "text", "text": "f."}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+        {"role": "assistant", "content": "Bad answer.", "weight": 0},
+        {"role": "user", "content": "Again?"},
+        {"role": "assistant", "content": "Done.", "reasoning_content": "f said done.", "weight": 1}]}
+    (sample,) = load_samples(DataSpec(train=[str(_jsonl(tmp_path / "o.jsonl", [row]))], eval=None), seed=0).train
+    assert sample.tools == tuple(tools)
+    assert sample.messages[0]["content"] == "Call f."
+    assert sample.messages[1]["content"] is None and sample.messages[1]["tool_calls"][0]["function"]["arguments"] == {}
+    assert sample.messages[2] == {"role": "tool", "content": "done", "tool_call_id": "c1"}
+    assert sample.messages[3]["weight"] == 0 and "weight" not in sample.messages[5]
+    assert sample.messages[5]["reasoning_content"] == "f said done."
+
+
+def test_weight_zero_turns_are_context_not_target(tiny_model: Path) -> None:
+    fmt = ChatFormatter(tiny_model)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away.", "weight": 0},
+            {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there."}]
+    ids, labels = fmt.encode_chat(conv)
+    trained = fmt.decode([t for t, lab in zip(ids, labels) if lab != -100])
+    assert "Hello there." in trained and "Go away" not in trained
+    assert "Go away." in fmt.decode(ids)  # still in the context the model sees

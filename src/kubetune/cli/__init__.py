@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             p.add_argument("--target", choices=["local", "k8s"], default="local",
                            help="k8s: also print the manifests `kubetune render` would apply")
+            p.add_argument("--show", type=int, metavar="N", help="show the first N training samples with their loss "
+                                                                 "masks (a split conversation: one per turn)")
+            p.add_argument("--json", action="store_true", help="with --show: only the samples, one JSON line each: "
+                                                               '{"where", "segments": [{"text", "trained"}]}')
         p.set_defaults(func=func)
     p = sub.add_parser("schema", help="JSON Schema of the run spec (or of events.jsonl)",
                        description="JSON Schema of the run spec, or with --events of one line of a run's events.jsonl")

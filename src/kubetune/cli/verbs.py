@@ -21,11 +21,14 @@ def validate(args: argparse.Namespace) -> int:
 def plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from kubetune.train.plan import plan_report
+    from kubetune.train.plan import plan_report, sample_lines
 
     spec = load_spec(args.spec, args.overrides)
+    if args.json:
+        print(*sample_lines(spec, args.show if args.show is not None else 1), sep="\n")
+        return 0
     console = Console(highlight=False, soft_wrap=True)
-    for line in plan_report(spec, color=console.is_terminal):
+    for line in plan_report(spec, color=console.is_terminal, show=args.show):
         console.print(line, markup=False) if isinstance(line, str) else console.print(line)
     if args.target == "k8s":
         from kubetune.k8s.render import render as render_objects, to_yaml

@@ -21,7 +21,7 @@ import numpy as np
 from kubetune import __version__, settings
 from kubetune.data.encode import EncodeReport, Encoded
 
-FORMAT = 1
+FORMAT = 2  # 2: multi-turn conversations of non-prefix-stable templates split per assistant turn
 
 
 def cache_root() -> Path:
@@ -49,7 +49,8 @@ def save(key: str, train: EncodeReport, evals: EncodeReport, meta: dict[str, Any
         np.save(tmp / f"{name}.offsets.npy", offsets)
         np.save(tmp / f"{name}.lengths.npy", np.asarray(rep.lengths, dtype=np.int32))
         meta[name] = {"truncated": rep.truncated, "dropped": rep.dropped,
-                      "no_trained_tokens": rep.no_trained_tokens, "where": [r.where for r in rep.rows]}
+                      "no_trained_tokens": rep.no_trained_tokens, "where": [r.where for r in rep.rows],
+                      "split": [rep.split_conversations, rep.split_extra_tokens]}
     (tmp / "meta.json").write_text(json.dumps(meta))
     try:
         tmp.rename(final)
@@ -78,4 +79,5 @@ def _load_report(folder: Path, name: str, meta: dict[str, Any]) -> EncodeReport:
     report = EncodeReport(rows=rows, lengths=np.load(folder / f"{name}.lengths.npy").tolist())
     report.truncated, report.dropped = meta["truncated"], meta["dropped"]
     report.no_trained_tokens = meta["no_trained_tokens"]
+    report.split_conversations, report.split_extra_tokens = meta["split"]
     return report

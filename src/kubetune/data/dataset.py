@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubetune.data.formats import Sample, detect_format, to_sample
+from kubetune.data.formats import PREFERENCE_KEYS, Sample, detect_format, to_sample
 from kubetune.data.sources import SourceRows, read_source
 from kubetune.errors import DataError, Problem, capped
 from kubetune.spec.models import Columns, DataSource, DataSpec
@@ -94,6 +94,12 @@ def _detect(read: SourceRows, columns: Columns) -> str:
         if isinstance(row.data, dict):
             keys = set(row.data)
             seen_keys |= keys
+            if PREFERENCE_KEYS <= keys:
+                raise DataError([Problem(row.where, "a preference pair (OpenAI's DPO format: input, preferred_output, "
+                                                    "non_preferred_output): preference tuning is not supported by "
+                                                    "this version")],
+                                hint="train it with supervised rows (messages) for now; DPO arrives with "
+                                     "method.objective: dpo")
             fmt = detect_format(keys, columns)
             if fmt:
                 votes[fmt] = votes.get(fmt, 0) + 1
@@ -107,7 +113,7 @@ def _detect(read: SourceRows, columns: Columns) -> str:
             raise DataError(read.problems[:20] + [Problem(read.rows[0].where, f"rows must be objects with columns, got {kind}")])
         raise DataError(
             read.problems[:20] + [Problem(read.uri, f"cannot tell the format from the columns {sorted(seen_keys)}")],
-            hint="expected messages, instruction+output, prompt+completion or text; "
+            hint="expected messages, conversations (ShareGPT), instruction+output, prompt+completion or text; "
             "set data.format and map your column names with data.columns (e.g. columns: {prompt: question})",
         )
     return max(votes, key=lambda k: votes[k])

@@ -28,6 +28,18 @@ class EncodeReport:
     truncated: int = 0
     dropped: int = 0
     no_trained_tokens: int = 0
+    split_conversations: int = 0   # conversations trained as one sample per assistant turn
+    split_extra_tokens: int = 0    # what splitting costs: tokens beyond one rendering of each conversation
+
+    def split_note(self) -> str | None:
+        """What `validate` and `plan` say when a template made kubetune split conversations."""
+        if not self.split_conversations:
+            return None
+        total = sum(self.lengths) or 1
+        return (f"  {self.split_conversations} multi-turn conversation(s) split into one sample per assistant turn: "
+                f"the template renders earlier turns differently than the last (e.g. it drops their reasoning), "
+                f"so each turn is trained after exactly the context inference sends "
+                f"(+{self.split_extra_tokens} tokens, {100 * self.split_extra_tokens / total:.1f}% of the data)")
 
     @property
     def total(self) -> int:
@@ -50,33 +62,48 @@ def encode_samples(samples: list[Sample], fmt: ChatFormatter, max_length: int, t
     for sample in samples:
         try:
             if sample.messages is not None:
-                ids, labels = fmt.encode_chat(sample.messages, loss_on)
+                parts = fmt.encode_conversation(sample.messages, loss_on, tools=sample.tools)
+                if len(parts) > 1 or (parts and parts[0].turn is not None):
+                    report.split_conversations += 1
+                    report.split_extra_tokens += sum(len(p.ids) for p in parts) - max(len(p.ids) for p in parts)
+                encoded = [(p.ids, p.labels, sample.where if p.turn is None else f"{sample.where}#turn{p.turn}")
+                           for p in parts]
             else:
                 ids = fmt.encode_text(sample.text or "")
-                labels = list(ids)
+                encoded = [(ids, list(ids), sample.where)]
         except TemplateMismatch as exc:
             problems.append(Problem(sample.where, str(exc)))
             continue
-        report.lengths.append(len(ids))
-        if len(ids) > max_length:
-            if too_long == "error":
-                problems.append(Problem(sample.where, f"{len(ids)} tokens > data.max_length {max_length}"))
-                continue
-            if too_long == "drop":
-                report.dropped += 1
-                continue
-            ids, labels = ids[:max_length], labels[:max_length]
-            report.truncated += 1
-        row = Encoded(ids, labels, sample.where)
-        if row.trained_tokens == 0:
-            # e.g. truncation cut off every assistant token: the row would only add padding.
-            report.no_trained_tokens += 1
-            report.dropped += 1
-            continue
-        report.rows.append(row)
+        for ids, labels, where in encoded:
+            problem = _add(report, ids, labels, where, max_length, too_long)
+            if problem is not None:
+                problems.append(problem)
     if problems:
         hint = ("raise data.max_length, or set data.too_long: truncate or drop"
                 if any("max_length" in p.message for p in problems) else
-                "use a prefix-stable template (model.chat_template: chatml or a template file)")
+                "the chat template cannot be trained as inference renders it; use model.chat_template: chatml "
+                "or a template file")
         raise DataError(capped(problems), hint=hint)
     return report
+
+
+def _add(report: EncodeReport, ids: list[int], labels: list[int], where: str, max_length: int,
+         too_long: str) -> Problem | None:
+    """One encoded sample into the report, with data.too_long applied; a Problem for too_long: error."""
+    report.lengths.append(len(ids))
+    if len(ids) > max_length:
+        if too_long == "error":
+            return Problem(where, f"{len(ids)} tokens > data.max_length {max_length}")
+        if too_long == "drop":
+            report.dropped += 1
+            return None
+        ids, labels = ids[:max_length], labels[:max_length]
+        report.truncated += 1
+    row = Encoded(ids, labels, where)
+    if row.trained_tokens == 0:
+        # e.g. truncation cut off every assistant token: the row would only add padding.
+        report.no_trained_tokens += 1
+        report.dropped += 1
+        return None
+    report.rows.append(row)
+    return None

@@ -45,6 +45,8 @@ class Prepared:
         lines.append(f"  tokens per row: min {st['min']}  p50 {st['p50']}  p95 {st['p95']}  max {st['max']}")
         lines.append(f"  over max_length: {tr.truncated} truncated, {tr.dropped} dropped (of {tr.total})")
         lines.append(f"  chat template: {self.formatter.template_source}")
+        if tr.split_note():
+            lines.append(tr.split_note() or "")
         return lines
 
 
@@ -74,7 +76,8 @@ def prepare(spec: RunSpec, model_dir: Path | None = None, use_cache: bool = True
         cache.save(key, train, evals, {
             "sources": [vars(s) for s in samples.sources], "files": [str(f) for f in samples.files],
             "skipped": [[p.where, p.message] for p in samples.skipped], "has_chat": has_chat,
-            "eval_samples": [[s.where, list(s.messages) if s.messages else None, s.text] for s in samples.eval],
+            "eval_samples": [[s.where, list(s.messages) if s.messages else None, s.text,
+                              list(s.tools) if s.tools else None] for s in samples.eval],
         })
     return Prepared(samples, train, evals, formatter, model_dir, has_chat, hashes)
 
@@ -90,7 +93,8 @@ def _local_data_files(spec: RunSpec) -> list[Path] | None:
 def _from_cache(hit: tuple[EncodeReport, EncodeReport, dict[str, Any]], formatter: ChatFormatter,
                 model_dir: Path, hashes: dict[str, str]) -> Prepared:
     train, evals, meta = hit
-    eval_samples = [Sample(w, tuple(m) if m else None, t) for w, m, t in meta["eval_samples"]]
+    eval_samples = [Sample(w, tuple(m) if m else None, t, tuple(tl) if tl else None)
+                    for w, m, t, tl in meta["eval_samples"]]
     samples = Samples(train=[], eval=eval_samples, sources=[SourceReport(**s) for s in meta["sources"]],
                       files=[Path(f) for f in meta["files"]], skipped=[Problem(w, m) for w, m in meta["skipped"]])
     if meta["has_chat"]:

@@ -73,6 +73,7 @@ class ChatFormatter:
             if self.config.get(name) is not None
         }
         self.special_ids = {tid for tid, tok in self.tokenizer.get_added_tokens_decoder().items() if tok.special}
+        self._arguments_as_text = False
 
     # -- templates ---------------------------------------------------------------------------
     def _choose_template(self, choice: str) -> tuple[str, str]:
@@ -91,18 +92,34 @@ class ChatFormatter:
             raise UsageError(f"model.chat_template: {choice!r} is not auto, chatml or a template file that exists")
         return path.read_text(), str(path)
 
-    def text(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    def text(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+             tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The template's rendering (with the tools offered, through the template's own tool support)."""
         from jinja2 import TemplateError
         from transformers.utils.chat_template_utils import render_jinja_template  # torch-free
 
-        try:
+        def attempt(msgs: Sequence[dict[str, Any]]) -> str:
             rendered, _ = render_jinja_template(
-                [list(messages)], chat_template=self.template,
+                [list(msgs)], chat_template=self.template, tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt, **self.special_tokens,
             )
-        except TemplateError as exc:
-            raise _TemplateRefused(str(exc)) from None
-        return rendered[0]
+            return rendered[0]
+
+        try:
+            if self._arguments_as_text:
+                return attempt(_arguments_as_text(messages))
+            try:
+                return attempt(messages)
+            except TypeError:
+                # Templates differ on tool-call arguments: most take the object (| tojson), some
+                # (DeepSeek) concatenate a JSON string. Retry once with strings, and remember.
+                if not any(m.get("tool_calls") for m in messages):
+                    raise
+                text = attempt(_arguments_as_text(messages))
+                self._arguments_as_text = True
+                return text
+        except (TemplateError, TypeError) as exc:
+            raise _TemplateRefused(f"{type(exc).__name__}: {exc}") from None
 
     # -- tokens ------------------------------------------------------------------------------
     def token_id(self, text: str | None) -> int | None:
@@ -149,53 +166,89 @@ class ChatFormatter:
         return [self.eos_id] if self.eos_id is not None else []
 
     # -- encoding with masks -------------------------------------------------------------------
-    def encode_chat(self, messages: Sequence[dict[str, str]], loss_on: str = "assistant") -> tuple[list[int], list[int]]:
-        """Token ids and labels (IGNORE where no loss) for one conversation."""
-        full = self.text(messages)
-        enc = self.tokenizer.encode(full, add_special_tokens=False)
-        ids = list(enc.ids)
+    def encode_chat(self, messages: Sequence[dict[str, Any]], loss_on: str = "assistant",
+                    tools: Sequence[dict[str, Any]] | None = None) -> tuple[list[int], list[int]]:
+        """Token ids and labels (IGNORE where no loss) for one conversation rendered as one sample;
+        TemplateMismatch when the template does not render its history the same way at every length
+        (use `encode_conversation`, which splits such a conversation per assistant turn)."""
+        encoded = self.encode_conversation(messages, loss_on, split=False, tools=tools)
+        return encoded[0].ids, encoded[0].labels
+
+    def encode_conversation(self, messages: Sequence[dict[str, Any]], loss_on: str = "assistant",
+                            split: bool = True, tools: Sequence[dict[str, Any]] | None = None) -> list[TurnSample]:
+        """The samples that train this conversation on exactly what inference asks for.
+
+        For assistant turn i the context is the rendering of messages[:i] with the generation
+        prompt, and the target is what the rendering through turn i adds to it, up to and including
+        the end-of-turn token. A template that renders the history the same way at every length
+        gives one sample with every (weighted) turn trained; one that does not (thinking templates
+        that strip earlier reasoning, templates that move the system prompt) gives one sample per
+        assistant turn, each trained only on its last turn, so training sees what inference sees."""
+        plain = [_renderable(m) for m in messages]
+        try:
+            full = self.text(plain, tools=tools)
+        except _TemplateRefused as exc:
+            raise TemplateMismatch(f"the chat template refuses this conversation ({exc})") from None
         if loss_on == "all":
-            return ids, list(ids)
-        spans = self.assistant_spans(messages, full)
+            ids = list(self.tokenizer.encode(full, add_special_tokens=False).ids)
+            return [TurnSample(ids, list(ids), None)]
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+        spans: list[tuple[int, int, str]] = []  # (start, end, the rendering they index) per trained turn
+        stable = True
+        for i in turns:
+            context, upto = self._turn(plain, i, tools)
+            spans.append((len(context), len(upto), upto))
+            stable = stable and full.startswith(upto)
+        if stable:
+            return [self._masked(full, [(a, b) for a, b, _ in spans], None)]
+        if not split:
+            raise TemplateMismatch("the template renders earlier turns differently once a later turn is added "
+                                   "(not prefix-stable)")
+        return [self._masked(upto, [(a, b)], i) for i, (a, b, upto) in zip(turns, spans)]
+
+    def _turn(self, plain: Sequence[dict[str, Any]], i: int,
+              tools: Sequence[dict[str, Any]] | None = None) -> tuple[str, str]:
+        """(context, rendering through turn i) of assistant turn i; the context is a prefix of it."""
+        try:
+            context = self.text(plain[:i], add_generation_prompt=True, tools=tools)
+            upto = self.text(plain[: i + 1], tools=tools)
+        except _TemplateRefused as exc:
+            raise TemplateMismatch(f"the template refuses the conversation up to turn {i}: {exc}") from None
+        if not upto.startswith(context):
+            raise TemplateMismatch(
+                f"turn {i}: not prefix-stable even within the turn: the template's rendering of this assistant "
+                "turn does not start with the generation prompt inference sends, so its tokens cannot be trained "
+                "after the context a server would give")
+        return context, upto
+
+    def _masked(self, text: str, spans: Sequence[tuple[int, int]], turn: int | None) -> TurnSample:
+        """Tokenise `text` once; train the tokens that start inside a span, up to and including the
+        end-of-turn token (what a template writes after it is the next turn's business)."""
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = list(enc.ids)
         labels = [IGNORE] * len(ids)
-        span_k = 0
         eot = self.stop.eot_id
+        span_k, closed = 0, False
         for k, (tid, (start, _)) in enumerate(zip(ids, enc.offsets)):
             while span_k < len(spans) and start >= spans[span_k][1]:
-                span_k += 1
-            if span_k < len(spans) and spans[span_k][0] <= start:
+                span_k, closed = span_k + 1, False
+            if span_k < len(spans) and spans[span_k][0] <= start and not closed:
                 labels[k] = tid
-        # Stop training at the end-of-turn token: what a template writes after it (a newline) is
-        # the next turn's business, and the model must learn to emit exactly the stop token.
-        in_span = False
-        for k, tid in enumerate(ids):
-            if labels[k] == IGNORE:
-                in_span = False
-                continue
-            if in_span:
-                labels[k] = IGNORE
-            elif tid == eot:
-                in_span = True
-        return ids, labels
+                closed = tid == eot
+        return TurnSample(ids, labels, turn)
 
-    def assistant_spans(self, messages: Sequence[dict[str, str]], full: str | None = None) -> list[tuple[int, int]]:
-        """Character spans of assistant turns in the rendered conversation (prefix diffing)."""
-        full = self.text(messages) if full is None else full
+    def assistant_spans(self, messages: Sequence[dict[str, Any]], full: str | None = None) -> list[tuple[int, int]]:
+        """Character spans of the trained assistant turns in the rendered conversation (one sample)."""
+        plain = [_renderable(m) for m in messages]
+        full = self.text(plain) if full is None else full
         spans = []
         for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
-            try:
-                before = self.text(messages[:i], add_generation_prompt=True)
-                upto = self.text(messages[: i + 1])
-            except _TemplateRefused as exc:
-                raise TemplateMismatch(f"the template refuses the prefix ending at turn {i}: {exc}") from None
-            if not (full.startswith(upto) and upto.startswith(before)):
-                raise TemplateMismatch(
-                    f"the template renders earlier turns differently once turn {i} is added "
-                    "(not prefix-stable), so assistant tokens cannot be located"
-                )
-            spans.append((len(before), len(upto)))
+            if msg["role"] == "assistant" and msg.get("weight", 1) != 0:
+                context, upto = self._turn(plain, i)
+                if not full.startswith(upto):
+                    raise TemplateMismatch(f"the template renders earlier turns differently once turn {i} is added "
+                                           "(not prefix-stable), so assistant tokens cannot be located")
+                spans.append((len(context), len(upto)))
         return spans
 
     def encode_text(self, text: str) -> list[int]:
@@ -207,6 +260,32 @@ class ChatFormatter:
     def fingerprint(self) -> dict[str, Any]:
         """What determines tokenisation: used as part of the data cache key."""
         return {"template": self.template, "special": self.special_tokens, "vocab": self.tokenizer.get_vocab_size()}
+
+
+@dataclass
+class TurnSample:
+    """One training sample of a conversation: ids and labels; `turn` is the assistant turn it trains
+    when the conversation had to be split per turn (None: the whole conversation in one sample)."""
+
+    ids: list[int]
+    labels: list[int]
+    turn: int | None
+
+
+def _arguments_as_text(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool-call arguments as JSON text, for templates that concatenate them."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
+                c["function"]["arguments"], ensure_ascii=False)}} for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+def _renderable(message: dict[str, Any]) -> dict[str, Any]:
+    """What the template sees: kubetune's own keys (the per-message training weight) left out."""
+    return {k: v for k, v in message.items() if k != "weight"}
 
 
 class TemplateMismatch(ValueError):

@@ -41,7 +41,8 @@ def evaluate_run(run: str, compare_base: bool = True, log: Callable[[str], None]
     if not data.eval.rows and not data.samples.eval:
         raise UsageError(f"{run} has no eval data (data.eval is null)",
                          "set data.eval to a source or {split_ratio: 0.05} and train again")
-    chats = [s for s in data.samples.eval if s.messages and s.messages[-1]["role"] == "assistant"]
+    chats = [s for s in data.samples.eval if s.messages and s.messages[-1]["role"] == "assistant"
+             and isinstance(s.messages[-1].get("content"), str) and not s.tools]  # plain answers to compare
     chats = chats[: spec.eval.num_samples]
     prompts = [list(s.messages[:-1]) for s in chats]
     references = [s.messages[-1]["content"] for s in chats]

@@ -34,7 +34,10 @@ class ModelSpec(_Section):
 class Columns(_Section):
     """Maps the standard field names to the dataset's column names."""
 
-    messages: str = Field("messages", description="Column with OpenAI-style chat messages.")
+    messages: str = Field("messages", description="Column with OpenAI-style chat messages (OpenAI's fine-tuning file: "
+                                                  "tools, tool_calls, per-message weight 0/1).")
+    conversations: str = Field("conversations", description="ShareGPT column: a list of {from, value} turns.")
+    tools: str = Field("tools", description="Column with the tools (OpenAI function schemas) offered in a conversation.")
     instruction: str = Field("instruction", description="Alpaca instruction column.")
     input: str = Field("input", description="Alpaca optional input column.")
     output: str = Field("output", description="Alpaca output column.")
@@ -44,7 +47,7 @@ class Columns(_Section):
     system: str = Field("system", description="Optional per-row system prompt column (alpaca, prompt/completion).")
 
 
-Format = Literal["auto", "messages", "alpaca", "prompt_completion", "text"]
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 
 
 class DataSource(_Section):

@@ -94,15 +94,8 @@ def count_params(model_dir: Path) -> int:
     return layers * (4 * h * h + 3 * h * inter) + 2 * vocab * h
 
 
-def show_sample(plan: Plan, color: bool) -> Any:
-    """The sample as rich Text: trained tokens green, masked tokens dim (or ⟦trained⟧ without colour)."""
-    from rich.text import Text
-
-    text = Text()
-    row = plan.sample
-    if row is None:
-        return text
-    fmt = plan.data.formatter
+def segments(row: Encoded, fmt: Any) -> list[dict[str, Any]]:
+    """A sample as its runs of trained and masked tokens: [{"text": ..., "trained": bool}, ...]."""
     runs: list[tuple[bool, list[int]]] = []
     for tid, label in zip(map(int, row.input_ids), map(int, row.labels)):
         trained = label != IGNORE
@@ -110,13 +103,34 @@ def show_sample(plan: Plan, color: bool) -> Any:
             runs[-1][1].append(tid)
         else:
             runs.append((trained, [tid]))
-    for trained, ids in runs:
-        piece = fmt.decode(ids)
+    return [{"text": fmt.decode(ids), "trained": trained} for trained, ids in runs]
+
+
+def show_sample(row: Encoded | None, fmt: Any, color: bool) -> Any:
+    """A sample as rich Text: trained tokens green, masked tokens dim (or ⟦trained⟧ without colour)."""
+    from rich.text import Text
+
+    text = Text()
+    for seg in segments(row, fmt) if row is not None else []:
         if color:
-            text.append(piece, style="bold green" if trained else "dim")
+            text.append(seg["text"], style="bold green" if seg["trained"] else "dim")
         else:
-            text.append(f"⟦{piece}⟧" if trained else piece)
+            text.append(f"⟦{seg['text']}⟧" if seg["trained"] else seg["text"])
     return text
+
+
+def shown_rows(prepared: Prepared, n: int) -> list[Encoded]:
+    """The first n training samples in data order (a split conversation gives one per assistant turn)."""
+    return prepared.train.rows[:max(0, n)]
+
+
+def sample_lines(spec: RunSpec, n: int) -> list[str]:
+    """`kubetune plan --show N --json`: one JSON line per sample, {"where", "segments"}."""
+    from kubetune.train.objectives import objective_for
+
+    prepared = objective_for(spec).prepare(spec)
+    return [json.dumps({"where": row.where, "segments": segments(row, prepared.formatter)}, ensure_ascii=False)
+            for row in shown_rows(prepared, n)]
 
 
 def validate(spec: RunSpec, source: str = "spec") -> list[str]:
@@ -132,8 +146,9 @@ def validate(spec: RunSpec, source: str = "spec") -> list[str]:
     return lines
 
 
-def plan_report(spec: RunSpec, color: bool) -> list[Any]:
-    """`kubetune plan`: lines (str, or rich Text for the sample with its loss mask) to print."""
+def plan_report(spec: RunSpec, color: bool, show: int | None = None) -> list[Any]:
+    """`kubetune plan`: lines (str, or rich Text for samples with their loss masks) to print; `show`
+    samples in data order, else the first one with masked tokens."""
     from kubetune.train.objectives import objective_for
 
     prepared = objective_for(spec).prepare(spec)
@@ -146,9 +161,9 @@ def plan_report(spec: RunSpec, color: bool) -> list[Any]:
                         f"{p.batches.world_size} devices = {p.batches.total}",
                         f"  optimizer steps: {p.steps}",
                         f"  rough time: {duration(p.est_seconds)}"]
-    if p.sample is not None:
-        legend = "green = trained, dim = masked" if color else "⟦trained⟧, the rest masked"
-        lines += [f"\nsample ({p.sample.where}; {legend}):", show_sample(p, color)]
+    legend = "green = trained, dim = masked" if color else "⟦trained⟧, the rest masked"
+    for row in shown_rows(prepared, show) if show is not None else [p.sample] if p.sample is not None else []:
+        lines += [f"\nsample ({row.where}; {legend}):", show_sample(row, prepared.formatter, color)]
     return lines
 
 
