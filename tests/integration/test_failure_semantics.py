@@ -141,12 +141,12 @@ def training_here(home: Path, starts_before: int) -> bool:
 def test_chaos_five_kills_at_random_moments_then_the_run_finishes(s3: S3Server, staged: dict[str, str],
                                                                   tmp_path: Path) -> None:
     name = "chaos"
-    steps = 300
+    steps = 1500  # ~30 s of training here: no attempt can finish inside its kill window
     seed = int(os.environ.get("KUBETUNE_CHAOS_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
     spec = spec_file(tmp_path, name, staged, steps)
     body = yaml.safe_load(spec.read_text())
-    body["train"].update(save_every_steps=10, logging_steps=2, keep_checkpoints=2)
+    body["train"].update(save_every_steps=25, logging_steps=5, keep_checkpoints=2)
     spec.write_text(yaml.safe_dump(body))
     moments = []
     for attempt in range(5):  # each restart: a new machine (HOME, cache, working folder)
@@ -181,6 +181,7 @@ def test_chaos_five_kills_at_random_moments_then_the_run_finishes(s3: S3Server, 
             assert e.step > last_step, f"step {e.step} after {last_step} in one segment; {context}"
             last_step = e.step
     assert last_step == steps, context
+    assert sum(isinstance(e, StartEvent) for e in events) >= 3, context  # two kills mid-training, then the end
     print(f"chaos: seed {seed}, kills at {moments} s, {sum(isinstance(e, StartEvent) for e in events)} starts, "
           f"resumed from {[e.resumed_from.rsplit('/', 1)[1] for e in events if isinstance(e, StartEvent) and e.resumed_from]}")
     assert_complete_means_complete(s3, name)
