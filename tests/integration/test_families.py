@@ -147,3 +147,30 @@ def test_trained_text_is_the_target_after_exactly_its_context(family: str, tmp_p
     # Qwen3's template drops earlier turns' reasoning: its multi-turn conversations are split; the others are not
     assert bool(split_seen) == (family == "qwen3"), split_seen
     assert family != "qwen3" or set(split_seen) == {"multi", "system", "reasoning"}, split_seen  # weight0: one trained turn
+
+
+def test_reasoning_as_context_is_seen_not_learned(tmp_path: Path, cli) -> None:
+    """data.reasoning: context on Qwen3 (whose template renders reasoning_content in <think>): each turn's
+    trained text is its target without the reasoning, and the reasoning is still in what the model sees."""
+    folder = family_dir("qwen3")
+    case = CASES["reasoning"]
+    data = tmp_path / "r.jsonl"
+    data.write_text(json.dumps(case) + "\n")
+    spec = tmp_path / "r.yaml"
+    spec.write_text(yaml.safe_dump({"name": "reasoning", "model": {"base": str(folder)},
+                                    "data": {"train": str(data), "eval": None, "reasoning": "context"},
+                                    "resources": {"accelerator": "cpu"}}))
+    code, out, err = cli("plan", str(spec), "--show", "10", "--json")
+    assert code == 0, err
+    by_where = {s["where"]: s["segments"] for s in map(json.loads, out.splitlines())}
+    for suffix, turns in expected(folder, FAMILIES["qwen3"][1], case):
+        segments = by_where[f"{data}:1{suffix or ''}"]
+        (context, target), = turns
+        turn = int((suffix or "#turn3").removeprefix("#turn"))
+        thought = case["messages"][turn]["reasoning_content"]
+        assert thought in target  # Qwen3 renders the last turn's reasoning
+        trained = "".join(s["text"] for s in segments if s["trained"])
+        # the reasoning's tokens are context (a newline may share its last token), the rest of the target is trained
+        assert trained.replace("\n", "") == target.replace(thought, "").replace("\n", "")
+        assert not any(word in trained for word in thought.split() if len(word) > 3)
+        assert thought in "".join(s["text"] for s in segments if not s["trained"])

@@ -55,14 +55,14 @@ class EncodeReport:
 
 
 def encode_samples(samples: list[Sample], fmt: ChatFormatter, max_length: int, too_long: str,
-                   loss_on: str) -> EncodeReport:
+                   loss_on: str, reasoning: str = "train") -> EncodeReport:
     """Encode every sample; too_long=error raises one DataError listing every over-long row."""
     report = EncodeReport(rows=[])
     problems: list[Problem] = []
     for sample in samples:
         try:
             if sample.messages is not None:
-                parts = fmt.encode_conversation(sample.messages, loss_on, tools=sample.tools)
+                parts = fmt.encode_conversation(sample.messages, loss_on, tools=sample.tools, reasoning=reasoning)
                 if len(parts) > 1 or (parts and parts[0].turn is not None):
                     report.split_conversations += 1
                     report.split_extra_tokens += sum(len(p.ids) for p in parts) - max(len(p.ids) for p in parts)

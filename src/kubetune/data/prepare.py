@@ -70,8 +70,8 @@ def prepare(spec: RunSpec, model_dir: Path | None = None, use_cache: bool = True
     if has_chat:
         formatter.stop  # noqa: B018 — fail early if the template cannot stop generation
     d = spec.data
-    train = encode_samples(samples.train, formatter, d.max_length, d.too_long, d.loss_on)
-    evals = encode_samples(samples.eval, formatter, d.max_length, d.too_long, d.loss_on)
+    train = encode_samples(samples.train, formatter, d.max_length, d.too_long, d.loss_on, d.reasoning)
+    evals = encode_samples(samples.eval, formatter, d.max_length, d.too_long, d.loss_on, d.reasoning)
     if key is not None:
         cache.save(key, train, evals, {
             "sources": [vars(s) for s in samples.sources], "files": [str(f) for f in samples.files],

@@ -175,7 +175,8 @@ class ChatFormatter:
         return encoded[0].ids, encoded[0].labels
 
     def encode_conversation(self, messages: Sequence[dict[str, Any]], loss_on: str = "assistant",
-                            split: bool = True, tools: Sequence[dict[str, Any]] | None = None) -> list[TurnSample]:
+                            split: bool = True, tools: Sequence[dict[str, Any]] | None = None,
+                            reasoning: str = "train") -> list[TurnSample]:
         """The samples that train this conversation on exactly what inference asks for.
 
         For assistant turn i the context is the rendering of messages[:i] with the generation
@@ -193,18 +194,20 @@ class ChatFormatter:
             ids = list(self.tokenizer.encode(full, add_special_tokens=False).ids)
             return [TurnSample(ids, list(ids), None)]
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
-        spans: list[tuple[int, int, str]] = []  # (start, end, the rendering they index) per trained turn
+        spans: list[Span] = []
+        renderings: list[str] = []
         stable = True
         for i in turns:
             context, upto = self._turn(plain, i, tools)
-            spans.append((len(context), len(upto), upto))
+            spans.append(Span(len(context), len(upto), _reasoning_hole(messages[i], upto, len(context), reasoning)))
+            renderings.append(upto)
             stable = stable and full.startswith(upto)
         if stable:
-            return [self._masked(full, [(a, b) for a, b, _ in spans], None)]
+            return [self._masked(full, spans, None)]
         if not split:
             raise TemplateMismatch("the template renders earlier turns differently once a later turn is added "
                                    "(not prefix-stable)")
-        return [self._masked(upto, [(a, b)], i) for i, (a, b, upto) in zip(turns, spans)]
+        return [self._masked(upto, [span], i) for i, span, upto in zip(turns, spans, renderings)]
 
     def _turn(self, plain: Sequence[dict[str, Any]], i: int,
               tools: Sequence[dict[str, Any]] | None = None) -> tuple[str, str]:
@@ -221,35 +224,23 @@ class ChatFormatter:
                 "after the context a server would give")
         return context, upto
 
-    def _masked(self, text: str, spans: Sequence[tuple[int, int]], turn: int | None) -> TurnSample:
-        """Tokenise `text` once; train the tokens that start inside a span, up to and including the
-        end-of-turn token (what a template writes after it is the next turn's business)."""
+    def _masked(self, text: str, spans: Sequence[Span], turn: int | None) -> TurnSample:
+        """Tokenise `text` once; train the tokens that start inside a span (outside its hole), up to
+        and including the end-of-turn token (what a template writes after it is the next turn's)."""
         enc = self.tokenizer.encode(text, add_special_tokens=False)
         ids = list(enc.ids)
         labels = [IGNORE] * len(ids)
         eot = self.stop.eot_id
         span_k, closed = 0, False
         for k, (tid, (start, _)) in enumerate(zip(ids, enc.offsets)):
-            while span_k < len(spans) and start >= spans[span_k][1]:
+            while span_k < len(spans) and start >= spans[span_k].end:
                 span_k, closed = span_k + 1, False
-            if span_k < len(spans) and spans[span_k][0] <= start and not closed:
-                labels[k] = tid
+            if span_k < len(spans) and spans[span_k].start <= start and not closed:
+                hole = spans[span_k].hole
+                if hole is None or not hole[0] <= start < hole[1]:
+                    labels[k] = tid
                 closed = tid == eot
         return TurnSample(ids, labels, turn)
-
-    def assistant_spans(self, messages: Sequence[dict[str, Any]], full: str | None = None) -> list[tuple[int, int]]:
-        """Character spans of the trained assistant turns in the rendered conversation (one sample)."""
-        plain = [_renderable(m) for m in messages]
-        full = self.text(plain) if full is None else full
-        spans = []
-        for i, msg in enumerate(messages):
-            if msg["role"] == "assistant" and msg.get("weight", 1) != 0:
-                context, upto = self._turn(plain, i)
-                if not full.startswith(upto):
-                    raise TemplateMismatch(f"the template renders earlier turns differently once turn {i} is added "
-                                           "(not prefix-stable), so assistant tokens cannot be located")
-                spans.append((len(context), len(upto)))
-        return spans
 
     def encode_text(self, text: str) -> list[int]:
         ids = list(self.tokenizer.encode(text, add_special_tokens=True).ids)
@@ -260,6 +251,24 @@ class ChatFormatter:
     def fingerprint(self) -> dict[str, Any]:
         """What determines tokenisation: used as part of the data cache key."""
         return {"template": self.template, "special": self.special_tokens, "vocab": self.tokenizer.get_vocab_size()}
+
+
+@dataclass(frozen=True)
+class Span:
+    """Characters of one trained turn in a rendering; `hole`: characters in it that stay context."""
+
+    start: int
+    end: int
+    hole: tuple[int, int] | None = None
+
+
+def _reasoning_hole(message: dict[str, Any], upto: str, start: int, reasoning: str) -> tuple[int, int] | None:
+    """data.reasoning: context — where the turn's reasoning text is in its rendering (if rendered)."""
+    text = (message.get("reasoning_content") or "").strip()
+    if reasoning != "context" or not text:
+        return None
+    at = upto.find(text, start)
+    return (at, at + len(text)) if at >= 0 else None
 
 
 @dataclass

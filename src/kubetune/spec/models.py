@@ -93,6 +93,9 @@ class DataSpec(_Section):
     max_length: int = Field(2048, ge=16, description="Maximum tokens per training row.")
     too_long: Literal["truncate", "drop", "error"] = Field("truncate", description="What to do with rows over max_length.")
     loss_on: Literal["assistant", "all"] = Field("assistant", description="Train on assistant turns only, or every token.")
+    reasoning: Literal["train", "context"] = Field(
+        "train", description="Assistant reasoning (reasoning_content), where the chat template renders it: trained with "
+        "the answer, or context only (seen, not learned: the model learns the answer that follows it).")
     bad_rows: Literal["error", "skip"] = Field("error", description="Stop on malformed rows (listing all), or skip and count them.")
 
     @field_validator("train", mode="before")

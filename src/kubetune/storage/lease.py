@@ -87,7 +87,7 @@ def lease_for(uri: str, store: Store | None, holder: str, ttl: float,
               log: Callable[[str], None] = print) -> Lease:
     path = local_path(uri)
     if store is None and path is not None:
-        return FileLease(path, holder, log)
+        return FileLease(path, holder, log, ttl)
     assert store is not None
     if store.scheme == "s3":
         return ConditionalLease(store, holder, ttl, log)
@@ -106,11 +106,15 @@ class FileLease:
     """flock on RUN/.lease: released by the kernel when the holder exits or is killed. A run folder
     that the lease alone created is removed again on release (a failed start writes nothing)."""
 
-    def __init__(self, root: Path, holder: str, log: Callable[[str], None]) -> None:
-        self.root, self.holder, self.log = root, holder, log
-        self.lost = False
+    def __init__(self, root: Path, holder: str, log: Callable[[str], None], ttl: float = 60.0) -> None:
+        self.root, self.holder, self.log, self.ttl = root, holder, log, ttl
         self._fd: int | None = None
         self._created: list[Path] = []
+        self._fallback: BestEffortLease | None = None  # a filesystem without flock
+
+    @property
+    def lost(self) -> bool:  # a kernel lock is never lost while its holder lives
+        return self._fallback is not None and self._fallback.lost
 
     def acquire(self, wait: bool) -> str | None:
         import fcntl
@@ -138,9 +142,8 @@ class FileLease:
             except OSError as exc:  # a filesystem without flock (some FUSE mounts)
                 os.close(fd)
                 if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
-                    fallback = BestEffortLease(Store(str(self.root)), self.holder, 60.0, self.log)
-                    self.release = fallback.release  # type: ignore[method-assign]
-                    return fallback.acquire(wait)
+                    self._fallback = BestEffortLease(Store(str(self.root)), self.holder, self.ttl, self.log)
+                    return self._fallback.acquire(wait)
                 raise
             try:  # the file we locked is still the lease (a releasing holder may have removed it)
                 if os.stat(path).st_ino == os.fstat(fd).st_ino:
@@ -154,6 +157,8 @@ class FileLease:
         return None
 
     def release(self) -> None:
+        if self._fallback is not None:
+            self._fallback.release()
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             if self._created and [p.name for p in self.root.iterdir()] == [LEASE]:
