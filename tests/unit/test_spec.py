@@ -139,3 +139,11 @@ def test_a_cross_field_rule_on_a_broken_field_is_not_judged_by_its_default(tmp_p
     text = "\n".join(map(str, info.value.problems))
     assert "train.total_batch_size: Input should be a valid integer" in text
     assert "not divisible" not in text  # the default 16 was not what the user wrote
+
+
+def test_a_spec_that_is_not_text_or_not_a_file_is_a_usage_error(tmp_path: Path, cli) -> None:
+    binary = tmp_path / "model.safetensors.yaml"
+    binary.write_bytes(b"\x80\x81\xfe\xff" * 10)
+    for path, expected in ((binary, "is not UTF-8 text"), (tmp_path, "cannot read spec")):
+        code, out, err = cli("validate", str(path))
+        assert code == 2 and expected in err and "Traceback" not in err

@@ -30,6 +30,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
         raise UsageError(f"spec file not found: {path}", "pass the path of a run spec, e.g. examples/quickstart.yaml")
     except OSError as exc:
         raise UsageError(f"cannot read spec {path}: {exc.strerror}")
+    except UnicodeDecodeError:
+        raise UsageError(f"spec {path} is not UTF-8 text", "a run spec is a YAML file (kubetune schema describes it)")
     raw, lines = parse_yaml(text, str(path))
     set_paths: dict[Path_, str] = {}
     for item in overrides or []:
