@@ -56,11 +56,11 @@ def preflight(spec: RunSpec, check_storage: bool = True) -> Run:
                          f"use resume: auto, or one of the folders under {output.layout.checkpoints}")
     if check_storage:
         if output.store is not None:
-            retry_transient(lambda: output.store.check_writable("output"), say=print)
+            retry_transient(lambda: output.store.check_writable("output"))
         inputs = [("model.base", spec.model.base)] + [("data source", s.path) for s in spec.data.sources()]
         for what, uri in inputs:
             if scheme(uri) in ("s3", "gs"):
-                retry_transient(lambda w=what, u=uri: Store(u).check_readable(w), say=print)
+                retry_transient(lambda w=what, u=uri: Store(u).check_readable(w))
     return output
 
 
@@ -223,7 +223,7 @@ def _fit(fit: Fit) -> Any:
             saved = layout.checkpoints / f"checkpoint-{step}"
             events.emit(PreemptedEvent(step=step, checkpoint=fit.output.remote(saved)))
             finish_distributed()
-            _drain(fit.uploader, layout, fit.say, timeout=settings.preempt_upload_seconds())
+            _drain(fit.uploader, layout, timeout=settings.preempt_upload_seconds())
             raise Preempted(f"stopped at step {step} after saving {saved}",
                             "run the same command again: resume: auto continues from that checkpoint")
         if fit.data.eval.rows:
@@ -238,7 +238,7 @@ def _fit(fit: Fit) -> Any:
     except Exception as exc:  # training blew up: record it where `status` and logs will look
         events.emit(ErrorEvent(error=f"{type(exc).__name__}: {exc}"))
         try:
-            _drain(fit.uploader, layout, fit.say, timeout=60)
+            _drain(fit.uploader, layout, timeout=60)
         except KubetuneError:
             pass  # the training error is the one to report
         raise TrainingError(f"training failed: {type(exc).__name__}: {exc}",
@@ -267,13 +267,13 @@ def _finalize(fit: Fit, trained: Any) -> TrainResult:
         fit.uploader.tree(fit.trackers.tensorboard_dir)
     if fit.uploader:
         say(f"waiting for uploads to {fit.output.uri} ...")
-        _drain(fit.uploader, layout, say)
+        _drain(fit.uploader, layout)
         say(f"stored in {fit.output.uri}")
     resumed = fit.output.remote(fit.resume_from) if fit.resume_from else None
     return TrainResult(layout, "finished", step, resumed)
 
 
-def _drain(uploader: Uploader | None, layout: RunLayout, say: Any, timeout: float | None = None) -> None:
+def _drain(uploader: Uploader | None, layout: RunLayout, timeout: float | None = None) -> None:
     """Send the event log last and wait for the queue; a failed upload is an error (local files stay)."""
     if uploader is not None:
         uploader.files(layout.events)
