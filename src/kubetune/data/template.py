@@ -31,6 +31,18 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 _PROBE = [{"role": "user", "content": "Say OK."}, {"role": "assistant", "content": "OK."}]
+_PROBE_TOOL_NAME, _PROBE_ARG = "kubetune_probe_tool", "kubetune_probe_argument"
+_PROBE_TOOL = {"type": "function", "function": {"name": _PROBE_TOOL_NAME, "description": "probe", "parameters": {
+    "type": "object", "properties": {_PROBE_ARG: {"type": "integer"}}}}}
+# nine alphanumerics: Mistral's templates refuse other ids
+_PROBE_CALL = {"role": "assistant", "content": None, "tool_calls": [{"id": "kt0probe0", "type": "function", "function": {
+    "name": _PROBE_TOOL_NAME, "arguments": {_PROBE_ARG: 1}}}]}
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    offered: bool | None   # `tools` appear in the prompt (None: the template raises on them)
+    called: bool | None    # assistant tool calls are rendered (None: the template raises on them)
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,7 @@ class ChatFormatter:
             if self.config.get(name) is not None
         }
         self.special_ids = {tid for tid, tok in self.tokenizer.get_added_tokens_decoder().items() if tok.special}
-        self._arguments_as_text = False
+        self._variant = 0  # how tool-call messages are given to this template (see text())
 
     # -- templates ---------------------------------------------------------------------------
     def _choose_template(self, choice: str) -> tuple[str, str]:
@@ -105,21 +117,88 @@ class ChatFormatter:
             )
             return rendered[0]
 
-        try:
-            if self._arguments_as_text:
-                return attempt(_arguments_as_text(messages))
+        variants = (_as_given, _arguments_as_text, _null_content_as_empty, _both)
+        if self._variant or any(m.get("tool_calls") or m.get("content", "") is None for m in messages):
+            # Templates differ on tool-call messages: most take arguments as an object (| tojson), some
+            # (DeepSeek) concatenate a JSON string; some (Qwen3) cannot take OpenAI's null content beside
+            # tool calls and get "" (what vLLM gives them too). Try in that order, and remember.
+            order = [self._variant] + [k for k in range(len(variants)) if k != self._variant]
+        else:
+            order = [0]
+        failure: Exception | None = None
+        for k in order:
             try:
-                return attempt(messages)
-            except TypeError:
-                # Templates differ on tool-call arguments: most take the object (| tojson), some
-                # (DeepSeek) concatenate a JSON string. Retry once with strings, and remember.
-                if not any(m.get("tool_calls") for m in messages):
-                    raise
-                text = attempt(_arguments_as_text(messages))
-                self._arguments_as_text = True
-                return text
-        except (TemplateError, TypeError) as exc:
-            raise _TemplateRefused(f"{type(exc).__name__}: {exc}") from None
+                out = attempt(variants[k](messages))
+            except (TemplateError, TypeError) as exc:
+                failure = failure or exc
+                continue
+            if k:
+                self._variant = k
+            return out
+        assert failure is not None
+        raise _TemplateRefused(f"{type(failure).__name__}: {failure}") from None
+
+    @cached_property
+    def tool_support(self) -> ToolSupport:
+        """Whether the template renders `tools` and assistant tool calls at all (some ignore them)."""
+        user = {"role": "user", "content": "Hi"}
+        offered: bool | None
+        called: bool | None
+        try:
+            offered = _PROBE_TOOL_NAME in self.text([user], add_generation_prompt=True, tools=[_PROBE_TOOL])
+        except _TemplateRefused:
+            offered = None
+        try:
+            called = _PROBE_TOOL_NAME in self.text([user, _PROBE_CALL], tools=[_PROBE_TOOL])
+        except _TemplateRefused:
+            called = None
+        return ToolSupport(offered, called)
+
+    def check_tools(self, tools: Sequence[dict[str, Any]] | None, calls: bool) -> None:
+        """TemplateMismatch when the conversation has tools or tool calls the template would silently drop."""
+        if not tools and not calls:
+            return
+        support = self.tool_support
+        if tools and support.offered is False:
+            raise TemplateMismatch(
+                f"the chat template ({self.template_source}) does not render `tools` (it has no tool support): the "
+                "model would learn to call tools it is never shown; use model.chat_template: a template file with "
+                "tool support (for example the family's own tool-use template)")
+        if calls and support.called is False:
+            raise TemplateMismatch(
+                f"the chat template ({self.template_source}) does not render assistant `tool_calls`: those turns "
+                "would be trained as empty answers; use model.chat_template: a template file with tool support")
+
+    def tool_call_prefix(self, name: str | None) -> str | None:
+        """The start of an answer that calls a tool (the function `name`, or any when None), as this
+        template writes it: appended to a prompt, it makes generation call a tool (tool_choice)."""
+        user = {"role": "user", "content": "Hi"}
+        try:
+            context = self.text([user], add_generation_prompt=True, tools=[_PROBE_TOOL])
+            upto = self.text([user, _PROBE_CALL], tools=[_PROBE_TOOL])
+        except _TemplateRefused:
+            return None
+        if not upto.startswith(context) or _PROBE_TOOL_NAME not in upto[len(context):]:
+            return None
+        target = upto[len(context):]
+        at_name = target.index(_PROBE_TOOL_NAME)
+        if name is None:
+            return target[:at_name]
+        at_arg = target.find(f'"{_PROBE_ARG}"', at_name)
+        brace = target.rfind("{", at_name, at_arg) if at_arg >= 0 else -1
+        if brace < 0:
+            return None
+        return target[:brace].replace(_PROBE_TOOL_NAME, name)
+
+    def encode_prompt(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                      add_generation_prompt: bool = True, prefix: str = "") -> list[int]:
+        """Token ids a server sends the model: the conversation with the generation prompt, rendered and
+        tokenised exactly as training rendered its contexts (plus `prefix`, the forced start of the answer)."""
+        try:
+            text = self.text(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        except _TemplateRefused as exc:
+            raise TemplateMismatch(f"the chat template refuses this conversation ({exc})") from None
+        return list(self.tokenizer.encode(text + prefix, add_special_tokens=False).ids)
 
     # -- tokens ------------------------------------------------------------------------------
     def token_id(self, text: str | None) -> int | None:
@@ -186,6 +265,7 @@ class ChatFormatter:
         that strip earlier reasoning, templates that move the system prompt) gives one sample per
         assistant turn, each trained only on its last turn, so training sees what inference sees."""
         plain = [_renderable(m) for m in messages]
+        self.check_tools(tools, any(m.get("tool_calls") for m in messages))
         try:
             full = self.text(plain, tools=tools)
         except _TemplateRefused as exc:
@@ -195,34 +275,46 @@ class ChatFormatter:
             return [TurnSample(ids, list(ids), None)]
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
         spans: list[Span] = []
-        renderings: list[str] = []
+        texts: list[str] = []
         stable = True
         for i in turns:
-            context, upto = self._turn(plain, i, tools)
-            spans.append(Span(len(context), len(upto), _reasoning_hole(messages[i], upto, len(context), reasoning)))
-            renderings.append(upto)
-            stable = stable and full.startswith(upto)
+            context, target, direct = self._turn(plain, i, tools)
+            text = context + target
+            spans.append(Span(len(context), len(text), _reasoning_hole(messages[i], text, len(context), reasoning)))
+            texts.append(text)
+            stable = stable and direct and full.startswith(text)
         if stable:
             return [self._masked(full, spans, None)]
         if not split:
             raise TemplateMismatch("the template renders earlier turns differently once a later turn is added "
                                    "(not prefix-stable)")
-        return [self._masked(upto, [span], i) for i, span, upto in zip(turns, spans, renderings)]
+        return [self._masked(text, [span], i) for i, span, text in zip(turns, spans, texts)]
 
     def _turn(self, plain: Sequence[dict[str, Any]], i: int,
-              tools: Sequence[dict[str, Any]] | None = None) -> tuple[str, str]:
-        """(context, rendering through turn i) of assistant turn i; the context is a prefix of it."""
+              tools: Sequence[dict[str, Any]] | None = None) -> tuple[str, str, bool]:
+        """(context, target, direct) of assistant turn i: the context is what inference sends (messages[:i]
+        with the generation prompt), the target what the rendering through turn i adds after it.
+
+        `direct`: that rendering starts with the context. A template that renders the last user turn
+        differently (Mistral writes the system prompt and the tools only into the last user message)
+        does not: then the target is what follows, in the rendering through turn i, the longest tail of
+        the context it contains (that tail must hold the context's last message)."""
         try:
             context = self.text(plain[:i], add_generation_prompt=True, tools=tools)
             upto = self.text(plain[: i + 1], tools=tools)
         except _TemplateRefused as exc:
             raise TemplateMismatch(f"the template refuses the conversation up to turn {i}: {exc}") from None
-        if not upto.startswith(context):
+        if upto.startswith(context):
+            return context, upto[len(context):], True
+        target = _after_common_tail(context, upto)
+        last = _content_text(plain[i - 1]) if i else ""
+        answer = _content_text(plain[i])
+        if target is None or (last and last not in context[len(context) - target[1]:]) or answer not in target[0]:
             raise TemplateMismatch(
-                f"turn {i}: not prefix-stable even within the turn: the template's rendering of this assistant "
-                "turn does not start with the generation prompt inference sends, so its tokens cannot be trained "
-                "after the context a server would give")
-        return context, upto
+                f"turn {i}: the template's rendering of this assistant turn does not continue the context a server "
+                "would send (the generation prompt after the conversation before it), so its tokens cannot be "
+                "trained after that context")
+        return context, target[0], False
 
     def _masked(self, text: str, spans: Sequence[Span], turn: int | None) -> TurnSample:
         """Tokenise `text` once; train the tokens that start inside a span (outside its hole), up to
@@ -262,6 +354,27 @@ class Span:
     hole: tuple[int, int] | None = None
 
 
+def _after_common_tail(context: str, upto: str) -> tuple[str, int] | None:
+    """(what follows in `upto` the longest tail of `context` that `upto` contains, that tail's length).
+    A tail that occurs implies every shorter one does, so the length is found by bisection."""
+    low, high = 0, len(context)  # context[-low:] occurs (trivially for 0); find the largest
+    while low < high:
+        mid = (low + high + 1) // 2
+        if context[len(context) - mid:] in upto:
+            low = mid
+        else:
+            high = mid - 1
+    if low == 0:
+        return None
+    at = upto.rfind(context[len(context) - low:]) + low
+    return (upto[at:], low) if at < len(upto) else None
+
+
+def _content_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    return content.strip() if isinstance(content, str) else ""
+
+
 def _reasoning_hole(message: dict[str, Any], upto: str, start: int, reasoning: str) -> tuple[int, int] | None:
     """data.reasoning: context — where the turn's reasoning text is in its rendering (if rendered)."""
     text = (message.get("reasoning_content") or "").strip()
@@ -279,6 +392,18 @@ class TurnSample:
     ids: list[int]
     labels: list[int]
     turn: int | None
+
+
+def _as_given(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return list(messages)
+
+
+def _null_content_as_empty(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**m, "content": ""} if m.get("content", "") is None else m for m in messages]
+
+
+def _both(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return _null_content_as_empty(_arguments_as_text(messages))
 
 
 def _arguments_as_text(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
