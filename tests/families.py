@@ -57,3 +57,34 @@ def family_dir(name: str) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.move(str(staging), folder)
     return folder
+
+
+def tiny_model_dir(name: str) -> Path:
+    """A tiny random causal LM (2 layers, width 64, tied embeddings) with the family's tokenizer and
+    chat template: enough to train a few steps and serve, built once per family and cached."""
+    folder = cache_dir() / f"{name}-{VERSION}-tiny"
+    if (folder / "model.safetensors").exists():
+        return folder
+    import tokenizers
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    source = family_dir(name)
+    tok = tokenizers.Tokenizer.from_file(str(source / "tokenizer.json"))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    special = {k: (v["content"] if isinstance(v, dict) else v) for k, v in config.items()
+               if k in ("bos_token", "eos_token") and v is not None}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=tok.token_to_id(special.get("bos_token") or ""),
+        eos_token_id=tok.token_to_id(special["eos_token"])))
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        staging = Path(tmp) / "out"
+        model.save_pretrained(staging)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(source / file, staging / file)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.move(str(staging), folder)
+    return folder

@@ -150,7 +150,7 @@ def test_32_concurrent_clients_all_get_answers(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     (json.dumps({"model": "served"}).encode(), 400, "messages"),
-    (json.dumps({"model": "served", "messages": [{"role": "bot", "content": "x"}]}).encode(), 400, "messages.0.role"),
+    (json.dumps({"model": "served", "messages": [{"role": "bot", "content": "x"}]}).encode(), 400, "messages[0]"),
     (json.dumps({"model": "served", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(),
      400, "max_tokens"),
     (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),

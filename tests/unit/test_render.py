@@ -7,6 +7,7 @@ Refresh the golden files after an intended change:  KUBETUNE_REFRESH_GOLDEN=1 py
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import kubernetes_validate
 import pytest
 
 from kubetune.k8s.render import render, to_yaml
+from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
 from kubetune.spec.load import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +35,11 @@ def cases() -> list[tuple[str, str]]:
 
 
 def rendered(name: str, what: str, *overrides: str) -> list[dict[str, Any]]:
-    return render(load_spec(ROOT / "examples" / name, list(overrides)), what)
+    """What `kubetune render` prints (the serving tool-call parser resolved as the CLI does)."""
+    spec = load_spec(ROOT / "examples" / name, list(overrides))
+    if what != "serve":
+        return render(spec, what)
+    return render(spec, what, tool_parser=resolve_tool_parser(spec), reasoning_parser=resolve_reasoning_parser(spec))
 
 
 @pytest.mark.parametrize("name, what", cases())
@@ -144,6 +150,8 @@ def test_serve_objects_for_an_adapter_run() -> None:
     args = pod["containers"][0]["args"]
     assert args[args.index("--lora-modules") + 1] == "llama32-3b-samsum=/models/models/adapter"
     assert "--enable-lora" in args and args[args.index("--max-lora-rank") + 1] == "16"
+    # Llama 3.2 writes tool calls as JSON: vLLM reads them back with its llama3_json parser
+    assert "--enable-auto-tool-choice" in args and args[args.index("--tool-call-parser") + 1] == "llama3_json"
     assert pod["initContainers"][0]["command"][:4] == ["kubetune", "stage", "--model",
                                                        "s3://kubetune-runs/runs/llama32-3b-samsum/final/adapter"]
     hpa = objs[3]["spec"]
@@ -151,6 +159,32 @@ def test_serve_objects_for_an_adapter_run() -> None:
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 4)
     c = pod["containers"][0]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health" and c["startupProbe"]["httpGet"]
+
+
+def test_tool_call_parser_follows_the_chat_template_or_the_spec(tmp_path: Path) -> None:
+    """auto: the format the template training uses writes (read from a local base folder), else the
+    family by name; serve.tool_parser names it outright, or none drops the flags."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{{ '<|im_start|>' }}{{ '<think></think>' }}{{ '<tool_call>' }}"}))
+
+    def args(*overrides: str) -> list[str]:
+        spec = load_spec(ROOT / "examples" / "quickstart.yaml", list(overrides))
+        return pod_of(render(spec, "serve", tool_parser=resolve_tool_parser(spec),
+                             reasoning_parser=resolve_reasoning_parser(spec)))["containers"][0]["args"]
+
+    assert "--tool-call-parser" not in args()  # the quickstart's ChatML template writes no tool calls
+    local = args(f"model.base={base}")
+    assert local[local.index("--tool-call-parser") + 1] == "hermes"
+    assert local[local.index("--reasoning-parser") + 1] == "qwen3"  # <think> reasoning back as reasoning_content
+    by_name = args("model.base=hf://Qwen/Qwen3-8B")
+    assert by_name[by_name.index("--tool-call-parser") + 1] == "hermes"
+    named = args(f"model.base={base}", "serve.tool_parser=mistral")
+    assert named[named.index("--tool-call-parser") + 1] == "mistral"
+    assert "--enable-auto-tool-choice" not in args(f"model.base={base}", "serve.tool_parser=none")
+    assert "--tool-call-parser" not in args(f"model.base={base}", "model.chat_template=chatml")
 
 
 def test_planted_secrets_appear_nowhere(monkeypatch: pytest.MonkeyPatch) -> None:

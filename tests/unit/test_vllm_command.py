@@ -75,3 +75,20 @@ def test_several_nodes_without_a_cluster_is_a_clear_error(cli, write_spec, monke
     monkeypatch.delenv("KUBETUNE_RDZV_ENDPOINT", raising=False)
     code, _, err = cli("train", str(write_spec(resources={"accelerator": "cpu", "nodes": 2})))
     assert code == 2 and "resources.nodes > 1 needs a cluster" in err
+
+
+def test_the_runs_template_picks_the_tool_call_and_reasoning_parsers(tmp_path: Path) -> None:
+    """vLLM reads tool calls and <think> reasoning back in the format the saved template trained."""
+    run = _adapter_run(tmp_path)
+    adapter = run / "final" / "adapter"
+    assert "--tool-call-parser" not in vllm_command(vllm_target([str(run)]))  # a template without tool calls
+    (adapter / "chat_template.jinja").write_text("{{ '<|im_start|>' }}<think></think>{{ '<tool_call>' }}")
+    cmd = vllm_command(vllm_target([str(run)]))
+    assert "--enable-auto-tool-choice" in cmd and cmd[cmd.index("--tool-call-parser") + 1] == "hermes"
+    assert cmd[cmd.index("--reasoning-parser") + 1] == "qwen3"
+    (adapter / "chat_template.jinja").write_text("{{ '[TOOL_CALLS]' }}")
+    cmd = vllm_command(vllm_target([str(run)]))
+    assert cmd[cmd.index("--tool-call-parser") + 1] == "mistral" and "--reasoning-parser" not in cmd
+    spec = yaml.safe_load((run / "spec.yaml").read_text())
+    (run / "spec.yaml").write_text(yaml.safe_dump({**spec, "serve": {"tool_parser": "none"}}))
+    assert "--tool-call-parser" not in vllm_command(vllm_target([str(run)]))  # serve.tool_parser: none

@@ -128,7 +128,18 @@ def _chat(value: Any, where: str, col: str, system_prompt: str | None, need_assi
     return Sample(where, messages=tuple(messages), tools=tools)
 
 
-def _message(msg: Any, at: str, sharegpt: bool) -> dict[str, Any] | str:
+def chat_message(msg: Any, at: str) -> dict[str, Any] | str:
+    """One OpenAI message of a request (not a training row) in the shape chat templates take, or
+    what is wrong with it: the same conversion training used, so a server renders what was trained.
+    "developer" is OpenAI's newer name for the system role; an empty assistant turn is allowed."""
+    if isinstance(msg, dict):
+        msg = {k: v for k, v in msg.items() if k != "weight"}  # a training-file key, meaningless here
+        if msg.get("role") == "developer":
+            msg["role"] = "system"
+    return _message(msg, at, sharegpt=False, training=False)
+
+
+def _message(msg: Any, at: str, sharegpt: bool, training: bool = True) -> dict[str, Any] | str:
     """One message in the shape chat templates take, or what is wrong with it."""
     if not isinstance(msg, dict):
         return f"{at} must be an object with role and content, got {type(msg).__name__}"
@@ -162,7 +173,8 @@ def _message(msg: Any, at: str, sharegpt: bool) -> dict[str, Any] | str:
     content = _text(raw) if raw is not None else None
     if isinstance(content, Problem):
         return f"{at} ({role}): {content.message}"
-    if role == "assistant" and tool_calls is None and not (content or "").strip() and not msg.get("reasoning_content"):
+    if training and role == "assistant" and tool_calls is None and not (content or "").strip() \
+            and not msg.get("reasoning_content"):
         return f"{at}: empty assistant message (nothing to learn from)"
     out["content"] = content
     if role == "tool":

@@ -171,24 +171,32 @@ class ChatFormatter:
 
     def tool_call_prefix(self, name: str | None) -> str | None:
         """The start of an answer that calls a tool (the function `name`, or any when None), as this
-        template writes it: appended to a prompt, it makes generation call a tool (tool_choice)."""
+        template writes it: appended to a prompt, it makes generation call a tool (tool_choice). It ends
+        on a token boundary of the template's rendering, so the prompt's last tokens are the ones
+        training had there (a prefix ending in a space would be a token training never saw)."""
+        probe = name or _PROBE_TOOL_NAME
+        tool = {**_PROBE_TOOL, "function": {**_PROBE_TOOL["function"], "name": probe}}
+        call = {**_PROBE_CALL, "tool_calls": [{**_PROBE_CALL["tool_calls"][0], "function": {
+            "name": probe, "arguments": {_PROBE_ARG: 1}}}]}
         user = {"role": "user", "content": "Hi"}
         try:
-            context = self.text([user], add_generation_prompt=True, tools=[_PROBE_TOOL])
-            upto = self.text([user, _PROBE_CALL], tools=[_PROBE_TOOL])
+            context = self.text([user], add_generation_prompt=True, tools=[tool])
+            upto = self.text([user, call], tools=[tool])
         except _TemplateRefused:
             return None
-        if not upto.startswith(context) or _PROBE_TOOL_NAME not in upto[len(context):]:
+        if not upto.startswith(context) or probe not in upto[len(context):]:
             return None
-        target = upto[len(context):]
-        at_name = target.index(_PROBE_TOOL_NAME)
+        at_name = upto.index(probe, len(context))
         if name is None:
-            return target[:at_name]
-        at_arg = target.find(f'"{_PROBE_ARG}"', at_name)
-        brace = target.rfind("{", at_name, at_arg) if at_arg >= 0 else -1
-        if brace < 0:
-            return None
-        return target[:brace].replace(_PROBE_TOOL_NAME, name)
+            cut = at_name
+        else:
+            at_arg = upto.find(f'"{_PROBE_ARG}"', at_name)
+            cut = upto.rfind("{", at_name, at_arg) if at_arg >= 0 else -1
+            if cut < 0:
+                return None
+        offsets = self.tokenizer.encode(upto, add_special_tokens=False).offsets
+        boundary = max((start for start, _ in offsets if len(context) <= start <= cut), default=len(context))
+        return upto[len(context):boundary]
 
     def encode_prompt(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
                       add_generation_prompt: bool = True, prefix: str = "") -> list[int]:

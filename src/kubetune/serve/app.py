@@ -13,8 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from kubetune.serve.engine import TransformersEngine
-from kubetune.serve.errors import install_error_handlers
-from kubetune.serve.protocol import error_body
+from kubetune.serve.errors import error_body, install_error_handlers
 from kubetune.serve.routes import openai, system
 from kubetune.serve.state import ServerSettings, ServerState
 

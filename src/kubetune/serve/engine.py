@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from kubetune.data.template import ChatFormatter
+from kubetune.data.tool_calls import ToolCallFormat, format_named, tool_call_format
 from kubetune.errors import UsageError
 from kubetune.storage.model_files import read_model_config
 
@@ -23,8 +25,15 @@ class ServedModel:
     name: str
     tokenizer: Any
     generation: Any                 # transformers.GenerationConfig: eos = the run's end-of-turn token(s)
+    formatter: ChatFormatter        # renders and tokenises prompts exactly as training did
     adapter: str | None = None      # PEFT adapter name; None = the base weights
     source: str = ""                # what was loaded, for /v1/models and logs
+    tool_format: ToolCallFormat | None = None   # how tool calls are read back from answers
+
+    @property
+    def stop_ids(self) -> set[int]:
+        eos = self.generation.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 @dataclass
@@ -71,17 +80,26 @@ class TransformersEngine:
     def names(self) -> list[str]:
         return list(self.served)
 
-    def encode_chat(self, name: str, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation, through the run's saved chat template (what training used)."""
-        tok = self.served[name].tokenizer
-        text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+    def encode_chat(self, name: str, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None, prefix: str = "") -> list[int]:
+        """Token ids of a conversation, through the run's saved chat template, rendered and tokenised by
+        the code that built the training samples (TemplateMismatch when the template refuses it, or
+        would drop its tools or tool calls); `prefix`: the forced start of the answer."""
+        formatter = self.served[name].formatter
+        formatter.check_tools(tools, any(m.get("tool_calls") for m in messages))
+        return formatter.encode_prompt(messages, tools, add_generation_prompt, prefix)
 
     def encode(self, name: str, prompt: str) -> list[int]:
         return list(self.served[name].tokenizer(prompt)["input_ids"])
 
-    def decode(self, name: str, ids: Sequence[int]) -> str:
-        return self.served[name].tokenizer.decode(list(ids), skip_special_tokens=True)
+    def decode(self, name: str, ids: Sequence[int], keep_special: bool = False) -> str:
+        """The answer's text; `keep_special`: with special tokens (Mistral's [TOOL_CALLS] is one), less
+        the end-of-turn token, for reading tool calls."""
+        served = self.served[name]
+        if keep_special:
+            stops = served.stop_ids
+            return served.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=False)
+        return served.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def generate(self, name: str, prompt_ids: list[int], params: GenerationParams,
                  on_tokens: Callable[[list[int]], None], should_stop: Callable[[], bool]) -> Finished:
@@ -161,7 +179,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
         runs.append((run.spec, final.folder, final.merged))
     if len(runs) == 1 and runs[0][2]:
         spec, folder, _ = runs[0]
-        return _whole_model(folder, served_name or spec.name)
+        return _whole_model(folder, served_name or spec.name, spec.serve.tool_parser)
     bases = {str(resolve_model(s.model.base, s.model.revision).resolve()) for s, _, _ in runs}
     if len(bases) > 1 or any(m for _, _, m in runs):
         raise UsageError("several runs can be served together only as adapters of one base model",
@@ -180,17 +198,21 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
             model = PeftModel.from_pretrained(base, folder, adapter_name=name)
         else:
             model.load_adapter(folder, adapter_name=name)
-        served.append(ServedModel(name, tok, gen, name, str(folder)))
+        formatter = _formatter(folder, tok)
+        served.append(ServedModel(name, tok, gen, formatter, name, str(folder),
+                                  _tool_format(formatter, spec.serve.tool_parser)))
     if with_base:
         first_spec = runs[0][0]
         base_name = uri_basename(first_spec.model.base)
         if base_name not in {s.name for s in served}:
-            served.append(ServedModel(base_name, served[0].tokenizer, served[0].generation, None, str(base_dir)))
+            first = served[0]
+            served.append(ServedModel(base_name, first.tokenizer, first.generation, first.formatter, None,
+                                      str(base_dir), first.tool_format))
     model.eval()
     return TransformersEngine(model, served, _context(base_dir))
 
 
-def _whole_model(folder: Path, name: str) -> TransformersEngine:
+def _whole_model(folder: Path, name: str, tool_parser: str = "auto") -> TransformersEngine:
     """A model folder (a merged run, or any save_pretrained folder with a chat template), served as is."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -200,7 +222,27 @@ def _whole_model(folder: Path, name: str) -> TransformersEngine:
     _require_template(tok, str(folder))
     gen = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() \
         else GenerationConfig.from_model_config(model.config)
-    return TransformersEngine(model, [ServedModel(name, tok, gen, None, str(folder))], _context(folder))
+    formatter = _formatter(folder, tok)
+    served = ServedModel(name, tok, gen, formatter, None, str(folder), _tool_format(formatter, tool_parser))
+    return TransformersEngine(model, [served], _context(folder))
+
+
+def _formatter(folder: Path, tok: Any) -> ChatFormatter:
+    """The training formatter for a served folder; one without tokenizer.json (a slow tokenizer) gets
+    the fast conversion transformers made, saved beside the process."""
+    if (Path(folder) / "tokenizer.json").exists():
+        return ChatFormatter(Path(folder))
+    import tempfile
+
+    converted = Path(tempfile.mkdtemp(prefix="kubetune-tokenizer-"))
+    tok.save_pretrained(converted)
+    return ChatFormatter(converted)
+
+
+def _tool_format(formatter: ChatFormatter, parser: str = "auto") -> ToolCallFormat | None:
+    if parser == "none":
+        return None
+    return tool_call_format(formatter.template) if parser == "auto" else format_named(parser)
 
 
 def _require_template(tok: Any, where: str) -> None:

@@ -4,15 +4,18 @@ with the HTTP status OpenAI uses, and no server error leaks more than its except
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kubetune.serve.protocol import error_body
-
 log = logging.getLogger("kubetune.serve")
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 class ApiError(Exception):

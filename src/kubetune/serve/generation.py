@@ -43,8 +43,9 @@ class Generation:
         return GenerationParams(max_tokens=min(limit, room), temperature=temperature, top_p=top_p, seed=seed, stop=stop)
 
     async def run(self, name: str, prompt_ids: list[int], params: GenerationParams,
-                  ticket: Ticket) -> AsyncIterator[str | Finished]:
-        """Text deltas as they are generated, then the Finished record."""
+                  ticket: Ticket, keep_special: bool = False) -> AsyncIterator[str | Finished]:
+        """Text deltas as they are generated, then the Finished record (`keep_special`: the text keeps
+        special tokens other than the end of turn, for reading tool calls)."""
         engine, metrics = self.engine, self.metrics
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
@@ -75,7 +76,7 @@ class Generation:
                     metrics.first_token.labels(name).observe(time.perf_counter() - began)
                     first = False
                 ids.extend(item)
-                _, full = iter_text(lambda x: engine.decode(name, x), ids, full)
+                _, full = iter_text(lambda x: engine.decode(name, x, keep_special), ids, full)
                 text, hit = split_stop(full, params.stop)
                 if hit:
                     stop.set()
@@ -97,10 +98,10 @@ class Generation:
         yield finished
 
     async def complete(self, name: str, prompt_ids: list[int], params: GenerationParams,
-                       ticket: Ticket) -> tuple[str, Finished]:
+                       ticket: Ticket, keep_special: bool = False) -> tuple[str, Finished]:
         """A whole answer (no streaming); the slot is given back even if the request fails before the engine."""
         try:
-            return await collect(self.run(name, prompt_ids, params, ticket))
+            return await collect(self.run(name, prompt_ids, params, ticket, keep_special))
         finally:
             ticket.release()
 

@@ -1,11 +1,17 @@
 """OpenAI request bodies (the fields kubetune honours; unknown ones are accepted and ignored, as
-OpenAI-compatible servers do) and the OpenAI error body."""
+OpenAI-compatible servers do).
+
+Chat messages are converted by the same code that reads training files (`data.formats`), so a
+conversation with tools and tool calls reaches the chat template in the shape training gave it."""
 
 from __future__ import annotations
 
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from kubetune.data.formats import chat_message
+from kubetune.serve.errors import ApiError
 
 
 class _Request(BaseModel):
@@ -31,25 +37,66 @@ class _Request(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Function(BaseModel):
+    model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[dict[str, Any]]]
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: _Function
+
+
+def conversation(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's messages as chat templates take them; a 400 naming the message otherwise."""
+    out = []
+    for i, message in enumerate(messages):
+        converted = chat_message(message, f"messages[{i}]")
+        if isinstance(converted, str):
+            raise ApiError(400, converted, param=f"messages[{i}]")
+        out.append(converted)
+    return out
 
 
 class ChatRequest(_Request):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
     stream_options: dict[str, Any] | None = None
 
-    def conversation(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for the system role
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def conversation(self) -> list[dict[str, Any]]:
+        return conversation(self.messages)
+
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def forced_function(self) -> str | None:
+        """tool_choice {"type": "function", "function": {"name": ...}}: that name (checked against tools)."""
+        choice = self.tool_choice
+        if not isinstance(choice, dict):
+            return None
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if not isinstance(name, str):
+            raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", '
+                                '"function": {"name": ...}}', param="tool_choice")
+        if name not in {t.function.name for t in self.tools or []}:
+            raise ApiError(400, f"tool_choice names the function {name!r}, which is not in tools", param="tool_choice")
+        return name
+
+    @property
+    def choice(self) -> str:
+        """none, auto, required or function (tool_choice's default: auto with tools, none without)."""
+        if isinstance(self.tool_choice, dict):
+            return "function"
+        if self.tool_choice in ("required", "auto") and not self.tools:
+            raise ApiError(400, f"tool_choice {self.tool_choice!r} needs tools", param="tool_choice")
+        return self.tool_choice or ("auto" if self.tools else "none")
 
 
 class CompletionRequest(_Request):
@@ -66,10 +113,7 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    messages: list[Message] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
     prompt: str | None = None
     add_generation_prompt: bool = True
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

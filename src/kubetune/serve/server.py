@@ -54,15 +54,35 @@ def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmT
         raise UsageError("the vLLM engine serves one run per server here", "start one server per run")
     target = targets[0]
     if (Path(target) / "config.json").exists() and not (Path(target) / "spec.yaml").exists():
-        return VllmTarget(model=target, served_name=served_name or Path(target).name, run_folder=target)
+        return VllmTarget(model=target, served_name=served_name or Path(target).name, run_folder=target,
+                          tool_parser=_parser_of(Path(target), "auto"), reasoning_parser=_reasoning_of(Path(target)))
     run = Run.open(target)
     final = run.final_model()
     name = served_name or run.name
+    parser, reasoning = _parser_of(final.folder, run.spec.serve.tool_parser), _reasoning_of(final.folder)
     if final.merged:
-        return VllmTarget(str(final.folder), name, str(final.folder))
+        return VllmTarget(str(final.folder), name, str(final.folder), tool_parser=parser, reasoning_parser=reasoning)
     base, _, at = final.base.removeprefix("hf://").partition("@")  # vLLM loads a Hub id itself
     return VllmTarget(base, uri_basename(base), str(final.folder), ((name, str(final.folder)),),
-                      adapter_rank(final.folder), revision=final.revision or at or None)
+                      adapter_rank(final.folder), revision=final.revision or at or None, tool_parser=parser,
+                      reasoning_parser=reasoning)
+
+
+def _parser_of(folder: Path, choice: str) -> str | None:
+    """The tool-call parser for a folder's saved chat template (or the spec's explicit choice)."""
+    from kubetune.data.tool_calls import tool_call_format
+    from kubetune.serve.tool_parser import folder_template
+
+    if choice != "auto":
+        return None if choice == "none" else choice
+    fmt = tool_call_format(folder_template(folder) or "")
+    return fmt.parser if fmt else None
+
+
+def _reasoning_of(folder: Path) -> str | None:
+    from kubetune.serve.tool_parser import folder_template, reasoning_parser
+
+    return reasoning_parser(folder_template(folder))
 
 
 def serve(targets: Sequence[str], options: ServeOptions) -> None:

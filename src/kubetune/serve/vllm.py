@@ -2,7 +2,8 @@
 
 An adapter run is served without merging: the base is the model, the adapter a LoRA module named
 after the run. The run's tokenizer, chat template and generation config are passed explicitly,
-so vLLM renders the same prompt tokens as training and stops at the run's end-of-turn token.
+so vLLM renders the same prompt tokens as training and stops at the run's end-of-turn token; tool
+calls are read back with the parser of the format that template writes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class VllmTarget:
     adapters: tuple[tuple[str, str], ...] = ()   # (name, path) LoRA modules
     max_lora_rank: int | None = None
     revision: str | None = None                  # Hub revision of the model
+    tool_parser: str | None = None               # --tool-call-parser matching the run's chat template
+    reasoning_parser: str | None = None          # --reasoning-parser for templates with <think> reasoning
 
 
 def max_lora_rank(rank: int) -> int:
@@ -58,4 +61,8 @@ def vllm_command(target: VllmTarget, host: str = "0.0.0.0", port: int = 8000, ma
             cmd += ["--max-lora-rank", str(max_lora_rank(target.max_lora_rank))]
     if max_num_seqs:
         cmd += ["--max-num-seqs", str(max_num_seqs)]
+    if target.tool_parser:  # tool calls in answers come back as OpenAI tool_calls, read as trained
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", target.tool_parser]
+    if target.reasoning_parser:  # <think>…</think> comes back as reasoning_content, not inside content
+        cmd += ["--reasoning-parser", target.reasoning_parser]
     return cmd + list(extra)

@@ -282,6 +282,9 @@ class ServeSpec(_Section):
     autoscaling: Autoscaling | None = Field(default_factory=Autoscaling, description="HPA on queue length; null = fixed replicas.")
     cpu: str = Field("2", description="CPU per serving pod.")
     memory: str = Field("10Gi", description="Memory per serving pod.")
+    tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral", "deepseek_v3"] = Field(
+        "auto", description="How tool calls are read back from answers (vLLM --tool-call-parser): auto = the format "
+                            "the run's chat template writes; none = answers stay text.")
 
 
 class RunSpec(_Section):

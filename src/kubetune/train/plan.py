@@ -95,7 +95,8 @@ def count_params(model_dir: Path) -> int:
 
 
 def segments(row: Encoded, fmt: Any) -> list[dict[str, Any]]:
-    """A sample as its runs of trained and masked tokens: [{"text": ..., "trained": bool}, ...]."""
+    """A sample as its runs of trained and masked tokens: [{"text": ..., "trained": bool, "ids": [...]}, ...]
+    (the token ids too: what a server must send the model for the same context)."""
     runs: list[tuple[bool, list[int]]] = []
     for tid, label in zip(map(int, row.input_ids), map(int, row.labels)):
         trained = label != IGNORE
@@ -103,7 +104,7 @@ def segments(row: Encoded, fmt: Any) -> list[dict[str, Any]]:
             runs[-1][1].append(tid)
         else:
             runs.append((trained, [tid]))
-    return [{"text": fmt.decode(ids), "trained": trained} for trained, ids in runs]
+    return [{"text": fmt.decode(ids), "trained": trained, "ids": ids} for trained, ids in runs]
 
 
 def show_sample(row: Encoded | None, fmt: Any, color: bool) -> Any:

@@ -12,7 +12,10 @@ from kubetune.spec.models import RunSpec
 WHATS = ("train", "stage", "serve")
 
 
-def render(spec: RunSpec, what: str = "train", run_uri: str | None = None) -> list[dict[str, Any]]:
+def render(spec: RunSpec, what: str = "train", run_uri: str | None = None,
+           tool_parser: str | None = None, reasoning_parser: str | None = None) -> list[dict[str, Any]]:
+    """`tool_parser`, `reasoning_parser`: the serving Deployment's vLLM parsers (resolved by the caller,
+    which may read the chat template; see kubetune.serve.tool_parser)."""
     from kubetune.k8s.render.serve import serve_objects
     from kubetune.k8s.render.train import stage_objects, train_objects
 
@@ -21,7 +24,7 @@ def render(spec: RunSpec, what: str = "train", run_uri: str | None = None) -> li
     if what == "stage":
         return stage_objects(spec)
     if what == "serve":
-        return serve_objects(spec, run_uri)
+        return serve_objects(spec, run_uri, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
     raise ValueError(f"unknown kind of manifests {what!r}; one of {', '.join(WHATS)}")
 
 

@@ -29,8 +29,10 @@ def _local_view(uri: str) -> str | None:
     return None
 
 
-def serve_objects(spec: RunSpec, run_uri: str | None = None, adapter: bool | None = None) -> list[dict[str, Any]]:
-    """`adapter`: serve final/adapter on the base (default for lora/qlora) or final/merged (full)."""
+def serve_objects(spec: RunSpec, run_uri: str | None = None, adapter: bool | None = None,
+                  tool_parser: str | None = None, reasoning_parser: str | None = None) -> list[dict[str, Any]]:
+    """`adapter`: serve final/adapter on the base (default for lora/qlora) or final/merged (full);
+    `tool_parser`, `reasoning_parser`: vLLM's parsers for the run's chat template (kubetune.serve.tool_parser)."""
     run = (run_uri or spec.output_uri).rstrip("/")
     adapter = spec.method.type != "full" if adapter is None else adapter
     name = f"{spec.name}-serve"
@@ -57,9 +59,9 @@ def serve_objects(spec: RunSpec, run_uri: str | None = None, adapter: bool | Non
         base_local = base.removeprefix("hf://").split("@")[0] if base.startswith("hf://") else in_pod(base)
         revision = spec.model.revision or (base.split("@", 1)[1] if base.startswith("hf://") and "@" in base else None)
         target = VllmTarget(base_local, uri_basename(base_local), local, ((spec.name, local),), spec.method.lora.r,
-                            revision)
+                            revision, tool_parser, reasoning_parser)
     else:
-        target = VllmTarget(local, spec.name, local)
+        target = VllmTarget(local, spec.name, local, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
     init = [{"name": "fetch-run", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
              "command": ["kubetune", "stage", *[a for uri in fetch for a in ("--model", uri)], "--to", MODELS],
              "env": env_list, **({"envFrom": env_from} if env_from else {}),

@@ -10,12 +10,15 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
+from kubetune.data.template import TemplateMismatch
 from kubetune.serve.admission import stream_response
 from kubetune.serve.engine import Finished
 from kubetune.serve.errors import ApiError
 from kubetune.serve.generation import usage
 from kubetune.serve.protocol import ChatRequest, CompletionRequest
 from kubetune.serve.state import ServerState, server_state
+from kubetune.serve.answer import AnswerReader, Delta, thinks, whole_answer
+from kubetune.serve.tools import plan_tools
 
 router = APIRouter()
 
@@ -30,10 +33,19 @@ async def chat(req: ChatRequest, state: ServerState = Depends(server_state)) -> 
     name = gen.served(req.model)
     conversation = req.conversation()
     if conversation[-1]["role"] == "assistant":
-        raise ApiError(400, "the last message is the assistant's; end with a user message", param="messages")
-    prompt_ids = state.engine.encode_chat(name, conversation)
+        raise ApiError(400, "the last message is the assistant's; end with a user or tool message", param="messages")
+    served = state.engine.served[name]
+    tools = req.tool_list()
+    plan = plan_tools(req, served)
+    prefix = plan.prefix if plan else ""
+    try:
+        prompt_ids = state.engine.encode_chat(name, conversation, tools=tools, prefix=prefix)
+    except TemplateMismatch as exc:
+        raise ApiError(400, f"{exc}", param="tools" if "`tools`" in str(exc) else "messages") from None
     params = gen.params(req.token_limit, req.temperature, req.top_p, req.seed, req.stop_list, len(prompt_ids),
                         "messages")
+    think = thinks(served.formatter.template)
+    structured = plan is not None or think  # the text is read for reasoning and tool calls
     ticket = state.admission.enter()
     rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
@@ -45,22 +57,50 @@ async def chat(req: ChatRequest, state: ServerState = Depends(server_state)) -> 
 
         async def events() -> AsyncIterator[str]:
             yield chunk({"role": "assistant", "content": ""}, None)
-            async for item in gen.run(name, prompt_ids, params, ticket):
+            reader = AnswerReader(plan, think, prefix) if structured else None
+            async for item in gen.run(name, prompt_ids, params, ticket, keep_special=plan is not None):
                 if isinstance(item, Finished):
-                    yield chunk({}, item.finish_reason)
+                    reason = item.finish_reason
+                    if reader is not None:
+                        first = reader.sent_calls
+                        for out in _delta_chunks(reader.finish(), first):
+                            yield chunk(out, None)
+                        reason = plan.finish if plan and reader.made_calls else reason
+                    yield chunk({}, reason)
                     if include_usage:
                         yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": name,
                                    "choices": [], "usage": usage(len(prompt_ids), item)})
+                elif reader is not None:
+                    first = reader.sent_calls
+                    for out in _delta_chunks(reader.feed(item), first):
+                        yield chunk(out, None)
                 else:
                     yield chunk({"content": item}, None)
             yield "data: [DONE]\n\n"
 
         return stream_response(events(), ticket)
-    text, finished = await gen.complete(name, prompt_ids, params, ticket)
+    text, finished = await gen.complete(name, prompt_ids, params, ticket, keep_special=plan is not None)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    reason = finished.finish_reason
+    if structured:
+        answer = whole_answer(plan, think, text, prefix)
+        message["content"] = (answer.content.strip() or None) if answer.calls else answer.content
+        if answer.reasoning.strip():
+            message["reasoning_content"] = answer.reasoning.strip()
+        if answer.calls:
+            message["tool_calls"] = [c.openai() for c in answer.calls]
+            reason = plan.finish if plan else reason
     return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": name,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": finished.finish_reason}],
+                         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
                          "usage": usage(len(prompt_ids), finished)})
+
+
+def _delta_chunks(delta: Delta, first_index: int) -> list[dict[str, Any]]:
+    """Stream deltas: reasoning, content, then each complete call (id, name and arguments in one delta)."""
+    out: list[dict[str, Any]] = [{"reasoning_content": delta.reasoning}] if delta.reasoning else []
+    out += [{"content": delta.content}] if delta.content else []
+    out += [{"tool_calls": [{"index": first_index + k, **call.openai()}]} for k, call in enumerate(delta.calls)]
+    return out
 
 
 @router.post("/v1/completions")

@@ -9,7 +9,8 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubetune.serve.errors import ApiError
-from kubetune.serve.protocol import ChatRequest, TokenizeRequest
+from kubetune.data.template import TemplateMismatch
+from kubetune.serve.protocol import TokenizeRequest, conversation
 from kubetune.serve.state import ServerState, server_state
 
 router = APIRouter()
@@ -36,8 +37,12 @@ async def models(state: ServerState = Depends(server_state)) -> dict[str, Any]:
 async def tokenize(req: TokenizeRequest, state: ServerState = Depends(server_state)) -> dict[str, Any]:
     name = state.generation.served(req.model)
     if req.messages is not None:
-        conv = ChatRequest(model=name, messages=req.messages).conversation()
-        tokens = state.engine.encode_chat(name, conv, add_generation_prompt=req.add_generation_prompt)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        try:
+            tokens = state.engine.encode_chat(name, conversation(req.messages),
+                                              add_generation_prompt=req.add_generation_prompt, tools=tools)
+        except TemplateMismatch as exc:
+            raise ApiError(400, str(exc), param="messages") from None
     elif req.prompt is not None:
         tokens = state.engine.encode(name, req.prompt)
     else:
