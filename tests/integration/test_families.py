@@ -210,3 +210,49 @@ def test_reasoning_as_context_is_seen_not_learned(tmp_path: Path, cli) -> None:
         assert trained.replace("\n", "") == target.replace(thought, "").replace("\n", "")
         assert not any(word in trained for word in thought.split() if len(word) > 3)
         assert thought in "".join(s["text"] for s in segments if not s["trained"])
+
+
+TWO_CALLS = [{"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+             {"id": "call67890", "type": "function", "function": {"name": "get_time", "arguments": {"tz": "CET", "h": 24}}}]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_served_parser_reads_back_the_calls_the_template_trains(family: str) -> None:
+    """For every family whose template writes tool calls: the text a turn with one or two calls trains
+    (rendered by the family's own template) parses back to exactly those calls, whole and fed in
+    pieces as a stream would; the parser is the one vLLM is given."""
+    from kubetune.data.template import ChatFormatter
+    from kubetune.data.tool_calls import tool_call_format
+    from kubetune.serve.answer import AnswerReader, thinks, whole_answer
+    from kubetune.serve.tools import ToolPlan
+
+    formatter = ChatFormatter(family_dir(family))
+    fmt = tool_call_format(formatter.template)
+    expected_parser = {"qwen3": "hermes", "llama3_2": "llama3_json", "mistral_nemo": "mistral",
+                       "deepseek_v3": "deepseek_v3"}.get(family)
+    assert (fmt.parser if fmt else None) == expected_parser
+    if fmt is None:
+        return
+    plan, think = ToolPlan(fmt), thinks(formatter.template)
+    user = {"role": "user", "content": "Weather and time in Paris?"}
+    for calls in (TWO_CALLS[:1], TWO_CALLS):
+        turn = {"role": "assistant", "content": None, "tool_calls": calls}
+        try:
+            context = formatter.text([user], add_generation_prompt=True, tools=TOOLS)
+            upto = formatter.text([user, turn], tools=TOOLS)
+        except Exception:  # noqa: BLE001 - Llama 3.2's template takes one call per turn
+            assert family == "llama3_2" and len(calls) == 2
+            continue
+        eot = FAMILIES[family][1]
+        answer = upto[len(context):].split(eot)[0]  # what the model generates before its end-of-turn token
+        want = [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+        got = whole_answer(plan, think, answer)
+        assert [(c.name, json.loads(c.arguments)) for c in got.calls] == want, (family, answer)
+        assert not got.content.strip() and not got.reasoning.strip(), (family, got)
+        reader, streamed = AnswerReader(plan, think), []
+        for k in range(0, len(answer), 3):
+            streamed += reader.feed(answer[k:k + 3]).calls
+        streamed += reader.finish().calls
+        assert [(c.name, json.loads(c.arguments)) for c in streamed] == want, (family, answer)
+        if family == "mistral_nemo":  # the ids the template wrote come back, so a client's history renders again
+            assert [c.id for c in got.calls] == [c["id"] for c in calls]

@@ -62,8 +62,9 @@ class ToolCallFormat:
 
     def may_start(self, text: str) -> int:
         """How many characters at the end of `text` could still become a marker (held back from a stream)."""
-        if self.parser == "llama3_json":
-            return len(text) if not text.strip() else 0
+        if self.parser == "llama3_json":  # a call is the whole answer: hold back while it may open one
+            stripped = text.lstrip()
+            return len(text) if not stripped or any(m.startswith(stripped) for m in self.markers) else 0
         return max((k for m in self.markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
 
     def parse(self, text: str, id_style: str = "openai") -> Parsed:

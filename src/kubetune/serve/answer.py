@@ -56,11 +56,12 @@ class ThinkSplitter:
                 self.buf = self.buf.lstrip("\n")
             if CLOSE in self.buf:
                 reasoning, rest = self.buf.split(CLOSE, 1)
-                reasoning = reasoning.rstrip("\n") if not self.thought else reasoning
+                reasoning = reasoning.rstrip("\n")  # the template's newline before </think>
                 self.state, self.buf = "answer_start", rest
-            else:
-                keep = max((k for k in range(1, len(CLOSE)) if self.buf.endswith(CLOSE[:k])), default=0)
-                reasoning, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+            else:  # hold back what may still be </think>, and the newlines that may precede it
+                partial = max((k for k in range(1, len(CLOSE)) if self.buf.endswith(CLOSE[:k])), default=0)
+                body = self.buf[:len(self.buf) - partial].rstrip("\n")
+                reasoning, self.buf = body, self.buf[len(body):]
                 self.thought = self.thought or bool(reasoning)
                 return reasoning, ""
         if self.state == "answer_start":  # the blank lines a template writes after </think>
