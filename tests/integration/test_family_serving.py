@@ -3,8 +3,9 @@ reasoning), Llama 3.2 (JSON calls) and Mistral Nemo ([TOOL_CALLS]): a tiny rando
 family's tokenizer learns one tool-calling conversation, is served by `kubetune serve`, and the
 official `openai` client gets the call back as `tool_calls` (whole and streamed), then the answer
 after the tool's result. The server renders each context to exactly the token ids training used
-(`/tokenize` against `plan --show --json`). Families whose templates have no tool support answer a
-request with tools with a 400 that names `tools`, not a silent prompt without them.
+(`/tokenize` against `plan --show --json`). Families whose templates have no tool support (Gemma 3,
+DeepSeek-V3's, the short Llama 3.1 one) train and serve with the same parity, and answer a request
+with tools with a 400 that names `tools`, not a silent prompt without them.
 """
 
 from __future__ import annotations
@@ -37,28 +38,29 @@ MESSAGES = [
 ]
 
 
-def train(family: str, tmp: Path) -> tuple[Path, Path]:
-    data = tmp / "tools.jsonl"
-    data.write_text(json.dumps({"tools": TOOLS, "messages": MESSAGES}) + "\n")
+def train(family: str, tmp: Path, row: dict[str, Any], steps: int = 80) -> tuple[Path, Path]:
+    data = tmp / "data.jsonl"
+    data.write_text(json.dumps(row) + "\n")
     spec = tmp / "spec.yaml"
     spec.write_text(yaml.safe_dump({
         "name": f"tools-{family.replace('_', '-')}", "model": {"base": str(tiny_model_dir(family))},
         "data": {"train": str(data), "eval": None, "max_length": 1024},
         "method": {"type": "full"},
         # one conversation, learned by heart: greedy decoding then reproduces it exactly
-        "train": {"max_steps": 80, "total_batch_size": 2, "max_per_device_batch_size": 2, "save_every_steps": 80,
-                  "logging_steps": 20, "learning_rate": 1e-2, "lr_scheduler": "constant", "warmup_ratio": 0.0},
+        "train": {"max_steps": steps, "total_batch_size": 2, "max_per_device_batch_size": 2,
+                  "save_every_steps": steps, "logging_steps": 20, "learning_rate": 1e-2, "lr_scheduler": "constant",
+                  "warmup_ratio": 0.0},
         "output": str(tmp / "run"), "resources": {"accelerator": "cpu"}, "tracking": {"report_to": []}}))
     res = run_kubetune("train", str(spec), timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return spec, tmp / "run"
 
 
-def training_contexts(spec: Path) -> dict[int, list[int]]:
+def training_contexts(spec: Path, messages: list[dict[str, Any]]) -> dict[int, list[int]]:
     """Assistant turn → the token ids training put before its target (from `plan --show --json`)."""
     res = run_kubetune("plan", str(spec), "--show", "10", "--json")
     assert res.returncode == 0, res.stderr
-    turns = [i for i, m in enumerate(MESSAGES) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     contexts: dict[int, list[int]] = {}
     for sample in map(json.loads, res.stdout.splitlines()):
         segments = sample["segments"]
@@ -70,19 +72,23 @@ def training_contexts(spec: Path) -> dict[int, list[int]]:
     return contexts
 
 
+def assert_served_prompts_are_training_contexts(url: str, family: str, spec: Path, messages: list[dict[str, Any]],
+                                                tools: Any = None) -> None:
+    for turn, ids in training_contexts(spec, messages).items():
+        res = httpx.post(f"{url}/tokenize", json={"model": f"tools-{family.replace('_', '-')}",
+                                                  "messages": messages[:turn], **({"tools": tools} if tools else {})})
+        assert res.status_code == 200, res.text
+        assert res.json()["tokens"] == ids, f"{family}: turn {turn} renders differently from training"
+
+
 @pytest.mark.parametrize("family, parser", [("qwen3", "hermes"), ("llama3_2", "llama3_json"),
                                             ("mistral_nemo", "mistral")])
 def test_a_tool_call_is_trained_served_and_parsed_back(family: str, parser: str, tmp_path: Path) -> None:
-    spec, run = train(family, tmp_path)
-    contexts = training_contexts(spec)
+    spec, run = train(family, tmp_path, {"tools": TOOLS, "messages": MESSAGES})
     proc, url = start_server(run)
     try:
         # the server's prompt for each assistant turn is exactly the context training used
-        for turn, ids in contexts.items():
-            res = httpx.post(f"{url}/tokenize", json={"model": f"tools-{family.replace('_', '-')}",
-                                                      "messages": MESSAGES[:turn], "tools": TOOLS})
-            assert res.status_code == 200, res.text
-            assert res.json()["tokens"] == ids, f"{family}: turn {turn} renders differently from training"
+        assert_served_prompts_are_training_contexts(url, family, spec, MESSAGES, TOOLS)
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         model = client.models.list().data[0].id
@@ -132,17 +138,25 @@ def test_a_tool_call_is_trained_served_and_parsed_back(family: str, parser: str,
         stop(proc)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "llama3_1"])
-def test_a_template_without_tool_support_refuses_tools_by_name(family: str) -> None:
-    proc, url = start_server(tiny_model_dir(family))
+CHAT = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Sky colour?"},
+        {"role": "assistant", "content": "Blue"}, {"role": "user", "content": "Grass?"},
+        {"role": "assistant", "content": "Green"}]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama3_1", "deepseek_v3"])
+def test_families_without_tool_calls_train_serve_and_refuse_tools_by_name(family: str, tmp_path: Path) -> None:
+    spec, run = train(family, tmp_path, {"messages": CHAT}, steps=4)
+    proc, url = start_server(run)
     try:
+        assert_served_prompts_are_training_contexts(url, family, spec, CHAT)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         model = client.models.list().data[0].id
+        ok = client.chat.completions.create(model=model, messages=CHAT[:4], max_tokens=4, temperature=0)
+        assert ok.choices[0].finish_reason in ("stop", "length")
+        # a template that ignores tools (or raises on them) is not sent a prompt without them
         with pytest.raises(openai.BadRequestError) as info:
-            client.chat.completions.create(model=model, messages=MESSAGES[:1], tools=TOOLS, max_tokens=4)
+            client.chat.completions.create(model=model, messages=CHAT[:2], tools=TOOLS, max_tokens=4)
         body: Any = info.value.body
         assert body["param"] == "tools" and "does not render `tools`" in body["message"], body
-        ok = client.chat.completions.create(model=model, messages=MESSAGES[:1], max_tokens=4, temperature=0)
-        assert ok.choices[0].finish_reason in ("stop", "length")  # without tools it serves as before
     finally:
         stop(proc)

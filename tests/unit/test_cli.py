@@ -110,7 +110,7 @@ def test_plan_show_json_gives_samples_as_trained_and_masked_segments(write_spec,
     samples = [json.loads(line) for line in out.splitlines()]
     assert len(samples) == 3 and all(":" in s["where"] for s in samples)
     for s in samples:
-        assert {frozenset(seg) for seg in s["segments"]} == {frozenset({"text", "trained"})}
+        assert {frozenset(seg) for seg in s["segments"]} == {frozenset({"text", "trained", "ids"})}
         flags = [seg["trained"] for seg in s["segments"]]
         assert flags[0] is False and True in flags  # the prompt is context; the answer is trained
         trained = "".join(seg["text"] for seg in s["segments"] if seg["trained"])
