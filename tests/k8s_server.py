@@ -1,6 +1,15 @@
 """An HTTP server on 127.0.0.1 that speaks the part of the Kubernetes API kubetune uses: create,
-get, list (label/field selectors, watch streams), patch, delete for namespaced objects, pod logs,
-Status bodies for 404/409/403 — so the real `kubernetes` client is tested against real HTTP."""
+get, list (label/field selectors, watch streams), patch, delete for namespaced and cluster-scoped
+objects, pod logs, Status bodies for 404/409/403/422 — so the real `kubernetes` client is tested
+against real HTTP.
+
+Server-side apply (PATCH application/apply-patch+yaml, ?fieldManager=, ?force=) follows the API
+server's field ownership: each manager owns the fields it applied; a field it applied before and
+leaves out now is removed (unless another manager owns it too); a field another manager owns with a
+different value is a 409 Conflict naming the field (force=true takes it over). Lists are owned whole
+(atomic), as the API server treats them for a single manager. A Job's pod template is immutable
+(422, field spec.template). /version, SelfSubjectAccessReview (allowed unless `denied`), nodes and
+CRDs are served for `kubetune doctor`."""
 
 from __future__ import annotations
 
@@ -13,8 +22,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-_PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
-                   r"(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$")
+_PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))(?:/namespaces/(?P<ns>[^/]+))?"
+                   r"/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$")
+APPLY = "application/apply-patch+yaml"
+_SERVER_SET = {("metadata", "uid"), ("metadata", "resourceVersion"), ("metadata", "creationTimestamp"),
+               ("metadata", "namespace"), ("metadata", "managedFields"), ("status",)}
 
 
 class FakeKubernetes:
@@ -22,6 +34,8 @@ class FakeKubernetes:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.namespaces = {"default", "ml", "team-a"}
         self.forbidden: set[tuple[str, str]] = set()   # (HTTP method, plural)
+        self.denied: set[tuple[str, str]] = set()      # (verb, resource[.group]) SelfSubjectAccessReview says no to
+        self.managers: dict[tuple[str, str, str], dict[str, set[tuple[str, ...]]]] = {}  # key → manager → fields
         self.logs: dict[str, str] = {}
         self.requests: list[tuple[str, str]] = []      # (method, path?query)
         self._lock = threading.Lock()
@@ -43,13 +57,16 @@ class FakeKubernetes:
             def _handle(self, method: str) -> None:
                 url = urlparse(self.path)
                 fake.requests.append((method, self.path))
+                if url.path == "/version":
+                    return self._send(200, {"major": "1", "minor": "33", "gitVersion": "v1.33.0"})
                 m = _PATH.match(url.path)
                 if not m:
                     return self._send(404, status(404, "NotFound", f"no route {url.path}"))
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                code, payload, ctype = fake.dispatch(method, m.groupdict(), query, body)
+                code, payload, ctype = fake.dispatch(method, m.groupdict(), query, body,
+                                                     self.headers.get("Content-Type", ""))
                 if code == 200 and query.get("watch") == "true":
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
@@ -87,8 +104,10 @@ class FakeKubernetes:
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": namespace}}]}))
         return path
 
-    def put(self, plural: str, ns: str, obj: dict[str, Any]) -> None:
-        self.objects[(plural, ns, obj["metadata"]["name"])] = self._stamp(copy.deepcopy(obj), ns)
+    def put(self, plural: str, ns: str, obj: dict[str, Any], manager: str = "kubectl") -> None:
+        key = (plural, ns, obj["metadata"]["name"])
+        self.objects[key] = self._stamp(copy.deepcopy(obj), ns)
+        self.managers[key] = {manager: set(_leaves(obj))}
 
     def get(self, plural: str, ns: str, name: str) -> dict[str, Any] | None:
         return self.objects.get((plural, ns, name))
@@ -102,15 +121,28 @@ class FakeKubernetes:
         meta.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
         return obj
 
-    def dispatch(self, method: str, r: dict[str, str], query: dict[str, str], body: Any) -> tuple[int, Any, str]:
-        plural, ns, name, sub = r["plural"], r["ns"], r["name"], r["sub"]
+    def dispatch(self, method: str, r: dict[str, str], query: dict[str, str], body: Any,
+                 content_type: str = "") -> tuple[int, Any, str]:
+        plural, name, sub = r["plural"], r["name"], r["sub"]
+        ns = r["ns"] or ""  # "": a cluster-scoped object (namespaces, nodes, CRDs, access reviews)
+        if plural == "selfsubjectaccessreviews" and method == "POST":
+            attrs = body["spec"]["resourceAttributes"]
+            resource = attrs["resource"] + ("/" + attrs["subresource"] if attrs.get("subresource") else "") + \
+                ("." + attrs["group"] if attrs.get("group") else "")
+            allowed = (attrs["verb"], resource) not in self.denied
+            return 201, {**body, "status": {"allowed": allowed}}, "application/json"
         if (method, plural) in self.forbidden:
             group = r["group"] or ""
             verb = {"GET": "get" if name else "list", "POST": "create", "PATCH": "patch", "DELETE": "delete"}[method]
             return 403, status(403, "Forbidden", f'{plural}{"." + group if group else ""} is forbidden: User "test" '
                                                  f'cannot {verb} resource "{plural}" in API group "{group}" in the '
                                                  f'namespace "{ns}"'), "application/json"
-        if ns not in self.namespaces:
+        if plural == "namespaces" and name and method == "GET":
+            if name in self.namespaces:
+                return 200, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}, "application/json"
+            return 404, status(404, "NotFound", f'namespaces "{name}" not found', {"name": name, "kind": "namespaces"}), \
+                "application/json"
+        if ns and ns not in self.namespaces:
             return 404, status(404, "NotFound", f'namespaces "{ns}" not found', {"name": ns, "kind": "namespaces"}), \
                 "application/json"
         with self._lock:
@@ -119,6 +151,8 @@ class FakeKubernetes:
                 if (("pods", ns, name)) not in self.objects:
                     return 404, status(404, "NotFound", f'pods "{name}" not found'), "application/json"
                 return 200, self.logs.get(name, ""), "text/plain"
+            if method == "PATCH" and content_type.startswith(APPLY):
+                return self._apply(key, body, query.get("fieldManager", ""), query.get("force") == "true")
             if method == "POST":
                 key = (plural, ns, body["metadata"]["name"])
                 if key in self.objects:
@@ -140,12 +174,96 @@ class FakeKubernetes:
                 return 200, self.objects[key], "application/json"
             if method == "DELETE":
                 gone = self.objects.pop(key)
+                self.managers.pop(key, None)
                 if plural == "jobs":  # the Job's pods go with it (propagation)
                     for k in [k for k, o in self.objects.items() if k[0] == "pods" and k[1] == ns and
                               (o["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name") == name]:
                         del self.objects[k]
                 return 200, gone, "application/json"
         return 405, status(405, "MethodNotAllowed", method), "application/json"
+
+
+    def _apply(self, key: tuple[str, str, str], body: dict[str, Any], manager: str, force: bool) -> tuple[int, Any, str]:
+        if not manager:
+            return 400, status(400, "BadRequest", "PATCH is not supported (apply needs fieldManager)"), "application/json"
+        plural, ns, name = key
+        applied = {path: value for path, value in _leaves(body).items() if path[:2] not in _SERVER_SET
+                   and path[:1] not in _SERVER_SET}
+        if key not in self.objects:
+            self.objects[key] = self._stamp(copy.deepcopy(body), ns) if ns else self._stamp_cluster(copy.deepcopy(body))
+            self.managers[key] = {manager: set(applied)}
+            return 201, self.objects[key], "application/json"
+        current = self.objects[key]
+        owners = self.managers.setdefault(key, {})
+        if plural == "jobs" and _get(current, ("spec", "template")) != body.get("spec", {}).get("template"):
+            return 422, status(422, "Invalid", f'Job.batch "{name}" is invalid: spec.template: Invalid value: '
+                                               'field is immutable', {"name": name, "kind": "Job", "causes": [
+                {"reason": "FieldValueInvalid", "message": "field is immutable", "field": "spec.template"}]}), \
+                "application/json"
+        conflicts = sorted({(other, path) for path, value in applied.items() for other, fields in owners.items()
+                            if other != manager and path in fields and _get(current, path) != value})
+        if conflicts and not force:
+            causes = [{"type": "FieldManagerConflict", "message": f'conflict with "{other}"',
+                       "field": "." + ".".join(map(str, path))} for other, path in conflicts]
+            return 409, status(409, "Conflict", f"Apply failed with {len(causes)} conflict(s): " + "; ".join(
+                f'{c["message"]}: {c["field"]}' for c in causes), {"name": name, "causes": causes}), "application/json"
+        for other, path in conflicts:  # force: the fields change hands
+            owners[other].discard(path)
+        for path in owners.get(manager, set()) - set(applied):
+            if not any(path in fields for other, fields in owners.items() if other != manager):
+                _delete(current, path)  # applied before, left out now: removed
+        for path, value in applied.items():
+            _set(current, path, copy.deepcopy(value))
+        owners[manager] = set(applied)
+        self._uid += 1
+        current["metadata"]["resourceVersion"] = str(self._uid)
+        return 200, current, "application/json"
+
+    def _stamp_cluster(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self._uid += 1
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("uid", f"uid-{self._uid}")
+        meta["resourceVersion"] = str(self._uid)
+        if obj.get("kind") == "Namespace":
+            self.namespaces.add(meta["name"])
+        return obj
+
+
+def _leaves(obj: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Field paths → values; maps are walked, lists and scalars are leaves (owned whole)."""
+    if isinstance(obj, dict) and obj:
+        out: dict[tuple[str, ...], Any] = {}
+        for k, v in obj.items():
+            out.update(_leaves(v, (*prefix, k)))
+        return out
+    return {prefix: obj} if prefix else {}
+
+
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def _set(obj: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        obj = obj.setdefault(part, {})
+    obj[path[-1]] = value
+
+
+def _delete(obj: dict[str, Any], path: tuple[str, ...]) -> None:
+    parents = []
+    for part in path[:-1]:
+        if not isinstance(obj.get(part), dict):
+            return
+        parents.append((obj, part))
+        obj = obj[part]
+    obj.pop(path[-1], None)
+    for parent, part in reversed(parents):  # maps left empty go too
+        if parent[part] == {}:
+            del parent[part]
 
 
 def status(code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:

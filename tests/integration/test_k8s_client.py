@@ -32,14 +32,17 @@ def test_submit_creates_then_leaves_a_running_run_alone(k8s: FakeKubernetes, cli
     code, out, err = cli("submit", SPEC, "--set", "kubernetes.namespace=ml")
     assert code == 0, err
     assert "configmap/quickstart-spec created" in out and "job/quickstart created" in out
-    assert writes(k8s) == [("POST", "/api/v1/namespaces/ml/configmaps"), ("POST", "/apis/batch/v1/namespaces/ml/jobs")]
+    # server-side apply (field manager kubetune), not create-then-patch
+    assert writes(k8s) == [("PATCH", "/api/v1/namespaces/ml/configmaps/quickstart-spec"),
+                           ("PATCH", "/apis/batch/v1/namespaces/ml/jobs/quickstart")]
+    assert all("fieldManager=kubetune" in p and "force=false" in p for m, p in k8s.requests if m == "PATCH")
     job = k8s.get("jobs", "ml", "quickstart")
     assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["kubetune", "train"]
     k8s.requests.clear()
     job["status"] = {"active": 1}
     code, out, _ = cli("submit", SPEC, "--set", "kubernetes.namespace=ml")
     assert code == 0 and "job/quickstart unchanged (running)" in out and "configmap/quickstart-spec configured" in out
-    assert ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/quickstart") not in writes(k8s)  # 409 → read, not replace
+    assert ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/quickstart") not in writes(k8s)  # running: not replaced
 
 
 def test_resubmitting_a_failed_run_recreates_its_job(k8s: FakeKubernetes, cli) -> None:
@@ -53,7 +56,7 @@ def test_resubmitting_a_failed_run_recreates_its_job(k8s: FakeKubernetes, cli) -
     assert code == 0, err
     assert "recreated" in out
     assert ("DELETE", "/apis/batch/v1/namespaces/default/jobs/quickstart") in writes(k8s)
-    assert writes(k8s)[-1] == ("POST", "/apis/batch/v1/namespaces/default/jobs")
+    assert writes(k8s)[-1] == ("PATCH", "/apis/batch/v1/namespaces/default/jobs/quickstart")
 
 
 def _pod(name: str, phase: str, **status: object) -> dict:
@@ -112,10 +115,10 @@ def test_logs_follow_watches_for_the_pod(k8s: FakeKubernetes, cli) -> None:
     # the watch stream reports the pod as running (ADDED event) → its log is followed
     original = k8s.dispatch
 
-    def running_on_watch(method, r, query, body):  # type: ignore[no-untyped-def]
+    def running_on_watch(method, r, query, body, content_type=""):  # type: ignore[no-untyped-def]
         if query.get("watch") == "true":
             k8s.get("pods", "default", "quickstart-0-abc")["status"]["phase"] = "Running"
-        return original(method, r, query, body)
+        return original(method, r, query, body, content_type)
 
     k8s.dispatch = running_on_watch  # type: ignore[method-assign]
     code, out, err = cli("logs", "quickstart", "-f")
@@ -126,10 +129,11 @@ def test_logs_follow_watches_for_the_pod(k8s: FakeKubernetes, cli) -> None:
 
 def test_forbidden_missing_namespace_and_no_cluster(k8s: FakeKubernetes, cli, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    k8s.forbidden.add(("POST", "jobs"))
+    k8s.forbidden.add(("PATCH", "configmaps"))
     code, _, err = cli("submit", SPEC)
-    assert code == 2 and "forbidden: cannot create jobs.batch in namespace default" in err
+    assert code == 2 and "forbidden: cannot apply configmaps in namespace default" in err
     assert "deploy/rbac.yaml" in err and "Traceback" not in err
+    k8s.forbidden.clear()
     code, _, err = cli("submit", SPEC, "--set", "kubernetes.namespace=nope")
     assert code == 2 and "namespace nope does not exist" in err
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
@@ -188,3 +192,27 @@ def test_status_reads_progress_from_the_runs_events_in_storage(k8s: FakeKubernet
         assert f"step 4/6  loss {steps[1].loss:.4f}  eta {format_eta(steps[1].eta_s)}  (from" in out
     finally:
         s3.stop()
+
+
+def test_apply_has_the_api_servers_semantics(k8s: FakeKubernetes, cli) -> None:
+    """Re-applying after an env var left the spec removes it (no stale merge); a field another tool
+    owns is a conflict naming the field; a running Job's pod template cannot change: clear errors."""
+    b = str(ROOT / "examples" / "b-summarise-qlora-serve.yaml")
+    assert cli("deploy", b)[0] == 0
+    container = k8s.get("deployments", "ml", "llama32-3b-samsum-serve")["spec"]["template"]["spec"]["containers"][0]
+    assert "VLLM_API_KEY" in [e["name"] for e in container["env"]]
+    code, out, err = cli("deploy", b, "--set", "kubernetes.secrets.api_key=null")
+    assert code == 0 and "deployment/llama32-3b-samsum-serve configured" in out, err
+    container = k8s.get("deployments", "ml", "llama32-3b-samsum-serve")["spec"]["template"]["spec"]["containers"][0]
+    assert "VLLM_API_KEY" not in [e["name"] for e in container["env"]]  # gone, not merged back
+
+    # another tool scaled a fixed-size Deployment: kubetune does not silently take the field back
+    k8s.managers[("deployments", "ml", "llama32-3b-samsum-serve")]["kubectl"] = {("spec", "replicas")}
+    k8s.get("deployments", "ml", "llama32-3b-samsum-serve")["spec"]["replicas"] = 3
+    code, _, err = cli("deploy", b, "--set", "serve.autoscaling=null", "--set", "serve.replicas=2")
+    assert code == 2 and ".spec.replicas" in err and 'conflict with "kubectl"' in err and "Traceback" not in err
+
+    assert cli("submit", SPEC)[0] == 0
+    k8s.get("jobs", "default", "quickstart")["status"] = {"active": 1}
+    code, _, err = cli("submit", SPEC, "--set", "kubernetes.image=example.com/kubetune:next")
+    assert code == 2 and "spec.template cannot change while the Job exists" in err and "kubetune cancel" in err

@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 
 from kubetune.k8s.render import render, to_yaml
+from kubetune.k8s.serving import serving_plan
 from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
 from kubetune.spec.load import load_spec
 
@@ -39,7 +40,8 @@ def rendered(name: str, what: str, *overrides: str) -> list[dict[str, Any]]:
     spec = load_spec(ROOT / "examples" / name, list(overrides))
     if what != "serve":
         return render(spec, what)
-    return render(spec, what, tool_parser=resolve_tool_parser(spec), reasoning_parser=resolve_reasoning_parser(spec))
+    plan = serving_plan(spec)
+    return render(plan.spec, what, plan.served, plan.tool_parser, plan.reasoning_parser)
 
 
 @pytest.mark.parametrize("name, what", cases())

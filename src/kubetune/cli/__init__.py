@@ -82,14 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="print Kubernetes manifests for kubectl apply -f - (pure: no cluster needed)")
     _spec_args(p)
     p.add_argument("--what", choices=["train", "stage", "serve"], default="train")
-    p.add_argument("--run", help="(serve) the run's output URI, if not the spec's output")
+    p.add_argument("--run", action="append", help="(serve) a run's output URI (its own resolved spec decides name, "
+                   "rank and base), a model folder or hf://org/name; repeat for several adapter runs of one base "
+                   "(one Deployment, each a LoRA module)")
     p.set_defaults(func=verbs.render)
     p = sub.add_parser("submit", help="create or update the run's Kubernetes objects (idempotent by run name)")
     _spec_args(p)
     p.set_defaults(func=verbs.submit)
     p = sub.add_parser("deploy", help="serve a trained run on Kubernetes: vLLM Deployment, Service, HPA, PDB")
     _spec_args(p)
-    p.add_argument("--run", help="the run's output URI, if not the spec's output")
+    p.add_argument("--run", action="append", help="a run's output URI, a model folder or hf://org/name; repeat for "
+                   "several adapter runs of one base (one Deployment)")
     p.set_defaults(func=verbs.deploy)
     for name, help_text, func in (("status", "phase, pods, step/total, loss, ETA and why a run waits", verbs.status),
                                   ("logs", "the leader pod's log", verbs.logs),

@@ -97,11 +97,16 @@ def push(args: argparse.Namespace) -> int:
 
 def render(args: argparse.Namespace) -> int:
     from kubetune.k8s.render import render as render_objects, to_yaml
-    from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
 
     spec = load_spec(args.spec, args.overrides)
-    parsers = (resolve_tool_parser(spec), resolve_reasoning_parser(spec)) if args.what == "serve" else (None, None)
-    sys.stdout.write(to_yaml(render_objects(spec, args.what, args.run, *parsers)))
+    if args.what == "serve":
+        from kubetune.k8s.serving import serving_plan
+
+        plan = serving_plan(spec, args.run or ())
+        objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
+    else:
+        objects = render_objects(spec, args.what)
+    sys.stdout.write(to_yaml(objects))
     if "://" not in spec.output_uri:  # stderr: stdout stays valid YAML for kubectl
         print(f"note: output {spec.output_uri} is a local path: in a pod it lives on the scratch volume and is lost "
               "with the pod, and a retried pod starts over; use --set output=s3://... (or gs://, pvc://)", file=sys.stderr)
@@ -120,16 +125,16 @@ def submit(args: argparse.Namespace) -> int:
 def deploy(args: argparse.Namespace) -> int:
     from kubetune.k8s.client import Cluster
     from kubetune.k8s.render import render as render_objects
-    from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
+    from kubetune.k8s.serving import serving_plan
 
-    spec = load_spec(args.spec, args.overrides)
-    ns = spec.kubernetes.namespace
-    objects = render_objects(spec, "serve", args.run, resolve_tool_parser(spec), resolve_reasoning_parser(spec))
+    plan = serving_plan(load_spec(args.spec, args.overrides), args.run or ())
+    ns = plan.spec.kubernetes.namespace
+    objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
     for line in Cluster(ns).apply(objects):
         print(line)
-    port = spec.serve.port
-    print(f"try it:\n  kubectl -n {ns} port-forward service/{spec.name}-serve {port}:{port}\n"
-          f"  kubetune chat http://127.0.0.1:{port} --model {spec.name} \"Hello\"")
+    port = plan.spec.serve.port
+    print(f"try it:\n  kubectl -n {ns} port-forward service/{plan.spec.name}-serve {port}:{port}\n"
+          f"  kubetune chat http://127.0.0.1:{port} --model {plan.served[0].name} \"Hello\"")
     return 0
 
 

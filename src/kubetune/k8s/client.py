@@ -15,15 +15,23 @@ from kubetune.errors import KubetuneError, TransientError, UsageError
 
 JOB_LABEL = "batch.kubernetes.io/job-name"
 
-# kind → (API class, method stem, resource name for messages)
-_KINDS = {
-    "ConfigMap": ("CoreV1Api", "config_map", "configmaps"),
-    "Service": ("CoreV1Api", "service", "services"),
-    "Job": ("BatchV1Api", "job", "jobs.batch"),
-    "Deployment": ("AppsV1Api", "deployment", "deployments.apps"),
-    "HorizontalPodAutoscaler": ("AutoscalingV2Api", "horizontal_pod_autoscaler", "horizontalpodautoscalers.autoscaling"),
-    "PodDisruptionBudget": ("PolicyV1Api", "pod_disruption_budget", "poddisruptionbudgets.policy"),
+APPLY = "application/apply-patch+yaml"
+FIELD_MANAGER = "kubetune"
+# kind → (plural, namespaced): every kind kubetune writes
+_PLURALS = {
+    "Namespace": ("namespaces", False), "ServiceAccount": ("serviceaccounts", True), "Secret": ("secrets", True),
+    "ConfigMap": ("configmaps", True), "Service": ("services", True), "Job": ("jobs", True),
+    "Deployment": ("deployments", True), "HorizontalPodAutoscaler": ("horizontalpodautoscalers", True),
+    "PodDisruptionBudget": ("poddisruptionbudgets", True), "Role": ("roles", True),
+    "RoleBinding": ("rolebindings", True), "ServiceMonitor": ("servicemonitors", True),
+    "PodMonitoring": ("podmonitorings", True), "LocalQueue": ("localqueues", True),
 }
+
+
+def resource_name(obj: dict[str, Any]) -> str:
+    """plural.group, as the API names a resource in messages (jobs.batch, configmaps)."""
+    group = obj["apiVersion"].rpartition("/")[0]
+    return _PLURALS[obj["kind"]][0] + (f".{group}" if group else "")
 
 
 class Cluster:
@@ -86,41 +94,93 @@ class Cluster:
         if exc.status in (0, 429) or exc.status >= 500:  # 0: the client got no HTTP answer at all
             return TransientError(f"Kubernetes API: {verb} {where} failed: HTTP {exc.status} {message}",
                                   "the API server is busy or failing; the same command retried later continues")
+        causes = body.get("details", {}).get("causes") or []
+        if exc.status == 409 and body.get("reason") == "Conflict" and causes:
+            fields = ", ".join(f"{c.get('field')} ({c.get('message')})" for c in causes)
+            return UsageError(f"apply {where}: fields owned by another manager: {fields}",
+                              "another tool (kubectl apply, Helm, a controller) manages these fields: remove them "
+                              "there, or delete the object and let kubetune create it")
+        if exc.status == 422 and causes:
+            fields = ", ".join(f"{c.get('field')}: {c.get('message')}" for c in causes)
+            return UsageError(f"Kubernetes API: {verb} {where} was refused: {fields}",
+                              "the field cannot be changed on an existing object; delete it and apply again")
         if exc.status in (400, 409, 410, 422):
             return UsageError(f"Kubernetes API: {verb} {where} was refused: HTTP {exc.status} {message}",
                               "the object conflicts with what is on the cluster; check the spec's kubernetes section")
         return KubetuneError(f"Kubernetes API: {verb} {where} failed: HTTP {exc.status} {message}")
 
+    def _path(self, obj: dict[str, Any], named: bool = True) -> str:
+        version = obj["apiVersion"]
+        plural, namespaced = _PLURALS[obj["kind"]]
+        where = f"/namespaces/{obj['metadata'].get('namespace') or self.namespace}" if namespaced else ""
+        name = f"/{obj['metadata']['name']}" if named else ""
+        return f"/{'apis' if '/' in version else 'api'}/{version}{where}/{plural}{name}"
+
+    def _request(self, method: str, path: str, body: Any = None, query: tuple[tuple[str, str], ...] = (),
+                 content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
+        """Any API path with the client's own auth, TLS and error types (kinds without a typed API too)."""
+        method, url, headers, payload, _ = self.api.param_serialize(
+            method=method, resource_path=path, query_params=list(query), body=body, auth_settings=["BearerToken"],
+            header_params={"Content-Type": content_type, "Accept": "application/json"})
+        response = self.api.call_api(method, url, header_params=headers, body=payload)
+        response.read()
+        result = self.api.response_deserialize(response, {"2XX": "object"})  # raises ApiException on 4xx/5xx
+        return int(result.status_code), result.data or {}
+
+    def server_side_apply(self, obj: dict[str, Any], tolerate: tuple[int, ...] = ()) -> tuple[int, dict[str, Any]] | int:
+        """Server-side apply as field manager `kubetune`: idempotent, list semantics of the API server,
+        fields kubetune applied before and no longer renders are removed, fields another manager owns
+        are a conflict that names them (not overwritten)."""
+        name = obj["metadata"]["name"]
+        query = (("fieldManager", FIELD_MANAGER), ("force", "false"))
+        return self._call("apply", resource_name(obj), name,
+                          lambda: self._request("PATCH", self._path(obj), obj, query, APPLY), tolerate=tolerate)
+
     # -- objects --
     def apply(self, objects: list[dict[str, Any]]) -> list[str]:
-        """Create each object, or bring it up to date; a Job that failed is replaced (its rerun resumes),
-        a Job that is running or finished is left alone."""
+        """Server-side apply each object. A Job that failed is replaced (its rerun resumes), a Job that
+        is running or finished is left alone; a Secret (setup's placeholders) is created only if absent,
+        never overwritten."""
         results = []
         for obj in objects:
             kind, name = obj["kind"], obj["metadata"]["name"]
-            cls, stem, resource = _KINDS[kind]
-            api = self._api(cls)
-            create = getattr(api, f"create_namespaced_{stem}")
-            if self._call("create", resource, name, lambda: create(self.namespace, obj), tolerate=(409,)) != 409:
-                results.append(f"{kind.lower()}/{name} created")
+            if kind == "Secret":
+                results.append(self._create_if_absent(obj))
             elif kind == "Job":
-                results.append(self._resubmit_job(api, obj))
+                results.append(self._apply_job(obj))
             else:
-                patch = getattr(api, f"patch_namespaced_{stem}")
-                self._call("patch", resource, name, lambda: patch(name, self.namespace, obj))
-                results.append(f"{kind.lower()}/{name} configured")
+                code, _ = self.server_side_apply(obj)  # type: ignore[misc]
+                results.append(f"{kind.lower()}/{name} {'created' if code == 201 else 'configured'}")
         return results
 
-    def _resubmit_job(self, api: Any, obj: dict[str, Any]) -> str:
+    def _create_if_absent(self, obj: dict[str, Any]) -> str:
+        name, resource = obj["metadata"]["name"], resource_name(obj)
+        found = self._call("get", resource, name, lambda: self._request("GET", self._path(obj)), tolerate=(404,))
+        if found != 404:
+            return f"{obj['kind'].lower()}/{name} exists (left as it is: values are never overwritten)"
+        self._call("create", resource, name, lambda: self._request("POST", self._path(obj, named=False), obj))
+        return f"{obj['kind'].lower()}/{name} created (placeholders: fill in the values)"
+
+    def _apply_job(self, obj: dict[str, Any]) -> str:
         name = obj["metadata"]["name"]
-        current = self._call("get", "jobs.batch", name, lambda: api.read_namespaced_job(name, self.namespace))
+        api = self._api("BatchV1Api")
+        current = self._call("get", "jobs.batch", name, lambda: api.read_namespaced_job(name, self.namespace),
+                             tolerate=(404,))
+        if current == 404:
+            self.server_side_apply(obj)
+            return f"job/{name} created"
         phase = job_phase(current)
-        if phase != "Failed":
-            return f"job/{name} unchanged ({phase.lower()})"
-        self._call("delete", "jobs.batch", name, lambda: api.delete_namespaced_job(
-            name, self.namespace, propagation_policy="Background"))
-        self._call("create", "jobs.batch", name, lambda: api.create_namespaced_job(self.namespace, obj))
-        return f"job/{name} recreated (it failed before; the new pods resume from the latest checkpoint)"
+        if phase == "Failed":
+            self._call("delete", "jobs.batch", name, lambda: api.delete_namespaced_job(
+                name, self.namespace, propagation_policy="Background"))
+            self.server_side_apply(obj)
+            return f"job/{name} recreated (it failed before; the new pods resume from the latest checkpoint)"
+        if self.server_side_apply(obj, tolerate=(422,)) == 422:
+            raise UsageError(f"job/{name} is {phase.lower()} in namespace {self.namespace} with a different pod "
+                             "template: spec.template cannot change while the Job exists",
+                             f"let it finish, or `kubetune cancel {name}` and submit again (the new Job resumes "
+                             "from the latest checkpoint)")
+        return f"job/{name} unchanged ({phase.lower()})"
 
     def job(self, name: str) -> Any:
         api = self._api("BatchV1Api")

@@ -28,6 +28,7 @@ class VllmTarget:
     revision: str | None = None                  # Hub revision of the model
     tool_parser: str | None = None               # --tool-call-parser matching the run's chat template
     reasoning_parser: str | None = None          # --reasoning-parser for templates with <think> reasoning
+    max_loras: int | None = None                 # adapters that may share one batch (several runs of one base)
 
 
 def max_lora_rank(rank: int) -> int:
@@ -59,6 +60,8 @@ def vllm_command(target: VllmTarget, host: str = "0.0.0.0", port: int = 8000, ma
         cmd += ["--enable-lora", "--lora-modules", *[f"{name}={path}" for name, path in target.adapters]]
         if target.max_lora_rank:
             cmd += ["--max-lora-rank", str(max_lora_rank(target.max_lora_rank))]
+        if target.max_loras:
+            cmd += ["--max-loras", str(target.max_loras)]
     if max_num_seqs:
         cmd += ["--max-num-seqs", str(max_num_seqs)]
     if target.tool_parser:  # tool calls in answers come back as OpenAI tool_calls, read as trained

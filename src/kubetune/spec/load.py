@@ -41,6 +41,12 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
     return validate_spec(raw, str(path), lines, set_paths)
 
 
+def load_spec_text(text: str, where: str) -> RunSpec:
+    """A spec from text read elsewhere (a run's spec.yaml in object storage); `where` names it in errors."""
+    raw, lines = parse_yaml(text, where)
+    return validate_spec(raw, where, lines, {})
+
+
 def parse_yaml(text: str, filename: str) -> tuple[dict[str, Any], dict[Path_, int]]:
     """Parse YAML into plain data plus a map from key path to 1-based line number."""
     try:

@@ -251,6 +251,11 @@ class KubernetesSpec(_Section):
     queue: str | None = Field(None, description="Kueue LocalQueue name (kueue.x-k8s.io/queue-name label).")
     priority_class: str | None = Field(None, description="PriorityClass of the pods (and Kueue workload priority).")
     service_account: str | None = Field(None, description="Service account (e.g. bound to a cloud identity for GCS).")
+    cloud_identity: str | None = Field(
+        None, description="Cloud identity `kubetune setup` binds the service account to: a GCP service account "
+                          "(NAME@PROJECT.iam.gserviceaccount.com, GKE Workload Identity) or an AWS IAM role ARN (EKS IRSA).")
+    cluster_queue: str | None = Field(None, description="Kueue ClusterQueue that `kubetune setup` points the "
+                                                        "LocalQueue (kubernetes.queue) at.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     secrets: SecretsSpec = Field(default_factory=SecretsSpec)
@@ -270,7 +275,18 @@ class KubernetesSpec(_Section):
 class Autoscaling(_Section):
     min: int = Field(1, ge=1, description="Minimum replicas.")
     max: int = Field(4, ge=1, description="Maximum replicas.")
-    target_queue: float = Field(5, gt=0, description="Target vllm:num_requests_waiting per pod.")
+    metric: Literal["queue", "batch", "kv_cache"] = Field(
+        "queue", description="What the HPA scales on, per pod: queue = vllm:num_requests_waiting, batch = "
+                             "vllm:num_requests_running, kv_cache = vllm:kv_cache_usage_perc (0-1).")
+    target: float | None = Field(None, gt=0, description="Target value of the metric per pod (default: queue 5, "
+                                                         "batch 3/4 of serve.max_concurrency, kv_cache 0.8).")
+    target_queue: float | None = Field(None, gt=0, description="Older name of target for metric: queue.")
+    scale_down_seconds: int = Field(300, ge=0, description="Scale-down stabilisation window: replicas are removed "
+                                                           "only after the metric stayed low this long.")
+    monitoring: Literal["none", "servicemonitor", "podmonitoring"] = Field(
+        "none", description="Make Prometheus scrape the serving pods: servicemonitor (prometheus-operator, with a "
+                            "Prometheus Adapter rule) or podmonitoring (GKE managed Prometheus).")
+    adapter_namespace: str = Field("monitoring", description="Namespace of the Prometheus Adapter (servicemonitor).")
 
 
 class ServeSpec(_Section):
@@ -282,6 +298,9 @@ class ServeSpec(_Section):
     autoscaling: Autoscaling | None = Field(default_factory=Autoscaling, description="HPA on queue length; null = fixed replicas.")
     cpu: str = Field("2", description="CPU per serving pod.")
     memory: str = Field("10Gi", description="Memory per serving pod.")
+    gpu_sharing: str = Field("none", description="none, time_sharing, mps, or mig:PROFILE (e.g. mig:1g.10gb): "
+                                                 "the node selectors and resources GKE and the NVIDIA device plugin use.")
+    gpu_clients: int = Field(2, ge=2, le=48, description="Pods per shared GPU (time_sharing, mps).")
     tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral", "deepseek_v3"] = Field(
         "auto", description="How tool calls are read back from answers (vLLM --tool-call-parser): auto = the format "
                             "the run's chat template writes; none = answers stay text.")
@@ -339,6 +358,22 @@ class RunSpec(_Section):
             problems.append(("resume", "must be auto, never, or a checkpoint path"))
         if self.serve.autoscaling and self.serve.autoscaling.min > self.serve.autoscaling.max:
             problems.append(("serve.autoscaling.min", "must not be above serve.autoscaling.max"))
+        a = self.serve.autoscaling
+        if a and a.metric == "kv_cache" and (a.target or 0) > 1:
+            problems.append(("serve.autoscaling.target", "kv_cache is a fraction: a target between 0 and 1"))
+        if a and a.target_queue is not None and a.metric != "queue":
+            problems.append(("serve.autoscaling.target_queue", "is the target of metric: queue; use target"))
+        k = self.kubernetes
+        if k.cloud_identity and not re.fullmatch(r"[^@\s]+@[^@\s]+\.iam\.gserviceaccount\.com|"
+                                                 r"arn:aws[\w-]*:iam::\d{12}:role/\S+", k.cloud_identity):
+            problems.append(("kubernetes.cloud_identity", f"{k.cloud_identity!r} is neither a GCP service account "
+                             "(NAME@PROJECT.iam.gserviceaccount.com) nor an AWS IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)"))
+        if k.cloud_identity and not k.service_account:
+            problems.append(("kubernetes.cloud_identity", "needs kubernetes.service_account (the account it is bound to)"))
+        sharing = self.serve.gpu_sharing
+        if sharing not in ("none", "time_sharing", "mps") and not re.fullmatch(r"mig:\d+g\.\d+gb", sharing):
+            problems.append(("serve.gpu_sharing", f"{sharing!r} is not none, time_sharing, mps or mig:PROFILE "
+                                                  "(a MIG profile such as mig:1g.10gb)"))
         if len(self.stage.data) > len(self.data.train) and any(d.to is None for d in self.stage.data):
             problems.append(("stage.data", "more entries than data.train: give each extra entry a `to` URI"))
         for i, d in enumerate(self.stage.data):

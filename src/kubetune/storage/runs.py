@@ -32,6 +32,29 @@ class FinalModel:
         return None if self.merged else self.folder
 
 
+def read_run_spec(uri: str) -> RunSpec | None:
+    """The resolved spec a run trained with (its spec.yaml), read without fetching anything else;
+    None for a model folder (config.json and no spec.yaml)."""
+    from kubetune.spec.load import load_spec, load_spec_text
+
+    path = local_path(uri)
+    if path is not None:
+        if (path / "spec.yaml").exists():
+            return load_spec(path / "spec.yaml")
+        if (path / "config.json").exists():
+            return None
+        raise UsageError(f"{uri}: neither a kubetune run (spec.yaml) nor a model folder (config.json)",
+                         "pass the output URI of a trained run, a model folder or hf://org/name")
+    store = Store(uri)
+    if store.exists("spec.yaml"):
+        return load_spec_text(store.read_text("spec.yaml"), f"{uri}/spec.yaml")
+    if store.exists("config.json"):
+        return None
+    store.check_readable("run")
+    raise UsageError(f"{uri}: neither a kubetune run (spec.yaml) nor a model folder (config.json)",
+                     "pass the output URI of a trained run, a model folder or hf://org/name")
+
+
 @dataclass
 class Run:
     uri: str

@@ -3,19 +3,23 @@ spec gives the same bytes, so the output can live in Git and be reviewed as a di
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
 from kubetune.spec.models import RunSpec
 
+if TYPE_CHECKING:
+    from kubetune.k8s.render.serve import Served
+
 WHATS = ("train", "stage", "serve")
 
 
-def render(spec: RunSpec, what: str = "train", run_uri: str | None = None,
+def render(spec: RunSpec, what: str = "train", served: Sequence[Served] | None = None,
            tool_parser: str | None = None, reasoning_parser: str | None = None) -> list[dict[str, Any]]:
-    """`tool_parser`, `reasoning_parser`: the serving Deployment's vLLM parsers (resolved by the caller,
-    which may read the chat template; see kubetune.serve.tool_parser)."""
+    """`served` (serve): what the Deployment serves, default the spec's own run; `tool_parser`,
+    `reasoning_parser`: its vLLM parsers (resolved by the caller, which may read the runs' specs and
+    chat templates; see kubetune.serve.tool_parser)."""
     from kubetune.k8s.render.serve import serve_objects
     from kubetune.k8s.render.train import stage_objects, train_objects
 
@@ -24,7 +28,7 @@ def render(spec: RunSpec, what: str = "train", run_uri: str | None = None,
     if what == "stage":
         return stage_objects(spec)
     if what == "serve":
-        return serve_objects(spec, run_uri, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
+        return serve_objects(spec, served, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
     raise ValueError(f"unknown kind of manifests {what!r}; one of {', '.join(WHATS)}")
 
 

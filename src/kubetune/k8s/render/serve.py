@@ -1,13 +1,18 @@
-"""Serving manifests for a trained run: a vLLM Deployment (adapter runs served as LoRA modules, no
-merge), a ClusterIP Service, a HorizontalPodAutoscaler on the per-pod queue length
-`vllm:num_requests_waiting` (needs a Prometheus adapter: see docs/kubernetes.md) and a
-PodDisruptionBudget. The run's files come from its storage: an init container copies them from
-object storage into a shared volume; PVC and GCS FUSE runs are mounted."""
+"""Serving manifests: one vLLM Deployment per base model — a whole model, or the adapters of one or
+many runs of a base as LoRA modules (no merge), each under its run name — with a ClusterIP Service,
+a PodDisruptionBudget, a HorizontalPodAutoscaler on a per-pod vLLM metric, and what makes that
+metric exist (a ServiceMonitor plus the Prometheus Adapter rule, or a GKE PodMonitoring). The runs'
+files come from their storage: init containers copy them from object storage into a shared volume;
+PVC and GCS FUSE runs are mounted."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
+import yaml
+
+from kubetune.errors import UsageError
 from kubetune.k8s.render.common import (
     GCS_ROOT, PVC_ROOT, container_security, env, metadata, pod_placement, pod_security, resources, secret_ref, volumes,
 )
@@ -16,6 +21,9 @@ from kubetune.spec.models import RunSpec
 from kubetune.storage.store import uri_basename
 
 MODELS = "/models"
+# serve.autoscaling.metric → the per-pod vLLM series (v0.11 names: kv_cache_usage_perc replaced gpu_cache_usage_perc)
+METRICS = {"queue": "vllm:num_requests_waiting", "batch": "vllm:num_requests_running",
+           "kv_cache": "vllm:kv_cache_usage_perc"}
 
 
 def _local_view(uri: str) -> str | None:
@@ -29,44 +37,93 @@ def _local_view(uri: str) -> str | None:
     return None
 
 
-def serve_objects(spec: RunSpec, run_uri: str | None = None, adapter: bool | None = None,
-                  tool_parser: str | None = None, reasoning_parser: str | None = None) -> list[dict[str, Any]]:
-    """`adapter`: serve final/adapter on the base (default for lora/qlora) or final/merged (full);
-    `tool_parser`, `reasoning_parser`: vLLM's parsers for the run's chat template (kubetune.serve.tool_parser)."""
+@dataclass(frozen=True)
+class Served:
+    """One model a serving Deployment answers for: a run's adapter (on its base), or a whole model (a
+    merged run, a model folder, or a Hub model)."""
+
+    name: str                      # the model name clients ask for
+    uri: str                       # adapter folder, whole-model folder, or hf://org/name
+    rank: int | None = None        # LoRA rank of an adapter
+    base: str | None = None        # the adapter's base model URI; None: `uri` is a whole model
+    revision: str | None = None    # Hub revision of the base (or of a Hub model)
+
+
+def served_run(spec: RunSpec, run_uri: str | None = None) -> Served:
+    """What a run serves, from its resolved spec: final/adapter on its base (lora, qlora) or final/merged (full)."""
     run = (run_uri or spec.output_uri).rstrip("/")
-    adapter = spec.method.type != "full" if adapter is None else adapter
+    if spec.method.type == "full":
+        return Served(spec.name, f"{run}/final/merged")
+    base = spec.model.base
+    revision = spec.model.revision or (base.split("@", 1)[1] if base.startswith("hf://") and "@" in base else None)
+    return Served(spec.name, f"{run}/final/adapter", spec.method.lora.r, base, revision)
+
+
+def check_served(served: Sequence[Served]) -> None:
+    """One Deployment serves one base model: one whole model, or adapters of one base."""
+    if not served:
+        raise UsageError("nothing to serve", "pass --run URI (a run, a model folder or hf://org/name)")
+    names = [s.name for s in served]
+    if len(set(names)) < len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise UsageError(f"two served models are both named {', '.join(dup)}", "serve runs with different names")
+    bases = {s.base for s in served if s.base}
+    whole = [s for s in served if s.base is None]
+    if len(bases) > 1 or (whole and (bases or len(whole) > 1)):
+        raise UsageError("one Deployment serves one base model: a whole model, or LoRA adapters of one base; got "
+                         + ", ".join(f"{s.name} ({'on ' + s.base if s.base else 'whole model'})" for s in served),
+                         "deploy the others with their own spec or --run")
+
+
+def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_parser: str | None = None,
+                  reasoning_parser: str | None = None) -> list[dict[str, Any]]:
+    """A vLLM Deployment for `served` (default: the spec's own run), with a Service, a PDB, an HPA on
+    the chosen vLLM metric and, if asked, what makes Prometheus scrape it; `tool_parser`,
+    `reasoning_parser`: vLLM's parsers for the run's chat template (kubetune.serve.tool_parser)."""
+    served = list(served or [served_run(spec)])
+    check_served(served)
     name = f"{spec.name}-serve"
     s = spec.serve
-    folder = f"{run}/final/{'adapter' if adapter else 'merged'}"
     env_list, env_from = env(spec)
     vols = volumes(spec, None, scratch=False)
     vols.volumes.append({"name": "models", "emptyDir": {}})
     vols.mounts.append({"name": "models", "mountPath": MODELS})
     vols.volumes.append({"name": "scratch", "emptyDir": {}})
     vols.mounts.append({"name": "scratch", "mountPath": "/scratch"})
-    fetch: list[str] = []  # object-storage URIs an init container copies to /models before vLLM starts
+    fetch: dict[str, list[str]] = {}  # where under /models → object-storage URIs an init container copies there
+    several = len(served) > 1
 
-    def in_pod(uri: str) -> str:
+    def in_pod(uri: str, owner: str) -> str:
         local = _local_view(uri)
         if local is None:
-            fetch.append(uri)
-            local = f"{MODELS}/models/{uri_basename(uri)}"  # where `kubetune stage --to /models` puts it
+            root = f"{MODELS}/{owner}" if several else MODELS  # adapters are all called "adapter": one root each
+            fetch.setdefault(root, []).append(uri)
+            local = f"{root}/models/{uri_basename(uri)}"  # where `kubetune stage --to ROOT` puts it
         return local
 
-    local = in_pod(folder)
-    if adapter:
-        base = spec.model.base
-        base_local = base.removeprefix("hf://").split("@")[0] if base.startswith("hf://") else in_pod(base)
-        revision = spec.model.revision or (base.split("@", 1)[1] if base.startswith("hf://") and "@" in base else None)
-        target = VllmTarget(base_local, uri_basename(base_local), local, ((spec.name, local),), spec.method.lora.r,
-                            revision, tool_parser, reasoning_parser)
+    def hub_or_pod(uri: str, owner: str) -> str:
+        return uri.removeprefix("hf://").split("@")[0] if uri.startswith("hf://") else in_pod(uri, owner)
+
+    adapters = [x for x in served if x.base]
+    if adapters:
+        base = adapters[0].base
+        assert base is not None
+        base_local = hub_or_pod(base, "base")
+        modules = tuple((a.name, in_pod(a.uri, a.name)) for a in adapters)
+        target = VllmTarget(base_local, uri_basename(base_local), modules[0][1], modules,
+                            max(a.rank or 8 for a in adapters), adapters[0].revision, tool_parser, reasoning_parser,
+                            max_loras=len(modules) if len(modules) > 1 else None)
     else:
-        target = VllmTarget(local, spec.name, local, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
-    init = [{"name": "fetch-run", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
-             "command": ["kubetune", "stage", *[a for uri in fetch for a in ("--model", uri)], "--to", MODELS],
+        (model,) = served
+        local = hub_or_pod(model.uri, model.name)
+        target = VllmTarget(local, model.name, local, revision=model.revision if model.uri.startswith("hf://") else None,
+                            tool_parser=tool_parser, reasoning_parser=reasoning_parser)
+    init = [{"name": _init_name(root, several), "image": spec.kubernetes.image,
+             "imagePullPolicy": spec.kubernetes.image_pull_policy,
+             "command": ["kubetune", "stage", *[a for uri in uris for a in ("--model", uri)], "--to", root],
              "env": env_list, **({"envFrom": env_from} if env_from else {}),
              "resources": resources(spec, cpu="1", memory="2Gi", accelerator=False),
-             "securityContext": container_security(), "volumeMounts": vols.mounts}] if fetch else []
+             "securityContext": container_security(), "volumeMounts": vols.mounts} for root, uris in fetch.items()]
     args = vllm_command(target, host="0.0.0.0", port=s.port, max_num_seqs=s.max_concurrency)
     api_env = [{"name": "VLLM_API_KEY", "valueFrom": secret_ref(spec.kubernetes.secrets.api_key)}] \
         if spec.kubernetes.secrets.api_key else []
@@ -77,7 +134,7 @@ def serve_objects(spec: RunSpec, run_uri: str | None = None, adapter: bool | Non
         "command": args[:2], "args": args[2:],
         "env": [*env_list, *api_env], **({"envFrom": env_from} if env_from else {}),
         "ports": [{"name": "http", "containerPort": s.port}],
-        "resources": resources(spec, devices=1, cpu=s.cpu, memory=s.memory),
+        "resources": _serving_resources(spec),
         "securityContext": container_security(),
         "startupProbe": {"httpGet": {"path": probe_path, **http}, "periodSeconds": 10, "failureThreshold": 90},
         "readinessProbe": {"httpGet": {"path": "/health", **http}, "periodSeconds": 5, "failureThreshold": 3},
@@ -88,12 +145,16 @@ def serve_objects(spec: RunSpec, run_uri: str | None = None, adapter: bool | Non
     pod_meta: dict[str, Any] = {"labels": metadata(spec, name, "serve")["labels"]}
     if vols.annotations:
         pod_meta["annotations"] = dict(vols.annotations)
-    pod = {"securityContext": pod_security(spec), **pod_placement(spec),
+    placement = pod_placement(spec)
+    sharing = gpu_sharing_selector(spec)
+    if sharing:
+        placement["nodeSelector"] = dict(sorted({**placement.get("nodeSelector", {}), **sharing}.items()))
+    pod = {"securityContext": pod_security(spec), **placement,
            **({"initContainers": init} if init else {}), "containers": [container], "volumes": vols.volumes}
-    replicas = s.autoscaling.min if s.autoscaling else s.replicas
     objects: list[dict[str, Any]] = [
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(spec, name, "serve"), "spec": {
-            "replicas": replicas, "selector": {"matchLabels": select},
+            # with an HPA, replicas are the HPA's: applying a count would take the field back from it
+            **({} if s.autoscaling else {"replicas": s.replicas}), "selector": {"matchLabels": select},
             "template": {"metadata": pod_meta, "spec": pod}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": metadata(spec, name, "serve"), "spec": {
             "type": "ClusterIP", "selector": select,
@@ -102,15 +163,83 @@ def serve_objects(spec: RunSpec, run_uri: str | None = None, adapter: bool | Non
          "spec": {"maxUnavailable": 1, "selector": {"matchLabels": select}}},
     ]
     if s.autoscaling:
-        a = s.autoscaling
-        objects.append({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-                        "metadata": metadata(spec, name, "serve"), "spec": {
-                            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-                            "minReplicas": a.min, "maxReplicas": a.max,
-                            "metrics": [{"type": "Pods", "pods": {
-                                "metric": {"name": "vllm:num_requests_waiting"},
-                                "target": {"type": "AverageValue", "averageValue": _quantity(a.target_queue)}}}]}})
+        objects += autoscaling_objects(spec, name, select)
     return objects
+
+
+def autoscaling_objects(spec: RunSpec, name: str, select: dict[str, str]) -> list[dict[str, Any]]:
+    """The HPA on the chosen per-pod vLLM metric (scale-down only after it stayed low for a while), and
+    what makes the metric exist on a fresh cluster: a ServiceMonitor and the Prometheus Adapter rule
+    that serves it to the HPA, or a PodMonitoring whose samples GKE's metrics adapter serves."""
+    a = spec.serve.autoscaling
+    assert a is not None
+    series = METRICS[a.metric]
+    target = a.target or a.target_queue or {"queue": 5.0, "batch": max(1.0, 0.75 * spec.serve.max_concurrency),
+                                            "kv_cache": 0.8}[a.metric]
+    # GKE's adapter names Managed Prometheus series prometheus.googleapis.com|NAME|gauge
+    metric = f"prometheus.googleapis.com|{series}|gauge" if a.monitoring == "podmonitoring" else series
+    out: list[dict[str, Any]] = [{
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": metadata(spec, name, "serve"),
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                 "minReplicas": a.min, "maxReplicas": a.max,
+                 "metrics": [{"type": "Pods", "pods": {"metric": {"name": metric},
+                                                       "target": {"type": "AverageValue",
+                                                                  "averageValue": _quantity(target)}}}],
+                 "behavior": {"scaleDown": {"stabilizationWindowSeconds": a.scale_down_seconds,
+                                            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]}}}}]
+    scrape = {"port": "http", "path": "/metrics", "interval": "15s"}
+    if a.monitoring == "servicemonitor":
+        out.append({"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+                    "metadata": metadata(spec, name, "serve"),
+                    "spec": {"selector": {"matchLabels": select}, "namespaceSelector": {
+                        "matchNames": [spec.kubernetes.namespace]}, "endpoints": [scrape]}})
+        rules = {"rules": [{"seriesQuery": f'{series}{{namespace!="",pod!=""}}',
+                            "resources": {"overrides": {"namespace": {"resource": "namespace"},
+                                                        "pod": {"resource": "pod"}}},
+                            "name": {"as": series},
+                            "metricsQuery": "sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)"}]}
+        meta = metadata(spec, f"{name}-adapter-rules", "serve")
+        meta["namespace"] = a.adapter_namespace
+        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+                    "data": {"config.yaml": yaml.safe_dump(rules, sort_keys=False)}})
+    elif a.monitoring == "podmonitoring":
+        out.append({"apiVersion": "monitoring.googleapis.com/v1", "kind": "PodMonitoring",
+                    "metadata": metadata(spec, name, "serve"),
+                    "spec": {"selector": {"matchLabels": select}, "endpoints": [{"port": "http", "path": "/metrics",
+                                                                                 "interval": "15s"}]}})
+    return out
+
+
+def gpu_sharing_selector(spec: RunSpec) -> dict[str, str]:
+    """GKE's node labels for shared GPUs (on GKE: a cloud.google.com/ node selector in the spec)."""
+    sharing, s = spec.serve.gpu_sharing, spec.serve
+    if sharing == "none" or not _on_gke(spec):
+        return {}
+    if sharing.startswith("mig:"):
+        return {"cloud.google.com/gke-gpu-partition-size": sharing.removeprefix("mig:")}
+    return {"cloud.google.com/gke-gpu-sharing-strategy": sharing.replace("_", "-"),
+            "cloud.google.com/gke-max-shared-clients-per-gpu": str(s.gpu_clients)}
+
+
+def _serving_resources(spec: RunSpec) -> dict[str, Any]:
+    """One GPU (or one shared slice of it). Off GKE, a MIG slice is the NVIDIA device plugin's resource
+    (mixed strategy: nvidia.com/mig-PROFILE); time-slicing and MPS are set on the plugin and the pod
+    still asks for one nvidia.com/gpu."""
+    s = spec.serve
+    out = resources(spec, devices=1, cpu=s.cpu, memory=s.memory)
+    if s.gpu_sharing.startswith("mig:") and not _on_gke(spec) and "nvidia.com/gpu" in out["limits"]:
+        for part in ("requests", "limits"):
+            del out[part]["nvidia.com/gpu"]
+            out[part][f"nvidia.com/mig-{s.gpu_sharing.removeprefix('mig:')}"] = "1"
+    return out
+
+
+def _on_gke(spec: RunSpec) -> bool:
+    return any(k.startswith("cloud.google.com/") for k in spec.kubernetes.node_selector)
+
+
+def _init_name(root: str, several: bool) -> str:
+    return f"fetch-{root.rsplit('/', 1)[1]}"[:63] if several else "fetch-run"
 
 
 def _quantity(value: float) -> str:

@@ -1,0 +1,50 @@
+"""What `kubetune render --what serve` and `deploy` serve: the spec's own run, or the runs, model
+folders and Hub models given with --run, each read from its own resolved spec (name, LoRA rank,
+base, chat template) — never from the deploying spec's guesses. Several adapter runs of one base
+(a rank sweep, say) become one Deployment with each adapter as a LoRA module under its run name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from kubetune.k8s.render.serve import Served, check_served, served_run
+from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
+from kubetune.spec.models import RunSpec
+from kubetune.storage.runs import read_run_spec
+from kubetune.storage.store import uri_basename
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    spec: RunSpec                 # the Deployment's spec: namespace, image, serve settings; named after a lone run
+    served: list[Served]
+    tool_parser: str | None
+    reasoning_parser: str | None
+
+
+def serving_plan(spec: RunSpec, runs: Sequence[str] = ()) -> ServingPlan:
+    if not runs:
+        return ServingPlan(spec, [served_run(spec)], resolve_tool_parser(spec), resolve_reasoning_parser(spec))
+    served: list[Served] = []
+    run_specs: list[RunSpec | None] = []
+    for uri in runs:
+        run = None if uri.startswith("hf://") else read_run_spec(uri)
+        run_specs.append(run)
+        if run is None:  # a whole model: a folder, or a Hub model vLLM downloads itself
+            repo, _, revision = uri.partition("@") if uri.startswith("hf://") else (uri, "", "")
+            served.append(Served(uri_basename(repo), repo, revision=revision or None))
+        else:
+            served.append(served_run(run, uri))
+    check_served(served)
+    first = run_specs[0]
+    if first is None:  # the parsers come from the model's own template (a folder, or the Hub cache / its name)
+        model = spec.model.model_copy(update={"base": served[0].uri, "revision": served[0].revision,
+                                              "chat_template": "auto"})
+        source = spec.model_copy(update={"model": model})
+    else:
+        source = first
+    deploying = spec
+    if len(runs) == 1 and first is not None:  # one run: its Deployment, named after it
+        deploying = spec.model_copy(update={"name": first.name, "model": first.model, "method": first.method})
+    return ServingPlan(deploying, served, resolve_tool_parser(source), resolve_reasoning_parser(source))
