@@ -216,3 +216,54 @@ def test_apply_has_the_api_servers_semantics(k8s: FakeKubernetes, cli) -> None:
     k8s.get("jobs", "default", "quickstart")["status"] = {"active": 1}
     code, _, err = cli("submit", SPEC, "--set", "kubernetes.image=example.com/kubetune:next")
     assert code == 2 and "spec.template cannot change while the Job exists" in err and "kubetune cancel" in err
+
+
+D_FULL = str(ROOT / "examples" / "d-full-8gpu.yaml")
+
+
+def test_setup_prepares_a_namespace_and_never_overwrites_a_secret(k8s: FakeKubernetes, cli) -> None:
+    sets = ["--set", "kubernetes.namespace=fresh", "--set", "kubernetes.service_account=trainer",
+            "--set", "kubernetes.operators=[alice@example.com]"]
+    code, out, err = cli("setup", D_FULL, *sets)
+    assert code == 0, err
+    for line in ("namespace/fresh created", "serviceaccount/trainer created", "role/kubetune created",
+                 "rolebinding/kubetune created", "localqueue/team-a-queue created",
+                 "secret/minio-credentials created (placeholders: fill in the values)"):
+        assert line in out, out
+    assert ("PATCH", "/api/v1/namespaces/fresh") in writes(k8s)  # cluster-scoped, applied
+    assert k8s.get("localqueues", "fresh", "team-a-queue")["spec"] == {"clusterQueue": "team-a-cluster-queue"}
+    secret = k8s.get("secrets", "fresh", "minio-credentials")
+    secret["stringData"]["AWS_SECRET_ACCESS_KEY"] = "filled-in-by-the-user"
+    code, out, err = cli("setup", D_FULL, *sets)
+    assert code == 0 and "namespace/fresh configured" in out and "role/kubetune configured" in out, err
+    assert "secret/minio-credentials exists (left as it is" in out
+    assert k8s.get("secrets", "fresh", "minio-credentials")["stringData"]["AWS_SECRET_ACCESS_KEY"] == "filled-in-by-the-user"
+
+
+def test_doctor_lists_what_to_fix_then_passes(k8s: FakeKubernetes, cli, s3, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.s3_runs import BUCKET
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    sets = [a for item in ("resources.accelerator=nvidia", "resources.devices_per_node=2", "kubernetes.queue=q",
+                           "kubernetes.cluster_queue=cq", f"output=s3://{BUCKET}/runs/doctor", "kubernetes.namespace=ml")
+            for a in ("--set", item)]
+    k8s.denied.add(("patch", "deployments.apps"))
+    k8s.denied.add(("get", "pods/log"))
+    code, out, err = cli("doctor", SPEC, *sets)
+    assert code == 2, out + err
+    assert "✓ Kubernetes API at http://127.0.0.1" in out and "(v1.33.0)" in out
+    assert "✗ not allowed in namespace ml: get pods/log, patch deployments.apps" in out
+    assert "✗ Kueue is not installed" in out and "✗ no node offers 2 nvidia.com/gpu (the most is 0)" in out
+    assert f"✓ s3://{BUCKET}/runs/doctor is writable" in out
+    assert out.count("    fix: ") == 3 and "3 to fix" in out
+
+    k8s.denied.clear()
+    k8s.put("customresourcedefinitions", "", {"metadata": {"name": "localqueues.kueue.x-k8s.io"}})
+    k8s.put("localqueues", "ml", {"metadata": {"name": "q"}, "spec": {"clusterQueue": "cq"}})
+    k8s.put("nodes", "", {"metadata": {"name": "gpu-1"}, "status": {"allocatable": {"nvidia.com/gpu": "4"}}})
+    code, out, err = cli("doctor", SPEC, *sets)
+    assert code == 0 and "✗" not in out, out + err
+    assert "✓ a node offers 2 nvidia.com/gpu (1 such nodes)" in out and "✓ LocalQueue q exists" in out
+    code, out, _ = cli("doctor", SPEC, *sets[:-2], "--set", "output=s3://no-such-bucket-kt/x")
+    assert code == 2 and "no-such-bucket-kt" in out and "fix:" in out

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=verbs.push)
     p = sub.add_parser("render", help="print Kubernetes manifests for kubectl apply -f - (pure: no cluster needed)")
     _spec_args(p)
-    p.add_argument("--what", choices=["train", "stage", "serve"], default="train")
+    p.add_argument("--what", choices=["train", "stage", "serve", "setup"], default="train")
     p.add_argument("--run", action="append", help="(serve) a run's output URI (its own resolved spec decides name, "
                    "rank and base), a model folder or hf://org/name; repeat for several adapter runs of one base "
                    "(one Deployment, each a LoRA module)")
@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="create or update the run's Kubernetes objects (idempotent by run name)")
     _spec_args(p)
     p.set_defaults(func=verbs.submit)
+    p = sub.add_parser("setup", help="prepare a namespace: Namespace, ServiceAccount (cloud identity), Role and "
+                       "RoleBinding, Kueue LocalQueue, Secret placeholders (server-side apply; Secrets never overwritten)")
+    _spec_args(p)
+    p.set_defaults(func=verbs.setup)
+    p = sub.add_parser("doctor", help="check the cluster and storage before a first submit; exit 0 when all pass, 2 if not")
+    p.add_argument("spec", nargs="?", help="run spec YAML (without one: the API and the verbs only)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("-n", "--namespace", default="default", help="without a SPEC: the namespace to check")
+    p.set_defaults(func=verbs.doctor)
     p = sub.add_parser("deploy", help="serve a trained run on Kubernetes: vLLM Deployment, Service, HPA, PDB")
     _spec_args(p)
     p.add_argument("--run", action="append", help="a run's output URI, a model folder or hf://org/name; repeat for "

@@ -122,6 +122,31 @@ def submit(args: argparse.Namespace) -> int:
     return code
 
 
+def setup(args: argparse.Namespace) -> int:
+    from kubetune.k8s.client import Cluster
+    from kubetune.k8s.render import render as render_objects
+
+    spec = load_spec(args.spec, args.overrides)
+    for line in Cluster(spec.kubernetes.namespace).apply(render_objects(spec, "setup")):
+        print(line)
+    print(f"next: fill in the Secrets' values (kubectl -n {spec.kubernetes.namespace} edit secret ...), "
+          f"then `kubetune doctor {args.spec}`")
+    return 0
+
+
+def doctor(args: argparse.Namespace) -> int:
+    from kubetune.k8s.client import Cluster
+    from kubetune.k8s.doctor import doctor as run_doctor, format_checks
+
+    spec = load_spec(args.spec, args.overrides) if args.spec else None
+    namespace = spec.kubernetes.namespace if spec else args.namespace
+    checks = run_doctor(Cluster(namespace), spec)
+    print(format_checks(checks))
+    failed = sum(1 for c in checks if not c.ok)
+    print(f"{len(checks) - failed} of {len(checks)} checks pass" + (f"; {failed} to fix" if failed else ""))
+    return 2 if failed else 0
+
+
 def deploy(args: argparse.Namespace) -> int:
     from kubetune.k8s.client import Cluster
     from kubetune.k8s.render import render as render_objects

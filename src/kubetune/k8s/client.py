@@ -87,6 +87,10 @@ class Cluster:
         if exc.status == 404 and body.get("details", {}).get("kind") == "namespaces":
             return UsageError(f"namespace {self.namespace} does not exist",
                               f"create it (kubectl create namespace {self.namespace}) or set kubernetes.namespace")
+        if exc.status == 404 and not body.get("details", {}).get("name"):  # the resource type itself is unknown
+            return UsageError(f"the cluster has no {resource} API ({message})",
+                              "install what provides it (Kueue for localqueues, prometheus-operator for "
+                              "servicemonitors, GKE Managed Prometheus for podmonitorings), or turn it off in the spec")
         if exc.status == 404:
             return UsageError(f"{where}: not found", "check the run name (kubetune list)")
         if exc.status == 401:
@@ -126,6 +130,10 @@ class Cluster:
         response.read()
         result = self.api.response_deserialize(response, {"2XX": "object"})  # raises ApiException on 4xx/5xx
         return int(result.status_code), result.data or {}
+
+    def request(self, method: str, path: str, body: Any = None, tolerate: tuple[int, ...] = ()) -> Any:
+        """(status, body) of any API path, errors explained; a status in `tolerate` is returned as an int."""
+        return self._call(method.lower(), path, None, lambda: self._request(method, path, body), tolerate=tolerate)
 
     def server_side_apply(self, obj: dict[str, Any], tolerate: tuple[int, ...] = ()) -> tuple[int, dict[str, Any]] | int:
         """Server-side apply as field manager `kubetune`: idempotent, list semantics of the API server,

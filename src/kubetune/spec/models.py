@@ -256,6 +256,8 @@ class KubernetesSpec(_Section):
                           "(NAME@PROJECT.iam.gserviceaccount.com, GKE Workload Identity) or an AWS IAM role ARN (EKS IRSA).")
     cluster_queue: str | None = Field(None, description="Kueue ClusterQueue that `kubetune setup` points the "
                                                         "LocalQueue (kubernetes.queue) at.")
+    operators: list[str] = Field(default_factory=list, description="Who may run kubetune in the namespace "
+                                 "(`kubetune setup` binds the kubetune Role): user names, group:NAME, serviceaccount:[NAMESPACE/]NAME.")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     secrets: SecretsSpec = Field(default_factory=SecretsSpec)

@@ -12,7 +12,7 @@ from kubetune.spec.models import RunSpec
 if TYPE_CHECKING:
     from kubetune.k8s.render.serve import Served
 
-WHATS = ("train", "stage", "serve")
+WHATS = ("train", "stage", "serve", "setup")
 
 
 def render(spec: RunSpec, what: str = "train", served: Sequence[Served] | None = None,
@@ -29,6 +29,10 @@ def render(spec: RunSpec, what: str = "train", served: Sequence[Served] | None =
         return stage_objects(spec)
     if what == "serve":
         return serve_objects(spec, served, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
+    if what == "setup":
+        from kubetune.k8s.render.setup import setup_objects
+
+        return setup_objects(spec)
     raise ValueError(f"unknown kind of manifests {what!r}; one of {', '.join(WHATS)}")
 
 

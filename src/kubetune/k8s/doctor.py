@@ -1,0 +1,167 @@
+"""`kubetune doctor [SPEC]`: what must hold before a first submit, checked against the cluster and
+the storage, as a checklist with one fix per failed line.
+
+The API answers; the namespace exists; every verb kubetune uses is allowed to the caller
+(SelfSubjectAccessReview, the API's own answer); Kueue's CRD and the LocalQueue exist when the spec
+queues; some node offers the accelerator the spec asks for; the spec's storage can be read (inputs)
+and written (the output), with the caller's credentials. A check that cannot be made (nodes are
+often not readable to users) says so and does not fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from kubetune.errors import KubetuneError
+from kubetune.k8s.client import Cluster
+from kubetune.k8s.render.common import ACCELERATOR_RESOURCE
+from kubetune.k8s.render.setup import RULES
+from kubetune.spec.models import RunSpec
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    what: str
+    fix: str = ""
+    skipped: bool = False       # could not be checked from here: not a failure
+
+
+def doctor(cluster: Cluster, spec: RunSpec | None) -> list[Check]:
+    checks = [_api(cluster)]
+    if not checks[0].ok:
+        return checks  # nothing else can answer
+    checks.append(_namespace(cluster))
+    checks += _verbs(cluster, spec)
+    if spec is not None:
+        if spec.kubernetes.queue:
+            checks += _kueue(cluster, spec.kubernetes.queue)
+        if spec.resources.accelerator in ACCELERATOR_RESOURCE:
+            checks.append(_accelerators(cluster, spec))
+        checks += _storage(spec)
+    return checks
+
+
+def _api(cluster: Cluster) -> Check:
+    host = cluster.api.configuration.host
+    try:
+        _, version = cluster._request("GET", "/version")  # raw: a failure here is the finding, not an error
+    except Exception as exc:  # noqa: BLE001 - any failure to answer is the finding
+        return Check(False, f"Kubernetes API at {host} does not answer ({type(exc).__name__})",
+                     "check KUBECONFIG / `kubectl config current-context`, the VPN and that the cluster is up")
+    return Check(True, f"Kubernetes API at {host} answers ({version.get('gitVersion', '?')})")
+
+
+def _namespace(cluster: Cluster) -> Check:
+    ns = cluster.namespace
+    found = cluster.request("GET", f"/api/v1/namespaces/{ns}", tolerate=(403, 404))
+    if found == 404:
+        return Check(False, f"namespace {ns} does not exist", f"kubetune setup SPEC (or kubectl create namespace {ns})")
+    if found == 403:
+        return Check(True, f"namespace {ns}: not allowed to read namespaces, not checked", skipped=True)
+    return Check(True, f"namespace {ns} exists")
+
+
+def _verbs(cluster: Cluster, spec: RunSpec | None) -> list[Check]:
+    monitoring = spec.serve.autoscaling.monitoring if spec is not None and spec.serve.autoscaling else "none"
+    denied: list[str] = []
+    for group, resources, verbs in RULES:
+        if group.startswith("monitoring.") and monitoring == "none" or \
+                group == "kueue.x-k8s.io" and not (spec and spec.kubernetes.queue):
+            continue  # only what this spec uses
+        for resource in resources:
+            plural, _, sub = resource.partition("/")
+            for verb in verbs:
+                review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview", "spec": {
+                    "resourceAttributes": {"namespace": cluster.namespace, "verb": verb, "group": group,
+                                           "resource": plural, **({"subresource": sub} if sub else {})}}}
+                _, answer = cluster.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review)
+                if not (answer.get("status") or {}).get("allowed"):
+                    denied.append(f"{verb} {resource}{'.' + group if group else ''}")
+    if denied:
+        return [Check(False, f"not allowed in namespace {cluster.namespace}: {', '.join(denied)}",
+                      "an admin runs `kubetune setup SPEC` with you in kubernetes.operators (or applies "
+                      "deploy/rbac.yaml bound to you)")]
+    return [Check(True, f"every verb kubetune uses is allowed in namespace {cluster.namespace}")]
+
+
+def _kueue(cluster: Cluster, queue: str) -> list[Check]:
+    crd = cluster.request("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/localqueues.kueue.x-k8s.io",
+                          tolerate=(403, 404))
+    out = []
+    if crd == 404:
+        return [Check(False, "Kueue is not installed (no localqueues.kueue.x-k8s.io CRD)",
+                      "install Kueue (kubectl apply --server-side -f .../kueue/releases/.../manifests.yaml), "
+                      "or remove kubernetes.queue")]
+    out.append(Check(True, "Kueue is installed") if crd != 403 else
+               Check(True, "Kueue CRD: not allowed to read CRDs, not checked", skipped=True))
+    found = cluster.request("GET", f"/apis/kueue.x-k8s.io/v1beta1/namespaces/{cluster.namespace}/localqueues/{queue}",
+                            tolerate=(403, 404))
+    if found == 404:
+        out.append(Check(False, f"LocalQueue {queue} does not exist in namespace {cluster.namespace}",
+                         "kubetune setup SPEC (with kubernetes.cluster_queue set)"))
+    else:
+        out.append(Check(True, f"LocalQueue {queue} exists"))
+    return out
+
+
+def _accelerators(cluster: Cluster, spec: RunSpec) -> Check:
+    resource = ACCELERATOR_RESOURCE[spec.resources.accelerator]
+    want = spec.resources.devices_per_node
+    selector = spec.kubernetes.node_selector
+    status = cluster.request("GET", "/api/v1/nodes", tolerate=(403,))
+    if status == 403:
+        return Check(True, f"nodes: not allowed to list nodes, {resource} not checked", skipped=True)
+    assert not isinstance(status, int)
+    _, nodes = status
+    offers = []
+    for node in nodes.get("items", []):
+        labels = node.get("metadata", {}).get("labels") or {}
+        if all(labels.get(k) == v for k, v in selector.items()):
+            offers.append(int(str((node.get("status", {}).get("allocatable") or {}).get(resource, "0")) or 0))
+    best = max(offers, default=0)
+    if best >= want:
+        return Check(True, f"a node offers {want} {resource} ({sum(1 for o in offers if o >= want)} such nodes)")
+    where = f" among nodes labelled {selector}" if selector else ""
+    return Check(False, f"no node offers {want} {resource}{where} (the most is {best})",
+                 "add a node pool with that accelerator, install its device plugin, or lower "
+                 "resources.devices_per_node")
+
+
+def _storage(spec: RunSpec) -> list[Check]:
+    from kubetune.storage.store import Store, scheme
+
+    def bucket(uri: str) -> bool:  # the Hub is checked by submit's pre-flight; pvc:// only inside the cluster
+        return scheme(uri) in ("s3", "gs")
+
+    out = []
+    inputs = [s.path for s in spec.data.sources()] + [spec.model.base]
+    for uri in dict.fromkeys(u for u in inputs if bucket(u)):
+        out.append(_storage_check(lambda u=uri: Store(u).check_readable("input"), f"{uri} is readable"))
+    if bucket(spec.output_uri) or scheme(spec.output_uri) == "pvc":
+        out.append(_storage_check(lambda: Store(spec.output_uri).check_writable("output"),
+                                  f"{spec.output_uri} is writable") if bucket(spec.output_uri) else
+                   Check(True, f"output {spec.output_uri}: a PVC, checked inside the cluster", skipped=True))
+    else:
+        out.append(Check(False, f"output {spec.output_uri} is a local path: in a pod it is lost with the pod",
+                         "set output to s3://, gs:// or pvc://"))
+    return out
+
+
+def _storage_check(check: Callable[[], None], what: str) -> Check:
+    try:
+        check()
+    except KubetuneError as exc:
+        return Check(False, exc.message, exc.hint or "check the URI and the credentials")
+    return Check(True, what)
+
+
+def format_checks(checks: list[Check]) -> str:
+    lines = []
+    for c in checks:
+        mark = "–" if c.skipped else "✓" if c.ok else "✗"
+        lines.append(f"{mark} {c.what}")
+        if not c.ok and c.fix:
+            lines.append(f"    fix: {c.fix}")
+    return "\n".join(lines)
