@@ -337,3 +337,18 @@ def test_gpu_sharing_is_rendered_as_gke_and_the_device_plugin_document() -> None
     for p in (pod, mig, plugin):
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": p},
                                      "1.33.0", strict=True)
+
+
+def test_deploy_grid_serves_every_run_of_the_sweep_from_its_storage(cli) -> None:
+    code, out, err = cli("render", str(ROOT / "examples" / "d-minio-lora-sweep.yaml"), "--what", "serve",
+                         "--grid", "method.lora.r=8,16,64")
+    assert code == 0, err
+    pod = pod_of(list(yaml.safe_load_all(out)))
+    args = pod["containers"][0]["args"]
+    names = [f"tinyllama-chat-r{r}" for r in (8, 16, 64)]
+    assert [a.split("=")[0] for a in args[args.index("--lora-modules") + 1:][:3]] == names
+    assert args[args.index("--max-lora-rank") + 1] == "64" and args[args.index("--max-loras") + 1] == "3"
+    fetched = {c["command"][3]: c["command"][-1] for c in pod["initContainers"] if c["name"] != "fetch-base"}
+    spec = load_spec(ROOT / "examples" / "d-minio-lora-sweep.yaml")
+    parent = spec.output_uri.rstrip("/").rsplit("/", 1)[0]
+    assert fetched == {f"{parent}/{n}/final/adapter": f"/models/{n}" for n in names}  # each run's own output

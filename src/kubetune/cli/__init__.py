@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", help="(serve) a run's output URI (its own resolved spec decides name, "
                    "rank and base), a model folder or hf://org/name; repeat for several adapter runs of one base "
                    "(one Deployment, each a LoRA module)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="(serve) every run of this sweep of SPEC, as in `kubetune sweep` (one Deployment)")
     p.set_defaults(func=verbs.render)
     p = sub.add_parser("submit", help="create or update the run's Kubernetes objects (idempotent by run name)")
     _spec_args(p)
@@ -102,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(p)
     p.add_argument("--run", action="append", help="a run's output URI, a model folder or hf://org/name; repeat for "
                    "several adapter runs of one base (one Deployment)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="every run of this sweep of SPEC, as in `kubetune sweep` (one Deployment)")
     p.set_defaults(func=verbs.deploy)
     for name, help_text, func in (("status", "phase, pods, step/total, loss, ETA and why a run waits", verbs.status),
                                   ("logs", "the leader pod's log", verbs.logs),

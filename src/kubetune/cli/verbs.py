@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from kubetune import settings
 from kubetune.spec import load_spec
@@ -100,9 +101,7 @@ def render(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     if args.what == "serve":
-        from kubetune.k8s.serving import serving_plan
-
-        plan = serving_plan(spec, args.run or ())
+        plan = _serving_plan(spec, args)
         objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
     else:
         objects = render_objects(spec, args.what)
@@ -120,6 +119,21 @@ def submit(args: argparse.Namespace) -> int:
     code = launcher_for(spec, "k8s").launch(Launch(spec, args.spec, tuple(args.overrides)))
     print(f"follow it: kubetune status {spec.name} -n {spec.kubernetes.namespace}")
     return code
+
+
+def _serving_plan(spec: Any, args: argparse.Namespace) -> Any:
+    """--run URIs, or --grid: every run of that sweep of SPEC (their specs computed as the sweep does)."""
+    from kubetune.k8s.serving import serving_plan
+
+    if getattr(args, "grid", None):
+        from kubetune.errors import UsageError
+        from kubetune.sweep import parse_grid, plan_sweep
+
+        if args.run:
+            raise UsageError("give --run or --grid, not both")
+        _, runs = plan_sweep(args.spec, parse_grid(args.grid), args.overrides)
+        return serving_plan(spec, run_specs=[load_spec(args.spec, list(r.overrides)) for r in runs])
+    return serving_plan(spec, args.run or ())
 
 
 def setup(args: argparse.Namespace) -> int:
@@ -150,9 +164,7 @@ def doctor(args: argparse.Namespace) -> int:
 def deploy(args: argparse.Namespace) -> int:
     from kubetune.k8s.client import Cluster
     from kubetune.k8s.render import render as render_objects
-    from kubetune.k8s.serving import serving_plan
-
-    plan = serving_plan(load_spec(args.spec, args.overrides), args.run or ())
+    plan = _serving_plan(load_spec(args.spec, args.overrides), args)
     ns = plan.spec.kubernetes.namespace
     objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
     for line in Cluster(ns).apply(objects):

@@ -23,7 +23,13 @@ class ServingPlan:
     reasoning_parser: str | None
 
 
-def serving_plan(spec: RunSpec, runs: Sequence[str] = ()) -> ServingPlan:
+def serving_plan(spec: RunSpec, runs: Sequence[str] = (), run_specs: Sequence[RunSpec] = ()) -> ServingPlan:
+    """`runs`: URIs (runs, model folders, hf://); `run_specs`: runs' resolved specs already known (a
+    sweep's, computed like the sweep computed them: nothing read from storage)."""
+    if run_specs:
+        served = [served_run(s) for s in run_specs]
+        check_served(served)
+        return ServingPlan(spec, served, resolve_tool_parser(run_specs[0]), resolve_reasoning_parser(run_specs[0]))
     if not runs:
         return ServingPlan(spec, [served_run(spec)], resolve_tool_parser(spec), resolve_reasoning_parser(spec))
     served: list[Served] = []
