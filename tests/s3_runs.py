@@ -49,7 +49,10 @@ def remote_checkpoints(s3: S3Server, name: str) -> dict[str, set[str]]:
     return out
 
 
-def assert_complete_means_complete(s3: S3Server, name: str) -> None:
+def assert_complete_means_complete(s3: S3Server, name: str, ranks: int = 1) -> None:
+    """Every checkpoint marked COMPLETE in the bucket has all its files (with several ranks: each
+    rank's own RNG state)."""
+    want = CKPT_FILES if ranks == 1 else (CKPT_FILES - {"rng_state.pth"}) | {f"rng_state_{r}.pth" for r in range(ranks)}
     for ckpt, files in remote_checkpoints(s3, name).items():
         if "COMPLETE" in files:
-            assert CKPT_FILES <= files, f"{ckpt} carries COMPLETE without {CKPT_FILES - files}"
+            assert want <= files, f"{ckpt} carries COMPLETE without {want - files}"

@@ -177,7 +177,7 @@ def test_preflight_names_the_uri_before_training(case: str, s3: S3Server, staged
     else:
         server = start_s3_with_auth("guarded")
         body["output"] = "s3://guarded/runs/x"
-        expected = "output s3://guarded/runs/x/.kubetune-write-check: the storage credentials were rejected"
+        expected = "output s3://guarded/runs/x: the storage credentials were rejected"
         extra = {"AWS_SECRET_ACCESS_KEY": "planted-wrong-secret-value"}
     spec.write_text(yaml.safe_dump(body))
     started = time.time()

@@ -28,7 +28,7 @@ CASES = {
                                                                   b'"non_preferred_output": [{"role": "assistant", "content": "b"}]}\n'},
                                "preference tuning is not supported by this version"),
     "missing-template-file": ("model: {base: MODEL, chat_template: /nope.jinja}\n", {}, "model.chat_template: '/nope.jinja'"),
-    "object-storage-output-no-credentials": ("output: s3://bucket/x\n", {}, "output s3://bucket/x/.kubetune-write-check: no storage credentials found"),
+    "object-storage-output-no-credentials": ("output: s3://bucket/x\n", {}, "output s3://bucket/x: no storage credentials found"),
     "resume-not-a-checkpoint": ("resume: /tmp/definitely-not-here\n", {}, "is not a complete checkpoint"),
     "model-not-a-folder": ("model: {base: /tmp}\n", {}, "not a model folder (no config.json there)"),
 }

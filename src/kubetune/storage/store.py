@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -136,12 +138,14 @@ class Store:
 
     def check_writable(self, what: str) -> None:
         """Pre-flight for an output: the bucket exists and the credentials may list and write it."""
-        probe = ".kubetune-write-check"
+        # one probe per process: the pods of a multi-node Job run this check at the same moment
+        probe = f".kubetune-write-check-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             self.write_text(probe, "ok\n")
             self.remove(probe)
         except KubetuneError as exc:
-            raise type(exc)(f"{what} {exc.message}", exc.hint) from None
+            # the message names the output, not the probe (its name is this process's)
+            raise type(exc)(f"{what} {exc.message.replace('/' + probe, '')}", exc.hint) from None
 
 
 def retry_transient(check: Callable[[], T], say: Callable[[str], None] = print, attempts: int | None = None) -> T:

@@ -18,7 +18,10 @@ from kubetune.train.objectives import Objective, objective_for
 
 
 def build_trainer(spec: RunSpec, data: Any, layout: RunLayout, events: EventLog, batches: Any,
-                  args: Any = None, uploader: Uploader | None = None, objective: Objective | None = None) -> Any:
+                  args: Any = None, uploader: Uploader | None = None, objective: Objective | None = None,
+                  store: Any = None) -> Any:
+    """`uploader`: rank 0's background uploads; `store`: the remote output, where the first process of
+    every other node puts its ranks' own checkpoint files (they exist only on that node's disk)."""
     from transformers import PrinterCallback, set_seed
 
     from kubetune.train.callbacks import CheckpointCallback, EventsCallback
@@ -36,7 +39,8 @@ def build_trainer(spec: RunSpec, data: Any, layout: RunLayout, events: EventLog,
     model = load_model(spec, resolve_model(spec.model.base, spec.model.revision))
     args = args or training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir)
     trainer = objective.trainer(spec, data, model, args, batches,
-                                [CheckpointCallback(layout.checkpoints, spec.train.keep_checkpoints, events, uploader)])
+                                [CheckpointCallback(layout.checkpoints, spec.train.keep_checkpoints, events, uploader,
+                                                                   store)])
     progress = make_progress() if DistInfo.from_env().rank == 0 else None
     progress_cb = EventsCallback(events, progress, *_flops(spec, model, data))
     progress_cb.trainer = trainer

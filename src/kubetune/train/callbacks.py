@@ -89,14 +89,24 @@ class EventsCallback(TrainerCallback):
 class CheckpointCallback(TrainerCallback):
     """After the Trainer saved checkpoint-N on every rank, mark it COMPLETE and apply retention."""
 
-    def __init__(self, folder: Path, keep: int, events: EventLog, uploader: Any = None) -> None:
+    def __init__(self, folder: Path, keep: int, events: EventLog, uploader: Any = None, store: Any = None) -> None:
         self.folder = folder
         self.keep = keep
         self.events = events
-        self.uploader = uploader  # storage.sync.Uploader for object-storage outputs
+        self.uploader = uploader  # storage.sync.Uploader for object-storage outputs (rank 0)
+        self.store = store        # the remote output (every rank), for other nodes' own files
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _barrier()  # every rank's files (rng_state_<rank>.pth) are written before the marker
+        if self.store is not None and not state.is_world_process_zero and _first_on_node():
+            # Several nodes, each with its own disk: this node's ranks' RNG states exist only here.
+            # They are stored before rank 0 marks the checkpoint COMPLETE (the barrier below).
+            path = self.folder / f"checkpoint-{state.global_step}"
+            for file in sorted(path.glob("rng_state_*.pth")):
+                self.store.put(file, f"checkpoints/{path.name}/{file.name}")
+            _barrier()
+        elif self.store is not None and _multi_node():
+            _barrier()
         if state.is_world_process_zero:
             path = self.folder / f"checkpoint-{state.global_step}"
             if path.is_dir():
@@ -111,6 +121,20 @@ class CheckpointCallback(TrainerCallback):
                 if self.uploader is not None:
                     self.uploader.files(self.events.path)
         _barrier()
+
+
+def _first_on_node() -> bool:
+    import os
+
+    return _multi_node() and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _multi_node() -> bool:
+    """More than one node: torchrun's world is larger than one node's processes."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get(
+        "WORLD_SIZE", "1")))
 
 
 def _barrier() -> None:

@@ -180,7 +180,8 @@ def _set_up(fit: Fit) -> None:
     batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, fit.dist.world_size)
     args = training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir)
     # Loads the model: target_modules and qlora mistakes surface here, before anything is written.
-    trainer = build_trainer(spec, data, layout, events, batches, args, fit.uploader, fit.objective)
+    trainer = build_trainer(spec, data, layout, events, batches, args, fit.uploader, fit.objective,
+                            fit.output.store)
     from kubetune.train.callbacks import LeaseWatch
     from kubetune.train.preempt import GracefulStop, StopCallback  # imports transformers: not at module level
 
