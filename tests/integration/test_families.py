@@ -228,7 +228,7 @@ def test_the_served_parser_reads_back_the_calls_the_template_trains(family: str)
 
     formatter = ChatFormatter(family_dir(family))
     fmt = tool_call_format(formatter.template)
-    expected_parser = {"qwen3": "hermes", "llama3_2": "llama3_json", "mistral_nemo": "mistral",
+    expected_parser = {"qwen3": "hermes", "qwen2_5": "hermes", "llama3_2": "llama3_json", "mistral_nemo": "mistral",
                        "deepseek_v3": "deepseek_v3"}.get(family)
     assert (fmt.parser if fmt else None) == expected_parser
     if fmt is None:
