@@ -27,23 +27,23 @@ def serving_plan(spec: RunSpec, runs: Sequence[str] = (), run_specs: Sequence[Ru
     """`runs`: URIs (runs, model folders, hf://); `run_specs`: runs' resolved specs already known (a
     sweep's, computed like the sweep computed them: nothing read from storage)."""
     if run_specs:
-        served = [served_run(s) for s in run_specs]
-        check_served(served)
-        return ServingPlan(spec, served, resolve_tool_parser(run_specs[0]), resolve_reasoning_parser(run_specs[0]))
+        of_sweep = [served_run(s) for s in run_specs]
+        check_served(of_sweep)
+        return ServingPlan(spec, of_sweep, resolve_tool_parser(run_specs[0]), resolve_reasoning_parser(run_specs[0]))
     if not runs:
         return ServingPlan(spec, [served_run(spec)], resolve_tool_parser(spec), resolve_reasoning_parser(spec))
     served: list[Served] = []
-    run_specs: list[RunSpec | None] = []
+    found: list[RunSpec | None] = []  # each URI's resolved spec; None for a whole model
     for uri in runs:
         run = None if uri.startswith("hf://") else read_run_spec(uri)
-        run_specs.append(run)
+        found.append(run)
         if run is None:  # a whole model: a folder, or a Hub model vLLM downloads itself
             repo, _, revision = uri.partition("@") if uri.startswith("hf://") else (uri, "", "")
             served.append(Served(uri_basename(repo), repo, revision=revision or None))
         else:
             served.append(served_run(run, uri))
     check_served(served)
-    first = run_specs[0]
+    first = found[0]
     if first is None:  # the parsers come from the model's own template (a folder, or the Hub cache / its name)
         model = spec.model.model_copy(update={"base": served[0].uri, "revision": served[0].revision,
                                               "chat_template": "auto"})
