@@ -96,10 +96,15 @@ def tool_call_format(template: str) -> ToolCallFormat | None:
     return None
 
 
-def format_named(parser: str) -> ToolCallFormat:
-    if parser not in PARSERS:
-        raise ValueError(f"unknown tool-call format {parser!r}; one of {', '.join(PARSERS)}")
-    return ToolCallFormat(parser)
+def format_for(template: str | None, choice: str = "auto") -> ToolCallFormat | None:
+    """serve.tool_parser applied: none → None, a parser name → that format, auto → the template's."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        if choice not in PARSERS:
+            raise ValueError(f"unknown tool-call format {choice!r}; one of {', '.join(PARSERS)}")
+        return ToolCallFormat(choice)
+    return tool_call_format(template or "")
 
 
 def new_call_id(style: str = "openai") -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kubetune.data.template import ChatFormatter
-from kubetune.data.tool_calls import ToolCallFormat, format_named, tool_call_format
+from kubetune.data.tool_calls import ToolCallFormat, format_for
 from kubetune.errors import UsageError
 from kubetune.storage.model_files import read_model_config
 
@@ -200,7 +200,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
             model.load_adapter(folder, adapter_name=name)
         formatter = _formatter(folder, tok)
         served.append(ServedModel(name, tok, gen, formatter, name, str(folder),
-                                  _tool_format(formatter, spec.serve.tool_parser)))
+                                  format_for(formatter.template, spec.serve.tool_parser)))
     if with_base:
         first_spec = runs[0][0]
         base_name = uri_basename(first_spec.model.base)
@@ -223,7 +223,7 @@ def _whole_model(folder: Path, name: str, tool_parser: str = "auto") -> Transfor
     gen = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() \
         else GenerationConfig.from_model_config(model.config)
     formatter = _formatter(folder, tok)
-    served = ServedModel(name, tok, gen, formatter, None, str(folder), _tool_format(formatter, tool_parser))
+    served = ServedModel(name, tok, gen, formatter, None, str(folder), format_for(formatter.template, tool_parser))
     return TransformersEngine(model, [served], _context(folder))
 
 
@@ -237,12 +237,6 @@ def _formatter(folder: Path, tok: Any) -> ChatFormatter:
     converted = Path(tempfile.mkdtemp(prefix="kubetune-tokenizer-"))
     tok.save_pretrained(converted)
     return ChatFormatter(converted)
-
-
-def _tool_format(formatter: ChatFormatter, parser: str = "auto") -> ToolCallFormat | None:
-    if parser == "none":
-        return None
-    return tool_call_format(formatter.template) if parser == "auto" else format_named(parser)
 
 
 def _require_template(tok: Any, where: str) -> None:

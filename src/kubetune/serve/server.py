@@ -70,12 +70,10 @@ def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmT
 
 def _parser_of(folder: Path, choice: str) -> str | None:
     """The tool-call parser for a folder's saved chat template (or the spec's explicit choice)."""
-    from kubetune.data.tool_calls import tool_call_format
+    from kubetune.data.tool_calls import format_for
     from kubetune.serve.tool_parser import folder_template
 
-    if choice != "auto":
-        return None if choice == "none" else choice
-    fmt = tool_call_format(folder_template(folder) or "")
+    fmt = format_for(folder_template(folder) if choice == "auto" else None, choice)
     return fmt.parser if fmt else None
 
 

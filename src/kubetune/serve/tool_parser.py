@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from kubetune.data.tool_calls import tool_call_format
+from kubetune.data.tool_calls import format_for
 from kubetune.spec.models import RunSpec
 
 # model-name patterns → the parser of the family's own tool-use template
@@ -39,11 +39,9 @@ def resolve_reasoning_parser(spec: RunSpec) -> str | None:
 def resolve_tool_parser(spec: RunSpec) -> str | None:
     """The parser name, or None (answers stay text: no tool flags)."""
     choice = spec.serve.tool_parser
-    if choice != "auto":
-        return None if choice == "none" else choice
-    template = template_text(spec)
-    if template is not None:
-        fmt = tool_call_format(template)
+    template = template_text(spec) if choice == "auto" else None
+    if choice != "auto" or template is not None:
+        fmt = format_for(template, choice)
         return fmt.parser if fmt else None
     name = spec.model.base.removeprefix("hf://")
     return next((parser for pattern, parser in _BY_NAME if pattern.search(name)), None)
