@@ -44,6 +44,8 @@ class StartEvent(_Event):
     accumulation: int
     world_size: int
     mixed_precision: Literal["bf16", "fp16", "fp32"]
+    strategy: Optional[Literal["single", "ddp", "fsdp"]] = Field(
+        None, description="How the processes share the model: one process, replicas (ddp), or shards (fsdp).")
     truncated: int = 0
     dropped: int = 0
     skipped_rows: int = 0
@@ -52,6 +54,11 @@ class StartEvent(_Event):
 class FirstStepEvent(_Event):
     event: Literal["first_step"] = "first_step"
     step: int
+    held_bytes: Optional[int] = Field(
+        None, description="Parameters and optimizer state held by the main process after its first step, "
+        "measured (under fsdp its shards: about 1/world_size of the whole).")
+    peak_memory_bytes: Optional[int] = Field(
+        None, description="The main process's peak memory so far: CUDA memory allocated on a GPU, resident set on a CPU.")
 
 
 class StepEvent(_Event):
@@ -116,6 +123,8 @@ class EndEvent(_Event):
     train_loss: Optional[float] = None
     tokens_seen: int = 0
     train_runtime: Optional[float] = None
+    peak_memory_bytes: Optional[int] = Field(
+        None, description="The main process's peak memory over training: CUDA memory allocated on a GPU, resident set on a CPU.")
 
 
 class MergeEvent(_Event):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from kubetune import __version__, settings
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder or URI, e.g. runs/NAME or s3://bucket/runs/NAME")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (fp32)")
     p.set_defaults(func=verbs.merge)
+    p = sub.add_parser("export", help="a sharded (FSDP) checkpoint as a Hugging Face folder: the model or adapter, "
+                                      "tokenizer and chat template")
+    p.add_argument("checkpoint", help="RUN/checkpoints/checkpoint-N (complete, saved with resources.strategy: fsdp)")
+    p.add_argument("--to", help="output folder (default: RUN/exported/checkpoint-N); never overwritten")
+    p.set_defaults(func=verbs.export)
     p = sub.add_parser("eval", help="eval loss/perplexity, ROUGE and exact match: base vs tuned → RUN/eval/")
     p.add_argument("run", help="run folder or URI, e.g. runs/NAME or s3://bucket/runs/NAME")
     p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
@@ -171,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KubetuneError as exc:
-        print(exc.render(), file=sys.stderr)
+        if settings.debug() and exc.__cause__ is not None:  # a wrapped failure (training): its traceback too
+            import traceback
+
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        if not _echo_of_rank_zero(exc):
+            print(exc.render(), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -185,9 +196,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def _echo_of_rank_zero(exc: KubetuneError) -> bool:
+    """Under torchrun every rank checks the same input and finds the same problem: rank 0 says it."""
+    return exc.exit_code == EXIT_USAGE and os.environ.get("RANK", "0") != "0" and "LOCAL_RANK" in os.environ
+
+
 def run() -> None:
     code = main()
     if "LOCAL_RANK" in os.environ:
+        folder = os.environ.get(settings.RANK_EXITS)
+        if folder and code:  # torchrun itself exits 1 for any failed rank: the launcher reads what it meant
+            Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
         # A torchrun rank whose work is finished (files written and closed, process group destroyed).
         # Interpreter teardown of torch.distributed state sometimes aborts ("terminate called without
         # an active exception", SIGABRT; seen ~1 in 10 two-rank CPU runs), turning a finished run

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from kubetune import settings
@@ -29,7 +30,7 @@ def plan(args: argparse.Namespace) -> int:
         print(*sample_lines(spec, args.show if args.show is not None else 1), sep="\n")
         return 0
     console = Console(highlight=False, soft_wrap=True)
-    for line in plan_report(spec, color=console.is_terminal, show=args.show):
+    for line in plan_report(spec, color=console.is_terminal, show=args.show, local=args.target != "k8s"):
         console.print(line, markup=False) if isinstance(line, str) else console.print(line)
     if args.target == "k8s":
         from kubetune.k8s.render import render as render_objects, to_yaml
@@ -56,6 +57,14 @@ def train(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     return launcher_for(spec, "local").launch(Launch(spec, args.spec, tuple(args.overrides), wait=args.wait))
+
+
+def export(args: argparse.Namespace) -> int:
+    from kubetune.train.export import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.to) if args.to else None)
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
 
 
 def merge(args: argparse.Namespace) -> int:
@@ -104,6 +113,8 @@ def render(args: argparse.Namespace) -> int:
         plan = _serving_plan(spec, args)
         objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
     else:
+        if args.what == "train":
+            _check_cluster_memory(spec)
         objects = render_objects(spec, args.what)
     sys.stdout.write(to_yaml(objects))
     if "://" not in spec.output_uri:  # stderr: stdout stays valid YAML for kubectl
@@ -116,9 +127,20 @@ def submit(args: argparse.Namespace) -> int:
     from kubetune.launch import Launch, launcher_for
 
     spec = load_spec(args.spec, args.overrides)
+    _check_cluster_memory(spec)
     code = launcher_for(spec, "k8s").launch(Launch(spec, args.spec, tuple(args.overrides)))
     print(f"follow it: kubetune status {spec.name} -n {spec.kubernetes.namespace}")
     return code
+
+
+def _check_cluster_memory(spec: Any) -> None:
+    """A run whose memory plan cannot fit the cluster's devices is refused before anything is created
+    (exit 2, with the fixes); unknown devices or an unreadable base config are not checked."""
+    from kubetune.train.memory import check_fits, plan_for_cluster
+
+    plan = plan_for_cluster(spec)
+    if plan is not None:
+        check_fits(spec, plan)
 
 
 def _serving_plan(spec: Any, args: argparse.Namespace) -> Any:

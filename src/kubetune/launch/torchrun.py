@@ -4,13 +4,16 @@ process per device; this process holds the run's lease for its ranks."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from kubetune import settings
 from kubetune.artifacts.events import PreemptedEvent
-from kubetune.errors import EXIT_PREEMPTED, LeaseHeld, UsageError
+from kubetune.errors import EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE, LeaseHeld, UsageError
 from kubetune.spec.models import RunSpec
 from kubetune.storage.lease import Lease
 from kubetune.storage.runs import Run
@@ -24,7 +27,7 @@ def torchrun_command(spec_path: str, overrides: list[str], nproc: int, nodes: in
                  "--rdzv-id", run_id]
     else:
         where = ["--standalone"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "kubetune.launch.agent", *where, f"--nproc_per_node={nproc}",
            "-m", "kubetune", "train", spec_path]
     for item in overrides:
         cmd += ["--set", item]
@@ -49,8 +52,18 @@ def run_torchrun(spec: RunSpec, spec_path: str, overrides: list[str], wait: bool
 
 
 def _run_torchrun(spec: RunSpec, spec_path: str, overrides: list[str], endpoint: str | None, lease: Lease | None) -> int:
-    nodes, nproc = spec.resources.nodes, spec.resources.devices_per_node
     env = dict(os.environ)
+    exits = Path(tempfile.mkdtemp(prefix="kubetune-ranks-"))
+    env[settings.RANK_EXITS] = str(exits)
+    try:
+        return _supervise(spec, spec_path, overrides, endpoint, lease, env, exits)
+    finally:
+        shutil.rmtree(exits, ignore_errors=True)
+
+
+def _supervise(spec: RunSpec, spec_path: str, overrides: list[str], endpoint: str | None, lease: Lease | None,
+               env: dict[str, str], exits: Path) -> int:
+    nodes, nproc = spec.resources.nodes, spec.resources.devices_per_node
     if spec.resources.accelerator in ("cpu", "auto"):
         # On CPU each rank gets its share of cores; oversubscribed threads make DDP slower, not faster.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -84,4 +97,16 @@ def _run_torchrun(spec: RunSpec, spec_path: str, overrides: list[str], endpoint:
         print(f"stopped at step {last[0].step} after saving {last[0].checkpoint}; run the same command "
               "again to resume", flush=True)
         return EXIT_PREEMPTED
+    return rank_exit(code, exits)
+
+
+def rank_exit(code: int, folder: Path) -> int:
+    """The exit code that says what happened: torchrun exits 1 for any failed rank, so a rank's own
+    code (2: bad input, 75: transient) is read from the file it left; the most telling one wins."""
+    if not code:
+        return 0
+    left = {int(f.read_text() or 1) for f in folder.glob("rank-*")} if folder.is_dir() else set()
+    for meaning in (EXIT_USAGE, EXIT_TRANSIENT, EXIT_PREEMPTED):
+        if meaning in left:
+            return meaning
     return code

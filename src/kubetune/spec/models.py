@@ -194,6 +194,15 @@ class ResourcesSpec(_Section):
     nodes: int = Field(1, ge=1, description="Nodes (Kubernetes only).")
     cpu: str | None = Field(None, description="CPU request per node, e.g. '8'.")
     memory: str | None = Field(None, description="Memory request per node, e.g. '48Gi'.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="How several devices share the work. ddp: every device holds the whole model; fsdp: "
+        "parameters, gradients and optimizer state are sharded over the devices (FSDP2); auto: ddp when the "
+        "memory plan fits every device, else fsdp.",
+    )
+    offload: bool = Field(False, description="With fsdp: keep parameters, gradients and optimizer state in CPU "
+                          "memory between uses (slower; for models that do not fit even sharded).")
+    device_memory: str | None = Field(None, description="Memory of one device, e.g. '80GB' (default: the known "
+                                      "accelerator's, or this machine's). The memory plan must fit in it.")
 
     @property
     def world_size(self) -> int:
@@ -352,6 +361,15 @@ class RunSpec(_Section):
                 f"{self.train.total_batch_size} is not divisible by the {world} processes "
                 f"(nodes x devices_per_node); use a multiple of {world}",
             ))
+        if self.resources.strategy == "fsdp" and world == 1:
+            problems.append(("resources.strategy", "fsdp shards the model over several processes, and "
+                             "nodes x devices_per_node is 1; use ddp (or auto), or more devices"))
+        if self.resources.offload and self.resources.strategy == "ddp":
+            problems.append(("resources.offload", "offload is FSDP's; set resources.strategy: fsdp (or auto)"))
+        if self.resources.device_memory is not None and not re.fullmatch(
+                r"\d+(\.\d+)?\s*(GB|GiB|MB|MiB|TB|TiB|G|Gi|M|Mi)", self.resources.device_memory):
+            problems.append(("resources.device_memory", f"{self.resources.device_memory!r} is not a size such as "
+                             "80GB, 24GiB or 512MiB"))
         if self.eval.metrics and self.data.eval is None:
             problems.append(("eval.metrics", "needs eval data: set data.eval to a source or {split_ratio: 0.05}"))
         if self.train.max_steps == 0 or self.train.max_steps < -1:

@@ -216,7 +216,7 @@ class UploadWorker:
     def _upload_tree(self, folder: Path) -> None:
         if not folder.exists():
             return
-        files = [self._key(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        files = [self._key(p) for p in folder.rglob("*") if p.is_file() and not _scratch(p)]
         for key in marker_last(files):
             self._retry(lambda k=key: self.store.put(self.root / k, k), key)
 
@@ -246,6 +246,12 @@ class UploadWorker:
                     warned = True
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def _scratch(path: Path) -> bool:
+    """Files being written (ours and other writers' `.tmp` before a rename), never uploaded. Other dot
+    files are data: a sharded checkpoint's `.metadata` is what makes its shards loadable."""
+    return path.name.endswith(".tmp") or path.name.startswith(".nfs")
 
 
 class GaveUp(Exception):

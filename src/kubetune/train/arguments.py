@@ -11,7 +11,8 @@ from kubetune.spec.models import RunSpec
 from kubetune.storage import read_model_config
 
 
-def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval: bool, model_dir: Path) -> Any:
+def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval: bool, model_dir: Path,
+                       strategy: str = "ddp") -> Any:
     """transformers TrainingArguments for the spec; a name transformers rejects is a spec error."""
     from transformers import TrainingArguments
 
@@ -56,8 +57,28 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
             train_sampling_strategy="random" if t.sampling == "length_buckets" else t.sampling,
             dataloader_num_workers=t.dataloader_workers,
             log_level="warning",
+            **fsdp_arguments(spec, strategy),
         )
     except ValueError as exc:
         msg = str(exc)
         field = "train.optim" if "OptimizerNames" in msg else "train.lr_scheduler" if "SchedulerType" in msg else "train"
         raise SpecError([Problem(field, msg)], hint="names follow transformers' TrainingArguments") from None
+
+
+def fsdp_arguments(spec: RunSpec, strategy: str) -> dict[str, Any]:
+    """transformers' FSDP2 settings when the run shards (`strategy`: resources.strategy as the memory plan
+    resolved it).
+
+    Checkpoints are sharded (each rank writes its own part, in torch.distributed.checkpoint's format)
+    and the final model is gathered into one Hugging Face folder. Activation checkpointing stays the
+    model's own (train.gradient_checkpointing), which the auto policy switches per micro-batch."""
+    if strategy != "fsdp":
+        return {}
+    from kubetune.hf import drop_log_message
+
+    # FSDP's own activation checkpointing wraps every layer for good; the model's lets the auto policy
+    # recompute only long micro-batches, for one extra all-gather per checkpointed layer in backward.
+    drop_log_message("transformers.training_args", "prefer `fsdp_config['activation_checkpointing']`")
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2, "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True,
+        "cpu_offload": spec.resources.offload, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}

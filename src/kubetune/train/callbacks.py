@@ -77,7 +77,11 @@ class EventsCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self._first_step_seen and state.is_world_process_zero:
             self._first_step_seen = True
-            self.events.emit(FirstStepEvent(step=state.global_step))
+            from kubetune.train.measure import held_bytes, peak_memory_bytes
+
+            model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
+            self.events.emit(FirstStepEvent(step=state.global_step, peak_memory_bytes=peak_memory_bytes(),
+                                            held_bytes=held_bytes(model, optimizer) if model is not None else None))
         if self.progress:
             self.progress.tick(state.global_step)
 
@@ -99,11 +103,12 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _barrier()  # every rank's files (rng_state_<rank>.pth) are written before the marker
         if self.store is not None and not state.is_world_process_zero and _first_on_node():
-            # Several nodes, each with its own disk: this node's ranks' RNG states exist only here.
-            # They are stored before rank 0 marks the checkpoint COMPLETE (the barrier below).
+            # Several nodes, each with its own disk: what this node's ranks wrote (their RNG states and,
+            # under FSDP, their shards) exists only here. Rank 0 writes nothing on this node, so every
+            # file is theirs; they are stored before rank 0 marks the checkpoint COMPLETE (the barrier below).
             path = self.folder / f"checkpoint-{state.global_step}"
-            for file in sorted(path.glob("rng_state_*.pth")):
-                self.store.put(file, f"checkpoints/{path.name}/{file.name}")
+            for file in sorted(f for f in path.rglob("*") if f.is_file()):
+                self.store.put(file, f"checkpoints/{path.name}/{file.relative_to(path).as_posix()}")
             _barrier()
         elif self.store is not None and _multi_node():
             _barrier()

@@ -147,9 +147,11 @@ def validate(spec: RunSpec, source: str = "spec") -> list[str]:
     return lines
 
 
-def plan_report(spec: RunSpec, color: bool, show: int | None = None) -> list[Any]:
+def plan_report(spec: RunSpec, color: bool, show: int | None = None, local: bool = True) -> list[Any]:
     """`kubetune plan`: lines (str, or rich Text for samples with their loss masks) to print; `show`
-    samples in data order, else the first one with masked tokens."""
+    samples in data order, else the first one with masked tokens. `local`: the memory plan is for this
+    machine's devices, else for the cluster's (resources.device_memory, the node selector)."""
+    from kubetune.train.memory import fixes, plan_for_run
     from kubetune.train.objectives import objective_for
 
     prepared = objective_for(spec).prepare(spec)
@@ -162,6 +164,12 @@ def plan_report(spec: RunSpec, color: bool, show: int | None = None) -> list[Any
                         f"{p.batches.world_size} devices = {p.batches.total}",
                         f"  optimizer steps: {p.steps}",
                         f"  rough time: {duration(p.est_seconds)}"]
+    memory = plan_for_run(spec, prepared, local)
+    lines += memory.lines()
+    if not memory.fits:
+        found = fixes(spec, memory)
+        lines.append("  does not fit: `train` and `submit` refuse it. " +
+                     (f"Fixes: {'; or '.join(found)}" if found else "Use a device with more memory or a smaller model"))
     legend = "green = trained, dim = masked" if color else "⟦trained⟧, the rest masked"
     for row in shown_rows(prepared, show) if show is not None else [p.sample] if p.sample is not None else []:
         lines += [f"\nsample ({row.where}; {legend}):", show_sample(row, prepared.formatter, color)]

@@ -33,6 +33,8 @@ from kubetune.train.arguments import training_arguments
 from kubetune.train.build import build_trainer
 from kubetune.train.devices import check_accelerator
 from kubetune.train.dist import DistInfo, finish_distributed
+from kubetune.train.measure import peak_memory_bytes
+from kubetune.train.memory import check_fits, plan_for_run, resolve_strategy
 from kubetune.train.objectives import Objective, objective_for
 
 
@@ -178,10 +180,14 @@ def _set_up(fit: Fit) -> None:
             events.emit(CheckpointStoredEvent(step=step, uri=f"{store_uri}/checkpoints/checkpoint-{step}"))))
     data = fit.objective.prepare(spec)
     batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, fit.dist.world_size)
-    args = training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir)
+    memory = plan_for_run(spec, data, local=True)
+    check_fits(spec, memory)  # before the model loads: an out-of-memory plan is refused, with its fixes
+    strategy = resolve_strategy(spec, memory)
+    args = training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir, strategy)
     # Loads the model: target_modules and qlora mistakes surface here, before anything is written.
     trainer = build_trainer(spec, data, layout, events, batches, args, fit.uploader, fit.objective,
                             fit.output.store)
+    check_sharding(strategy, trainer, fit.resume_from)
     from kubetune.train.callbacks import LeaseWatch
     from kubetune.train.preempt import GracefulStop, StopCallback  # imports transformers: not at module level
 
@@ -208,7 +214,8 @@ def _set_up(fit: Fit) -> None:
         train_rows=len(data.train.rows), eval_rows=len(data.eval.rows), total_steps=total_steps,
         per_device_batch=batches.per_device, accumulation=batches.accumulation, world_size=fit.dist.world_size,
         mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped)))
+        truncated=data.train.truncated, dropped=data.train.dropped, skipped_rows=len(data.samples.skipped),
+        strategy="fsdp" if trainer.is_fsdp_enabled else "ddp" if fit.dist.world_size > 1 else "single"))
     fit.data, fit.events, fit.trainer, fit.graceful, fit.args = data, events, trainer, graceful, args
 
 
@@ -257,7 +264,7 @@ def _finalize(fit: Fit, trained: Any) -> TrainResult:
         fit.uploader.wait_for_checkpoints(settings.upload_retry_seconds())
     fit.events.emit(EndEvent(step=step, final=str(layout.final), train_loss=trained.training_loss,
                              tokens_seen=int(trainer.events_callback.tokens_seen),
-                             train_runtime=trained.metrics.get("train_runtime")))
+                             train_runtime=trained.metrics.get("train_runtime"), peak_memory_bytes=peak_memory_bytes()))
     say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
         f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
     if fit.main and fit.after_training and spec.eval.metrics and (fit.data.eval.rows or fit.data.samples.eval):
@@ -300,6 +307,28 @@ def spec_changes(layout: RunLayout, spec: RunSpec) -> list[str]:
 
     walk(old, new, "")
     return out
+
+
+def check_sharding(strategy: str, trainer: Any, resume_from: Path | None) -> None:
+    """FSDP is on exactly when the run shards (never a silent fall-back to replicas), and a checkpoint
+    resumes under the strategy that wrote it: sharded state cannot be loaded into replicas, nor the reverse."""
+    if (strategy == "fsdp") != bool(trainer.is_fsdp_enabled):
+        raise UsageError(f"resources.strategy {strategy}: this machine's devices cannot run it "
+                         f"(accelerate {'did not enable' if strategy == 'fsdp' else 'enabled'} FSDP)",
+                         "set resources.strategy: ddp, or run on devices accelerate shards on")
+    if resume_from is None:
+        return
+    sharded = any(resume_from.glob("pytorch_model_fsdp*"))
+    if sharded != (strategy == "fsdp"):
+        was, now = ("fsdp", strategy) if sharded else ("ddp", "fsdp")
+        raise UsageError(f"{resume_from} was saved by a {was} run and this run uses {now}: its state cannot be "
+                         "loaded across strategies", f"resume with resources.strategy: {was}, or start a new run "
+                         "from the exported model (model.base)")
+    saved_world = len(list(resume_from.glob("rng_state_*.pth")))
+    if sharded and saved_world and saved_world != trainer.args.world_size:
+        raise UsageError(f"{resume_from} holds the shards of {saved_world} processes and this run has "
+                         f"{trainer.args.world_size}", f"resume on {saved_world} processes (resources.devices_per_node "
+                         "x nodes), or start a new run from the exported model")
 
 
 def _resume_point(spec: RunSpec, layout: RunLayout, main: bool) -> Path | None:

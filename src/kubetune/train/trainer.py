@@ -29,6 +29,23 @@ class KubetuneTrainer(Trainer):
         self._real: Any = 0
         self._positions = 0
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            _fsdp_on_cpu(self)
+
+    def save_final_model(self, output_dir: str) -> None:
+        """The trained model (or adapter) as one Hugging Face folder. Under FSDP with sharded
+        checkpoints transformers' save_model writes nothing; the shards are gathered here (every rank
+        takes part) and the main process writes safetensors that merge, eval and serve load."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.is_fsdp_enabled and plugin is not None and "SHARDED" in str(plugin.state_dict_type):
+            state_dict = _gathered_state_dict(self.model, keep=self.args.should_save)
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state_dict)
+        else:
+            self.save_model(output_dir)
+
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         if self.checkpoint_above_tokens is not None:
             self._set_checkpointing(model, inputs["input_ids"].numel() > self.checkpoint_above_tokens)
@@ -89,3 +106,31 @@ def _malloc_trim() -> Any:
         return libc.malloc_trim if libc is not None and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+
+
+def _fsdp_on_cpu(trainer: Any) -> None:
+    """accelerate turns FSDP on only for GPU-like devices; on CPU ranks (gloo) it silently stays DDP.
+    torch's FSDP2 (`fully_shard`) itself runs on CPU, and accelerate's FSDP2 path needs nothing but the
+    distributed type and the plugin: set those, as accelerate does for a GPU."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True
+
+
+def _gathered_state_dict(model: Any, keep: bool) -> dict[str, Any]:
+    """The full state dict from FSDP2's sharded parameters (DTensors), one tensor at a time; every rank
+    takes part in each all-gather, only `keep` (the main process) keeps the CPU copies. (accelerate's
+    get_state_dict returns, on CPU ranks, views of FSDP's unsharded buffers, which are freed right after.)"""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, Any] = {}
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        if keep:
+            out[name] = full.detach().to("cpu").clone()
+    return out

@@ -36,7 +36,7 @@ class SFT:
         from kubetune.data.export import save_tokenizer_and_config
 
         target = layout.merged if spec.method.type == "full" else layout.adapter
-        trainer.save_model(str(target))  # main process only; a PEFT model saves just the adapter
+        trainer.save_final_model(str(target))  # written by the main process; a PEFT model saves just the adapter
         if main:
             stop = data.formatter.stop if data.has_chat else None
             save_tokenizer_and_config(data.model_dir, data.formatter.template, stop, data.formatter.pad_id, target)

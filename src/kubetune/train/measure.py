@@ -1,0 +1,42 @@
+"""What a training process actually holds, measured (the memory plan is checked against these)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def local_bytes(tensor: Any) -> int:
+    """Bytes of a tensor held by this process: under FSDP2 a parameter is a DTensor whose local shard
+    is the part this rank stores."""
+    local = getattr(tensor, "_local_tensor", tensor)
+    return int(local.numel() * local.element_size())
+
+
+def held_bytes(model: Any, optimizer: Any = None) -> int:
+    """Parameters (and their gradients, when present) plus optimizer state, as stored by this process."""
+    import torch
+
+    total = 0
+    for p in model.parameters():
+        total += local_bytes(p)
+        if p.grad is not None:
+            total += local_bytes(p.grad)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    for state in getattr(inner, "state", {}).values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                total += local_bytes(value)
+    return total
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak memory: CUDA memory allocated on a GPU, else the resident set (Linux: KiB)."""
+    import resource
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
