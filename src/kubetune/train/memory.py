@@ -27,7 +27,7 @@ GIB = 2**30
 # A process's own footprint before the model: the Python runtime with torch and transformers
 # imported (resident set on CPU), or the CUDA context and allocator slack on a GPU (not counted by
 # the allocator, but taken from the device).
-RUNTIME = {"cpu": 0.45 * GB, "gpu": 1.0 * GIB}
+RUNTIME = {"cpu": 0.54 * GB, "gpu": 1.0 * GIB}
 
 # Device memory of accelerators people train on, matched in node selector values
 # (nvidia.com/gpu.product, cloud.google.com/gke-accelerator, instance types). Most specific first.
@@ -272,9 +272,14 @@ def plan_memory(spec: RunSpec, inputs: Inputs, micro_batch: int | None = None, s
         weights += linear * 2  # autocast keeps a bf16 copy of each linear weight for forward and backward
     layer_weights = s.layer_params() * (0.55 if method == "qlora" else wbytes)
     if strategy == "fsdp":
-        # each rank keeps 1/world; the layer being computed (and the next, prefetched) is gathered whole
-        weights = (0 if offload else weights / world) + 2 * layer_weights
-        gradients = 0 if offload else gradients / world + (s.layer_params() * grad_bytes if method == "full" else 0)
+        # each rank keeps 1/world; the layer being computed (and the next, prefetched) is gathered whole,
+        # and so are its gradients before the reduce-scatter. On CPU the freed all-gather and
+        # reduce-scatter buffers stay resident (glibc keeps them for reuse): the resident peak holds one
+        # whole copy of the parameters and of the gradients besides the shards (measured: bench/memory_plan.py).
+        gathered = (weights, gradients) if not gpu else (2 * layer_weights,
+                                                         s.layer_params() * grad_bytes if method == "full" else 0)
+        weights = (0 if offload else weights / world) + gathered[0]
+        gradients = (0 if offload else gradients / world) + gathered[1]
         optimizer = 0 if offload else optimizer / world
     elif strategy == "ddp":
         gradients *= 2  # DDP's bucketed copy of every gradient, for the all-reduce
