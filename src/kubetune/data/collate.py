@@ -44,3 +44,20 @@ class PadCollator:
             labels[i, :n] = torch.as_tensor(f["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class FlatCollator:
+    """Padding-free batches: the micro-batch's rows concatenated into one sequence of shape (1, N),
+    position ids restarting at 0 for each row. Attention stays within a row — FlashAttention-2 reads
+    the boundaries from the position ids (varlen), SDPA and eager get a block-diagonal causal mask
+    built from them — so the loss is the padded batch's, with no compute spent on padding. The first
+    label of every row is ignored: there the model would predict a row from the end of the previous one."""
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        ids = torch.cat([torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features])
+        labels = torch.cat([torch.as_tensor(f["labels"], dtype=torch.long) for f in features])
+        positions = torch.cat([torch.arange(len(f["input_ids"]), dtype=torch.long) for f in features])
+        labels[positions == 0] = IGNORE
+        return {"input_ids": ids[None], "labels": labels[None], "position_ids": positions[None], "use_cache": False}

@@ -168,6 +168,17 @@ class TrainSpec(_Section):
         "same batch size); group_by_length: transformers' windowed grouping; random: plain shuffling.",
     )
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    padding_free: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Concatenate each micro-batch's rows into one sequence with position ids restarting per "
+        "row (no padding; attention stays within each row). auto: on GPUs with FlashAttention-2.",
+    )
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="Attention kernel. auto: flash_attention_2 on NVIDIA GPUs where the flash-attn package "
+        "is installed, else sdpa.",
+    )
+    liger: bool = Field(False, description="Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU); "
+                        "needs an NVIDIA GPU and the liger-kernel package.")
+    compile: bool = Field(False, description="torch.compile the model (slower start, faster steps on GPUs).")
 
 
 class TrackingSpec(_Section):
@@ -352,6 +363,10 @@ class RunSpec(_Section):
             problems.append(("method.type", f"qlora needs NVIDIA GPUs (bitsandbytes 4-bit); resources.accelerator is {acc}"))
         if self.model.dtype == "float16" and acc == "cpu":
             problems.append(("model.dtype", "float16 training needs a GPU; use float32 or auto on CPU"))
+        if self.train.liger and acc in ("cpu", "amd", "gaudi"):
+            problems.append(("train.liger", f"Liger kernels need NVIDIA GPUs (Triton); resources.accelerator is {acc}"))
+        if self.train.attention == "flash_attention_2" and acc in ("cpu", "gaudi"):
+            problems.append(("train.attention", f"flash_attention_2 needs a GPU; resources.accelerator is {acc}"))
         if self.train.mixed_precision == "fp16" and acc == "cpu":
             problems.append(("train.mixed_precision", "fp16 autocast needs a GPU; use bf16, auto or fp32 on CPU"))
         world = self.resources.world_size

@@ -16,6 +16,7 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
     """transformers TrainingArguments for the spec; a name transformers rejects is a spec error."""
     from transformers import TrainingArguments
 
+    from kubetune.train.fastpath import check_liger
     from kubetune.train.model import resolve_dtype, resolve_mixed_precision, use_cpu
 
     dtype = resolve_dtype(spec.model.dtype, spec.resources.accelerator)
@@ -57,6 +58,8 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
             train_sampling_strategy="random" if t.sampling == "length_buckets" else t.sampling,
             dataloader_num_workers=t.dataloader_workers,
             log_level="warning",
+            use_liger_kernel=check_liger(spec),
+            torch_compile=t.compile,
             **fsdp_arguments(spec, strategy),
         )
     except ValueError as exc:

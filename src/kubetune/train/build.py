@@ -36,8 +36,8 @@ def build_trainer(spec: RunSpec, data: Any, layout: RunLayout, events: EventLog,
     # and the Trainer seeds only later; without this a run is not reproducible from train.seed.
     set_seed(spec.train.seed)
     # data.model_dir may hold only the tokenizer and configs (enough for validate/plan): the weights now
-    model = load_model(spec, resolve_model(spec.model.base, spec.model.revision))
     args = args or training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir)
+    model = load_model(spec, resolve_model(spec.model.base, spec.model.revision), sharded=bool(args.fsdp))
     trainer = objective.trainer(spec, data, model, args, batches,
                                 [CheckpointCallback(layout.checkpoints, spec.train.keep_checkpoints, events, uploader,
                                                                    store)])

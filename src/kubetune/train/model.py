@@ -58,14 +58,18 @@ def use_cpu(spec: RunSpec) -> bool:
     return spec.resources.accelerator == "cpu" or not torch.cuda.is_available()
 
 
-def load_model(spec: RunSpec, model_dir: Path) -> Any:
-    """The base model, ready for training with spec.method (PEFT-wrapped for lora/qlora)."""
+def load_model(spec: RunSpec, model_dir: Path, sharded: bool = False) -> Any:
+    """The base model, ready for training with spec.method (PEFT-wrapped for lora/qlora); `sharded`:
+    FSDP will shard it (QLoRA's 4-bit weights are then stored in a float type FSDP can flatten)."""
     from transformers import AutoModelForCausalLM
 
+    from kubetune.train.fastpath import resolve_attention
+
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(spec.model.dtype, spec.resources.accelerator),
-                              "trust_remote_code": spec.model.trust_remote_code}
+                              "trust_remote_code": spec.model.trust_remote_code,
+                              "attn_implementation": resolve_attention(spec)}
     if spec.method.type == "qlora":
-        kwargs["quantization_config"] = _qlora_config(kwargs["dtype"])
+        kwargs["quantization_config"] = _qlora_config(kwargs["dtype"], sharded)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as exc:
@@ -117,7 +121,7 @@ def check_target_modules(model: Any, targets: str | list[str]) -> str | list[str
     return list(targets)
 
 
-def _qlora_config(dtype: Any) -> Any:
+def _qlora_config(dtype: Any, sharded: bool = False) -> Any:
     import torch
 
     if not torch.cuda.is_available():
@@ -132,5 +136,8 @@ def _qlora_config(dtype: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
     compute = dtype if dtype != torch.float32 else torch.bfloat16
+    # FSDP shards parameters of one float dtype: bitsandbytes then packs the 4-bit weights into the
+    # compute dtype's storage (its documented FSDP-QLoRA setting) instead of uint8.
+    extra = {"bnb_4bit_quant_storage": compute} if sharded else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_compute_dtype=compute, **extra)

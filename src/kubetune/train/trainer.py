@@ -53,6 +53,9 @@ class KubetuneTrainer(Trainer):
         if mask is not None:
             self._real = self._real + mask.sum()
             self._positions += mask.numel()
+        else:  # padding-free: every position is a real token
+            self._real = self._real + inputs["input_ids"].numel()
+            self._positions += inputs["input_ids"].numel()
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._trim is not None:
             self._trim(0)

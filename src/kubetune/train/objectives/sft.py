@@ -18,8 +18,11 @@ class SFT:
         return prepare(spec)
 
     def trainer(self, spec: RunSpec, data: Prepared, model: Any, args: Any, batches: Any, callbacks: list[Any]) -> Any:
-        from kubetune.data.collate import ListDataset, PadCollator
+        from kubetune.data.collate import FlatCollator, ListDataset, PadCollator
+        from kubetune.train.fastpath import resolve_attention, resolve_padding_free
         from kubetune.train.trainer import KubetuneTrainer
+
+        flat = resolve_padding_free(spec, resolve_attention(spec))
 
         return KubetuneTrainer(
             length_buckets=spec.train.sampling == "length_buckets",
@@ -28,7 +31,7 @@ class SFT:
             args=args,
             train_dataset=ListDataset(data.train.rows),
             eval_dataset=ListDataset(data.eval.rows) if data.eval.rows else None,
-            data_collator=PadCollator(data.formatter.pad_id),
+            data_collator=FlatCollator() if flat else PadCollator(data.formatter.pad_id),
             callbacks=callbacks,
         )
 
