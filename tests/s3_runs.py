@@ -49,10 +49,14 @@ def remote_checkpoints(s3: S3Server, name: str) -> dict[str, set[str]]:
     return out
 
 
-def assert_complete_means_complete(s3: S3Server, name: str, ranks: int = 1) -> None:
+def assert_complete_means_complete(s3: S3Server, name: str, ranks: int = 1, sharded: bool = False) -> None:
     """Every checkpoint marked COMPLETE in the bucket has all its files (with several ranks: each
-    rank's own RNG state)."""
+    rank's own RNG state; sharded (FSDP): each rank's shards of the model and the optimizer state)."""
     want = CKPT_FILES if ranks == 1 else (CKPT_FILES - {"rng_state.pth"}) | {f"rng_state_{r}.pth" for r in range(ranks)}
+    if sharded:
+        want = (want - {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"}) | {
+            f"{part}/{f}" for part in ("pytorch_model_fsdp_0", "optimizer_0")
+            for f in [".metadata", *(f"__{r}_0.distcp" for r in range(ranks))]}
     for ckpt, files in remote_checkpoints(s3, name).items():
         if "COMPLETE" in files:
             assert want <= files, f"{ckpt} carries COMPLETE without {want - files}"

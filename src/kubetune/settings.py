@@ -14,7 +14,8 @@ from pathlib import Path
 
 __all__ = [
     "API_KEY", "CACHE", "DEBUG", "GCS_MOUNT", "LEASE_HOLDER", "LEASE_SECONDS", "PREEMPT_UPLOAD_SECONDS",
-    "PREFLIGHT_RETRIES", "PVC_ROOT", "RANK_EXITS", "RDZV_ENDPOINT", "UPLOAD_RETRY_SECONDS", "WORKDIR",
+    "PREFLIGHT_RETRIES", "PVC_ROOT", "RANK_EXITS", "RDZV_ENDPOINT", "SKIP_MEMORY_CHECK", "UPLOAD_RETRY_SECONDS",
+    "WORKDIR", "skip_memory_check",
     "api_key", "cache_dir", "debug", "gcs_mount", "lease_holder", "lease_seconds", "preempt_upload_seconds",
     "preflight_retries", "pvc_root", "rdzv_endpoint", "upload_retry_seconds", "workdir",
 ]
@@ -31,6 +32,7 @@ LEASE_HOLDER = "KUBETUNE_LEASE_HOLDER"      # this trainer's name in the lease (
 RDZV_ENDPOINT = "KUBETUNE_RDZV_ENDPOINT"    # host:port of node 0 for multi-node torchrun (set by the Indexed Job)
 API_KEY = "KUBETUNE_API_KEY"                # key that `serve` requires and `chat` sends
 DEBUG = "KUBETUNE_DEBUG"                    # 1: print the Python traceback of an unexpected error
+SKIP_MEMORY_CHECK = "KUBETUNE_SKIP_MEMORY_CHECK"  # 1: train/render/submit a plan that does not fit (the plan is wrong here)
 RANK_EXITS = "KUBETUNE_RANK_EXITS"          # set by the torchrun launcher for its ranks: where they leave exit codes
 
 
@@ -39,6 +41,10 @@ def _float(name: str, default: float) -> float:
         return float(os.environ.get(name, default))
     except ValueError:
         return default
+
+
+def skip_memory_check() -> bool:
+    return os.environ.get(SKIP_MEMORY_CHECK, "") not in ("", "0", "false", "no")
 
 
 def cache_dir() -> Path:

@@ -51,7 +51,8 @@ def pods(tmp: Path, spec_path: Path, s3: S3Server, port: int) -> list[tuple[list
             if "value" in item:
                 env[item["name"]] = item["value"].replace(SCRATCH, str(scratch))
         host, _, rendezvous_port = env["KUBETUNE_RDZV_ENDPOINT"].rpartition(":")
-        assert host == "mn-0.mn.default.svc" and rendezvous_port == "29500"  # the headless Service of pod 0
+        name = load_spec(spec_path).name
+        assert host == f"{name}-0.{name}.default.svc" and rendezvous_port == "29500"  # the headless Service of pod 0
         env["KUBETUNE_RDZV_ENDPOINT"] = f"127.0.0.1:{port}"  # that name resolves only in the cluster
         env["JOB_COMPLETION_INDEX"] = str(index)  # what Kubernetes sets in an Indexed Job's pods
         command = [a.replace(SPEC_DIR, str(etc)) for a in container["command"]]
@@ -82,22 +83,26 @@ def start(pod: tuple[list[str], dict[str, str]], log: Path) -> subprocess.Popen[
                             start_new_session=True)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_nodes_rendezvous_train_and_resume_after_one_is_killed(s3: S3Server, tiny_model: Path,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, strategy: str) -> None:
+    """fsdp: each node's rank writes its own shards on its own disk; node 1's reach the bucket before
+    COMPLETE, and the resumed pair loads them."""
     spec_path = tmp_path / "mn.yaml"
     spec_path.write_text(yaml.safe_dump({
-        "name": "mn", "model": {"base": str(tiny_model)},
+        "name": f"mn-{strategy}", "model": {"base": str(tiny_model)},
         "data": {"train": str(QUICKSTART_DATA / "train.jsonl"), "eval": None, "max_length": 128},
         "train": {"max_steps": 400, "total_batch_size": 8, "max_per_device_batch_size": 4, "save_every_steps": 20,
                   "keep_checkpoints": 2, "logging_steps": 10, "learning_rate": 3e-3},
-        "output": f"s3://{BUCKET}/runs/mn", "resources": {"accelerator": "cpu", "nodes": 2, "devices_per_node": 1},
+        "output": f"s3://{BUCKET}/runs/mn-{strategy}",
+        "resources": {"accelerator": "cpu", "nodes": 2, "devices_per_node": 1, "strategy": strategy},
         "tracking": {"report_to": []}}))
     logs = [tmp_path / "node-0.log", tmp_path / "node-1.log"]
     port = free_port()
     first = [start(pod, log) for pod, log in zip(pods(tmp_path / "first", spec_path, s3, port), logs)]
     try:
         deadline = time.monotonic() + 300
-        while not any("COMPLETE" in files for files in remote_checkpoints(s3, "mn").values()):
+        while not any("COMPLETE" in files for files in remote_checkpoints(s3, f"mn-{strategy}").values()):
             assert all(p.poll() is None for p in first), "a node ended early: " + logs[0].read_text()[-2000:] + \
                 logs[1].read_text()[-2000:]
             assert time.monotonic() < deadline, "no checkpoint was stored in 300 s"
@@ -109,7 +114,7 @@ def test_two_nodes_rendezvous_train_and_resume_after_one_is_killed(s3: S3Server,
     finally:
         for p in first:
             kill_pod(p)
-    stored = {int(c.split("-")[1]) for c, files in remote_checkpoints(s3, "mn").items() if "COMPLETE" in files}
+    stored = {int(c.split("-")[1]) for c, files in remote_checkpoints(s3, f"mn-{strategy}").items() if "COMPLETE" in files}
     assert stored and max(stored) < 400
 
     second = [start(pod, log) for pod, log in zip(pods(tmp_path / "second", spec_path, s3, free_port()), logs)]
@@ -120,13 +125,16 @@ def test_two_nodes_rendezvous_train_and_resume_after_one_is_killed(s3: S3Server,
             kill_pod(p)
     text = logs[0].read_text() + logs[1].read_text()
     assert codes == [0, 0], text[-4000:]
-    assert f"resuming from s3://{BUCKET}/runs/mn/checkpoints/checkpoint-{max(stored)}" in text, text[-3000:]
-    assert_complete_means_complete(s3, "mn", ranks=2)  # node 1's rank state is stored too, before COMPLETE
-    finals = [k for k in s3.keys(BUCKET, "runs/mn/final/") if k.endswith("adapter_model.safetensors")]
-    assert finals == ["runs/mn/final/adapter/adapter_model.safetensors"]  # saved once, by global rank 0
-    events = s3.client().get_object(Bucket=BUCKET, Key="runs/mn/events.jsonl")["Body"].read().decode()
+    run = f"runs/mn-{strategy}"
+    assert f"resuming from s3://{BUCKET}/{run}/checkpoints/checkpoint-{max(stored)}" in text, text[-3000:]
+    # node 1's rank state (and shards) are stored too, before COMPLETE
+    assert_complete_means_complete(s3, f"mn-{strategy}", ranks=2, sharded=strategy == "fsdp")
+    finals = [k for k in s3.keys(BUCKET, f"{run}/final/") if k.endswith("adapter_model.safetensors")]
+    assert finals == [f"{run}/final/adapter/adapter_model.safetensors"]  # saved once, by global rank 0
+    events = s3.client().get_object(Bucket=BUCKET, Key=f"{run}/events.jsonl")["Body"].read().decode()
     # (the first attempt's own start event may not have reached the bucket before its writer was killed)
     starts = [json.loads(line) for line in events.splitlines() if json.loads(line)["event"] == "start"]
     assert starts[-1]["world_size"] == 2 and starts[-1]["resumed_from"].endswith(f"checkpoint-{max(stored)}")
+    assert starts[-1]["strategy"] == strategy
     ends = [json.loads(line) for line in events.splitlines() if json.loads(line)["event"] == "end"]
     assert len(ends) == 1 and ends[0]["step"] == 400

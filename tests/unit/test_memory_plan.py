@@ -102,6 +102,8 @@ def test_spec_rules_for_strategy(write_spec) -> None:
         ({"resources": {"accelerator": "cpu", "devices_per_node": 2, "strategy": "ddp", "offload": True}},
          "resources.offload", "offload is FSDP's"),
         ({"resources": {"accelerator": "cpu", "device_memory": "lots"}}, "resources.device_memory", "not a size"),
+        ({"resources": {"accelerator": "cpu", "devices_per_node": 2, "strategy": "fsdp", "offload": True}},
+         "resources.offload", "nothing to offload"),
     ]:
         with pytest.raises(SpecError) as info:
             load_spec(write_spec(**sections))

@@ -379,6 +379,9 @@ class RunSpec(_Section):
         if self.resources.strategy == "fsdp" and world == 1:
             problems.append(("resources.strategy", "fsdp shards the model over several processes, and "
                              "nodes x devices_per_node is 1; use ddp (or auto), or more devices"))
+        if self.resources.offload and acc == "cpu":
+            problems.append(("resources.offload", "moves sharded state from accelerator memory to CPU memory; "
+                             "with resources.accelerator cpu there is nothing to offload"))
         if self.resources.offload and self.resources.strategy == "ddp":
             problems.append(("resources.offload", "offload is FSDP's; set resources.strategy: fsdp (or auto)"))
         if self.resources.device_memory is not None and not re.fullmatch(

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.artifacts.layout import RunLayout
-from kubetune.errors import Problem, SpecError
+from kubetune.errors import Problem, SpecError, UsageError
 from kubetune.spec.models import RunSpec
 from kubetune.storage import read_model_config
 
@@ -77,6 +77,11 @@ def fsdp_arguments(spec: RunSpec, strategy: str) -> dict[str, Any]:
     model's own (train.gradient_checkpointing), which the auto policy switches per micro-batch."""
     if strategy != "fsdp":
         return {}
+    from kubetune.train.model import use_cpu
+
+    if spec.resources.offload and use_cpu(spec):
+        raise UsageError("resources.offload moves sharded state from accelerator memory to CPU memory, and this "
+                         "run trains on the CPU", "set resources.offload: false here")
     from kubetune.hf import drop_log_message
 
     # FSDP's own activation checkpointing wraps every layer for good; the model's lets the auto policy

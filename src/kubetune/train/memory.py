@@ -13,7 +13,6 @@ plan beside measured peaks.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,14 +375,17 @@ def _lora_extra(spec: RunSpec, shape: Shape, method: str, abytes: int) -> float:
 
 def check_fits(spec: RunSpec, plan: MemoryPlan) -> None:
     """Refuse a plan that cannot fit its device: exit 2 with the cheapest changes that would fit."""
-    if plan.fits or os.environ.get("KUBETUNE_SKIP_MEMORY_CHECK"):
-        return
+    from kubetune import settings
     from kubetune.errors import UsageError
+
+    if plan.fits or settings.skip_memory_check():
+        return
 
     raise UsageError(f"the run needs ~{_size(plan.peak)} per device and {plan.device} has {_size(plan.device_memory)}"
                      f" (weights {_size(plan.weights)}, gradients {_size(plan.gradients)}, optimizer "
                      f"{_size(plan.optimizer)}, activations {_size(plan.activations)})",
-                     "; or ".join(fixes(spec, plan)) or "a device with more memory, or a smaller model")
+                     ("; or ".join(fixes(spec, plan)) or "a device with more memory, or a smaller model") +
+                     f" (if the plan is wrong for this setup, {settings.SKIP_MEMORY_CHECK}=1 runs it anyway)")
 
 
 def fixes(spec: RunSpec, plan: MemoryPlan) -> list[str]:
@@ -403,7 +405,7 @@ def fixes(spec: RunSpec, plan: MemoryPlan) -> list[str]:
         consider(f"train.max_per_device_batch_size: {best}", plan_memory(spec, inputs, micro_batch=best))
     if plan.world > 1 and plan.strategy != "fsdp":
         consider("resources.strategy: fsdp", plan_memory(spec, inputs, strategy="fsdp"))
-    if plan.world > 1 and not plan.offload:
+    if plan.world > 1 and not plan.offload and gpu:
         consider("resources.strategy: fsdp with resources.offload: true",
                  plan_memory(spec, inputs, strategy="fsdp", offload=True))
     if spec.method.type == "full":
