@@ -122,6 +122,8 @@ def test_render_refuses_a_run_that_cannot_fit_the_clusters_gpus(tmp_path: Path, 
     code, out, err = cli("render", str(spec))
     assert code == 2 and out == "" and "Traceback" not in err
     assert "per device and NVIDIA-A100-SXM4-40GB has 40.0 GB" in err and "resources.strategy: fsdp" in err
+    code, out, err = cli("submit", str(spec))  # refused before any cluster is contacted
+    assert code == 2 and "NVIDIA-A100-SXM4-40GB has 40.0 GB" in err and "Traceback" not in err
     code, out, _ = cli("render", str(spec), "--set", "resources.strategy=fsdp")
     assert code == 0 and "kind: Job" in out
     code, out, _ = cli("render", str(spec), "--set", "resources.strategy=auto")  # auto shards in the pod
