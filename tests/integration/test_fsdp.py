@@ -105,7 +105,16 @@ def test_sigkill_under_fsdp_resumes_the_sharded_checkpoint(write_spec, tmp_path:
     assert f"resuming from {saved}" in res.stdout
     resumed = [e for e in read_events(out / "events.jsonl") if e.event == "step" and e.step > steps[-1]]
     assert resumed and resumed[0].step == steps[-1] + 4 and resumed[-1].step == 40
-    assert (out / "final" / "adapter" / "adapter_model.safetensors").exists()
+    final = out / "final" / "adapter" / "adapter_model.safetensors"
+    assert final.exists()
+    # the last sharded checkpoint (step 40) exported as an adapter is the final adapter
+    res = run_kubetune("export", str(out / "checkpoints" / "checkpoint-40"), "--to", str(tmp_path / "exp"), timeout=200)
+    assert res.returncode == 0, res.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "exp" / "adapter_model.safetensors"), load_file(final)
+    assert sorted(a) == sorted(b) and all(float((a[k] - b[k]).abs().max()) == 0.0 for k in a)
+    assert (tmp_path / "exp" / "adapter_config.json").exists()
 
 
 def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(write_spec, tmp_path: Path) -> None:
