@@ -29,6 +29,11 @@ class ModelSpec(_Section):
         description="auto = the tokenizer's own template (chatml if it has none); chatml; or a path to a Jinja file.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub (off: only trusted architectures).")
+    adapter: str | None = Field(
+        None, description="Start from an earlier run's LoRA adapter and keep training it: the run's folder or URI "
+        "(s3://, gs://, pvc://), or an adapter folder. Its LoRA settings (r, alpha, targets) are the adapter's; "
+        "model.base must be the base it was trained on.",
+    )
 
 
 class Columns(_Section):
@@ -363,6 +368,9 @@ class RunSpec(_Section):
             problems.append(("method.type", f"qlora needs NVIDIA GPUs (bitsandbytes 4-bit); resources.accelerator is {acc}"))
         if self.model.dtype == "float16" and acc == "cpu":
             problems.append(("model.dtype", "float16 training needs a GPU; use float32 or auto on CPU"))
+        if self.model.adapter and self.method.type == "full":
+            problems.append(("model.adapter", "continues a LoRA adapter, and method.type is full: for a full "
+                             "fine-tune from an earlier run set model.base to its merged model (RUN/final/merged)"))
         if self.train.liger and acc in ("cpu", "amd", "gaudi"):
             problems.append(("train.liger", f"Liger kernels need NVIDIA GPUs (Triton); resources.accelerator is {acc}"))
         if self.train.attention == "flash_attention_2" and acc in ("cpu", "gaudi"):

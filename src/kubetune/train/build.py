@@ -26,6 +26,7 @@ def build_trainer(spec: RunSpec, data: Any, layout: RunLayout, events: EventLog,
 
     from kubetune.train.callbacks import CheckpointCallback, EventsCallback
     from kubetune.train.model import load_model
+    from kubetune.train.start import start_adapter
     from kubetune.train.progress import make_progress
 
     objective = objective or objective_for(spec)
@@ -37,7 +38,8 @@ def build_trainer(spec: RunSpec, data: Any, layout: RunLayout, events: EventLog,
     set_seed(spec.train.seed)
     # data.model_dir may hold only the tokenizer and configs (enough for validate/plan): the weights now
     args = args or training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir)
-    model = load_model(spec, resolve_model(spec.model.base, spec.model.revision), sharded=bool(args.fsdp))
+    model = load_model(spec, resolve_model(spec.model.base, spec.model.revision), sharded=bool(args.fsdp),
+                       start=start_adapter(spec))
     trainer = objective.trainer(spec, data, model, args, batches,
                                 [CheckpointCallback(layout.checkpoints, spec.train.keep_checkpoints, events, uploader,
                                                                    store)])

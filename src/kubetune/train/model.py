@@ -58,9 +58,10 @@ def use_cpu(spec: RunSpec) -> bool:
     return spec.resources.accelerator == "cpu" or not torch.cuda.is_available()
 
 
-def load_model(spec: RunSpec, model_dir: Path, sharded: bool = False) -> Any:
+def load_model(spec: RunSpec, model_dir: Path, sharded: bool = False, start: Path | None = None) -> Any:
     """The base model, ready for training with spec.method (PEFT-wrapped for lora/qlora); `sharded`:
-    FSDP will shard it (QLoRA's 4-bit weights are then stored in a float type FSDP can flatten)."""
+    FSDP will shard it (QLoRA's 4-bit weights are then stored in a float type FSDP can flatten);
+    `start`: an adapter folder to continue (model.adapter, resolved by train.start)."""
     from transformers import AutoModelForCausalLM
 
     from kubetune.train.fastpath import resolve_attention
@@ -78,13 +79,18 @@ def load_model(spec: RunSpec, model_dir: Path, sharded: bool = False) -> Any:
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    targets = check_target_modules(model, spec.method.lora.target_modules)
     if spec.method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.train.gradient_checkpointing is not False)
-    lora = spec.method.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                        task_type="CAUSAL_LM", bias="none")
-    model = get_peft_model(model, config)
+    if start is not None:  # model.adapter: continue that adapter (its own LoRA config) rather than a new one
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, start, is_trainable=True)
+    else:
+        targets = check_target_modules(model, spec.method.lora.target_modules)
+        lora = spec.method.lora
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                            task_type="CAUSAL_LM", bias="none")
+        model = get_peft_model(model, config)
     if spec.train.gradient_checkpointing is not False:
         model.enable_input_require_grads()
     return model

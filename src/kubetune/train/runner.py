@@ -60,6 +60,7 @@ def preflight(spec: RunSpec, check_storage: bool = True) -> Run:
         if output.store is not None:
             retry_transient(lambda: output.store.check_writable("output"))
         inputs = [("model.base", spec.model.base)] + [("data source", s.path) for s in spec.data.sources()]
+        inputs += [("model.adapter", spec.model.adapter)] if spec.model.adapter else []
         for what, uri in inputs:
             if scheme(uri) in ("s3", "gs"):
                 retry_transient(lambda w=what, u=uri: Store(u).check_readable(w))
@@ -85,6 +86,12 @@ def prepare_output(spec: RunSpec, log: Any = print, wait: bool = False, lease: b
             pulled = pull(output.store, output.layout, log)
             if pulled.checkpoint is not None:
                 log(f"found {output.store.url(f'checkpoints/checkpoint-{pulled.checkpoint}')} (complete)")
+        if spec.model.adapter:  # found and checked (and a remote run's final/ fetched) before the ranks start
+            from kubetune.train.start import describe, start_adapter
+
+            folder = start_adapter(spec)
+            if folder is not None:
+                log(f"starting from the adapter of {spec.model.adapter} ({describe(folder)}; method.lora is not used)")
     except BaseException:
         if held is not None:
             held.release()

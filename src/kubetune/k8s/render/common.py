@@ -47,7 +47,8 @@ def container_security() -> dict[str, Any]:
 
 
 def uris(spec: RunSpec) -> list[str]:
-    return [spec.output_uri, spec.model.base, *[s.path for s in spec.data.sources()],
+    return [spec.output_uri, spec.model.base, *([spec.model.adapter] if spec.model.adapter else []),
+            *[s.path for s in spec.data.sources()],
             *([spec.data.eval_source().path] if spec.data.eval_source() else [])]
 
 
