@@ -26,7 +26,7 @@ CASES = {
     "openai-preference-file": ("data: {train: F}\n", {"f.jsonl": b'{"input": {"messages": [{"role": "user", "content": "q"}]}, '
                                                                   b'"preferred_output": [{"role": "assistant", "content": "a"}], '
                                                                   b'"non_preferred_output": [{"role": "assistant", "content": "b"}]}\n'},
-                               "preference tuning is not supported by this version"),
+                               "and method.objective is sft"),
     "missing-template-file": ("model: {base: MODEL, chat_template: /nope.jinja}\n", {}, "model.chat_template: '/nope.jinja'"),
     "object-storage-output-no-credentials": ("output: s3://bucket/x\n", {}, "output s3://bucket/x: no storage credentials found"),
     "resume-not-a-checkpoint": ("resume: /tmp/definitely-not-here\n", {}, "is not a complete checkpoint"),

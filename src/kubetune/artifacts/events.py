@@ -76,6 +76,8 @@ class StepEvent(_Event):
     mfu: Optional[float] = Field(None, description="Model FLOPs utilisation estimate (0..1).")
     padding: Optional[float] = Field(None, description="Fraction of batch positions that were padding.")
     eta_s: Optional[float] = Field(None, description="Seconds to the last step at the current rate.")
+    metrics: Optional[dict[str, float]] = Field(
+        None, description="The objective's own training metrics (dpo: rewards/accuracies, rewards/margins, ...).")
 
 
 class EvalEvent(_Event):

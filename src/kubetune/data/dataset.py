@@ -74,6 +74,9 @@ def _load_source(source: DataSource, data: DataSpec, need_assistant: bool
     fmt = source.format or data.format
     if fmt == "auto":
         fmt = _detect(read, columns)
+    if fmt in ("preference", "openai_preference"):
+        raise DataError([Problem(source.path, f"data.format {fmt} holds preference pairs, and method.objective is sft")],
+                        hint="set method.objective: dpo to train on preference pairs")
     samples: list[Sample] = []
     problems = list(read.problems)
     for row in read.rows:
@@ -94,12 +97,11 @@ def _detect(read: SourceRows, columns: Columns) -> str:
         if isinstance(row.data, dict):
             keys = set(row.data)
             seen_keys |= keys
-            if PREFERENCE_KEYS <= keys:
-                raise DataError([Problem(row.where, "a preference pair (OpenAI's DPO format: input, preferred_output, "
-                                                    "non_preferred_output): preference tuning is not supported by "
-                                                    "this version")],
-                                hint="train it with supervised rows (messages) for now; DPO arrives with "
-                                     "method.objective: dpo")
+            if PREFERENCE_KEYS <= keys or {columns.prompt, "chosen", "rejected"} <= keys:
+                raise DataError([Problem(row.where, "a preference pair (prompt/chosen/rejected, or OpenAI's input/"
+                                                    "preferred_output/non_preferred_output), and method.objective "
+                                                    "is sft")],
+                                hint="set method.objective: dpo to train on preference pairs")
             fmt = detect_format(keys, columns)
             if fmt:
                 votes[fmt] = votes.get(fmt, 0) + 1

@@ -52,7 +52,8 @@ class Columns(_Section):
     system: str = Field("system", description="Optional per-row system prompt column (alpaca, prompt/completion).")
 
 
-Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference",
+                 "openai_preference"]
 
 
 class DataSource(_Section):
@@ -136,9 +137,21 @@ class LoraSpec(_Section):
         return value
 
 
+class DPOSpec(_Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (TRL's beta).")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = Field(
+        "sigmoid", description="DPO loss: sigmoid (the paper's), hinge, ipo, robust (with label_smoothing).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed fraction of flipped preference labels.")
+
+
 class MethodSpec(_Section):
     type: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base, CUDA only) or full.")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: supervised fine-tuning on chats, instructions or text; dpo: direct preference "
+        "optimisation on pairs (prompt, chosen, rejected), the reference being the starting model (with LoRA: the "
+        "adapter disabled).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
+    dpo: DPOSpec = Field(default_factory=DPOSpec, description="DPO settings (objective: dpo).")
 
 
 class TrainSpec(_Section):
@@ -368,6 +381,9 @@ class RunSpec(_Section):
             problems.append(("method.type", f"qlora needs NVIDIA GPUs (bitsandbytes 4-bit); resources.accelerator is {acc}"))
         if self.model.dtype == "float16" and acc == "cpu":
             problems.append(("model.dtype", "float16 training needs a GPU; use float32 or auto on CPU"))
+        if self.method.objective == "dpo" and self.eval.metrics:
+            problems.append(("eval.metrics", "are SFT's generation metrics; with method.objective dpo the eval "
+                             "pairs give preference accuracy and reward margins (base vs tuned) on their own"))
         if self.model.adapter and self.method.type == "full":
             problems.append(("model.adapter", "continues a LoRA adapter, and method.type is full: for a full "
                              "fine-tune from an earlier run set model.base to its merged model (RUN/final/merged)"))

@@ -12,9 +12,12 @@ from kubetune.storage import read_model_config
 
 
 def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval: bool, model_dir: Path,
-                       strategy: str = "ddp") -> Any:
-    """transformers TrainingArguments for the spec; a name transformers rejects is a spec error."""
+                       strategy: str = "ddp", cls: Any = None, extra: dict[str, Any] | None = None) -> Any:
+    """transformers TrainingArguments for the spec (or `cls`, an objective's subclass such as TRL's
+    DPOConfig, with its `extra` settings); a name transformers rejects is a spec error."""
     from transformers import TrainingArguments
+
+    cls = cls or TrainingArguments
 
     from kubetune.train.fastpath import check_liger
     from kubetune.train.model import resolve_dtype, resolve_mixed_precision, use_cpu
@@ -23,7 +26,7 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
     precision = resolve_mixed_precision(spec, dtype, int(read_model_config(model_dir).get("hidden_size", 0)))
     t = spec.train
     try:
-        return TrainingArguments(
+        return cls(
             output_dir=str(layout.checkpoints),
             per_device_train_batch_size=batches.per_device,
             per_device_eval_batch_size=batches.per_device,
@@ -61,6 +64,7 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
             use_liger_kernel=check_liger(spec),
             torch_compile=t.compile,
             **fsdp_arguments(spec, strategy),
+            **(extra or {}),
         )
     except ValueError as exc:
         msg = str(exc)

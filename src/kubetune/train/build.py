@@ -33,11 +33,14 @@ def build_trainer(spec: RunSpec, data: Any, layout: RunLayout, events: EventLog,
     quiet_progress_bars()
     # peft still reads a renamed transformers attribute; the warning is theirs to fix, not the user's.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # ... and TRL still calls the renamed gradient_checkpointing_enable/disable
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing_(enable|disable).*", category=FutureWarning)
     # Seed before the model exists: LoRA's A matrices are initialised randomly inside load_model,
     # and the Trainer seeds only later; without this a run is not reproducible from train.seed.
     set_seed(spec.train.seed)
     # data.model_dir may hold only the tokenizer and configs (enough for validate/plan): the weights now
-    args = args or training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir)
+    args = args or training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir, "ddp",
+                                      *objective.arguments(spec))
     model = load_model(spec, resolve_model(spec.model.base, spec.model.revision), sharded=bool(args.fsdp),
                        start=start_adapter(spec))
     trainer = objective.trainer(spec, data, model, args, batches,

@@ -13,6 +13,10 @@ from kubetune.artifacts.events import CheckpointEvent, EvalEvent, EventLog, Firs
 from kubetune.train.progress import Progress
 
 
+# Trainer log keys the step event has fields for; any other number is the objective's own metric.
+_STANDARD = {"loss", "learning_rate", "grad_norm", "epoch", "num_tokens", "num_input_tokens_seen"}
+
+
 class EventsCallback(TrainerCallback):
     """Turns Trainer logs into `step`/`eval` events with tokens/s and ETA (main process only)."""
 
@@ -51,7 +55,9 @@ class EventsCallback(TrainerCallback):
             loss = metrics.pop("loss", None)
             self.events.emit(EvalEvent(step=state.global_step, loss=loss, metrics=metrics))
             if self.progress:
-                self.progress.message(f"eval at step {state.global_step}: loss {loss if loss is not None else float('nan'):.4f}")
+                shown = f"loss {loss:.4f}" if loss is not None else "  ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items() if not k.endswith(("runtime", "per_second")))
+                self.progress.message(f"eval at step {state.global_step}: {shown}")
             return
         if "loss" not in logs:
             return  # the train summary at the end; the runner writes the end event
@@ -69,6 +75,7 @@ class EventsCallback(TrainerCallback):
             tokens_per_s=round(tokens_per_s, 1) if tokens_per_s else None, tokens_seen=int(self.tokens_seen),
             mfu=round(mfu, 4) if mfu is not None else None, padding=round(padding, 4) if padding is not None else None,
             eta_s=round(eta, 1) if eta is not None else None,
+            metrics={k: float(v) for k, v in logs.items() if k not in _STANDARD and isinstance(v, (int, float))} or None,
         )
         self.events.emit(rec)
         if self.progress:

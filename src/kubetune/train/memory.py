@@ -419,15 +419,31 @@ def plan_for_run(spec: RunSpec, data: Any, local: bool) -> MemoryPlan:
     """The plan for prepared data (its longest training row sets the micro-batch length)."""
     from kubetune.train.plan import count_params
 
-    lengths = [len(r.input_ids) for r in data.train.rows]
+    lengths = [len(getattr(r, "input_ids", r)) for r in data.train.rows]  # a sample, or a pair (prompt + longer answer)
     inputs = plan_inputs(spec, data.model_dir, count_params(data.model_dir), lengths, local)
-    plan = plan_memory(spec, inputs)
+    plan = plan_memory(spec, inputs, micro_batch=_sequences(spec))
     if spec.resources.strategy == "auto" and spec.resources.world_size > 1 and not plan.fits:
-        sharded = plan_memory(spec, inputs, strategy="fsdp")
+        sharded = plan_memory(spec, inputs, strategy="fsdp", micro_batch=_sequences(spec))
         if sharded.fits:
             sharded.notes.append("resources.strategy auto chose fsdp: replicas (ddp) would not fit")
             return sharded
+    if spec.method.objective == "dpo":
+        plan.notes.append("dpo: each micro-batch runs the chosen and the rejected answers (twice the sequences), "
+                          "and the reference model's forward pass" + (" (the adapter disabled: no second copy)"
+                                                                       if spec.method.type != "full" else
+                                                                       ", a frozen copy of the weights"))
+        if spec.method.type == "full":
+            plan.weights *= 2
     return plan
+
+
+def _sequences(spec: RunSpec) -> int:
+    """Sequences per micro-batch: DPO batches a pair as two (the chosen and the rejected answer)."""
+    from kubetune.train.batching import plan_batches
+
+    t = spec.train
+    per_device = plan_batches(t.total_batch_size, t.max_per_device_batch_size, spec.resources.world_size).per_device
+    return per_device * (2 if spec.method.objective == "dpo" else 1)
 
 
 

@@ -56,7 +56,7 @@ def make_plan(spec: RunSpec, data: Prepared) -> Plan:
                                 cfg.get("hidden_size", 0), mean_tokens / 2)
     peak = device_peak(acc, devices=world)
     est = tokens * per_token / (peak * ASSUMED_MFU[acc]) + steps * batches.accumulation * STEP_OVERHEAD_S[acc]
-    sample = next((r for r in data.train.rows if any(x == IGNORE for x in r.labels)), None)
+    sample = next((r for r in data.train.rows if any(x == IGNORE for x in getattr(r, "labels", ()))), None)
     sample = sample or (data.train.rows[0] if data.train.rows else None)
     return Plan(spec, data, batches, steps, params, est, sample)
 
@@ -107,6 +107,26 @@ def segments(row: Encoded, fmt: Any) -> list[dict[str, Any]]:
     return [{"text": fmt.decode(ids), "trained": trained, "ids": ids} for trained, ids in runs]
 
 
+def pair_segments(row: Any, fmt: Any) -> dict[str, list[dict[str, Any]]]:
+    """A preference pair as the prompt (masked) and each answer (trained) — what DPO compares."""
+    return {"chosen": [{"text": fmt.decode(row.prompt_ids), "trained": False, "ids": row.prompt_ids},
+                       {"text": fmt.decode(row.chosen_ids), "trained": True, "ids": row.chosen_ids}],
+            "rejected": [{"text": fmt.decode(row.prompt_ids), "trained": False, "ids": row.prompt_ids},
+                         {"text": fmt.decode(row.rejected_ids), "trained": True, "ids": row.rejected_ids}]}
+
+
+def show_pair(row: Any, fmt: Any, color: bool) -> Any:
+    from rich.text import Text
+
+    text = Text()
+    text.append(fmt.decode(row.prompt_ids), style="dim" if color else None)
+    for label, ids, style in (("chosen", row.chosen_ids, "bold green"), ("rejected", row.rejected_ids, "bold red")):
+        answer = fmt.decode(ids)
+        text.append(f"\n  [{label}] ")
+        text.append(answer, style=style) if color else text.append(f"⟦{answer}⟧")
+    return text
+
+
 def show_sample(row: Encoded | None, fmt: Any, color: bool) -> Any:
     """A sample as rich Text: trained tokens green, masked tokens dim (or ⟦trained⟧ without colour)."""
     from rich.text import Text
@@ -130,6 +150,9 @@ def sample_lines(spec: RunSpec, n: int) -> list[str]:
     from kubetune.train.objectives import objective_for
 
     prepared = objective_for(spec).prepare(spec)
+    if spec.method.objective == "dpo":
+        return [json.dumps({"where": row.where, **pair_segments(row, prepared.formatter)}, ensure_ascii=False)
+                for row in shown_rows(prepared, n)]
     return [json.dumps({"where": row.where, "segments": segments(row, prepared.formatter)}, ensure_ascii=False)
             for row in shown_rows(prepared, n)]
 
@@ -159,7 +182,8 @@ def plan_report(spec: RunSpec, color: bool, show: int | None = None, local: bool
     d = p.as_dict()
     lines: list[Any] = [f"plan for {spec.name}  (nothing is trained)", *prepared.summary(),
                         f"  truncated {d['truncated_pct']}%  dropped {d['dropped_pct']}%",
-                        f"  method {spec.method.type}; {p.params:,} parameters; world size {p.batches.world_size}",
+                        f"  method {spec.method.type} ({spec.method.objective}); {p.params:,} parameters; "
+                        f"world size {p.batches.world_size}",
                         f"  batch: {p.batches.per_device} per device x {p.batches.accumulation} accumulation x "
                         f"{p.batches.world_size} devices = {p.batches.total}",
                         f"  optimizer steps: {p.steps}",
@@ -170,8 +194,14 @@ def plan_report(spec: RunSpec, color: bool, show: int | None = None, local: bool
         found = fixes(spec, memory)
         lines.append("  does not fit: `train` and `submit` refuse it. " +
                      (f"Fixes: {'; or '.join(found)}" if found else "Use a device with more memory or a smaller model"))
+    rows = shown_rows(prepared, show) if show is not None else [p.sample] if p.sample is not None else []
+    if spec.method.objective == "dpo":
+        legend = "dim = prompt, green = chosen, red = rejected" if color else "the answers ⟦compared⟧"
+        for row in rows:
+            lines += [f"\npair ({row.where}; {legend}):", show_pair(row, prepared.formatter, color)]
+        return lines
     legend = "green = trained, dim = masked" if color else "⟦trained⟧, the rest masked"
-    for row in shown_rows(prepared, show) if show is not None else [p.sample] if p.sample is not None else []:
+    for row in rows:
         lines += [f"\nsample ({row.where}; {legend}):", show_sample(row, prepared.formatter, color)]
     return lines
 

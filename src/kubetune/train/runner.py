@@ -190,7 +190,8 @@ def _set_up(fit: Fit) -> None:
     memory = plan_for_run(spec, data, local=True)
     check_fits(spec, memory)  # before the model loads: an out-of-memory plan is refused, with its fixes
     strategy = resolve_strategy(spec, memory)
-    args = training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir, strategy)
+    args = training_arguments(spec, layout, batches, bool(data.eval.rows), data.model_dir, strategy,
+                              *fit.objective.arguments(spec))
     # Loads the model: target_modules and qlora mistakes surface here, before anything is written.
     trainer = build_trainer(spec, data, layout, events, batches, args, fit.uploader, fit.objective,
                             fit.output.store)
@@ -243,6 +244,7 @@ def _fit(fit: Fit) -> Any:
                             "run the same command again: resume: auto continues from that checkpoint")
         if fit.data.eval.rows:
             trainer.evaluate()
+        fit.objective.evaluate(fit.spec, trainer, fit.data, layout, fit.main)
         fit.objective.save_final(fit.spec, trainer, fit.data, layout, fit.main)
         if fit.uploader:
             fit.uploader.tree(layout.final)  # final/COMPLETE goes last
@@ -276,8 +278,8 @@ def _finalize(fit: Fit, trained: Any) -> TrainResult:
         f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
     if fit.main and fit.after_training and spec.eval.metrics and (fit.data.eval.rows or fit.data.samples.eval):
         fit.after_training(layout, say)  # eval: metrics, report, and the trackers
-        if fit.uploader:
-            fit.uploader.tree(layout.eval)
+    if fit.uploader and layout.eval.exists():  # the after-training eval's, or the objective's own (dpo)
+        fit.uploader.tree(layout.eval)
     if fit.uploader and fit.trackers is not None and fit.trackers.tensorboard_dir.exists():
         fit.uploader.tree(fit.trackers.tensorboard_dir)
     if fit.uploader:

@@ -1,6 +1,7 @@
 """The transformers Trainer plus kubetune's per-step policies: length-bucketed batch order,
-checkpointing only long micro-batches, malloc_trim on CPU, and sync-free token/padding counts.
-The training loop itself stays transformers'."""
+checkpointing only long micro-batches, malloc_trim on CPU, and sync-free token/padding counts
+(KubetuneMixin carries what every objective's Trainer shares). The training loop itself stays
+transformers' (or TRL's)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,12 @@ from transformers import Trainer
 from kubetune.train.sampling import LengthBucketSampler
 
 
-class KubetuneTrainer(Trainer):
-    """``checkpoint_above_tokens``: with activation checkpointing enabled on the model, recompute
-    activations only for micro-batches of more padded tokens than this. On long-tailed data most
-    batches are short: they skip the recompute, while the few long ones — which set peak memory —
-    still checkpoint, so the peak stays that of always-on checkpointing."""
+class KubetuneMixin:
+    """What every objective's Trainer gets from kubetune (mixed into transformers' or TRL's Trainer):
+    sync-free token/padding counts, malloc_trim on CPU, FSDP on CPU ranks, the final model gathered
+    from shards."""
 
-    def __init__(self, *args: Any, length_buckets: bool = True, checkpoint_above_tokens: int | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.length_buckets = length_buckets
-        self.checkpoint_above_tokens = checkpoint_above_tokens
-        self._checkpointing: bool | None = None
+    def _kubetune_init(self) -> None:
         self._trim = _malloc_trim() if self.args.use_cpu else None
         # Real and padded positions since the last log, kept as tensors: reading them (a host sync)
         # happens only at logging steps, never per step.
@@ -47,8 +42,6 @@ class KubetuneTrainer(Trainer):
             self.save_model(output_dir)
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
-        if self.checkpoint_above_tokens is not None:
-            self._set_checkpointing(model, inputs["input_ids"].numel() > self.checkpoint_above_tokens)
         mask = inputs.get("attention_mask")
         if mask is not None:
             self._real = self._real + mask.sum()
@@ -60,16 +53,6 @@ class KubetuneTrainer(Trainer):
         if self._trim is not None:
             self._trim(0)
         return loss
-
-    def _set_checkpointing(self, model: Any, on: bool) -> None:
-        if on == self._checkpointing:
-            return
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        for module in model.modules():
-            if isinstance(module, GradientCheckpointingLayer):
-                module.gradient_checkpointing = on
-        self._checkpointing = on
 
     def take_token_counts(self) -> tuple[float, float]:
         """(real tokens, padded positions) since the previous call, summed over all ranks.
@@ -86,6 +69,36 @@ class KubetuneTrainer(Trainer):
         self._real, self._positions = 0, 0
         return float(counts[0]), float(counts[1])
 
+
+class KubetuneTrainer(KubetuneMixin, Trainer):
+    """The SFT Trainer. ``checkpoint_above_tokens``: with activation checkpointing enabled on the model,
+    recompute activations only for micro-batches of more padded tokens than this. On long-tailed data
+    most batches are short: they skip the recompute, while the few long ones — which set peak memory —
+    still checkpoint, so the peak stays that of always-on checkpointing."""
+
+    def __init__(self, *args: Any, length_buckets: bool = True, checkpoint_above_tokens: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kubetune_init()
+        self.length_buckets = length_buckets
+        self.checkpoint_above_tokens = checkpoint_above_tokens
+        self._checkpointing: bool | None = None
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        if self.checkpoint_above_tokens is not None:
+            self._set_checkpointing(model, inputs["input_ids"].numel() > self.checkpoint_above_tokens)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _set_checkpointing(self, model: Any, on: bool) -> None:
+        if on == self._checkpointing:
+            return
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for module in model.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.gradient_checkpointing = on
+        self._checkpointing = on
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.length_buckets or not hasattr(dataset, "lengths"):
@@ -93,6 +106,7 @@ class KubetuneTrainer(Trainer):
         return LengthBucketSampler(dataset.lengths(), self.args.per_device_train_batch_size,
                                    world_size=self.args.world_size, seed=self.args.data_seed or self.args.seed,
                                    accumulation=self.args.gradient_accumulation_steps)
+
 
 
 def _malloc_trim() -> Any:

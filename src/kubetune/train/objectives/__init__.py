@@ -24,11 +24,22 @@ class Objective(Protocol):
     def trainer(self, spec: RunSpec, data: Any, model: Any, args: Any, batches: Any, callbacks: list[Any]) -> Any:
         """A transformers Trainer (with `take_token_counts()`) for the model and data."""
 
+    def arguments(self, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
+        """The TrainingArguments subclass the objective's Trainer takes (None: transformers' own) and its
+        objective-specific settings."""
+
     def save_final(self, spec: RunSpec, trainer: Any, data: Any, layout: RunLayout, main: bool) -> Path:
         """Write final/ (COMPLETE last) and return the model folder."""
 
+    def evaluate(self, spec: RunSpec, trainer: Any, data: Any, layout: RunLayout, main: bool) -> None:
+        """After training, on every rank: the objective's own evaluation (logged through the trainer)."""
+
 
 def objective_for(spec: RunSpec) -> Objective:
+    if spec.method.objective == "dpo":
+        from kubetune.train.objectives.dpo import DPO
+
+        return DPO()
     from kubetune.train.objectives.sft import SFT
 
     return SFT()

@@ -35,16 +35,27 @@ class SFT:
             callbacks=callbacks,
         )
 
-    def save_final(self, spec: RunSpec, trainer: Any, data: Prepared, layout: RunLayout, main: bool) -> Path:
-        from kubetune.data.export import save_tokenizer_and_config
+    def arguments(self, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
+        return None, {}  # transformers' TrainingArguments as they are
 
-        target = layout.merged if spec.method.type == "full" else layout.adapter
-        trainer.save_final_model(str(target))  # written by the main process; a PEFT model saves just the adapter
-        if main:
-            stop = data.formatter.stop if data.has_chat else None
-            save_tokenizer_and_config(data.model_dir, data.formatter.template, stop, data.formatter.pad_id, target)
-            layout.final_complete.write_text("ok\n")
-        return target
+    def save_final(self, spec: RunSpec, trainer: Any, data: Prepared, layout: RunLayout, main: bool) -> Path:
+        return save_final_folder(spec, trainer, data, layout, main)
+
+    def evaluate(self, spec: RunSpec, trainer: Any, data: Prepared, layout: RunLayout, main: bool) -> None:
+        """Generation metrics run after training (eval.metrics, through the launcher's after_training)."""
+
+
+def save_final_folder(spec: RunSpec, trainer: Any, data: Any, layout: RunLayout, main: bool) -> Path:
+    """final/merged (full) or final/adapter with the tokenizer, template and generation config; COMPLETE last."""
+    from kubetune.data.export import save_tokenizer_and_config
+
+    target = layout.merged if spec.method.type == "full" else layout.adapter
+    trainer.save_final_model(str(target))  # written by the main process; a PEFT model saves just the adapter
+    if main:
+        stop = data.formatter.stop if data.has_chat else None
+        save_tokenizer_and_config(data.model_dir, data.formatter.template, stop, data.formatter.pad_id, target)
+        layout.final_complete.write_text("ok\n")
+    return target
 
 
 def checkpoint_threshold(spec: RunSpec, data: Prepared, batches: Any) -> int | None:

@@ -1,0 +1,97 @@
+"""method.objective: dpo — preference pairs through the run's chat template, TRL's DPOTrainer with
+kubetune's batch plan, events and checkpoints; held-out preference accuracy base vs tuned; resume
+after SIGKILL; a start from an SFT run's adapter."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kubetune.artifacts.events import read_events
+from tests.conftest import ROOT, kubetune_cmd, quiet_env, run_kubetune
+from tests.preferences import write_pairs
+
+pytestmark = pytest.mark.integration
+
+TRAIN = {"max_steps": 40, "total_batch_size": 8, "max_per_device_batch_size": 8, "save_every_steps": 20,
+         "logging_steps": 10, "learning_rate": 5e-3}
+DPO = {"type": "lora", "objective": "dpo", "lora": {"r": 8, "dropout": 0.0}}
+
+
+def test_dpo_raises_held_out_preference_accuracy(write_spec, tmp_path: Path) -> None:
+    # two training sources in two formats, held-out pairs in OpenAI's preference format
+    plain = write_pairs(tmp_path / "plain.jsonl", 200, seed=1, fmt="plain")
+    conv = write_pairs(tmp_path / "conv.jsonl", 200, seed=2)
+    held = write_pairs(tmp_path / "held.jsonl", 80, seed=3, fmt="openai")
+    spec = write_spec(name="dpo", method=DPO, train=TRAIN,
+                      data={"train": [str(plain), str(conv)], "eval": str(held), "max_length": 128})
+    res = run_kubetune("train", str(spec), timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "dpo"
+    events = read_events(run / "events.jsonl")
+    scores = [e for e in events if e.event == "eval" and "preference_accuracy" in e.metrics][-1].metrics
+    assert 0.25 <= scores["preference_accuracy_base"] <= 0.75  # an untrained model: about chance
+    assert scores["preference_accuracy"] >= 0.9 and scores["reward_accuracy"] >= 0.9 and scores["reward_margin"] > 0
+    steps = [e for e in events if e.event == "step"]
+    assert steps[-1].step == 40 and steps[-1].loss < steps[0].loss
+    assert "rewards/accuracies" in steps[-1].metrics and "rewards/margins" in steps[-1].metrics
+    start = next(e for e in events if e.event == "start")
+    assert start.train_rows == 400 and start.eval_rows == 80
+    report = (run / "eval" / "report.md").read_text()
+    assert "| preference accuracy |" in report
+    assert json.loads((run / "eval" / "metrics.json").read_text())["preference_accuracy"] == scores["preference_accuracy"]
+    assert (run / "final" / "adapter" / "adapter_model.safetensors").exists()
+    assert "eval at step 40: preference_accuracy_base" in res.stdout
+
+
+def test_dpo_from_an_sft_adapter_resumes_after_sigkill(write_spec, tmp_path: Path) -> None:
+    import psutil
+
+    sft = write_spec(name="sft", data={"eval": None}, method={"type": "lora", "lora": {"r": 8, "dropout": 0.0}},
+                     train={"max_steps": 4, "save_every_steps": 4})
+    assert run_kubetune("train", str(sft), timeout=300).returncode == 0
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 400, seed=4)
+    spec = write_spec(name="dpo2", method={**DPO, "lora": {"r": 16}},
+                      model={"base": str(ROOT / "examples/assets/tiny-llama"), "adapter": str(tmp_path / "runs/sft")},
+                      train={**TRAIN, "max_steps": 60, "save_every_steps": 5, "logging_steps": 5},
+                      data={"train": str(pairs), "eval": None, "max_length": 128})
+    out = tmp_path / "runs" / "dpo2"
+    proc = subprocess.Popen(kubetune_cmd("train", str(spec)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=quiet_env(), cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "checkpoints").glob("checkpoint-*/COMPLETE")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was saved"
+            time.sleep(0.05)
+    finally:
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        output = proc.communicate()[0]
+    assert "starting from the adapter of" in output and "(r=8" in output  # the SFT adapter, not a new r=16 one
+    saved = max(int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*/COMPLETE"))
+    res = run_kubetune("train", str(spec), timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{saved}'}" in res.stdout
+    steps = [e.step for e in read_events(out / "events.jsonl") if e.event == "step"]
+    assert steps[-1] == 60 and [s for s in steps if s > saved][0] == (saved // 5 + 1) * 5
+    assert '"r": 8' in (out / "final" / "adapter" / "adapter_config.json").read_text()
+
+
+def test_dpo_renders_for_kubernetes(write_spec, tmp_path: Path, cli) -> None:
+    import yaml
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 10, seed=5)
+    spec = write_spec(name="dpok8s", method=DPO, data={"train": str(pairs), "eval": None},
+                      output="s3://bucket/runs/dpok8s")
+    code, out, _ = cli("render", str(spec))
+    assert code == 0
+    config = next(o for o in yaml.safe_load_all(out) if o and o["kind"] == "ConfigMap")
+    assert yaml.safe_load(config["data"]["spec.yaml"])["method"]["objective"] == "dpo"
