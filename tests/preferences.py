@@ -35,3 +35,16 @@ def write_pairs(path: Path, n: int, seed: int, fmt: str = "conversational") -> P
                        "non_preferred_output": [{"role": "assistant", "content": bad}]}
             fh.write(json.dumps(row) + "\n")
     return path
+
+
+def write_labeled(path: Path, n: int, seed: int) -> Path:
+    """KTO rows: one answer each, desirable (a colour from GOOD) or not (from BAD), half and half."""
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for _ in range(n):
+            animal, good = rng.choice(ANIMALS), rng.random() < 0.5
+            fh.write(json.dumps({"prompt": [{"role": "user", "content": f"What colour is the {animal}?"}],
+                                 "completion": [{"role": "assistant",
+                                                 "content": f"The {animal} is {rng.choice(GOOD if good else BAD)}."}],
+                                 "label": good}) + "\n")
+    return path

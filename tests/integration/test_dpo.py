@@ -1,4 +1,4 @@
-"""method.objective: dpo — preference pairs through the run's chat template, TRL's DPOTrainer with
+"""method.objective: dpo and kto — preference pairs through the run's chat template, TRL's DPOTrainer with
 kubetune's batch plan, events and checkpoints; held-out preference accuracy base vs tuned; resume
 after SIGKILL; a start from an SFT run's adapter."""
 
@@ -14,7 +14,7 @@ import pytest
 
 from kubetune.artifacts.events import read_events
 from tests.conftest import ROOT, kubetune_cmd, quiet_env, run_kubetune
-from tests.preferences import write_pairs
+from tests.preferences import write_labeled, write_pairs
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +95,20 @@ def test_dpo_renders_for_kubernetes(write_spec, tmp_path: Path, cli) -> None:
     assert code == 0
     config = next(o for o in yaml.safe_load_all(out) if o and o["kind"] == "ConfigMap")
     assert yaml.safe_load(config["data"]["spec.yaml"])["method"]["objective"] == "dpo"
+
+
+def test_kto_on_labeled_answers_moves_held_out_preference_accuracy(write_spec, tmp_path: Path) -> None:
+    labeled = write_labeled(tmp_path / "labeled.jsonl", 400, seed=6)
+    held = write_pairs(tmp_path / "held.jsonl", 80, seed=7, fmt="openai")
+    spec = write_spec(name="kto", method={**DPO, "objective": "kto"}, train=TRAIN,
+                      data={"train": str(labeled), "eval": str(held), "max_length": 128})
+    res = run_kubetune("train", str(spec), timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "kto"
+    events = read_events(run / "events.jsonl")
+    scores = [e for e in events if e.event == "eval" and "preference_accuracy" in e.metrics][-1].metrics
+    assert 0.25 <= scores["preference_accuracy_base"] <= 0.75
+    assert scores["preference_accuracy"] >= scores["preference_accuracy_base"] + 0.2 and scores["reward_margin"] > 0
+    steps = [e for e in events if e.event == "step"]
+    assert steps[-1].loss < steps[0].loss and "kl" in steps[-1].metrics
+    assert (run / "eval" / "report.md").exists() and (run / "final" / "adapter" / "adapter_model.safetensors").exists()

@@ -55,3 +55,22 @@ def test_objective_and_data_must_agree(write_spec, tmp_path: Path, cli) -> None:
     code, _, err = cli("validate", str(write_spec(name="dpo-rouge", method=DPO, eval={"metrics": ["rouge"]},
                                                   data={"train": str(pairs), "eval": None})))
     assert code == 2 and "eval.metrics" in err
+
+
+def test_kto_rows_and_pairs(write_spec, tmp_path: Path, cli) -> None:
+    from tests.preferences import write_labeled
+
+    labeled = write_labeled(tmp_path / "labeled.jsonl", 6, seed=1)
+    code, _, err = cli("validate", str(write_spec(name="sft-on-kto", data={"train": str(labeled), "eval": None})))
+    assert code == 2 and "method.objective is sft" in err  # not trained as prompt/completion SFT, bad answers too
+    kto = {"type": "lora", "objective": "kto"}
+    code, out, err = cli("validate", str(write_spec(name="kto", method=kto, data={"train": str(labeled), "eval": None})))
+    assert code == 0 and "kto, 6 rows" in out and "train labeled answers 6" in out, err
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 5, seed=2)  # a pair is two labeled answers
+    code, out, _ = cli("validate", str(write_spec(name="kto-pairs", method=kto, data={"train": str(pairs), "eval": None})))
+    assert code == 0 and "train labeled answers 10" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "completion": "a", "label": "yes"}) + "\n"
+                   + json.dumps({"prompt": "q", "completion": "a", "label": True}) + "\n")
+    code, _, err = cli("validate", str(write_spec(name="kto-bad", method=kto, data={"train": str(bad), "eval": None})))
+    assert code == 2 and f"{bad}:1" in err and "must be true or false" in err and f"{bad}:2" not in err

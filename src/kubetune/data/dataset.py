@@ -74,7 +74,7 @@ def _load_source(source: DataSource, data: DataSpec, need_assistant: bool
     fmt = source.format or data.format
     if fmt == "auto":
         fmt = _detect(read, columns)
-    if fmt in ("preference", "openai_preference"):
+    if fmt in ("preference", "openai_preference", "kto"):
         raise DataError([Problem(source.path, f"data.format {fmt} holds preference pairs, and method.objective is sft")],
                         hint="set method.objective: dpo to train on preference pairs")
     samples: list[Sample] = []
@@ -97,11 +97,12 @@ def _detect(read: SourceRows, columns: Columns) -> str:
         if isinstance(row.data, dict):
             keys = set(row.data)
             seen_keys |= keys
-            if PREFERENCE_KEYS <= keys or {columns.prompt, "chosen", "rejected"} <= keys:
-                raise DataError([Problem(row.where, "a preference pair (prompt/chosen/rejected, or OpenAI's input/"
-                                                    "preferred_output/non_preferred_output), and method.objective "
-                                                    "is sft")],
-                                hint="set method.objective: dpo to train on preference pairs")
+            labeled = {columns.prompt, columns.completion, "label"} <= keys and isinstance(row.data["label"], bool)
+            if PREFERENCE_KEYS <= keys or {columns.prompt, "chosen", "rejected"} <= keys or labeled:
+                raise DataError([Problem(row.where, "preference data (prompt/chosen/rejected, OpenAI's input/"
+                                                    "preferred_output/non_preferred_output, or prompt/completion "
+                                                    "with a true/false label), and method.objective is sft")],
+                                hint="set method.objective: dpo (pairs) or kto (labeled answers)")
             fmt = detect_format(keys, columns)
             if fmt:
                 votes[fmt] = votes.get(fmt, 0) + 1

@@ -1,4 +1,4 @@
-"""Preference pairs for DPO: rows → (prompt, chosen, rejected) → token ids through the run's chat
+"""Preference data for DPO and KTO: rows → (prompt, chosen, rejected) → token ids through the run's chat
 template, with the masks of the SFT path (only the answer's tokens are the completion).
 
 Formats, detected per source like the SFT ones:
@@ -7,6 +7,8 @@ Formats, detected per source like the SFT ones:
                       or a one-message list), as TRL takes them
   openai_preference   OpenAI's preference fine-tuning file: input.messages (+ input.tools),
                       preferred_output and non_preferred_output (lists holding the assistant message)
+  kto                 prompt/completion/label (bool: the answer is desirable), plain or conversational;
+                      for method.objective kto (which also takes pairs, as two labeled answers)
 Every bad row is reported as file:line.
 """
 
@@ -69,6 +71,8 @@ def detect_preference(keys: set[str], data: DataSpec) -> str | None:
         return "openai_preference"
     if {c.prompt, "chosen", "rejected"} <= keys:
         return "preference"
+    if {c.prompt, c.completion, "label"} <= keys:
+        return "kto"
     return None
 
 
@@ -169,68 +173,168 @@ class PreferenceData:
     has_chat: bool = True
 
     def summary(self) -> list[str]:
-        lines = [f"  {r.uri}: {r.format}, {r.used} pairs" + (f", {r.skipped} skipped" if r.skipped else "")
+        lines = [f"  {r.uri}: {r.format}, {r.used} rows" + (f", {r.skipped} skipped" if r.skipped else "")
                  for r in self.reports]
         st = self.train.stats()
-        lines.append(f"  train pairs {len(self.train.rows)}, eval pairs {len(self.eval.rows)}")
-        lines.append(f"  tokens per pair (prompt + longer answer): min {st['min']}  p50 {st['p50']}  p95 {st['p95']}"
+        kind = "pairs" if self.train.rows and isinstance(self.train.rows[0], EncodedPair) else "labeled answers"
+        lines.append(f"  train {kind} {len(self.train.rows)}, eval rows {len(self.eval.rows)}")
+        lines.append(f"  tokens per row (prompt + longest answer): min {st['min']}  p50 {st['p50']}  p95 {st['p95']}"
                      f"  max {st['max']}")
         lines.append(f"  over max_length: {self.train.truncated} truncated, {self.train.dropped} dropped")
         lines.append(f"  chat template: {self.formatter.template_source}")
         return lines
 
 
-def load_pairs(spec: RunSpec) -> tuple[list[Pair], list[Pair], list[SourceReport], list[Problem]]:
+def load_pairs(spec: RunSpec) -> tuple[list[Any], list[Any], list[SourceReport], list[Problem]]:
+    """Training and eval rows: pairs for dpo; for kto labeled answers (a pair gives two: the chosen
+    answer desirable, the rejected one not), while eval may stay pairs (then preference accuracy is
+    measured on them)."""
     data = spec.data
+    kto = spec.method.objective == "kto"
     problems: list[Problem] = []
     reports: list[SourceReport] = []
-    train: list[Pair] = []
+    train: list[Any] = []
     for source in data.sources():
-        pairs, report, bad = _load(source.path, source.format or data.format, data, source.weight)
-        train += pairs
+        rows, report, bad = _load(source.path, source.format or data.format, data, source.weight, kto)
+        train += _unpaired(rows) if kto else rows
         reports.append(report)
         problems += bad
-    evals: list[Pair] = []
+    evals: list[Any] = []
     if data.eval_source() is not None:
-        evals, report, bad = _load(data.eval_source().path, data.format, data, 1.0)
+        evals, report, bad = _load(data.eval_source().path, data.format, data, 1.0, kto)
         report.uri = f"{report.uri} (eval)"
         reports.append(report)
         problems += bad
+        if kto and any(isinstance(r, Pair) for r in evals) and not all(isinstance(r, Pair) for r in evals):
+            evals = _unpaired(evals)
     if problems and data.bad_rows == "error":
         raise DataError(capped(problems), hint="fix these rows, or set data.bad_rows: skip to train without them")
     ratio = data.eval_ratio()
     if ratio is not None:
         train, evals = split_by_ratio(train, ratio, spec.train.seed)  # type: ignore[arg-type]
     if not train:
-        raise DataError([Problem("data.train", "no usable preference pairs")])
+        raise DataError([Problem("data.train", "no usable preference data")])
     return train, evals, reports, problems
 
 
-def _load(uri: str, fmt: str, data: DataSpec, weight: float) -> tuple[list[Pair], SourceReport, list[Problem]]:
+def _unpaired(rows: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for r in rows:
+        if isinstance(r, Pair):
+            out += [Labeled(f"{r.where}#chosen", r.prompt, r.chosen, True, r.tools),
+                    Labeled(f"{r.where}#rejected", r.prompt, r.rejected, False, r.tools)]
+        else:
+            out.append(r)
+    return out
+
+
+def _load(uri: str, fmt: str, data: DataSpec, weight: float, kto: bool = False
+          ) -> tuple[list[Any], SourceReport, list[Problem]]:
     read = read_source(uri)
     problems = list(read.problems)
+    allowed = PREFERENCE_FORMATS + (("kto",) if kto else ())
+    objective = "kto" if kto else "dpo"
     if fmt == "auto":
         found = {detect_preference(set(r.data), data) for r in read.rows[:100] if isinstance(r.data, dict)} - {None}
+        found &= set(allowed)
         if not found:
-            raise DataError(read.problems[:20] + [Problem(read.uri, "no preference pairs: method.objective dpo needs "
-                                                                    "prompt/chosen/rejected or OpenAI's input/"
+            wanted = "prompt/completion/label rows or preference pairs" if kto else "preference pairs"
+            raise DataError(read.problems[:20] + [Problem(read.uri, f"no {wanted}: method.objective {objective} needs "
+                                                                    + ("prompt/completion/label (bool), or " if kto else "")
+                                                                    + "prompt/chosen/rejected or OpenAI's input/"
                                                                     "preferred_output/non_preferred_output rows")],
                             hint="point data.train at preference data, or use method.objective: sft")
         fmt = sorted(found)[0]
-    elif fmt not in PREFERENCE_FORMATS:
-        raise DataError([Problem(read.uri, f"data.format {fmt} is not a preference format")],
-                        hint=f"method.objective dpo reads {' or '.join(PREFERENCE_FORMATS)} (or auto)")
-    pairs: list[Pair] = []
+    elif fmt not in allowed:
+        raise DataError([Problem(read.uri, f"data.format {fmt} is not a format of method.objective {objective}")],
+                        hint=f"method.objective {objective} reads {', '.join(allowed)} (or auto)")
+    out: list[Any] = []
     for row in read.rows:
-        result = to_pair(row.data, row.where, fmt, data)
+        result = to_labeled(row.data, row.where, data) if fmt == "kto" else to_pair(row.data, row.where, fmt, data)
         if isinstance(result, Problem):
             problems.append(result)
         else:
-            pairs.append(result)
+            out.append(result)
     whole, frac = divmod(weight, 1.0)
-    pairs = pairs * int(whole) + pairs[:int(len(pairs) * frac)]
-    report = SourceReport(uri, fmt, len(read.rows) + len(read.problems), len(pairs), len(problems), weight)
-    return pairs, report, problems
+    out = out * int(whole) + out[:int(len(out) * frac)]
+    report = SourceReport(uri, fmt, len(read.rows) + len(read.problems), len(out), len(problems), weight)
+    return out, report, problems
+
+
+@dataclass(frozen=True)
+class Labeled:
+    """One answer judged alone (KTO): desirable (label true) or not."""
+
+    where: str
+    prompt: tuple[dict[str, Any], ...]
+    completion: dict[str, Any]
+    label: bool
+    tools: tuple[dict[str, Any], ...] | None = None
+
+
+@dataclass(frozen=True)
+class EncodedLabeled:
+    where: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def to_labeled(row: Any, where: str, data: DataSpec) -> Labeled | Problem:
+    if not isinstance(row, dict):
+        return Problem(where, f"expected an object with columns, got {type(row).__name__}")
+    c = data.columns
+    missing = [k for k in (c.prompt, c.completion, "label") if row.get(k) is None]
+    if missing:
+        return Problem(where, f"missing column {missing[0]!r} (kto format: prompt, completion, label)")
+    if not isinstance(row["label"], bool):
+        return Problem(where, f"column 'label' must be true or false, got {row['label']!r}")
+    tools = row.get(c.tools)
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return Problem(where, "tools must be a list of tool (function) objects")
+    messages = _prompt(row[c.prompt], c.prompt, data.system_prompt)
+    if isinstance(messages, str):
+        return Problem(where, messages)
+    answer = _answer(row[c.completion], c.completion)
+    if isinstance(answer, str):
+        return Problem(where, answer)
+    return Labeled(where, messages, answer, row["label"], tuple(tools) if tools else None)
+
+
+def encode_labeled(rows: list[Labeled], fmt: ChatFormatter, data: DataSpec) -> PairSet:
+    """Each labeled answer as prompt ids and answer ids (the SFT masks), data.too_long applied."""
+    out = PairSet()
+    problems: list[Problem] = []
+    for row in rows:
+        try:
+            prompt, answer = _split(fmt, row.prompt + (row.completion,), row.tools, data.reasoning)
+        except (TemplateMismatch, ValueError) as exc:
+            problems.append(Problem(row.where, str(exc)))
+            continue
+        if len(prompt) + len(answer) > data.max_length:
+            room = data.max_length - len(prompt)
+            if data.too_long == "error":
+                problems.append(Problem(row.where, f"{len(prompt) + len(answer)} tokens, over data.max_length "
+                                                   f"{data.max_length}"))
+                continue
+            if data.too_long == "drop" or room < 2:
+                out.dropped += 1
+                continue
+            answer = answer[:room]
+            out.truncated += 1
+        out.rows.append(EncodedLabeled(row.where, prompt, answer, row.label))
+    if problems:
+        raise DataError(capped(problems), hint="raise data.max_length, or set data.too_long: truncate or drop")
+    return out
+
+
+def encode_rows(rows: list[Any], fmt: ChatFormatter, data: DataSpec) -> PairSet:
+    if rows and isinstance(rows[0], Labeled):
+        return encode_labeled(rows, fmt, data)
+    return encode_pairs(rows, fmt, data)
 
 
 def encode_pairs(pairs: list[Pair], fmt: ChatFormatter, data: DataSpec) -> PairSet:
@@ -291,5 +395,5 @@ def prepare_pairs(spec: RunSpec) -> PreferenceData:
     for source in spec.data.sources():  # recorded in the manifest, like the SFT data's
         if not source.path.startswith("hf://"):
             hashes.update({str(f): sha256_file(f) for f in local_files(source.path)})
-    return PreferenceData(encode_pairs(train, formatter, spec.data), encode_pairs(evals, formatter, spec.data),
+    return PreferenceData(encode_rows(train, formatter, spec.data), encode_rows(evals, formatter, spec.data),
                           formatter, model_dir, reports, Skipped(skipped), hashes)

@@ -53,7 +53,7 @@ class Columns(_Section):
 
 
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference",
-                 "openai_preference"]
+                 "openai_preference", "kto"]
 
 
 class DataSource(_Section):
@@ -144,14 +144,22 @@ class DPOSpec(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed fraction of flipped preference labels.")
 
 
+class KTOSpec(_Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of the desirable answers' loss (raise it when "
+                                    "they are fewer than the undesirable ones).")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of the undesirable answers' loss.")
+
+
 class MethodSpec(_Section):
     type: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base, CUDA only) or full.")
-    objective: Literal["sft", "dpo"] = Field(
+    objective: Literal["sft", "dpo", "kto"] = Field(
         "sft", description="sft: supervised fine-tuning on chats, instructions or text; dpo: direct preference "
-        "optimisation on pairs (prompt, chosen, rejected), the reference being the starting model (with LoRA: the "
-        "adapter disabled).")
+        "optimisation on pairs (prompt, chosen, rejected); kto: answers labeled desirable or not (prompt, "
+        "completion, label). The reference of dpo and kto is the starting model (with LoRA: the adapter disabled).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
     dpo: DPOSpec = Field(default_factory=DPOSpec, description="DPO settings (objective: dpo).")
+    kto: KTOSpec = Field(default_factory=lambda: KTOSpec(), description="KTO settings (objective: kto).")
 
 
 class TrainSpec(_Section):
@@ -381,8 +389,9 @@ class RunSpec(_Section):
             problems.append(("method.type", f"qlora needs NVIDIA GPUs (bitsandbytes 4-bit); resources.accelerator is {acc}"))
         if self.model.dtype == "float16" and acc == "cpu":
             problems.append(("model.dtype", "float16 training needs a GPU; use float32 or auto on CPU"))
-        if self.method.objective == "dpo" and self.eval.metrics:
-            problems.append(("eval.metrics", "are SFT's generation metrics; with method.objective dpo the eval "
+        if self.method.objective != "sft" and self.eval.metrics:
+            problems.append(("eval.metrics", f"are SFT's generation metrics; with method.objective "
+                             f"{self.method.objective} the eval "
                              "pairs give preference accuracy and reward margins (base vs tuned) on their own"))
         if self.model.adapter and self.method.type == "full":
             problems.append(("model.adapter", "continues a LoRA adapter, and method.type is full: for a full "

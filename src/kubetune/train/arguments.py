@@ -26,7 +26,7 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
     precision = resolve_mixed_precision(spec, dtype, int(read_model_config(model_dir).get("hidden_size", 0)))
     t = spec.train
     try:
-        return cls(
+        values = dict(
             output_dir=str(layout.checkpoints),
             per_device_train_batch_size=batches.per_device,
             per_device_eval_batch_size=batches.per_device,
@@ -64,8 +64,8 @@ def training_arguments(spec: RunSpec, layout: RunLayout, batches: Any, has_eval:
             use_liger_kernel=check_liger(spec),
             torch_compile=t.compile,
             **fsdp_arguments(spec, strategy),
-            **(extra or {}),
         )
+        return cls(**{**values, **(extra or {})})  # the objective's settings win (e.g. kto's data order)
     except ValueError as exc:
         msg = str(exc)
         field = "train.optim" if "OptimizerNames" in msg else "train.lr_scheduler" if "SchedulerType" in msg else "train"

@@ -242,7 +242,7 @@ def _fit(fit: Fit) -> Any:
             _drain(fit.uploader, layout, timeout=settings.preempt_upload_seconds())
             raise Preempted(f"stopped at step {step} after saving {saved}",
                             "run the same command again: resume: auto continues from that checkpoint")
-        if fit.data.eval.rows:
+        if fit.data.eval.rows and trainer.eval_dataset is not None:
             trainer.evaluate()
         fit.objective.evaluate(fit.spec, trainer, fit.data, layout, fit.main)
         fit.objective.save_final(fit.spec, trainer, fit.data, layout, fit.main)

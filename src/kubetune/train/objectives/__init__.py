@@ -40,6 +40,10 @@ def objective_for(spec: RunSpec) -> Objective:
         from kubetune.train.objectives.dpo import DPO
 
         return DPO()
+    if spec.method.objective == "kto":
+        from kubetune.train.objectives.kto import KTO
+
+        return KTO()
     from kubetune.train.objectives.sft import SFT
 
     return SFT()
