@@ -151,15 +151,40 @@ class KTOSpec(_Section):
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of the undesirable answers' loss.")
 
 
+class RewardSpec(_Section):
+    function: str = Field(description="exact_match, regex, length, or your own as package.module:function "
+                          "(TRL's reward signature: prompts, completions, **columns → list of floats).")
+    weight: float = Field(1.0, description="Weight in the summed reward.")
+    column: str | None = Field(None, description="exact_match: the data column holding the right answer.")
+    pattern: str | None = Field(None, description="regex: the whole answer must match it (1, else 0). exact_match: "
+                                "compare the first group of its first match instead of the whole answer.")
+    max_chars: int | None = Field(None, ge=1, description="length: answers longer than this are penalised "
+                                  "(-(excess / max_chars), at most -1).")
+
+
+class GRPOSpec(_Section):
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Reward functions, summed with their weights.")
+    num_generations: int = Field(4, ge=2, description="Answers sampled per prompt (the group). train.total_batch_size "
+                                 "counts answers and must be a multiple of it.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest answer generated.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generations.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient towards the reference (0: no reference model).")
+    generation: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="Who generates: vllm (colocated, GPUs with vllm installed), transformers; auto: vllm "
+        "where it can run, else transformers (CPU included).")
+
+
 class MethodSpec(_Section):
     type: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base, CUDA only) or full.")
-    objective: Literal["sft", "dpo", "kto"] = Field(
+    objective: Literal["sft", "dpo", "kto", "grpo"] = Field(
         "sft", description="sft: supervised fine-tuning on chats, instructions or text; dpo: direct preference "
         "optimisation on pairs (prompt, chosen, rejected); kto: answers labeled desirable or not (prompt, "
-        "completion, label). The reference of dpo and kto is the starting model (with LoRA: the adapter disabled).")
+        "completion, label); grpo: reinforcement learning from method.grpo.rewards on prompts. The reference of dpo, kto "
+        "(and grpo with beta > 0) is the starting model (with LoRA: the adapter disabled).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
     dpo: DPOSpec = Field(default_factory=DPOSpec, description="DPO settings (objective: dpo).")
     kto: KTOSpec = Field(default_factory=lambda: KTOSpec(), description="KTO settings (objective: kto).")
+    grpo: GRPOSpec = Field(default_factory=lambda: GRPOSpec(), description="GRPO settings (objective: grpo).")
 
 
 class TrainSpec(_Section):
@@ -393,6 +418,31 @@ class RunSpec(_Section):
             problems.append(("eval.metrics", f"are SFT's generation metrics; with method.objective "
                              f"{self.method.objective} the eval "
                              "pairs give preference accuracy and reward margins (base vs tuned) on their own"))
+        g = self.method.grpo
+        if self.method.objective == "grpo":
+            if not g.rewards:
+                problems.append(("method.grpo.rewards", "grpo needs at least one reward function (exact_match, "
+                                 "regex, length, or package.module:function)"))
+            if self.train.total_batch_size % g.num_generations:
+                problems.append(("train.total_batch_size", f"{self.train.total_batch_size} answers per step is not a "
+                                 f"multiple of method.grpo.num_generations {g.num_generations}"))
+        for i, r in enumerate(g.rewards):
+            where = f"method.grpo.rewards.{i}"
+            if r.function == "exact_match" and not r.column:
+                problems.append((f"{where}.column", "exact_match compares with a data column: name it"))
+            elif r.function == "regex" and not r.pattern:
+                problems.append((f"{where}.pattern", "regex needs a pattern the answer must match"))
+            elif r.function == "length" and not r.max_chars:
+                problems.append((f"{where}.max_chars", "length needs max_chars"))
+            elif r.function not in ("exact_match", "regex", "length") and not re.fullmatch(
+                    r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", r.function):
+                problems.append((f"{where}.function", f"{r.function!r} is neither exact_match, regex, length nor "
+                                 "an import path package.module:function"))
+            if r.pattern:
+                try:
+                    re.compile(r.pattern)
+                except re.error as exc:
+                    problems.append((f"{where}.pattern", f"not a regular expression: {exc}"))
         if self.model.adapter and self.method.type == "full":
             problems.append(("model.adapter", "continues a LoRA adapter, and method.type is full: for a full "
                              "fine-tune from an earlier run set model.base to its merged model (RUN/final/merged)"))

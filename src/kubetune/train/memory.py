@@ -427,6 +427,12 @@ def plan_for_run(spec: RunSpec, data: Any, local: bool) -> MemoryPlan:
         if sharded.fits:
             sharded.notes.append("resources.strategy auto chose fsdp: replicas (ddp) would not fit")
             return sharded
+    if spec.method.objective == "grpo":
+        g, sh = spec.method.grpo, inputs.shape
+        cache = 2 * sh.layers * sh.kv * (inputs.seq_len + g.max_new_tokens) * (2 if on_gpu(spec, local) else 4)
+        plan.notes.append(f"grpo: a micro-batch is {plan.micro_batch} answers ({g.num_generations} per prompt); "
+                          f"generating them holds a KV cache of ~{_size(cache * plan.micro_batch)}"
+                          + (", plus the reference model's forward pass (beta > 0)" if g.beta else ""))
     if spec.method.objective == "dpo":
         plan.notes.append("dpo: each micro-batch runs the chosen and the rejected answers (twice the sequences), "
                           "and the reference model's forward pass" + (" (the adapter disabled: no second copy)"

@@ -45,5 +45,5 @@ def start_adapter(spec: RunSpec) -> Path | None:
 def describe(folder: Path) -> str:
     cfg = json.loads((folder / "adapter_config.json").read_text())
     targets = cfg.get("target_modules")
-    names = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
+    names = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets})) if isinstance(targets, list) else str(targets)
     return f"r={cfg.get('r')}, alpha={cfg.get('lora_alpha')}, targets {names}"

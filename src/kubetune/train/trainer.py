@@ -41,18 +41,19 @@ class KubetuneMixin:
         else:
             self.save_model(output_dir)
 
-    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            self._real = self._real + mask.sum()
-            self._positions += mask.numel()
-        else:  # padding-free: every position is a real token
-            self._real = self._real + inputs["input_ids"].numel()
-            self._positions += inputs["input_ids"].numel()
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        if isinstance(inputs, dict) and "input_ids" in inputs:  # (GRPO's are prompts: it counts its own)
+            mask = inputs.get("attention_mask")
+            self.count_tokens(mask if mask is not None else inputs["input_ids"], padded=mask is not None)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._trim is not None:
             self._trim(0)
         return loss
+
+    def count_tokens(self, tensor: Any, padded: bool = True) -> None:
+        """Add a batch's real tokens (a 0/1 mask's sum, or every position when not padded) and positions."""
+        self._real = self._real + (tensor.sum() if padded else tensor.numel())
+        self._positions += tensor.numel()
 
     def take_token_counts(self) -> tuple[float, float]:
         """(real tokens, padded positions) since the previous call, summed over all ranks.

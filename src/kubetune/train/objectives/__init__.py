@@ -44,6 +44,10 @@ def objective_for(spec: RunSpec) -> Objective:
         from kubetune.train.objectives.kto import KTO
 
         return KTO()
+    if spec.method.objective == "grpo":
+        from kubetune.train.objectives.grpo import GRPO
+
+        return GRPO()
     from kubetune.train.objectives.sft import SFT
 
     return SFT()

@@ -1,0 +1,203 @@
+"""GRPO through TRL's GRPOTrainer: prompts from the data, rewards from method.grpo.rewards, answers
+sampled in groups of num_generations — by transformers here (CPU included) or by vLLM where TRL runs
+it (colocated, on GPUs). The prompt is rendered by the run's chat template. The reference model
+(beta > 0) is the starting model (LoRA: the adapter disabled).
+
+Eval: the eval prompts are answered by the starting model (before the first step) and by the tuned one
+(after the last), num_generations samples each as in training, from a fixed seed; the mean reward, in
+total and per function, goes into eval events, the trackers and eval/report.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from kubetune.artifacts.layout import RunLayout
+from kubetune.data.prompts import PromptData, PromptRow, prepare_prompts
+from kubetune.spec.models import RunSpec
+
+
+class GRPO:
+    name = "grpo"
+
+    def prepare(self, spec: RunSpec) -> PromptData:
+        from kubetune.train.rewards import load_rewards
+
+        load_rewards(spec.method.grpo.rewards)  # an import path that does not resolve fails validate, not step 0
+        return prepare_prompts(spec)
+
+    def arguments(self, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
+        from trl import GRPOConfig
+
+        g = spec.method.grpo
+        return GRPOConfig, {
+            "num_generations": g.num_generations, "max_completion_length": g.max_new_tokens,
+            "temperature": g.temperature, "beta": g.beta, "use_vllm": use_vllm(spec),
+            "vllm_mode": "colocate", "reward_weights": [r.weight for r in g.rewards],
+            "eval_strategy": "no",  # the eval prompts are scored by kubetune, before and after (see evaluate)
+            "log_completions": False,
+        }
+
+    def trainer(self, spec: RunSpec, data: PromptData, model: Any, args: Any, batches: Any,
+                callbacks: list[Any]) -> Any:
+        from kubetune.train.rewards import load_rewards
+
+        funcs, _ = load_rewards(spec.method.grpo.rewards)
+        tokenizer = _tokenizer(data)
+        # TRL stops a generation at the model's eos ids: make them the template's end of turn, or every
+        # answer runs on into a next turn and fails any format check
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.generation_config.eos_token_id = list(data.formatter.stop.fixed_eos_ids)
+        start = _start_callback(spec, data, tokenizer)
+        trainer = _trainer_class()(model=model, reward_funcs=funcs, args=args, train_dataset=_dataset(data.train.rows),
+                                   processing_class=tokenizer, callbacks=[*callbacks, start])
+        start.trainer = trainer
+        return trainer
+
+    def save_final(self, spec: RunSpec, trainer: Any, data: PromptData, layout: RunLayout, main: bool) -> Path:
+        from kubetune.train.objectives.sft import save_final_folder
+
+        return save_final_folder(spec, trainer, data, layout, main)
+
+    def evaluate(self, spec: RunSpec, trainer: Any, data: PromptData, layout: RunLayout, main: bool) -> None:
+        if not data.eval.rows:
+            return
+        tuned = score(spec, trainer.model, _tokenizer(data), data)
+        start = _start_scores(layout)
+        trainer.log({f"eval_{k}": v for k, v in tuned.items()})
+        if main:
+            write_report(layout, start, tuned, len(data.eval.rows))
+
+
+def use_vllm(spec: RunSpec) -> bool:
+    choice = spec.method.grpo.generation
+    if choice == "transformers":
+        return False
+    import torch
+
+    ready = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    if choice == "vllm" and not ready:
+        from kubetune.errors import UsageError
+
+        raise UsageError("method.grpo.generation vllm needs a CUDA GPU with vllm installed",
+                         "use method.grpo.generation: auto (transformers here)")
+    return ready
+
+
+def _tokenizer(data: PromptData) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(data.model_dir)
+    tokenizer.chat_template = data.formatter.template  # TRL renders prompts with the run's template
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = data.formatter.pad_id
+    return tokenizer
+
+
+def _dataset(rows: list[PromptRow]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list([{**r.columns, "prompt": [dict(m) for m in r.prompt]} for r in rows])
+
+
+def _trainer_class() -> Any:
+    from trl import GRPOTrainer
+
+    from kubetune.train.trainer import KubetuneMixin
+
+    class KubetuneGRPOTrainer(KubetuneMixin, GRPOTrainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._kubetune_init()
+
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            # the generated batch: prompt and answer tokens (masks) are what this step trained on
+            for key in ("prompt_mask", "completion_mask"):
+                if isinstance(inputs, dict) and key in inputs:
+                    self.count_tokens(inputs[key])
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return KubetuneGRPOTrainer
+
+
+def score(spec: RunSpec, model: Any, tokenizer: Any, data: PromptData) -> dict[str, float]:
+    """The policy's mean reward on the eval prompts — weighted total and per function — over
+    num_generations answers per prompt sampled as in training (method.grpo.temperature), from a fixed
+    seed, so the starting and the tuned model are measured alike."""
+    import torch
+
+    from kubetune.train.rewards import load_rewards
+
+    g = spec.method.grpo
+    funcs, weights = load_rewards(g.rewards)
+    rows = [r for r in data.eval.rows for _ in range(g.num_generations)]
+    answers = _answers(model, tokenizer, data, [r.prompt for r in rows], g.max_new_tokens, g.temperature,
+                       spec.train.seed)
+    columns = {k: [r.columns.get(k) for r in rows] for k in {k for r in rows for k in r.columns}}
+    prompts = [list(r.prompt) for r in rows]
+    per = {f.__name__: torch.tensor(f(prompts=prompts, completions=answers, **columns), dtype=torch.float64)
+           for f in funcs}
+    total = sum(w * v for w, v in zip(weights, per.values()))
+    return {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in per.items()}}
+
+
+def _answers(model: Any, tokenizer: Any, data: PromptData, prompts: list[tuple[dict[str, Any], ...]],
+             max_new_tokens: int, temperature: float, seed: int, batch: int = 16) -> list[str]:
+    import torch
+
+    stop = data.formatter.stop.fixed_eos_ids
+    was_training = model.training
+    model.eval()
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # the same draws for the starting and the tuned model; training's RNG untouched
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    device = next(model.parameters()).device
+    for i in range(0, len(prompts), batch):
+        texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+                 for p in prompts[i:i + batch]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                 top_k=0, top_p=1.0, eos_token_id=list(stop), pad_token_id=tokenizer.pad_token_id)
+        out += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids[:, enc["input_ids"].shape[1]:]]
+    torch.random.set_rng_state(rng_state)
+    if was_training:
+        model.train()
+    return out
+
+
+def _start_callback(spec: RunSpec, data: PromptData, tokenizer: Any) -> Any:
+    """Scores the starting model on the eval prompts before the first step (not again on resume)."""
+    from transformers import TrainerCallback
+
+    class StartScore(TrainerCallback):
+        trainer: Any = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step or not data.eval.rows:
+                return
+            scores = score(spec, self.trainer.model, tokenizer, data)
+            self.trainer.log({f"eval_{k}_start": v for k, v in scores.items()})
+
+    return StartScore()
+
+
+def _start_scores(layout: RunLayout) -> dict[str, float]:
+    from kubetune.artifacts.events import read_events
+
+    for event in reversed(read_events(layout.events)):
+        if event.event == "eval" and "reward_start" in (event.metrics or {}):
+            return {k.removesuffix("_start"): v for k, v in event.metrics.items() if k.endswith("_start")}
+    return {}
+
+
+def write_report(layout: RunLayout, start: dict[str, float], tuned: dict[str, float], prompts: int) -> None:
+    layout.eval.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"| {k} | {start.get(k, float('nan')):.3f} | {v:.3f} |\n" for k, v in tuned.items())
+    (layout.eval / "report.md").write_text(
+        f"# Reward evaluation\n\n{prompts} held-out prompts, each answered num_generations times (sampled as in "
+        "training, from a fixed seed) by the starting model (before the first step) and by the tuned model.\n\n| mean reward | start | tuned |\n| --- | ---: | ---: |\n" + rows)
+    (layout.eval / "metrics.json").write_text(json.dumps({"start": start, "tuned": tuned}, indent=2))
