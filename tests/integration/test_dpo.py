@@ -47,6 +47,9 @@ def test_dpo_raises_held_out_preference_accuracy(write_spec, tmp_path: Path) -> 
     assert json.loads((run / "eval" / "metrics.json").read_text())["preference_accuracy"] == scores["preference_accuracy"]
     assert (run / "final" / "adapter" / "adapter_model.safetensors").exists()
     assert "eval at step 40: preference_accuracy_base" in res.stdout
+    # served like any run (from a random base, DPO alone shifts preferences; it does not teach answers)
+    chat = run_kubetune("chat", str(run), "What colour is the fox?", timeout=200)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-1000:]
 
 
 def test_dpo_from_an_sft_adapter_resumes_after_sigkill(write_spec, tmp_path: Path) -> None:
