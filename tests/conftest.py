@@ -87,6 +87,41 @@ def run_kubetune(*args: str, timeout: int = 300, **env: str) -> subprocess.Compl
                           cwd=ROOT)
 
 
+def kill_after_first_checkpoint(spec: Path, out: Path, timeout: float = 240) -> tuple[int, str]:
+    """Run `kubetune train SPEC` until a COMPLETE checkpoint exists under OUT, then SIGKILL it and every
+    process it started (launcher, torchrun, ranks: no chance to save anything more). Returns the newest
+    complete checkpoint's step and what the run printed."""
+    import signal
+    import time
+
+    import psutil
+
+    log = out.parent / f"{out.name}.killed.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:  # a file, not a pipe: a full pipe would stall the trainer
+        proc = subprocess.Popen(kubetune_cmd("train", str(spec)), stdout=fh, stderr=subprocess.STDOUT,
+                                env=quiet_env(), cwd=ROOT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not list((out / "checkpoints").glob("checkpoint-*/COMPLETE")):
+                assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was saved: " + \
+                    log.read_text()[-2000:]
+                time.sleep(0.05)
+        finally:
+            try:
+                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                tree = []
+            for p in tree:
+                try:
+                    p.send_signal(signal.SIGKILL)
+                except psutil.NoSuchProcess:
+                    pass
+            proc.wait()
+    steps = [int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*/COMPLETE")]
+    return max(steps), log.read_text()
+
+
 def tiny_overrides(output: Path) -> list[str]:
     """--set items that make any example spec run here, at tiny scale: the project's tiny model and
     quickstart data, CPU, a few steps; everything else (method, LoRA, schedule, eval) stays the example's."""

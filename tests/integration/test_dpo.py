@@ -5,15 +5,12 @@ after SIGKILL; a start from an SFT run's adapter."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from kubetune.artifacts.events import read_events
-from tests.conftest import ROOT, kubetune_cmd, quiet_env, run_kubetune
+from tests.conftest import ROOT, kill_after_first_checkpoint, run_kubetune
 from tests.preferences import write_labeled, write_pairs
 
 pytestmark = pytest.mark.integration
@@ -53,8 +50,6 @@ def test_dpo_raises_held_out_preference_accuracy(write_spec, tmp_path: Path) -> 
 
 
 def test_dpo_from_an_sft_adapter_resumes_after_sigkill(write_spec, tmp_path: Path) -> None:
-    import psutil
-
     sft = write_spec(name="sft", data={"eval": None}, method={"type": "lora", "lora": {"r": 8, "dropout": 0.0}},
                      train={"max_steps": 4, "save_every_steps": 4})
     assert run_kubetune("train", str(sft), timeout=300).returncode == 0
@@ -64,22 +59,8 @@ def test_dpo_from_an_sft_adapter_resumes_after_sigkill(write_spec, tmp_path: Pat
                       train={**TRAIN, "max_steps": 60, "save_every_steps": 5, "logging_steps": 5},
                       data={"train": str(pairs), "eval": None, "max_length": 128})
     out = tmp_path / "runs" / "dpo2"
-    proc = subprocess.Popen(kubetune_cmd("train", str(spec)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=quiet_env(), cwd=ROOT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list((out / "checkpoints").glob("checkpoint-*/COMPLETE")):
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was saved"
-            time.sleep(0.05)
-    finally:
-        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        output = proc.communicate()[0]
+    saved, output = kill_after_first_checkpoint(spec, out)
     assert "starting from the adapter of" in output and "(r=8" in output  # the SFT adapter, not a new r=16 one
-    saved = max(int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*/COMPLETE"))
     res = run_kubetune("train", str(spec), timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from {out / 'checkpoints' / f'checkpoint-{saved}'}" in res.stdout

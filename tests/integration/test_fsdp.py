@@ -4,15 +4,12 @@ Hugging Face folder."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from kubetune.artifacts.events import read_events
-from tests.conftest import ROOT, kubetune_cmd, quiet_env, run_kubetune
+from tests.conftest import kill_after_first_checkpoint, run_kubetune
 
 pytestmark = pytest.mark.integration
 
@@ -77,34 +74,18 @@ def test_fsdp_trains_like_one_process_with_half_the_state_per_rank(write_spec, t
 
 
 def test_sigkill_under_fsdp_resumes_the_sharded_checkpoint(write_spec, tmp_path: Path) -> None:
-    import psutil
-
     spec = write_spec(name="fkill", data={"eval": None},
                       train={**TRAIN, "max_steps": 40, "save_every_steps": 4, "logging_steps": 4},
                       resources={"accelerator": "cpu", "devices_per_node": 2, "strategy": "fsdp"})
     out = tmp_path / "runs" / "fkill"
-    proc = subprocess.Popen(kubetune_cmd("train", str(spec)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=quiet_env(), cwd=ROOT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list((out / "checkpoints").glob("checkpoint-*/COMPLETE")):
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was saved"
-            time.sleep(0.05)
-    finally:
-        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-            try:
-                p.send_signal(signal.SIGKILL)  # the launcher, torchrun and both ranks: no chance to save
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait()
-    steps = sorted(int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*/COMPLETE"))
-    saved = out / "checkpoints" / f"checkpoint-{steps[-1]}"
+    step, _ = kill_after_first_checkpoint(spec, out)
+    saved = out / "checkpoints" / f"checkpoint-{step}"
     assert (saved / "pytorch_model_fsdp_0" / ".metadata").exists()
     res = run_kubetune("train", str(spec), timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resuming from {saved}" in res.stdout
-    resumed = [e for e in read_events(out / "events.jsonl") if e.event == "step" and e.step > steps[-1]]
-    assert resumed and resumed[0].step == steps[-1] + 4 and resumed[-1].step == 40
+    resumed = [e for e in read_events(out / "events.jsonl") if e.event == "step" and e.step > step]
+    assert resumed and resumed[0].step == step + 4 and resumed[-1].step == 40
     final = out / "final" / "adapter" / "adapter_model.safetensors"
     assert final.exists()
     # the last sharded checkpoint (step 40) exported as an adapter is the final adapter

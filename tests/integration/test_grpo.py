@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from kubetune.artifacts.events import read_events
-from tests.conftest import ROOT, kubetune_cmd, quiet_env, run_kubetune
+from tests.conftest import ROOT, kill_after_first_checkpoint, run_kubetune
 
 pytestmark = pytest.mark.integration
 
@@ -78,25 +75,9 @@ def test_grpo_raises_the_held_out_reward_above_the_sft_start(write_spec, tmp_pat
 
 
 def test_grpo_resumes_after_sigkill(write_spec, tmp_path: Path, sft_run: Path) -> None:
-    import psutil
-
     spec = _grpo_spec(write_spec, tmp_path, sft_run, "grpokill", max_steps=30, save_every_steps=5)
     out = tmp_path / "runs" / "grpokill"
-    proc = subprocess.Popen(kubetune_cmd("train", str(spec)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=quiet_env(), cwd=ROOT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not list((out / "checkpoints").glob("checkpoint-*/COMPLETE")):
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was saved"
-            time.sleep(0.05)
-    finally:
-        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait()
-    saved = max(int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*/COMPLETE"))
+    saved, _ = kill_after_first_checkpoint(spec, out)
     res = run_kubetune("train", str(spec), timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from {out / 'checkpoints' / f'checkpoint-{saved}'}" in res.stdout

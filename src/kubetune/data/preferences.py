@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kubetune.data.dataset import SourceReport, split_by_ratio
 from kubetune.data.formats import PREFERENCE_KEYS, _message
@@ -189,31 +189,42 @@ def load_pairs(spec: RunSpec) -> tuple[list[Any], list[Any], list[SourceReport],
     """Training and eval rows: pairs for dpo; for kto labeled answers (a pair gives two: the chosen
     answer desirable, the rejected one not), while eval may stay pairs (then preference accuracy is
     measured on them)."""
-    data = spec.data
     kto = spec.method.objective == "kto"
+    data = spec.data
+    train, evals, reports, problems = gather(spec, lambda uri, fmt, weight: _load(uri, fmt, data, weight, kto),
+                                             "preference data", prepare_train=_unpaired if kto else None)
+    if kto and any(isinstance(r, Pair) for r in evals) and not all(isinstance(r, Pair) for r in evals):
+        evals = _unpaired(evals)  # mixed eval sources: all as labeled answers
+    return train, evals, reports, problems
+
+
+def gather(spec: RunSpec, load: Callable[[str, str, float], tuple[list[Any], SourceReport, list[Problem]]],
+           noun: str, prepare_train: Callable[[list[Any]], list[Any]] | None = None
+           ) -> tuple[list[Any], list[Any], list[SourceReport], list[Problem]]:
+    """Every training source and the eval source through `load` (uri, format, weight), data.bad_rows
+    applied once for all of them, and the eval split; DataError when no training row is left."""
+    data = spec.data
     problems: list[Problem] = []
     reports: list[SourceReport] = []
     train: list[Any] = []
     for source in data.sources():
-        rows, report, bad = _load(source.path, source.format or data.format, data, source.weight, kto)
-        train += _unpaired(rows) if kto else rows
+        rows, report, bad = load(source.path, source.format or data.format, source.weight)
+        train += prepare_train(rows) if prepare_train else rows
         reports.append(report)
         problems += bad
     evals: list[Any] = []
     if data.eval_source() is not None:
-        evals, report, bad = _load(data.eval_source().path, data.format, data, 1.0, kto)
+        evals, report, bad = load(data.eval_source().path, data.format, 1.0)
         report.uri = f"{report.uri} (eval)"
         reports.append(report)
         problems += bad
-        if kto and any(isinstance(r, Pair) for r in evals) and not all(isinstance(r, Pair) for r in evals):
-            evals = _unpaired(evals)
     if problems and data.bad_rows == "error":
         raise DataError(capped(problems), hint="fix these rows, or set data.bad_rows: skip to train without them")
     ratio = data.eval_ratio()
     if ratio is not None:
         train, evals = split_by_ratio(train, ratio, spec.train.seed)  # type: ignore[arg-type]
     if not train:
-        raise DataError([Problem("data.train", "no usable preference data")])
+        raise DataError([Problem("data.train", f"no usable {noun}")])
     return train, evals, reports, problems
 
 
@@ -314,18 +325,9 @@ def encode_labeled(rows: list[Labeled], fmt: ChatFormatter, data: DataSpec) -> P
         except (TemplateMismatch, ValueError) as exc:
             problems.append(Problem(row.where, str(exc)))
             continue
-        if len(prompt) + len(answer) > data.max_length:
-            room = data.max_length - len(prompt)
-            if data.too_long == "error":
-                problems.append(Problem(row.where, f"{len(prompt) + len(answer)} tokens, over data.max_length "
-                                                   f"{data.max_length}"))
-                continue
-            if data.too_long == "drop" or room < 2:
-                out.dropped += 1
-                continue
-            answer = answer[:room]
-            out.truncated += 1
-        out.rows.append(EncodedLabeled(row.where, prompt, answer, row.label))
+        answers = _fit(prompt, [answer], data, row.where, out, problems)
+        if answers is not None:
+            out.rows.append(EncodedLabeled(row.where, prompt, answers[0], row.label))
     if problems:
         raise DataError(capped(problems), hint="raise data.max_length, or set data.too_long: truncate or drop")
     return out
@@ -353,21 +355,30 @@ def encode_pairs(pairs: list[Pair], fmt: ChatFormatter, data: DataSpec) -> PairS
             problems.append(Problem(pair.where, "the chat template renders the prompt differently before the two "
                                                 "answers; they cannot be compared"))
             continue
-        room = data.max_length - len(prompt_c)
-        if len(prompt_c) + max(len(chosen), len(rejected)) > data.max_length:
-            if data.too_long == "error":
-                problems.append(Problem(pair.where, f"{len(prompt_c) + max(len(chosen), len(rejected))} tokens, "
-                                                    f"over data.max_length {data.max_length}"))
-                continue
-            if data.too_long == "drop" or room < 2:
-                out.dropped += 1
-                continue
-            chosen, rejected = chosen[:room], rejected[:room]
-            out.truncated += 1
-        out.rows.append(EncodedPair(pair.where, prompt_c, chosen, rejected))
+        answers = _fit(prompt_c, [chosen, rejected], data, pair.where, out, problems)
+        if answers is not None:
+            out.rows.append(EncodedPair(pair.where, prompt_c, *answers))
     if problems:
         raise DataError(capped(problems), hint="raise data.max_length, or set data.too_long: truncate or drop")
     return out
+
+
+def _fit(prompt: list[int], answers: list[list[int]], data: DataSpec, where: str, out: PairSet,
+         problems: list[Problem]) -> list[list[int]] | None:
+    """The answers within data.max_length after the prompt (data.too_long: truncate cuts the answers,
+    drop counts the row out, error reports it); None when the row is left out."""
+    length = len(prompt) + max(len(a) for a in answers)
+    if length <= data.max_length:
+        return answers
+    room = data.max_length - len(prompt)
+    if data.too_long == "error":
+        problems.append(Problem(where, f"{length} tokens, over data.max_length {data.max_length}"))
+        return None
+    if data.too_long == "drop" or room < 2:
+        out.dropped += 1
+        return None
+    out.truncated += 1
+    return [a[:room] for a in answers]
 
 
 def _split(fmt: ChatFormatter, messages: tuple[dict[str, Any], ...], tools: Any, reasoning: str
@@ -391,9 +402,14 @@ def prepare_pairs(spec: RunSpec) -> PreferenceData:
     model_dir = resolve_model(spec.model.base, spec.model.revision, only_tokenizer=True)
     formatter = ChatFormatter(model_dir, spec.model.chat_template)
     train, evals, reports, skipped = load_pairs(spec)
+    return PreferenceData(encode_rows(train, formatter, spec.data), encode_rows(evals, formatter, spec.data),
+                          formatter, model_dir, reports, Skipped(skipped), source_hashes(spec))
+
+
+def source_hashes(spec: RunSpec) -> dict[str, str]:
+    """sha256 of every local training file, for the run's manifest (as the SFT data records them)."""
     hashes: dict[str, str] = {}
-    for source in spec.data.sources():  # recorded in the manifest, like the SFT data's
+    for source in spec.data.sources():
         if not source.path.startswith("hf://"):
             hashes.update({str(f): sha256_file(f) for f in local_files(source.path)})
-    return PreferenceData(encode_rows(train, formatter, spec.data), encode_rows(evals, formatter, spec.data),
-                          formatter, model_dir, reports, Skipped(skipped), hashes)
+    return hashes

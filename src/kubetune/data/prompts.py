@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.data.dataset import SourceReport, split_by_ratio
-from kubetune.data.preferences import Skipped, _prompt
+from kubetune.data.dataset import SourceReport
+from kubetune.data.preferences import Skipped, _prompt, gather, source_hashes
 from kubetune.data.sources import read_source
-from kubetune.errors import DataError, Problem, capped
+from kubetune.errors import Problem
 from kubetune.spec.models import RunSpec
 
 
@@ -85,37 +85,11 @@ class PromptData:
 
 
 def prepare_prompts(spec: RunSpec) -> PromptData:
-    from kubetune.artifacts.manifest import sha256_file
-    from kubetune.data.sources import local_files
     from kubetune.data.template import ChatFormatter
     from kubetune.storage import resolve_model
 
-    data = spec.data
     model_dir = resolve_model(spec.model.base, spec.model.revision, only_tokenizer=True)
     formatter = ChatFormatter(model_dir, spec.model.chat_template)
-    problems: list[Problem] = []
-    reports: list[SourceReport] = []
-    train: list[PromptRow] = []
-    for source in data.sources():
-        rows, report, bad = _rows(source.path, spec, source.weight)
-        train += rows
-        reports.append(report)
-        problems += bad
-    evals: list[PromptRow] = []
-    if data.eval_source() is not None:
-        evals, report, bad = _rows(data.eval_source().path, spec, 1.0)
-        report.uri = f"{report.uri} (eval)"
-        reports.append(report)
-        problems += bad
-    if problems and data.bad_rows == "error":
-        raise DataError(capped(problems), hint="fix these rows, or set data.bad_rows: skip to train without them")
-    ratio = data.eval_ratio()
-    if ratio is not None:
-        train, evals = split_by_ratio(train, ratio, spec.train.seed)  # type: ignore[arg-type]
-    if not train:
-        raise DataError([Problem("data.train", "no usable prompts")])
-    hashes: dict[str, str] = {}
-    for source in data.sources():
-        if not source.path.startswith("hf://"):
-            hashes.update({str(f): sha256_file(f) for f in local_files(source.path)})
-    return PromptData(PromptSet(train), PromptSet(evals), formatter, model_dir, reports, Skipped(problems), hashes)
+    train, evals, reports, problems = gather(spec, lambda uri, _fmt, weight: _rows(uri, spec, weight), "prompts")
+    return PromptData(PromptSet(train), PromptSet(evals), formatter, model_dir, reports, Skipped(problems),
+                      source_hashes(spec))
