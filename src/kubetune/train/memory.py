@@ -255,7 +255,7 @@ def plan_memory(spec: RunSpec, inputs: Inputs, micro_batch: int | None = None, s
     s = inputs.shape
     gpu = on_gpu(spec, inputs.local)
     wbytes = _weight_bytes(spec, gpu)
-    abytes = 2 if (wbytes == 2 or _autocast_bf16(spec, gpu, s.hidden)) else 4
+    abytes = 2 if (wbytes == 2 or _autocast_bf16(spec, gpu, s.hidden, inputs.local)) else 4
 
     # parameters: the linear layers of the decoder, and the rest (embeddings, head, norms)
     linear = s.layers * sum(i * o for i, o in s.projections().values())
@@ -316,12 +316,14 @@ def _weight_bytes(spec: RunSpec, gpu: bool) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def _autocast_bf16(spec: RunSpec, gpu: bool, hidden: int) -> bool:
+def _autocast_bf16(spec: RunSpec, gpu: bool, hidden: int, local: bool) -> bool:
     choice = spec.train.mixed_precision
     if choice != "auto":
         return choice in ("bf16", "fp16")
     if gpu:
         return True
+    if not local:  # a cluster's CPUs: unknown here, planned without autocast (the larger activations)
+        return False
     from kubetune.train.model import CPU_BF16_MIN_HIDDEN, cpu_has_native_bf16
 
     return hidden >= CPU_BF16_MIN_HIDDEN and cpu_has_native_bf16()
