@@ -69,16 +69,40 @@ def test_dpo_from_an_sft_adapter_resumes_after_sigkill(write_spec, tmp_path: Pat
     assert '"r": 8' in (out / "final" / "adapter" / "adapter_config.json").read_text()
 
 
-def test_dpo_renders_for_kubernetes(write_spec, tmp_path: Path, cli) -> None:
+@pytest.mark.parametrize("objective", ["dpo", "kto", "grpo"])
+def test_every_objective_renders_for_kubernetes(write_spec, tmp_path: Path, cli, objective: str) -> None:
     import yaml
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 10, seed=5)
-    spec = write_spec(name="dpok8s", method=DPO, data={"train": str(pairs), "eval": None},
-                      output="s3://bucket/runs/dpok8s")
+    method = {**DPO, "objective": objective,
+              "grpo": {"rewards": [{"function": "regex", "pattern": "The .*"}]}}
+    spec = write_spec(name=f"{objective}k8s", method=method, data={"train": str(pairs), "eval": None},
+                      output=f"s3://bucket/runs/{objective}k8s", resources={"accelerator": "nvidia", "devices_per_node": 2})
     code, out, _ = cli("render", str(spec))
     assert code == 0
-    config = next(o for o in yaml.safe_load_all(out) if o and o["kind"] == "ConfigMap")
-    assert yaml.safe_load(config["data"]["spec.yaml"])["method"]["objective"] == "dpo"
+    objects = [o for o in yaml.safe_load_all(out) if o]
+    config = next(o for o in objects if o["kind"] == "ConfigMap")
+    assert yaml.safe_load(config["data"]["spec.yaml"])["method"]["objective"] == objective
+    job = next(o for o in objects if o["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["kubetune", "train"]  # the same entry point as SFT, resumable
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "2"
+
+
+def test_kto_resumes_after_sigkill(write_spec, tmp_path: Path) -> None:
+    labeled = write_labeled(tmp_path / "labeled.jsonl", 400, seed=8)
+    spec = write_spec(name="ktokill", method={**DPO, "objective": "kto"},
+                      train={**TRAIN, "max_steps": 30, "save_every_steps": 5, "logging_steps": 5},
+                      data={"train": str(labeled), "eval": None, "max_length": 128})
+    out = tmp_path / "runs" / "ktokill"
+    saved, _ = kill_after_first_checkpoint(spec, out)
+    res = run_kubetune("train", str(spec), timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{saved}'}" in res.stdout
+    steps = [e.step for e in read_events(out / "events.jsonl") if e.event == "step"]
+    assert steps[-1] == 30 and [s for s in steps if s > saved][0] == saved + 5
+    chat = run_kubetune("chat", str(out), "What colour is the fox?", timeout=200)  # served like any run
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-1000:]
 
 
 def test_kto_on_labeled_answers_moves_held_out_preference_accuracy(write_spec, tmp_path: Path) -> None:
