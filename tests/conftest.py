@@ -122,6 +122,19 @@ def kill_after_first_checkpoint(spec: Path, out: Path, timeout: float = 240) -> 
     return max(steps), log.read_text()
 
 
+def assert_resumes(spec: Path, out: Path, saved: int, last: int, logging: int) -> subprocess.CompletedProcess[str]:
+    """Rerun `kubetune train SPEC`: it resumes from checkpoint-SAVED, logs its next step right after it
+    and finishes at LAST."""
+    from kubetune.artifacts.events import read_events
+
+    res = run_kubetune("train", str(spec), timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{saved}'}" in res.stdout
+    steps = [e.step for e in read_events(out / "events.jsonl") if e.event == "step"]
+    assert steps[-1] == last and [s for s in steps if s > saved][0] == (saved // logging + 1) * logging
+    return res
+
+
 def tiny_overrides(output: Path) -> list[str]:
     """--set items that make any example spec run here, at tiny scale: the project's tiny model and
     quickstart data, CPU, a few steps; everything else (method, LoRA, schedule, eval) stays the example's."""

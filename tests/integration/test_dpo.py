@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.artifacts.events import read_events
-from tests.conftest import ROOT, kill_after_first_checkpoint, run_kubetune
+from tests.conftest import ROOT, assert_resumes, kill_after_first_checkpoint, run_kubetune
 from tests.preferences import write_labeled, write_pairs
 
 pytestmark = pytest.mark.integration
@@ -61,11 +61,7 @@ def test_dpo_from_an_sft_adapter_resumes_after_sigkill(write_spec, tmp_path: Pat
     out = tmp_path / "runs" / "dpo2"
     saved, output = kill_after_first_checkpoint(spec, out)
     assert "starting from the adapter of" in output and "(r=8" in output  # the SFT adapter, not a new r=16 one
-    res = run_kubetune("train", str(spec), timeout=400)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{saved}'}" in res.stdout
-    steps = [e.step for e in read_events(out / "events.jsonl") if e.event == "step"]
-    assert steps[-1] == 60 and [s for s in steps if s > saved][0] == (saved // 5 + 1) * 5
+    assert_resumes(spec, out, saved, last=60, logging=5)
     assert '"r": 8' in (out / "final" / "adapter" / "adapter_config.json").read_text()
 
 
@@ -96,11 +92,7 @@ def test_kto_resumes_after_sigkill(write_spec, tmp_path: Path) -> None:
                       data={"train": str(labeled), "eval": None, "max_length": 128})
     out = tmp_path / "runs" / "ktokill"
     saved, _ = kill_after_first_checkpoint(spec, out)
-    res = run_kubetune("train", str(spec), timeout=400)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{saved}'}" in res.stdout
-    steps = [e.step for e in read_events(out / "events.jsonl") if e.event == "step"]
-    assert steps[-1] == 30 and [s for s in steps if s > saved][0] == saved + 5
+    assert_resumes(spec, out, saved, last=30, logging=5)
     chat = run_kubetune("chat", str(out), "What colour is the fox?", timeout=200)  # served like any run
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-1000:]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.artifacts.events import read_events
-from tests.conftest import ROOT, kill_after_first_checkpoint, run_kubetune
+from tests.conftest import ROOT, assert_resumes, kill_after_first_checkpoint, run_kubetune
 
 pytestmark = pytest.mark.integration
 
@@ -78,11 +78,7 @@ def test_grpo_resumes_after_sigkill(write_spec, tmp_path: Path, sft_run: Path) -
     spec = _grpo_spec(write_spec, tmp_path, sft_run, "grpokill", max_steps=30, save_every_steps=5)
     out = tmp_path / "runs" / "grpokill"
     saved, _ = kill_after_first_checkpoint(spec, out)
-    res = run_kubetune("train", str(spec), timeout=400)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{saved}'}" in res.stdout
-    steps = [e.step for e in read_events(out / "events.jsonl") if e.event == "step"]
-    assert steps[-1] == 30 and [s for s in steps if s > saved][0] == saved + 5
+    assert_resumes(spec, out, saved, last=30, logging=5)
     assert (out / "final" / "adapter" / "adapter_model.safetensors").exists()
 
 
