@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require this key (Bearer); default from KUBETUNE_API_KEY")
     p.add_argument("--no-base", dest="with_base", action="store_false",
                    help="do not also serve the base model of an adapter run")
+    p.add_argument("--adapters", choices=["auto", "merged", "unmerged"], default="auto",
+                   help="(transformers engine) merged: each adapter merged into a copy of the base in memory "
+                        "(logits checked); unmerged: LoRA applied on the base's shared weights (one copy); "
+                        "auto: merged when the copies fit in half the free memory")
     p.set_defaults(func=verbs.serve)
     p = sub.add_parser("chat", help="chat with a served model (URL) or a run: one-shot, or interactive without MESSAGE")
     p.add_argument("target", metavar="URL|RUN", help="http(s)://host:port of an OpenAI-compatible server, or a run folder")

@@ -60,8 +60,7 @@ class Admission:
             self._publish()
 
     def _publish(self) -> None:
-        self.metrics.running.set(self.running)
-        self.metrics.waiting.set(self.admitted - self.running)
+        self.metrics.queue(self.running, self.admitted - self.running)
 
 
 def stream_response(body: AsyncIterator[str], ticket: Ticket) -> StreamingResponse:

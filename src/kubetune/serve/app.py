@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubetune.serve.engine import TransformersEngine
 from kubetune.serve.errors import error_body, install_error_handlers
@@ -32,25 +34,41 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
     app.state.kubetune = state
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        api = path.startswith("/v1/") or path == "/tokenize"  # /health and /metrics stay open for probes
-        if api and state.settings.api_key and not _authorized(request, state.settings.api_key):
-            state.metrics.requests.labels(path, "401").inc()
-            return JSONResponse(error_body("missing or wrong API key (send Authorization: Bearer KEY)",
-                                           "invalid_request_error", None, "invalid_api_key"), status_code=401)
-        response = await call_next(request)
-        if api:
-            state.metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(_AuthAndCount, state=state)
     app.include_router(system.router)
     app.include_router(openai.router)
     return app
 
 
-def _authorized(request: Request, key: str) -> bool:
-    given = request.headers.get("authorization", "")
+class _AuthAndCount:
+    """The API key check and the request counter, as plain ASGI: Starlette's BaseHTTPMiddleware pipes
+    every streamed chunk through a memory stream and an extra task, which a server streaming one
+    token per chunk to dozens of clients pays for on every token."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        api = scope["type"] == "http" and (path.startswith("/v1/") or path == "/tokenize")
+        if not api:  # /health and /metrics stay open for probes
+            await self.app(scope, receive, send)
+            return
+        metrics, key = self.state.metrics, self.state.settings.api_key
+        if key and not _authorized(Headers(scope=scope).get("authorization", ""), key):
+            metrics.requests.labels(path, "401").inc()
+            response = JSONResponse(error_body("missing or wrong API key (send Authorization: Bearer KEY)",
+                                               "invalid_request_error", None, "invalid_api_key"), status_code=401)
+            await response(scope, receive, send)
+            return
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, send_counted)
+
+
+def _authorized(given: str, key: str) -> bool:
     token = given[7:] if given.lower().startswith("bearer ") else ""
     return hmac.compare_digest(token.encode(), key.encode())

@@ -82,7 +82,7 @@ class LocalChat:
     def __init__(self, run: str, base: bool = False) -> None:
         from kubetune.serve.engine import load_engine
 
-        self._engine = load_engine([run], with_base=True)
+        self._engine = load_engine([run], with_base=True, max_concurrency=1)
         names = self._engine.names
         self.model = names[-1] if base and len(names) > 1 else names[0]
 
@@ -96,7 +96,7 @@ class LocalChat:
 
         def work() -> None:
             try:
-                self._engine.generate(self.model, prompt, params, ids_out.put, lambda: False)
+                self._engine.generate(self.model, prompt, params, ids_out.put)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 failure.append(exc)
             finally:

@@ -1,15 +1,16 @@
-"""The transformers engine: one model in memory (a merged model, or a base with one or more
-PEFT adapters), each served name mapped to its tokenizer, chat template and generation config.
+"""The transformers engine: each served name mapped to its weights (a `Lane`: one model behind
+transformers' continuous batching), its tokenizer, chat template and generation config.
 
-Generation is transformers' own `generate`; this module only decides which weights answer
-(`set_adapter` / `disable_adapter`), renders prompts with the run's saved template, and streams
-token ids out of `generate` through a streamer so a server can send them as they come.
+Adapter runs of one base: the base is loaded once; each adapter is either merged into a copy of it
+in memory (checked: the logits must match adapter-on-base, as `kubetune merge` checks) or applied
+unmerged by PEFT on a copy that shares the base's weight tensors. transformers batches one set of
+weights at a time (its batch is one packed row of tokens, PEFT's mixed-adapter batches split by row),
+so each adapter is a lane of its own, batching its requests; lanes run side by side.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
+import queue
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,7 +18,12 @@ from typing import Any, Callable, Sequence
 from kubetune.data.template import ChatFormatter
 from kubetune.data.tool_calls import ToolCallFormat, format_for
 from kubetune.errors import UsageError
+from kubetune.serve.batching import Direct, EngineFailed, Lane, Loop, Request
 from kubetune.storage.model_files import read_model_config
+
+
+ADAPTER_MODES = ("auto", "merged", "unmerged")
+MERGE_TOLERANCE = 1e-4  # max |logit difference| of an in-memory merge (fp32), as `kubetune merge`
 
 
 @dataclass
@@ -26,14 +32,14 @@ class ServedModel:
     tokenizer: Any
     generation: Any                 # transformers.GenerationConfig: eos = the run's end-of-turn token(s)
     formatter: ChatFormatter        # renders and tokenises prompts exactly as training did
-    adapter: str | None = None      # PEFT adapter name; None = the base weights
+    lane: Lane                      # the weights that answer, behind continuous batching
     source: str = ""                # what was loaded, for /v1/models and logs
     tool_format: ToolCallFormat | None = None   # how tool calls are read back from answers
+    weights: str = "as saved"       # how the weights were prepared, for the start-up line
 
     @property
     def stop_ids(self) -> set[int]:
-        eos = self.generation.eos_token_id
-        return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return _stops(self.generation)
 
 
 @dataclass
@@ -51,34 +57,29 @@ class Finished:
     finish_reason: str               # "stop" (end of turn or a stop string) or "length"
 
 
-class _Streamer:
-    """transformers streamer protocol (put/end): forwards new token ids to a callback."""
-
-    def __init__(self, on_tokens: Callable[[list[int]], None]) -> None:
-        self._on_tokens, self._prompt_seen = on_tokens, False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate() first puts the prompt itself
-            self._prompt_seen = True
-            return
-        self._on_tokens([int(t) for t in value.reshape(-1).tolist()])
-
-    def end(self) -> None:
-        pass
+def finish_of(ids: Sequence[int], stops: set[int], max_tokens: int, cut: bool) -> Finished:
+    """The Finished record of an answer's token ids (`cut`: ended early by a stop string or the caller)."""
+    ended = bool(ids) and ids[-1] in stops
+    reason = "length" if not (ended or cut) and len(ids) >= max_tokens else "stop"
+    return Finished(completion_tokens=len(ids) - (1 if ended else 0), finish_reason=reason)
 
 
 class TransformersEngine:
-    """Holds the weights; `generate` runs one request at a time (callers serialise through a worker)."""
+    """Served names → lanes. `submit` queues a request into its lane's running batch."""
 
-    def __init__(self, model: Any, served: Sequence[ServedModel], context_length: int) -> None:
-        self.model = model
+    def __init__(self, served: Sequence[ServedModel], context_length: int) -> None:
         self.served = {m.name: m for m in served}
         self.context_length = context_length
-        self._lock = threading.Lock()
 
     @property
     def names(self) -> list[str]:
         return list(self.served)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot answer any more (a lane's batching thread died), or None."""
+        failed = [f"{m.name}: {m.lane.failure}" for m in self.served.values() if m.lane.failure is not None]
+        return "; ".join(failed) or None
 
     def encode_chat(self, name: str, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                     tools: Sequence[dict[str, Any]] | None = None, prefix: str = "") -> list[int]:
@@ -101,62 +102,50 @@ class TransformersEngine:
             return served.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=False)
         return served.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def submit(self, name: str, prompt_ids: list[int], params: GenerationParams, on_output: Callable[[Any], None],
+               loop: Loop) -> Request:
+        """Queue a request into the running batch of `name`'s lane; `on_output` gets, through `loop`, a
+        transformers GenerationOutput (all token ids so far) per step, the last one finished."""
+        return self.served[name].lane.submit(prompt_ids, params.max_tokens, params.temperature, params.top_p,
+                                             params.seed, on_output, loop)
+
+    def cancel(self, name: str, request: Request) -> None:
+        self.served[name].lane.cancel(request)
+
     def generate(self, name: str, prompt_ids: list[int], params: GenerationParams,
-                 on_tokens: Callable[[list[int]], None], should_stop: Callable[[], bool]) -> Finished:
-        """Generate for one request; `on_tokens` gets new ids as they come, `should_stop` ends early
-        (a stop string was seen, or the client went away)."""
-        import copy
+                 on_tokens: Callable[[list[int]], None]) -> Finished:
+        """One request, blocking (for callers without an event loop): new ids go to `on_tokens` as they come."""
+        outputs: queue.Queue[Any] = queue.Queue()
+        request = self.submit(name, prompt_ids, params, outputs.put, Direct())
+        ids: list[int] = []
+        try:
+            while True:
+                output = outputs.get(timeout=600)
+                if output.error:
+                    raise EngineFailed(output.error)
+                on_tokens(list(output.generated_tokens[len(ids):]))
+                ids = list(output.generated_tokens)
+                if output.is_finished():
+                    return finish_of(ids, self.served[name].stop_ids, params.max_tokens, cut=False)
+        except BaseException:
+            self.cancel(name, request)
+            raise
 
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        served = self.served[name]
-        gen = copy.deepcopy(served.generation)
-        gen.max_new_tokens = params.max_tokens
-        gen.do_sample = params.temperature > 0
-        if gen.do_sample:
-            gen.temperature, gen.top_p, gen.top_k = params.temperature, params.top_p, None
-        else:
-            gen.temperature = gen.top_p = gen.top_k = None
-        if gen.pad_token_id is None:
-            gen.pad_token_id = served.tokenizer.pad_token_id
-        produced: list[int] = []
-
-        def forward(ids: list[int]) -> None:
-            produced.extend(ids)
-            on_tokens(ids)
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool)
-
-        with self._lock, torch.no_grad(), self._weights_for(served):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            ids = torch.tensor([prompt_ids])
-            self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
-                                streamer=_Streamer(forward), stopping_criteria=StoppingCriteriaList([_Stop()]))
-        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-        ended = bool(produced) and produced[-1] in eos
-        reason = "stop" if ended or should_stop() else ("length" if len(produced) >= params.max_tokens else "stop")
-        count = len(produced) - (1 if ended else 0)  # the end-of-turn token is not part of the answer
-        return Finished(completion_tokens=count, finish_reason=reason)
-
-    def _weights_for(self, served: ServedModel) -> contextlib.AbstractContextManager[Any]:
-        if not hasattr(self.model, "peft_config"):
-            return contextlib.nullcontext()
-        if served.adapter is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(served.adapter)
-        return contextlib.nullcontext()
+    def close(self) -> None:
+        for lane in {id(m.lane): m.lane for m in self.served.values()}.values():
+            lane.close()
 
 
-def load_engine(targets: Sequence[str], served_name: str | None = None, with_base: bool = True) -> TransformersEngine:
+def load_engine(targets: Sequence[str], served_name: str | None = None, with_base: bool = True,
+                max_concurrency: int = 64, adapters: str = "auto") -> TransformersEngine:
     """An engine for one model folder, one run, or several adapter runs of the same base.
 
     A run is served under its run name with the tokenizer, template and generation config saved
-    with it; an adapter run needs no merge (PEFT applies it). The base of adapter runs is also
-    served, under its folder/repo name, with the run's template (as `kubetune eval` compares them).
+    with it; an adapter run needs no merge on disk. `adapters`: merged (a merged copy per adapter in
+    memory, logits checked), unmerged (PEFT on shared base weights: one copy of the base whatever the
+    number of adapters), auto (merged when the copies fit in half of the free memory, else unmerged).
+    The base of adapter runs is also served, under its folder/repo name, with the run's template (as
+    `kubetune eval` compares them).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -167,10 +156,12 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     from kubetune.storage.store import uri_basename
 
     quiet_progress_bars()
+    if adapters not in ADAPTER_MODES:
+        raise UsageError(f"--adapters {adapters}: not a mode", f"use one of {', '.join(ADAPTER_MODES)}")
     if not targets:
         raise UsageError("nothing to serve", "pass a run folder (runs/NAME) or a model folder")
     if len(targets) == 1 and (Path(targets[0]) / "config.json").exists() and not (Path(targets[0]) / "spec.yaml").exists():
-        return _whole_model(Path(targets[0]), served_name or Path(targets[0]).name)
+        return _whole_model(Path(targets[0]), served_name or Path(targets[0]).name, max_concurrency)
 
     runs = []
     for target in targets:
@@ -179,40 +170,82 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
         runs.append((run.spec, final.folder, final.merged))
     if len(runs) == 1 and runs[0][2]:
         spec, folder, _ = runs[0]
-        return _whole_model(folder, served_name or spec.name, spec.serve.tool_parser)
+        return _whole_model(folder, served_name or spec.name, max_concurrency, spec.serve.tool_parser)
     bases = {str(resolve_model(s.model.base, s.model.revision).resolve()) for s, _, _ in runs}
     if len(bases) > 1 or any(m for _, _, m in runs):
         raise UsageError("several runs can be served together only as adapters of one base model",
                          f"these runs have bases {sorted(bases)}; serve them one per server")
     base_dir = Path(bases.pop())
-    from peft import PeftModel
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    context = _context(base_dir)
+    merge = adapters == "merged" or (adapters == "auto" and _copies_fit(base, len(runs)))
     served: list[ServedModel] = []
-    model: Any = None
     for spec, folder, _ in runs:
         tok = AutoTokenizer.from_pretrained(folder)
         gen = GenerationConfig.from_pretrained(folder)
         name = served_name if (served_name and len(runs) == 1) else spec.name
-        if model is None:
-            model = PeftModel.from_pretrained(base, folder, adapter_name=name)
-        else:
-            model.load_adapter(folder, adapter_name=name)
         formatter = _formatter(folder, tok)
-        served.append(ServedModel(name, tok, gen, formatter, name, str(folder),
-                                  format_for(formatter.template, spec.serve.tool_parser)))
+        alone = len(runs) == 1 and not with_base  # nothing else needs the base weights as they are
+        model, weights = _adapted(base, folder, formatter, merge, strict=adapters == "merged", in_place=alone)
+        lane = Lane(model, sorted(_stops(gen)), _pad(gen, tok), max_concurrency, context)
+        served.append(ServedModel(name, tok, gen, formatter, lane, str(folder),
+                                  format_for(formatter.template, spec.serve.tool_parser), weights))
     if with_base:
         first_spec = runs[0][0]
         base_name = uri_basename(first_spec.model.base)
         if base_name not in {s.name for s in served}:
             first = served[0]
-            served.append(ServedModel(base_name, first.tokenizer, first.generation, first.formatter, None,
-                                      str(base_dir), first.tool_format))
-    model.eval()
-    return TransformersEngine(model, served, _context(base_dir))
+            lane = Lane(base, sorted(first.stop_ids), _pad(first.generation, first.tokenizer), max_concurrency, context)
+            served.append(ServedModel(base_name, first.tokenizer, first.generation, first.formatter, lane,
+                                      str(base_dir), first.tool_format, "base weights"))
+    return TransformersEngine(served, context)
 
 
-def _whole_model(folder: Path, name: str, tool_parser: str = "auto") -> TransformersEngine:
+def _copies_fit(base: Any, adapters: int) -> bool:
+    from kubetune.serve.batching import available_bytes
+
+    size = sum(p.numel() * p.element_size() for p in base.parameters())
+    return adapters * size <= available_bytes(base.device) // 2
+
+
+def _adapted(base: Any, folder: Path, formatter: ChatFormatter, merge: bool, strict: bool,
+             in_place: bool) -> tuple[Any, str]:
+    """(model with the adapter of `folder`, how); `base` itself is changed only `in_place` (it may be
+    served too, or carry other adapters)."""
+    import copy
+
+    from peft import PeftModel
+
+    from kubetune.hf import PARITY_PROBES, merge_with_parity
+
+    if merge:
+        peft = PeftModel.from_pretrained(base if in_place else copy.deepcopy(base), folder).eval()
+        merged, diff = merge_with_parity(peft, [formatter.encode_prompt(p, None, True, "") for p in PARITY_PROBES])
+        if diff <= MERGE_TOLERANCE:
+            return merged, f"LoRA merged in memory (max |logit diff| {diff:.1e})"
+        if strict or in_place:  # in place, the base weights are gone: no fall-back
+            raise UsageError(f"{folder}: the adapter merged in memory differs from adapter-on-base by {diff:.2e} "
+                             f"(> {MERGE_TOLERANCE:g})", "serve it with --adapters unmerged")
+        why = f"unmerged: merging changed the logits by {diff:.1e}"
+    else:
+        why = "unmerged, on the shared base weights"
+    # A copy whose parameters and buffers are the base's own tensors: PEFT wraps the copy's layers,
+    # the base stays as it is, and no weight is duplicated.
+    shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+    peft = PeftModel.from_pretrained(copy.deepcopy(base, shared), folder).eval()
+    return peft.base_model.model, f"LoRA {why}"
+
+
+def _stops(gen: Any) -> set[int]:
+    eos = gen.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+def _pad(gen: Any, tok: Any) -> int | None:
+    return gen.pad_token_id if gen.pad_token_id is not None else tok.pad_token_id
+
+
+def _whole_model(folder: Path, name: str, max_concurrency: int, tool_parser: str = "auto") -> TransformersEngine:
     """A model folder (a merged run, or any save_pretrained folder with a chat template), served as is."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -223,8 +256,10 @@ def _whole_model(folder: Path, name: str, tool_parser: str = "auto") -> Transfor
     gen = GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").exists() \
         else GenerationConfig.from_model_config(model.config)
     formatter = _formatter(folder, tok)
-    served = ServedModel(name, tok, gen, formatter, None, str(folder), format_for(formatter.template, tool_parser))
-    return TransformersEngine(model, [served], _context(folder))
+    context = _context(folder)
+    lane = Lane(model, sorted(_stops(gen)), _pad(gen, tok), max_concurrency, context)
+    served = ServedModel(name, tok, gen, formatter, lane, str(folder), format_for(formatter.template, tool_parser))
+    return TransformersEngine([served], context)
 
 
 def _formatter(folder: Path, tok: Any) -> ChatFormatter:

@@ -1,17 +1,17 @@
-"""One request through the engine: admission already taken, generation on the engine's single
-worker thread, token ids turned into text deltas as they come (holding back what may still become
-a stop string), and the Finished record with the metrics of the request."""
+"""One request through the engine: admission already taken, the request queued into its lane's
+running batch (continuous batching), token ids turned into text deltas as they come (holding back
+what may still become a stop string), and the Finished record with the metrics of the request. A
+request that ends early — a stop string, or a client that went away — leaves the batch at once."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 from kubetune.serve.admission import Admission, Ticket
-from kubetune.serve.engine import Finished, GenerationParams, TransformersEngine, iter_text, split_stop
+from kubetune.serve.batching import EngineFailed
+from kubetune.serve.engine import Finished, GenerationParams, TransformersEngine, finish_of, iter_text, split_stop
 from kubetune.serve.errors import ApiError
 from kubetune.serve.metrics import ServerMetrics
 
@@ -21,10 +21,9 @@ class Generation:
                  default_max_tokens: int = 256) -> None:
         self.engine, self.admission, self.metrics = engine, admission, metrics
         self.default_max_tokens = default_max_tokens
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-engine")
 
     def close(self) -> None:
-        self.worker.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
 
     def served(self, name: str) -> str:
         """`name` if this server serves it, else the OpenAI 404."""
@@ -46,56 +45,50 @@ class Generation:
                   ticket: Ticket, keep_special: bool = False) -> AsyncIterator[str | Finished]:
         """Text deltas as they are generated, then the Finished record (`keep_special`: the text keeps
         special tokens other than the end of turn, for reading tool calls)."""
-        engine, metrics = self.engine, self.metrics
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
-        stop = threading.Event()
+        engine, metrics, admission = self.engine, self.metrics, self.admission
+        outputs: asyncio.Queue[Any] = asyncio.Queue()
         began = time.perf_counter()
-        state = {"started": False}
-
-        def job() -> Finished:
-            self.admission.started()
-            state["started"] = True
-            return engine.generate(name, prompt_ids, params,
-                                   lambda ids: loop.call_soon_threadsafe(queue.put_nowait, ids), stop.is_set)
-
-        def done(_: Any) -> None:
-            self.admission.leave(state["started"])
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        future = loop.run_in_executor(self.worker, job)
-        ticket.hand_over()  # from here the job's done-callback gives the slot back
-        future.add_done_callback(done)
-        hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
-        ids: list[int] = []
-        full = sent = ""
-        first = True
+        ticket.hand_over()  # from here this generator gives the slot back, whatever happens
+        started = finished = False
+        request = None
         try:
-            while (item := await queue.get()) is not None:
-                if first:
-                    metrics.first_token.labels(name).observe(time.perf_counter() - began)
-                    first = False
-                ids.extend(item)
+            try:
+                request = engine.submit(name, prompt_ids, params, outputs.put_nowait, asyncio.get_running_loop())
+            except EngineFailed as exc:
+                raise ApiError(503, f"the engine has stopped: {exc}", "server_error", None, "engine_failed") from None
+            hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
+            ids: list[int] = []
+            full = sent = ""
+            hit = False
+            while not finished:
+                output = await outputs.get()
+                while not outputs.empty():  # behind the batch: each output holds all tokens so far, take the latest
+                    output = outputs.get_nowait()
+                if output.error:
+                    raise ApiError(500, f"generation failed: {output.error}", "server_error", None, "generation_failed")
+                if not started:  # scheduled and prefilled: from waiting to running
+                    started = True
+                    admission.started()
+                    metrics.first_token_after(name, time.perf_counter() - began)
+                finished = output.is_finished()
+                ids = list(output.generated_tokens)
                 _, full = iter_text(lambda x: engine.decode(name, x, keep_special), ids, full)
                 text, hit = split_stop(full, params.stop)
                 if hit:
-                    stop.set()
                     full = text
-                visible = text if hit else text[:len(text) - hold] if hold else text
+                visible = text if (hit or finished) else text[:len(text) - hold] if hold else text
                 if len(visible) > len(sent):
                     yield visible[len(sent):]
                     sent = visible
                 if hit:
                     break
-            if len(full) > len(sent) and not stop.is_set():
-                yield full[len(sent):]
-            finished = await future
+            done = finish_of(ids, engine.served[name].stop_ids, params.max_tokens, cut=hit)
         finally:
-            stop.set()  # the client went away, or a stop string ended it: let generate() return
-        metrics.prompt_tokens.labels(name).inc(len(prompt_ids))
-        metrics.generation_tokens.labels(name).inc(finished.completion_tokens)
-        metrics.latency.labels(name).observe(time.perf_counter() - began)
-        yield finished
+            if request is not None and not finished:
+                engine.cancel(name, request)  # a stop string, or the client went away: leave the batch now
+            admission.leave(started)
+        metrics.finished(name, len(prompt_ids), done.completion_tokens, time.perf_counter() - began)
+        yield done
 
     async def complete(self, name: str, prompt_ids: list[int], params: GenerationParams,
                        ticket: Ticket, keep_special: bool = False) -> tuple[str, Finished]:

@@ -27,6 +27,7 @@ class ServeOptions:
     max_concurrency: int = 64
     api_key: str | None = None
     with_base: bool = True
+    adapters: str = "auto"             # auto | merged | unmerged (transformers engine)
 
 
 def choose_engine(choice: str) -> str:
@@ -98,11 +99,14 @@ def serve(targets: Sequence[str], options: ServeOptions) -> None:
     from kubetune.serve.app import ServerSettings, create_app
     from kubetune.serve.engine import load_engine
 
-    engine = load_engine(targets, options.served_name, with_base=options.with_base)
+    engine = load_engine(targets, options.served_name, with_base=options.with_base,
+                         max_concurrency=options.max_concurrency, adapters=options.adapters)
     app = create_app(engine, ServerSettings(max_concurrency=options.max_concurrency, api_key=api_key))
     url = f"http://{options.host}:{options.port}"
-    print(f"serving {', '.join(engine.names)} at {url}/v1 (transformers engine, "
+    print(f"serving {', '.join(engine.names)} at {url}/v1 (transformers engine, continuous batching, "
           f"{options.max_concurrency} requests at most{', API key required' if api_key else ''})", flush=True)
+    for served in engine.served.values():
+        print(f"  {served.name}: {served.weights}", flush=True)
     print(f"try: kubetune chat {url} \"hello\"", flush=True)
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level="warning", access_log=False)

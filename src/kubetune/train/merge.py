@@ -13,16 +13,10 @@ from pathlib import Path
 from kubetune.artifacts.events import EventLog, MergeEvent
 from kubetune.data.export import readable
 from kubetune.errors import TrainingError, UsageError
-from kubetune.hf import quiet_progress_bars
+from kubetune.hf import PARITY_PROBES, merge_with_parity, quiet_progress_bars
 from kubetune.storage import resolve_model
 from kubetune.storage.runs import Run
 
-PROBES = [
-    [{"role": "user", "content": "Describe a blue fox."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 2?"}],
-    [{"role": "user", "content": "Spell tree."}, {"role": "assistant", "content": "tree is spelled t-r-e-e."},
-     {"role": "user", "content": "Thanks!"}],
-]
 
 
 @dataclass(frozen=True)
@@ -50,13 +44,8 @@ def merge_run(run: str, tolerance: float = 1e-4) -> MergeResult:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, layout.adapter)
     model.eval()
-    prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROBES]
-    batches = [tokenizer(p, return_tensors="pt", add_special_tokens=False) for p in prompts]
-    with torch.no_grad():
-        before = [model(**b).logits for b in batches]
-        merged = model.merge_and_unload(safe_merge=True)
-        after = [merged(**b).logits for b in batches]
-    max_diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
+    prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PARITY_PROBES]
+    merged, max_diff = merge_with_parity(model, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts])
     if max_diff > tolerance:
         raise TrainingError(f"merged model differs from adapter-on-base by {max_diff:.2e} (> {tolerance:g}); "
                             "nothing was written", "report this with the run's manifest.json")

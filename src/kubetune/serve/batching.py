@@ -1,0 +1,151 @@
+"""One set of weights behind transformers' continuous batching: a `Lane`.
+
+Requests join and leave the running batch at every step (the library's ContinuousBatchingManager:
+paged KV cache, chunked prefill, its own scheduler thread); a lane only sizes the cache, adds the
+per-request sampler (serve.sampling), routes each request's outputs to its caller and cancels what
+a caller no longer wants. The manager starts on the first request, so a served name nobody asks
+for costs no cache memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+
+CACHE_SHARE = 0.10     # of the memory available when a lane starts, at most, for its KV cache
+TOKENS_PER_REQUEST = 4096  # cache room per admitted request, at most (the context, if shorter)
+PAGE = 256             # tokens per KV block (the library's default)
+
+_ids = itertools.count()
+
+
+class Loop(Protocol):
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> Any: ...
+
+
+class Direct:
+    """A `Loop` for callers without an event loop: outputs are handed over on the batching thread."""
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        callback(*args)
+
+
+class EngineFailed(RuntimeError):
+    """The batching thread of a lane has died; the lane takes no more requests."""
+
+
+@dataclass
+class Request:
+    request_id: str
+    kwargs: dict[str, Any]
+
+
+def kv_bytes_per_token(config: Any, itemsize: int) -> int:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+def available_bytes(device: Any) -> int:
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def cache_blocks(config: Any, itemsize: int, max_concurrency: int, context: int, available: int) -> int:
+    """KV blocks for `max_concurrency` requests of up to the context each, within CACHE_SHARE of what is
+    available. The library's own sizing takes a share of the device's memory (60%), which on a CPU is
+    most of the machine and takes seconds to allocate."""
+    want = max_concurrency * min(context, TOKENS_PER_REQUEST)
+    afford = int(available * CACHE_SHARE) // kv_bytes_per_token(config, itemsize)
+    return max(8, math.ceil(min(want, afford) / PAGE))
+
+
+class Lane:
+    def __init__(self, model: Any, eos: list[int], pad: int | None, max_concurrency: int, context: int) -> None:
+        self.model, self.eos, self.pad = model, eos, pad
+        self.max_concurrency, self.context = max_concurrency, context
+        from kubetune.serve.sampling import RequestSampler
+
+        self.sampler = RequestSampler()
+        self._manager: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._manager.background_thread_status.fatal_error if self._manager is not None else None
+
+    def _started(self) -> Any:
+        with self._lock:
+            if self._manager is None:
+                self._manager = self._start()
+            return self._manager
+
+    def _start(self) -> Any:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        from kubetune.serve.sampling import install
+
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
+        # Greedy decoding for the whole batch; sampled requests are drawn by the sampler (serve.sampling).
+        gen = GenerationConfig(do_sample=False, eos_token_id=self.eos, pad_token_id=self.pad)
+        blocks = cache_blocks(self.model.config, self.model.dtype.itemsize, self.max_concurrency, self.context,
+                              available_bytes(self.model.device))
+        config = ContinuousBatchingConfig(num_blocks=blocks, page_size=PAGE, use_cuda_graph=False)  # the sampler is Python: no graph capture
+        manager = self.model.init_continuous_batching(generation_config=gen, continuous_batching_config=config)
+        install(manager, self.sampler)
+        manager.start()
+        # The batching thread is not a daemon: stop it when the interpreter exits, or exit would wait on it.
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            register(self.close)
+        return manager
+
+    def submit(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
+               on_output: Callable[[Any], None], loop: Loop) -> Request:
+        """Queue one request; `on_output` gets each GenerationOutput (the tokens so far) through `loop`."""
+        manager = self._started()
+        if self.failure is not None:
+            raise EngineFailed(str(self.failure))
+        request = Request(f"kt-{next(_ids)}", self.sampler.row_kwargs(temperature, top_p, seed, self.model.device))
+        router = manager.output_router
+
+        def deliver(output: Any) -> None:
+            if output.is_finished():
+                self._forget(request)
+            on_output(output)
+
+        with router._lock:  # before add_request: a short answer may finish before this thread returns
+            router.result_handlers[request.request_id] = (deliver, loop)
+        manager.add_request(prompt_ids, request_id=request.request_id, max_new_tokens=max_tokens, streaming=True,
+                            eos_token_id=self.eos, **request.kwargs)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Take a request out of the batch (its blocks are freed at the next step); no more outputs come."""
+        if self._manager is not None:
+            self._manager.cancel_request(request.request_id)
+        self._forget(request)
+
+    def _forget(self, request: Request) -> None:
+        if self._manager is not None:
+            with self._manager.output_router._lock:
+                self._manager.output_router.result_handlers.pop(request.request_id, None)
+        self.sampler.release(request.kwargs)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._manager is not None and self._manager.is_running():
+                self._manager.stop(block=True, timeout=5)
