@@ -51,9 +51,10 @@ def adapter_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> P
     return run
 
 
-def start_server(run: Path, *flags: str, **env: str) -> tuple[subprocess.Popen[str], str]:
+def start_server(run: Path | list[Path], *flags: str, **env: str) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
-    proc = subprocess.Popen(kubetune_cmd("serve", str(run), "--port", str(port), *flags), env=quiet_env(**env),
+    runs = [str(r) for r in (run if isinstance(run, list) else [run])]
+    proc = subprocess.Popen(kubetune_cmd("serve", *runs, "--port", str(port), *flags), env=quiet_env(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -147,6 +148,56 @@ def test_32_concurrent_clients_all_get_answers(client: openai.OpenAI) -> None:
     assert len(answers) == 32 and all(answers)
 
 
+def test_batched_answers_equal_generate_with_the_adapter_on_the_base(client: openai.OpenAI, adapter_run: Path,
+                                                                  tiny_model: Path) -> None:
+    """16 requests in one continuous batch (adapter merged in memory) answer exactly what transformers'
+    `generate` answers one at a time with the unmerged adapter on the base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    questions = [f"Describe a {c} {a}." for c in ("blue", "green", "red", "grey") for a in ("fox", "owl", "cat", "dog")]
+
+    def ask(q: str) -> tuple[str, int]:
+        res = client.chat.completions.create(model="served", messages=[{"role": "user", "content": q}],
+                                             temperature=0, max_tokens=40)
+        return res.choices[0].message.content or "", res.usage.completion_tokens
+
+    with ThreadPoolExecutor(16) as pool:
+        served = list(pool.map(ask, questions))
+    adapter = adapter_run / "final" / "adapter"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                                      adapter).eval()
+    formatter, gen = ChatFormatter(adapter), GenerationConfig.from_pretrained(adapter)
+    for q, (text, count) in zip(questions, served):
+        ids = formatter.encode_prompt([{"role": "user", "content": q}], None, True, "")
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+                                 eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)[0, len(ids):].tolist()
+        ended = out[-1] in (gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
+        assert text == formatter.tokenizer.decode(out, skip_special_tokens=True), q
+        assert count == len(out) - int(ended)
+
+
+def test_temperature_top_p_and_seed_are_per_request(client: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": QUESTION}]
+
+    def ask(temperature: float, seed: int | None = None, top_p: float = 1.0) -> str:
+        res = client.chat.completions.create(model="tiny-llama", messages=msgs, temperature=temperature,
+                                             top_p=top_p, seed=seed, max_tokens=24)
+        return res.choices[0].message.content or ""
+
+    alone = ask(1.0, seed=7)
+    jobs = [(0.0, None, 1.0)] * 6 + [(1.0, None, 1.0)] * 6 + [(1.0, 7, 1.0)] + [(1.0, 8, 1.0)]
+    with ThreadPoolExecutor(len(jobs)) as pool:  # one batch: greedy, sampled and seeded rows together
+        answers = list(pool.map(lambda job: ask(*job), jobs))
+    greedy, sampled, seven, eight = answers[:6], answers[6:12], answers[12], answers[13]
+    assert seven == alone  # the seed decides, not what else was in the batch
+    assert eight != seven and len(set(sampled)) > 1
+    assert len(set(greedy)) == 1 and greedy[0] == ask(0.0)
+    assert ask(1.0, top_p=1e-6) == greedy[0]  # a nucleus of one token is the argmax
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     (json.dumps({"model": "served"}).encode(), 400, "messages"),
@@ -197,6 +248,12 @@ def test_metrics_count_requests_and_tokens(server: str, client: openai.OpenAI) -
     assert samples['kubetune_generation_tokens_total{model="served"}'] > 0
     assert samples["kubetune_requests_waiting"] == 0
     assert samples['kubetune_request_latency_seconds_count{model="served"}'] >= 1
+    assert samples['kubetune_time_to_first_token_seconds_count{model="served"}'] >= 1
+    # the same measures under vLLM's names, which `kubetune deploy`'s HPA and vLLM dashboards read
+    assert samples["vllm:num_requests_waiting"] == 0 and samples["vllm:num_requests_running"] == 0
+    assert samples['vllm:generation_tokens_total{model_name="served"}'] == \
+        samples['kubetune_generation_tokens_total{model="served"}']
+    assert samples['vllm:time_to_first_token_seconds_count{model_name="served"}'] >= 1
 
 
 def test_api_key_and_a_full_queue(adapter_run: Path) -> None:
@@ -228,6 +285,53 @@ def test_api_key_and_a_full_queue(adapter_run: Path) -> None:
     assert "s3cret-key" not in out
 
 
+def test_more_clients_than_admitted_get_200_or_429_and_a_client_that_leaves_frees_its_place(adapter_run: Path) -> None:
+    """A load test above --max-concurrency: every answer is a 200 or a 429 with Retry-After, never a 5xx;
+    the gauges come back to zero, and a stream dropped after two chunks gives its slot back at once."""
+    import asyncio
+
+    proc, url = start_server(adapter_run, "--max-concurrency", "4")
+
+    async def one(http: httpx.AsyncClient, i: int) -> tuple[int, str | None]:
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": f"Count to {i}."}],
+                "max_tokens": 48, "temperature": 0, "stream": i % 2 == 0}
+        res = await http.post(f"{url}/v1/chat/completions", json=body)
+        return res.status_code, res.headers.get("retry-after")
+
+    async def load() -> list[tuple[int, str | None]]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(24)))
+
+    def gauges() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics").text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    try:
+        results = asyncio.run(load())
+        codes = [code for code, _ in results]
+        assert set(codes) == {200, 429}, codes
+        assert all(after == "1" for code, after in results if code == 429)
+        samples = gauges()
+        assert samples["kubetune_requests_rejected_total"] == codes.count(429)
+        assert samples["kubetune_requests_running"] == 0 and samples["kubetune_requests_waiting"] == 0
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 900,
+                "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", f"{url}/v1/chat/completions", json=body) as res:
+            lines = res.iter_lines()
+            assert [next(lines) for _ in range(6)]  # the client reads a little, then goes away
+        deadline = time.time() + 5
+        while gauges()["kubetune_requests_running"] != 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert gauges()["kubetune_requests_running"] == 0
+        again = asyncio.run(load())  # all four places are free again
+        assert sum(code == 200 for code, _ in again) >= 4 and {code for code, _ in again} <= {200, 429}
+    finally:
+        stop(proc)
+
+
 def test_chat_cli_one_shot_and_interactive_against_the_url(server: str, client: openai.OpenAI) -> None:
     expected = client.chat.completions.create(model="served", messages=[{"role": "user", "content": QUESTION}],
                                               temperature=0, max_tokens=128).choices[0].message.content
@@ -247,7 +351,9 @@ def test_chat_cli_errors_name_the_url() -> None:
     assert res.returncode == 2 and f"cannot reach {url}" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_two_adapter_runs_share_one_base(adapter_run: Path, tmp_path: Path) -> None:
+def test_two_adapter_runs_share_one_base_unmerged(adapter_run: Path, tmp_path: Path, client: openai.OpenAI) -> None:
+    """Two adapter runs of one base, LoRA unmerged on the base's shared weights (one copy of the base):
+    each batches in its own lane and answers what the merged-in-memory server answers."""
     import shutil
 
     twin = tmp_path / "twin"
@@ -255,25 +361,21 @@ def test_two_adapter_runs_share_one_base(adapter_run: Path, tmp_path: Path) -> N
     spec = yaml.safe_load((twin / "spec.yaml").read_text())
     spec["name"] = "twin"
     (twin / "spec.yaml").write_text(yaml.safe_dump(spec))
-    proc = subprocess.Popen(kubetune_cmd("serve", str(adapter_run), str(twin), "--port", str(port := free_port())),
-                            env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server([adapter_run, twin], "--adapters", "unmerged")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        assert [m.id for m in client.models.list()] == ["served", "twin", "tiny-llama"]
+        unmerged = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in unmerged.models.list()] == ["served", "twin", "tiny-llama"]
         msgs = [{"role": "user", "content": QUESTION}]
-        a, b = (client.chat.completions.create(model=m, messages=msgs, temperature=0, max_tokens=32)
-                .choices[0].message.content for m in ("served", "twin"))
-        assert a == b and a  # the same adapter weights under two names, one base in memory
+        with ThreadPoolExecutor(3) as pool:
+            a, b, base = pool.map(lambda m: unmerged.chat.completions.create(
+                model=m, messages=msgs, temperature=0, max_tokens=32).choices[0].message.content,
+                ["served", "twin", "tiny-llama"])
+        merged = client.chat.completions.create(model="served", messages=msgs, temperature=0, max_tokens=32)
+        assert a == b == merged.choices[0].message.content and a  # same adapter weights, merged or not
+        assert base != a
     finally:
-        stop(proc)
+        out = stop(proc)
+    assert "served: LoRA unmerged, on the shared base weights" in out and "tiny-llama: base weights" in out
 
 
 def test_chat_with_a_run_interactively_in_process(adapter_run: Path) -> None:

@@ -52,3 +52,35 @@ def test_generation_streams_cuts_at_stop_strings_and_frees_its_slot(tiny_model: 
         assert info.value.body["error"]["code"] == "context_length_exceeded"
     finally:
         gen.close()
+
+
+def test_a_request_whose_reader_leaves_is_taken_out_of_the_batch(tiny_model: Path) -> None:
+    """Closing the stream (what the server does when the client disconnects) cancels the request in the
+    running batch — its KV blocks are freed — and gives its admission slot back."""
+    import time
+
+    engine = load_engine([str(tiny_model)])
+    metrics = ServerMetrics()
+    admission = Admission(2, metrics)
+    gen = Generation(engine, admission, metrics)
+    prompt = engine.encode_chat("tiny-llama", [{"role": "user", "content": "Go on."}])
+    lane = engine.served["tiny-llama"].lane
+
+    async def read_two_then_leave() -> int:
+        stream = gen.run("tiny-llama", prompt, gen.params(900, 0.0, 1.0, None, [], len(prompt), "messages"),
+                         admission.enter())
+        seen = [await stream.__anext__() for _ in range(2)]
+        await stream.aclose()
+        return len(seen)
+
+    try:
+        assert asyncio.run(read_two_then_leave()) == 2
+        assert admission.admitted == 0 and admission.running == 0
+        scheduler = lane._manager.batch_processor.scheduler  # the library's own bookkeeping of the batch
+        deadline = time.time() + 0.5  # 900 tokens take seconds: only a cancel empties the batch this soon
+        while (scheduler.active_requests or scheduler.waiting_requests) and time.time() < deadline:
+            time.sleep(0.02)
+        assert not scheduler.active_requests and not scheduler.waiting_requests
+        assert not lane._manager.output_router.result_handlers  # nothing left to deliver to
+    finally:
+        gen.close()
