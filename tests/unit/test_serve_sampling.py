@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from kubetune.serve.batching import PAGE, cache_blocks, kv_bytes_per_token
+from kubetune.serve.batching import MAX_BATCH_TOKENS, PAGE, cache_blocks, kv_bytes_per_token
 from kubetune.serve.sampling import GREEDY, KEY, RequestSampler, draw
 
 
@@ -65,10 +65,13 @@ def test_released_rows_are_forgotten() -> None:
 
 
 def test_the_cache_holds_every_admitted_request_within_its_share_of_memory() -> None:
-    config = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2, hidden_size=512, num_hidden_layers=6)
-    per_token = kv_bytes_per_token(config, 4)
-    assert per_token == 2 * 6 * 2 * 64 * 4
+    config = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2, hidden_size=512, num_hidden_layers=6,
+                             vocab_size=151936)
+    assert kv_bytes_per_token(config, 4) == 2 * 6 * 2 * 64 * 4
     roomy = cache_blocks(config, 4, max_concurrency=64, context=2048, available=64 << 30)
     assert roomy * PAGE >= 64 * 2048 and (roomy - 1) * PAGE < 64 * 2048
-    tight = cache_blocks(config, 4, max_concurrency=64, context=2048, available=256 << 20)
-    assert tight * PAGE * per_token <= (256 << 20) * 0.10 + PAGE * per_token
+    available = 16 << 30
+    tight = cache_blocks(config, 4, max_concurrency=64, context=32768, available=available)
+    logits = MAX_BATCH_TOKENS * 151936 * 4 * 2
+    per_token = kv_bytes_per_token(config, 4) + MAX_BATCH_TOKENS * 4  # its KV and its column of the mask
+    assert (tight - 1) * PAGE * per_token + logits <= available * 0.10 < (tight + 1) * PAGE * per_token + logits

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 
-CACHE_SHARE = 0.10     # of the memory available when a lane starts, at most, for its KV cache
+CACHE_SHARE = 0.10     # of the memory available when a lane starts, at most, for its KV cache and batch tensors
 TOKENS_PER_REQUEST = 4096  # cache room per admitted request, at most (the context, if shorter)
 PAGE = 256             # tokens per KV block (the library's default)
+MAX_BATCH_TOKENS = 512  # tokens per step: all decoding rows plus a chunk of prefill (long prompts take a few steps)
 
 _ids = itertools.count()
 
@@ -65,11 +66,14 @@ def available_bytes(device: Any) -> int:
 
 def cache_blocks(config: Any, itemsize: int, max_concurrency: int, context: int, available: int) -> int:
     """KV blocks for `max_concurrency` requests of up to the context each, within CACHE_SHARE of what is
-    available. The library's own sizing takes a share of the device's memory (60%), which on a CPU is
-    most of the machine and takes seconds to allocate."""
+    available. What the library allocates with the cache counts too: the logits of a full step (fp32) and,
+    for attention with a mask, a column of MAX_BATCH_TOKENS mask values per cached token. (The library's
+    own sizing fills 60% of the device's memory, which on a CPU is most of the machine.)"""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     want = max_concurrency * min(context, TOKENS_PER_REQUEST)
-    afford = int(available * CACHE_SHARE) // kv_bytes_per_token(config, itemsize)
-    return max(8, math.ceil(min(want, afford) / PAGE))
+    budget = int(available * CACHE_SHARE) - MAX_BATCH_TOKENS * int(getattr(cfg, "vocab_size", 0) or 0) * 4 * 2
+    per_token = kv_bytes_per_token(config, itemsize) + MAX_BATCH_TOKENS * itemsize
+    return max(8, math.ceil(min(want, max(0, budget) // per_token) / PAGE))
 
 
 class Lane:
@@ -103,7 +107,8 @@ class Lane:
         gen = GenerationConfig(do_sample=False, eos_token_id=self.eos, pad_token_id=self.pad)
         blocks = cache_blocks(self.model.config, self.model.dtype.itemsize, self.max_concurrency, self.context,
                               available_bytes(self.model.device))
-        config = ContinuousBatchingConfig(num_blocks=blocks, page_size=PAGE, use_cuda_graph=False)  # the sampler is Python: no graph capture
+        config = ContinuousBatchingConfig(num_blocks=blocks, page_size=PAGE, max_batch_tokens=MAX_BATCH_TOKENS,
+                                          use_cuda_graph=False)  # the sampler is Python: no graph capture
         manager = self.model.init_continuous_batching(generation_config=gen, continuous_batching_config=config)
         install(manager, self.sampler)
         manager.start()
