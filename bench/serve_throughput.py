@@ -104,11 +104,13 @@ def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float = 300) 
     raise SystemExit(f"{url} did not become healthy")
 
 
-async def load(url: str, model: str, prompts: list[str], clients: int, max_tokens: int) -> tuple[float, list]:
-    """`clients` concurrent streams over the prompts; per request (latency, ttft, answer)."""
+async def load(url: str, model: str | list[str], prompts: list[str], clients: int, max_tokens: int) -> tuple[float, list]:
+    """`clients` concurrent streams over the prompts (request i asks model i mod len(models)); per request
+    (latency, ttft, answer)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
+    models = [model] if isinstance(model, str) else model
     results: list = [None] * len(prompts)
     todo = iter(range(len(prompts)))
 
@@ -117,7 +119,7 @@ async def load(url: str, model: str, prompts: list[str], clients: int, max_token
         first = None
         parts = []
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompts[i]}], temperature=0, max_tokens=max_tokens,
+            model=models[i % len(models)], messages=[{"role": "user", "content": prompts[i]}], temperature=0, max_tokens=max_tokens,
             stream=True)
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -137,7 +139,7 @@ async def load(url: str, model: str, prompts: list[str], clients: int, max_token
     return elapsed, results
 
 
-def measure(label: str, cmd: list[str], model: str, prompts: list[str], clients: int, max_tokens: int,
+def measure(label: str, cmd: list[str], model: str | list[str], prompts: list[str], clients: int, max_tokens: int,
             tokenizer) -> Side:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -180,12 +182,35 @@ def assets(which: str) -> tuple[Path, Path, int, int]:
     return model, data, 10, 256
 
 
+def two_adapters(run: Path, model: Path, data: Path, steps: int, max_length: int, single: Side, prompts: list[str],
+                 args: argparse.Namespace, tokenizer) -> None:
+    """Two adapter runs of one base in one server, requests alternating between them: each adapter
+    batches in its own lane (transformers packs a batch into one row, so adapters cannot share one);
+    merged copies vs LoRA unmerged on the shared base weights."""
+    other = train_adapter(model, data, "serve-quickstart-b", steps // 2, max_length)
+    names = [run.name, other.name]
+    print(f"\ntwo adapter runs of {model.name} in one server, requests alternating between {names}:")
+    print("| adapters | req/s | gen tok/s | p50 latency | p50 TTFT | vs one adapter |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    answers = {}
+    for mode in ("merged", "unmerged"):
+        side = measure(mode, [str(BIN / "kubetune"), "serve", str(run), str(other), "--no-base", "--adapters", mode],
+                       names, prompts, args.clients, args.max_tokens, tokenizer)
+        answers[mode] = side.answers
+        print(f"| {mode} | {side.rps:.1f} | {side.tokens_per_s:.0f} | {side.p50:.2f} s | {side.ttft50:.2f} s | "
+              f"{side.rps / single.rps:.2f}x |")
+    same = sum(a == b for a, b in zip(answers["merged"], answers["unmerged"]))
+    print(f"merged and unmerged answers identical: {same}/{len(prompts)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--models", default="quickstart,bench")
+    ap.add_argument("--no-adapters", dest="adapters", action="store_false",
+                    help="skip the two-adapter measurement (quickstart model: merged vs unmerged lanes)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -218,6 +243,8 @@ def main() -> None:
             print(f"  first difference, prompt {prompts[diff]!r}:\n  library: {library.answers[diff]!r}\n"
                   f"  kubetune: {ours.answers[diff]!r}")
         ratios.append((which, ours.rps / library.rps, same == len(prompts)))
+        if which == "quickstart" and args.adapters:
+            two_adapters(run, model, data, steps, max_length, ours, prompts, args, tokenizer)
     print("\n" + "; ".join(f"{w}: kubetune/library req/s = {r:.2f}x{'' if ok else ' (ANSWERS DIFFER)'}"
                            for w, r, ok in ratios) + "; target >= 1.2x: "
           + ("met" if all(r >= 1.2 and ok for _, r, ok in ratios) else "NOT met"))

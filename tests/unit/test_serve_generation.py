@@ -84,3 +84,32 @@ def test_a_request_whose_reader_leaves_is_taken_out_of_the_batch(tiny_model: Pat
         assert not lane._manager.output_router.result_handlers  # nothing left to deliver to
     finally:
         gen.close()
+
+
+def test_an_engine_that_fails_answers_with_errors_and_fails_its_health_check(tiny_model: Path) -> None:
+    """A forward pass that raises kills the batching thread: the request in flight gets an OpenAI error
+    (an SSE error event once streaming has begun), later requests 503, and /health turns 503 so a
+    liveness probe restarts the pod."""
+    from fastapi.testclient import TestClient
+
+    from kubetune.serve.app import create_app
+
+    engine = load_engine([str(tiny_model)])
+    model = engine.served["tiny-llama"].lane.model
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    with TestClient(create_app(engine)) as http:
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+        assert http.get("/health").json() == {"status": "ok"}
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("device lost")
+
+        model.forward = broken
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as res:
+            events = [line for line in res.iter_lines() if line.startswith("data: ")]
+        assert res.status_code == 200 and events[-1] == "data: [DONE]"
+        assert any('"code": "generation_failed"' in e and "device lost" in e for e in events)
+        later = http.post("/v1/chat/completions", json=body)
+        assert later.status_code == 503 and later.json()["error"]["code"] == "engine_failed"
+        health = http.get("/health")
+        assert health.status_code == 503 and "device lost" in health.json()["reason"]

@@ -4,6 +4,7 @@ streamed request whose client leaves before the first byte."""
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 from typing import AsyncIterator
@@ -64,6 +65,17 @@ class Admission:
 
 
 def stream_response(body: AsyncIterator[str], ticket: Ticket) -> StreamingResponse:
-    """An SSE response whose slot is given back even if the client never reads it."""
+    """An SSE response whose slot is given back even if the client never reads it. An error after the
+    headers went out (the engine failed mid-answer) is sent as an SSE error event, as vLLM sends it,
+    and the stream ends: the client sees why instead of a cut connection."""
     weakref.finalize(body, ticket.release)
-    return StreamingResponse(body, media_type="text/event-stream")
+
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for chunk in body:
+                yield chunk
+        except ApiError as exc:
+            yield f"data: {json.dumps(exc.body)}\n\n"
+            yield "data: [DONE]\n\n"
+
+    return StreamingResponse(guarded(), media_type="text/event-stream")

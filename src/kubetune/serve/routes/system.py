@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubetune.serve.errors import ApiError
@@ -17,8 +17,13 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(state: ServerState = Depends(server_state)) -> Response:
+    """200 while the engine can answer; 503 once a batching thread has died, so a liveness probe restarts
+    the pod instead of leaving it to fail every request."""
+    failure = state.engine.failure
+    if failure:
+        return JSONResponse({"status": "failed", "reason": failure}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/metrics")
