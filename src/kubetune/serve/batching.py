@@ -121,7 +121,10 @@ class Lane:
     def submit(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
                on_output: Callable[[Any], None], loop: Loop) -> Request:
         """Queue one request; `on_output` gets each GenerationOutput (the tokens so far) through `loop`."""
-        manager = self._started()
+        try:
+            manager = self._started()
+        except (MemoryError, ValueError, RuntimeError) as exc:  # e.g. the cache does not fit: say so, per request
+            raise EngineFailed(f"continuous batching cannot start: {exc}") from None
         if self.failure is not None:
             raise EngineFailed(str(self.failure))
         request = Request(f"kt-{next(_ids)}", self.sampler.row_kwargs(temperature, top_p, seed, self.model.device))
