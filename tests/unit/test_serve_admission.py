@@ -30,11 +30,11 @@ def test_full_admission_is_429_and_an_unstarted_stream_gives_its_slot_back() -> 
     admission.enter()  # the slot is free again
 
 
-def test_a_handed_over_ticket_is_released_by_the_job_not_twice() -> None:
+def test_a_handed_over_ticket_is_released_by_the_generation_not_twice() -> None:
     admission = Admission(2, ServerMetrics())
     ticket = admission.enter()
     ticket.hand_over()
     ticket.release()
-    assert admission.admitted == 1  # still held: the engine job gives it back when it ends
+    assert admission.admitted == 1  # still held: the generation gives it back when it ends
     admission.leave(started=False)
     assert admission.admitted == 0

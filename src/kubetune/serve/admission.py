@@ -16,9 +16,10 @@ from kubetune.serve.metrics import ServerMetrics
 
 
 class Ticket:
-    """One admitted request's slot. The engine job releases it when it ends; until the job exists the
-    ticket owns it, so a request that never reaches the engine gives its slot back when the ticket
-    is released (or dropped, for a stream that was never iterated)."""
+    """One admitted request's slot. Once the request's generation starts (`hand_over`), the generation
+    gives it back when it ends, however it ends; until then the ticket owns it, so a request that never
+    reaches the engine gives its slot back when the ticket is released (or dropped, for a stream that was
+    never iterated)."""
 
     def __init__(self, admission: Admission) -> None:
         self._admission, self._owned = admission, True

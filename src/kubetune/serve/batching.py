@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from kubetune.errors import KubetuneError
 
 CACHE_SHARE = 0.10     # of the memory available when a lane starts, at most, for its KV cache and batch tensors
 TOKENS_PER_REQUEST = 4096  # cache room per admitted request, at most (the context, if shorter)
@@ -36,8 +37,9 @@ class Direct:
         callback(*args)
 
 
-class EngineFailed(RuntimeError):
-    """The batching thread of a lane has died; the lane takes no more requests."""
+class EngineFailed(KubetuneError):
+    """The batching thread of a lane has died (or could not start); the lane takes no more requests.
+    A KubetuneError, so `kubetune chat RUN` prints it instead of a traceback."""
 
 
 @dataclass
@@ -78,10 +80,10 @@ def cache_blocks(config: Any, itemsize: int, max_concurrency: int, context: int,
 
 class Lane:
     def __init__(self, model: Any, eos: list[int], pad: int | None, max_concurrency: int, context: int) -> None:
+        from kubetune.serve.sampling import RequestSampler  # torch and transformers: only once a model is loaded
+
         self.model, self.eos, self.pad = model, eos, pad
         self.max_concurrency, self.context = max_concurrency, context
-        from kubetune.serve.sampling import RequestSampler
-
         self.sampler = RequestSampler()
         self._manager: Any = None
         self._lock = threading.Lock()
