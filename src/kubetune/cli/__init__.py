@@ -165,7 +165,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="API key for the server (default: KUBETUNE_API_KEY or OPENAI_API_KEY)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=verbs.chat)
+    _server_parser(sub, verbs)
     return parser
+
+
+def _server_parser(sub: argparse._SubParsersAction, verbs: object) -> None:  # type: ignore[type-arg]
+    def home_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--home", default=".kubetune-server",
+                       help="the server's folder: its SQLite database, job logs, and (without --storage) files and runs")
+        p.add_argument("--database", help="postgresql://USER@HOST:PORT/DB shared by several replicas (password in "
+                                          "PGPASSWORD); default SQLite in --home")
+
+    p = sub.add_parser("server", help="the control plane: OpenAI's fine-tuning API and a dashboard over every run",
+                       description="OpenAI-compatible fine-tuning API (/v1/files, /v1/fine_tuning/jobs, /v1/models, "
+                                   "/v1/chat/completions) that runs jobs as `kubetune train` processes")
+    home_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="listen address; beyond loopback an API key is required")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--storage", help="where uploaded files and runs go: a folder or s3://bucket/prefix "
+                                     "(default: --home)")
+    p.add_argument("--api-key", dest="api_keys", action="append", default=[],
+                   help="accept this key (Bearer), stored hashed; repeatable; also KUBETUNE_API_KEY")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs trained at once on this machine")
+    p.add_argument("--max-upload-mb", type=int, default=512, help="largest file accepted by /v1/files")
+    p.add_argument("--worker-id", help="this replica's name for the jobs it runs (default: the host name); a "
+                                       "server started again with the same name resumes them")
+    p.add_argument("--max-concurrency", type=int, default=16, help="chat requests admitted per served engine")
+    p.set_defaults(func=verbs.server)  # type: ignore[attr-defined]
+    keys = p.add_subparsers(dest="server_command", metavar="COMMAND")
+    k = keys.add_parser("key", help="API keys: create (printed once, stored hashed) or list")
+    k.add_argument("action", choices=["create", "list"])
+    k.add_argument("--name", default="default", help="a label for the key (create)")
+    home_flags(k)
 
 
 def main(argv: list[str] | None = None) -> int:

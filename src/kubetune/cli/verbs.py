@@ -263,6 +263,26 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def server(args: argparse.Namespace) -> int:
+    from kubetune.control.server import ServerOptions, create_key, list_keys, serve_control
+
+    options = ServerOptions(home=Path(args.home), database=args.database)
+    if getattr(args, "server_command", None) == "key":
+        if args.action == "create":
+            print(create_key(options, args.name))
+            print(f"(shown once; the server stores only its hash. Send it as Authorization: Bearer KEY)",
+                  file=sys.stderr)
+        else:
+            for row in list_keys(options):
+                print(f"{row['id']}  {row['name']}")
+        return 0
+    options.host, options.port, options.storage = args.host, args.port, args.storage
+    options.api_keys, options.concurrency, options.max_upload_mb = list(args.api_keys), args.concurrency, args.max_upload_mb
+    options.worker_id, options.max_concurrency = args.worker_id, args.max_concurrency
+    serve_control(options)
+    return 0
+
+
 def chat(args: argparse.Namespace) -> int:
     from kubetune.errors import UsageError
     from kubetune.serve.client import is_url

@@ -137,7 +137,8 @@ class TransformersEngine:
 
 
 def load_engine(targets: Sequence[str], served_name: str | None = None, with_base: bool = True,
-                max_concurrency: int = 64, adapters: str = "auto") -> TransformersEngine:
+                max_concurrency: int = 64, adapters: str = "auto",
+                names: Sequence[str] | None = None) -> TransformersEngine:
     """An engine for one model folder, one run, or several adapter runs of the same base.
 
     A run is served under its run name with the tokenizer, template and generation config saved
@@ -145,7 +146,8 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     memory, logits checked), unmerged (PEFT on shared base weights: one copy of the base whatever the
     number of adapters), auto (merged when the copies fit in half of the free memory, else unmerged).
     The base of adapter runs is also served, under its folder/repo name, with the run's template (as
-    `kubetune eval` compares them).
+    `kubetune eval` compares them). `names`: the served name of each target instead (the control
+    plane serves runs as ft:BASE:SUFFIX:ID).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -170,7 +172,8 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
         runs.append((run.spec, final.folder, final.merged))
     if len(runs) == 1 and runs[0][2]:
         spec, folder, _ = runs[0]
-        return _whole_model(folder, served_name or spec.name, max_concurrency, spec.serve.tool_parser)
+        return _whole_model(folder, names[0] if names else served_name or spec.name, max_concurrency,
+                            spec.serve.tool_parser)
     bases = {str(resolve_model(s.model.base, s.model.revision).resolve()) for s, _, _ in runs}
     if len(bases) > 1 or any(m for _, _, m in runs):
         raise UsageError("several runs can be served together only as adapters of one base model",
@@ -180,10 +183,10 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     context = _context(base_dir)
     merge = adapters == "merged" or (adapters == "auto" and _copies_fit(base, len(runs)))
     served: list[ServedModel] = []
-    for spec, folder, _ in runs:
+    for k, (spec, folder, _) in enumerate(runs):
         tok = AutoTokenizer.from_pretrained(folder)
         gen = GenerationConfig.from_pretrained(folder)
-        name = served_name if (served_name and len(runs) == 1) else spec.name
+        name = names[k] if names else served_name if (served_name and len(runs) == 1) else spec.name
         formatter = _formatter(folder, tok)
         alone = len(runs) == 1 and not with_base  # nothing else needs the base weights as they are
         model, weights = _adapted(base, folder, formatter, merge, strict=adapters == "merged", in_place=alone)

@@ -1,0 +1,276 @@
+"""OpenAI's files and fine-tuning endpoints, /v1/models, and chat with a job's model, as the official
+`openai` client calls them. Every handler names the caller (`Caller`: the key's id) and sees only
+that caller's records; another key's job is a 404, as if it did not exist."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Callable
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from kubetune.control import files as uploads
+from kubetune.control.jobs import ACTIVE, JobRequest, build_spec, job_object, model_name, new_job_id, \
+    resolved_hyperparameters
+from kubetune.control.runinfo import checkpoints, openai_events, run_events, trained_tokens
+from kubetune.control.state import ControlState, caller, control_state
+from kubetune.errors import SpecError, UsageError
+from kubetune.serve.errors import ApiError
+from kubetune.spec.load import spec_to_yaml
+
+router = APIRouter()
+PURPOSES = ("fine-tune",)
+
+
+def _page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    data = items[:limit]
+    return {"object": "list", "data": data, "has_more": len(items) > limit,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+def _limit(limit: int) -> int:
+    if not 1 <= limit <= 100:
+        raise ApiError(400, "limit: must be between 1 and 100", param="limit")
+    return limit
+
+
+def _file_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
+            "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "expires_at": None,
+            "status_details": None}
+
+
+def _usage_error(exc: UsageError, param: str | None) -> ApiError:
+    message = exc.message if not isinstance(exc, SpecError) else "; ".join(str(p) for p in exc.problems)
+    if isinstance(exc, SpecError):
+        param = exc.problems[0].where.split(":")[0] if exc.problems else param
+    return ApiError(400, message + (f" ({exc.hint})" if exc.hint else ""), param=param)
+
+
+# files
+
+@router.post("/v1/files")
+async def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(...),
+                 state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
+    if purpose not in PURPOSES:
+        raise ApiError(400, f"purpose {purpose!r}: this server stores {', '.join(PURPOSES)} files", param="purpose")
+    try:
+        row = await asyncio.to_thread(uploads.save_upload, file.file, file.filename or "upload.jsonl",
+                                      state.settings.storage, owner, purpose, state.settings.max_upload_bytes)
+    except uploads.FileTooLarge as exc:
+        raise ApiError(413, exc.message, param="file", code="file_too_large") from None
+    except UsageError as exc:
+        raise _usage_error(exc, "file") from None
+    state.store.add_file(**row)
+    return JSONResponse(_file_object(row))
+
+
+@router.get("/v1/files")
+async def list_files(purpose: str | None = None, after: str | None = None, limit: int = 100, order: str = "desc",
+                     state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
+    rows = state.store.files(owner, purpose, after, _limit(limit) + 1, newest_first=order != "asc")
+    return JSONResponse(_page([_file_object(r) for r in rows], limit))
+
+
+def _own_file(state: ControlState, owner: str, file_id: str, param: str = "file_id") -> dict[str, Any]:
+    row = state.store.file(owner, file_id)
+    if row is None:
+        raise ApiError(404, f"no file {file_id}", "invalid_request_error", param, "file_not_found")
+    return row
+
+
+@router.get("/v1/files/{file_id}")
+async def retrieve_file(file_id: str, state: ControlState = Depends(control_state),
+                        owner: str = Depends(caller)) -> JSONResponse:
+    return JSONResponse(_file_object(_own_file(state, owner, file_id)))
+
+
+@router.get("/v1/files/{file_id}/content")
+async def file_content(file_id: str, state: ControlState = Depends(control_state),
+                       owner: str = Depends(caller)) -> Response:
+    row = _own_file(state, owner, file_id)
+    from kubetune.storage.store import Store
+
+    parent, name = row["uri"].rsplit("/", 1)
+    data = await asyncio.to_thread(lambda: Store(parent).read_text(name))
+    return Response(data, media_type="application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, state: ControlState = Depends(control_state),
+                      owner: str = Depends(caller)) -> JSONResponse:
+    row = _own_file(state, owner, file_id)
+    await asyncio.to_thread(uploads.remove_upload, row["uri"])
+    state.store.delete_file(owner, file_id)
+    return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+
+# fine-tuning jobs
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(req: JobRequest, state: ControlState = Depends(control_state),
+                     owner: str = Depends(caller)) -> JSONResponse:
+    if req.integrations:
+        raise ApiError(400, "integrations: not supported; use kubetune.tracking (MLflow, W&B, TensorBoard)",
+                       param="integrations")
+    train = _own_file(state, owner, req.training_file, "training_file")
+    valid = _own_file(state, owner, req.validation_file, "validation_file") if req.validation_file else None
+    if req.suffix is not None and not all(c.isalnum() or c in "-_." for c in req.suffix):
+        raise ApiError(400, "suffix: letters, digits, '-', '_' and '.' only", param="suffix")
+    job_id = new_job_id()
+    run_uri = f"{state.settings.storage.rstrip('/')}/runs/{job_id}"
+    try:
+        spec = build_spec(job_id, req, train["uri"], valid["uri"] if valid else None, run_uri)
+    except UsageError as exc:
+        raise _usage_error(exc, "kubetune") from None
+    method = req.resolved_method().model_dump(exclude_none=True)
+    method[method["type"]] = {"hyperparameters": resolved_hyperparameters(spec)}
+    row = state.store.add_job(
+        id=job_id, owner=owner, model=req.model, training_file=train["id"], training_uri=train["uri"],
+        validation_file=valid["id"] if valid else None, validation_uri=valid["uri"] if valid else None,
+        suffix=req.suffix, seed=spec.train.seed, method=method, settings=req.kubetune or {}, metadata=req.metadata,
+        spec=spec_to_yaml(spec), status="validating_files", backend=state.settings.backend, run_uri=run_uri,
+        fine_tuned_model=model_name(spec.model.base, req.suffix, job_id), attempts=0, created_at=int(time.time()))
+    state.store.add_event(job_id, f"Validating training file: {train['id']}"
+                                  + (f" and validation file: {valid['id']}" if valid else ""))
+    state.store.add_event(job_id, "Created fine-tuning job")
+    return JSONResponse(_with_progress(row))
+
+
+def _with_progress(job: dict[str, Any]) -> dict[str, Any]:
+    """The job object, with trained_tokens read from the run while it trains."""
+    out = job_object(job)
+    if job["status"] == "running":
+        out["trained_tokens"] = trained_tokens(run_events(job["run_uri"]))
+    return out
+
+
+def _own_job(state: ControlState, owner: str, job_id: str) -> dict[str, Any]:
+    job = state.store.job(owner, job_id)
+    if job is None:
+        raise ApiError(404, f"no fine-tuning job {job_id}", "invalid_request_error", "fine_tuning_job_id",
+                       "fine_tuning_job_not_found")
+    return job
+
+
+@router.get("/v1/fine_tuning/jobs")
+async def list_jobs(after: str | None = None, limit: int = 20, state: ControlState = Depends(control_state),
+                    owner: str = Depends(caller)) -> JSONResponse:
+    rows = state.store.jobs(owner, after, _limit(limit) + 1)
+    page = _page([job_object(r) for r in rows], limit)
+    return JSONResponse({k: page[k] for k in ("object", "data", "has_more")})
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+async def retrieve_job(job_id: str, state: ControlState = Depends(control_state),
+                       owner: str = Depends(caller)) -> JSONResponse:
+    job = _own_job(state, owner, job_id)
+    return JSONResponse(await asyncio.to_thread(_with_progress, job))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, state: ControlState = Depends(control_state),
+                     owner: str = Depends(caller)) -> JSONResponse:
+    job = _own_job(state, owner, job_id)
+    if job["status"] not in ACTIVE:
+        raise ApiError(400, f"the job is {job['status']}; only a validating, queued or running job can be cancelled",
+                       param="fine_tuning_job_id", code="job_not_cancellable")
+    if state.store.update_job(job_id, expect=ACTIVE, status="cancelled", finished_at=int(time.time())):
+        state.store.add_event(job_id, "Job cancelled" + (": training stops at a checkpoint, which is kept"
+                                                        if job["status"] == "running" else ""))
+        state.backend.cancelled(job)
+    return JSONResponse(job_object(_own_job(state, owner, job_id)))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+async def job_events(job_id: str, after: str | None = None, limit: int = 20,
+                     state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
+    job = _own_job(state, owner, job_id)
+    events = await asyncio.to_thread(lambda: openai_events(job_id, state.store.events(job_id),
+                                                           run_events(job["run_uri"])))
+    newest = list(reversed(events))
+    return JSONResponse(_after(newest, after, _limit(limit)))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+async def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10,
+                          state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
+    job = _own_job(state, owner, job_id)
+    found = await asyncio.to_thread(lambda: checkpoints(job, run_events(job["run_uri"])))
+    return JSONResponse(_after(found, after, _limit(limit)))
+
+
+def _after(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    if after:
+        ids = [i["id"] for i in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    page = _page(items, limit)
+    return page
+
+
+# models and chat
+
+def _model_object(job: dict[str, Any]) -> dict[str, Any]:
+    return {"id": job["fine_tuned_model"], "object": "model", "created": job["finished_at"] or job["created_at"],
+            "owned_by": "user", "root": job["model"], "parent": job["model"]}
+
+
+@router.get("/v1/models")
+async def list_models(state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_model_object(j) for j in state.store.succeeded_models(owner)]})
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, state: ControlState = Depends(control_state),
+                         owner: str = Depends(caller)) -> JSONResponse:
+    for job in state.store.succeeded_models(owner):
+        if job["fine_tuned_model"] == model:
+            return JSONResponse(_model_object(job))
+    raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+
+
+@router.post("/v1/chat/completions")
+@router.post("/v1/completions")
+async def generate(request: Request, state: ControlState = Depends(control_state),
+                   owner: str = Depends(caller)) -> Response:
+    """Handed to the serving app of the model's engine, body and all, so the answer is exactly
+    `kubetune serve`'s."""
+    body = await request.body()
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        raise ApiError(400, "the request body is not a JSON object", code="invalid_json") from None
+    if not isinstance(model, str) or model not in {j["fine_tuned_model"] for j in state.store.succeeded_models(owner)}:
+        raise ApiError(404, f"the model `{model}` does not exist or is not ready (a succeeded job's fine_tuned_model)",
+                       "invalid_request_error", "model", "model_not_found")
+    try:
+        app = await asyncio.to_thread(state.models.app_for, model)
+    except UsageError as exc:
+        raise ApiError(503, f"the model `{model}` cannot be loaded: {exc.message}", "server_error", "model",
+                       "model_unavailable") from None
+    if app is None:
+        raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+    return _Forward(app, body)
+
+
+class _Forward(Response):
+    """A response that is another ASGI app's answer to this request (its body replayed)."""
+
+    def __init__(self, app: Callable[..., Any], body: bytes) -> None:
+        super().__init__()
+        self.app, self.replay = app, body
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": self.replay, "more_body": False}
+            return await receive()  # the disconnect, which cancels generation
+
+        await self.app(scope, replay, send)

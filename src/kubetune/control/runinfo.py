@@ -1,0 +1,112 @@
+"""What a job's run folder says, in OpenAI's shapes: its typed events as `fine_tuning.job.event`s,
+its complete checkpoints as `fine_tuning.job.checkpoint`s, and the tokens trained so far. The run may
+be a local folder or an object-storage prefix; nothing here writes to it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.artifacts.events import (CheckpointEvent, CheckpointStoredEvent, EndEvent, ErrorEvent, EvalEvent,
+                                       EvalReportEvent, Event, PreemptedEvent, StartEvent, StepEvent, parse_events)
+from kubetune.errors import KubetuneError
+from kubetune.storage.store import Store, is_remote, local_path
+
+__all__ = ["checkpoints", "openai_events", "run_events", "trained_tokens"]
+
+
+def run_events(run_uri: str) -> list[Event]:
+    """The run's events.jsonl, [] before the first one (or while storage cannot be read)."""
+    try:
+        path = local_path(run_uri)
+        if path is not None:
+            file = path / "events.jsonl"
+            return parse_events(file.read_text().splitlines()) if file.exists() else []
+        store = Store(run_uri)
+        return parse_events(store.read_text("events.jsonl").splitlines()) if store.exists("events.jsonl") else []
+    except (KubetuneError, OSError):
+        return []
+
+
+def trained_tokens(events: list[Event]) -> int | None:
+    seen = [e.tokens_seen for e in events if isinstance(e, (StepEvent, EndEvent)) and e.tokens_seen]
+    return max(seen) if seen else None
+
+
+def openai_events(job_id: str, control: list[dict[str, Any]], events: list[Event]) -> list[dict[str, Any]]:
+    """The server's own events and the run's, oldest first, as fine_tuning.job.event objects."""
+    out = [_event(f"ftevent-c{e['n']}", e["created_at"], e["level"], e["message"], "message", None)
+           for e in control]
+    for k, e in enumerate(events):
+        said = _describe(e)
+        if said is not None:
+            level, message, kind, data = said
+            out.append(_event(f"ftevent-r{k}", e.time, level, message, kind, data))
+    out.sort(key=lambda ev: ev["_t"])
+    for ev in out:
+        ev["created_at"] = int(ev.pop("_t"))
+    return out
+
+
+def _event(eid: str, t: float, level: str, message: str, kind: str, data: dict[str, Any] | None) -> dict[str, Any]:
+    return {"object": "fine_tuning.job.event", "id": eid, "_t": t, "level": level, "message": message,
+            "type": kind, "data": data}
+
+
+def _describe(e: Event) -> tuple[str, str, str, dict[str, Any] | None] | None:
+    if isinstance(e, StepEvent):
+        data = {"step": e.step, "total_steps": e.total_steps, "train_loss": e.loss, "learning_rate": e.learning_rate,
+                "tokens_per_s": e.tokens_per_s, "tokens_seen": e.tokens_seen, "epoch": e.epoch}
+        loss = f"{e.loss:.4f}" if e.loss is not None else "?"
+        return "info", f"Step {e.step}/{e.total_steps}: training loss={loss}", "metrics", data
+    if isinstance(e, EvalEvent):
+        loss = f"{e.loss:.4f}" if e.loss is not None else "?"
+        return "info", f"Step {e.step}: validation loss={loss}", "metrics", {"step": e.step, "valid_loss": e.loss}
+    if isinstance(e, StartEvent):
+        how = f" (resumed from {e.resumed_from.rsplit('/', 1)[-1]})" if e.resumed_from else ""
+        return "info", f"Training started{how}: {e.train_rows} rows, {e.total_steps} steps", "message", None
+    if isinstance(e, CheckpointEvent):
+        return "info", f"Checkpoint saved at step {e.step}", "message", None
+    if isinstance(e, CheckpointStoredEvent):
+        return "info", f"Checkpoint of step {e.step} stored", "message", None
+    if isinstance(e, PreemptedEvent):
+        return "warn", f"Stopped at step {e.step}; it resumes from {e.checkpoint.rsplit('/', 1)[-1]}", "message", None
+    if isinstance(e, ErrorEvent):
+        return "error", f"Training failed: {e.error}", "message", None
+    if isinstance(e, EndEvent):
+        return "info", f"Training finished at step {e.step}", "message", {"train_loss": e.train_loss}
+    if isinstance(e, EvalReportEvent):
+        return "info", "Evaluation report written", "message", e.metrics
+    return None
+
+
+def checkpoints(job: dict[str, Any], events: list[Event]) -> list[dict[str, Any]]:
+    """Complete checkpoints still in the run, newest first, with the loss logged at their step."""
+    steps = _complete_steps(job["run_uri"])
+    losses = {e.step: e for e in events if isinstance(e, StepEvent)}
+    valid = {e.step: e.loss for e in events if isinstance(e, EvalEvent)}
+    made = {e.step: e.time for e in events if isinstance(e, (CheckpointEvent, CheckpointStoredEvent))}
+    name = job.get("fine_tuned_model") or job["id"]
+    out = []
+    for step in sorted(steps, reverse=True):
+        logged = losses.get(step) or max((s for s in losses.values() if s.step <= step), key=lambda s: s.step,
+                                         default=None)
+        metrics = {"step": step, "train_loss": logged.loss if logged else None, "valid_loss": valid.get(step)}
+        out.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job['id'].split('-', 1)[1][:12]}-{step}",
+                    "created_at": int(made.get(step, job["created_at"])), "fine_tuning_job_id": job["id"],
+                    "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}", "step_number": step,
+                    "metrics": metrics})
+    return out
+
+
+def _complete_steps(run_uri: str) -> list[int]:
+    try:
+        if is_remote(run_uri):
+            store = Store(run_uri)
+            names = [n for n in store.listdir("checkpoints") if store.exists(f"checkpoints/{n}/COMPLETE")]
+        else:
+            root = local_path(run_uri)
+            folder = root / "checkpoints" if root else None
+            names = [p.name for p in folder.iterdir() if (p / "COMPLETE").exists()] if folder and folder.is_dir() else []
+    except (KubetuneError, OSError):
+        return []
+    return [int(n.rsplit("-", 1)[1]) for n in names if n.startswith("checkpoint-") and n.rsplit("-", 1)[1].isdigit()]

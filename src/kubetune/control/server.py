@@ -1,0 +1,97 @@
+"""`kubetune server`: open the store, pick the backend, listen. Refuses to listen beyond loopback
+without an API key: the API starts training jobs on this machine and serves their models."""
+
+from __future__ import annotations
+
+import ipaddress
+from kubetune import settings
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubetune.control.keys import digest, key_id, new_key
+from kubetune.control.store import Store, database_url
+from kubetune.errors import UsageError
+
+__all__ = ["ServerOptions", "create_key", "list_keys", "serve_control"]
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    home: Path = Path(".kubetune-server")
+    storage: str | None = None           # default: HOME (files/ and runs/ in it)
+    database: str | None = None          # default: sqlite in HOME
+    api_keys: list[str] = field(default_factory=list)
+    concurrency: int = 1
+    max_upload_mb: int = 512
+    worker_id: str | None = None
+    max_concurrency: int = 16            # requests admitted per served engine
+    adapters: str = "auto"
+
+
+def open_store(options: ServerOptions) -> Store:
+    options.home.mkdir(parents=True, exist_ok=True)
+    return Store(database_url(options.database, options.home.resolve()))
+
+
+def create_key(options: ServerOptions, name: str) -> str:
+    """A new key, stored hashed; the key itself is returned once and never stored."""
+    key = new_key()
+    store = open_store(options)
+    store.add_key(key_id(digest(key)), name, digest(key))
+    store.close()
+    return key
+
+
+def list_keys(options: ServerOptions) -> list[dict[str, object]]:
+    store = open_store(options)
+    try:
+        return store.list_keys()
+    finally:
+        store.close()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build(options: ServerOptions) -> tuple[object, Store]:
+    from kubetune.control.app import create_app
+    from kubetune.control.models import ModelHub
+    from kubetune.control.state import ControlSettings
+    from kubetune.control.worker import LocalWorker
+
+    store = open_store(options)
+    for k, key in enumerate(options.api_keys):
+        store.add_key(key_id(digest(key)), f"--api-key {k + 1}", digest(key))
+    has_keys = store.has_keys()
+    if not has_keys and not is_loopback(options.host):
+        raise UsageError(f"--host {options.host}: the server would accept jobs from the network with no API key",
+                         "give --api-key KEY (or create one: kubetune server key create --name NAME), "
+                         "or listen on 127.0.0.1")
+    storage = options.storage or str(options.home.resolve())
+    control = ControlSettings(storage=storage, max_upload_bytes=options.max_upload_mb << 20,
+                               open_without_key=not has_keys)
+    models = ModelHub(store, options.max_concurrency, options.adapters)
+    worker = LocalWorker(store, options.home.resolve(), options.worker_id or socket.gethostname(),
+                         options.concurrency, on_change=lambda: None)
+    return create_app(store, control, worker, models), store
+
+
+def serve_control(options: ServerOptions) -> None:
+    import uvicorn
+
+    options.api_keys += [k for k in [settings.api_key()] if k]
+    app, store = build(options)
+    where = f"http://{options.host}:{options.port}"
+    keys = "API key required" if not app.state.control.settings.open_without_key else "no API key (loopback only)"
+    print(f"kubetune server at {where}/v1 ({keys}; runs in {app.state.control.settings.storage}; database "
+          f"{store.engine.url.render_as_string(hide_password=True)})", flush=True)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="warning", access_log=False)

@@ -1,0 +1,57 @@
+"""What the control plane's routes share, and who is calling."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import Request
+
+from kubetune.control.keys import digest, key_id
+from kubetune.control.models import ModelHub
+from kubetune.control.store import Store
+from kubetune.serve.errors import ApiError
+
+LOCAL_OWNER = "local"  # every record, when the server runs without keys (loopback only)
+
+
+@dataclass
+class ControlSettings:
+    storage: str                      # files/ and runs/ live here: a folder or s3://bucket/prefix
+    backend: str = "local"            # local | kubernetes
+    max_upload_bytes: int = 512 << 20
+    open_without_key: bool = False    # no key configured: loopback-only, one owner
+
+
+class Backend(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def cancelled(self, job: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class ControlState:
+    store: Store
+    settings: ControlSettings
+    backend: Backend
+    models: ModelHub
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def control_state(request: Request) -> ControlState:
+    return request.app.state.control
+
+
+def caller(request: Request) -> str:
+    """FastAPI dependency: the id of the key that sent the request (401 without a known key)."""
+    state: ControlState = request.app.state.control
+    if state.settings.open_without_key:
+        return LOCAL_OWNER
+    given = request.headers.get("authorization", "")
+    token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+    found = state.store.key_by_hash(digest(token)) if token else None
+    # the lookup is by digest (an index); compare again in constant time for the record found
+    if found is None or not hmac.compare_digest(found["hash"], digest(token)):
+        raise ApiError(401, "missing or unknown API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+    return key_id(found["hash"])

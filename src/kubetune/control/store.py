@@ -1,0 +1,226 @@
+"""The control plane's records: API keys (hashed), uploaded files, fine-tuning jobs and their events.
+
+SQLAlchemy Core over SQLite by default (one file beside the server) or PostgreSQL (`--database
+postgresql://...`) when several replicas share it. Rows are plain dicts; the API shapes them. Every
+read and write of a file or job names its owner, so one key never sees another's records. A status
+change that two replicas could race on (claiming a queued job) is one conditional UPDATE.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from kubetune.errors import UsageError
+
+__all__ = ["Store", "database_url"]
+
+_meta = sa.MetaData()
+
+keys = sa.Table(
+    "keys", _meta,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Integer, nullable=False),
+)
+
+files = sa.Table(
+    "files", _meta,
+    sa.Column("n", sa.Integer, primary_key=True, autoincrement=True),  # listing order
+    sa.Column("id", sa.String(40), nullable=False, unique=True),
+    sa.Column("owner", sa.String(40), nullable=False, index=True),
+    sa.Column("filename", sa.String(500), nullable=False),
+    sa.Column("purpose", sa.String(40), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("uri", sa.String(2000), nullable=False),
+    sa.Column("created_at", sa.Integer, nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs", _meta,
+    sa.Column("n", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(40), nullable=False, unique=True),
+    sa.Column("owner", sa.String(40), nullable=False, index=True),
+    sa.Column("model", sa.String(2000), nullable=False),
+    sa.Column("training_file", sa.String(40), nullable=False),
+    sa.Column("validation_file", sa.String(40)),
+    sa.Column("training_uri", sa.String(2000), nullable=False),   # where the files' contents are
+    sa.Column("validation_uri", sa.String(2000)),
+    sa.Column("suffix", sa.String(64)),
+    sa.Column("seed", sa.Integer, nullable=False),
+    sa.Column("method", sa.Text, nullable=False),           # JSON: OpenAI's method object, as resolved
+    sa.Column("settings", sa.Text, nullable=False),         # JSON: the `kubetune` extension (spec overrides)
+    sa.Column("spec", sa.Text, nullable=False),             # the run spec YAML the job trains (any replica runs it)
+    sa.Column("metadata", sa.Text),                         # JSON: the caller's metadata
+    sa.Column("status", sa.String(20), nullable=False, index=True),
+    sa.Column("backend", sa.String(20), nullable=False),
+    sa.Column("worker", sa.String(200)),                    # the replica (local) that validates/runs it
+    sa.Column("run_uri", sa.String(2000), nullable=False),
+    sa.Column("fine_tuned_model", sa.String(300), unique=True),
+    sa.Column("trained_tokens", sa.BigInteger),
+    sa.Column("error", sa.Text),                            # JSON: {code, message, param}
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("finished_at", sa.Integer),
+)
+
+events = sa.Table(
+    "events", _meta,
+    sa.Column("n", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(40), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("level", sa.String(10), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+)
+
+JSON_FIELDS = ("method", "settings", "metadata", "error")
+
+
+def database_url(value: str | None, home: Path) -> str:
+    """The SQLAlchemy URL of `--database`: default SQLite in the server's home; postgresql:// URLs use psycopg 3."""
+    if not value:
+        return f"sqlite:///{home / 'control.db'}"
+    if value.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + value.split("://", 1)[1]
+    if value.startswith(("sqlite:///", "postgresql+psycopg://")):
+        return value
+    raise UsageError(f"--database {value.split('@')[-1]}: not a database URL",
+                     "use postgresql://USER@HOST:PORT/DB (password from PGPASSWORD) or sqlite:///PATH")
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        sqlite = url.startswith("sqlite")
+        args = {"connect_args": {"check_same_thread": False, "timeout": 30}} if sqlite else {"pool_pre_ping": True}
+        self.engine: Engine = sa.create_engine(url, **args)
+        if sqlite:
+            @sa.event.listens_for(self.engine, "connect")
+            def _wal(conn: Any, _: Any) -> None:  # readers never wait on the worker's writes
+                conn.execute("PRAGMA journal_mode=WAL")
+        try:
+            _meta.create_all(self.engine)
+        except sa.exc.OperationalError as exc:
+            where = self.engine.url.render_as_string(hide_password=True)
+            raise UsageError(f"cannot open the database {where}: {exc.orig}",
+                             "check --database (host, port, user; the password goes in PGPASSWORD)") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # keys
+    def add_key(self, key_id: str, name: str, digest: str) -> None:
+        with self.engine.begin() as c:
+            if c.execute(sa.select(keys.c.id).where(keys.c.hash == digest)).first() is None:
+                c.execute(keys.insert().values(id=key_id, name=name, hash=digest, created_at=int(time.time())))
+
+    def key_by_hash(self, digest: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(keys).where(keys.c.hash == digest)).mappings().first()
+        return dict(row) if row else None
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            return [dict(r) for r in c.execute(sa.select(keys.c.id, keys.c.name, keys.c.created_at)).mappings()]
+
+    def has_keys(self) -> bool:
+        with self.engine.connect() as c:
+            return c.execute(sa.select(sa.func.count()).select_from(keys)).scalar_one() > 0
+
+    # files
+    def add_file(self, **row: Any) -> dict[str, Any]:
+        with self.engine.begin() as c:
+            c.execute(files.insert().values(**row))
+        return row
+
+    def file(self, owner: str, file_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(files).where(files.c.id == file_id, files.c.owner == owner)).mappings().first()
+        return dict(row) if row else None
+
+    def files(self, owner: str, purpose: str | None, after: str | None, limit: int, newest_first: bool = True
+              ) -> list[dict[str, Any]]:
+        return self._page(files, owner, after, limit, newest_first,
+                          [files.c.purpose == purpose] if purpose else [])
+
+    def delete_file(self, owner: str, file_id: str) -> bool:
+        with self.engine.begin() as c:
+            return c.execute(files.delete().where(files.c.id == file_id, files.c.owner == owner)).rowcount > 0
+
+    # jobs
+    def add_job(self, **row: Any) -> dict[str, Any]:
+        with self.engine.begin() as c:
+            c.execute(jobs.insert().values(**_dumped(row)))
+        return self.job(row["owner"], row["id"]) or row
+
+    def job(self, owner: str | None, job_id: str) -> dict[str, Any] | None:
+        where = [jobs.c.id == job_id] + ([jobs.c.owner == owner] if owner is not None else [])
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(jobs).where(*where)).mappings().first()
+        return _loaded(row) if row else None
+
+    def jobs(self, owner: str, after: str | None, limit: int) -> list[dict[str, Any]]:
+        return [_loaded(r) for r in self._page(jobs, owner, after, limit, True, [])]
+
+    def jobs_in(self, statuses: Sequence[str], backend: str | None = None) -> list[dict[str, Any]]:
+        where = [jobs.c.status.in_(statuses)] + ([jobs.c.backend == backend] if backend else [])
+        with self.engine.connect() as c:
+            return [_loaded(r) for r in c.execute(sa.select(jobs).where(*where).order_by(jobs.c.n)).mappings()]
+
+    def succeeded_models(self, owner: str | None = None) -> list[dict[str, Any]]:
+        where = [jobs.c.status == "succeeded"] + ([jobs.c.owner == owner] if owner is not None else [])
+        with self.engine.connect() as c:
+            return [_loaded(r) for r in c.execute(sa.select(jobs).where(*where).order_by(jobs.c.n)).mappings()]
+
+    def update_job(self, job_id: str, expect: Iterable[str] | None = None, unclaimed: bool = False,
+                   **values: Any) -> bool:
+        """Set fields of a job; with `expect`, only while its status is one of those (and with `unclaimed`
+        only while no worker has it): a claim, True if this call made the change, False if another
+        replica or a cancel got there first."""
+        where = [jobs.c.id == job_id] + ([jobs.c.status.in_(list(expect))] if expect is not None else [])
+        where += [jobs.c.worker.is_(None)] if unclaimed else []
+        with self.engine.begin() as c:
+            return c.execute(jobs.update().where(*where).values(**_dumped(values))).rowcount > 0
+
+    # events
+    def add_event(self, job_id: str, message: str, level: str = "info") -> None:
+        with self.engine.begin() as c:
+            c.execute(events.insert().values(job_id=job_id, created_at=round(time.time(), 3), level=level,
+                                             message=message))
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(events).where(events.c.job_id == job_id).order_by(events.c.n)).mappings()
+            return [dict(r) for r in rows]
+
+    def _page(self, table: sa.Table, owner: str, after: str | None, limit: int, newest_first: bool,
+              where: list[Any]) -> list[Any]:
+        """One page of an owner's rows in listing order, starting after the row with id `after`."""
+        query = sa.select(table).where(table.c.owner == owner, *where)
+        with self.engine.connect() as c:
+            if after:
+                n = c.execute(sa.select(table.c.n).where(table.c.id == after, table.c.owner == owner)).scalar()
+                if n is None:
+                    return []
+                query = query.where(table.c.n < n if newest_first else table.c.n > n)
+            order = table.c.n.desc() if newest_first else table.c.n
+            return list(c.execute(query.order_by(order).limit(limit)).mappings())
+
+
+def _dumped(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (json.dumps(v) if k in JSON_FIELDS and v is not None else v) for k, v in row.items()}
+
+
+def _loaded(row: Any) -> dict[str, Any]:
+    out = dict(row)
+    for k in JSON_FIELDS:
+        if out.get(k) is not None:
+            out[k] = json.loads(out[k])
+    return out

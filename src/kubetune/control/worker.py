@@ -1,0 +1,220 @@
+"""The local backend: jobs run as `kubetune validate` and `kubetune train` processes on this machine.
+
+One thread moves jobs along: it validates new jobs' files, claims queued jobs up to the concurrency
+setting (a conditional UPDATE, so replicas sharing a database never run a job twice), watches the
+processes and records how each ended. The exit codes are kubetune's contract (errors.py): 0 done,
+2 the input is wrong (failed at once), 75 try again (requeued, up to MAX_ATTEMPTS), 143 stopped
+after a checkpoint (cancelled if the user asked, else requeued: it resumes).
+
+Training processes die with the server (PDEATHSIG: SIGTERM, so they checkpoint first). A server
+that starts again finds its jobs still `running` and starts them again; `kubetune train --wait`
+resumes from the newest complete checkpoint, waiting out the lease of a process that outlived it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kubetune.control.runinfo import run_events, trained_tokens
+from kubetune.control.store import Store
+from kubetune.artifacts.events import ErrorEvent
+from kubetune.errors import EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE
+
+__all__ = ["LocalWorker"]
+
+MAX_ATTEMPTS = 3
+STOP_GRACE_S = 60.0
+
+
+@dataclass
+class _Proc:
+    kind: str                       # validate | train
+    popen: subprocess.Popen[bytes]
+    log: Path
+    signalled: bool = False
+
+
+@dataclass
+class LocalWorker:
+    store: Store
+    home: Path                      # jobs/JOB_ID/{spec.yaml, validate.log, train.log}
+    worker_id: str
+    concurrency: int = 1
+    poll_s: float = 0.5
+    env: dict[str, str] = field(default_factory=dict)
+    on_change: Callable[[], None] = lambda: None   # a job succeeded: the model list changed
+    _procs: dict[str, _Proc] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kubetune-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop training processes after their checkpoint (SIGTERM); their jobs stay `running` and
+        resume when a server with this worker id starts again."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_GRACE_S + 10)
+
+    def cancelled(self, job: dict[str, Any]) -> None:
+        """Nothing to do at once: the next tick of whichever replica runs the job stops its process."""
+
+    def _shutdown(self) -> None:
+        # In the thread that started the processes: their PDEATHSIG fires when it ends, so it ends last.
+        for job_id, proc in self._procs.items():
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+                self.store.add_event(job_id, "The server is stopping: training stops at a checkpoint and resumes "
+                                             "when the server starts again", "warn")
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in self._procs.values():
+            try:
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not end the worker
+                print(f"worker: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            self._stop.wait(self.poll_s)
+        self._shutdown()
+
+    def tick(self) -> None:
+        self._reap()
+        mine = lambda j: j["worker"] == self.worker_id  # noqa: E731
+        for job in self.store.jobs_in(["cancelled"], "local"):
+            proc = self._procs.get(job["id"])
+            if proc is not None and not proc.signalled and proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)  # training saves a checkpoint, then exits 143
+                proc.signalled = True
+        for job in self.store.jobs_in(["validating_files"], "local"):
+            if job["id"] in self._procs:
+                continue
+            if mine(job) or self.store.update_job(job["id"], expect=["validating_files"], unclaimed=True,
+                                                  worker=self.worker_id):
+                self._spawn(job, "validate")
+        for job in self.store.jobs_in(["running"], "local"):
+            if mine(job) and job["id"] not in self._procs:  # this server was restarted: resume
+                self.store.add_event(job["id"], "Resuming after a server restart")
+                self._spawn(job, "train")
+        for job in self.store.jobs_in(["queued"], "local"):
+            if sum(p.kind == "train" for p in self._procs.values()) >= self.concurrency:
+                break
+            if self.store.update_job(job["id"], expect=["queued"], status="running", worker=self.worker_id):
+                self.store.add_event(job["id"], "Fine-tuning job started")
+                self._spawn(job, "train")
+
+    def _spawn(self, job: dict[str, Any], kind: str) -> None:
+        folder = self.home / "jobs" / job["id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        spec = folder / "spec.yaml"
+        spec.write_text(job["spec"])
+        log = folder / f"{kind}.log"
+        cmd = [sys.executable, "-m", "kubetune", kind, str(spec)] + (["--wait"] if kind == "train" else [])
+        with log.open("ab") as out:
+            popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **self.env}, cwd=folder, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+        self._procs[job["id"]] = _Proc(kind, popen, log)
+
+    def _reap(self) -> None:
+        for job_id, proc in list(self._procs.items()):
+            code = proc.popen.poll()
+            if code is None:
+                continue
+            del self._procs[job_id]
+            job = self.store.job(None, job_id)
+            if job is None:
+                continue
+            if proc.kind == "validate":
+                self._validated(job, code, proc.log)
+            else:
+                self._trained(job, code, proc.log)
+
+    def _validated(self, job: dict[str, Any], code: int, log: Path) -> None:
+        if code == 0:
+            if self.store.update_job(job["id"], expect=["validating_files"], status="queued", worker=None):
+                self.store.add_event(job["id"], "Files validated, moving job to queued state")
+            return
+        param = "training_file"
+        text = _tail(log, 40)
+        if job.get("validation_file") and job["validation_file"] in text:
+            param = "validation_file"
+        message = _readable(text, job)
+        code_name = "invalid_file" if code == EXIT_USAGE else "validation_failed"
+        self._fail(job, {"code": code_name, "message": message, "param": param if code == EXIT_USAGE else None},
+                   expect=["validating_files"])
+
+    def _trained(self, job: dict[str, Any], code: int, log: Path) -> None:
+        events = run_events(job["run_uri"])
+        tokens = trained_tokens(events)
+        now = int(time.time())
+        if job["status"] == "cancelled":
+            self.store.update_job(job["id"], trained_tokens=tokens)
+            self.store.add_event(job["id"], "Training stopped; the last complete checkpoint is kept")
+            return
+        if code == 0:
+            if self.store.update_job(job["id"], expect=["running"], status="succeeded", finished_at=now,
+                                     trained_tokens=tokens):
+                self.store.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
+                self.store.add_event(job["id"], "The job has successfully completed")
+                self.on_change()
+            return
+        if self._stop.is_set():
+            return  # stopped with the server: stays running, resumes on restart
+        if code in (EXIT_TRANSIENT, EXIT_PREEMPTED) and job["attempts"] + 1 < MAX_ATTEMPTS:
+            self.store.update_job(job["id"], expect=["running"], status="queued", worker=None,
+                                  attempts=job["attempts"] + 1, trained_tokens=tokens)
+            self.store.add_event(job["id"], f"Training stopped (exit {code}); the job is queued again and resumes "
+                                            "from its last checkpoint", "warn")
+            return
+        errors = [e.error for e in events if isinstance(e, ErrorEvent)]
+        message = errors[-1] if errors else _readable(_tail(log, 20), job)
+        self._fail(job, {"code": "invalid_request" if code == EXIT_USAGE else "training_failed",
+                         "message": message, "param": None}, expect=["running"], tokens=tokens)
+
+    def _fail(self, job: dict[str, Any], error: dict[str, Any], expect: list[str], tokens: int | None = None) -> None:
+        if self.store.update_job(job["id"], expect=expect, status="failed", error=error,
+                                 finished_at=int(time.time()), trained_tokens=tokens):
+            self.store.add_event(job["id"], f"Job failed: {error['message']}", "error")
+
+
+def _tail(log: Path, lines: int) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _readable(text: str, job: dict[str, Any]) -> str:
+    """A process's error as the caller should read it: from `error:` on, and an uploaded file named as
+    the caller named it (train.jsonl:3, not the storage path)."""
+    start = text.rfind("error:")
+    text = text[start:] if start >= 0 else text
+    for key in ("training_uri", "validation_uri"):
+        uri = job.get(key)
+        if uri:
+            text = text.replace(uri.rsplit("/", 1)[0] + "/", "")
+    return text.strip() or "the process ended without a message"
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the server dies (Linux), so training checkpoints instead of running on
+    as an orphan that a restarted server would wait for."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
