@@ -150,3 +150,51 @@ def start_s3_with_auth(bucket: str) -> S3Server:
     server.key_id, server.secret = key["AccessKeyId"], key["SecretAccessKey"]
     server.client().create_bucket(Bucket=bucket)
     return server
+
+
+@dataclass
+class PostgresServer:
+    url: str
+    proc: subprocess.Popen[bytes]
+    data: Path
+
+    def stop(self) -> None:
+        self.proc.terminate()  # smart shutdown: sessions end, then the server
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+def postgres_bindir() -> Path:
+    """Where initdb and postgres are: on PATH, or Debian's /usr/lib/postgresql/VERSION/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if not versions:
+        raise AssertionError("PostgreSQL is not installed: `make test` installs it (scripts/system-deps.sh), or "
+                             "apt-get install postgresql")
+    return versions[-1].parent
+
+
+def start_postgres() -> PostgresServer:
+    """A real PostgreSQL server on 127.0.0.1 in a fresh data folder (trust auth, no fsync: a test
+    database). As root it runs as the `postgres` user, which the server insists on."""
+    import tempfile
+
+    bindir = postgres_bindir()
+    data = Path(tempfile.mkdtemp(prefix="kubetune-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres", "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data / "db"), "-U", "kubetune", "--auth=trust",
+                    "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen([*prefix, str(bindir / "postgres"), "-D", str(data / "db"), "-p", str(port),
+                             "-h", "127.0.0.1", "-k", str(data), "-c", "fsync=off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, 30)
+    return PostgresServer(f"postgresql://kubetune@127.0.0.1:{port}/postgres", proc, data)

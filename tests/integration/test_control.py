@@ -1,0 +1,261 @@
+"""`kubetune server` driven by the official openai client: upload, create, poll, events, checkpoints,
+chat with the result; the server killed mid-job and started again; keys that cannot see each other;
+the same on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import QUICKSTART_DATA, kubetune_cmd, quiet_env
+from tests.servers import free_port, start_postgres
+
+pytestmark = pytest.mark.integration
+
+KEY1, KEY2 = "kt-test-first-key-0123456789abcdef", "kt-test-second-key-0123456789abcdef"
+FAST = {"train": {"learning_rate": 3e-3, "max_per_device_batch_size": 16, "logging_steps": 10,
+                  "save_every_steps": 20, "keep_checkpoints": 2},
+        "data": {"max_length": 128}}
+
+
+class Control:
+    """A `kubetune server` process with its home folder and log, restartable with the same flags."""
+
+    def __init__(self, home: Path, *flags: str) -> None:
+        self.home, self.flags, self.port = home, flags, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home.parent / f"{home.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Control:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(kubetune_cmd("server", "--home", str(self.home), "--port", str(self.port),
+                                                  *self.flags), env=quiet_env(), stdout=out, stderr=out)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"server exited {self.proc.returncode}: {self.log.read_text()}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("server did not start in 60 s")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def client(self, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 240) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    if request.param == "sqlite":
+        yield []
+        return
+    pg = start_postgres()
+    yield ["--database", pg.url]
+    pg.stop()
+
+
+def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
+        tmp_path: Path, tiny_model: Path, database: list[str]) -> None:
+    server = Control(tmp_path / "home", "--api-key", KEY1, "--api-key", KEY2, *database).start()
+    try:
+        c1, c2 = server.client(KEY1), server.client(KEY2)
+        train = c1.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
+        valid = c1.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="fine-tune")
+        assert train.filename == "train.jsonl" and train.bytes == (QUICKSTART_DATA / "train.jsonl").stat().st_size
+        assert c1.files.content(train.id).read() == (QUICKSTART_DATA / "train.jsonl").read_bytes()
+        job = c1.fine_tuning.jobs.create(model=str(tiny_model), training_file=train.id, validation_file=valid.id,
+                                         suffix="qs", seed=7, extra_body={"kubetune": {**FAST, "train": {
+                                             **FAST["train"], "max_steps": 160}}})
+        assert job.status == "validating_files" and job.seed == 7
+        assert re.fullmatch(r"ft:tiny-llama:qs:[0-9a-f]{8}", job.fine_tuned_model or "")
+        assert job.hyperparameters.batch_size == 16
+
+        def checkpointed() -> bool:
+            return any("Checkpoint saved" in e.message for e in c1.fine_tuning.jobs.list_events(job.id, limit=100))
+
+        wait_for("the first checkpoint", checkpointed)
+        assert c1.fine_tuning.jobs.retrieve(job.id).status == "running"
+        server.kill()  # no goodbye: its training process gets SIGTERM (PDEATHSIG), checkpoints and stops
+        server.start()
+
+        done = wait_for("the job to finish", lambda: (j := c1.fine_tuning.jobs.retrieve(job.id)).status
+                        in ("succeeded", "failed", "cancelled") and j)
+        assert done.status == "succeeded", done.error
+        assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at
+
+        events = list(c1.fine_tuning.jobs.list_events(job.id, limit=100))
+        messages = [e.message for e in events]
+        assert messages[0] == "The job has successfully completed"       # newest first
+        assert "Resuming after a server restart" in messages
+        assert any(re.search(r"Training started \(resumed from checkpoint-\d+\)", m) for m in messages), messages
+        steps = [e.data["step"] for e in reversed(events) if e.type == "metrics" and "train_loss" in (e.data or {})]
+        assert steps[-1] == 160
+        page = c1.fine_tuning.jobs.list_events(job.id, limit=3)
+        assert [e.id for e in page.data] == [e.id for e in events[:3]] and page.has_more
+        after = c1.fine_tuning.jobs.list_events(job.id, limit=3, after=page.data[-1].id)
+        assert [e.id for e in after.data] == [e.id for e in events[3:6]]
+
+        ckpts = list(c1.fine_tuning.jobs.checkpoints.list(job.id))
+        assert [c.step_number for c in ckpts][0] == 160 and len(ckpts) == 2  # keep_checkpoints: 2
+        assert ckpts[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-160"
+        assert ckpts[0].metrics.train_loss is not None
+
+        assert [m.id for m in c1.models.list()] == [done.fine_tuned_model]
+        msgs = [{"role": "user", "content": "What colour is the sky?"}]
+        answer = c1.chat.completions.create(model=done.fine_tuned_model, messages=msgs, temperature=0,
+                                            max_tokens=24)
+        assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in c1.chat.completions.create(
+            model=done.fine_tuned_model, messages=msgs, temperature=0, max_tokens=24, stream=True) if chunk.choices)
+        assert streamed == answer.choices[0].message.content
+
+        # the second key: nothing of the first's exists for it
+        assert list(c2.fine_tuning.jobs.list()) == [] and list(c2.files.list()) == []
+        assert list(c2.models.list()) == []
+        with pytest.raises(openai.NotFoundError):
+            c2.fine_tuning.jobs.retrieve(job.id)
+        with pytest.raises(openai.NotFoundError):
+            c2.files.retrieve(train.id)
+        with pytest.raises(openai.NotFoundError):
+            c2.chat.completions.create(model=done.fine_tuned_model, messages=msgs, max_tokens=4)
+        with pytest.raises(openai.NotFoundError):
+            c2.fine_tuning.jobs.create(model=str(tiny_model), training_file=train.id)
+        with pytest.raises(openai.AuthenticationError):
+            server.client("kt-not-a-key").models.list()
+        assert httpx.get(f"{server.url}/v1/fine_tuning/jobs").status_code == 401
+    finally:
+        server.stop()
+    # no key in the clear anywhere the server writes: its log, its database, the job's run and logs
+    written = [server.log, *[p for p in (tmp_path / "home").rglob("*") if p.is_file()]]
+    for path in written:
+        data = path.read_bytes()
+        assert KEY1.encode() not in data and KEY2.encode() not in data, path
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Control]:
+    control = Control(tmp_path / "home", "--max-upload-mb", "1").start()
+    yield control
+    control.stop()
+
+
+def test_bad_rows_fail_the_job_with_file_and_line(server: Control, tiny_model: Path, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in (QUICKSTART_DATA / "train.jsonl").read_text().splitlines()[:20]]
+    rows[2] = {"messages": [{"role": "user", "content": "no answer here"}]}
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    client = server.client("unused")
+    upload = client.files.create(file=data.open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id,
+                                         extra_body={"kubetune": FAST})
+    failed = wait_for("validation", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status != "validating_files"
+                      and j, 120)
+    assert failed.status == "failed" and failed.error.param == "training_file"
+    assert "mine.jsonl:3" in failed.error.message and "assistant" in failed.error.message
+    assert str(server.home) not in failed.error.message  # the caller's file name, not the storage path
+    assert list(client.fine_tuning.jobs.checkpoints.list(job.id)) == []
+
+
+def test_cancel_stops_training_at_a_checkpoint_and_keeps_it(server: Control, tiny_model: Path) -> None:
+    client = server.client("unused")
+    upload = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id, extra_body={
+        "kubetune": {**FAST, "train": {**FAST["train"], "max_steps": 5000}}})
+    queued = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id,
+                                            extra_body={"kubetune": FAST})
+    wait_for("a checkpoint", lambda: list(client.fine_tuning.jobs.checkpoints.list(job.id)))
+    assert client.fine_tuning.jobs.retrieve(queued.id).status == "queued"  # one job at a time (--concurrency 1)
+    assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at
+    wait_for("the process to stop", lambda: any(e.message.startswith("Training stopped")
+                                                for e in client.fine_tuning.jobs.list_events(job.id, limit=50)), 90)
+    kept = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert kept and kept[0].step_number < 5000
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    page = client.fine_tuning.jobs.list(limit=1)
+    assert [j.id for j in page.data] == [queued.id] and page.has_more
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=5, after=queued.id).data] == [job.id]
+
+
+def test_requests_the_server_refuses(server: Control, tiny_model: Path, tmp_path: Path) -> None:
+    client = server.client("unused")
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "x" * 1000}) + "\n" * 1 + (json.dumps({"text": "y" * 1000}) + "\n") * 1100)
+    with pytest.raises(openai.APIStatusError) as too_large:
+        client.files.create(file=big.open("rb"), purpose="fine-tune")
+    assert too_large.value.status_code == 413 and "upload limit" in too_large.value.message
+    binary = tmp_path / "weights.jsonl"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(openai.BadRequestError, match="binary"):
+        client.files.create(file=binary.open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="assistants")
+    upload = client.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as bad_setting:
+        client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id,
+                                       extra_body={"kubetune": {"train": {"max_stepz": 3}}})
+    assert bad_setting.value.body["param"] == "kubetune.train.max_stepz"
+    assert "max_steps" in bad_setting.value.message  # the allowed keys are listed
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.create(model=str(tiny_model), training_file="file-nope")
+    with pytest.raises(openai.BadRequestError, match="not a Hub id"):
+        client.fine_tuning.jobs.create(model="no such model!", training_file=upload.id)
+    assert client.files.delete(upload.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(upload.id)
+
+
+def test_no_network_listening_without_a_key_and_keys_are_stored_hashed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    refused = subprocess.run(kubetune_cmd("server", "--home", str(home), "--host", "0.0.0.0", "--port",
+                                          str(free_port())), capture_output=True, text=True, env=quiet_env(),
+                             timeout=60)
+    assert refused.returncode == 2 and "no API key" in refused.stderr and "Traceback" not in refused.stderr
+    made = subprocess.run(kubetune_cmd("server", "key", "create", "--name", "ci", "--home", str(home)),
+                          capture_output=True, text=True, env=quiet_env(), timeout=60)
+    key = made.stdout.strip()
+    assert made.returncode == 0 and key.startswith("kt-") and len(key) > 40
+    assert key.encode() not in (home / "control.db").read_bytes()
+    server = Control(home, "--host", "0.0.0.0").start()  # a key exists now: the network is allowed
+    try:
+        assert list(server.client(key).fine_tuning.jobs.list()) == []
+        with pytest.raises(openai.AuthenticationError):
+            server.client("kt-someone-else").fine_tuning.jobs.list()
+    finally:
+        server.stop()
