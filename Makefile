@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ASSETS  := examples/assets/tiny-llama
 
-.PHONY: install demo test test-unit assets clean
+.PHONY: install demo test test-unit assets system-deps clean
 
 install: $(STAMP)
 
@@ -26,7 +26,11 @@ assets: $(ASSETS)/config.json
 demo: install assets
 	bash examples/quickstart.sh
 
-test: install assets
+# PostgreSQL and Chromium, which the control-plane and dashboard tests start (Debian packages).
+system-deps:
+	bash scripts/system-deps.sh
+
+test: install assets system-deps
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 

@@ -191,6 +191,9 @@ def _server_parser(sub: argparse._SubParsersAction, verbs: object) -> None:  # t
     p.add_argument("--worker-id", help="this replica's name for the jobs it runs (default: the host name); a "
                                        "server started again with the same name resumes them")
     p.add_argument("--max-concurrency", type=int, default=16, help="chat requests admitted per served engine")
+    p.add_argument("--runs", action="append", default=[], metavar="URI",
+                   help="a folder or bucket prefix of runs (e.g. runs, s3://bucket/runs) the dashboard also shows; "
+                        "repeatable")
     p.set_defaults(func=verbs.server)  # type: ignore[attr-defined]
     keys = p.add_subparsers(dest="server_command", metavar="COMMAND")
     k = keys.add_parser("key", help="API keys: create (printed once, stored hashed) or list")

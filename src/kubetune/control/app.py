@@ -9,7 +9,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from kubetune.control import api
+from kubetune.control import api, web
 from kubetune.control.state import Backend, ControlSettings, ControlState
 from kubetune.control.models import ModelHub
 from kubetune.control.store import Store
@@ -34,6 +34,7 @@ def create_app(store: Store, settings: ControlSettings, backend: Backend, models
     app.state.control = state
     install_error_handlers(app)
     app.include_router(api.router)
+    app.include_router(web.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:

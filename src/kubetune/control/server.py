@@ -29,6 +29,7 @@ class ServerOptions:
     worker_id: str | None = None
     max_concurrency: int = 16            # requests admitted per served engine
     adapters: str = "auto"
+    runs: list[str] = field(default_factory=list)    # run folders / bucket prefixes shown in the dashboard
 
 
 def open_store(options: ServerOptions) -> Store:
@@ -78,7 +79,7 @@ def build(options: ServerOptions) -> tuple[object, Store]:
                          "or listen on 127.0.0.1")
     storage = options.storage or str(options.home.resolve())
     control = ControlSettings(storage=storage, max_upload_bytes=options.max_upload_mb << 20,
-                               open_without_key=not has_keys)
+                               open_without_key=not has_keys, runs=list(options.runs))
     models = ModelHub(store, options.max_concurrency, options.adapters)
     worker = LocalWorker(store, options.home.resolve(), options.worker_id or socket.gethostname(),
                          options.concurrency, on_change=lambda: None)

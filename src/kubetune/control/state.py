@@ -22,6 +22,7 @@ class ControlSettings:
     backend: str = "local"            # local | kubernetes
     max_upload_bytes: int = 512 << 20
     open_without_key: bool = False    # no key configured: loopback-only, one owner
+    runs: list[str] = field(default_factory=list)  # folders / bucket prefixes of runs the dashboard shows
 
 
 class Backend(Protocol):

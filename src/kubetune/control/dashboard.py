@@ -1,0 +1,152 @@
+"""What the dashboard shows, read from runs themselves (spec.yaml, events.jsonl, eval/): every run
+the caller may see — their jobs, and every run under the folders and bucket prefixes the server was
+started with (`--runs`) — with status and progress, curves, the eval report, and sweeps ranked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from kubetune.artifacts.events import (EndEvent, ErrorEvent, EvalEvent, EvalReportEvent, Event, PreemptedEvent,
+                                       StartEvent, StepEvent)
+from kubetune.control.runinfo import run_events
+from kubetune.errors import KubetuneError
+from kubetune.storage.store import Store, local_path
+
+__all__ = ["RunRef", "find_runs", "run_detail", "sweeps", "summary"]
+
+LOWER_IS_BETTER = ("loss", "perplexity", "eval_loss")
+
+
+@dataclass(frozen=True)
+class RunRef:
+    id: str              # a job id, or the run's URI
+    uri: str
+    source: str          # "job", or the --runs root it was found under
+    status: str | None = None   # a job's own status (the run's is read from its events otherwise)
+    name: str | None = None
+
+
+def find_runs(roots: Sequence[str]) -> list[RunRef]:
+    """Every run folder (one with spec.yaml) directly under each root."""
+    out = []
+    for root in roots:
+        try:
+            store = Store(root)
+            names = [n for n in store.listdir("") if store.exists(f"{n}/spec.yaml")]
+        except (KubetuneError, OSError):
+            continue
+        out += [RunRef(f"{root.rstrip('/')}/{n}", f"{root.rstrip('/')}/{n}", root, name=n) for n in names]
+    return out
+
+
+def _read_json(uri: str, key: str) -> Any:
+    import json
+
+    try:
+        path = local_path(uri)
+        if path is not None:
+            file = path / key
+            return json.loads(file.read_text()) if file.exists() else None
+        store = Store(uri)
+        return json.loads(store.read_text(key)) if store.exists(key) else None
+    except (KubetuneError, OSError, ValueError):
+        return None
+
+
+def _read_lines(uri: str, key: str, limit: int) -> list[dict[str, Any]]:
+    import json
+
+    try:
+        path = local_path(uri)
+        if path is not None:
+            text = (path / key).read_text() if (path / key).exists() else ""
+        else:
+            store = Store(uri)
+            text = store.read_text(key) if store.exists(key) else ""
+    except (KubetuneError, OSError):
+        return []
+    out = []
+    for line in text.splitlines()[:limit]:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _spec(uri: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        path = local_path(uri)
+        text = (path / "spec.yaml").read_text() if path is not None else Store(uri).read_text("spec.yaml")
+        return yaml.safe_load(text) or {}
+    except (KubetuneError, OSError, ValueError):
+        return {}
+
+
+def run_state(events: list[Event]) -> str:
+    starts = [i for i, e in enumerate(events) if isinstance(e, StartEvent)]
+    since = events[starts[-1]:] if starts else events
+    if any(isinstance(e, EvalReportEvent) for e in events) or any(isinstance(e, EndEvent) for e in since):
+        return "succeeded"
+    if since and isinstance(since[-1], ErrorEvent):
+        return "failed"
+    if since and isinstance(since[-1], PreemptedEvent):
+        return "stopped"
+    return "running" if starts else "not started"
+
+
+def summary(ref: RunRef, events: list[Event] | None = None) -> dict[str, Any]:
+    events = run_events(ref.uri) if events is None else events
+    spec = _spec(ref.uri)
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    reports = [e for e in events if isinstance(e, EvalReportEvent)]
+    evals = [e for e in events if isinstance(e, EvalEvent) and e.loss is not None]
+    last = steps[-1] if steps else None
+    return {
+        "id": ref.id, "name": ref.name or spec.get("name") or ref.uri.rsplit("/", 1)[-1], "uri": ref.uri,
+        "source": ref.source, "status": ref.status or run_state(events),
+        "model": (spec.get("model") or {}).get("base"), "method": (spec.get("method") or {}).get("type"),
+        "sweep": (spec.get("kubernetes") or {}).get("sweep"),
+        "step": last.step if last else 0, "total_steps": last.total_steps if last else None,
+        "loss": last.loss if last else None, "eval_loss": evals[-1].loss if evals else None,
+        "eta_s": last.eta_s if last else None, "tokens_per_s": last.tokens_per_s if last else None,
+        "metrics": reports[-1].metrics.get("tuned", {}) if reports else {},
+        "updated": events[-1].time if events else None,
+    }
+
+
+def run_detail(ref: RunRef) -> dict[str, Any]:
+    events = run_events(ref.uri)
+    curves = [{"step": e.step, "loss": e.loss, "learning_rate": e.learning_rate, "tokens_per_s": e.tokens_per_s}
+              for e in events if isinstance(e, StepEvent)]
+    evals = [{"step": e.step, "loss": e.loss} for e in events if isinstance(e, EvalEvent)]
+    return {"run": summary(ref, events), "curves": curves, "evals": evals,
+            "eval": {"metrics": _read_json(ref.uri, "eval/metrics.json"),
+                     "samples": _read_lines(ref.uri, "eval/samples.jsonl", 20)}}
+
+
+def sweeps(runs: list[dict[str, Any]], details: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Runs grouped by sweep, best first: by the tuned eval metric they share (rougeL, else loss), else
+    by their last training loss; each with its loss curve for the overlay."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        if run.get("sweep"):
+            groups.setdefault(run["sweep"], []).append(run)
+    out = []
+    for name, members in sorted(groups.items()):
+        names = set.intersection(*(set(r["metrics"]) for r in members)) if all(r["metrics"] for r in members) else set()
+        metric = "rougeL" if "rougeL" in names else "loss" if "loss" in names else "train loss"
+
+        def value(r: dict[str, Any]) -> float | None:
+            return r["metrics"].get(metric) if metric != "train loss" else r["loss"]
+
+        sign = 1 if metric in LOWER_IS_BETTER or metric == "train loss" else -1
+        ranked = sorted(members, key=lambda r: (value(r) is None, sign * (value(r) or 0), r["name"]))
+        out.append({"sweep": name, "metric": metric, "lower_is_better": sign == 1,
+                    "runs": [{"id": r["id"], "name": r["name"], "status": r["status"], "value": value(r),
+                              "curve": [(c["step"], c["loss"]) for c in details.get(r["id"], []) if c["loss"] is not None]}
+                             for r in ranked]})
+    return out
