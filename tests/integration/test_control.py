@@ -17,7 +17,9 @@ import openai
 import pytest
 
 from tests.conftest import QUICKSTART_DATA, kubetune_cmd, quiet_env
-from tests.servers import free_port, start_postgres
+from tests.integration.conftest import BUCKET
+from tests.k8s_server import FakeKubernetes
+from tests.servers import S3Server, free_port, start_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +32,8 @@ FAST = {"train": {"learning_rate": 3e-3, "max_per_device_batch_size": 16, "loggi
 class Control:
     """A `kubetune server` process with its home folder and log, restartable with the same flags."""
 
-    def __init__(self, home: Path, *flags: str) -> None:
-        self.home, self.flags, self.port = home, flags, free_port()
+    def __init__(self, home: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.home, self.flags, self.port, self.env = home, flags, free_port(), env or {}
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home.parent / f"{home.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -39,7 +41,7 @@ class Control:
     def start(self) -> Control:
         out = self.log.open("ab")
         self.proc = subprocess.Popen(kubetune_cmd("server", "--home", str(self.home), "--port", str(self.port),
-                                                  *self.flags), env=quiet_env(), stdout=out, stderr=out)
+                                                  *self.flags), env=quiet_env(**self.env), stdout=out, stderr=out)
         deadline = time.time() + 60
         while time.time() < deadline:
             assert self.proc.poll() is None, f"server exited {self.proc.returncode}: {self.log.read_text()}"
@@ -259,3 +261,75 @@ def test_no_network_listening_without_a_key_and_keys_are_stored_hashed(tmp_path:
             server.client("kt-someone-else").fine_tuning.jobs.list()
     finally:
         server.stop()
+
+
+def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
+        tmp_path: Path, s3: S3Server, staged: dict[str, str]) -> None:
+    fake = FakeKubernetes()
+    env = {**s3.env(), "KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig"))}
+    server = Control(tmp_path / "home", "--backend", "kubernetes", "--storage", f"s3://{BUCKET}/ft",
+                     "--namespace", "ml", env=env).start()
+    try:
+        client = server.client("unused")
+        upload = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
+        assert f"ft/files/{upload.id}/train.jsonl" in s3.keys(BUCKET, "ft/files/")
+        settings = {**FAST, "train": {**FAST["train"], "max_steps": 30}, "kubernetes": {"queue": "team-queue"},
+                    "resources": {"accelerator": "cpu"}}
+
+        def create() -> Any:
+            job = client.fine_tuning.jobs.create(model=staged["model"], training_file=upload.id,
+                                                 extra_body={"kubetune": settings})
+            wait_for("the submission", lambda: any(e.message.startswith("Submitted to Kubernetes")
+                                                   for e in client.fine_tuning.jobs.list_events(job.id)), 120)
+            return job
+
+        job = create()
+        submitted = fake.get("jobs", "ml", job.id)
+        assert submitted is not None and submitted["spec"]["suspend"] is True  # Kueue admits it
+        assert submitted["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
+        assert s3.secret not in json.dumps(list(fake.objects.values()))  # credentials go by reference
+        spec_text = fake.get("configmaps", "ml", f"{job.id}-spec")["data"]["spec.yaml"]
+        assert f"output: s3://{BUCKET}/ft/runs/{job.id}" in spec_text
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
+
+        # Kueue admits it and the pod trains: the real trainer on the rendered spec, writing to the bucket
+        submitted["spec"]["suspend"], submitted["status"] = False, {"active": 1}
+        wait_for("running", lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running", 30)
+        spec_file = tmp_path / "pod-spec.yaml"
+        spec_file.write_text(spec_text)
+        pod = subprocess.run(kubetune_cmd("train", str(spec_file)), capture_output=True, text=True, timeout=300,
+                             env=quiet_env(**s3.env(), KUBETUNE_WORKDIR=str(tmp_path / "pod")))
+        assert pod.returncode == 0, pod.stderr
+        submitted["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+        done = wait_for("success", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
+                        in ("succeeded", "failed") and j, 60)
+        assert done.status == "succeeded" and done.trained_tokens and done.trained_tokens > 0
+        steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)]
+        assert steps and steps[0] == 30  # read from the bucket
+        answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=8, temperature=0,
+                                                messages=[{"role": "user", "content": "Spell ship."}])
+        assert answer.choices[0].message.content
+
+        second = create()
+        assert fake.get("jobs", "ml", second.id) is not None
+        assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
+        assert fake.get("jobs", "ml", second.id) is None and fake.get("configmaps", "ml", f"{second.id}-spec") is None
+        assert any(f"job/{second.id} deleted" in e.message for e in client.fine_tuning.jobs.list_events(second.id))
+
+        third = create()
+        fake.get("jobs", "ml", third.id)["status"] = {"failed": 7, "conditions": [
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+             "message": "Job has reached the specified backoff limit"}]}
+        failed = wait_for("failure", lambda: (j := client.fine_tuning.jobs.retrieve(third.id)).status == "failed"
+                          and j, 60)
+        assert failed.error.code == "training_failed" and "BackoffLimitExceeded" in failed.error.message
+    finally:
+        server.stop()
+        fake.stop()
+
+
+def test_kubernetes_backend_needs_shared_storage(tmp_path: Path) -> None:
+    refused = subprocess.run(kubetune_cmd("server", "--home", str(tmp_path), "--backend", "kubernetes",
+                                          "--port", str(free_port())), capture_output=True, text=True,
+                             env=quiet_env(), timeout=60)
+    assert refused.returncode == 2 and "pods cannot read" in refused.stderr

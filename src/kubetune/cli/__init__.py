@@ -186,7 +186,12 @@ def _server_parser(sub: argparse._SubParsersAction, verbs: object) -> None:  # t
                                      "(default: --home)")
     p.add_argument("--api-key", dest="api_keys", action="append", default=[],
                    help="accept this key (Bearer), stored hashed; repeatable; also KUBETUNE_API_KEY")
-    p.add_argument("--concurrency", type=int, default=1, help="jobs trained at once on this machine")
+    p.add_argument("--backend", choices=["local", "kubernetes"], default="local",
+                   help="local: jobs run as kubetune train processes here; kubernetes: as Jobs (kubetune submit), "
+                        "with --storage in a bucket")
+    p.add_argument("--namespace", default="default", help="(kubernetes) the namespace of the jobs, unless a job's "
+                                                          "kubetune.kubernetes.namespace says otherwise")
+    p.add_argument("--concurrency", type=int, default=1, help="(local) jobs trained at once on this machine")
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest file accepted by /v1/files")
     p.add_argument("--worker-id", help="this replica's name for the jobs it runs (default: the host name); a "
                                        "server started again with the same name resumes them")

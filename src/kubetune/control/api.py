@@ -123,7 +123,8 @@ async def create_job(req: JobRequest, state: ControlState = Depends(control_stat
     job_id = new_job_id()
     run_uri = f"{state.settings.storage.rstrip('/')}/runs/{job_id}"
     try:
-        spec = build_spec(job_id, req, train["uri"], valid["uri"] if valid else None, run_uri)
+        spec = build_spec(job_id, req, train["uri"], valid["uri"] if valid else None, run_uri,
+                          state.settings.spec_defaults)
     except UsageError as exc:
         raise _usage_error(exc, "kubetune") from None
     method = req.resolved_method().model_dump(exclude_none=True)
@@ -181,7 +182,7 @@ async def cancel_job(job_id: str, state: ControlState = Depends(control_state),
     if state.store.update_job(job_id, expect=ACTIVE, status="cancelled", finished_at=int(time.time())):
         state.store.add_event(job_id, "Job cancelled" + (": training stops at a checkpoint, which is kept"
                                                         if job["status"] == "running" else ""))
-        state.backend.cancelled(job)
+        await asyncio.to_thread(state.backend.cancelled, job)
     return JSONResponse(job_object(_own_job(state, owner, job_id)))
 
 

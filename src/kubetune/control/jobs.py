@@ -93,8 +93,10 @@ def model_uri(model: str) -> str:
                      "e.g. Qwen/Qwen3-0.6B, /models/llama, s3://bucket/models/llama")
 
 
-def build_spec(job_id: str, req: JobRequest, train_uri: str, valid_uri: str | None, run_uri: str) -> RunSpec:
-    """The run spec of a job; SpecError names the request field (`kubetune.train.max_steps`, ...)."""
+def build_spec(job_id: str, req: JobRequest, train_uri: str, valid_uri: str | None, run_uri: str,
+               defaults: dict[str, Any] | None = None) -> RunSpec:
+    """The run spec of a job; SpecError names the request field (`kubetune.train.max_steps`, ...).
+    `defaults`: the server's own settings (the kubernetes namespace), under the caller's."""
     method = req.resolved_method()
     hp = getattr(method, method.type).hyperparameters  # type: ignore[union-attr]
     raw: dict[str, Any] = {
@@ -105,7 +107,7 @@ def build_spec(job_id: str, req: JobRequest, train_uri: str, valid_uri: str | No
         "train": {"seed": req.seed if req.seed is not None else 42},
         "resources": {"accelerator": "auto"},
     }
-    for key, value in _flat(req.kubetune or {}).items():
+    for key, value in [*_flat(defaults or {}).items(), *_flat(req.kubetune or {}).items()]:
         path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
         if path[0] in ("name", "output"):
             raise UsageError(f"kubetune.{key}: set by the server (the job's id and storage)", "leave it out")

@@ -12,6 +12,7 @@ from pathlib import Path
 from kubetune.control.keys import digest, key_id, new_key
 from kubetune.control.store import Store, database_url
 from kubetune.errors import UsageError
+from kubetune.storage.store import is_remote
 
 __all__ = ["ServerOptions", "create_key", "list_keys", "serve_control"]
 
@@ -30,6 +31,8 @@ class ServerOptions:
     max_concurrency: int = 16            # requests admitted per served engine
     adapters: str = "auto"
     runs: list[str] = field(default_factory=list)    # run folders / bucket prefixes shown in the dashboard
+    backend: str = "local"                           # local | kubernetes
+    namespace: str = "default"                       # kubernetes: where jobs go (unless a job says otherwise)
 
 
 def open_store(options: ServerOptions) -> Store:
@@ -67,6 +70,7 @@ def build(options: ServerOptions) -> tuple[object, Store]:
     from kubetune.control.app import create_app
     from kubetune.control.models import ModelHub
     from kubetune.control.state import ControlSettings
+    from kubetune.control.cluster import KubernetesWorker
     from kubetune.control.worker import LocalWorker
 
     store = open_store(options)
@@ -78,11 +82,18 @@ def build(options: ServerOptions) -> tuple[object, Store]:
                          "give --api-key KEY (or create one: kubetune server key create --name NAME), "
                          "or listen on 127.0.0.1")
     storage = options.storage or str(options.home.resolve())
-    control = ControlSettings(storage=storage, max_upload_bytes=options.max_upload_mb << 20,
-                               open_without_key=not has_keys, runs=list(options.runs))
+    k8s = options.backend == "kubernetes"
+    if k8s and not is_remote(storage):
+        raise UsageError(f"--backend kubernetes with --storage {storage}: pods cannot read this machine's folders",
+                         "give --storage s3://bucket/prefix or gs://bucket/prefix, which the pods and this server "
+                         "both reach")
+    control = ControlSettings(storage=storage, backend=options.backend, max_upload_bytes=options.max_upload_mb << 20,
+                              open_without_key=not has_keys, runs=list(options.runs),
+                              spec_defaults={"kubernetes": {"namespace": options.namespace}} if k8s else {})
     models = ModelHub(store, options.max_concurrency, options.adapters)
-    worker = LocalWorker(store, options.home.resolve(), options.worker_id or socket.gethostname(),
-                         options.concurrency, on_change=lambda: None)
+    worker_class = KubernetesWorker if k8s else LocalWorker
+    worker = worker_class(store, options.home.resolve(), options.worker_id or socket.gethostname(),
+                          options.concurrency)
     return create_app(store, control, worker, models), store
 
 

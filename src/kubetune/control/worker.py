@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kubetune.control.runinfo import run_events, trained_tokens
 from kubetune.control.store import Store
@@ -50,7 +50,6 @@ class LocalWorker:
     concurrency: int = 1
     poll_s: float = 0.5
     env: dict[str, str] = field(default_factory=dict)
-    on_change: Callable[[], None] = lambda: None   # a job succeeded: the model list changed
     _procs: dict[str, _Proc] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -92,25 +91,36 @@ class LocalWorker:
             self._stop.wait(self.poll_s)
         self._shutdown()
 
+    backend = "local"
+
     def tick(self) -> None:
         self._reap()
-        mine = lambda j: j["worker"] == self.worker_id  # noqa: E731
-        for job in self.store.jobs_in(["cancelled"], "local"):
+        self._stop_cancelled()
+        for job in self.store.jobs_in(["validating_files"], self.backend):
+            if job["id"] in self._procs:
+                continue
+            if self._mine(job) or self.store.update_job(job["id"], expect=["validating_files"], unclaimed=True,
+                                                        worker=self.worker_id):
+                self._spawn(job, "validate")
+        self._advance()
+
+    def _mine(self, job: dict[str, Any]) -> bool:
+        return job["worker"] == self.worker_id
+
+    def _stop_cancelled(self) -> None:
+        for job in self.store.jobs_in(["cancelled"], self.backend):
             proc = self._procs.get(job["id"])
             if proc is not None and not proc.signalled and proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)  # training saves a checkpoint, then exits 143
                 proc.signalled = True
-        for job in self.store.jobs_in(["validating_files"], "local"):
-            if job["id"] in self._procs:
-                continue
-            if mine(job) or self.store.update_job(job["id"], expect=["validating_files"], unclaimed=True,
-                                                  worker=self.worker_id):
-                self._spawn(job, "validate")
-        for job in self.store.jobs_in(["running"], "local"):
-            if mine(job) and job["id"] not in self._procs:  # this server was restarted: resume
+
+    def _advance(self) -> None:
+        """Resume this replica's running jobs after a restart; start queued jobs up to the concurrency."""
+        for job in self.store.jobs_in(["running"], self.backend):
+            if self._mine(job) and job["id"] not in self._procs:
                 self.store.add_event(job["id"], "Resuming after a server restart")
                 self._spawn(job, "train")
-        for job in self.store.jobs_in(["queued"], "local"):
+        for job in self.store.jobs_in(["queued"], self.backend):
             if sum(p.kind == "train" for p in self._procs.values()) >= self.concurrency:
                 break
             if self.store.update_job(job["id"], expect=["queued"], status="running", worker=self.worker_id):
@@ -171,7 +181,6 @@ class LocalWorker:
                                      trained_tokens=tokens):
                 self.store.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
                 self.store.add_event(job["id"], "The job has successfully completed")
-                self.on_change()
             return
         if self._stop.is_set():
             return  # stopped with the server: stays running, resumes on restart

@@ -1,0 +1,107 @@
+"""The kubernetes backend: a job is the run's ConfigMap and Job, rendered and applied exactly as
+`kubetune submit` does (Kueue queues it; a retried pod resumes from the run's storage). The job's
+status follows the Job (suspended or pending: queued; active: running; Complete or Failed), its
+events and checkpoints are read from the run's storage, and cancel deletes the Job and its pods.
+
+Validation of the uploaded files runs here, as in the local backend, before anything reaches the
+cluster: a bad row is the caller's error, not a failed pod.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.artifacts.events import ErrorEvent
+from kubetune.control.runinfo import run_events, trained_tokens
+from kubetune.control.worker import LocalWorker
+from kubetune.errors import KubetuneError, TransientError
+from kubetune.k8s.client import Cluster, job_phase
+from kubetune.spec.load import load_spec_text
+
+__all__ = ["KubernetesWorker"]
+
+
+@dataclass
+class KubernetesWorker(LocalWorker):
+    _clusters: dict[str, Cluster] = field(default_factory=dict)
+
+    backend = "kubernetes"
+
+    def _cluster(self, namespace: str) -> Cluster:
+        if namespace not in self._clusters:
+            self._clusters[namespace] = Cluster(namespace)
+        return self._clusters[namespace]
+
+    def _namespace(self, job: dict[str, Any]) -> str:
+        return load_spec_text(job["spec"], f"job {job['id']}").kubernetes.namespace
+
+    def _advance(self) -> None:
+        for job in self.store.jobs_in(["queued"], self.backend):
+            if job["worker"] is None and self.store.update_job(job["id"], expect=["queued"], unclaimed=True,
+                                                               worker=self.worker_id):
+                self._submit(job)
+        active = [j for j in self.store.jobs_in(["queued", "running"], self.backend) if j["worker"] is not None]
+        by_namespace: dict[str, list[dict[str, Any]]] = {}
+        for job in active:
+            by_namespace.setdefault(self._namespace(job), []).append(job)
+        for namespace, jobs in by_namespace.items():
+            try:
+                found = {j.metadata.name: j for j in self._cluster(namespace).jobs()}
+            except TransientError:
+                continue  # the API server is away: ask again next tick
+            for job in jobs:
+                self._sync(job, found.get(job["id"]))
+
+    def _submit(self, job: dict[str, Any]) -> None:
+        from kubetune.k8s.render import render
+
+        spec = load_spec_text(job["spec"], f"job {job['id']}")
+        try:
+            done = self._cluster(spec.kubernetes.namespace).apply(render(spec, "train"))
+        except TransientError as exc:  # unclaimed again: the next tick (or another replica) retries
+            self.store.update_job(job["id"], expect=["queued"], worker=None)
+            self.store.add_event(job["id"], f"Could not submit to Kubernetes yet: {exc.message}", "warn")
+            return
+        except KubetuneError as exc:
+            self._fail(job, {"code": "submit_failed", "message": exc.message, "param": None}, expect=["queued"])
+            return
+        self.store.add_event(job["id"], f"Submitted to Kubernetes (namespace {spec.kubernetes.namespace}): "
+                                        + "; ".join(done))
+        now = self.store.job(None, job["id"])
+        if now is not None and now["status"] == "cancelled":  # cancelled while it was being submitted
+            self.cancelled({**now, "status": "queued"})
+
+    def _sync(self, job: dict[str, Any], cluster_job: Any) -> None:
+        if cluster_job is None:
+            self._fail(job, {"code": "job_deleted", "message": f"the Kubernetes Job {job['id']} was deleted outside "
+                             "kubetune", "param": None}, expect=["queued", "running"])
+            return
+        phase = job_phase(cluster_job)
+        if phase == "Running" and job["status"] == "queued":
+            if self.store.update_job(job["id"], expect=["queued"], status="running"):
+                self.store.add_event(job["id"], "Fine-tuning job started")
+        elif phase == "Succeeded":
+            tokens = trained_tokens(run_events(job["run_uri"]))
+            if self.store.update_job(job["id"], expect=["queued", "running"], status="succeeded",
+                                     finished_at=int(time.time()), trained_tokens=tokens):
+                self.store.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
+                self.store.add_event(job["id"], "The job has successfully completed")
+        elif phase == "Failed":
+            errors = [e.error for e in run_events(job["run_uri"]) if isinstance(e, ErrorEvent)]
+            conditions = [c for c in (cluster_job.status.conditions or []) if c.type == "Failed"]
+            why = errors[-1] if errors else (f"{conditions[0].reason}: {conditions[0].message}" if conditions
+                                             else "the Job failed")
+            self._fail(job, {"code": "training_failed", "message": why, "param": None},
+                       expect=["queued", "running"], tokens=trained_tokens(run_events(job["run_uri"])))
+
+    def cancelled(self, job: dict[str, Any]) -> None:
+        """Delete the Job (its pods get SIGTERM: the trainer checkpoints to storage on its way out)."""
+        if job["status"] not in ("queued", "running") or job["worker"] is None:
+            return  # nothing was submitted
+        try:
+            done = self._cluster(self._namespace(job)).delete_run(job["id"])
+            self.store.add_event(job["id"], "; ".join(done))
+        except KubetuneError as exc:
+            self.store.add_event(job["id"], f"Could not delete the Kubernetes Job: {exc.message}", "warn")
