@@ -120,3 +120,35 @@ def test_dashboard_data_is_per_key(trained: tuple[Control, dict[str, str]]) -> N
     assert httpx.get(f"{server.url}/static/..%2Fstore.py").status_code == 404
     page = httpx.get(f"{server.url}/")
     assert page.status_code == 200 and "dashboard.js" in page.text
+
+
+def test_dashboard_shows_run_folders_and_cluster_jobs(trained: tuple[Control, dict[str, str]], tmp_path: Path) -> None:
+    """--runs DIR and --cluster NAMESPACE: runs made without the API (kubetune train, kubetune submit)."""
+    import httpx
+
+    from tests.k8s_server import FakeKubernetes
+
+    server, jobs = trained
+    runs = tmp_path / "runs"
+    shutil.copytree(server.home / "runs" / jobs["id:lr0.05"], runs / "by-hand")
+    fake = FakeKubernetes()
+    labels = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/component": "train"}
+    for name, output in (("submitted", server.home / "runs" / jobs["id:lr1.0"]), (jobs["id:evaluated"], None)):
+        fake.put("jobs", "ml", {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "labels": labels},
+                                "spec": {"template": {}}, "status": {"active": 1}})
+        fake.put("configmaps", "ml", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-spec"},
+                                      "data": {"spec.yaml": f"name: {name}\noutput: {output}\n"}})
+    # a second replica on the same database (so it knows the jobs), showing what else there is
+    other = Control(tmp_path / "home", "--runs", str(runs), "--cluster", "ml", "--database",
+                    f"sqlite:///{server.home / 'control.db'}", "--worker-id", "replica-2",
+                    env={"KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig"))}).start()
+    try:
+        found = {r["id"]: r for r in httpx.get(f"{other.url}/api/runs", headers={"Authorization": f"Bearer {KEY}"},
+                                               timeout=30).json()["runs"] if r["source"] != "job"}
+    finally:
+        other.stop()
+        fake.stop()
+    assert set(found) == {str(runs / "by-hand"), "k8s:ml/submitted"}  # a control-plane job stays its owner's
+    assert found[str(runs / "by-hand")]["status"] == "succeeded" and found[str(runs / "by-hand")]["step"] == 60
+    cluster = found["k8s:ml/submitted"]
+    assert cluster["source"] == "cluster/ml" and cluster["status"] == "running" and cluster["step"] == 60

@@ -199,6 +199,9 @@ def _server_parser(sub: argparse._SubParsersAction, verbs: object) -> None:  # t
     p.add_argument("--runs", action="append", default=[], metavar="URI",
                    help="a folder or bucket prefix of runs (e.g. runs, s3://bucket/runs) the dashboard also shows; "
                         "repeatable")
+    p.add_argument("--cluster", dest="clusters", action="append", default=[], metavar="NAMESPACE",
+                   help="the dashboard also shows kubetune's training Jobs in this namespace (kubeconfig or the "
+                        "pod's service account); repeatable")
     p.set_defaults(func=verbs.server)  # type: ignore[attr-defined]
     keys = p.add_subparsers(dest="server_command", metavar="COMMAND")
     k = keys.add_parser("key", help="API keys: create (printed once, stored hashed) or list")

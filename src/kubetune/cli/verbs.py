@@ -279,7 +279,7 @@ def server(args: argparse.Namespace) -> int:
     options.host, options.port, options.storage = args.host, args.port, args.storage
     options.api_keys, options.concurrency, options.max_upload_mb = list(args.api_keys), args.concurrency, args.max_upload_mb
     options.worker_id, options.max_concurrency, options.runs = args.worker_id, args.max_concurrency, list(args.runs)
-    options.backend, options.namespace = args.backend, args.namespace
+    options.backend, options.namespace, options.clusters = args.backend, args.namespace, list(args.clusters)
     serve_control(options)
     return 0
 

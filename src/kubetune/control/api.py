@@ -17,6 +17,7 @@ from kubetune.control.jobs import ACTIVE, JobRequest, build_spec, job_object, mo
     resolved_hyperparameters
 from kubetune.control.runinfo import checkpoints, openai_events, run_events, trained_tokens
 from kubetune.control.state import ControlState, caller, control_state
+from kubetune.artifacts.events import StepEvent
 from kubetune.errors import SpecError, UsageError
 from kubetune.serve.errors import ApiError
 from kubetune.spec.load import spec_to_yaml
@@ -145,7 +146,11 @@ def _with_progress(job: dict[str, Any]) -> dict[str, Any]:
     """The job object, with trained_tokens read from the run while it trains."""
     out = job_object(job)
     if job["status"] == "running":
-        out["trained_tokens"] = trained_tokens(run_events(job["run_uri"]))
+        events = run_events(job["run_uri"])
+        out["trained_tokens"] = trained_tokens(events)
+        steps = [e for e in events if isinstance(e, StepEvent) and e.eta_s is not None]
+        if steps:
+            out["estimated_finish"] = int(steps[-1].time + steps[-1].eta_s)
     return out
 
 

@@ -5,7 +5,7 @@ started with (`--runs`) — with status and progress, curves, the eval report, a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from kubetune.artifacts.events import (EndEvent, ErrorEvent, EvalEvent, EvalReportEvent, Event, PreemptedEvent,
                                        StartEvent, StepEvent)
@@ -13,7 +13,7 @@ from kubetune.control.runinfo import run_events
 from kubetune.errors import KubetuneError
 from kubetune.storage.store import Store, local_path
 
-__all__ = ["RunRef", "find_runs", "run_detail", "sweeps", "summary"]
+__all__ = ["RunRef", "cluster_runs", "find_runs", "run_detail", "sweeps", "summary"]
 
 LOWER_IS_BETTER = ("loss", "perplexity", "eval_loss")
 
@@ -37,6 +37,39 @@ def find_runs(roots: Sequence[str]) -> list[RunRef]:
         except (KubetuneError, OSError):
             continue
         out += [RunRef(f"{root.rstrip('/')}/{n}", f"{root.rstrip('/')}/{n}", root, name=n) for n in names]
+    return out
+
+
+PHASES = {"Succeeded": "succeeded", "Failed": "failed", "Running": "running", "Queued": "queued",
+          "Pending": "queued"}
+
+
+def cluster_runs(namespaces: Sequence[str], hidden: Callable[[str], bool]) -> list[RunRef]:
+    """Training Jobs kubetune made in each namespace (`kubetune submit`, sweeps), with the status of
+    the Job and the output their spec ConfigMap names; `hidden(name)`: a control-plane job, shown
+    (to its owner only) as a job instead."""
+    import yaml
+
+    from kubetune.k8s.client import Cluster, job_phase
+
+    out = []
+    for namespace in namespaces:
+        try:
+            cluster = Cluster(namespace)
+            jobs = cluster.jobs()
+        except KubetuneError:
+            continue
+        for job in jobs:
+            name = job.metadata.name
+            if (job.metadata.labels or {}).get("app.kubernetes.io/component") != "train" or hidden(name):
+                continue
+            try:
+                text = cluster.spec_text(name)
+            except KubetuneError:
+                text = None
+            output = ((yaml.safe_load(text) or {}).get("output") if text else None) or f"runs/{name}"
+            out.append(RunRef(f"k8s:{namespace}/{name}", output, f"cluster/{namespace}",
+                              PHASES.get(job_phase(job), "queued"), name))
     return out
 
 

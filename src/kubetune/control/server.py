@@ -33,6 +33,7 @@ class ServerOptions:
     runs: list[str] = field(default_factory=list)    # run folders / bucket prefixes shown in the dashboard
     backend: str = "local"                           # local | kubernetes
     namespace: str = "default"                       # kubernetes: where jobs go (unless a job says otherwise)
+    clusters: list[str] = field(default_factory=list)  # namespaces whose kubetune Jobs the dashboard shows
 
 
 def open_store(options: ServerOptions) -> Store:
@@ -89,6 +90,7 @@ def build(options: ServerOptions) -> tuple[object, Store]:
                          "both reach")
     control = ControlSettings(storage=storage, backend=options.backend, max_upload_bytes=options.max_upload_mb << 20,
                               open_without_key=not has_keys, runs=list(options.runs),
+                              clusters=list(options.clusters),
                               spec_defaults={"kubernetes": {"namespace": options.namespace}} if k8s else {})
     models = ModelHub(store, options.max_concurrency, options.adapters)
     worker_class = KubernetesWorker if k8s else LocalWorker

@@ -23,6 +23,7 @@ class ControlSettings:
     max_upload_bytes: int = 512 << 20
     open_without_key: bool = False    # no key configured: loopback-only, one owner
     runs: list[str] = field(default_factory=list)  # folders / bucket prefixes of runs the dashboard shows
+    clusters: list[str] = field(default_factory=list)  # namespaces whose kubetune Jobs the dashboard shows
     spec_defaults: dict[str, Any] = field(default_factory=dict)  # under every job's `kubetune` settings
 
 

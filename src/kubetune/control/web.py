@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from kubetune.control.dashboard import RunRef, find_runs, run_detail, summary, sweeps
+from kubetune.control.dashboard import RunRef, cluster_runs, find_runs, run_detail, summary, sweeps
 from kubetune.control.state import ControlState, caller, control_state
 from kubetune.serve.errors import ApiError
 
@@ -34,7 +34,9 @@ async def asset(name: str) -> Response:
 def visible(state: ControlState, owner: str) -> list[RunRef]:
     jobs = [RunRef(j["id"], j["run_uri"], "job", j["status"], j.get("fine_tuned_model") or j["id"])
             for j in state.store.jobs(owner, None, 1000)]
-    return jobs + find_runs(state.settings.runs)
+    clusters = cluster_runs(state.settings.clusters, lambda name: state.store.job(None, name) is not None) \
+        if state.settings.clusters else []
+    return jobs + find_runs(state.settings.runs) + clusters
 
 
 def _runs(state: ControlState, owner: str) -> list[dict[str, Any]]:
