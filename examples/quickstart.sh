@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The quickstart, end to end on CPU: validate → plan → train (+ eval) → merge → eval → base vs tuned answers
-# → serve (OpenAI-compatible) → one chat request over HTTP.
+# → serve (OpenAI-compatible) → one chat request over HTTP → the control plane (kubetune server) driven by the
+# openai client: upload, fine-tune, follow, chat.
 # Run by `make demo` (after `make install assets`). Re-running continues or reuses the finished run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,3 +41,17 @@ done
 head -1 runs/quickstart/serve.log
 echo "\$ kubetune chat http://127.0.0.1:$PORT \"Describe a green owl.\""
 $KT chat "http://127.0.0.1:$PORT" "Describe a green owl."
+echo
+echo "== kubetune server   (OpenAI's fine-tuning API + dashboard, in the background) + the openai client"
+CPORT="${KUBETUNE_DEMO_CONTROL_PORT:-8766}"
+$KT server --home runs/control --port "$CPORT" --runs runs > runs/control.log 2>&1 &
+CONTROL=$!
+trap 'kill $SERVER $CONTROL 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  .venv/bin/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$CPORT/health', timeout=1)" 2>/dev/null && break
+  kill -0 $CONTROL 2>/dev/null || { cat runs/control.log; exit 1; }
+  sleep 0.5
+done
+head -1 runs/control.log
+.venv/bin/python examples/control_plane.py "http://127.0.0.1:$CPORT"
+echo "dashboard: http://127.0.0.1:$CPORT/ (runs, curves, eval, sweeps, playground)"

@@ -136,9 +136,9 @@ async def create_job(req: JobRequest, state: ControlState = Depends(control_stat
         suffix=req.suffix, seed=spec.train.seed, method=method, settings=req.kubetune or {}, metadata=req.metadata,
         spec=spec_to_yaml(spec), status="validating_files", backend=state.settings.backend, run_uri=run_uri,
         fine_tuned_model=model_name(spec.model.base, req.suffix, job_id), attempts=0, created_at=int(time.time()))
+    state.store.add_event(job_id, "Created fine-tuning job")
     state.store.add_event(job_id, f"Validating training file: {train['id']}"
                                   + (f" and validation file: {valid['id']}" if valid else ""))
-    state.store.add_event(job_id, "Created fine-tuning job")
     return JSONResponse(_with_progress(row))
 
 
