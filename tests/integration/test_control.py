@@ -333,3 +333,37 @@ def test_kubernetes_backend_needs_shared_storage(tmp_path: Path) -> None:
                                           "--port", str(free_port())), capture_output=True, text=True,
                              env=quiet_env(), timeout=60)
     assert refused.returncode == 2 and "pods cannot read" in refused.stderr
+
+
+def test_two_replicas_on_one_postgresql_share_the_work_and_never_run_a_job_twice(
+        tmp_path: Path, tiny_model: Path) -> None:
+    pg = start_postgres()
+    shared = ["--database", pg.url, "--storage", str(tmp_path / "storage"), "--api-key", KEY1]
+    a = Control(tmp_path / "a", *shared, "--worker-id", "replica-a").start()
+    b = Control(tmp_path / "b", *shared, "--worker-id", "replica-b").start()
+    try:
+        client = a.client(KEY1)
+        upload = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
+        settings = {**FAST, "train": {**FAST["train"], "max_steps": 60}}
+        jobs = [client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id,
+                                               extra_body={"kubetune": settings}) for _ in range(2)]
+        for job in jobs:
+            done = wait_for(job.id, lambda: (j := b.client(KEY1).fine_tuning.jobs.retrieve(job.id)).status
+                            in ("succeeded", "failed") and j)
+            assert done.status == "succeeded", done.error
+        workers = []
+        for job in jobs:
+            started = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
+                       if e.message.startswith("Fine-tuning job started")]
+            assert len(started) == 1, started  # claimed once
+            workers.append(started[0])
+        assert sorted(workers) == ["Fine-tuning job started (worker replica-a)",
+                                   "Fine-tuning job started (worker replica-b)"]  # --concurrency 1 each
+        model = b.client(KEY1).fine_tuning.jobs.retrieve(jobs[0].id).fine_tuned_model
+        answer = b.client(KEY1).chat.completions.create(model=model, max_tokens=8,
+                                                        messages=[{"role": "user", "content": "Spell ship."}])
+        assert answer.choices[0].message.content is not None
+    finally:
+        a.stop()
+        b.stop()
+        pg.stop()

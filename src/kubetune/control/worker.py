@@ -124,7 +124,7 @@ class LocalWorker:
             if sum(p.kind == "train" for p in self._procs.values()) >= self.concurrency:
                 break
             if self.store.update_job(job["id"], expect=["queued"], status="running", worker=self.worker_id):
-                self.store.add_event(job["id"], "Fine-tuning job started")
+                self.store.add_event(job["id"], f"Fine-tuning job started (worker {self.worker_id})")
                 self._spawn(job, "train")
 
     def _spawn(self, job: dict[str, Any], kind: str) -> None:
