@@ -104,12 +104,17 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
         assert job.status == "validating_files" and job.seed == 7
         assert re.fullmatch(r"ft:tiny-llama:qs:[0-9a-f]{8}", job.fine_tuned_model or "")
         assert job.hyperparameters.batch_size == 16
+        waiting = c1.fine_tuning.jobs.create(model=str(tiny_model), training_file=train.id, suffix="second",
+                                             extra_body={"kubetune": {**FAST, "train": {**FAST["train"],
+                                                                                        "max_steps": 20}}})
+        assert {f.id for f in c1.files.list()} == {train.id, valid.id}
 
         def checkpointed() -> bool:
             return any("Checkpoint saved" in e.message for e in c1.fine_tuning.jobs.list_events(job.id, limit=100))
 
         wait_for("the first checkpoint", checkpointed)
         assert c1.fine_tuning.jobs.retrieve(job.id).status == "running"
+        assert c1.fine_tuning.jobs.retrieve(waiting.id).status == "queued"  # --concurrency 1
         server.kill()  # no goodbye: its training process gets SIGTERM (PDEATHSIG), checkpoints and stops
         server.start()
 
@@ -135,7 +140,10 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
         assert ckpts[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-160"
         assert ckpts[0].metrics.train_loss is not None
 
-        assert [m.id for m in c1.models.list()] == [done.fine_tuned_model]
+        second = wait_for("the queued job", lambda: (j := c1.fine_tuning.jobs.retrieve(waiting.id)).status
+                          in ("succeeded", "failed") and j)
+        assert second.status == "succeeded", second.error  # it stayed queued through the kill, then ran
+        assert sorted(m.id for m in c1.models.list()) == sorted([done.fine_tuned_model, second.fine_tuned_model])
         msgs = [{"role": "user", "content": "What colour is the sky?"}]
         answer = c1.chat.completions.create(model=done.fine_tuned_model, messages=msgs, temperature=0,
                                             max_tokens=24)
@@ -143,6 +151,10 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in c1.chat.completions.create(
             model=done.fine_tuned_model, messages=msgs, temperature=0, max_tokens=24, stream=True) if chunk.choices)
         assert streamed == answer.choices[0].message.content
+        assert c1.chat.completions.create(model=second.fine_tuned_model, messages=msgs, max_tokens=4).choices
+        loaded = [line for line in server.log.read_text().splitlines() if line.startswith("engine loaded for")]
+        assert len(loaded) == 1 and "LoRA" in loaded[0]  # both adapters of one base: one engine, loaded once
+        assert done.fine_tuned_model in loaded[0] and second.fine_tuned_model in loaded[0]
 
         # the second key: nothing of the first's exists for it
         assert list(c2.fine_tuning.jobs.list()) == [] and list(c2.files.list()) == []
@@ -367,3 +379,29 @@ def test_two_replicas_on_one_postgresql_share_the_work_and_never_run_a_job_twice
         a.stop()
         b.stop()
         pg.stop()
+
+
+def test_a_dpo_job_on_openai_preference_data(server: Control, tiny_model: Path, tmp_path: Path) -> None:
+    from tests.preferences import write_pairs
+
+    client = server.client("unused")
+    pairs = client.files.create(file=write_pairs(tmp_path / "pairs.jsonl", 64, 1, "openai").open("rb"),
+                                purpose="fine-tune")
+    held_out = client.files.create(file=write_pairs(tmp_path / "held_out.jsonl", 16, 2, "openai").open("rb"),
+                                   purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_model), training_file=pairs.id, validation_file=held_out.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 8}}},
+        extra_body={"kubetune": {"train": {"max_steps": 10, "max_per_device_batch_size": 8, "logging_steps": 5,
+                                           "save_every_steps": 10, "learning_rate": 5e-4}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = wait_for("the DPO job", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
+                    in ("succeeded", "failed") and j)
+    assert done.status == "succeeded", done.error
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    assert any(e.type == "metrics" and e.data.get("step") == 10 for e in events)
+    held = [e.data for e in events if e.type == "metrics" and "preference_accuracy" in (e.data or {})]
+    assert held and 0 <= held[0]["preference_accuracy"] <= 1 and "preference_accuracy_base" in held[0]
+    answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=8,
+                                            messages=[{"role": "user", "content": "What colour is the fox?"}])
+    assert answer.choices[0].message.content is not None

@@ -72,6 +72,8 @@ class ModelHub:
         names = [j["fine_tuned_model"] for j in members]
         engine = load_engine([j["run_uri"] for j in members], with_base=False, max_concurrency=self.max_concurrency,
                              adapters=self.adapters, names=names)
+        print(f"engine loaded for {', '.join(names)}: "
+              + "; ".join(f"{m.name} {m.weights}" for m in engine.served.values()), flush=True)
         return _Group(frozenset(names), create_app(engine, ServerSettings(max_concurrency=self.max_concurrency)))
 
     def _close_idle(self) -> None:

@@ -59,8 +59,11 @@ def _describe(e: Event) -> tuple[str, str, str, dict[str, Any] | None] | None:
         loss = f"{e.loss:.4f}" if e.loss is not None else "?"
         return "info", f"Step {e.step}/{e.total_steps}: training loss={loss}", "metrics", data
     if isinstance(e, EvalEvent):
-        loss = f"{e.loss:.4f}" if e.loss is not None else "?"
-        return "info", f"Step {e.step}: validation loss={loss}", "metrics", {"step": e.step, "valid_loss": e.loss}
+        scores = {k: v for k, v in e.metrics.items() if not k.endswith(("runtime", "_per_second"))}
+        said = [f"validation loss={e.loss:.4f}"] if e.loss is not None else []
+        said += [f"{k}={v:.4g}" for k, v in scores.items()]
+        return "info", f"Step {e.step}: {', '.join(said) or 'evaluated'}", "metrics", \
+            {"step": e.step, "valid_loss": e.loss, **scores}
     if isinstance(e, StartEvent):
         how = f" (resumed from {e.resumed_from.rsplit('/', 1)[-1]})" if e.resumed_from else ""
         return "info", f"Training started{how}: {e.train_rows} rows, {e.total_steps} steps", "message", None

@@ -134,8 +134,9 @@ async function refreshDetail() {
 }
 
 function renderEval(ev) {
-  const metrics = ev.metrics || {};
-  const models = ["base", "tuned"].filter((m) => metrics[m]);
+  let metrics = ev.metrics || {};
+  if (!metrics.base && !metrics.tuned && Object.keys(metrics).length) metrics = { value: metrics };  // dpo, kto
+  const models = ["base", "tuned", "value"].filter((m) => metrics[m]);
   $("#eval").hidden = !models.length && !(ev.samples || []).length;
   const keys = [...new Set(models.flatMap((m) => Object.keys(metrics[m])))].sort();
   $("#eval-metrics thead").replaceChildren(el("tr", {}, el("th", {}, "metric"), ...models.map((m) => el("th", {}, m))));
