@@ -234,6 +234,14 @@ def test_requests_the_server_refuses(server: Control, tiny_model: Path, tmp_path
     with pytest.raises(openai.APIStatusError) as too_large:
         client.files.create(file=big.open("rb"), purpose="fine-tune")
     assert too_large.value.status_code == 413 and "upload limit" in too_large.value.message
+    just_over = tmp_path / "just_over.jsonl"  # past the limit by less than the form's slack: counted while stored
+    just_over.write_text((json.dumps({"text": "z" * 1000}) + "\n") * 1060)
+    with pytest.raises(openai.APIStatusError) as counted:
+        client.files.create(file=just_over.open("rb"), purpose="fine-tune")
+    assert counted.value.status_code == 413 and "1,048,576 bytes" in counted.value.message
+    chunked = httpx.post(f"{server.url}/v1/files", content=iter([b"--x\r\n"]),
+                         headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert chunked.status_code == 411 and chunked.json()["error"]["code"] == "length_required"
     binary = tmp_path / "weights.jsonl"
     binary.write_bytes(b"\x00\x01\x02" * 100)
     with pytest.raises(openai.BadRequestError, match="binary"):

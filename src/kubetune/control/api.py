@@ -54,7 +54,7 @@ def _usage_error(exc: UsageError, param: str | None) -> ApiError:
 # files
 
 @router.post("/v1/files")
-async def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(...),
+async def upload(file: UploadFile = File(...), purpose: str = Form(...),
                  state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
     if purpose not in PURPOSES:
         raise ApiError(400, f"purpose {purpose!r}: this server stores {', '.join(PURPOSES)} files", param="purpose")

@@ -8,12 +8,14 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubetune.control import api, web
 from kubetune.control.state import Backend, ControlSettings, ControlState
 from kubetune.control.models import ModelHub
 from kubetune.control.store import Store
-from kubetune.serve.errors import install_error_handlers
+from kubetune.serve.errors import error_body, install_error_handlers
 
 __all__ = ["create_app"]
 
@@ -33,6 +35,7 @@ def create_app(store: Store, settings: ControlSettings, backend: Backend, models
     app = FastAPI(title="kubetune control plane", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.control = state
     install_error_handlers(app)
+    app.add_middleware(_UploadLimit, limit=settings.max_upload_bytes)
     app.include_router(api.router)
     app.include_router(web.router)
 
@@ -41,3 +44,32 @@ def create_app(store: Store, settings: ControlSettings, backend: Backend, models
         return JSONResponse({"status": "ok"})
 
     return app
+
+
+MULTIPART_SLACK = 64 << 10  # the form's own bytes around the file
+
+
+class _UploadLimit:
+    """Refuses an upload by its Content-Length before any of its body is read: FastAPI parses a
+    multipart body (spooling it to disk) before the handler runs, so the handler's exact limit alone
+    would come after the disk had filled."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/files":
+            length = Headers(scope=scope).get("content-length", "")
+            refusal = None
+            if not length.isdigit():
+                refusal = (411, error_body("an upload needs a Content-Length header", "invalid_request_error",
+                                           "file", "length_required"))
+            elif int(length) > self.limit + MULTIPART_SLACK:
+                refusal = (413, error_body(f"the upload ({int(length):,} bytes) is larger than the server's upload "
+                                           f"limit of {self.limit:,} bytes (split the file, or start the server "
+                                           "with a larger --max-upload-mb)", "invalid_request_error", "file",
+                                           "file_too_large"))
+            if refusal is not None:
+                await JSONResponse(refusal[1], status_code=refusal[0])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -4,14 +4,17 @@ started with (`--runs`) — with status and progress, curves, the eval report, a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import yaml
+
 from kubetune.artifacts.events import (EndEvent, ErrorEvent, EvalEvent, EvalReportEvent, Event, PreemptedEvent,
                                        StartEvent, StepEvent)
-from kubetune.control.runinfo import run_events
+from kubetune.control.runinfo import read_run_text, run_events
 from kubetune.errors import KubetuneError
-from kubetune.storage.store import Store, local_path
+from kubetune.storage.store import Store
 
 __all__ = ["RunRef", "cluster_runs", "find_runs", "run_detail", "sweeps", "summary"]
 
@@ -48,8 +51,6 @@ def cluster_runs(namespaces: Sequence[str], hidden: Callable[[str], bool]) -> li
     """Training Jobs kubetune made in each namespace (`kubetune submit`, sweeps), with the status of
     the Job and the output their spec ConfigMap names; `hidden(name)`: a control-plane job, shown
     (to its owner only) as a job instead."""
-    import yaml
-
     from kubetune.k8s.client import Cluster, job_phase
 
     out = []
@@ -74,33 +75,15 @@ def cluster_runs(namespaces: Sequence[str], hidden: Callable[[str], bool]) -> li
 
 
 def _read_json(uri: str, key: str) -> Any:
-    import json
-
     try:
-        path = local_path(uri)
-        if path is not None:
-            file = path / key
-            return json.loads(file.read_text()) if file.exists() else None
-        store = Store(uri)
-        return json.loads(store.read_text(key)) if store.exists(key) else None
-    except (KubetuneError, OSError, ValueError):
+        return json.loads(read_run_text(uri, key) or "null")
+    except ValueError:
         return None
 
 
 def _read_lines(uri: str, key: str, limit: int) -> list[dict[str, Any]]:
-    import json
-
-    try:
-        path = local_path(uri)
-        if path is not None:
-            text = (path / key).read_text() if (path / key).exists() else ""
-        else:
-            store = Store(uri)
-            text = store.read_text(key) if store.exists(key) else ""
-    except (KubetuneError, OSError):
-        return []
     out = []
-    for line in text.splitlines()[:limit]:
+    for line in (read_run_text(uri, key) or "").splitlines()[:limit]:
         try:
             out.append(json.loads(line))
         except ValueError:
@@ -109,14 +92,11 @@ def _read_lines(uri: str, key: str, limit: int) -> list[dict[str, Any]]:
 
 
 def _spec(uri: str) -> dict[str, Any]:
-    import yaml
-
     try:
-        path = local_path(uri)
-        text = (path / "spec.yaml").read_text() if path is not None else Store(uri).read_text("spec.yaml")
-        return yaml.safe_load(text) or {}
-    except (KubetuneError, OSError, ValueError):
+        found = yaml.safe_load(read_run_text(uri, "spec.yaml") or "")
+    except yaml.YAMLError:
         return {}
+    return found if isinstance(found, dict) else {}
 
 
 def run_state(events: list[Event]) -> str:

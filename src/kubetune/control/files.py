@@ -6,26 +6,21 @@ from __future__ import annotations
 
 import re
 import secrets
-import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from kubetune.data.sources import read_file
 from kubetune.errors import UsageError
 from kubetune.storage.store import Store
 
-__all__ = ["FileTooLarge", "StoredFile", "new_file_id", "save_upload", "safe_name"]
+__all__ = ["FileTooLarge", "new_file_id", "remove_upload", "save_upload", "safe_name"]
 
 CHUNK = 1 << 20
 
 
 class FileTooLarge(UsageError):
-    pass
-
-
-class StoredFile(dict):  # the store's row
     pass
 
 
@@ -39,8 +34,10 @@ def safe_name(filename: str) -> str:
     return name if name.endswith((".jsonl", ".json")) else f"{name}.jsonl"
 
 
-def save_upload(source: BinaryIO, filename: str, storage: str, owner: str, purpose: str, limit: int) -> StoredFile:
-    """Store one upload; UsageError (a 400) when it is too large or not JSON lines of objects."""
+def save_upload(source: BinaryIO, filename: str, storage: str, owner: str, purpose: str, limit: int
+                ) -> dict[str, Any]:
+    """Store one upload and return its record; UsageError (a 400) when it is not JSON lines of
+    objects, FileTooLarge (a 413) above `limit` bytes."""
     file_id, name = new_file_id(), safe_name(filename)
     with tempfile.TemporaryDirectory(prefix="kubetune-upload-") as tmp:
         local = Path(tmp) / name
@@ -56,14 +53,15 @@ def save_upload(source: BinaryIO, filename: str, storage: str, owner: str, purpo
         uri = f"{storage.rstrip('/')}/files/{file_id}/{name}"
         store = Store(f"{storage.rstrip('/')}/files/{file_id}")
         store.put(local, name)
-    return StoredFile(id=file_id, owner=owner, filename=filename or name, purpose=purpose, bytes=size, rows=rows,
-                      uri=uri, created_at=int(time.time()))
+    return {"id": file_id, "owner": owner, "filename": filename or name, "purpose": purpose, "bytes": size,
+            "rows": rows, "uri": uri, "created_at": int(time.time())}
 
 
 def _check(local: Path, filename: str) -> int:
     """The number of rows; refuses what is not UTF-8 JSON (lines) of objects. Row-level problems
     (a missing assistant turn, a bad role) are the job's validation, which names file:line."""
-    head = local.open("rb").read(8192)
+    with local.open("rb") as fh:
+        head = fh.read(8192)
     if b"\x00" in head:
         raise UsageError(f"{filename}: a binary file, not JSON lines", "upload a .jsonl file, one JSON object per line")
     try:
@@ -80,9 +78,5 @@ def _check(local: Path, filename: str) -> int:
 
 
 def remove_upload(uri: str) -> None:
-    parent = uri.rsplit("/", 1)[0]
-    store = Store(parent)
-    store.remove("")
-    local = Path(parent)
-    if local.is_dir():  # a local folder: Store.remove leaves the emptied folder
-        shutil.rmtree(local, ignore_errors=True)
+    """The upload's folder (files/FILE_ID), wherever storage is."""
+    Store(uri.rsplit("/", 1)[0]).remove("")

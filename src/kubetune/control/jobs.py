@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kubetune.errors import SpecError, UsageError
 from kubetune.spec.load import apply_override, validate_spec
 from kubetune.spec.models import RunSpec
-from kubetune.storage.store import is_remote, uri_basename
+from kubetune.storage.store import uri_basename
 
 __all__ = ["JobRequest", "build_spec", "job_object", "model_name", "new_job_id"]
 
@@ -85,8 +85,10 @@ def model_name(base: str, suffix: str | None, job_id: str) -> str:
 
 def model_uri(model: str) -> str:
     """`model` as the spec's model.base: a storage URI or local folder as is, else a Hub id."""
-    if "://" in model or model.startswith(("/", "./", "../", "~")) or Path(model).is_dir():
-        return str(Path(model).expanduser().resolve()) if not is_remote(model) and "://" not in model else model
+    if "://" in model:
+        return model
+    if model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser().resolve())
     if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", model):
         return f"hf://{model}"
     raise UsageError(f"model {model!r}: not a Hub id (org/name), a model folder or a storage URI",

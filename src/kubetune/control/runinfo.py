@@ -11,20 +11,25 @@ from kubetune.artifacts.events import (CheckpointEvent, CheckpointStoredEvent, E
 from kubetune.errors import KubetuneError
 from kubetune.storage.store import Store, is_remote, local_path
 
-__all__ = ["checkpoints", "openai_events", "run_events", "trained_tokens"]
+__all__ = ["checkpoints", "openai_events", "read_run_text", "run_events", "trained_tokens"]
 
 
-def run_events(run_uri: str) -> list[Event]:
-    """The run's events.jsonl, [] before the first one (or while storage cannot be read)."""
+def read_run_text(run_uri: str, key: str) -> str | None:
+    """A file of a run (a folder or a storage prefix); None when it is not there (yet) or storage
+    cannot be read now — the readers here show what there is and ask again later."""
     try:
         path = local_path(run_uri)
         if path is not None:
-            file = path / "events.jsonl"
-            return parse_events(file.read_text().splitlines()) if file.exists() else []
+            return (path / key).read_text() if (path / key).is_file() else None
         store = Store(run_uri)
-        return parse_events(store.read_text("events.jsonl").splitlines()) if store.exists("events.jsonl") else []
-    except (KubetuneError, OSError):
-        return []
+        return store.read_text(key) if store.exists(key) else None
+    except (KubetuneError, OSError, UnicodeDecodeError):
+        return None
+
+
+def run_events(run_uri: str) -> list[Event]:
+    """The run's events.jsonl, [] before the first one."""
+    return parse_events((read_run_text(run_uri, "events.jsonl") or "").splitlines())
 
 
 def trained_tokens(events: list[Event]) -> int | None:

@@ -8,11 +8,15 @@ from kubetune import settings
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kubetune.control.keys import digest, key_id, new_key
 from kubetune.control.store import Store, database_url
 from kubetune.errors import UsageError
 from kubetune.storage.store import is_remote
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 __all__ = ["ServerOptions", "create_key", "list_keys", "serve_control"]
 
@@ -67,7 +71,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build(options: ServerOptions) -> tuple[object, Store]:
+def build(options: ServerOptions) -> tuple[FastAPI, Store]:
+    """The app and its store; UsageError for a server that must not start (no key beyond loopback,
+    the kubernetes backend without shared storage)."""
     from kubetune.control.app import create_app
     from kubetune.control.models import ModelHub
     from kubetune.control.state import ControlSettings
