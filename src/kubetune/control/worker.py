@@ -212,7 +212,7 @@ def _readable(text: str, job: dict[str, Any]) -> str:
     """A process's error as the caller should read it: from `error:` on, and an uploaded file named as
     the caller named it (train.jsonl:3, not the storage path)."""
     start = text.rfind("error:")
-    text = text[start:] if start >= 0 else text
+    text = text[start + len("error:"):] if start >= 0 else text
     for key in ("training_uri", "validation_uri"):
         uri = job.get(key)
         if uri:
