@@ -311,6 +311,17 @@ def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
         spec_text = fake.get("configmaps", "ml", f"{job.id}-spec")["data"]["spec.yaml"]
         assert f"output: s3://{BUCKET}/ft/runs/{job.id}" in spec_text
         assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
+        fake.put("pods", "ml", {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": f"{job.id}-0-abcde", "labels": {"batch.kubernetes.io/job-name": job.id}},
+            "status": {"phase": "Pending", "containerStatuses": [{"name": "train", "image": "bad:image", "ready": False,
+                                                                  "restartCount": 0, "imageID": "", "state": {
+                "waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image bad:image"}}}]}})
+
+        def said(text: str) -> bool:
+            return any(text in e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100))
+
+        wait_for("the cluster's word", lambda: said("Queued by Kueue in LocalQueue team-queue") and said(
+            "image pull failed (ImagePullBackOff): Back-off pulling image bad:image"), 30)
 
         # Kueue admits it and the pod trains: the real trainer on the rendered spec, writing to the bucket
         submitted["spec"]["suspend"], submitted["status"] = False, {"active": 1}

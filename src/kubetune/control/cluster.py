@@ -17,7 +17,7 @@ from kubetune.artifacts.events import ErrorEvent
 from kubetune.control.runinfo import run_events, trained_tokens
 from kubetune.control.worker import LocalWorker
 from kubetune.errors import KubetuneError, TransientError
-from kubetune.k8s.client import Cluster, job_phase
+from kubetune.k8s.client import Cluster, job_phase, pod_state
 from kubetune.spec.load import load_spec_text
 
 __all__ = ["KubernetesWorker"]
@@ -26,6 +26,7 @@ __all__ = ["KubernetesWorker"]
 @dataclass
 class KubernetesWorker(LocalWorker):
     _clusters: dict[str, Cluster] = field(default_factory=dict)
+    _said: dict[str, set[str]] = field(default_factory=dict)   # what the cluster said of each job, said once
 
     backend = "kubernetes"
 
@@ -79,6 +80,8 @@ class KubernetesWorker(LocalWorker):
                              "kubetune", "param": None}, expect=["queued", "running"])
             return
         phase = job_phase(cluster_job)
+        if phase in ("Queued", "Pending", "Running"):
+            self._relay(job, cluster_job, phase)
         if phase == "Running" and job["status"] == "queued":
             if self.store.update_job(job["id"], expect=["queued"], status="running"):
                 self.store.add_event(job["id"], "Fine-tuning job started")
@@ -95,6 +98,24 @@ class KubernetesWorker(LocalWorker):
                                              else "the Job failed")
             self._fail(job, {"code": "training_failed", "message": why, "param": None},
                        expect=["queued", "running"], tokens=trained_tokens(run_events(job["run_uri"])))
+
+    def _relay(self, job: dict[str, Any], cluster_job: Any, phase: str) -> None:
+        """What the cluster says about a job that waits or runs, as job events: Kueue holding it, a pod
+        that cannot be scheduled or pull its image, a container that exited (and is retried)."""
+        said = self._said.setdefault(job["id"], set())
+        notes = []
+        if phase == "Queued":
+            queue = (cluster_job.metadata.labels or {}).get("kueue.x-k8s.io/queue-name")
+            notes.append(f"Queued by Kueue in LocalQueue {queue} until it has quota" if queue else "Suspended")
+        try:
+            pods = self._cluster(cluster_job.metadata.namespace).pods(job["id"])
+        except KubetuneError:
+            pods = []
+        notes += [f"pod {p.name}: {p.detail}" for p in map(pod_state, pods) if p.detail]
+        for note in notes:
+            if note not in said:
+                said.add(note)
+                self.store.add_event(job["id"], note, "warn" if note.startswith("pod ") else "info")
 
     def cancelled(self, job: dict[str, Any]) -> None:
         """Delete the Job (its pods get SIGTERM: the trainer checkpoints to storage on its way out)."""
