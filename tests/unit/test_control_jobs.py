@@ -71,3 +71,14 @@ def test_job_object_has_openai_fields(tmp_path: Path) -> None:
                           "n_epochs": 3, "batch_size": 16, "learning_rate_multiplier": 1.0}}}})
     assert obj["object"] == "fine_tuning.job" and obj["hyperparameters"]["n_epochs"] == 3
     assert obj["error"] is None and obj["fine_tuned_model"] is None and obj["result_files"] == []
+
+
+def test_a_failed_process_is_reported_in_the_callers_file_names() -> None:
+    from kubetune.control.worker import _readable
+
+    log = ("loading...\nerror: 2 problem(s) in the data:\n  /root/.cache/kubetune/data/ab12/mine.jsonl:3: no assistant "
+           "turn\n  s3://b/ft/files/file-1/mine.jsonl:4: bad role 'bot'\nhint: fix these rows")
+    said = _readable(log, {"training_uri": "s3://b/ft/files/file-1/mine.jsonl", "validation_uri": None})
+    assert said.startswith("2 problem(s) in the data:") and "loading" not in said
+    assert "  mine.jsonl:3: no assistant turn" in said and "  mine.jsonl:4: bad role" in said
+    assert "s3://" not in said and ".cache" not in said

@@ -14,6 +14,7 @@ resumes from the newest complete checkpoint, waiting out the lease of a process 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune import settings
+from kubetune.artifacts.events import ErrorEvent
 from kubetune.control.runinfo import run_events, trained_tokens
 from kubetune.control.store import Store
-from kubetune.artifacts.events import ErrorEvent
 from kubetune.errors import EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE
 
 __all__ = ["LocalWorker"]
@@ -49,7 +51,6 @@ class LocalWorker:
     worker_id: str
     concurrency: int = 1
     poll_s: float = 0.5
-    env: dict[str, str] = field(default_factory=dict)
     _procs: dict[str, _Proc] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -136,7 +137,7 @@ class LocalWorker:
         cmd = [sys.executable, "-m", "kubetune", kind, str(spec)] + (["--wait"] if kind == "train" else [])
         with log.open("ab") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **self.env}, cwd=folder, start_new_session=True,
+                                     env=_child_env(), cwd=folder, start_new_session=True,
                                      preexec_fn=_die_with_parent)
         self._procs[job["id"]] = _Proc(kind, popen, log)
 
@@ -201,6 +202,11 @@ class LocalWorker:
             self.store.add_event(job["id"], f"Job failed: {error['message']}", "error")
 
 
+def _child_env() -> dict[str, str]:
+    """The server's environment less its own API key: a training process has no use for it."""
+    return {k: v for k, v in os.environ.items() if k != settings.API_KEY}
+
+
 def _tail(log: Path, lines: int) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
@@ -210,13 +216,14 @@ def _tail(log: Path, lines: int) -> str:
 
 def _readable(text: str, job: dict[str, Any]) -> str:
     """A process's error as the caller should read it: from `error:` on, and an uploaded file named as
-    the caller named it (train.jsonl:3, not the storage path)."""
+    the caller named it (train.jsonl:3, not its storage path or the local cache copy of a bucket's)."""
     start = text.rfind("error:")
     text = text[start + len("error:"):] if start >= 0 else text
     for key in ("training_uri", "validation_uri"):
         uri = job.get(key)
         if uri:
-            text = text.replace(uri.rsplit("/", 1)[0] + "/", "")
+            name = uri.rsplit("/", 1)[-1]
+            text = re.sub(rf"[^\s'\"(]*/{re.escape(name)}", name, text)
     return text.strip() or "the process ended without a message"
 
 
