@@ -170,6 +170,9 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
         with pytest.raises(openai.AuthenticationError):
             server.client("kt-not-a-key").models.list()
         assert httpx.get(f"{server.url}/v1/fine_tuning/jobs").status_code == 401
+    except BaseException:
+        print(server.log.read_text()[-4000:])  # shown when the test fails
+        raise
     finally:
         server.stop()
     # no key in the clear anywhere the server writes: its log, its database, the job's run and logs
@@ -394,6 +397,9 @@ def test_two_replicas_on_one_postgresql_share_the_work_and_never_run_a_job_twice
         answer = b.client(KEY1).chat.completions.create(model=model, max_tokens=8,
                                                         messages=[{"role": "user", "content": "Spell ship."}])
         assert answer.choices[0].message.content is not None
+    except BaseException:
+        print(a.log.read_text()[-4000:], b.log.read_text()[-4000:], sep="\n")  # shown when the test fails
+        raise
     finally:
         a.stop()
         b.stop()
