@@ -13,10 +13,10 @@ import socket
 from pathlib import Path
 
 __all__ = [
-    "API_KEY", "CACHE", "DEBUG", "GCS_MOUNT", "LEASE_HOLDER", "LEASE_SECONDS", "PREEMPT_UPLOAD_SECONDS",
+    "API_KEY", "CACHE", "DEBUG", "GCS_MOUNT", "JOB_RETRY_SECONDS", "LEASE_HOLDER", "LEASE_SECONDS", "PREEMPT_UPLOAD_SECONDS",
     "PREFLIGHT_RETRIES", "PVC_ROOT", "RANK_EXITS", "RDZV_ENDPOINT", "SKIP_MEMORY_CHECK", "UPLOAD_RETRY_SECONDS",
     "WORKDIR", "skip_memory_check",
-    "api_key", "cache_dir", "debug", "gcs_mount", "lease_holder", "lease_seconds", "preempt_upload_seconds",
+    "api_key", "cache_dir", "debug", "gcs_mount", "job_retry_seconds", "lease_holder", "lease_seconds", "preempt_upload_seconds",
     "preflight_retries", "pvc_root", "rdzv_endpoint", "upload_retry_seconds", "workdir",
 ]
 
@@ -33,6 +33,7 @@ RDZV_ENDPOINT = "KUBETUNE_RDZV_ENDPOINT"    # host:port of node 0 for multi-node
 API_KEY = "KUBETUNE_API_KEY"                # key that `serve` requires and `chat` sends
 DEBUG = "KUBETUNE_DEBUG"                    # 1: print the Python traceback of an unexpected error
 SKIP_MEMORY_CHECK = "KUBETUNE_SKIP_MEMORY_CHECK"  # 1: train/render/submit a plan that does not fit (the plan is wrong here)
+JOB_RETRY_SECONDS = "KUBETUNE_JOB_RETRY_SECONDS"  # kubetune server: wait before retrying a job that exited 75 (30)
 RANK_EXITS = "KUBETUNE_RANK_EXITS"          # set by the torchrun launcher for its ranks: where they leave exit codes
 
 
@@ -65,6 +66,10 @@ def gcs_mount() -> str | None:
 
 def upload_retry_seconds() -> float:
     return _float(UPLOAD_RETRY_SECONDS, 900.0)
+
+
+def job_retry_seconds() -> float:
+    return _float(JOB_RETRY_SECONDS, 30.0)
 
 
 def preempt_upload_seconds() -> float:

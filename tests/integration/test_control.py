@@ -430,3 +430,27 @@ def test_a_dpo_job_on_openai_preference_data(server: Control, tiny_model: Path, 
     answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=8,
                                             messages=[{"role": "user", "content": "What colour is the fox?"}])
     assert answer.choices[0].message.content is not None
+
+
+def test_a_transient_failure_is_tried_again_with_a_longer_wait_then_fails(tmp_path: Path) -> None:
+    """Exit 75 (storage that does not answer) is retried after KUBETUNE_JOB_RETRY_SECONDS × attempt,
+    three attempts in all; then the job fails with the reason."""
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused, a transient error
+    server = Control(tmp_path / "home", env={"KUBETUNE_JOB_RETRY_SECONDS": "1", "AWS_ENDPOINT_URL": dead,
+                                             "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                                             "KUBETUNE_PREFLIGHT_RETRIES": "1"}).start()
+    try:
+        client = server.client("unused")
+        upload = client.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="s3://models/tiny-llama", training_file=upload.id)
+        failed = wait_for("the last attempt", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
+                          not in ("validating_files",) and j, 180)
+        assert failed.status == "failed" and failed.error.code == "validation_failed"
+        assert "s3://models/tiny-llama" in failed.error.message
+        retries = [e for e in reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=50)))
+                   if "trying again" in e.message]
+        assert [r.message.split("trying again in ")[1] for r in retries] == ["1 s (attempt 2 of 3)",
+                                                                            "2 s (attempt 3 of 3)"]
+        assert all(r.level == "warn" and r.message.startswith("Exit 75") for r in retries)
+    finally:
+        server.stop()

@@ -67,6 +67,7 @@ jobs = sa.Table(
     sa.Column("trained_tokens", sa.BigInteger),
     sa.Column("error", sa.Text),                            # JSON: {code, message, param}
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("retry_at", sa.Float),                        # not tried again before (after an exit 75)
     sa.Column("created_at", sa.Integer, nullable=False),
     sa.Column("finished_at", sa.Integer),
 )

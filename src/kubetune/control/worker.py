@@ -98,7 +98,7 @@ class LocalWorker:
         self._reap()
         self._stop_cancelled()
         for job in self.store.jobs_in(["validating_files"], self.backend):
-            if job["id"] in self._procs:
+            if job["id"] in self._procs or not _due(job):
                 continue
             if self._mine(job) or self.store.update_job(job["id"], expect=["validating_files"], unclaimed=True,
                                                         worker=self.worker_id):
@@ -124,7 +124,8 @@ class LocalWorker:
         for job in self.store.jobs_in(["queued"], self.backend):
             if sum(p.kind == "train" for p in self._procs.values()) >= self.concurrency:
                 break
-            if self.store.update_job(job["id"], expect=["queued"], status="running", worker=self.worker_id):
+            if _due(job) and self.store.update_job(job["id"], expect=["queued"], status="running",
+                                                   worker=self.worker_id):
                 self.store.add_event(job["id"], f"Fine-tuning job started (worker {self.worker_id})")
                 self._spawn(job, "train")
 
@@ -160,8 +161,10 @@ class LocalWorker:
             if self.store.update_job(job["id"], expect=["validating_files"], status="queued", worker=None):
                 self.store.add_event(job["id"], "Files validated, moving job to queued state")
             return
-        param = "training_file"
         text = _tail(log, 40)
+        if code == EXIT_TRANSIENT and self._retry(job, "validating_files", code, _readable(text, job)):
+            return
+        param = "training_file"
         if job.get("validation_file") and job["validation_file"] in text:
             param = "validation_file"
         message = _readable(text, job)
@@ -185,21 +188,38 @@ class LocalWorker:
             return
         if self._stop.is_set():
             return  # stopped with the server: stays running, resumes on restart
-        if code in (EXIT_TRANSIENT, EXIT_PREEMPTED) and job["attempts"] + 1 < MAX_ATTEMPTS:
-            self.store.update_job(job["id"], expect=["running"], status="queued", worker=None,
-                                  attempts=job["attempts"] + 1, trained_tokens=tokens)
-            self.store.add_event(job["id"], f"Training stopped (exit {code}); the job is queued again and resumes "
-                                            "from its last checkpoint", "warn")
-            return
+        if code in (EXIT_TRANSIENT, EXIT_PREEMPTED):
+            self.store.update_job(job["id"], trained_tokens=tokens)
+            if self._retry(job, "running", code, "it resumes from its last checkpoint"):
+                return
         errors = [e.error for e in events if isinstance(e, ErrorEvent)]
         message = errors[-1] if errors else _readable(_tail(log, 20), job)
         self._fail(job, {"code": "invalid_request" if code == EXIT_USAGE else "training_failed",
                          "message": message, "param": None}, expect=["running"], tokens=tokens)
 
+    def _retry(self, job: dict[str, Any], status: str, code: int, why: str) -> bool:
+        """Try a job again later (exit 75: storage or the Hub may answer then; 143: stopped by someone
+        else), with a longer wait each time; False once MAX_ATTEMPTS are spent."""
+        attempt = job["attempts"] + 1
+        if attempt >= MAX_ATTEMPTS:
+            return False
+        wait = settings.job_retry_seconds() * attempt
+        again = "validating_files" if status == "validating_files" else "queued"
+        if self.store.update_job(job["id"], expect=[status], status=again, worker=None, attempts=attempt,
+                                 retry_at=time.time() + wait):
+            first = why.splitlines()[0] if why else "no message"
+            self.store.add_event(job["id"], f"Exit {code} ({first}); trying again in {wait:.0f} s "
+                                            f"(attempt {attempt + 1} of {MAX_ATTEMPTS})", "warn")
+        return True
+
     def _fail(self, job: dict[str, Any], error: dict[str, Any], expect: list[str], tokens: int | None = None) -> None:
         if self.store.update_job(job["id"], expect=expect, status="failed", error=error,
                                  finished_at=int(time.time()), trained_tokens=tokens):
             self.store.add_event(job["id"], f"Job failed: {error['message']}", "error")
+
+
+def _due(job: dict[str, Any]) -> bool:
+    return job.get("retry_at") is None or job["retry_at"] <= time.time()
 
 
 def _child_env() -> dict[str, str]:
