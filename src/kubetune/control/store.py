@@ -108,6 +108,7 @@ class Store:
                 conn.execute("PRAGMA journal_mode=WAL")
         try:
             _meta.create_all(self.engine)
+            _add_new_columns(self.engine)
         except sa.exc.OperationalError as exc:
             where = self.engine.url.render_as_string(hide_password=True)
             raise UsageError(f"cannot open the database {where}: {exc.orig}",
@@ -213,6 +214,24 @@ class Store:
                 query = query.where(table.c.n < n if newest_first else table.c.n > n)
             order = table.c.n.desc() if newest_first else table.c.n
             return list(c.execute(query.order_by(order).limit(limit)).mappings())
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """A database made by an older kubetune gets the columns added since (all nullable): the schema
+    only grows by such columns, so an upgrade needs no migration tool."""
+    inspector = sa.inspect(engine)
+    for table in _meta.sorted_tables:
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in have]
+        if not missing:
+            continue
+        with engine.begin() as c:
+            for column in missing:
+                if not column.nullable:
+                    raise UsageError(f"the database's table {table.name} lacks the required column {column.name}",
+                                     "it was made by another kubetune version; start with a new --database")
+                kind = column.type.compile(engine.dialect)
+                c.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def _dumped(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,45 @@
+"""The control plane's store: per-owner pages, claims, and a database from an older version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from kubetune.control.store import Store
+
+
+def job_row(job_id: str, owner: str, n: int) -> dict:
+    return {"id": job_id, "owner": owner, "model": "m", "training_file": "file-1", "training_uri": "u", "seed": 1,
+            "method": {"type": "supervised"}, "settings": {}, "spec": "name: x\n", "status": "queued",
+            "backend": "local", "run_uri": f"runs/{job_id}", "fine_tuned_model": f"ft:m::{n}", "attempts": 0,
+            "created_at": n}
+
+
+def test_pages_are_per_owner_and_newest_first(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'db'}")
+    for n in range(5):
+        store.add_job(**job_row(f"ftjob-{n}", "a" if n % 2 == 0 else "b", n))
+    assert [j["id"] for j in store.jobs("a", None, 10)] == ["ftjob-4", "ftjob-2", "ftjob-0"]
+    assert [j["id"] for j in store.jobs("a", "ftjob-4", 1)] == ["ftjob-2"]
+    assert store.jobs("a", "ftjob-1", 10) == []  # another owner's id is no cursor
+    assert store.job("b", "ftjob-0") is None and store.job("a", "ftjob-0")["method"] == {"type": "supervised"}
+
+
+def test_a_claim_succeeds_once(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'db'}")
+    store.add_job(**job_row("ftjob-1", "a", 1))
+    assert store.update_job("ftjob-1", expect=["queued"], unclaimed=True, status="running", worker="w1")
+    assert not store.update_job("ftjob-1", expect=["queued"], unclaimed=True, status="running", worker="w2")
+    assert store.job(None, "ftjob-1")["worker"] == "w1"
+
+
+def test_a_database_from_an_older_version_gets_the_new_columns(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db'}"
+    Store(url).add_job(**job_row("ftjob-1", "a", 1))
+    old = sa.create_engine(url)
+    with old.begin() as c:  # as a version before retry_at made it
+        c.execute(sa.text("ALTER TABLE jobs DROP COLUMN retry_at"))
+    store = Store(url)
+    assert store.update_job("ftjob-1", retry_at=12.5)
+    assert store.job("a", "ftjob-1")["retry_at"] == 12.5
