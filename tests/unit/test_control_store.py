@@ -43,3 +43,11 @@ def test_a_database_from_an_older_version_gets_the_new_columns(tmp_path: Path) -
     store = Store(url)
     assert store.update_job("ftjob-1", retry_at=12.5)
     assert store.job("a", "ftjob-1")["retry_at"] == 12.5
+
+
+def test_a_home_that_cannot_be_made_is_a_usage_error(capsys) -> None:
+    from kubetune.cli import main
+
+    assert main(["server", "key", "list", "--home", "/proc/kubetune-server"]) == 2
+    err = capsys.readouterr().err
+    assert "--home /proc/kubetune-server: cannot create it" in err and "Traceback" not in err

@@ -266,21 +266,21 @@ def serve(args: argparse.Namespace) -> int:
 def server(args: argparse.Namespace) -> int:
     from kubetune.control.server import ServerOptions, create_key, list_keys, serve_control
 
-    options = ServerOptions(home=Path(args.home), database=args.database)
     if getattr(args, "server_command", None) == "key":
+        options = ServerOptions(home=Path(args.home), database=args.database)
         if args.action == "create":
             print(create_key(options, args.name))
-            print(f"(shown once; the server stores only its hash. Send it as Authorization: Bearer KEY)",
+            print("(shown once; the server stores only its hash. Send it as Authorization: Bearer KEY)",
                   file=sys.stderr)
         else:
             for row in list_keys(options):
                 print(f"{row['id']}  {row['name']}")
         return 0
-    options.host, options.port, options.storage = args.host, args.port, args.storage
-    options.api_keys, options.concurrency, options.max_upload_mb = list(args.api_keys), args.concurrency, args.max_upload_mb
-    options.worker_id, options.max_concurrency, options.runs = args.worker_id, args.max_concurrency, list(args.runs)
-    options.backend, options.namespace, options.clusters = args.backend, args.namespace, list(args.clusters)
-    serve_control(options)
+    serve_control(ServerOptions(
+        host=args.host, port=args.port, home=Path(args.home), storage=args.storage, database=args.database,
+        api_keys=list(args.api_keys), concurrency=args.concurrency, max_upload_mb=args.max_upload_mb,
+        worker_id=args.worker_id, max_concurrency=args.max_concurrency, runs=list(args.runs), backend=args.backend,
+        namespace=args.namespace, clusters=list(args.clusters)))
     return 0
 
 

@@ -213,8 +213,7 @@ def _after(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[s
     if after:
         ids = [i["id"] for i in items]
         items = items[ids.index(after) + 1:] if after in ids else []
-    page = _page(items, limit)
-    return page
+    return _page(items, limit)
 
 
 # models and chat

@@ -27,6 +27,7 @@ __all__ = ["KubernetesWorker"]
 class KubernetesWorker(LocalWorker):
     _clusters: dict[str, Cluster] = field(default_factory=dict)
     _said: dict[str, set[str]] = field(default_factory=dict)   # what the cluster said of each job, said once
+    _namespaces: dict[str, str] = field(default_factory=dict)  # job id → its spec's namespace
 
     backend = "kubernetes"
 
@@ -36,7 +37,9 @@ class KubernetesWorker(LocalWorker):
         return self._clusters[namespace]
 
     def _namespace(self, job: dict[str, Any]) -> str:
-        return load_spec_text(job["spec"], f"job {job['id']}").kubernetes.namespace
+        if job["id"] not in self._namespaces:  # the spec never changes; parsing it every tick would
+            self._namespaces[job["id"]] = load_spec_text(job["spec"], f"job {job['id']}").kubernetes.namespace
+        return self._namespaces[job["id"]]
 
     def _advance(self) -> None:
         for job in self.store.jobs_in(["queued"], self.backend):

@@ -16,7 +16,7 @@ from kubetune.control.runinfo import read_run_text, run_events
 from kubetune.errors import KubetuneError
 from kubetune.storage.store import Store
 
-__all__ = ["RunRef", "cluster_runs", "find_runs", "run_detail", "sweeps", "summary"]
+__all__ = ["RunRef", "cluster_runs", "curves", "find_runs", "run_detail", "sweeps", "summary"]
 
 LOWER_IS_BETTER = ("loss", "perplexity", "eval_loss")
 
@@ -131,12 +131,16 @@ def summary(ref: RunRef, events: list[Event] | None = None) -> dict[str, Any]:
     }
 
 
+def curves(events: list[Event]) -> list[dict[str, Any]]:
+    """Loss, learning rate and tokens/s by logged step."""
+    return [{"step": e.step, "loss": e.loss, "learning_rate": e.learning_rate, "tokens_per_s": e.tokens_per_s}
+            for e in events if isinstance(e, StepEvent)]
+
+
 def run_detail(ref: RunRef) -> dict[str, Any]:
     events = run_events(ref.uri)
-    curves = [{"step": e.step, "loss": e.loss, "learning_rate": e.learning_rate, "tokens_per_s": e.tokens_per_s}
-              for e in events if isinstance(e, StepEvent)]
     evals = [{"step": e.step, "loss": e.loss} for e in events if isinstance(e, EvalEvent)]
-    return {"run": summary(ref, events), "curves": curves, "evals": evals,
+    return {"run": summary(ref, events), "curves": curves(events), "evals": evals,
             "eval": {"metrics": _read_json(ref.uri, "eval/metrics.json"),
                      "samples": _read_lines(ref.uri, "eval/samples.jsonl", 20)}}
 

@@ -22,7 +22,6 @@ from kubetune.storage.store import uri_basename
 
 __all__ = ["JobRequest", "build_spec", "job_object", "model_name", "new_job_id"]
 
-STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "running")
 Auto = Union[Literal["auto"], float, int]
 BASE_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}  # learning_rate_multiplier 1.0 is this

@@ -41,7 +41,11 @@ class ServerOptions:
 
 
 def open_store(options: ServerOptions) -> Store:
-    options.home.mkdir(parents=True, exist_ok=True)
+    try:
+        options.home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--home {options.home}: cannot create it ({exc.strerror})",
+                         "give a folder this user may write") from None
     return Store(database_url(options.database, options.home.resolve()))
 
 

@@ -38,7 +38,6 @@ class ControlState:
     settings: ControlSettings
     backend: Backend
     models: ModelHub
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def control_state(request: Request) -> ControlState:

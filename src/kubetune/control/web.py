@@ -10,7 +10,8 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from kubetune.control.dashboard import RunRef, cluster_runs, find_runs, run_detail, summary, sweeps
+from kubetune.control.dashboard import RunRef, cluster_runs, curves, find_runs, run_detail, summary, sweeps
+from kubetune.control.runinfo import run_events
 from kubetune.control.state import ControlState, caller, control_state
 from kubetune.serve.errors import ApiError
 
@@ -57,11 +58,14 @@ async def run(id: str, state: ControlState = Depends(control_state), owner: str 
 
 
 def _sweeps(state: ControlState, owner: str) -> list[dict[str, Any]]:
-    refs = visible(state, owner)
-    summaries = [summary(ref) for ref in refs]
-    members = [r for r in summaries if r["sweep"]]
-    details = {r["id"]: run_detail(ref)["curves"] for ref, r in zip(refs, summaries) if r["sweep"]}
-    return sweeps(members, details)
+    members, lines = [], {}
+    for ref in visible(state, owner):
+        events = run_events(ref.uri)  # once per run: its summary and its curve
+        found = summary(ref, events)
+        if found["sweep"]:
+            members.append(found)
+            lines[found["id"]] = curves(events)
+    return sweeps(members, lines)
 
 
 @router.get("/api/sweeps")

@@ -11,7 +11,7 @@ function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "class") node.className = v;
-    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else if (k === "style" || k.startsWith("data-")) node.setAttribute(k, v);
     else node[k] = v;
   }
   for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(child ?? ""));
@@ -106,7 +106,6 @@ async function refreshRuns() {
       el("td", {}, el("span", { class: "bar" }, el("span", { style: `width:${pct}%` })),
         r.total_steps ? `${r.step}/${r.total_steps}` : ""),
       el("td", {}, fmt(r.loss)), el("td", {}, fmt(r.eval_loss)), el("td", {}, ago(r.updated)));
-    row.querySelector(".bar > span").style.width = `${pct}%`;
     if (r.id === state.selected) row.classList.add("selected");
     row.addEventListener("click", () => { state.selected = r.id; refreshDetail(); refreshRuns(); });
     return row;
@@ -162,7 +161,6 @@ async function refreshSweeps() {
           el("td", {}, el("span", { class: "legend", style: `background:${COLORS[i % COLORS.length]}` }), r.name),
           el("td", {}, fmt(r.value)), el("td", {}, el("span", { class: `badge ${r.status}` }, r.status)))))),
       svg);
-    box.querySelectorAll(".legend").forEach((node, i) => { node.style.background = COLORS[i % COLORS.length]; });
     requestAnimationFrame(() => chart(svg, sw.runs.map((r, i) => ({ name: r.name, color: COLORS[i % COLORS.length], points: r.curve }))));
     return box;
   }));
