@@ -18,6 +18,14 @@ from kubetune.errors import EXIT_FAILURE, EXIT_USAGE, KubetuneError
 __all__ = ["main", "run"]
 
 
+def _workers(value: str) -> str | int:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of processes (1 or more) or auto")
+    return int(value)
+
+
 def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="run spec YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -154,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(transformers engine) merged: each adapter merged into a copy of the base in memory "
                         "(logits checked); unmerged: LoRA applied on the base's shared weights (one copy); "
                         "auto: merged when the copies fit in half the free memory")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="(transformers engine) processes that batch requests, each with cores/N threads, over one "
+                        "shared copy of the weights; auto: 2 for small weights on a multi-core CPU, else 1")
     p.set_defaults(func=verbs.serve)
     p = sub.add_parser("chat", help="chat with a served model (URL) or a run: one-shot, or interactive without MESSAGE")
     p.add_argument("target", metavar="URL|RUN", help="http(s)://host:port of an OpenAI-compatible server, or a run folder")

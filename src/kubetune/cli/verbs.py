@@ -259,7 +259,7 @@ def serve(args: argparse.Namespace) -> int:
     run_server(args.targets, ServeOptions(host=args.host, port=args.port, engine=args.engine,
                                           served_name=args.served_name, max_concurrency=args.max_concurrency,
                                           api_key=args.api_key, with_base=args.with_base,
-                                          adapters=args.adapters))
+                                          adapters=args.adapters, workers=args.workers))
     return 0
 
 

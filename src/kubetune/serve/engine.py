@@ -19,6 +19,7 @@ from kubetune.data.template import ChatFormatter
 from kubetune.data.tool_calls import ToolCallFormat, format_for
 from kubetune.errors import UsageError
 from kubetune.serve.batching import Direct, EngineFailed, Lane, Loop, Request
+from kubetune.serve.workers import LaneSpec, PooledLane, WorkerPool, auto_workers
 from kubetune.storage.model_files import read_model_config
 
 
@@ -32,7 +33,7 @@ class ServedModel:
     tokenizer: Any
     generation: Any                 # transformers.GenerationConfig: eos = the run's end-of-turn token(s)
     formatter: ChatFormatter        # renders and tokenises prompts exactly as training did
-    lane: Lane                      # the weights that answer, behind continuous batching
+    lane: Lane | PooledLane         # the weights that answer, behind continuous batching (here or in workers)
     source: str = ""                # what was loaded, for /v1/models and logs
     tool_format: ToolCallFormat | None = None   # how tool calls are read back from answers
     weights: str = "as saved"       # how the weights were prepared, for the start-up line
@@ -67,9 +68,18 @@ def finish_of(ids: Sequence[int], stops: set[int], max_tokens: int, cut: bool) -
 class TransformersEngine:
     """Served names → lanes. `submit` queues a request into its lane's running batch."""
 
-    def __init__(self, served: Sequence[ServedModel], context_length: int) -> None:
+    def __init__(self, served: Sequence[ServedModel], context_length: int, max_concurrency: int = 64,
+                 workers: int | str = 1) -> None:
         self.served = {m.name: m for m in served}
         self.context_length = context_length
+        lanes = [m.lane for m in served if isinstance(m.lane, Lane)]
+        count = auto_workers([lane.model for lane in lanes]) if workers == "auto" else int(workers)
+        self.workers = count if lanes else 1
+        if count > 1 and lanes:  # the same lanes, in worker processes over the same weights (serve.workers)
+            pool = WorkerPool([LaneSpec(m.name, m.lane.model, m.lane.eos, m.lane.pad) for m in served],
+                              count, max_concurrency, context_length)
+            for m in served:
+                m.lane = pool.lane(m.name)
 
     @property
     def names(self) -> list[str]:
@@ -132,13 +142,13 @@ class TransformersEngine:
             raise
 
     def close(self) -> None:
-        for lane in {id(m.lane): m.lane for m in self.served.values()}.values():
+        for lane in {id(m.lane): m.lane for m in self.served.values()}.values():  # a pool closes once
             lane.close()
 
 
 def load_engine(targets: Sequence[str], served_name: str | None = None, with_base: bool = True,
                 max_concurrency: int = 64, adapters: str = "auto",
-                names: Sequence[str] | None = None) -> TransformersEngine:
+                names: Sequence[str] | None = None, workers: int | str = 1) -> TransformersEngine:
     """An engine for one model folder, one run, or several adapter runs of the same base.
 
     A run is served under its run name with the tokenizer, template and generation config saved
@@ -147,7 +157,8 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     number of adapters), auto (merged when the copies fit in half of the free memory, else unmerged).
     The base of adapter runs is also served, under its folder/repo name, with the run's template (as
     `kubetune eval` compares them). `names`: the served name of each target instead (the control
-    plane serves runs as ft:BASE:SUFFIX:ID).
+    plane serves runs as ft:BASE:SUFFIX:ID). `workers`: processes the lanes run in (serve.workers;
+    "auto": 2 for small weights on a multi-core CPU), 1 = in this process.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -163,7 +174,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     if not targets:
         raise UsageError("nothing to serve", "pass a run folder (runs/NAME) or a model folder")
     if len(targets) == 1 and (Path(targets[0]) / "config.json").exists() and not (Path(targets[0]) / "spec.yaml").exists():
-        return _whole_model(Path(targets[0]), served_name or Path(targets[0]).name, max_concurrency)
+        return _whole_model(Path(targets[0]), served_name or Path(targets[0]).name, max_concurrency, workers=workers)
 
     runs = []
     for target in targets:
@@ -173,7 +184,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     if len(runs) == 1 and runs[0][2]:
         spec, folder, _ = runs[0]
         return _whole_model(folder, names[0] if names else served_name or spec.name, max_concurrency,
-                            spec.serve.tool_parser)
+                            spec.serve.tool_parser, workers)
     bases = {str(resolve_model(s.model.base, s.model.revision).resolve()) for s, _, _ in runs}
     if len(bases) > 1 or any(m for _, _, m in runs):
         raise UsageError("several runs can be served together only as adapters of one base model",
@@ -201,7 +212,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
             lane = Lane(base, sorted(first.stop_ids), _pad(first.generation, first.tokenizer), max_concurrency, context)
             served.append(ServedModel(base_name, first.tokenizer, first.generation, first.formatter, lane,
                                       str(base_dir), first.tool_format, "base weights"))
-    return TransformersEngine(served, context)
+    return TransformersEngine(served, context, max_concurrency, workers)
 
 
 def _copies_fit(base: Any, adapters: int) -> bool:
@@ -248,7 +259,8 @@ def _pad(gen: Any, tok: Any) -> int | None:
     return gen.pad_token_id if gen.pad_token_id is not None else tok.pad_token_id
 
 
-def _whole_model(folder: Path, name: str, max_concurrency: int, tool_parser: str = "auto") -> TransformersEngine:
+def _whole_model(folder: Path, name: str, max_concurrency: int, tool_parser: str = "auto",
+                 workers: int | str = 1) -> TransformersEngine:
     """A model folder (a merged run, or any save_pretrained folder with a chat template), served as is."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -262,7 +274,7 @@ def _whole_model(folder: Path, name: str, max_concurrency: int, tool_parser: str
     context = _context(folder)
     lane = Lane(model, sorted(_stops(gen)), _pad(gen, tok), max_concurrency, context)
     served = ServedModel(name, tok, gen, formatter, lane, str(folder), format_for(formatter.template, tool_parser))
-    return TransformersEngine([served], context)
+    return TransformersEngine([served], context, max_concurrency, workers)
 
 
 def _formatter(folder: Path, tok: Any) -> ChatFormatter:

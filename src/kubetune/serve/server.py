@@ -28,6 +28,7 @@ class ServeOptions:
     api_key: str | None = None
     with_base: bool = True
     adapters: str = "auto"             # auto | merged | unmerged (transformers engine)
+    workers: int | str = "auto"        # engine processes (transformers engine; serve.workers)
 
 
 def choose_engine(choice: str) -> str:
@@ -100,11 +101,13 @@ def serve(targets: Sequence[str], options: ServeOptions) -> None:
     from kubetune.serve.engine import load_engine
 
     engine = load_engine(targets, options.served_name, with_base=options.with_base,
-                         max_concurrency=options.max_concurrency, adapters=options.adapters)
+                         max_concurrency=options.max_concurrency, adapters=options.adapters,
+                         workers=options.workers)
     app = create_app(engine, ServerSettings(max_concurrency=options.max_concurrency, api_key=api_key))
     url = f"http://{options.host}:{options.port}"
     print(f"serving {', '.join(engine.names)} at {url}/v1 (transformers engine, continuous batching, "
-          f"{options.max_concurrency} requests at most{', API key required' if api_key else ''})", flush=True)
+          f"{options.max_concurrency} requests at most, {_workers_line(engine.workers)}"
+          f"{', API key required' if api_key else ''})", flush=True)
     for served in engine.served.values():
         print(f"  {served.name}: {served.weights}", flush=True)
     print(f"try: kubetune chat {url} \"hello\"", flush=True)
@@ -113,3 +116,13 @@ def serve(targets: Sequence[str], options: ServeOptions) -> None:
     except OSError as exc:  # pragma: no cover - uvicorn reports bind errors itself and exits
         print(f"error: cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _workers_line(workers: int) -> str:
+    import torch
+
+    from kubetune.serve.workers import worker_threads
+
+    if workers == 1:
+        return "in this process"
+    return f"{workers} worker processes of {worker_threads(workers, torch.get_num_threads())} threads"

@@ -1,0 +1,146 @@
+"""`kubetune serve --workers 2`: the lanes batch in two worker processes over the server's weights
+(serve.workers). Same answers as in-process batching, admission and metrics unchanged, a dead worker
+makes the server unhealthy instead of hanging its requests, and no worker outlives its server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import psutil
+import pytest
+
+from tests.integration.test_serve import adapter_run, start_server, stop  # noqa: F401 - the module's run fixture
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = [f"Describe a {c} {a}." for c in ("blue", "green", "red", "grey") for a in ("fox", "owl", "cat", "dog")]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # same intra-op threads in and out of workers: same sums, same answers
+
+
+def workers_of(proc: subprocess.Popen[str]) -> list[psutil.Process]:
+    """The server's engine workers (multiprocessing's spawned children, not its resource tracker)."""
+    return [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+
+
+def answers(url: str, model: str, **extra: object) -> list[tuple[str, int, str]]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+    def ask(q: str) -> tuple[str, int, str]:
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
+                                                max_tokens=40, stream=True, stream_options={"include_usage": True},
+                                                **extra)  # type: ignore[arg-type]
+        text, tokens, reason = "", 0, ""
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                reason = chunk.choices[0].finish_reason or reason
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return text, tokens, reason
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(ask, QUESTIONS))
+
+
+def test_two_workers_answer_as_one_process_does(adapter_run: Path) -> None:  # noqa: F811
+    """Greedy, seeded-sampled and stop-string answers of the run and its base, 16 concurrent streams:
+    identical with the lanes in two workers and in the server itself."""
+    runs = {}
+    for workers in ("1", "2"):
+        proc, url = start_server(adapter_run, "--workers", workers, **ONE_THREAD)
+        try:
+            got = {
+                "greedy": answers(url, "served", temperature=0),
+                "base": answers(url, "tiny-llama", temperature=0),
+                "seeded": answers(url, "served", temperature=0.9, top_p=0.9, seed=7),
+                "stop": answers(url, "served", temperature=0, stop=["o"]),
+            }
+            if workers == "2":
+                assert len(workers_of(proc)) == 2
+        finally:
+            out = stop(proc)
+        runs[workers] = got
+        expected = "2 worker processes of 1 threads" if workers == "2" else "in this process"
+        assert expected in out, out
+    for kind in ("greedy", "seeded"):
+        assert runs["2"][kind] == runs["1"][kind], kind
+    # Cut by a stop string: the same text; the tokens counted depend on when the cut reached the batch.
+    assert [t for t, _, _ in runs["2"]["stop"]] == [t for t, _, _ in runs["1"]["stop"]]
+    # The untrained base's logits are near ties (a random model), so a step's batch neighbours may flip a
+    # token; what matters here is that the second lane of each worker answers.
+    assert all(text and tokens > 0 for text, tokens, _ in runs["2"]["base"])
+    assert all(text and tokens > 0 for text, tokens, _ in runs["2"]["greedy"])
+    assert all("o" not in text and reason == "stop" for text, _, reason in runs["2"]["stop"])
+
+
+def test_workers_keep_admission_and_metrics_and_leave_with_the_server(adapter_run: Path) -> None:  # noqa: F811
+    """Above --max-concurrency: only 200s and 429s; a stream dropped early frees its place (and its row
+    in a worker's batch); the gauges come back to zero; SIGTERM to the server ends its workers too."""
+    proc, url = start_server(adapter_run, "--workers", "2", "--max-concurrency", "4")
+    children = workers_of(proc)
+    assert len(children) == 2
+
+    async def one(http: httpx.AsyncClient, i: int) -> int:
+        body = {"model": "served", "messages": [{"role": "user", "content": f"Count to {i}."}],
+                "max_tokens": 48, "temperature": 0, "stream": i % 2 == 0}
+        return (await http.post(f"{url}/v1/chat/completions", json=body)).status_code
+
+    async def load() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(24)))
+
+    def gauges() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics").text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    try:
+        codes = asyncio.run(load())
+        assert set(codes) == {200, 429}, codes
+        body = {"model": "served", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 900,
+                "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", f"{url}/v1/chat/completions", json=body) as res:
+            lines = res.iter_lines()
+            assert [next(lines) for _ in range(6)]
+        deadline = time.time() + 5
+        while gauges()["kubetune_requests_running"] != 0 and time.time() < deadline:
+            time.sleep(0.05)
+        samples = gauges()
+        assert samples["kubetune_requests_running"] == 0 and samples["kubetune_requests_waiting"] == 0
+        assert samples["vllm:num_requests_running"] == 0 and samples['vllm:generation_tokens_total{model_name="served"}'] > 0
+        assert samples["kubetune_requests_rejected_total"] == codes.count(429)
+        again = asyncio.run(load())
+        assert sum(code == 200 for code in again) >= 4 and set(again) <= {200, 429}
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    finally:
+        stop(proc)
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"workers outlived the server: {alive}"
+
+
+def test_a_dead_worker_fails_its_requests_and_the_health_check(adapter_run: Path) -> None:  # noqa: F811
+    proc, url = start_server(adapter_run, "--workers", "2")
+    try:
+        victim = workers_of(proc)[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while httpx.get(f"{url}/health").status_code == 200 and time.time() < deadline:
+            time.sleep(0.1)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503, health.text
+        assert "engine worker" in health.text and "exited" in health.text
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="served", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        assert err.value.status_code == 503 and "engine" in str(err.value.body)
+        assert proc.poll() is None  # the server stays up to say why; its liveness probe restarts it
+    finally:
+        stop(proc)
