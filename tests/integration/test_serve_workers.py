@@ -127,20 +127,67 @@ def test_workers_keep_admission_and_metrics_and_leave_with_the_server(adapter_ru
 
 
 def test_a_dead_worker_fails_its_requests_and_the_health_check(adapter_run: Path) -> None:  # noqa: F811
+    """Streams in flight on a worker that is killed end with an error (none hangs); /health turns 503
+    naming the worker; new requests get 503 engine_failed; the server stays up to say so."""
+    import threading
+
     proc, url = start_server(adapter_run, "--workers", "2")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    started = threading.Semaphore(0)
+
+    def stream(i: int) -> str:
+        chunks = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": f"Go on {i}."}],
+                                                max_tokens=900, temperature=0, stream=True)
+        try:
+            for n, _ in enumerate(chunks):
+                if n == 2:
+                    started.release()
+            return "finished"
+        except openai.APIError as exc:
+            return f"error: {exc}"
+
     try:
-        victim = workers_of(proc)[0]
-        os.kill(victim.pid, signal.SIGKILL)
-        deadline = time.time() + 10
-        while httpx.get(f"{url}/health").status_code == 200 and time.time() < deadline:
-            time.sleep(0.1)
+        with ThreadPoolExecutor(4) as pool:
+            streams = [pool.submit(stream, i) for i in range(4)]
+            for _ in range(4):
+                assert started.acquire(timeout=60)
+            os.kill(workers_of(proc)[0].pid, signal.SIGKILL)
+            ends = [s.result(timeout=60) for s in streams]
+        assert any(e.startswith("error:") and "engine worker" in e for e in ends), ends
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503, health.text
-        assert "engine worker" in health.text and "exited" in health.text
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert "engine worker" in health.text and "exited (killed by SIGKILL)" in health.text
         with pytest.raises(openai.APIStatusError) as err:
             client.chat.completions.create(model="served", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
         assert err.value.status_code == 503 and "engine" in str(err.value.body)
         assert proc.poll() is None  # the server stays up to say why; its liveness probe restarts it
     finally:
         stop(proc)
+
+
+def test_unmerged_adapters_on_shared_weights_in_workers(adapter_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Two adapter runs of one base, LoRA unmerged on the base's tensors, in two workers: the workers map
+    the server's weights (shared memory), and each adapter answers as it does merged in one process."""
+    import shutil
+
+    import yaml
+
+    twin = tmp_path / "twin"
+    shutil.copytree(adapter_run, twin)
+    spec = yaml.safe_load((twin / "spec.yaml").read_text())
+    spec["name"] = "twin"
+    (twin / "spec.yaml").write_text(yaml.safe_dump(spec))
+    proc, url = start_server([adapter_run, twin], "--adapters", "unmerged", "--workers", "2", **ONE_THREAD)
+    try:
+        shared = [[m for m in w.memory_maps(grouped=False) if "/torch_" in m.path] for w in workers_of(proc)]
+        assert len(shared) == 2 and all(shared), "the workers do not map the server's weights"
+        served, twin_answers = answers(url, "served", temperature=0), answers(url, "twin", temperature=0)
+    finally:
+        out = stop(proc)
+    assert "served: LoRA unmerged, on the shared base weights" in out
+    proc, url = start_server(adapter_run, "--workers", "1", **ONE_THREAD)
+    try:
+        merged = answers(url, "served", temperature=0)
+    finally:
+        stop(proc)
+    assert served == twin_answers == merged

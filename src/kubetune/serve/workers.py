@@ -87,29 +87,35 @@ class _Worker:
         self.process.start()
         child.close()
         self.pending: dict[str, _Pending] = {}
-        self.lock = threading.Lock()          # pending, and sends on the pipe (callers on several threads)
+        self.lock = threading.Lock()          # pending (the reader and callers on several threads)
+        self.send_lock = threading.Lock()     # the pipe, written by callers on several threads
         self.failure: str | None = None
         self.ready = threading.Event()
         self.reader = threading.Thread(target=self._read, name=f"kubetune-engine-{index}-reader", daemon=True)
         self.reader.start()
 
     def send(self, message: tuple[Any, ...]) -> None:
-        with self.lock:
-            if self.failure is None:
-                try:
-                    self.conn.send(message)
-                except (OSError, EOFError) as exc:
-                    self._fail(f"engine worker {self.index} is gone: {exc}")
+        if self.failure is not None:
+            return
+        try:
+            with self.send_lock:
+                self.conn.send(message)
+        except (OSError, EOFError) as exc:
+            self._fail(f"engine worker {self.index} is gone: {exc}")
 
     def _read(self) -> None:
+        try:
+            self._read_messages()
+        except (EOFError, OSError):
+            self.process.join(timeout=1)
+            self._fail(f"engine worker {self.index} exited{_how(self.process.exitcode)}")
+        except Exception as exc:  # noqa: BLE001 - whatever stops this thread must fail the worker, not hang callers
+            self._fail(f"engine worker {self.index}: {type(exc).__name__}: {exc}")
+        self.ready.set()
+
+    def _read_messages(self) -> None:
         while True:
-            try:
-                message = self.conn.recv()
-            except (EOFError, OSError):
-                code = self.process.exitcode if not self.process.is_alive() else None
-                self._fail(f"engine worker {self.index} exited" + (f" with code {code}" if code is not None else ""))
-                self.ready.set()
-                return
+            message = self.conn.recv()
             kind = message[0]
             if kind == "ready":
                 self.ready.set()
@@ -142,6 +148,16 @@ class _Worker:
             pending, self.pending = self.pending, {}
         for p in pending.values():  # nobody waits forever on a dead worker
             p.loop.call_soon_threadsafe(p.on_output, Output(tuple(p.tokens), True, why))
+
+
+def _how(code: int | None) -> str:
+    if code is None:
+        return ""
+    if code < 0:
+        import signal
+
+        return f" (killed by {signal.Signals(-code).name})"
+    return f" with code {code}"
 
 
 def _hand_over(batch: list[tuple[Callable[[Any], None], Output]]) -> None:
