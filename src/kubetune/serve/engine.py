@@ -75,11 +75,19 @@ class TransformersEngine:
         lanes = [m.lane for m in served if isinstance(m.lane, Lane)]
         count = auto_workers([lane.model for lane in lanes]) if workers == "auto" else int(workers)
         self.workers = count if lanes else 1
+        self.note = ""
         if count > 1 and lanes:  # the same lanes, in worker processes over the same weights (serve.workers)
-            pool = WorkerPool([LaneSpec(m.name, m.lane.model, m.lane.eos, m.lane.pad) for m in served],
-                              count, max_concurrency, context_length)
-            for m in served:
-                m.lane = pool.lane(m.name)
+            try:
+                pool = WorkerPool([LaneSpec(m.name, m.lane.model, m.lane.eos, m.lane.pad) for m in served],
+                                  count, max_concurrency, context_length)
+            except Exception as exc:  # noqa: BLE001 - e.g. weights that cannot be shared with another process
+                if workers != "auto":
+                    raise UsageError(f"--workers {count}: the engine workers could not start: {exc}",
+                                     "serve with --workers 1 (batching in the server process)") from None
+                self.workers, self.note = 1, f"engine workers could not start ({exc}); batching in this process"
+            else:
+                for m in served:
+                    m.lane = pool.lane(m.name)
 
     @property
     def names(self) -> list[str]:

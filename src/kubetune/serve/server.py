@@ -110,6 +110,8 @@ def serve(targets: Sequence[str], options: ServeOptions) -> None:
           f"{', API key required' if api_key else ''})", flush=True)
     for served in engine.served.values():
         print(f"  {served.name}: {served.weights}", flush=True)
+    if engine.note:
+        print(f"  note: {engine.note}", flush=True)
     print(f"try: kubetune chat {url} \"hello\"", flush=True)
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level="warning", access_log=False)
