@@ -285,34 +285,41 @@ def test_api_key_and_a_full_queue(adapter_run: Path) -> None:
     assert "s3cret-key" not in out
 
 
-def test_more_clients_than_admitted_get_200_or_429_and_a_client_that_leaves_frees_its_place(adapter_run: Path) -> None:
-    """A load test above --max-concurrency: every answer is a 200 or a 429 with Retry-After, never a 5xx;
-    the gauges come back to zero, and a stream dropped after two chunks gives its slot back at once."""
+def burst(url: str, model: str, n: int = 24) -> list[tuple[int, str | None]]:
+    """`n` chat requests at once (every other one streamed): (status, Retry-After) of each."""
     import asyncio
 
-    proc, url = start_server(adapter_run, "--max-concurrency", "4")
-
     async def one(http: httpx.AsyncClient, i: int) -> tuple[int, str | None]:
-        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": f"Count to {i}."}],
+        body = {"model": model, "messages": [{"role": "user", "content": f"Count to {i}."}],
                 "max_tokens": 48, "temperature": 0, "stream": i % 2 == 0}
         res = await http.post(f"{url}/v1/chat/completions", json=body)
         return res.status_code, res.headers.get("retry-after")
 
     async def load() -> list[tuple[int, str | None]]:
         async with httpx.AsyncClient(timeout=120) as http:
-            return await asyncio.gather(*(one(http, i) for i in range(24)))
+            return await asyncio.gather(*(one(http, i) for i in range(n)))
 
-    def gauges() -> dict[str, float]:
-        text = httpx.get(f"{url}/metrics").text
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line and not line.startswith("#")}
+    return asyncio.run(load())
+
+
+def gauges(url: str) -> dict[str, float]:
+    """The server's /metrics samples by series (name and labels)."""
+    text = httpx.get(f"{url}/metrics").text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_more_clients_than_admitted_get_200_or_429_and_a_client_that_leaves_frees_its_place(adapter_run: Path) -> None:
+    """A load test above --max-concurrency: every answer is a 200 or a 429 with Retry-After, never a 5xx;
+    the gauges come back to zero, and a stream dropped after two chunks gives its slot back at once."""
+    proc, url = start_server(adapter_run, "--max-concurrency", "4")
 
     try:
-        results = asyncio.run(load())
+        results = burst(url, "tiny-llama")
         codes = [code for code, _ in results]
         assert set(codes) == {200, 429}, codes
         assert all(after == "1" for code, after in results if code == 429)
-        samples = gauges()
+        samples = gauges(url)
         assert samples["kubetune_requests_rejected_total"] == codes.count(429)
         assert samples["kubetune_requests_running"] == 0 and samples["kubetune_requests_waiting"] == 0
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
@@ -323,10 +330,10 @@ def test_more_clients_than_admitted_get_200_or_429_and_a_client_that_leaves_free
             lines = res.iter_lines()
             assert [next(lines) for _ in range(6)]  # the client reads a little, then goes away
         deadline = time.time() + 5
-        while gauges()["kubetune_requests_running"] != 0 and time.time() < deadline:
+        while gauges(url)["kubetune_requests_running"] != 0 and time.time() < deadline:
             time.sleep(0.05)
-        assert gauges()["kubetune_requests_running"] == 0
-        again = asyncio.run(load())  # all four places are free again
+        assert gauges(url)["kubetune_requests_running"] == 0
+        again = burst(url, "tiny-llama")  # all four places are free again
         assert sum(code == 200 for code, _ in again) >= 4 and {code for code, _ in again} <= {200, 429}
     finally:
         stop(proc)

@@ -4,7 +4,6 @@ makes the server unhealthy instead of hanging its requests, and no worker outliv
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import openai
 import psutil
 import pytest
 
-from tests.integration.test_serve import adapter_run, start_server, stop  # noqa: F401 - the module's run fixture
+from tests.integration.test_serve import adapter_run, burst, gauges, start_server, stop  # noqa: F401 - adapter_run: the module's run fixture
 
 pytestmark = pytest.mark.integration
 
@@ -88,22 +87,8 @@ def test_workers_keep_admission_and_metrics_and_leave_with_the_server(adapter_ru
     children = workers_of(proc)
     assert len(children) == 2
 
-    async def one(http: httpx.AsyncClient, i: int) -> int:
-        body = {"model": "served", "messages": [{"role": "user", "content": f"Count to {i}."}],
-                "max_tokens": 48, "temperature": 0, "stream": i % 2 == 0}
-        return (await http.post(f"{url}/v1/chat/completions", json=body)).status_code
-
-    async def load() -> list[int]:
-        async with httpx.AsyncClient(timeout=120) as http:
-            return await asyncio.gather(*(one(http, i) for i in range(24)))
-
-    def gauges() -> dict[str, float]:
-        text = httpx.get(f"{url}/metrics").text
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line and not line.startswith("#")}
-
     try:
-        codes = asyncio.run(load())
+        codes = [code for code, _ in burst(url, "served")]
         assert set(codes) == {200, 429}, codes
         body = {"model": "served", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 900,
                 "temperature": 0, "stream": True}
@@ -111,13 +96,13 @@ def test_workers_keep_admission_and_metrics_and_leave_with_the_server(adapter_ru
             lines = res.iter_lines()
             assert [next(lines) for _ in range(6)]
         deadline = time.time() + 5
-        while gauges()["kubetune_requests_running"] != 0 and time.time() < deadline:
+        while gauges(url)["kubetune_requests_running"] != 0 and time.time() < deadline:
             time.sleep(0.05)
-        samples = gauges()
+        samples = gauges(url)
         assert samples["kubetune_requests_running"] == 0 and samples["kubetune_requests_waiting"] == 0
         assert samples["vllm:num_requests_running"] == 0 and samples['vllm:generation_tokens_total{model_name="served"}'] > 0
         assert samples["kubetune_requests_rejected_total"] == codes.count(429)
-        again = asyncio.run(load())
+        again = [code for code, _ in burst(url, "served")]
         assert sum(code == 200 for code in again) >= 4 and set(again) <= {200, 429}
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     finally:
