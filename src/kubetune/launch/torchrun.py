@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kubetune import settings
 from kubetune.artifacts.events import PreemptedEvent
+from kubetune.cpus import cpu_budget
 from kubetune.errors import EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE, LeaseHeld, UsageError
 from kubetune.spec.models import RunSpec
 from kubetune.storage.lease import Lease
@@ -65,8 +66,9 @@ def _supervise(spec: RunSpec, spec_path: str, overrides: list[str], endpoint: st
                env: dict[str, str], exits: Path) -> int:
     nodes, nproc = spec.resources.nodes, spec.resources.devices_per_node
     if spec.resources.accelerator in ("cpu", "auto"):
-        # On CPU each rank gets its share of cores; oversubscribed threads make DDP slower, not faster.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        # On CPU each rank gets its share of the CPUs this process may use (a pod's CPU limit included);
+        # oversubscribed threads make DDP slower, not faster.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_budget() // nproc)))
     print(f"launching {nproc} processes{f' on each of {nodes} nodes' if nodes > 1 else ''} with torchrun", flush=True)
     # its own process group: a lost lease stops every rank at once, and signals arrive only as forwarded
     proc = subprocess.Popen(torchrun_command(spec_path, overrides, nproc, nodes, spec.name, endpoint), env=env,

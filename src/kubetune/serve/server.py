@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kubetune import settings
+from kubetune.cpus import fit_torch_threads
 from kubetune.errors import UsageError
 from kubetune.serve.vllm import VllmTarget, adapter_rank, vllm_command
 from kubetune.storage.store import uri_basename
@@ -100,13 +101,14 @@ def serve(targets: Sequence[str], options: ServeOptions) -> None:
     from kubetune.serve.app import ServerSettings, create_app
     from kubetune.serve.engine import load_engine
 
+    threads = fit_torch_threads()  # a pod's CPU limit, not the node's cores
     engine = load_engine(targets, options.served_name, with_base=options.with_base,
                          max_concurrency=options.max_concurrency, adapters=options.adapters,
                          workers=options.workers)
     app = create_app(engine, ServerSettings(max_concurrency=options.max_concurrency, api_key=api_key))
     url = f"http://{options.host}:{options.port}"
     print(f"serving {', '.join(engine.names)} at {url}/v1 (transformers engine, continuous batching, "
-          f"{options.max_concurrency} requests at most, {_workers_line(engine.workers)}"
+          f"{options.max_concurrency} requests at most, {_workers_line(engine.workers, threads)}"
           f"{', API key required' if api_key else ''})", flush=True)
     for served in engine.served.values():
         print(f"  {served.name}: {served.weights}", flush=True)
@@ -120,11 +122,9 @@ def serve(targets: Sequence[str], options: ServeOptions) -> None:
         raise SystemExit(1) from None
 
 
-def _workers_line(workers: int) -> str:
-    import torch
-
+def _workers_line(workers: int, threads: int) -> str:
     from kubetune.serve.workers import worker_threads
 
     if workers == 1:
-        return "in this process"
-    return f"{workers} worker processes of {worker_threads(workers, torch.get_num_threads())} threads"
+        return f"in this process, {threads} threads"
+    return f"{workers} worker processes of {worker_threads(workers, threads)} threads"

@@ -20,6 +20,7 @@ from kubetune.artifacts.events import (
 from kubetune.artifacts.layout import RunLayout
 from kubetune.artifacts.manifest import build_manifest
 from kubetune.artifacts.trackers import TrackerRuns, check_trackers
+from kubetune.cpus import fit_torch_threads
 from kubetune.data.prepare import Prepared
 from kubetune.errors import KubetuneError, Preempted, TrainingError, UsageError
 from kubetune.spec.load import spec_to_yaml
@@ -143,6 +144,7 @@ def train(spec: RunSpec, log: Any = print, wait: bool = False, after_training: A
     if spec.resources.nodes > 1 and not dist.launched:
         raise UsageError("resources.nodes > 1 needs a cluster", "run it with `kubetune submit`, or set resources.nodes: 1")
     apply_storage_env(spec)
+    fit_torch_threads()  # a pod's CPU limit, not the node's cores (torchrun ranks get OMP_NUM_THREADS instead)
     # Under torchrun the launcher already checked, took the lease and pulled: ranks only find the folder.
     output, lease = (Run.for_spec(spec), None) if dist.launched else prepare_output(spec, say, wait)
     fit = Fit(spec, dist, output, say, objective_for(spec), lease, after_training)
