@@ -75,6 +75,8 @@ def fit_torch_threads() -> int:
     """Lower torch's intra-op threads to the CPU budget unless OMP_NUM_THREADS says otherwise; the count."""
     import torch
 
-    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > cpu_budget():
-        torch.set_num_threads(cpu_budget())
+    if "OMP_NUM_THREADS" not in os.environ:
+        budget = cpu_budget()
+        if torch.get_num_threads() > budget:
+            torch.set_num_threads(budget)
     return torch.get_num_threads()

@@ -176,7 +176,6 @@ class WorkerPool:
         ctx = mp.get_context("spawn")  # a fork would copy the parent's OpenMP pool, which is not fork-safe
         self.closed = False
         self.workers = [_Worker(i, ctx, list(specs), threads, max_concurrency, context_window) for i in range(workers)]
-        self.threads = threads
         for worker in self.workers:
             worker.ready.wait(READY_TIMEOUT)
         failed = [w.failure for w in self.workers if w.failure]
@@ -261,7 +260,9 @@ def _worker_main(conn: Any, specs: list[LaneSpec], threads: int, max_concurrency
         return
     outbox: queue.SimpleQueue[tuple[str, list[int], bool, str | None] | None] = queue.SimpleQueue()
     sent: dict[str, int] = {}   # request id -> tokens already sent
-    requests: dict[str, Request] = {}
+    requests: dict[str, Request] = {}   # in the batch, for cancel
+    ended: set[str] = set()             # finished before submit returned (a short answer)
+    books = threading.Lock()            # requests and ended: this loop and the batching thread
     direct = Direct()
     send_lock = threading.Lock()  # the shipper and this loop both send
 
@@ -277,7 +278,9 @@ def _worker_main(conn: Any, specs: list[LaneSpec], threads: int, max_concurrency
             sent[request_id] = len(tokens)
             if done:
                 sent.pop(request_id, None)
-                requests.pop(request_id, None)
+                with books:
+                    if requests.pop(request_id, None) is None:
+                        ended.add(request_id)
             outbox.put((request_id, list(tokens[start:]), done, output.error or None))
         return on_output
 
@@ -319,18 +322,24 @@ def _worker_main(conn: Any, specs: list[LaneSpec], threads: int, max_concurrency
             if message[0] == "add":
                 _, name, request_id, prompt_ids, max_tokens, temperature, top_p, seed = message
                 try:
-                    requests[request_id] = lanes[name].submit(prompt_ids, max_tokens, temperature, top_p, seed,
-                                                              collect(request_id), direct)
+                    request = lanes[name].submit(prompt_ids, max_tokens, temperature, top_p, seed,
+                                                 collect(request_id), direct)
+                    with books:
+                        if request_id in ended:
+                            ended.discard(request_id)
+                        else:
+                            requests[request_id] = request
                 except EngineFailed as exc:
                     outbox.put((request_id, [], True, str(exc)))
                     send(("failed", f"{name}: {exc}"))
                     reported = True
             elif message[0] == "cancel":
                 _, name, request_id = message
-                request = requests.pop(request_id, None)
+                with books:
+                    cancelled = requests.pop(request_id, None)
                 sent.pop(request_id, None)
-                if request is not None:
-                    lanes[name].cancel(request)
+                if cancelled is not None:
+                    lanes[name].cancel(cancelled)
     finally:
         outbox.put(None)
         for lane in lanes.values():
