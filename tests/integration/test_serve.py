@@ -10,7 +10,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import httpx2 as httpx  # the HTTP client openai itself uses
 import openai
@@ -285,17 +285,30 @@ def test_api_key_and_a_full_queue(adapter_run: Path) -> None:
     assert "s3cret-key" not in out
 
 
-def burst(url: str, model: str, n: int = 24) -> list[tuple[int, str | None]]:
-    """`n` chat requests at once (every other one streamed): (status, Retry-After) of each."""
+class Answer(NamedTuple):
+    status: int
+    retry_after: str | None
+    completion_tokens: int  # from the answer's usage; 0 unless it is a 200
+
+
+def burst(url: str, model: str, n: int = 24) -> list[Answer]:
+    """`n` chat requests at once (every other one streamed, with usage in its last chunk)."""
     import asyncio
 
-    async def one(http: httpx.AsyncClient, i: int) -> tuple[int, str | None]:
+    async def one(http: httpx.AsyncClient, i: int) -> Answer:
         body = {"model": model, "messages": [{"role": "user", "content": f"Count to {i}."}],
                 "max_tokens": 48, "temperature": 0, "stream": i % 2 == 0}
+        if body["stream"]:
+            body["stream_options"] = {"include_usage": True}
         res = await http.post(f"{url}/v1/chat/completions", json=body)
-        return res.status_code, res.headers.get("retry-after")
+        tokens = 0
+        if res.status_code == 200:
+            chunks = [json.loads(line[6:]) for line in res.text.splitlines() if line.startswith("data: {")]
+            usage = [c["usage"] for c in chunks if c.get("usage")] if body["stream"] else [res.json()["usage"]]
+            tokens = usage[-1]["completion_tokens"]
+        return Answer(res.status_code, res.headers.get("retry-after"), tokens)
 
-    async def load() -> list[tuple[int, str | None]]:
+    async def load() -> list[Answer]:
         async with httpx.AsyncClient(timeout=120) as http:
             return await asyncio.gather(*(one(http, i) for i in range(n)))
 
@@ -316,11 +329,13 @@ def test_more_clients_than_admitted_get_200_or_429_and_a_client_that_leaves_free
 
     try:
         results = burst(url, "tiny-llama")
-        codes = [code for code, _ in results]
+        codes = [a.status for a in results]
         assert set(codes) == {200, 429}, codes
-        assert all(after == "1" for code, after in results if code == 429)
+        assert all(a.retry_after == "1" for a in results if a.status == 429)
         samples = gauges(url)
         assert samples["kubetune_requests_rejected_total"] == codes.count(429)
+        # counted as the answers' usage says, whatever the tiny model's answers are on this CPU
+        assert samples['vllm:generation_tokens_total{model_name="tiny-llama"}'] == sum(a.completion_tokens for a in results)
         assert samples["kubetune_requests_running"] == 0 and samples["kubetune_requests_waiting"] == 0
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
 
@@ -334,7 +349,7 @@ def test_more_clients_than_admitted_get_200_or_429_and_a_client_that_leaves_free
             time.sleep(0.05)
         assert gauges(url)["kubetune_requests_running"] == 0
         again = burst(url, "tiny-llama")  # all four places are free again
-        assert sum(code == 200 for code, _ in again) >= 4 and {code for code, _ in again} <= {200, 429}
+        assert sum(a.status == 200 for a in again) >= 4 and {a.status for a in again} <= {200, 429}
     finally:
         stop(proc)
 

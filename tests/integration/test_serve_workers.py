@@ -88,7 +88,8 @@ def test_workers_keep_admission_and_metrics_and_leave_with_the_server(adapter_ru
     assert len(children) == 2
 
     try:
-        codes = [code for code, _ in burst(url, "served")]
+        results = burst(url, "served")
+        codes = [a.status for a in results]
         assert set(codes) == {200, 429}, codes
         body = {"model": "served", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 900,
                 "temperature": 0, "stream": True}
@@ -100,9 +101,13 @@ def test_workers_keep_admission_and_metrics_and_leave_with_the_server(adapter_ru
             time.sleep(0.05)
         samples = gauges(url)
         assert samples["kubetune_requests_running"] == 0 and samples["kubetune_requests_waiting"] == 0
-        assert samples["vllm:num_requests_running"] == 0 and samples['vllm:generation_tokens_total{model_name="served"}'] > 0
+        assert samples["vllm:num_requests_running"] == 0
+        # the workers' tokens reach the server's counters (not `> 0`: on some CPUs the tiny adapter's greedy
+        # answer to these prompts is the end of turn at once; the usage the answers report is the truth)
+        assert samples['vllm:generation_tokens_total{model_name="served"}'] == sum(a.completion_tokens for a in results)
+        assert samples['vllm:prompt_tokens_total{model_name="served"}'] > 0
         assert samples["kubetune_requests_rejected_total"] == codes.count(429)
-        again = [code for code, _ in burst(url, "served")]
+        again = [a.status for a in burst(url, "served")]
         assert sum(code == 200 for code in again) >= 4 and set(again) <= {200, 429}
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     finally:
