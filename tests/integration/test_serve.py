@@ -347,7 +347,11 @@ def test_more_clients_than_admitted_get_200_or_429_and_a_client_that_leaves_free
         deadline = time.time() + 5
         while gauges(url)["kubetune_requests_running"] != 0 and time.time() < deadline:
             time.sleep(0.05)
-        assert gauges(url)["kubetune_requests_running"] == 0
+        after = gauges(url)
+        assert after["kubetune_requests_running"] == 0
+        # the abandoned answer's tokens count, as vLLM counts them (at each step): at least the ones read
+        tokens = 'vllm:generation_tokens_total{model_name="tiny-llama"}'
+        assert after[tokens] >= samples[tokens] + 2
         again = burst(url, "tiny-llama")  # all four places are free again
         assert sum(a.status == 200 for a in again) >= 4 and {a.status for a in again} <= {200, 429}
     finally:

@@ -51,13 +51,13 @@ class Generation:
         ticket.hand_over()  # from here this generator gives the slot back, whatever happens
         started = finished = False
         request = None
+        ids: list[int] = []
         try:
             try:
                 request = engine.submit(name, prompt_ids, params, outputs.put_nowait, asyncio.get_running_loop())
             except EngineFailed as exc:
                 raise ApiError(503, f"the engine has stopped: {exc}", "server_error", None, "engine_failed") from None
             hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
-            ids: list[int] = []
             full = sent = ""
             hit = False
             while not finished:
@@ -83,6 +83,10 @@ class Generation:
                 if hit:
                     break
             done = finish_of(ids, engine.served[name].stop_ids, params.max_tokens, cut=hit)
+        except BaseException:
+            if started:  # the client went away (or the engine failed) mid-answer: its tokens were still made
+                metrics.tokens(name, len(prompt_ids), len(ids))
+            raise
         finally:
             if request is not None and not finished:
                 engine.cancel(name, request)  # a stop string, or the client went away: leave the batch now

@@ -56,9 +56,14 @@ class ServerMetrics:
         self._vllm["first_token"].labels(model).observe(seconds)
 
     def finished(self, model: str, prompt_tokens: int, generated: int, seconds: float) -> None:
+        self.tokens(model, prompt_tokens, generated)
+        self.latency.labels(model).observe(seconds)
+        self._vllm["latency"].labels(model).observe(seconds)
+
+    def tokens(self, model: str, prompt_tokens: int, generated: int) -> None:
+        """Work done, also for a request whose client went away: vLLM counts tokens at each step, so an
+        HPA on the generation rate sees abandoned work too."""
         self.prompt_tokens.labels(model).inc(prompt_tokens)
         self.generation_tokens.labels(model).inc(generated)
-        self.latency.labels(model).observe(seconds)
         self._vllm["prompt_tokens"].labels(model).inc(prompt_tokens)
         self._vllm["generation_tokens"].labels(model).inc(generated)
-        self._vllm["latency"].labels(model).observe(seconds)
