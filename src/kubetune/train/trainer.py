@@ -84,11 +84,23 @@ class KubetuneTrainer(KubetuneMixin, Trainer):
         self.length_buckets = length_buckets
         self.checkpoint_above_tokens = checkpoint_above_tokens
         self._checkpointing: bool | None = None
+        self._logits_to_keep: bool | None = None
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         if self.checkpoint_above_tokens is not None:
             self._set_checkpointing(model, inputs["input_ids"].numel() > self.checkpoint_above_tokens)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if model.training and not return_outputs and not self.args.use_liger_kernel and self._keeps_logits(model):
+            inputs = trained_positions_only(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _keeps_logits(self, model: Any) -> bool:
+        if self._logits_to_keep is None:
+            self._logits_to_keep = accepts_logits_to_keep(self.accelerator.unwrap_model(model))
+        return self._logits_to_keep
 
     def _set_checkpointing(self, model: Any, on: bool) -> None:
         if on == self._checkpointing:
@@ -108,6 +120,43 @@ class KubetuneTrainer(KubetuneMixin, Trainer):
                                    world_size=self.args.world_size, seed=self.args.data_seed or self.args.seed,
                                    accumulation=self.args.gradient_accumulation_steps)
 
+
+
+def trained_positions_only(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The model's output head and loss on the positions whose next token is trained, not on every one.
+
+    In chat SFT most positions are prompt (system prompt, tool schemas, earlier turns) and masked out of
+    the loss, yet the causal LM computes [batch, length, vocab] logits for all of them: with a 150k-260k
+    vocabulary that head, its cross-entropy and their backward are most of a small model's step and the
+    largest activation of a big one. transformers' causal LMs take `logits_to_keep` (positions) and their
+    loss takes `shift_labels` (the targets already shifted): same loss, same num_items_in_batch
+    normalisation, same gradients, computed on the kept positions only. A batch with nothing trained is
+    left as it is (the model's own loss decides what that means)."""
+    import torch
+
+    labels = inputs.get("labels")
+    if labels is None or "shift_labels" in inputs or "logits_to_keep" in inputs:
+        return inputs
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    # positions trained in any row (one index list for the whole batch: logits_to_keep selects along
+    # the sequence). nonzero() reads the mask on the host: one small sync per micro-batch.
+    keep = (shifted != -100).any(dim=0).nonzero().flatten()
+    if keep.numel() == 0 or keep.numel() >= shifted.shape[-1] - 1:  # (the last position predicts nothing)
+        return inputs
+    return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM under any PEFT wrapper takes `logits_to_keep` (current transformers' LMs do)."""
+    import inspect
+
+    base = model
+    while hasattr(base, "get_base_model") and base.get_base_model() is not base:
+        base = base.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _malloc_trim() -> Any:
