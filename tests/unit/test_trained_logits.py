@@ -70,3 +70,12 @@ def test_nothing_trained_or_everything_trained_is_left_alone() -> None:
     every["labels"][:, 0] = -100  # the first label is never a target; every position still predicts one
     assert trained_positions_only(every) is every
     assert trained_positions_only({"input_ids": ids}) == {"input_ids": ids}
+
+
+def test_a_model_whose_loss_takes_no_shift_labels_keeps_every_position(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert accepts_logits_to_keep(model)
+    model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()  # a custom loss
+    assert not accepts_logits_to_keep(model)

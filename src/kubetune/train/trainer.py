@@ -147,15 +147,17 @@ def trained_positions_only(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def accepts_logits_to_keep(model: Any) -> bool:
-    """Whether the causal LM under any PEFT wrapper takes `logits_to_keep` (current transformers' LMs do)."""
+    """Whether the causal LM under any PEFT wrapper takes `logits_to_keep` and its loss `shift_labels`
+    (transformers' causal LMs and ForCausalLMLoss do; a custom model or loss keeps every position)."""
     import inspect
 
     base = model
     while hasattr(base, "get_base_model") and base.get_base_model() is not base:
         base = base.get_base_model()
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
+        return ("logits_to_keep" in inspect.signature(base.forward).parameters
+                and "shift_labels" in inspect.signature(base.loss_function).parameters)
+    except (AttributeError, TypeError, ValueError):
         return False
 
 
