@@ -93,7 +93,9 @@ class KubetuneTrainer(KubetuneMixin, Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if model.training and not return_outputs and not self.args.use_liger_kernel and self._keeps_logits(model):
+        # (Liger's fused head already skips the logits; evaluation keeps transformers' path)
+        liger = getattr(self.args, "use_liger_kernel", False)
+        if model.training and not return_outputs and not liger and self._keeps_logits(model):
             inputs = trained_positions_only(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
