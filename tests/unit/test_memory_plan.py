@@ -138,3 +138,48 @@ def test_plan_prints_the_memory_plan_and_train_refuses_before_loading(write_spec
     code, out, err = cli("train", str(spec), "--set", "resources.device_memory=100MB")
     assert code == 2 and "the run needs ~" in err and "resources.device_memory has 100 MB" in err
     assert not (tmp_path / "runs" / "mem" / "checkpoints").exists()
+
+
+QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096,
+            "intermediate_size": 12288, "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8,
+            "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960}
+
+
+def chat_counts(n: int) -> tuple[int, ...]:
+    return (400, 350) + (300,) * (n - 2)
+
+
+def test_the_sft_head_is_planned_on_trained_positions_only(write_spec) -> None:
+    """Chat SFT with a 152k vocabulary: the head's logits, log-softmax and their gradient are planned for the
+    positions trained in any row of the micro-batch (the trainer computes no others), capped by its length."""
+    spec = _spec(write_spec, method={"type": "lora"},
+                 train={"total_batch_size": 8, "max_per_device_batch_size": 8, "gradient_checkpointing": True},
+                 resources={"accelerator": "nvidia", "device_memory": "80GB"})
+    shape = Shape.from_config(QWEN3_8B, 8_190_735_360)
+    every = plan_memory(spec, Inputs(shape, 4096, 2048, local=False))
+    chat = plan_memory(spec, Inputs(shape, 4096, 2048, local=False, trained=chat_counts(64)))
+    kept = 8 * (400 + 350 + 6 * 300)  # per row: the union is at most the sum of the 8 largest counts
+    # bf16 logits, their fp32 copy and log-softmax (10 bytes a value) saved; the fp32 gradient (4) at the peak
+    assert every.activations - chat.activations == pytest.approx((8 * 4096 - kept) * 151936 * 10)
+    assert every.transient - chat.transient == pytest.approx((8 * 4096 - kept) * 151936 * 4)
+    assert not every.fits and chat.peak < every.peak - 25e9
+    long_answers = plan_memory(spec, Inputs(shape, 4096, 2048, local=False, trained=(3000,) * 8))
+    assert long_answers.activations == every.activations  # the union cannot exceed the micro-batch's length
+    best = chat.max_micro_batch
+    assert best and plan_memory(spec, Inputs(shape, 4096, 2048, local=False, trained=chat_counts(64)),
+                                micro_batch=best).fits
+
+
+def test_trained_counts_read_the_labels_of_prepared_rows() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from kubetune.train.memory import trained_counts
+
+    rows = [SimpleNamespace(input_ids=[1] * 6, labels=[-100, -100, -100, 4, 5, 6]),
+            SimpleNamespace(input_ids=[1] * 5, labels=np.array([-100, 7, 8, -100, 9], dtype=np.int32)),
+            SimpleNamespace(input_ids=[1] * 3, labels=[5, -100, -100])]  # the first label is never a target
+    assert trained_counts(rows) == (3, 3, 0)
+    assert trained_counts(rows, keep=1) == (3,)
+    assert trained_counts([[1, 2, 3]]) == ()  # rows without labels (a preference pair's shape): unknown

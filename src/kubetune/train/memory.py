@@ -122,8 +122,8 @@ class MemoryPlan:
         """The largest micro-batch of seq_len-token sequences that fits the device (None: unknown device)."""
         if self.device_memory is None or not self.per_sequence:
             return None
-        fixed = self.peak - self.per_sequence * self.micro_batch
-        return max(0, int((self.device_memory - fixed) // self.per_sequence))
+        fixed = self.peak - self.activations - self.transient
+        return max(int((self.device_memory - fixed) // self.per_sequence), self.micro_batch if self.fits else 0, 0)
 
     def lines(self) -> list[str]:
         ckpt = {"off": "no activation checkpointing", "on": "activation checkpointing",
@@ -229,14 +229,25 @@ class Inputs:
     seq_len: int          # the longest padded micro-batch's length
     half_len: int         # for checkpointing auto: the longest micro-batch that skips recompute
     local: bool
+    # SFT: the rows' trained positions (those whose next token is trained), largest first. The output
+    # head runs on the positions trained in any row of a micro-batch (train.trainer): at most the sum of
+    # its rows' counts, at most its length. Empty: unknown, every position.
+    trained: tuple[int, ...] = ()
+
+    def head_positions(self, rows: int, length: int) -> int:
+        """Positions the output head computes for a micro-batch of `rows` rows of `length` (an upper bound)."""
+        if not self.trained:
+            return rows * length
+        return rows * min(length, sum(self.trained[:rows]))
 
 
-def plan_inputs(spec: RunSpec, model_dir: Path, params: int, lengths: list[int], local: bool) -> Inputs:
+def plan_inputs(spec: RunSpec, model_dir: Path, params: int, lengths: list[int], local: bool,
+                trained: tuple[int, ...] = ()) -> Inputs:
     from kubetune.storage import read_model_config
 
     shape = Shape.from_config(read_model_config(model_dir), params)
     seq = max(lengths, default=spec.data.max_length) or spec.data.max_length
-    return Inputs(shape, seq, seq // 2, local)
+    return Inputs(shape, seq, seq // 2, local, trained)
 
 
 def plan_memory(spec: RunSpec, inputs: Inputs, micro_batch: int | None = None, strategy: str | None = None,
@@ -283,25 +294,32 @@ def plan_memory(spec: RunSpec, inputs: Inputs, micro_batch: int | None = None, s
     elif strategy == "ddp":
         gradients *= 2  # DDP's bucketed copy of every gradient, for the all-reduce
 
-    def acts(tokens: int, length: int, on: bool) -> tuple[float, float]:
-        """(saved for backward, backward's transient peak) for `tokens` tokens in sequences of `length`."""
+    def acts(rows: int, length: int, on: bool, every_position: bool = False) -> tuple[float, float]:
+        """(saved for backward, backward's transient peak) for `rows` sequences of `length` tokens."""
+        tokens = rows * length
+        heads = tokens if every_position else inputs.head_positions(rows, length)
         per_layer = tokens * _layer_values(spec, s, method) * abytes + tokens * _lora_extra(spec, s, method, abytes)
-        head = tokens * (s.vocab * (8 if abytes == 4 else 10) + 4 * s.hidden * abytes)
+        head = heads * s.vocab * (8 if abytes == 4 else 10) + tokens * 4 * s.hidden * abytes
         saved = (s.layers * tokens * s.hidden * abytes + per_layer if on else s.layers * per_layer) + head
-        transient = tokens * s.vocab * 4 + per_layer
+        transient = heads * s.vocab * 4 + per_layer
         return saved, transient
 
-    tokens = mb * inputs.seq_len
-    off, tr_off = acts(tokens, inputs.seq_len, False)
-    on, tr_on = acts(tokens, inputs.seq_len, True)
-    if ckpt == "off":
-        activations, transient = off, tr_off
-    elif ckpt == "on":
-        activations, transient = on, tr_on
-    else:  # auto: long micro-batches checkpoint, those up to half the longest do not
-        half, tr_half = acts(mb * inputs.half_len, inputs.half_len, False)
-        activations, transient = max((on, tr_on), (half, tr_half), key=lambda x: x[0] + x[1])
-    per_seq = (activations + transient) / mb
+    def policy(every_position: bool = False) -> tuple[float, float]:
+        on = acts(mb, inputs.seq_len, True, every_position)
+        if ckpt == "on":
+            return on
+        off = acts(mb, inputs.seq_len, False, every_position)
+        if ckpt == "off":
+            return off
+        # auto: long micro-batches checkpoint, those up to half the longest do not
+        return max(on, acts(mb, inputs.half_len, False, every_position), key=lambda x: x[0] + x[1])
+
+    off, _ = acts(mb, inputs.seq_len, False)
+    on, _ = acts(mb, inputs.seq_len, True)
+    activations, transient = policy()
+    # per sequence for sizing the largest micro-batch: with the head on every position, since the head's
+    # share per row only grows with more rows (max_micro_batch never offers one that does not fit)
+    per_seq = sum(policy(every_position=True)) / mb
     memory, where = device_memory(spec, inputs.local)
     plan = MemoryPlan(strategy, world, mb, inputs.seq_len, ckpt, weights, gradients, optimizer, activations, off, on,
                       transient, RUNTIME["gpu" if gpu else "cpu"], where, memory, offload, per_seq)
@@ -422,7 +440,8 @@ def plan_for_run(spec: RunSpec, data: Any, local: bool) -> MemoryPlan:
     from kubetune.train.plan import count_params
 
     lengths = [len(getattr(r, "input_ids", r)) for r in data.train.rows]  # a sample, or a pair (prompt + longer answer)
-    inputs = plan_inputs(spec, data.model_dir, count_params(data.model_dir), lengths, local)
+    trained = trained_counts(data.train.rows) if spec.method.objective == "sft" else ()
+    inputs = plan_inputs(spec, data.model_dir, count_params(data.model_dir), lengths, local, trained)
     plan = plan_memory(spec, inputs, micro_batch=_sequences(spec))
     if spec.resources.strategy == "auto" and spec.resources.world_size > 1 and not plan.fits:
         sharded = plan_memory(spec, inputs, strategy="fsdp", micro_batch=_sequences(spec))
@@ -443,6 +462,21 @@ def plan_for_run(spec: RunSpec, data: Any, local: bool) -> MemoryPlan:
         if spec.method.type == "full":
             plan.weights *= 2
     return plan
+
+
+def trained_counts(rows: list[Any], keep: int = 4096) -> tuple[int, ...]:
+    """The `keep` largest numbers of trained positions per row (a position is trained when the label of
+    the next token is not ignored), largest first; () when rows carry no labels."""
+    import heapq
+
+    import numpy as np
+
+    from kubetune.data.template import IGNORE
+
+    if not rows or not hasattr(rows[0], "labels"):
+        return ()
+    counts = (int(np.count_nonzero(np.asarray(r.labels[1:]) != IGNORE)) for r in rows)
+    return tuple(heapq.nlargest(keep, counts))
 
 
 def _sequences(spec: RunSpec) -> int:
