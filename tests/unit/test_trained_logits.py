@@ -79,3 +79,28 @@ def test_a_model_whose_loss_takes_no_shift_labels_keeps_every_position(tiny_mode
     assert accepts_logits_to_keep(model)
     model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()  # a custom loss
     assert not accepts_logits_to_keep(model)
+
+
+def test_the_trainers_eval_loss_is_the_same_on_trained_positions(tiny_model: Path, tmp_path: Path) -> None:
+    """Through KubetuneTrainer.evaluate: the head gets logits_to_keep, and the eval loss is unchanged."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from kubetune.data.collate import ListDataset, PadCollator
+    from kubetune.train.trainer import KubetuneTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    data = batch(model.config.vocab_size)
+    rows = [SimpleNamespace(input_ids=ids[mask.bool()].tolist(), labels=labels[mask.bool()].tolist())
+            for ids, labels, mask in zip(data["input_ids"], data["labels"], data["attention_mask"])]
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: seen.append("logits_to_keep" in kw), with_kwargs=True)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_eval_batch_size=3, report_to=[])
+    trainer = KubetuneTrainer(model=model, args=args, eval_dataset=ListDataset(rows), data_collator=PadCollator(0))
+
+    kept = trainer.evaluate()["eval_loss"]
+    trainer._logits_to_keep = False  # every position, as transformers computes it
+    every = trainer.evaluate()["eval_loss"]
+    assert seen == [True, False]
+    assert kept == pytest.approx(every, rel=1e-6)

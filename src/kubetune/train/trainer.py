@@ -93,15 +93,23 @@ class KubetuneTrainer(KubetuneMixin, Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        # (Liger's fused head already skips the logits; evaluation keeps transformers' path)
-        liger = getattr(self.args, "use_liger_kernel", False)
-        if model.training and not return_outputs and not liger and self._keeps_logits(model):
+        if model.training and not return_outputs and self._keeps_logits(model):
             inputs = trained_positions_only(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        # The eval loss on trained positions too when only the loss is kept (kubetune sets no compute_metrics)
+        if prediction_loss_only and self._keeps_logits(model):
+            inputs = trained_positions_only(inputs)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
     def _keeps_logits(self, model: Any) -> bool:
+        """Whether to run the head on trained positions only: transformers' causal LMs, without Liger (whose
+        fused head already skips the logits: transformers passes it skip_logits instead)."""
         if self._logits_to_keep is None:
-            self._logits_to_keep = accepts_logits_to_keep(self.accelerator.unwrap_model(model))
+            liger = getattr(self.args, "use_liger_kernel", False)
+            self._logits_to_keep = not liger and accepts_logits_to_keep(self.accelerator.unwrap_model(model))
         return self._logits_to_keep
 
     def _set_checkpointing(self, model: Any, on: bool) -> None:
