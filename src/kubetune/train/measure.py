@@ -30,13 +30,27 @@ def held_bytes(model: Any, optimizer: Any = None) -> int:
 
 
 def peak_memory_bytes() -> int:
-    """This process's peak memory: CUDA memory allocated on a GPU, else the resident set (Linux: KiB)."""
-    import resource
-    import sys
-
+    """This process's peak memory: CUDA memory allocated on a GPU, else the resident set's high-water mark."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process. On Linux, VmHWM of its own address space: getrusage's ru_maxrss
+    also keeps the peak of the address space it replaced at exec, so a training process started by a
+    large parent (a test run, a control-plane server, a bench) reported the parent's resident set."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
