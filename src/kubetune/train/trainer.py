@@ -144,13 +144,15 @@ def trained_positions_only(inputs: dict[str, Any]) -> dict[str, Any]:
     left as it is (the model's own loss decides what that means)."""
     import torch
 
+    from kubetune.data.template import IGNORE
+
     labels = inputs.get("labels")
     if labels is None or "shift_labels" in inputs or "logits_to_keep" in inputs:
         return inputs
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:]
     # positions trained in any row (one index list for the whole batch: logits_to_keep selects along
     # the sequence). nonzero() reads the mask on the host: one small sync per micro-batch.
-    keep = (shifted != -100).any(dim=0).nonzero().flatten()
+    keep = (shifted != IGNORE).any(dim=0).nonzero().flatten()
     if keep.numel() == 0 or keep.numel() >= shifted.shape[-1] - 1:  # (the last position predicts nothing)
         return inputs
     return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
