@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.control.jobs import JobRequest, build_spec, job_object, model_name, model_uri, resolved_hyperparameters
+from kubetune.control.jobs import JobRequest, Start, build_spec, job_object, model_name, resolved_hyperparameters
+from kubetune.control.policy import ModelEntry, ModelsPolicy, Refused, resolve_model
 from kubetune.errors import SpecError, UsageError
 
 
 def spec_of(tmp_path: Path, **request: object):
-    req = JobRequest(model=str(tmp_path), training_file="file-1", **request)
-    return build_spec("ftjob-0123456789abcdef01234567", req, "s3://b/files/file-1/train.jsonl", None,
-                      "s3://b/runs/ftjob-0123456789abcdef01234567")
+    req = JobRequest(model="tiny", training_file="file-1", **request)
+    return build_spec("ftjob-0123456789abcdef01234567", req, Start(str(tmp_path)), "s3://b/files/file-1/train.jsonl",
+                      None, "s3://b/runs/ftjob-0123456789abcdef01234567", rows=100)
 
 
 def test_openai_hyperparameters_become_spec_settings(tmp_path: Path) -> None:
@@ -50,19 +51,30 @@ def test_the_extension_field_is_checked_like_a_spec(tmp_path: Path) -> None:
         spec_of(tmp_path, kubetune={"train": {"max_steps": "many"}, "method": {"lora": {"rank": 8}}})
     wheres = sorted(p.where for p in bad.value.problems)
     assert wheres == ["kubetune.method.lora.rank", "kubetune.train.max_steps"]
-    with pytest.raises(UsageError, match="set by the server"):
+    with pytest.raises(Refused, match="is the operator's") as refused:
         spec_of(tmp_path, kubetune={"output": "s3://elsewhere"})
+    assert refused.value.param == "kubetune.output"
     assert spec_of(tmp_path, kubetune={"method": {"lora": {"r": 4}}}).method.lora.r == 4
 
 
-def test_model_references() -> None:
-    assert model_uri("Qwen/Qwen3-0.6B") == "hf://Qwen/Qwen3-0.6B"
-    assert model_uri("s3://bucket/models/llama") == "s3://bucket/models/llama"
-    with pytest.raises(UsageError, match="not a Hub id"):
-        model_uri("gpt 4")
+def test_model_references(tmp_path: Path) -> None:
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text("{}")
+    models = ModelsPolicy(root=str(tmp_path), allow=[ModelEntry(name="Qwen/*"),
+                                                      ModelEntry(name="big", uri="s3://bucket/models/big")])
+    assert resolve_model("Qwen/Qwen3-0.6B", models) == ("hf://Qwen/Qwen3-0.6B", None, False)
+    assert resolve_model("Qwen/Qwen3-0.6B@v1.0", models) == ("hf://Qwen/Qwen3-0.6B", "v1.0", False)
+    assert resolve_model("big", models) == ("s3://bucket/models/big", None, False)
+    assert resolve_model("llama", models) == (str((tmp_path / "llama").resolve()), None, False)
+    for name in ("gpt 4", "meta-llama/Llama-3-8B", "s3://bucket/models/big", str(tmp_path / "llama"), "../llama",
+                 "Qwen/../../etc", "Qwen/x@../../y", "/etc/passwd", "~/llama", "file:///etc"):
+        with pytest.raises(Refused) as refused:
+            resolve_model(name, models)
+        assert refused.value.param == "model" and str(tmp_path) not in refused.value.message.replace(name, "")
     name = model_name("hf://Qwen/Qwen3-0.6B@main", "support-bot", "ftjob-89abcdef0123456789abcdef")
     assert name == "ft:Qwen3-0.6B:support-bot:89abcdef"
     assert re.fullmatch(r"ft:llama::[0-9a-f]{8}", model_name("s3://b/models/llama", None, "ftjob-0123456789ab"))
+    assert model_name("ft:Qwen3-0.6B:support-bot:89abcdef", "v2", "ftjob-0011223344") == "ft:Qwen3-0.6B:v2:00112233"
 
 
 def test_job_object_has_openai_fields(tmp_path: Path) -> None:

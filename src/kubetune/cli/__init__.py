@@ -155,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", dest="served_name", help="name in /v1/models (default: the run name)")
     p.add_argument("--max-concurrency", type=int, default=64,
                    help="requests admitted at once (generating or queued); one more gets HTTP 429")
-    p.add_argument("--api-key", help="require this key (Bearer); default from KUBETUNE_API_KEY")
+    p.add_argument("--api-key", help="require this key (Bearer); default from KUBETUNE_API_KEY; needed to listen "
+                                     "beyond loopback")
+    p.add_argument("--metrics-auth", choices=["open", "key"], default="open",
+                   help="open: /metrics answers without a key (Prometheus scrapes it); key: it needs the API key too")
     p.add_argument("--no-base", dest="with_base", action="store_false",
                    help="do not also serve the base model of an adapter run")
     p.add_argument("--adapters", choices=["auto", "merged", "unmerged"], default="auto",
@@ -202,6 +205,11 @@ def _server_parser(sub: argparse._SubParsersAction, verbs: object) -> None:  # t
                         "with --storage in a bucket")
     p.add_argument("--namespace", default="default", help="(kubernetes) the namespace of the jobs, unless a job's "
                                                           "kubetune.kubernetes.namespace says otherwise")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="the operator's policy (YAML): models tenants may name, limits, per-key budgets, the spec "
+                        "settings of every job (tracking, storage, kubernetes), rewards, teams; see the README")
+    p.add_argument("--models-root", type=Path, metavar="DIR",
+                   help="a folder of model folders: a tenant's `model: NAME` is DIR/NAME")
     p.add_argument("--concurrency", type=int, default=1, help="(local) jobs trained at once on this machine")
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest file accepted by /v1/files")
     p.add_argument("--worker-id", help="this replica's name for the jobs it runs (default: the host name); a "

@@ -259,7 +259,8 @@ def serve(args: argparse.Namespace) -> int:
     run_server(args.targets, ServeOptions(host=args.host, port=args.port, engine=args.engine,
                                           served_name=args.served_name, max_concurrency=args.max_concurrency,
                                           api_key=args.api_key, with_base=args.with_base,
-                                          adapters=args.adapters, workers=args.workers))
+                                          adapters=args.adapters, workers=args.workers,
+                                          metrics_auth=args.metrics_auth))
     return 0
 
 
@@ -280,7 +281,7 @@ def server(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, home=Path(args.home), storage=args.storage, database=args.database,
         api_keys=list(args.api_keys), concurrency=args.concurrency, max_upload_mb=args.max_upload_mb,
         worker_id=args.worker_id, max_concurrency=args.max_concurrency, runs=list(args.runs), backend=args.backend,
-        namespace=args.namespace, clusters=list(args.clusters)))
+        namespace=args.namespace, clusters=list(args.clusters), config=args.config, models_root=args.models_root))
     return 0
 
 

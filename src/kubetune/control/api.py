@@ -15,6 +15,9 @@ from fastapi.responses import JSONResponse, Response
 from kubetune.control import files as uploads
 from kubetune.control.jobs import ACTIVE, JobRequest, build_spec, job_object, model_name, new_job_id, \
     resolved_hyperparameters
+from kubetune.control.policy import Refused
+from kubetune.control.redact import redact
+from kubetune.control.start import resolve_start
 from kubetune.control.runinfo import checkpoints, openai_events, run_events, trained_tokens
 from kubetune.control.state import ControlState, caller, control_state
 from kubetune.artifacts.events import StepEvent
@@ -48,7 +51,7 @@ def _usage_error(exc: UsageError, param: str | None) -> ApiError:
     message = exc.message if not isinstance(exc, SpecError) else "; ".join(str(p) for p in exc.problems)
     if isinstance(exc, SpecError):
         param = exc.problems[0].where.split(":")[0] if exc.problems else param
-    return ApiError(400, message + (f" ({exc.hint})" if exc.hint else ""), param=param)
+    return ApiError(400, redact(message + (f" ({exc.hint})" if exc.hint else "")), param=param)
 
 
 # files
@@ -58,10 +61,16 @@ async def upload(file: UploadFile = File(...), purpose: str = Form(...),
                  state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
     if purpose not in PURPOSES:
         raise ApiError(400, f"purpose {purpose!r}: this server stores {', '.join(PURPOSES)} files", param="purpose")
+    budget = state.settings.policy_for(state.store, owner)[1].max_upload_bytes
+    room = budget - state.store.stored_bytes(owner)
     try:
         row = await asyncio.to_thread(uploads.save_upload, file.file, file.filename or "upload.jsonl",
-                                      state.settings.storage, owner, purpose, state.settings.max_upload_bytes)
+                                      state.settings.storage, owner, purpose,
+                                      min(state.settings.max_upload_bytes, room))
     except uploads.FileTooLarge as exc:
+        if room < state.settings.max_upload_bytes:
+            raise ApiError(429, f"your files would take more than this server's {budget:,} bytes per key; delete "
+                                "some first", "rate_limit_error", "file", "storage_quota_exceeded") from None
         raise ApiError(413, exc.message, param="file", code="file_too_large") from None
     except UsageError as exc:
         raise _usage_error(exc, "file") from None
@@ -115,17 +124,25 @@ async def delete_file(file_id: str, state: ControlState = Depends(control_state)
 async def create_job(req: JobRequest, state: ControlState = Depends(control_state),
                      owner: str = Depends(caller)) -> JSONResponse:
     if req.integrations:
-        raise ApiError(400, "integrations: not supported; use kubetune.tracking (MLflow, W&B, TensorBoard)",
-                       param="integrations")
+        raise ApiError(400, "integrations: not supported; the operator configures tracking", param="integrations")
     train = _own_file(state, owner, req.training_file, "training_file")
     valid = _own_file(state, owner, req.validation_file, "validation_file") if req.validation_file else None
     if req.suffix is not None and not all(c.isalnum() or c in "-_." for c in req.suffix):
         raise ApiError(400, "suffix: letters, digits, '-', '_' and '.' only", param="suffix")
+    policy, budgets = state.settings.policy_for(state.store, owner)
+    waiting = state.store.count_jobs(owner, ["validating_files", "queued"])
+    if waiting >= budgets.max_queued_jobs:
+        raise ApiError(429, f"you have {waiting} jobs validating or queued, this server's limit per key; wait for "
+                            "them or cancel some", "rate_limit_error", None, "too_many_jobs")
     job_id = new_job_id()
     run_uri = f"{state.settings.storage.rstrip('/')}/runs/{job_id}"
     try:
-        spec = build_spec(job_id, req, train["uri"], valid["uri"] if valid else None, run_uri,
-                          state.settings.spec_defaults)
+        start = await asyncio.to_thread(resolve_start, state.store, owner, req.model, state.settings.config.models)
+        spec = build_spec(job_id, req, start, train["uri"], valid["uri"] if valid else None, run_uri, policy,
+                          rows=train["rows"])
+    except Refused as exc:
+        raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else ""), param=exc.param,
+                       code="model_not_available" if exc.param == "model" else "invalid_value") from None
     except UsageError as exc:
         raise _usage_error(exc, "kubetune") from None
     method = req.resolved_method().model_dump(exclude_none=True)
@@ -135,7 +152,8 @@ async def create_job(req: JobRequest, state: ControlState = Depends(control_stat
         validation_file=valid["id"] if valid else None, validation_uri=valid["uri"] if valid else None,
         suffix=req.suffix, seed=spec.train.seed, method=method, settings=req.kubetune or {}, metadata=req.metadata,
         spec=spec_to_yaml(spec), status="validating_files", backend=state.settings.backend, run_uri=run_uri,
-        fine_tuned_model=model_name(spec.model.base, req.suffix, job_id), attempts=0, created_at=int(time.time()))
+        fine_tuned_model=model_name(req.model if req.model.startswith("ft:") else spec.model.base, req.suffix, job_id),
+        attempts=0, created_at=int(time.time()))
     state.store.add_event(job_id, "Created fine-tuning job")
     state.store.add_event(job_id, f"Validating training file: {train['id']}"
                                   + (f" and validation file: {valid['id']}" if valid else ""))
@@ -254,7 +272,7 @@ async def generate(request: Request, state: ControlState = Depends(control_state
     try:
         app = await asyncio.to_thread(state.models.app_for, model)
     except UsageError as exc:
-        raise ApiError(503, f"the model `{model}` cannot be loaded: {exc.message}", "server_error", "model",
+        raise ApiError(503, f"the model `{model}` cannot be loaded: {redact(exc.message)}", "server_error", "model",
                        "model_unavailable") from None
     if app is None:
         raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")

@@ -15,6 +15,7 @@ from kubetune.control import api, web
 from kubetune.control.state import Backend, ControlSettings, ControlState
 from kubetune.control.models import ModelHub
 from kubetune.control.store import Store
+from kubetune.serve.body_limit import BodyLimit
 from kubetune.serve.errors import error_body, install_error_handlers
 
 __all__ = ["create_app"]
@@ -35,6 +36,7 @@ def create_app(store: Store, settings: ControlSettings, backend: Backend, models
     app = FastAPI(title="kubetune control plane", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.control = state
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, skip=("/v1/files",))  # the upload has its own limit, below
     app.add_middleware(_UploadLimit, limit=settings.max_upload_bytes)
     app.include_router(api.router)
     app.include_router(web.router)

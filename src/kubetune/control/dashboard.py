@@ -14,7 +14,7 @@ from kubetune.artifacts.events import (EndEvent, ErrorEvent, EvalEvent, EvalRepo
                                        StartEvent, StepEvent)
 from kubetune.control.runinfo import read_run_text, run_events
 from kubetune.errors import KubetuneError
-from kubetune.storage.store import Store
+from kubetune.storage.store import Store, uri_basename
 
 __all__ = ["RunRef", "cluster_runs", "curves", "find_runs", "run_detail", "sweeps", "summary"]
 
@@ -28,18 +28,21 @@ class RunRef:
     source: str          # "job", or the --runs root it was found under
     status: str | None = None   # a job's own status (the run's is read from its events otherwise)
     name: str | None = None
+    model: str | None = None    # a job's model as its owner named it
 
 
 def find_runs(roots: Sequence[str]) -> list[RunRef]:
     """Every run folder (one with spec.yaml) directly under each root."""
     out = []
-    for root in roots:
+    for i, root in enumerate(roots):
         try:
             store = Store(root)
             names = [n for n in store.listdir("") if store.exists(f"{n}/spec.yaml")]
         except (KubetuneError, OSError):
             continue
-        out += [RunRef(f"{root.rstrip('/')}/{n}", f"{root.rstrip('/')}/{n}", root, name=n) for n in names]
+        # Named by the root's place in --runs and the run's name: no path of the server's reaches a page.
+        label = "runs" if i == 0 else f"runs{i + 1}"
+        out += [RunRef(f"{label}:{n}", f"{root.rstrip('/')}/{n}", label, name=n) for n in names]
     return out
 
 
@@ -119,9 +122,10 @@ def summary(ref: RunRef, events: list[Event] | None = None) -> dict[str, Any]:
     evals = [e for e in events if isinstance(e, EvalEvent) and e.loss is not None]
     last = steps[-1] if steps else None
     return {
-        "id": ref.id, "name": ref.name or spec.get("name") or ref.uri.rsplit("/", 1)[-1], "uri": ref.uri,
+        "id": ref.id, "name": ref.name or spec.get("name") or ref.uri.rsplit("/", 1)[-1],
         "source": ref.source, "status": ref.status or run_state(events),
-        "model": (spec.get("model") or {}).get("base"), "method": (spec.get("method") or {}).get("type"),
+        "model": ref.model or _model_name((spec.get("model") or {}).get("base")),
+        "method": (spec.get("method") or {}).get("type"),
         "sweep": (spec.get("kubernetes") or {}).get("sweep"),
         "step": last.step if last else 0, "total_steps": last.total_steps if last else None,
         "loss": last.loss if last else None, "eval_loss": evals[-1].loss if evals else None,
@@ -129,6 +133,13 @@ def summary(ref: RunRef, events: list[Event] | None = None) -> dict[str, Any]:
         "metrics": reports[-1].metrics.get("tuned", {}) if reports else {},
         "updated": events[-1].time if events else None,
     }
+
+
+def _model_name(base: object) -> str | None:
+    """A base model as a page shows it: a Hub id, or a folder's or URI's last part (never a path)."""
+    if not isinstance(base, str):
+        return None
+    return base[5:] if base.startswith("hf://") else uri_basename(base)
 
 
 def curves(events: list[Event]) -> list[dict[str, Any]]:

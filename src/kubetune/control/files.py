@@ -4,6 +4,7 @@ name the user gave, so a row's problems later read `train.jsonl:3: ...`."""
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import tempfile
@@ -11,13 +12,13 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kubetune.data.sources import read_file
 from kubetune.errors import UsageError
 from kubetune.storage.store import Store
 
 __all__ = ["FileTooLarge", "new_file_id", "remove_upload", "save_upload", "safe_name"]
 
 CHUNK = 1 << 20
+MAX_LINE = 4 << 20  # one row; a chat of 128k tokens is ~0.5 MiB
 
 
 class FileTooLarge(UsageError):
@@ -58,23 +59,56 @@ def save_upload(source: BinaryIO, filename: str, storage: str, owner: str, purpo
 
 
 def _check(local: Path, filename: str) -> int:
-    """The number of rows; refuses what is not UTF-8 JSON (lines) of objects. Row-level problems
-    (a missing assistant turn, a bad role) are the job's validation, which names file:line."""
+    """The number of rows; refuses what is not UTF-8 JSON lines of objects (or a small JSON array).
+    Read a line at a time, so the server's memory does not grow with the file: an upload's rows are
+    only counted here; row-level problems (a missing assistant turn, a bad role) are the job's
+    validation, in its own process, which names file:line."""
     with local.open("rb") as fh:
         head = fh.read(8192)
     if b"\x00" in head:
         raise UsageError(f"{filename}: a binary file, not JSON lines", "upload a .jsonl file, one JSON object per line")
+    if head.lstrip()[:1] == b"[":
+        return _check_array(local, filename)
+    rows, parsed, first_problem = 0, 0, None
+    with local.open("rb") as fh:
+        for number, line in enumerate(iter(lambda: fh.readline(MAX_LINE + 1), b""), 1):
+            if len(line) > MAX_LINE:
+                raise UsageError(f"{filename}:{number}: a line longer than {MAX_LINE >> 20} MiB",
+                                 "one JSON object per line; split very long rows")
+            if not line.strip():
+                continue
+            rows += 1
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise UsageError(f"{filename}:{number}: not UTF-8 text", "upload UTF-8 JSON lines") from None
+            except (ValueError, RecursionError) as exc:
+                first_problem = first_problem or f"{filename}:{number}: not valid JSON ({_short(exc)})"
+                continue
+            if not isinstance(row, dict):
+                raise UsageError(f"{filename}:{number}: rows must be JSON objects, got {type(row).__name__}",
+                                 "one object per line, e.g. {\"messages\": [...]}")
+            parsed += 1
+    if not parsed:
+        raise UsageError(first_problem or f"{filename}: no rows", "upload a .jsonl file, one JSON object per line")
+    return rows
+
+
+def _check_array(local: Path, filename: str) -> int:
+    if local.stat().st_size > MAX_LINE:
+        raise UsageError(f"{filename}: a JSON array larger than {MAX_LINE >> 20} MiB",
+                         "upload JSON lines (one object per line) instead")
     try:
-        rows, problems = read_file(local)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"{filename}: not readable as JSON lines ({exc})", "upload UTF-8 JSON lines") from None
-    if not rows:
-        first = str(problems[0]).replace(str(local), filename) if problems else f"{filename}: no rows"
-        raise UsageError(first, "upload a .jsonl file, one JSON object per line")
-    if not isinstance(rows[0].data, dict):
-        raise UsageError(f"{filename}:1: rows must be JSON objects, got {type(rows[0].data).__name__}",
-                         "one object per line, e.g. {\"messages\": [...]}")
-    return len(rows) + len(problems)
+        data = json.loads(local.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UsageError(f"{filename}: not readable as JSON ({_short(exc)})", "upload UTF-8 JSON lines") from None
+    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+        raise UsageError(f"{filename}: a JSON file must be an array of objects", "or upload JSON lines")
+    return len(data)
+
+
+def _short(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0]
 
 
 def remove_upload(uri: str) -> None:

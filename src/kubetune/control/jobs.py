@@ -1,26 +1,29 @@
 """A fine-tuning job: OpenAI's create request checked and turned into a kubetune run spec, and the
 job record shaped as OpenAI's `fine_tuning.job` object.
 
-The spec is the contract: a job is exactly `kubetune train` of the spec written into its run
-folder, so everything a spec can say (LoRA rank, max_steps, max_length, …) is reachable through the
-`kubetune` extension field, and the resolved hyperparameters come back in the job object.
+The spec is the contract: a job is exactly `kubetune train` of the spec the server built for it.
+The caller reaches the training knobs of that spec through the `kubetune` extension field, within
+the operator's allow-list and limits (policy.py); the operator's settings and the server's own
+fields (name, output, model, data) are applied over them. The resolved hyperparameters come back in
+the job object.
 """
 
 from __future__ import annotations
 
-import re
 import secrets
-from pathlib import Path
-from typing import Any, Literal, Union
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kubetune.control.policy import Limits, Refused, check_limits, check_tenant_settings
+from kubetune.control.redact import redact
 from kubetune.errors import SpecError, UsageError
 from kubetune.spec.load import apply_override, validate_spec
 from kubetune.spec.models import RunSpec
 from kubetune.storage.store import uri_basename
 
-__all__ = ["JobRequest", "build_spec", "job_object", "model_name", "new_job_id"]
+__all__ = ["JobPolicy", "JobRequest", "Start", "build_spec", "flat", "job_object", "model_name", "new_job_id"]
 
 ACTIVE = ("validating_files", "queued", "running")
 Auto = Union[Literal["auto"], float, int]
@@ -49,15 +52,16 @@ class Method(BaseModel):
 
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=300)
     training_file: str
     validation_file: str | None = None
     suffix: str | None = Field(None, max_length=64)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None   # the older top-level form (supervised)
     integrations: list[dict[str, Any]] | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="Up to 16 pairs; keys up to 64 characters, values up to 512 (OpenAI's limits).")
     kubetune: dict[str, Any] | None = Field(
         None, description="kubetune's extension: spec settings, nested ({\"train\": {\"max_steps\": 40}}) or dotted "
                           "({\"method.lora.r\": 8})")
@@ -78,59 +82,98 @@ def new_job_id() -> str:
 
 
 def model_name(base: str, suffix: str | None, job_id: str) -> str:
-    """ft:BASE:SUFFIX:ID, OpenAI's shape: BASE is the base model's last path part, ID the job's own."""
+    """ft:BASE:SUFFIX:ID, OpenAI's shape: BASE is the base model's last path part (of a continued
+    `ft:` model, its own BASE), ID the job's own."""
+    if base.startswith("ft:"):
+        return f"ft:{base.split(':')[1]}:{suffix or ''}:{job_id.split('-', 1)[1][:8]}"
     return f"ft:{uri_basename(base.removeprefix('hf://').split('@')[0])}:{suffix or ''}:{job_id.split('-', 1)[1][:8]}"
 
 
-def model_uri(model: str) -> str:
-    """`model` as the spec's model.base: a storage URI or local folder as is, else a Hub id."""
-    if "://" in model:
-        return model
-    if model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().is_dir():
-        return str(Path(model).expanduser().resolve())
-    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", model):
-        return f"hf://{model}"
-    raise UsageError(f"model {model!r}: not a Hub id (org/name), a model folder or a storage URI",
-                     "e.g. Qwen/Qwen3-0.6B, /models/llama, s3://bucket/models/llama")
+@dataclass(frozen=True)
+class Start:
+    """Where a job starts, as the server resolved the caller's `model`: a base the operator offers,
+    or (continuing one of the caller's own models) that job's base and its adapter."""
+    base: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    adapter: str | None = None
 
 
-def build_spec(job_id: str, req: JobRequest, train_uri: str, valid_uri: str | None, run_uri: str,
-               defaults: dict[str, Any] | None = None) -> RunSpec:
-    """The run spec of a job; SpecError names the request field (`kubetune.train.max_steps`, ...).
-    `defaults`: the server's own settings (the kubernetes namespace), under the caller's."""
+@dataclass(frozen=True)
+class JobPolicy:
+    """The operator's side of a job: spec layers applied over the caller's (server, then team),
+    the limits, the registered rewards."""
+    operator: tuple[dict[str, Any], ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    rewards: dict[str, str] = field(default_factory=dict)
+
+
+def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid_uri: str | None, run_uri: str,
+               policy: JobPolicy | None = None, rows: int = 0) -> RunSpec:
+    """The run spec of a job. The caller's `kubetune` settings go through the allow-list (policy.py),
+    the operator's spec settings are applied over them, and the server's own fields (name, output,
+    model, data) last; Refused/SpecError name the request field (`kubetune.train.max_steps`, ...)."""
+    policy = policy or JobPolicy()
     method = req.resolved_method()
     hp = getattr(method, method.type).hyperparameters  # type: ignore[union-attr]
-    raw: dict[str, Any] = {
+    fixed: dict[str, Any] = {
         "name": job_id, "output": run_uri,
-        "model": {"base": model_uri(req.model)},
-        "data": {"train": [train_uri], "eval": valid_uri},
+        "model.base": start.base, "model.revision": start.revision, "model.trust_remote_code": start.trust_remote_code,
+        "model.adapter": start.adapter, "data.train": [train_uri],
+    }
+    raw: dict[str, Any] = {
+        "name": job_id, "model": {}, "data": {"eval": valid_uri},
         "method": {"type": "lora", "objective": "sft" if method.type == "supervised" else "dpo"},
         "train": {"seed": req.seed if req.seed is not None else 42},
         "resources": {"accelerator": "auto"},
     }
-    for key, value in [*_flat(defaults or {}).items(), *_flat(req.kubetune or {}).items()]:
-        path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
-        if path[0] in ("name", "output"):
-            raise UsageError(f"kubetune.{key}: set by the server (the job's id and storage)", "leave it out")
-        apply_override(raw, path, value, f"kubetune.{key}")
+    params: dict[str, str] = {}
+    allowed, unknown = check_tenant_settings(flat(req.kubetune or {}), policy.rewards)
+    for key, value in allowed.items():
+        if key == "data.eval.split_ratio":
+            if valid_uri is not None:
+                raise Refused(f"kubetune.{key}", "the eval rows are the validation_file's", "leave one of them out")
+            raw["data"]["eval"] = {}
+        _set(raw, key, value, f"kubetune.{key}")
     if hp.n_epochs != "auto":
         raw["train"]["epochs"] = hp.n_epochs
         raw["train"]["max_steps"] = -1
+        params["train.epochs"] = f"{_hp_where(req, method)}.n_epochs"
     if hp.batch_size != "auto":
         raw["train"]["total_batch_size"] = hp.batch_size
+        params["train.total_batch_size"] = f"{_hp_where(req, method)}.batch_size"
     if hp.learning_rate_multiplier != "auto":
         kind = raw["method"].get("type", "lora")
         raw["train"]["learning_rate"] = BASE_LR.get(kind, 2e-4) * float(hp.learning_rate_multiplier)
+        params["train.learning_rate"] = f"{_hp_where(req, method)}.learning_rate_multiplier"
     if hp.beta != "auto":
         if method.type != "dpo":
             raise UsageError("method.supervised.hyperparameters.beta: only DPO has beta", "leave it out")
         raw["method"].setdefault("dpo", {})["beta"] = hp.beta
+    for layer in policy.operator:  # the operator's settings win over the caller's
+        for key, value in flat(layer).items():
+            _set(raw, key, value, f"server configuration: spec.{key}")
+    for key, value in fixed.items():
+        _set(raw, key, value, key)
     try:
-        return validate_spec(raw, "kubetune")
+        spec = validate_spec(raw, "kubetune")
     except SpecError as exc:  # problems read `kubetune.train.max_steps: ...`, the field the caller sent
         for p in exc.problems:
             object.__setattr__(p, "where", "kubetune." + p.where.split(": ")[-1] if p.where else "kubetune")
-        raise
+        raise SpecError(sorted([*exc.problems, *unknown], key=lambda p: p.where), exc.hint) from None
+    if unknown:
+        raise SpecError(unknown, "the README lists the settings a job can have")
+    check_limits(spec, policy.limits, rows, params)
+    return spec
+
+
+def _hp_where(req: JobRequest, method: Method) -> str:
+    return "hyperparameters" if req.hyperparameters is not None else f"method.{method.type}.hyperparameters"
+
+
+def _set(raw: dict[str, Any], key: str, value: Any, item: str) -> None:
+    path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+    apply_override(raw, path, value, item)
 
 
 def resolved_hyperparameters(spec: RunSpec) -> dict[str, Any]:
@@ -154,18 +197,23 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
         "organization_id": "org-kubetune", "result_files": [], "status": job["status"],
         "validation_file": job.get("validation_file"), "training_file": job["training_file"],
         "hyperparameters": {k: hp.get(k, "auto") for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
-        "trained_tokens": job.get("trained_tokens"), "error": job.get("error"), "user_provided_suffix": job.get("suffix"),
+        "trained_tokens": job.get("trained_tokens"), "error": _public_error(job.get("error")),
+        "user_provided_suffix": job.get("suffix"),
         "seed": job["seed"], "estimated_finish": None, "integrations": [], "method": method,
         "metadata": job.get("metadata"),
     }
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _public_error(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {**error, "message": redact(str(error.get("message", "")))} if error else None
+
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and "." not in key and not _leaf_dict(name):
-            out.update(_flat(value, name + "."))
+        if isinstance(value, dict) and "." not in key and not _leaf_dict(name):
+            out.update(flat(value, name + "."))
         else:
             out[name] = value
     return out

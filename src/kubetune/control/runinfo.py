@@ -9,6 +9,7 @@ from typing import Any
 from kubetune.artifacts.events import (CheckpointEvent, CheckpointStoredEvent, EndEvent, ErrorEvent, EvalEvent,
                                        EvalReportEvent, Event, PreemptedEvent, StartEvent, StepEvent, parse_events)
 from kubetune.errors import KubetuneError
+from kubetune.control.redact import redact
 from kubetune.storage.store import Store, is_remote, local_path
 
 __all__ = ["checkpoints", "openai_events", "read_run_text", "run_events", "trained_tokens"]
@@ -53,7 +54,7 @@ def openai_events(job_id: str, control: list[dict[str, Any]], events: list[Event
 
 
 def _event(eid: str, t: float, level: str, message: str, kind: str, data: dict[str, Any] | None) -> dict[str, Any]:
-    return {"object": "fine_tuning.job.event", "id": eid, "_t": t, "level": level, "message": message,
+    return {"object": "fine_tuning.job.event", "id": eid, "_t": t, "level": level, "message": redact(message),
             "type": kind, "data": data}
 
 
@@ -89,7 +90,7 @@ def _describe(e: Event) -> tuple[str, str, str, dict[str, Any] | None] | None:
 
 def checkpoints(job: dict[str, Any], events: list[Event]) -> list[dict[str, Any]]:
     """Complete checkpoints still in the run, newest first, with the loss logged at their step."""
-    steps = _complete_steps(job["run_uri"])
+    steps = complete_steps(job["run_uri"])
     losses = {e.step: e for e in events if isinstance(e, StepEvent)}
     valid = {e.step: e.loss for e in events if isinstance(e, EvalEvent)}
     made = {e.step: e.time for e in events if isinstance(e, (CheckpointEvent, CheckpointStoredEvent))}
@@ -106,7 +107,7 @@ def checkpoints(job: dict[str, Any], events: list[Event]) -> list[dict[str, Any]
     return out
 
 
-def _complete_steps(run_uri: str) -> list[int]:
+def complete_steps(run_uri: str) -> list[int]:
     try:
         if is_remote(run_uri):
             store = Store(run_uri)

@@ -3,16 +3,17 @@ without an API key: the API starts training jobs on this machine and serves thei
 
 from __future__ import annotations
 
-import ipaddress
 from kubetune import settings
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kubetune.control.keys import digest, key_id, new_key
 from kubetune.control.store import Store, database_url
-from kubetune.errors import UsageError
+from kubetune.control.policy import ServerConfig, check_operator_spec, load_config
+from kubetune.errors import SpecError, UsageError
+from kubetune.serve.server import is_loopback
 from kubetune.storage.store import is_remote
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class ServerOptions:
     backend: str = "local"                           # local | kubernetes
     namespace: str = "default"                       # kubernetes: where jobs go (unless a job says otherwise)
     clusters: list[str] = field(default_factory=list)  # namespaces whose kubetune Jobs the dashboard shows
+    config: Path | None = None                       # the operator's policy (YAML): models, limits, budgets, spec
+    models_root: Path | None = None                  # a folder of model folders tenants may name (over config's)
 
 
 def open_store(options: ServerOptions) -> Store:
@@ -66,15 +69,6 @@ def list_keys(options: ServerOptions) -> list[dict[str, object]]:
         store.close()
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def build(options: ServerOptions) -> tuple[FastAPI, Store]:
     """The app and its store; UsageError for a server that must not start (no key beyond loopback,
     the kubernetes backend without shared storage)."""
@@ -98,15 +92,39 @@ def build(options: ServerOptions) -> tuple[FastAPI, Store]:
         raise UsageError(f"--backend kubernetes with --storage {storage}: pods cannot read this machine's folders",
                          "give --storage s3://bucket/prefix or gs://bucket/prefix, which the pods and this server "
                          "both reach")
+    config = load_config(options.config)
+    if options.models_root is not None:
+        config.models.root = str(options.models_root.expanduser().resolve())
+    operator_spec = {"kubernetes": {"namespace": options.namespace}} if k8s else {}
+    check_policy(config, operator_spec, str(options.config or "--config"))
     control = ControlSettings(storage=storage, backend=options.backend, max_upload_bytes=options.max_upload_mb << 20,
                               open_without_key=not has_keys, runs=list(options.runs),
-                              clusters=list(options.clusters),
-                              spec_defaults={"kubernetes": {"namespace": options.namespace}} if k8s else {})
+                              clusters=list(options.clusters), config=config, operator_spec=operator_spec)
     models = ModelHub(store, options.max_concurrency, options.adapters)
     worker_class = KubernetesWorker if k8s else LocalWorker
     worker = worker_class(store, options.home.resolve(), options.worker_id or socket.gethostname(),
-                          options.concurrency)
+                          options.concurrency, config=config)
     return create_app(store, control, worker, models), store
+
+
+def check_policy(config: ServerConfig, operator_spec: dict[str, Any], where: str) -> None:
+    """The operator's spec settings (server-wide and per team) checked once at start, on a stand-in
+    job: a mistake there is the operator's to fix now (exit 2), not every tenant's failed job later."""
+    from kubetune.control.jobs import flat
+    from kubetune.spec.load import apply_override, validate_spec
+
+    layers = [("spec", config.spec)] + [(f"teams.{name}.spec", t.spec) for name, t in config.teams.items()]
+    for label, layer in layers:
+        check_operator_spec(layer, f"{where}: {label}")
+        raw: dict[str, Any] = {"name": "check", "model": {"base": "org/model"}, "data": {"train": ["rows.jsonl"]}}
+        for one in (operator_spec, config.spec, layer):
+            for key, value in flat(one).items():
+                apply_override(raw, tuple(int(p) if p.isdigit() else p for p in key.split(".")), value,
+                               f"{where}: {label}.{key}")
+        try:
+            validate_spec(raw, f"{where}: {label}")
+        except SpecError as exc:
+            raise SpecError(exc.problems, "fix the server's configuration") from None
 
 
 def serve_control(options: ServerOptions) -> None:

@@ -7,7 +7,9 @@ from typing import Any, Protocol
 
 from fastapi import Request
 
+from kubetune.control.jobs import JobPolicy
 from kubetune.control.keys import digest, key_id
+from kubetune.control.policy import Budgets, ServerConfig
 from kubetune.control.models import ModelHub
 from kubetune.control.store import Store
 from kubetune.serve.errors import ApiError
@@ -23,7 +25,16 @@ class ControlSettings:
     open_without_key: bool = False    # no key configured: loopback-only, one owner
     runs: list[str] = field(default_factory=list)  # folders / bucket prefixes of runs the dashboard shows
     clusters: list[str] = field(default_factory=list)  # namespaces whose kubetune Jobs the dashboard shows
-    spec_defaults: dict[str, Any] = field(default_factory=dict)  # under every job's `kubetune` settings
+    config: ServerConfig = field(default_factory=ServerConfig)  # the operator's policy (--config)
+    operator_spec: dict[str, Any] = field(default_factory=dict)  # the server's flags as spec settings (namespace)
+
+    def policy_for(self, store: Store, owner: str) -> tuple[JobPolicy, Budgets]:
+        """The operator's side of a job of `owner`: the server's spec, then its team's, with the
+        team's limits and budgets where it has its own."""
+        team = self.config.team_of(owner, store.key_name(owner))
+        layers = (self.operator_spec, self.config.spec, *((team.spec,) if team is not None else ()))
+        return (JobPolicy(layers, self.config.limits_for(team), dict(self.config.rewards)),
+                self.config.budgets_for(team))
 
 
 class Backend(Protocol):

@@ -132,6 +132,10 @@ class Store:
         with self.engine.connect() as c:
             return [dict(r) for r in c.execute(sa.select(keys.c.id, keys.c.name, keys.c.created_at)).mappings()]
 
+    def key_name(self, key_id: str) -> str | None:
+        with self.engine.connect() as c:
+            return c.execute(sa.select(keys.c.name).where(keys.c.id == key_id)).scalar()
+
     def has_keys(self) -> bool:
         with self.engine.connect() as c:
             return c.execute(sa.select(sa.func.count()).select_from(keys)).scalar_one() > 0
@@ -152,6 +156,12 @@ class Store:
         return self._page(files, owner, after, limit, newest_first,
                           [files.c.purpose == purpose] if purpose else [])
 
+    def stored_bytes(self, owner: str) -> int:
+        """Bytes of the owner's files kept now (its upload budget's use)."""
+        with self.engine.connect() as c:
+            return int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(files.c.bytes), 0)).where(
+                files.c.owner == owner)).scalar_one())
+
     def delete_file(self, owner: str, file_id: str) -> bool:
         with self.engine.begin() as c:
             return c.execute(files.delete().where(files.c.id == file_id, files.c.owner == owner)).rowcount > 0
@@ -170,6 +180,17 @@ class Store:
 
     def jobs(self, owner: str, after: str | None, limit: int) -> list[dict[str, Any]]:
         return [_loaded(r) for r in self._page(jobs, owner, after, limit, True, [])]
+
+    def jobs_of(self, owner: str, statuses: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Every job of one owner (oldest first), optionally only in some statuses."""
+        where = [jobs.c.owner == owner] + ([jobs.c.status.in_(list(statuses))] if statuses is not None else [])
+        with self.engine.connect() as c:
+            return [_loaded(r) for r in c.execute(sa.select(jobs).where(*where).order_by(jobs.c.n)).mappings()]
+
+    def count_jobs(self, owner: str, statuses: Sequence[str]) -> int:
+        with self.engine.connect() as c:
+            return c.execute(sa.select(sa.func.count()).select_from(jobs).where(
+                jobs.c.owner == owner, jobs.c.status.in_(list(statuses)))).scalar_one()
 
     def jobs_in(self, statuses: Sequence[str], backend: str | None = None) -> list[dict[str, Any]]:
         where = [jobs.c.status.in_(statuses)] + ([jobs.c.backend == backend] if backend else [])

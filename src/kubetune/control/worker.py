@@ -20,15 +20,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubetune import settings
 from kubetune.artifacts.events import ErrorEvent
+from kubetune.control.environment import job_environment
+from kubetune.control.policy import Budgets, ServerConfig
 from kubetune.control.runinfo import run_events, trained_tokens
 from kubetune.control.store import Store
 from kubetune.errors import EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE
+from kubetune.spec.load import load_spec_text
 
 __all__ = ["LocalWorker"]
 
@@ -50,6 +54,7 @@ class LocalWorker:
     home: Path                      # jobs/JOB_ID/{spec.yaml, validate.log, train.log}
     worker_id: str
     concurrency: int = 1
+    config: ServerConfig = field(default_factory=ServerConfig)
     poll_s: float = 0.5
     _procs: dict[str, _Proc] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -100,6 +105,8 @@ class LocalWorker:
         for job in self.store.jobs_in(["validating_files"], self.backend):
             if job["id"] in self._procs or not _due(job):
                 continue
+            if sum(p.kind == "validate" for p in self._procs.values()) >= self.config.validations:
+                break  # a bounded pool: a flood of jobs waits its turn instead of starting a process each
             if self._mine(job) or self.store.update_job(job["id"], expect=["validating_files"], unclaimed=True,
                                                         worker=self.worker_id):
                 self._spawn(job, "validate")
@@ -121,13 +128,23 @@ class LocalWorker:
             if self._mine(job) and job["id"] not in self._procs:
                 self.store.add_event(job["id"], "Resuming after a server restart")
                 self._spawn(job, "train")
-        for job in self.store.jobs_in(["queued"], self.backend):
-            if sum(p.kind == "train" for p in self._procs.values()) >= self.concurrency:
+        running = Counter(j["owner"] for j in self.store.jobs_in(["running"], self.backend))
+        queued = [j for j in self.store.jobs_in(["queued"], self.backend) if _due(j)]
+        while queued and sum(p.kind == "train" for p in self._procs.values()) < self.concurrency:
+            # Fair across keys: the oldest job of the key training least goes first, and a key at its
+            # own limit waits however long its queue is.
+            ready = [j for j in queued if running[j["owner"]] < self._budgets(j["owner"]).max_running_jobs]
+            if not ready:
                 break
-            if _due(job) and self.store.update_job(job["id"], expect=["queued"], status="running",
-                                                   worker=self.worker_id):
+            job = min(ready, key=lambda j: (running[j["owner"]], j["n"]))
+            queued.remove(job)
+            if self.store.update_job(job["id"], expect=["queued"], status="running", worker=self.worker_id):
+                running[job["owner"]] += 1
                 self.store.add_event(job["id"], f"Fine-tuning job started (worker {self.worker_id})")
                 self._spawn(job, "train")
+
+    def _budgets(self, owner: str) -> Budgets:
+        return self.config.budgets_for(self.config.team_of(owner, self.store.key_name(owner)))
 
     def _spawn(self, job: dict[str, Any], kind: str) -> None:
         folder = self.home / "jobs" / job["id"]
@@ -138,9 +155,14 @@ class LocalWorker:
         cmd = [sys.executable, "-m", "kubetune", kind, str(spec)] + (["--wait"] if kind == "train" else [])
         with log.open("ab") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=_child_env(), cwd=folder, start_new_session=True,
+                                     env=self._environment(job), cwd=folder, start_new_session=True,
                                      preexec_fn=_die_with_parent)
         self._procs[job["id"]] = _Proc(kind, popen, log)
+
+    def _environment(self, job: dict[str, Any]) -> dict[str, str]:
+        """Only what this job needs of the server's environment (environment.py)."""
+        spec = load_spec_text(job["spec"], f"job {job['id']}")
+        return {**job_environment(spec, os.environ, self.config.env), "PYTHONUNBUFFERED": "1"}
 
     def _reap(self) -> None:
         for job_id, proc in list(self._procs.items()):
@@ -222,9 +244,6 @@ def _due(job: dict[str, Any]) -> bool:
     return job.get("retry_at") is None or job["retry_at"] <= time.time()
 
 
-def _child_env() -> dict[str, str]:
-    """The server's environment less its own API key: a training process has no use for it."""
-    return {k: v for k, v in os.environ.items() if k != settings.API_KEY}
 
 
 def _tail(log: Path, lines: int) -> str:

@@ -12,7 +12,10 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kubetune.serve.body_limit import BodyLimit
 
 from kubetune.serve.engine import TransformersEngine
 from kubetune.serve.errors import error_body, install_error_handlers
@@ -34,7 +37,8 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
     app.state.kubetune = state
     install_error_handlers(app)
 
-    app.add_middleware(_AuthAndCount, state=state)
+    app.add_middleware(BodyLimit)  # inside the key check: a stranger's body is not read
+    app.add_middleware(_AuthAndCount, state=state, routes=app.router.routes)
     app.include_router(system.router)
     app.include_router(openai.router)
     return app
@@ -43,27 +47,42 @@ def create_app(engine: TransformersEngine, settings: ServerSettings | None = Non
 class _AuthAndCount:
     """The API key check and the request counter, as plain ASGI: Starlette's BaseHTTPMiddleware pipes
     every streamed chunk through a memory stream and an extra task, which a server streaming one
-    token per chunk to dozens of clients pays for on every token."""
+    token per chunk to dozens of clients pays for on every token.
 
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app, self.state = app, state
+    Requests are counted by route (`/v1/chat/completions`), never by the raw path: a label per path
+    a client makes up would grow the registry (and /metrics) without bound."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, routes: list[BaseRoute]) -> None:
+        self.app, self.state, self.routes = app, state, routes
+
+    def _route(self, scope: Scope) -> str:
+        for route in self.routes:
+            if route.matches(scope)[0] == Match.FULL:
+                return getattr(route, "path", "other")
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         api = scope["type"] == "http" and (path.startswith("/v1/") or path == "/tokenize")
-        if not api:  # /health and /metrics stay open for probes
+        keyed = api or (path == "/metrics" and self.state.settings.metrics_need_key)
+        if not api and not keyed:  # /health (and /metrics unless --metrics-auth key) stay open for probes
             await self.app(scope, receive, send)
             return
         metrics, key = self.state.metrics, self.state.settings.api_key
+        route = self._route(scope)
         if key and not _authorized(Headers(scope=scope).get("authorization", ""), key):
-            metrics.requests.labels(path, "401").inc()
+            metrics.requests.labels(route, "401").inc()
             response = JSONResponse(error_body("missing or wrong API key (send Authorization: Bearer KEY)",
                                                "invalid_request_error", None, "invalid_api_key"), status_code=401)
             await response(scope, receive, send)
             return
+        if not api:
+            await self.app(scope, receive, send)
+            return
+
         async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
-                metrics.requests.labels(path, str(message["status"])).inc()
+                metrics.requests.labels(route, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, send_counted)

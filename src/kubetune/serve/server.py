@@ -5,6 +5,7 @@ transformers engine behind kubetune's own OpenAI-compatible app."""
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,23 @@ class ServeOptions:
     with_base: bool = True
     adapters: str = "auto"             # auto | merged | unmerged (transformers engine)
     workers: int | str = "auto"        # engine processes (transformers engine; serve.workers)
+    metrics_auth: str = "open"         # open | key: whether /metrics needs the API key too
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(host: str, api_key: str | None, flag: str = "--api-key KEY (or KUBETUNE_API_KEY)") -> None:
+    """Beyond loopback a server answers the network: without a key anyone reaching it could use it."""
+    if not api_key and not is_loopback(host):
+        raise UsageError(f"--host {host}: the server would answer the network with no API key",
+                         f"give {flag}, or listen on 127.0.0.1")
 
 
 def choose_engine(choice: str) -> str:
@@ -88,6 +106,9 @@ def _reasoning_of(folder: Path) -> str | None:
 
 def serve(targets: Sequence[str], options: ServeOptions) -> None:
     api_key = options.api_key or settings.api_key()
+    check_listen(options.host, api_key)
+    if options.metrics_auth == "key" and not api_key:
+        raise UsageError("--metrics-auth key: there is no API key to require", "give --api-key KEY as well")
     if choose_engine(options.engine) == "vllm":
         cmd = vllm_command(vllm_target(targets, options.served_name), options.host, options.port,
                            max_num_seqs=options.max_concurrency)
@@ -105,7 +126,8 @@ def serve(targets: Sequence[str], options: ServeOptions) -> None:
     engine = load_engine(targets, options.served_name, with_base=options.with_base,
                          max_concurrency=options.max_concurrency, adapters=options.adapters,
                          workers=options.workers)
-    app = create_app(engine, ServerSettings(max_concurrency=options.max_concurrency, api_key=api_key))
+    app = create_app(engine, ServerSettings(max_concurrency=options.max_concurrency, api_key=api_key,
+                                            metrics_need_key=options.metrics_auth == "key"))
     url = f"http://{options.host}:{options.port}"
     print(f"serving {', '.join(engine.names)} at {url}/v1 (transformers engine, continuous batching, "
           f"{options.max_concurrency} requests at most, {_workers_line(engine.workers, threads)}"

@@ -18,6 +18,7 @@ class ServerSettings:
     max_concurrency: int = 64
     api_key: str | None = None
     default_max_tokens: int = 256
+    metrics_need_key: bool = False     # /metrics behind the API key too (--metrics-auth key)
 
 
 @dataclass

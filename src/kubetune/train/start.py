@@ -22,6 +22,12 @@ def start_adapter(spec: RunSpec) -> Path | None:
     path = local_path(uri)
     if path is not None and (path / "adapter_config.json").exists():
         return path
+    if path is None:  # an adapter folder in object storage (a checkpoint of a remote run) is brought here
+        from kubetune.storage.fetch import fetch
+        from kubetune.storage.store import Store
+
+        if Store(uri).exists("adapter_config.json"):
+            return fetch(uri, exclude=("optimizer.pt", "scheduler.pt", "rng_state*", "COMPLETE"))
     if path is not None and not ((path / "spec.yaml").exists() or (path / "config.json").exists()):
         raise UsageError(f"model.adapter {uri} is neither a kubetune run (spec.yaml) nor an adapter folder "
                          "(adapter_config.json)", "pass the folder or URI of a finished LoRA run")

@@ -121,7 +121,7 @@ async function refreshDetail() {
   $("#detail").dataset.id = d.run.id;
   $("#detail-title").textContent = d.run.name;
   const eta = d.run.eta_s ? ` · about ${Math.round(d.run.eta_s)} s left` : "";
-  $("#detail-meta").textContent = `${d.run.status} · ${d.run.method || ""} on ${d.run.model || "?"} · ${d.run.uri}${eta}`;
+  $("#detail-meta").textContent = `${d.run.status} · ${d.run.method || ""} on ${d.run.model || "?"} · ${d.run.source}${eta}`;
   const steps = (key) => d.curves.map((c) => [c.step, c[key]]);
   chart($("#loss-chart"), [
     { name: "train loss", color: COLORS[0], points: steps("loss") },

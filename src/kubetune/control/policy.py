@@ -1,0 +1,363 @@
+"""The operator's policy for `kubetune server`: what a tenant (an API key) may ask for, and what the
+operator decides for every job.
+
+Trust (README, "Threat model"): the operator who starts the server is trusted; a key holder is not.
+So a job request is read through an allow-list: a tenant sets training knobs that name nothing
+outside its own job, each capped (`Limits`); everything that names a path, a URI, a host, a module,
+a credential, a cluster object or resources is the operator's (`ServerConfig.spec`, per team in
+`teams`), and the operator's values are applied last, so they always win.
+
+The configuration is a YAML file (`kubetune server --config server.yaml`); every field has a
+default that is safe for a shared server.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kubetune.errors import Problem, SpecError, UsageError
+
+__all__ = ["Budgets", "Limits", "ModelEntry", "ModelsPolicy", "Refused", "ServerConfig", "Team",
+           "check_tenant_settings", "load_config", "tenant_field"]
+
+
+class Refused(UsageError):
+    """A request field the caller may not set, or a value over the operator's limit: a 400 naming
+    `param`, the field as the caller sent it."""
+
+    def __init__(self, param: str, message: str, hint: str | None = None) -> None:
+        super().__init__(f"{param}: {message}", hint)
+        self.param = param
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(_Config):
+    name: str = Field(description="What a tenant writes as `model`: an exact name (`llama-8b`) or a pattern over "
+                                  "Hub ids (`Qwen/*`, `meta-llama/Llama-3.2-*`).")
+    uri: str | None = Field(None, description="Where an exact name's model is (a folder, s3://, gs://, hf://org/name); "
+                                              "default: the Hub id itself.")
+    trust_remote_code: bool = Field(False, description="Run the model's own code (auto_map). Only for models the "
+                                                       "operator has read: the code runs with the job's rights.")
+
+
+class ModelsPolicy(_Config):
+    root: str | None = Field(None, description="A folder of model folders: `model: NAME` is ROOT/NAME (one path "
+                                               "part, no '..').")
+    allow: list[ModelEntry] = Field(default_factory=lambda: [ModelEntry(name="*/*")],
+                                    description="Names and Hub-id patterns tenants may name. Default: any Hub id "
+                                                "(without remote code).")
+
+
+class Limits(_Config):
+    """Caps on what one job may ask for (checked on the resolved job, whatever field set it)."""
+    max_steps: int = Field(20_000, ge=1, description="Optimizer steps per job (max_steps, or epochs x rows / batch).")
+    max_epochs: float = Field(20, gt=0)
+    max_tokens_per_job: int = Field(2_000_000_000, ge=1, description="steps x batch size x max_length.")
+    max_length: int = Field(8192, ge=16)
+    max_batch_size: int = Field(512, ge=1, description="train.total_batch_size (hyperparameters.batch_size).")
+    max_per_device_batch_size: int = Field(64, ge=1)
+    max_lora_r: int = Field(256, ge=1)
+    max_learning_rate: float = Field(1.0, gt=0)
+    max_keep_checkpoints: int = Field(5, ge=1)
+    max_eval_samples: int = Field(1000, ge=1)
+    max_new_tokens: int = Field(2048, ge=1, description="eval.max_new_tokens and method.grpo.max_new_tokens.")
+    max_generations: int = Field(16, ge=2, description="method.grpo.num_generations.")
+    methods: list[Literal["lora", "qlora", "full"]] = Field(default_factory=lambda: ["lora", "qlora", "full"])
+    objectives: list[Literal["sft", "dpo", "kto", "grpo"]] = Field(
+        default_factory=lambda: ["sft", "dpo", "kto", "grpo"])
+
+
+class Budgets(_Config):
+    """Per key: what one tenant may hold at once."""
+    max_queued_jobs: int = Field(20, ge=1, description="Jobs validating or queued.")
+    max_running_jobs: int = Field(2, ge=1, description="Jobs training at once (the rest wait, fairly across keys).")
+    max_upload_bytes: int = Field(10 << 30, ge=1, description="Bytes of files stored at once.")
+
+
+class Team(_Config):
+    keys: list[str] = Field(description="Key names (`kubetune server key create --name`) or ids (key-...) in this team.")
+    spec: dict[str, Any] = Field(default_factory=dict, description="The operator's spec settings for this team's "
+                                 "jobs (e.g. kubernetes.namespace and kubernetes.queue: a Kueue LocalQueue per team), "
+                                 "over the server's own.")
+    limits: Limits | None = None
+    budgets: Budgets | None = None
+
+
+class ServerConfig(_Config):
+    models: ModelsPolicy = Field(default_factory=ModelsPolicy)
+    limits: Limits = Field(default_factory=Limits)
+    budgets: Budgets = Field(default_factory=Budgets)
+    validations: int = Field(2, ge=1, description="File validations run at once (each is a process).")
+    spec: dict[str, Any] = Field(default_factory=dict, description="Spec settings of every job, over anything a "
+                                 "tenant asked: resources, tracking, storage, kubernetes (namespace, image, "
+                                 "service_account, secrets, priority_class, tolerations, queue), ...")
+    rewards: dict[str, str] = Field(default_factory=dict, description="GRPO rewards tenants may pick by name: "
+                                    "NAME: package.module:function.")
+    env: list[str] = Field(default_factory=list, description="Names of this server's environment variables that "
+                           "training processes also get (beyond the minimal set each job needs).")
+    teams: dict[str, Team] = Field(default_factory=dict)
+
+    def team_of(self, key_id: str, key_name: str | None) -> Team | None:
+        for team in self.teams.values():
+            if key_id in team.keys or (key_name is not None and key_name in team.keys):
+                return team
+        return None
+
+    def limits_for(self, team: Team | None) -> Limits:
+        return team.limits if team is not None and team.limits is not None else self.limits
+
+    def budgets_for(self, team: Team | None) -> Budgets:
+        return team.budgets if team is not None and team.budgets is not None else self.budgets
+
+
+def load_config(path: str | Path | None) -> ServerConfig:
+    """The operator's configuration; every problem at once, as `server.yaml: limits.max_steps: ...`."""
+    if path is None:
+        return ServerConfig()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc.strerror})", "give the server's YAML configuration")
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise UsageError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: must be a mapping (models, limits, budgets, spec, rewards, env, teams)")
+    try:
+        config = ServerConfig.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([Problem(f"{path}: {'.'.join(str(p) for p in e['loc'])}", e["msg"]) for e in exc.errors()],
+                        "see the README's `kubetune server` configuration") from None
+    problems = [Problem(f"{path}: rewards.{name}", f"{target!r} is not package.module:function")
+                for name, target in config.rewards.items()
+                if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", target)]
+    problems += [Problem(f"{path}: env", f"{name!r} is not an environment variable name")
+                 for name in config.env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+    if problems:
+        raise SpecError(problems)
+    return config
+
+
+# What a tenant may set in the `kubetune` extension: dotted spec paths, `*` for any one part. Each
+# names nothing outside the job (no path, URI, host, module, credential, cluster object, resources).
+TENANT_FIELDS = (
+    "model.dtype", "model.chat_template",
+    "data.format", "data.columns.*", "data.system_prompt", "data.max_length", "data.too_long", "data.loss_on",
+    "data.reasoning", "data.bad_rows", "data.eval.split_ratio",
+    "method.type", "method.objective", "method.lora.r", "method.lora.alpha", "method.lora.dropout",
+    "method.lora.target_modules", "method.dpo.beta", "method.dpo.loss_type", "method.dpo.label_smoothing",
+    "method.kto.beta", "method.kto.desirable_weight", "method.kto.undesirable_weight",
+    "method.grpo.num_generations", "method.grpo.max_new_tokens", "method.grpo.temperature", "method.grpo.beta",
+    "method.grpo.rewards",
+    "train.epochs", "train.max_steps", "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio",
+    "train.weight_decay", "train.max_grad_norm", "train.optim", "train.total_batch_size",
+    "train.max_per_device_batch_size", "train.gradient_checkpointing", "train.save_every_steps",
+    "train.keep_checkpoints", "train.eval_every_steps", "train.logging_steps", "train.seed", "train.mixed_precision",
+    "train.sampling", "train.padding_free", "train.attention",
+    "eval.metrics", "eval.max_new_tokens", "eval.num_samples",
+)
+# Free text a tenant may set, and how long it may be (names are short; a system prompt is a prompt).
+TEXT_LIMITS = {"data.system_prompt": 8000}
+TEXT_DEFAULT_LIMIT = 200
+BUILTIN_REWARDS = ("exact_match", "regex", "length")
+REWARD_KEYS = ("function", "weight", "column", "pattern", "max_chars")
+
+
+def tenant_field(path: str) -> bool:
+    parts = path.split(".")
+    return any(len(parts) == len(p.split(".")) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, p.split(".")))
+               for p in TENANT_FIELDS)
+
+
+def is_spec_field(path: str) -> bool:
+    """Whether a dotted path is (or is inside) a field of the run spec."""
+    from kubetune.spec.models import RunSpec
+
+    model: type[BaseModel] = RunSpec
+    for part in path.split("."):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        inner = _models_in(field.annotation)
+        if not inner:
+            return True  # a value, list or mapping: anything under it belongs to it
+        model = inner[0]
+    return True
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def check_tenant_settings(flat: dict[str, Any], rewards: dict[str, str]) -> tuple[dict[str, Any], list[Problem]]:
+    """The caller's `kubetune` settings (dotted), each allowed and of a safe shape, with registered
+    reward names replaced by the operator's functions, and a problem for each key that is no setting
+    at all; Refused names the first one that is the operator's."""
+    out: dict[str, Any] = {}
+    unknown: list[Problem] = []
+    for key, value in flat.items():
+        param = f"kubetune.{key}"
+        if not tenant_field(key) and is_spec_field(key):
+            raise Refused(param, "is the operator's (a tenant sets training settings only: learning rate, schedule, "
+                                 "LoRA, max_length, max_steps, eval metrics, DPO/KTO/GRPO settings)",
+                          "leave it out; data come from your file ids, the model from `model`")
+        if not tenant_field(key):  # no such setting: never applied, reported with a did-you-mean
+            unknown.append(Problem(param, "not a setting a job can have" + _did_you_mean(key)))
+            continue
+        _check_value(param, value)
+        if key == "model.chat_template" and value not in ("auto", "chatml"):
+            raise Refused(param, "must be auto or chatml (a template file is the operator's)")
+        if key == "method.grpo.rewards":
+            value = _rewards(param, value, rewards)
+        out[key] = value
+    return out, unknown
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, [f.replace(".*", "") for f in TENANT_FIELDS], n=1, cutoff=0.7)
+    return f"; did you mean {close[0]}?" if close else " (see the README's list of job settings)"
+
+
+def _check_value(param: str, value: Any, depth: int = 0) -> None:
+    if depth > 4:
+        raise Refused(param, "is nested too deeply")
+    if isinstance(value, str):
+        limit = TEXT_LIMITS.get(param.removeprefix("kubetune."), TEXT_DEFAULT_LIMIT)
+        if len(value) > limit:
+            raise Refused(param, f"is longer than {limit} characters")
+    elif isinstance(value, list):
+        if len(value) > 64:
+            raise Refused(param, "has more than 64 entries")
+        for item in value:
+            _check_value(param, item, depth + 1)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_value(param, item, depth + 1)
+    elif isinstance(value, float) and value != value:
+        raise Refused(param, "is not a number")
+
+
+def _rewards(param: str, value: Any, registered: dict[str, str]) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise Refused(param, "must be a list of rewards, e.g. [{function: exact_match, column: answer}]")
+    out = []
+    for i, reward in enumerate(value):
+        where = f"{param}.{i}"
+        if not isinstance(reward, dict):
+            raise Refused(where, "must be a mapping with `function`")
+        extra = sorted(set(reward) - set(REWARD_KEYS))
+        if extra:
+            raise Refused(f"{where}.{extra[0]}", f"is not a reward setting ({', '.join(REWARD_KEYS)})")
+        name = reward.get("function")
+        if name in BUILTIN_REWARDS:
+            out.append(dict(reward))
+        elif isinstance(name, str) and name in registered:
+            out.append({**reward, "function": registered[name]})
+        else:
+            offered = ", ".join([*BUILTIN_REWARDS, *sorted(registered)])
+            raise Refused(f"{where}.function", f"{name!r} is not a reward this server offers ({offered}); "
+                                               "reward code is the operator's (server config: rewards)")
+    return out
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+REVISION = re.compile(r"[\w][\w.-]*")
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+
+
+def resolve_model(name: str, models: ModelsPolicy) -> tuple[str, str | None, bool]:
+    """(model.base, model.revision, trust_remote_code) of a base model a tenant names; Refused
+    (param `model`) for anything the operator does not offer, paths and URIs included."""
+    for entry in models.allow:
+        if entry.uri is not None and name == entry.name:
+            return entry.uri, None, entry.trust_remote_code
+    hub, _, revision = name.partition("@")
+    if HUB_ID.fullmatch(hub) and ".." not in hub and (not revision or (REVISION.fullmatch(revision)
+                                                                       and ".." not in revision)):
+        for entry in models.allow:
+            if entry.uri is None and fnmatch.fnmatchcase(hub, entry.name):
+                return f"hf://{hub}", revision or None, entry.trust_remote_code
+    if models.root and FOLDER_NAME.fullmatch(name) and ".." not in name:
+        root = Path(models.root).expanduser().resolve()
+        folder = (root / name).resolve()
+        if folder.parent == root and (folder / "config.json").is_file():
+            return str(folder), None, False
+    raise Refused("model", f"{name!r} is not a model this server offers ({describe_models(models)})",
+                  "name one of them, or the `ft:` model of one of your succeeded jobs")
+
+
+def describe_models(models: ModelsPolicy) -> str:
+    names = [e.name for e in models.allow]
+    if models.root:
+        root = Path(models.root).expanduser()
+        try:
+            names += sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+        except OSError:
+            pass
+    return ", ".join(names[:20]) + (" ..." if len(names) > 20 else "") if names else "none"
+
+
+# Fields of the operator's spec that the server itself sets for every job.
+SERVER_FIELDS = ("name", "output", "model.base", "model.adapter", "data.train", "data.eval")
+
+
+def check_operator_spec(spec: dict[str, Any], where: str) -> None:
+    from kubetune.control.jobs import flat
+
+    taken = [k for k in flat(spec) if any(k == f or k.startswith(f + ".") for f in SERVER_FIELDS)]
+    if taken:
+        raise UsageError(f"{where}.{taken[0]}: set by the server for each job (its id, storage, model and files)",
+                         "leave it out of the configuration")
+
+
+def check_limits(spec: Any, limits: Limits, rows: int, params: dict[str, str]) -> None:
+    """Refused when the resolved job asks for more than `limits`; `params` maps spec fields to the
+    request field that set them (`train.epochs` → `hyperparameters.n_epochs`)."""
+    t, m = spec.train, spec.method
+
+    def over(field: str, value: float, cap: float, what: str = "") -> None:
+        if value > cap:
+            raise Refused(params.get(field, f"kubetune.{field}"), f"{value:g} is over this server's limit of "
+                                                                  f"{cap:g}{what}", "ask for less, or ask the operator")
+
+    if m.type not in limits.methods:
+        raise Refused(params.get("method.type", "kubetune.method.type"),
+                      f"{m.type} is not offered here ({', '.join(limits.methods)})")
+    if m.objective not in limits.objectives:
+        raise Refused(params.get("method.objective", "method.type"),
+                      f"{m.objective} is not offered here ({', '.join(limits.objectives)})")
+    over("train.max_steps", t.max_steps, limits.max_steps)
+    over("train.epochs", t.epochs, limits.max_epochs)
+    over("train.total_batch_size", t.total_batch_size, limits.max_batch_size)
+    over("train.max_per_device_batch_size", t.max_per_device_batch_size, limits.max_per_device_batch_size)
+    over("train.learning_rate", t.learning_rate, limits.max_learning_rate)
+    over("train.keep_checkpoints", t.keep_checkpoints, limits.max_keep_checkpoints)
+    over("data.max_length", spec.data.max_length, limits.max_length)
+    over("method.lora.r", m.lora.r, limits.max_lora_r)
+    over("eval.num_samples", spec.eval.num_samples, limits.max_eval_samples)
+    over("eval.max_new_tokens", spec.eval.max_new_tokens, limits.max_new_tokens)
+    over("method.grpo.max_new_tokens", m.grpo.max_new_tokens, limits.max_new_tokens)
+    over("method.grpo.num_generations", m.grpo.num_generations, limits.max_generations)
+    steps = t.max_steps if t.max_steps > 0 else -(-int(rows * t.epochs) // t.total_batch_size)
+    field = "train.max_steps" if t.max_steps > 0 else "train.epochs"
+    over(field, steps, limits.max_steps, " steps" if field == "train.epochs" else "")
+    tokens = steps * t.total_batch_size * spec.data.max_length
+    if tokens > limits.max_tokens_per_job:
+        raise Refused(params.get(field, f"kubetune.{field}"),
+                      f"{steps:,} steps x {t.total_batch_size} rows x {spec.data.max_length} tokens is over this "
+                      f"server's limit of {limits.max_tokens_per_job:,} tokens per job",
+                      "fewer steps or epochs, a smaller batch or max_length")
