@@ -20,11 +20,11 @@ def main(url: str, key: str = "none") -> None:
     upload = client.files.create(file=(ROOT / "examples/data/quickstart/train.jsonl").open("rb"), purpose="fine-tune")
     print(f"uploaded {upload.filename}: {upload.id} ({upload.bytes:,} bytes)")
     job = client.fine_tuning.jobs.create(
-        model=str(ROOT / "examples/assets/tiny-llama"), training_file=upload.id, suffix="demo",
+        model="tiny-llama", training_file=upload.id, suffix="demo",  # offered by the server's --models-root
         hyperparameters={"batch_size": 16, "learning_rate_multiplier": 15},
         extra_body={"kubetune": {"train": {"max_steps": 600, "save_every_steps": 200, "logging_steps": 50,
                                            "max_per_device_batch_size": 16},
-                                 "data": {"max_length": 128}, "resources": {"accelerator": "cpu"}}})
+                                 "data": {"max_length": 128}}})
     print(f"job {job.id}: {job.status} → the model will be {job.fine_tuned_model}")
     status, seen = job.status, set()
     while status not in ("succeeded", "failed", "cancelled"):

@@ -44,7 +44,7 @@ $KT chat "http://127.0.0.1:$PORT" "Describe a green owl."
 echo
 echo "== kubetune server   (OpenAI's fine-tuning API + dashboard, in the background) + the openai client"
 CPORT="${KUBETUNE_DEMO_CONTROL_PORT:-8766}"
-$KT server --home runs/control --port "$CPORT" --runs runs > runs/control.log 2>&1 &
+$KT server --home runs/control --port "$CPORT" --runs runs --models-root examples/assets > runs/control.log 2>&1 &
 CONTROL=$!
 trap 'kill $SERVER $CONTROL 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import QUICKSTART_DATA, kubetune_cmd, quiet_env
+from tests.conftest import QUICKSTART_DATA, TINY, kubetune_cmd, quiet_env
 from tests.integration.conftest import BUCKET
 from tests.k8s_server import FakeKubernetes
 from tests.servers import S3Server, free_port, start_postgres
@@ -24,6 +24,7 @@ from tests.servers import S3Server, free_port, start_postgres
 pytestmark = pytest.mark.integration
 
 KEY1, KEY2 = "kt-test-first-key-0123456789abcdef", "kt-test-second-key-0123456789abcdef"
+MODEL = "tiny-llama"  # the folder's name under --models-root
 FAST = {"train": {"learning_rate": 3e-3, "max_per_device_batch_size": 16, "logging_steps": 10,
                   "save_every_steps": 20, "keep_checkpoints": 2},
         "data": {"max_length": 128}}
@@ -33,7 +34,9 @@ class Control:
     """A `kubetune server` process with its home folder and log, restartable with the same flags."""
 
     def __init__(self, home: Path, *flags: str, env: dict[str, str] | None = None) -> None:
-        self.home, self.flags, self.port, self.env = home, flags, free_port(), env or {}
+        # The tiny model is offered by name (`model="tiny-llama"`), as an operator offers a models folder.
+        offered = () if "--config" in flags else ("--models-root", str(TINY.parent))
+        self.home, self.flags, self.port, self.env = home, (*flags, *offered), free_port(), env or {}
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home.parent / f"{home.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -98,13 +101,13 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
         valid = c1.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="fine-tune")
         assert train.filename == "train.jsonl" and train.bytes == (QUICKSTART_DATA / "train.jsonl").stat().st_size
         assert c1.files.content(train.id).read() == (QUICKSTART_DATA / "train.jsonl").read_bytes()
-        job = c1.fine_tuning.jobs.create(model=str(tiny_model), training_file=train.id, validation_file=valid.id,
+        job = c1.fine_tuning.jobs.create(model=MODEL, training_file=train.id, validation_file=valid.id,
                                          suffix="qs", seed=7, extra_body={"kubetune": {**FAST, "train": {
                                              **FAST["train"], "max_steps": 160}}})
         assert job.status == "validating_files" and job.seed == 7
         assert re.fullmatch(r"ft:tiny-llama:qs:[0-9a-f]{8}", job.fine_tuned_model or "")
         assert job.hyperparameters.batch_size == 16
-        waiting = c1.fine_tuning.jobs.create(model=str(tiny_model), training_file=train.id, suffix="second",
+        waiting = c1.fine_tuning.jobs.create(model=MODEL, training_file=train.id, suffix="second",
                                              extra_body={"kubetune": {**FAST, "train": {**FAST["train"],
                                                                                         "max_steps": 20}}})
         assert {f.id for f in c1.files.list()} == {train.id, valid.id}
@@ -166,7 +169,7 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
         with pytest.raises(openai.NotFoundError):
             c2.chat.completions.create(model=done.fine_tuned_model, messages=msgs, max_tokens=4)
         with pytest.raises(openai.NotFoundError):
-            c2.fine_tuning.jobs.create(model=str(tiny_model), training_file=train.id)
+            c2.fine_tuning.jobs.create(model=MODEL, training_file=train.id)
         with pytest.raises(openai.AuthenticationError):
             server.client("kt-not-a-key").models.list()
         assert httpx.get(f"{server.url}/v1/fine_tuning/jobs").status_code == 401
@@ -196,7 +199,7 @@ def test_bad_rows_fail_the_job_with_file_and_line(server: Control, tiny_model: P
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     client = server.client("unused")
     upload = client.files.create(file=data.open("rb"), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id,
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id,
                                          extra_body={"kubetune": FAST})
     failed = wait_for("validation", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status != "validating_files"
                       and j, 120)
@@ -209,9 +212,9 @@ def test_bad_rows_fail_the_job_with_file_and_line(server: Control, tiny_model: P
 def test_cancel_stops_training_at_a_checkpoint_and_keeps_it(server: Control, tiny_model: Path) -> None:
     client = server.client("unused")
     upload = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id, extra_body={
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id, extra_body={
         "kubetune": {**FAST, "train": {**FAST["train"], "max_steps": 5000}}})
-    queued = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id,
+    queued = client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id,
                                             extra_body={"kubetune": FAST})
     wait_for("a checkpoint", lambda: list(client.fine_tuning.jobs.checkpoints.list(job.id)))
     assert client.fine_tuning.jobs.retrieve(queued.id).status == "queued"  # one job at a time (--concurrency 1)
@@ -253,14 +256,15 @@ def test_requests_the_server_refuses(server: Control, tiny_model: Path, tmp_path
         client.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="assistants")
     upload = client.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="fine-tune")
     with pytest.raises(openai.BadRequestError) as bad_setting:
-        client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id,
+        client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id,
                                        extra_body={"kubetune": {"train": {"max_stepz": 3}}})
     assert bad_setting.value.body["param"] == "kubetune.train.max_stepz"
     assert "max_steps" in bad_setting.value.message  # the allowed keys are listed
     with pytest.raises(openai.NotFoundError):
-        client.fine_tuning.jobs.create(model=str(tiny_model), training_file="file-nope")
-    with pytest.raises(openai.BadRequestError, match="not a Hub id"):
+        client.fine_tuning.jobs.create(model=MODEL, training_file="file-nope")
+    with pytest.raises(openai.BadRequestError, match="not a model this server offers") as unknown:
         client.fine_tuning.jobs.create(model="no such model!", training_file=upload.id)
+    assert unknown.value.body["param"] == "model" and "tiny-llama" in unknown.value.message
     assert client.files.delete(upload.id).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(upload.id)
@@ -290,17 +294,19 @@ def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
         tmp_path: Path, s3: S3Server, staged: dict[str, str]) -> None:
     fake = FakeKubernetes()
     env = {**s3.env(), "KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig"))}
+    config = tmp_path / "server.yaml"  # the operator's: the model offered, the queue, CPU pods
+    config.write_text(f"models: {{allow: [{{name: tiny-llama, uri: '{staged['model']}'}}]}}\n"
+                      "spec: {kubernetes: {queue: team-queue}, resources: {accelerator: cpu}}\n")
     server = Control(tmp_path / "home", "--backend", "kubernetes", "--storage", f"s3://{BUCKET}/ft",
-                     "--namespace", "ml", env=env).start()
+                     "--namespace", "ml", "--config", str(config), env=env).start()
     try:
         client = server.client("unused")
         upload = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
         assert f"ft/files/{upload.id}/train.jsonl" in s3.keys(BUCKET, "ft/files/")
-        settings = {**FAST, "train": {**FAST["train"], "max_steps": 30}, "kubernetes": {"queue": "team-queue"},
-                    "resources": {"accelerator": "cpu"}}
+        settings = {**FAST, "train": {**FAST["train"], "max_steps": 30}}
 
         def create() -> Any:
-            job = client.fine_tuning.jobs.create(model=staged["model"], training_file=upload.id,
+            job = client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id,
                                                  extra_body={"kubetune": settings})
             wait_for("the submission", lambda: any(e.message.startswith("Submitted to Kubernetes")
                                                    for e in client.fine_tuning.jobs.list_events(job.id)), 120)
@@ -379,7 +385,7 @@ def test_two_replicas_on_one_postgresql_share_the_work_and_never_run_a_job_twice
         client = a.client(KEY1)
         upload = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
         settings = {**FAST, "train": {**FAST["train"], "max_steps": 60}}
-        jobs = [client.fine_tuning.jobs.create(model=str(tiny_model), training_file=upload.id,
+        jobs = [client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id,
                                                extra_body={"kubetune": settings}) for _ in range(2)]
         for job in jobs:
             done = wait_for(job.id, lambda: (j := b.client(KEY1).fine_tuning.jobs.retrieve(job.id)).status
@@ -415,7 +421,7 @@ def test_a_dpo_job_on_openai_preference_data(server: Control, tiny_model: Path, 
     held_out = client.files.create(file=write_pairs(tmp_path / "held_out.jsonl", 16, 2, "openai").open("rb"),
                                    purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model=str(tiny_model), training_file=pairs.id, validation_file=held_out.id,
+        model=MODEL, training_file=pairs.id, validation_file=held_out.id,
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 8}}},
         extra_body={"kubetune": {"train": {"max_steps": 10, "max_per_device_batch_size": 8, "logging_steps": 5,
                                            "save_every_steps": 10, "learning_rate": 5e-4}}})
@@ -436,17 +442,19 @@ def test_a_transient_failure_is_tried_again_with_a_longer_wait_then_fails(tmp_pa
     """Exit 75 (storage that does not answer) is retried after KUBETUNE_JOB_RETRY_SECONDS × attempt,
     three attempts in all; then the job fails with the reason."""
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused, a transient error
-    server = Control(tmp_path / "home", env={"KUBETUNE_JOB_RETRY_SECONDS": "1", "AWS_ENDPOINT_URL": dead,
-                                             "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
-                                             "KUBETUNE_PREFLIGHT_RETRIES": "1"}).start()
+    config = tmp_path / "server.yaml"
+    config.write_text("models: {allow: [{name: tiny-in-s3, uri: 's3://models/tiny-llama'}]}\n")
+    server = Control(tmp_path / "home", "--config", str(config),
+                     env={"KUBETUNE_JOB_RETRY_SECONDS": "1", "AWS_ENDPOINT_URL": dead, "AWS_ACCESS_KEY_ID": "x",
+                          "AWS_SECRET_ACCESS_KEY": "y", "KUBETUNE_PREFLIGHT_RETRIES": "1"}).start()
     try:
         client = server.client("unused")
         upload = client.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model="s3://models/tiny-llama", training_file=upload.id)
+        job = client.fine_tuning.jobs.create(model="tiny-in-s3", training_file=upload.id)
         failed = wait_for("the last attempt", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
                           not in ("validating_files",) and j, 180)
         assert failed.status == "failed" and failed.error.code == "validation_failed"
-        assert "s3://models/tiny-llama" in failed.error.message
+        assert "tiny-llama" in failed.error.message and "s3://" not in failed.error.message  # no server URI
         retries = [e for e in reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=50)))
                    if "trying again" in e.message]
         assert [r.message.split("trying again in ")[1] for r in retries] == ["1 s (attempt 2 of 3)",

@@ -4,6 +4,7 @@ playground gets the model's answer. The screenshot is kept in test-artifacts/.""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -11,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import QUICKSTART_DATA, ROOT
-from tests.integration.test_control import FAST, Control, wait_for
+from tests.integration.test_control import FAST, MODEL, Control, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,15 +37,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
     valid = client.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="fine-tune")
     steps = {**FAST["train"], "max_steps": 60}
     jobs = {"evaluated": client.fine_tuning.jobs.create(
-        model=str(tiny_model), training_file=train.id, validation_file=valid.id, suffix="eval",
+        model=MODEL, training_file=train.id, validation_file=valid.id, suffix="eval",
         extra_body={"kubetune": {**FAST, "train": {**steps, "max_steps": 200}, "eval": {"metrics": ["loss", "rouge"], "num_samples": 4,
                                                                    "max_new_tokens": 16}}})}
     for lr in (1.0, 0.05):
         jobs[f"lr{lr}"] = client.fine_tuning.jobs.create(
-            model=str(tiny_model), training_file=train.id, suffix=f"lr{str(lr).replace('.', '')}",
-            hyperparameters={"learning_rate_multiplier": lr * 15},
-            extra_body={"kubetune": {**FAST, "train": {k: v for k, v in steps.items() if k != "learning_rate"},
-                                     "kubernetes": {"sweep": "lr-sweep"}}})
+            model=MODEL, training_file=train.id, suffix=f"lr{str(lr).replace('.', '')}",
+            hyperparameters={"learning_rate_multiplier": lr * 15}, metadata={"sweep": "lr-sweep"},
+            extra_body={"kubetune": {**FAST, "train": {k: v for k, v in steps.items() if k != "learning_rate"}}})
     for job in jobs.values():
         done = wait_for(job.id, lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
                         in ("succeeded", "failed") and j, 300)
@@ -148,7 +148,8 @@ def test_dashboard_shows_run_folders_and_cluster_jobs(trained: tuple[Control, di
     finally:
         other.stop()
         fake.stop()
-    assert set(found) == {str(runs / "by-hand"), "k8s:ml/submitted"}  # a control-plane job stays its owner's
-    assert found[str(runs / "by-hand")]["status"] == "succeeded" and found[str(runs / "by-hand")]["step"] == 60
+    assert set(found) == {"runs:by-hand", "k8s:ml/submitted"}  # a control-plane job stays its owner's
+    assert found["runs:by-hand"]["status"] == "succeeded" and found["runs:by-hand"]["step"] == 60
+    assert str(tmp_path) not in json.dumps(found) and str(server.home) not in json.dumps(found)  # no paths
     cluster = found["k8s:ml/submitted"]
     assert cluster["source"] == "cluster/ml" and cluster["status"] == "running" and cluster["step"] == 60

@@ -29,6 +29,7 @@ class RunRef:
     status: str | None = None   # a job's own status (the run's is read from its events otherwise)
     name: str | None = None
     model: str | None = None    # a job's model as its owner named it
+    sweep: str | None = None    # a job's metadata.sweep: its owner's grouping
 
 
 def find_runs(roots: Sequence[str]) -> list[RunRef]:
@@ -126,7 +127,7 @@ def summary(ref: RunRef, events: list[Event] | None = None) -> dict[str, Any]:
         "source": ref.source, "status": ref.status or run_state(events),
         "model": ref.model or _model_name((spec.get("model") or {}).get("base")),
         "method": (spec.get("method") or {}).get("type"),
-        "sweep": (spec.get("kubernetes") or {}).get("sweep"),
+        "sweep": ref.sweep or (spec.get("kubernetes") or {}).get("sweep"),
         "step": last.step if last else 0, "total_steps": last.total_steps if last else None,
         "loss": last.loss if last else None, "eval_loss": evals[-1].loss if evals else None,
         "eta_s": last.eta_s if last else None, "tokens_per_s": last.tokens_per_s if last else None,

@@ -33,7 +33,8 @@ async def asset(name: str) -> Response:
 
 
 def visible(state: ControlState, owner: str) -> list[RunRef]:
-    jobs = [RunRef(j["id"], j["run_uri"], "job", j["status"], j.get("fine_tuned_model") or j["id"], j["model"])
+    jobs = [RunRef(j["id"], j["run_uri"], "job", j["status"], j.get("fine_tuned_model") or j["id"], j["model"],
+                   (j.get("metadata") or {}).get("sweep"))
             for j in state.store.jobs(owner, None, 1000)]
     clusters = cluster_runs(state.settings.clusters, lambda name: state.store.job(None, name) is not None) \
         if state.settings.clusters else []
