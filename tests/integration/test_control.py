@@ -107,6 +107,9 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
         assert job.status == "validating_files" and job.seed == 7
         assert re.fullmatch(r"ft:tiny-llama:qs:[0-9a-f]{8}", job.fine_tuned_model or "")
         assert job.hyperparameters.batch_size == 16
+        # the second job is created once the first is past validation: two validations run at once and
+        # either may finish first, and this test needs the first job to be the one training
+        wait_for("the first job's validation", lambda: c1.fine_tuning.jobs.retrieve(job.id).status != "validating_files")
         waiting = c1.fine_tuning.jobs.create(model=MODEL, training_file=train.id, suffix="second",
                                              extra_body={"kubetune": {**FAST, "train": {**FAST["train"],
                                                                                         "max_steps": 20}}})
