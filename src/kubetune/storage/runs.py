@@ -74,8 +74,8 @@ class Run:
 
     @classmethod
     def open(cls, uri: str) -> Run:
-        """An existing run by folder or URI. A remote run's spec, events, final/ and eval/ are
-        brought into its working copy first."""
+        """An existing run by folder or URI, to read. A remote run's spec, events, final/ and eval/
+        are brought into a reader's copy first; nothing in the store is changed."""
         from kubetune.spec.load import load_spec
 
         path = local_path(uri)
@@ -88,8 +88,9 @@ class Run:
         if not store.exists("spec.yaml"):
             store.check_readable("run")
             raise UsageError(f"{uri} is not a kubetune run (no spec.yaml there)", "pass the output URI of a trained run")
-        layout = RunLayout(workdir_for(uri, uri_basename(uri)))
-        pull(store, layout, log=lambda _m: None)
+        # A reader's own copy, never the trainer's working copy of the same run on this machine.
+        layout = RunLayout(workdir_for(uri, f"{uri_basename(uri)}-read"))
+        pull(store, layout, log=lambda _m: None, writer=False)  # never deletes: the trainer may be uploading
         for key in sorted(store.find("eval")):
             store.get(key, layout.root / key)
         return cls(uri, layout, store, load_spec(layout.spec))

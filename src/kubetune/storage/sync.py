@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from kubetune import settings
-from kubetune.artifacts.checkpoints import checkpoint_step
+from kubetune.artifacts.checkpoints import checkpoint_step, mismatch, verify
 from kubetune.artifacts.layout import COMPLETE, RunLayout
 from kubetune.errors import TransientError
 from kubetune.storage.store import Store, local_path
@@ -43,13 +43,25 @@ def marker_last(keys: Iterable[str]) -> list[str]:
     return sorted(keys, key=lambda k: (k.rsplit("/", 1)[-1] == COMPLETE, k))
 
 
-def remote_checkpoints(store: Store) -> list[tuple[int, bool]]:
-    """(step, complete) of every checkpoint in the store, oldest first."""
+def remote_checkpoints(store: Store, skipped: list[tuple[int, str]] | None = None) -> list[tuple[int, bool]]:
+    """(step, complete) of every checkpoint in the store, oldest first: complete when its COMPLETE
+    marker is there and the files in the store match it (else `skipped` gets the step and why)."""
     out = []
     for name in store.listdir("checkpoints"):
         step = checkpoint_step(Path(name))
-        if step is not None:
-            out.append((step, store.exists(f"checkpoints/{name}/{COMPLETE}")))
+        if step is None:
+            continue
+        complete = store.exists(f"checkpoints/{name}/{COMPLETE}")
+        if complete:
+            prefix = f"checkpoints/{name}/"
+            sizes = {k[len(prefix):]: int(i.get("size") or i.get("Size") or 0)
+                     for k, i in store.find(prefix.rstrip("/")).items()}
+            why = mismatch(store.read_text(f"{prefix}{COMPLETE}"), sizes)
+            if why is not None:
+                complete = False
+                if skipped is not None:
+                    skipped.append((step, why))
+        out.append((step, complete))
     return sorted(out)
 
 
@@ -57,11 +69,16 @@ def remote_checkpoints(store: Store) -> list[tuple[int, bool]]:
 class PullResult:
     checkpoint: int | None = None          # step of the checkpoint brought down
     removed_incomplete: list[int] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)   # marked COMPLETE, files not matching it
 
 
-def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print) -> PullResult:
+def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print, writer: bool = False) -> PullResult:
     """Make the local working copy agree with the store: run files, final/ when complete, and the
-    newest complete checkpoint. Incomplete checkpoints in the store are removed."""
+    newest complete checkpoint whose files match its marker.
+
+    Only the run's writer (`writer=True`: the trainer, holding the run's lease) removes incomplete
+    checkpoints from the store. A reader never deletes: what looks incomplete to it may be the
+    checkpoint the live trainer is uploading at that moment."""
     result = PullResult()
     for name in RUN_FILES:
         if store.exists(name):
@@ -70,16 +87,18 @@ def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print) ->
         for key in sorted(store.find("final")):
             store.get(key, layout.root / key)
         return result
-    ckpts = remote_checkpoints(store)
+    ckpts = remote_checkpoints(store, result.skipped)
+    for step, why in result.skipped:
+        log(f"checkpoint-{step} in {store.uri} is skipped: {why}")
     for step, complete in ckpts:
-        if not complete:
+        if writer and not complete and step not in {s for s, _ in result.skipped}:
             store.remove(f"checkpoints/checkpoint-{step}")
             result.removed_incomplete.append(step)
     complete_steps = [s for s, ok in ckpts if ok]
     if complete_steps:
         step = complete_steps[-1]
         local = layout.checkpoints / f"checkpoint-{step}"
-        if not (local / COMPLETE).exists():
+        if not (local / COMPLETE).exists() or verify(local) is not None:
             for key in marker_last(store.find(f"checkpoints/checkpoint-{step}")):
                 store.get(key, layout.root / key)
         result.checkpoint = step

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kubetune import settings
-from kubetune.artifacts.checkpoints import latest_complete, list_checkpoints, remove_incomplete
+from kubetune.artifacts.checkpoints import latest_complete, list_checkpoints, remove_incomplete, skipped
 from kubetune.artifacts.events import (
     CheckpointStoredEvent, EndEvent, ErrorEvent, EventLog, LeaseEvent, PreemptedEvent, StartEvent,
 )
@@ -84,7 +84,7 @@ def prepare_output(spec: RunSpec, log: Any = print, wait: bool = False, lease: b
             log(f"took over the run's lease from {taken_from} (it was no longer renewed)")
     try:
         if output.store is not None:
-            pulled = pull(output.store, output.layout, log)
+            pulled = pull(output.store, output.layout, log, writer=held is not None)  # only the lease holder cleans
             if pulled.checkpoint is not None:
                 log(f"found {output.store.url(f'checkpoints/checkpoint-{pulled.checkpoint}')} (complete)")
         if spec.model.adapter:  # found and checked (and a remote run's final/ fetched) before the ranks start
@@ -355,6 +355,8 @@ def _resume_point(spec: RunSpec, layout: RunLayout, main: bool) -> Path | None:
     if spec.resume == "auto":
         if main:
             remove_incomplete(layout.checkpoints)
+            for step, why in skipped(layout.checkpoints):
+                print(f"checkpoint-{step} is skipped, not loaded: {why}", flush=True)
         return latest_complete(layout.checkpoints)
     return Path(spec.resume)  # checked by preflight
 

@@ -1,0 +1,97 @@
+"""Reading a run never changes it. A run trains into S3 with a checkpoint every 2 steps while a
+reader opens it in a loop (as eval, serve, chat and status do): no checkpoint marked COMPLETE may lack
+a file. Then a trainer is SIGKILLed, its newest checkpoint is truncated in the bucket after its
+COMPLETE was written, and the next run skips it (saying why) and resumes from the one before."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kubetune.storage.runs import Run
+from kubetune.storage.store import Store
+from kubetune.storage.sync import remote_checkpoints
+from tests.conftest import kubetune_cmd
+from tests.s3_runs import BUCKET, assert_complete_means_complete, fresh_env, run, spec_file
+from tests.servers import S3Server
+
+pytestmark = pytest.mark.integration
+
+TRAIN = {"total_batch_size": 8, "max_per_device_batch_size": 8, "logging_steps": 10, "learning_rate": 3e-3}
+
+
+def test_readers_of_a_training_run_never_delete_its_checkpoints(
+        tmp_path: Path, s3: S3Server, staged: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "hammered"
+    # every checkpoint kept: retention would otherwise delete the evidence before the check at the end
+    spec = spec_file(tmp_path, name, staged, 120, train={**TRAIN, "max_steps": 120, "save_every_steps": 2,
+                                                          "keep_checkpoints": 1000})
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("KUBETUNE_WORKDIR", str(tmp_path / "reader"))
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path / "reader-cache"))
+    uri = f"s3://{BUCKET}/runs/{name}"
+    trainer = subprocess.Popen(kubetune_cmd("train", str(spec)), env=fresh_env(s3, tmp_path / "trainer"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reads, stop = [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                Run.open(uri)
+                reads.append(time.time())
+            except Exception:  # noqa: BLE001 - before the trainer wrote spec.yaml
+                time.sleep(0.05)
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        out, _ = trainer.communicate(timeout=600)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(60)
+    assert trainer.returncode == 0, out
+    assert len(reads) > 10, len(reads)  # the run was read all along
+    assert_complete_means_complete(s3, name)
+    skipped: list[tuple[int, str]] = []
+    ckpts = remote_checkpoints(Store(uri), skipped)
+    assert skipped == [] and len(ckpts) == 60 and all(ok for _, ok in ckpts)
+
+
+def test_a_checkpoint_that_does_not_match_its_marker_is_skipped_on_resume(
+        tmp_path: Path, s3: S3Server, staged: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "corrupted"
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    spec = spec_file(tmp_path, name, staged, 100_000, train={**TRAIN, "max_steps": 100_000, "save_every_steps": 10,
+                                                              "keep_checkpoints": 3})
+    env = fresh_env(s3, tmp_path / "first", KUBETUNE_LEASE_SECONDS="3")
+    trainer = subprocess.Popen(kubetune_cmd("train", str(spec)), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    store = Store(f"s3://{BUCKET}/runs/{name}")
+    try:
+        deadline = time.time() + 300
+        while len([s for s, ok in remote_checkpoints(store) if ok]) < 2:
+            assert time.time() < deadline and trainer.poll() is None, "no two checkpoints stored"
+            time.sleep(0.2)
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(30)
+    complete = [s for s, ok in remote_checkpoints(store) if ok]
+    newest, before = complete[-1], complete[-2]
+    s3.client().put_object(Bucket=BUCKET, Key=f"runs/{name}/checkpoints/checkpoint-{newest}/adapter_model.safetensors",
+                           Body=b"truncated")
+    again = run(["train", str(spec), "--wait", "--set", f"train.max_steps={newest + 10}"], s3, tmp_path / "second",
+                KUBETUNE_LEASE_SECONDS="3")
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said
+    assert f"checkpoint-{newest}" in said and "is skipped" in said and "adapter_model.safetensors has 9 bytes" in said
+    assert f"checkpoint-{before} (complete)" in said  # resumed from the one before, the corrupted one never loaded
+    assert s3.keys(BUCKET, f"runs/{name}/final/COMPLETE")

@@ -1,0 +1,50 @@
+"""A checkpoint proves itself: COMPLETE lists every file with its size, and a checkpoint whose files
+do not match it is skipped (with the reason), never loaded, and not removed as if it were garbage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kubetune.artifacts.checkpoints import (latest_complete, list_checkpoints, mark_complete, mismatch,
+                                            remove_incomplete, skipped, verify)
+
+
+def checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    path = folder / f"checkpoint-{step}"
+    (path / "nested").mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"w" * (100 + step))
+    (path / "nested" / "shard.distcp").write_bytes(b"s" * 7)
+    (path / ".metadata").write_text("{}")
+    if complete:
+        mark_complete(path, step)
+    return path
+
+
+def test_the_marker_lists_every_file_with_its_size(tmp_path: Path) -> None:
+    path = checkpoint(tmp_path, 10)
+    marker = json.loads((path / "COMPLETE").read_text())
+    assert marker["step"] == 10 and marker["files"] == {".metadata": 2, "adapter_model.safetensors": 110,
+                                                        "nested/shard.distcp": 7}
+    assert verify(path) is None
+
+
+def test_a_truncated_or_missing_file_is_skipped_with_the_reason_and_kept(tmp_path: Path) -> None:
+    checkpoint(tmp_path, 10)
+    truncated = checkpoint(tmp_path, 20)
+    gone = checkpoint(tmp_path, 30)
+    checkpoint(tmp_path, 40, complete=False)  # a killed save: garbage
+    (truncated / "adapter_model.safetensors").write_bytes(b"w" * 3)
+    (gone / "nested" / "shard.distcp").unlink()
+    assert [(s, ok) for s, _, ok in list_checkpoints(tmp_path)] == [(10, True), (20, False), (30, False), (40, False)]
+    assert latest_complete(tmp_path) == tmp_path / "checkpoint-10"
+    assert skipped(tmp_path) == [(20, "adapter_model.safetensors has 3 bytes, COMPLETE says 120"),
+                                 (30, "nested/shard.distcp is missing")]
+    assert remove_incomplete(tmp_path) == [tmp_path / "checkpoint-40"]
+    assert (tmp_path / "checkpoint-20").exists() and (tmp_path / "checkpoint-30").exists()
+
+
+def test_older_markers_and_unreadable_ones(tmp_path: Path) -> None:
+    assert mismatch(json.dumps({"step": 5, "time": 1.0}), {}) is None  # written before markers listed files
+    assert mismatch("not json", {}) == "its COMPLETE marker is not readable"
+    assert mismatch(json.dumps({"files": {"a": 1}}), {"a": 1, "extra": 9}) is None  # extra files are not loaded
