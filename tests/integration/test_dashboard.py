@@ -139,7 +139,9 @@ def test_dashboard_shows_run_folders_and_cluster_jobs(trained: tuple[Control, di
         fake.put("configmaps", "ml", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-spec"},
                                       "data": {"spec.yaml": f"name: {name}\noutput: {output}\n"}})
     # a second replica on the same database (so it knows the jobs), showing what else there is
-    other = Control(tmp_path / "home", "--runs", str(runs), "--cluster", "ml", "--database",
+    # --runs also names the server's own runs folder: its jobs' runs stay their owners' (never `runs2:ftjob-...`)
+    other = Control(tmp_path / "home", "--runs", str(runs), "--runs", str(server.home / "runs"), "--cluster", "ml",
+                    "--database",
                     f"sqlite:///{server.home / 'control.db'}", "--worker-id", "replica-2",
                     env={"KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig"))}).start()
     try:

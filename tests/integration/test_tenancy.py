@@ -272,6 +272,16 @@ def test_budgets_and_floods_are_refused_with_4xx(server: Control, tmp_path: Path
     assert answer.status_code == 400
     huge = httpx.post(f"{server.url}/v1/fine_tuning/jobs", content=b" " * (17 << 20), headers=headers, timeout=60)
     assert huge.status_code == 413
+    # strings that never close: scanned in linear time, and a stranger's body is not read at all
+    quotes = b'"' + b'\\"' * 2_000_000
+    for given, status in (({"Content-Type": "application/json"}, 401), (headers, 422)):
+        started = time.monotonic()
+        answer = httpx.post(f"{server.url}/v1/fine_tuning/jobs", content=quotes, headers=given, timeout=60)
+        assert answer.status_code in (status, 400) and time.monotonic() - started < 10, answer.text[:200]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:  # 30 MB announced, none sent
+        raw.sendall(f"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: {30 << 20}\r\n"
+                    "Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode())
+        assert raw.recv(200).startswith(b"HTTP/1.1 401")  # refused before a byte of the form is read
 
     # a 20 MB upload of tiny rows: checked a line at a time, the server's memory barely moves
     rows = tmp_path / "tiny-rows.jsonl"

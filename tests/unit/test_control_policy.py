@@ -89,6 +89,16 @@ def test_training_knobs_are_allowed() -> None:
     ({"eval.max_new_tokens": 10**8}, {}, "kubetune.eval.max_new_tokens"),
     ({"data.system_prompt": "x" * 100_000}, {}, "kubetune.data.system_prompt"),
     ({"method.lora.target_modules": ["q"] * 1000}, {}, "kubetune.method.lora.target_modules"),
+    ({"train.max_steps": 10**400}, {}, "kubetune.train.max_steps"),
+    ({"train.seed": 2**63}, {}, "kubetune.train.seed"),
+    ({"train.learning_rate": float("inf")}, {}, "kubetune.train.learning_rate"),
+    ({}, {"hyperparameters": {"n_epochs": 10**400}}, "hyperparameters.n_epochs"),
+    ({}, {"hyperparameters": {"learning_rate_multiplier": 10**400}}, "hyperparameters.learning_rate_multiplier"),
+    ({}, {"hyperparameters": {"batch_size": -3}}, "hyperparameters.batch_size"),
+    ({f"train.max_stepz{i}": 1 for i in range(20_000)}, {}, "kubetune"),
+    ({"train.max_steps": 20_000, "train.save_every_steps": 1}, {}, "kubetune.train.save_every_steps"),
+    ({"train.max_steps": 20_000, "train.eval_every_steps": 1, "data.eval.split_ratio": 0.5}, {},
+     "kubetune.train.eval_every_steps"),
 ])
 def test_every_number_a_tenant_sets_is_capped(kubetune: dict[str, Any], request_: dict[str, Any],
                                               param: str) -> None:
@@ -104,6 +114,11 @@ def test_steps_derived_from_epochs_and_tokens_per_job_are_capped() -> None:
     assert refused.value.param == "hyperparameters.n_epochs"
     with pytest.raises(Refused, match="tokens per job"):
         build({"train.max_steps": 90, "data.max_length": 8192}, policy=policy)
+    # the eval rows at each evaluation count too: 50 steps x 16 rows alone fit, not with 51 evaluations of 5,000 rows
+    build({"train.max_steps": 50, "data.max_length": 1024}, policy=policy, rows=100_000)
+    with pytest.raises(Refused, match=r"\+ 51 x 5,000 eval rows"):
+        build({"train.max_steps": 50, "data.max_length": 1024, "train.eval_every_steps": 1,
+               "data.eval.split_ratio": 0.05}, policy=policy, rows=100_000)
     with pytest.raises(Refused, match="full is not offered"):
         build({"method.type": "full", "train.max_steps": 5}, policy=JobPolicy(limits=Limits(methods=["lora"])))
     with pytest.raises(Refused, match="dpo is not offered"):

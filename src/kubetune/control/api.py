@@ -10,7 +10,7 @@ import time
 from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kubetune.control import files as uploads
 from kubetune.control.jobs import ACTIVE, JobRequest, build_spec, job_object, model_name, new_job_id, \
@@ -27,6 +27,13 @@ from kubetune.spec.load import spec_to_yaml
 
 router = APIRouter()
 PURPOSES = ("fine-tune",)
+_LOCKS: dict[str, asyncio.Lock] = {}
+
+
+def _owner_lock(owner: str) -> asyncio.Lock:
+    """One per key, in this process: a key's budget checks and what they allow happen together. Replicas
+    sharing a database each hold their own (a key could exceed its budget by one job per replica)."""
+    return _LOCKS.setdefault(owner, asyncio.Lock())
 
 
 def _page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
@@ -62,19 +69,20 @@ async def upload(file: UploadFile = File(...), purpose: str = Form(...),
     if purpose not in PURPOSES:
         raise ApiError(400, f"purpose {purpose!r}: this server stores {', '.join(PURPOSES)} files", param="purpose")
     budget = state.settings.policy_for(state.store, owner)[1].max_upload_bytes
-    room = budget - state.store.stored_bytes(owner)
-    try:
-        row = await asyncio.to_thread(uploads.save_upload, file.file, file.filename or "upload.jsonl",
-                                      state.settings.storage, owner, purpose,
-                                      min(state.settings.max_upload_bytes, room))
-    except uploads.FileTooLarge as exc:
-        if room < state.settings.max_upload_bytes:
-            raise ApiError(429, f"your files would take more than this server's {budget:,} bytes per key; delete "
-                                "some first", "rate_limit_error", "file", "storage_quota_exceeded") from None
-        raise ApiError(413, exc.message, param="file", code="file_too_large") from None
-    except UsageError as exc:
-        raise _usage_error(exc, "file") from None
-    state.store.add_file(**row)
+    async with _owner_lock(owner):  # one upload of a key at a time: two at once cannot both take the room left
+        room = budget - state.store.stored_bytes(owner)
+        try:
+            row = await asyncio.to_thread(uploads.save_upload, file.file, file.filename or "upload.jsonl",
+                                          state.settings.storage, owner, purpose,
+                                          min(state.settings.max_upload_bytes, room))
+        except uploads.FileTooLarge as exc:
+            if room < state.settings.max_upload_bytes:
+                raise ApiError(429, f"your files would take more than this server's {budget:,} bytes per key; "
+                                    "delete some first", "rate_limit_error", "file", "storage_quota_exceeded") from None
+            raise ApiError(413, exc.message, param="file", code="file_too_large") from None
+        except UsageError as exc:
+            raise _usage_error(exc, "file") from None
+        state.store.add_file(**row)
     return JSONResponse(_file_object(row))
 
 
@@ -105,8 +113,9 @@ async def file_content(file_id: str, state: ControlState = Depends(control_state
     from kubetune.storage.store import Store
 
     parent, name = row["uri"].rsplit("/", 1)
-    data = await asyncio.to_thread(lambda: Store(parent).read_text(name))
-    return Response(data, media_type="application/octet-stream")
+    # a piece at a time (in the thread pool): a large file is never held whole in memory
+    return StreamingResponse(Store(parent).chunks(name), media_type="application/octet-stream",
+                             headers={"Content-Length": str(row["bytes"])})
 
 
 @router.delete("/v1/files/{file_id}")
@@ -129,6 +138,12 @@ async def create_job(req: JobRequest, state: ControlState = Depends(control_stat
     valid = _own_file(state, owner, req.validation_file, "validation_file") if req.validation_file else None
     if req.suffix is not None and not all(c.isalnum() or c in "-_." for c in req.suffix):
         raise ApiError(400, "suffix: letters, digits, '-', '_' and '.' only", param="suffix")
+    async with _owner_lock(owner):  # the count and the new job together: parallel requests cannot both fit
+        return await _create_job(req, state, owner, train, valid)
+
+
+async def _create_job(req: JobRequest, state: ControlState, owner: str, train: dict[str, Any],
+                      valid: dict[str, Any] | None) -> JSONResponse:
     policy, budgets = state.settings.policy_for(state.store, owner)
     waiting = state.store.count_jobs(owner, ["validating_files", "queued"])
     if waiting >= budgets.max_queued_jobs:
@@ -138,8 +153,8 @@ async def create_job(req: JobRequest, state: ControlState = Depends(control_stat
     run_uri = f"{state.settings.storage.rstrip('/')}/runs/{job_id}"
     try:
         start = await asyncio.to_thread(resolve_start, state.store, owner, req.model, state.settings.config.models)
-        spec = build_spec(job_id, req, start, train["uri"], valid["uri"] if valid else None, run_uri, policy,
-                          rows=train["rows"])
+        spec = await asyncio.to_thread(build_spec, job_id, req, start, train["uri"], valid["uri"] if valid else None,
+                                       run_uri, policy, train["rows"], valid["rows"] if valid else None)
     except Refused as exc:
         raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else ""), param=exc.param,
                        code="model_not_available" if exc.param == "model" else "invalid_value") from None
@@ -152,7 +167,7 @@ async def create_job(req: JobRequest, state: ControlState = Depends(control_stat
         validation_file=valid["id"] if valid else None, validation_uri=valid["uri"] if valid else None,
         suffix=req.suffix, seed=spec.train.seed, method=method, settings=req.kubetune or {}, metadata=req.metadata,
         spec=spec_to_yaml(spec), status="validating_files", backend=state.settings.backend, run_uri=run_uri,
-        fine_tuned_model=model_name(req.model if req.model.startswith("ft:") else spec.model.base, req.suffix, job_id),
+        fine_tuned_model=model_name(req.model, req.suffix, job_id),  # the name the caller used, never a server path
         attempts=0, created_at=int(time.time()))
     state.store.add_event(job_id, "Created fine-tuning job")
     state.store.add_event(job_id, f"Validating training file: {train['id']}"

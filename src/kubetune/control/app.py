@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubetune.control import api, web
 from kubetune.control.state import Backend, ControlSettings, ControlState
+from kubetune.control.keys import digest
 from kubetune.control.models import ModelHub
 from kubetune.control.store import Store
 from kubetune.serve.body_limit import BodyLimit
@@ -38,6 +39,7 @@ def create_app(store: Store, settings: ControlSettings, backend: Backend, models
     install_error_handlers(app)
     app.add_middleware(BodyLimit, skip=("/v1/files",))  # the upload has its own limit, below
     app.add_middleware(_UploadLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(_KeyFirst, state=state)  # outermost: no body of a stranger's is read
     app.include_router(api.router)
     app.include_router(web.router)
 
@@ -46,6 +48,27 @@ def create_app(store: Store, settings: ControlSettings, backend: Backend, models
         return JSONResponse({"status": "ok"})
 
     return app
+
+
+class _KeyFirst:
+    """The API key checked before anything else of a request is read (plain ASGI, outermost): the
+    routes check it again as a dependency, but by then FastAPI has parsed the body, so a stranger
+    could make the server spool an upload or scan a JSON body."""
+
+    def __init__(self, app: ASGIApp, state: ControlState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keyed = scope["type"] == "http" and scope["path"].startswith(("/v1/", "/api/"))
+        if keyed and not self.state.settings.open_without_key:
+            given = Headers(scope=scope).get("authorization", "")
+            token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+            if not token or self.state.store.key_by_hash(digest(token)) is None:
+                body = error_body("missing or unknown API key (send Authorization: Bearer KEY)",
+                                  "invalid_request_error", None, "invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 MULTIPART_SLACK = 64 << 10  # the form's own bytes around the file

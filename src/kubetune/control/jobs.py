@@ -109,13 +109,19 @@ class JobPolicy:
 
 
 def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid_uri: str | None, run_uri: str,
-               policy: JobPolicy | None = None, rows: int = 0) -> RunSpec:
+               policy: JobPolicy | None = None, rows: int = 0, eval_rows: int | None = None) -> RunSpec:
     """The run spec of a job. The caller's `kubetune` settings go through the allow-list (policy.py),
     the operator's spec settings are applied over them, and the server's own fields (name, output,
     model, data) last; Refused/SpecError name the request field (`kubetune.train.max_steps`, ...)."""
     policy = policy or JobPolicy()
     method = req.resolved_method()
     hp = getattr(method, method.type).hyperparameters  # type: ignore[union-attr]
+    for name in ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"):
+        value = getattr(hp, name)
+        # Compared, not converted: float() of a 400-digit integer overflows; NaN fails both comparisons.
+        if value != "auto" and not (isinstance(value, (int, float)) and 0 < value <= 1e6):
+            raise Refused(f"{_hp_where(req, method)}.{name}", f"{value!r} is out of range (a number above 0, "
+                                                               "at most 1,000,000, or auto)")
     fixed: dict[str, Any] = {
         "name": job_id, "output": run_uri,
         "model.base": start.base, "model.revision": start.revision, "model.trust_remote_code": start.trust_remote_code,
@@ -163,7 +169,7 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
         raise SpecError(sorted([*exc.problems, *unknown], key=lambda p: p.where), exc.hint) from None
     if unknown:
         raise SpecError(unknown, "the README lists the settings a job can have")
-    check_limits(spec, policy.limits, rows, params)
+    check_limits(spec, policy.limits, rows, params, eval_rows)
     return spec
 
 

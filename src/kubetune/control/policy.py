@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import re
 import typing
 from pathlib import Path
@@ -54,9 +55,10 @@ class ModelEntry(_Config):
 class ModelsPolicy(_Config):
     root: str | None = Field(None, description="A folder of model folders: `model: NAME` is ROOT/NAME (one path "
                                                "part, no '..').")
-    allow: list[ModelEntry] = Field(default_factory=lambda: [ModelEntry(name="*/*")],
-                                    description="Names and Hub-id patterns tenants may name. Default: any Hub id "
-                                                "(without remote code).")
+    allow: list[ModelEntry] = Field(default_factory=list,
+                                    description="Names and Hub-id patterns tenants may name. Default: none (only "
+                                                "folders under root): a Hub repository is its owner's files, "
+                                                "weights index and chat template, so the operator opts in to each.")
 
 
 class Limits(_Config):
@@ -70,6 +72,9 @@ class Limits(_Config):
     max_lora_r: int = Field(256, ge=1)
     max_learning_rate: float = Field(1.0, gt=0)
     max_keep_checkpoints: int = Field(5, ge=1)
+    max_checkpoints_per_job: int = Field(1000, ge=1, description="Checkpoints written (steps / save_every_steps).")
+    max_evaluations_per_job: int = Field(200, ge=1, description="Eval passes during training "
+                                                                "(steps / eval_every_steps).")
     max_eval_samples: int = Field(1000, ge=1)
     max_new_tokens: int = Field(2048, ge=1, description="eval.max_new_tokens and method.grpo.max_new_tokens.")
     max_generations: int = Field(16, ge=2, description="method.grpo.num_generations.")
@@ -171,6 +176,8 @@ TENANT_FIELDS = (
 # Free text a tenant may set, and how long it may be (names are short; a system prompt is a prompt).
 TEXT_LIMITS = {"data.system_prompt": 8000}
 TEXT_DEFAULT_LIMIT = 200
+MAX_SETTINGS = 64
+MAX_INT = 2**31 - 1  # what every integer field fits (a seed, a step count; a database INTEGER)
 BUILTIN_REWARDS = ("exact_match", "regex", "length")
 REWARD_KEYS = ("function", "weight", "column", "pattern", "max_chars")
 
@@ -207,6 +214,8 @@ def check_tenant_settings(flat: dict[str, Any], rewards: dict[str, str]) -> tupl
     """The caller's `kubetune` settings (dotted), each allowed and of a safe shape, with registered
     reward names replaced by the operator's functions, and a problem for each key that is no setting
     at all; Refused names the first one that is the operator's."""
+    if len(flat) > MAX_SETTINGS:
+        raise Refused("kubetune", f"has {len(flat)} settings; at most {MAX_SETTINGS}")
     out: dict[str, Any] = {}
     unknown: list[Problem] = []
     for key, value in flat.items():
@@ -245,10 +254,16 @@ def _check_value(param: str, value: Any, depth: int = 0) -> None:
         for item in value:
             _check_value(param, item, depth + 1)
     elif isinstance(value, dict):
+        if len(value) > 64:
+            raise Refused(param, "has more than 64 entries")
         for item in value.values():
             _check_value(param, item, depth + 1)
-    elif isinstance(value, float) and value != value:
-        raise Refused(param, "is not a number")
+    elif isinstance(value, bool):
+        pass
+    elif isinstance(value, int) and abs(value) > MAX_INT:
+        raise Refused(param, f"{'is' if value > 0 else 'is below'} out of range (at most {MAX_INT:,})")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise Refused(param, "is not a finite number")
 
 
 def _rewards(param: str, value: Any, registered: dict[str, str]) -> list[dict[str, Any]]:
@@ -324,13 +339,13 @@ def check_operator_spec(spec: dict[str, Any], where: str) -> None:
                          "leave it out of the configuration")
 
 
-def check_limits(spec: Any, limits: Limits, rows: int, params: dict[str, str]) -> None:
+def check_limits(spec: Any, limits: Limits, rows: int, params: dict[str, str], eval_rows: int | None = None) -> None:
     """Refused when the resolved job asks for more than `limits`; `params` maps spec fields to the
     request field that set them (`train.epochs` → `hyperparameters.n_epochs`)."""
     t, m = spec.train, spec.method
 
     def over(field: str, value: float, cap: float, what: str = "") -> None:
-        if value > cap:
+        if value > cap:  # values are bounded (MAX_INT) before they get here: formatting cannot overflow
             raise Refused(params.get(field, f"kubetune.{field}"), f"{value:g} is over this server's limit of "
                                                                   f"{cap:g}{what}", "ask for less, or ask the operator")
 
@@ -355,9 +370,17 @@ def check_limits(spec: Any, limits: Limits, rows: int, params: dict[str, str]) -
     steps = t.max_steps if t.max_steps > 0 else -(-int(rows * t.epochs) // t.total_batch_size)
     field = "train.max_steps" if t.max_steps > 0 else "train.epochs"
     over(field, steps, limits.max_steps, " steps" if field == "train.epochs" else "")
-    tokens = steps * t.total_batch_size * spec.data.max_length
+    over("train.save_every_steps", steps // t.save_every_steps, limits.max_checkpoints_per_job, " checkpoints")
+    evaluations = steps // t.eval_every_steps if t.eval_every_steps else 0
+    over("train.eval_every_steps", evaluations, limits.max_evaluations_per_job, " evaluations")
+    # Every token the job processes: training rows, and the eval rows at each evaluation (and the end);
+    # preference objectives hold two answers a row, GRPO generates its answers on top.
+    per_row = spec.data.max_length * (2 if m.objective in ("dpo", "kto") else 1) + (
+        m.grpo.max_new_tokens if m.objective == "grpo" else 0)
+    eval_rows = eval_rows if eval_rows is not None else int(rows * (spec.data.eval_ratio() or 0))
+    tokens = (steps * t.total_batch_size + (evaluations + 1) * eval_rows) * per_row
     if tokens > limits.max_tokens_per_job:
         raise Refused(params.get(field, f"kubetune.{field}"),
-                      f"{steps:,} steps x {t.total_batch_size} rows x {spec.data.max_length} tokens is over this "
-                      f"server's limit of {limits.max_tokens_per_job:,} tokens per job",
-                      "fewer steps or epochs, a smaller batch or max_length")
+                      f"{steps:,} steps x {t.total_batch_size} rows (+ {evaluations + 1} x {eval_rows:,} eval rows) x "
+                      f"{per_row:,} tokens is over this server's limit of {limits.max_tokens_per_job:,} tokens per job",
+                      "fewer steps or epochs, a smaller batch or max_length, fewer evaluations")

@@ -9,8 +9,8 @@ import re
 
 __all__ = ["redact"]
 
-_URI = re.compile(r"\b(?:s3|gs|pvc|file|hf)://[^\s'\"()<>,;]+")
-_PATH = re.compile(r"(?<![\w.:/])~?(?:/[\w.@+=-]+){2,}/?")
+_URI = re.compile(r"\b(?:s3|gs|pvc|file|hf|https?)://[^\s'\"()<>,;]+")
+_PATH = re.compile(r"(?<![\w./])~?(?:/[\w.@+=-]+){2,}/?")
 
 
 def _last(match: re.Match[str]) -> str:

@@ -38,7 +38,9 @@ def visible(state: ControlState, owner: str) -> list[RunRef]:
             for j in state.store.jobs(owner, None, 1000)]
     clusters = cluster_runs(state.settings.clusters, lambda name: state.store.job(None, name) is not None) \
         if state.settings.clusters else []
-    return jobs + find_runs(state.settings.runs) + clusters
+    # A --runs folder that holds the server's own job runs never shows them: each is its owner's alone.
+    shared = [r for r in find_runs(state.settings.runs) if state.store.job(None, r.name or "") is None]
+    return jobs + shared + clusters
 
 
 def _runs(state: ControlState, owner: str) -> list[dict[str, Any]]:

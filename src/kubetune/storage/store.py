@@ -112,6 +112,13 @@ class Store:
                 Path(self._path(key)).parent.mkdir(parents=True, exist_ok=True)
             self.fs.put_file(str(local), self._path(key))
 
+    def chunks(self, key: str, size: int = 1 << 20) -> Iterator[bytes]:
+        """A file's bytes a piece at a time (a large file never whole in memory)."""
+        with translate(self.url(key)):
+            with self.fs.open(self._path(key), "rb") as fh:
+                while piece := fh.read(size):
+                    yield piece
+
     def read_text(self, key: str) -> str:
         with translate(self.url(key)):
             return self.fs.cat_file(self._path(key)).decode()
