@@ -200,10 +200,20 @@ def device_memory(spec: RunSpec, local: bool) -> tuple[float | None, str]:
                     return size, value
     if local:
         if gpu:
-            import torch
+            # Only a device that is here is asked (a laptop planning a run for a cluster's GPUs, Gaudi or
+            # ROCm nodes has none of their runtimes): else the figure comes from the target or is unknown.
+            from kubetune.train.devices import detect
 
-            props = torch.cuda.get_device_properties(0)
-            return float(props.total_memory), props.name
+            found = detect()
+            if found.kind in ("nvidia", "amd") and res.accelerator in ("auto", found.kind):
+                import torch
+
+                props = torch.cuda.get_device_properties(0)
+                return float(props.total_memory), props.name
+            if not (res.accelerator == "gaudi" and found.kind == "gaudi"):
+                return None, (f"unknown: no {res.accelerator} device here (set resources.device_memory, or a "
+                              "node selector naming the GPU)")
+            return None, "unknown: Gaudi's memory is not read here (set resources.device_memory, e.g. 96GB)"
         import psutil
 
         return psutil.virtual_memory().total / res.devices_per_node, \
