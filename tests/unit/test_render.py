@@ -334,6 +334,15 @@ def test_gpu_sharing_is_rendered_as_gke_and_the_device_plugin_document() -> None
                              "serve.gpu_sharing=mig:1g.10gb"))
     limits = plugin["containers"][0]["resources"]["limits"]
     assert limits.get("nvidia.com/mig-1g.10gb") == "1" and "nvidia.com/gpu" not in limits
+    # vLLM's memory claim (its --gpu-memory-utilization, docs.vllm.ai engine arguments): a pod sharing a GPU
+    # with N-1 others takes 1/N of the default 0.9; a MIG slice and an unshared GPU keep the default
+    def fraction(p: dict) -> str | None:
+        args = p["containers"][0]["args"]
+        return args[args.index("--gpu-memory-utilization") + 1] if "--gpu-memory-utilization" in args else None
+
+    assert fraction(pod) == "0.225" and fraction(mps) == "0.450"  # 4 clients; the default 2
+    assert fraction(mig) is None and fraction(plugin) is None
+    assert fraction(pod_of(rendered("b-summarise-qlora-serve.yaml", "serve", *gke))) is None
     for p in (pod, mig, plugin):
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": p},
                                      "1.33.0", strict=True)
@@ -352,3 +361,11 @@ def test_deploy_grid_serves_every_run_of_the_sweep_from_its_storage(cli) -> None
     spec = load_spec(ROOT / "examples" / "d-minio-lora-sweep.yaml")
     parent = spec.output_uri.rstrip("/").rsplit("/", 1)[0]
     assert fetched == {f"{parent}/{n}/final/adapter": f"/models/{n}" for n in names}  # each run's own output
+
+
+def test_the_image_build_fails_when_an_install_step_fails() -> None:
+    """deploy/Dockerfile: no step may swallow a failure (`|| true` once made a broken install an image)."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "|| true" not in text and "|| :" not in text
+    install = next(block for block in text.split("\nRUN ")[1:] if "pip install -r" in block)
+    assert install.startswith("set -eu;")  # each `;`-separated step stops the build when it fails

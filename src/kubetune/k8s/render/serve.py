@@ -124,7 +124,8 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
              "env": env_list, **({"envFrom": env_from} if env_from else {}),
              "resources": resources(spec, cpu="1", memory="2Gi", accelerator=False),
              "securityContext": container_security(), "volumeMounts": vols.mounts} for root, uris in fetch.items()]
-    args = vllm_command(target, host="0.0.0.0", port=s.port, max_num_seqs=s.max_concurrency)
+    args = vllm_command(target, host="0.0.0.0", port=s.port, max_num_seqs=s.max_concurrency,
+                        extra=memory_fraction_args(spec))
     api_env = [{"name": "VLLM_API_KEY", "valueFrom": secret_ref(spec.kubernetes.secrets.api_key)}] \
         if spec.kubernetes.secrets.api_key else []
     probe_path = "/health" if api_env else "/v1/models"
@@ -208,6 +209,19 @@ def autoscaling_objects(spec: RunSpec, name: str, select: dict[str, str]) -> lis
                     "spec": {"selector": {"matchLabels": select}, "endpoints": [{"port": "http", "path": "/metrics",
                                                                                  "interval": "15s"}]}})
     return out
+
+
+VLLM_MEMORY_FRACTION = 0.9  # vLLM's own default for a GPU it has alone
+
+
+def memory_fraction_args(spec: RunSpec) -> tuple[str, ...]:
+    """vLLM claims --gpu-memory-utilization of the whole GPU it sees (0.9 by default). Pods time-sharing
+    or MPS-sharing one GPU each see all of it: each takes its share, or the second pod fails to start
+    (not enough free memory). A MIG slice is the pod's own: the default fits it."""
+    s = spec.serve
+    if s.gpu_sharing in ("time_sharing", "mps"):
+        return ("--gpu-memory-utilization", f"{VLLM_MEMORY_FRACTION / s.gpu_clients:.3f}")
+    return ()
 
 
 def gpu_sharing_selector(spec: RunSpec) -> dict[str, str]:
