@@ -12,8 +12,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubetune.control import api, web
-from kubetune.control.state import Backend, ControlSettings, ControlState
-from kubetune.control.keys import digest
+from kubetune.control.state import NO_KEY, Backend, ControlSettings, ControlState, key_owner
 from kubetune.control.models import ModelHub
 from kubetune.control.store import Store
 from kubetune.serve.body_limit import BodyLimit
@@ -60,14 +59,11 @@ class _KeyFirst:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keyed = scope["type"] == "http" and scope["path"].startswith(("/v1/", "/api/"))
-        if keyed and not self.state.settings.open_without_key:
-            given = Headers(scope=scope).get("authorization", "")
-            token = given[7:].strip() if given.lower().startswith("bearer ") else ""
-            if not token or self.state.store.key_by_hash(digest(token)) is None:
-                body = error_body("missing or unknown API key (send Authorization: Bearer KEY)",
-                                  "invalid_request_error", None, "invalid_api_key")
-                await JSONResponse(body, status_code=401)(scope, receive, send)
-                return
+        if keyed and not self.state.settings.open_without_key and \
+                key_owner(self.state.store, Headers(scope=scope).get("authorization", "")) is None:
+            body = error_body(NO_KEY, "invalid_request_error", None, "invalid_api_key")
+            await JSONResponse(body, status_code=401)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 

@@ -16,14 +16,14 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubetune.control.policy import Limits, Refused, check_limits, check_tenant_settings
+from kubetune.control.policy import Limits, Refused, check_limits, check_tenant_settings, flat
 from kubetune.control.redact import redact
 from kubetune.errors import SpecError, UsageError
 from kubetune.spec.load import apply_override, validate_spec
 from kubetune.spec.models import RunSpec
 from kubetune.storage.store import uri_basename
 
-__all__ = ["JobPolicy", "JobRequest", "Start", "build_spec", "flat", "job_object", "model_name", "new_job_id"]
+__all__ = ["JobPolicy", "JobRequest", "Start", "build_spec", "job_object", "model_name", "new_job_id"]
 
 ACTIVE = ("validating_files", "queued", "running")
 Auto = Union[Literal["auto"], float, int]
@@ -212,19 +212,3 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
 
 def _public_error(error: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**error, "message": redact(str(error.get("message", "")))} if error else None
-
-
-def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and "." not in key and not _leaf_dict(name):
-            out.update(flat(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def _leaf_dict(name: str) -> bool:
-    """Spec fields whose value is itself a mapping (set whole, not merged key by key)."""
-    return name in ("kubernetes.node_selector", "kubernetes.labels")

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kubetune.errors import Problem, SpecError, UsageError
 
 __all__ = ["Budgets", "Limits", "ModelEntry", "ModelsPolicy", "Refused", "ServerConfig", "Team",
-           "check_tenant_settings", "load_config", "tenant_field"]
+           "check_tenant_settings", "flat", "load_config", "tenant_field"]
 
 
 class Refused(UsageError):
@@ -331,8 +331,6 @@ SERVER_FIELDS = ("name", "output", "model.base", "model.adapter", "data.train", 
 
 
 def check_operator_spec(spec: dict[str, Any], where: str) -> None:
-    from kubetune.control.jobs import flat
-
     taken = [k for k in flat(spec) if any(k == f or k.startswith(f + ".") for f in SERVER_FIELDS)]
     if taken:
         raise UsageError(f"{where}.{taken[0]}: set by the server for each job (its id, storage, model and files)",
@@ -384,3 +382,20 @@ def check_limits(spec: Any, limits: Limits, rows: int, params: dict[str, str], e
                       f"{steps:,} steps x {t.total_batch_size} rows (+ {evaluations + 1} x {eval_rows:,} eval rows) x "
                       f"{per_row:,} tokens is over this server's limit of {limits.max_tokens_per_job:,} tokens per job",
                       "fewer steps or epochs, a smaller batch or max_length, fewer evaluations")
+
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping of spec settings as dotted keys (`{"train": {"max_steps": 4}}` → `train.max_steps`)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and "." not in key and not _leaf_dict(name):
+            out.update(flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _leaf_dict(name: str) -> bool:
+    """Spec fields whose value is itself a mapping (set whole, not merged key by key)."""
+    return name in ("kubernetes.node_selector", "kubernetes.labels")

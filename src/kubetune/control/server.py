@@ -110,7 +110,7 @@ def build(options: ServerOptions) -> tuple[FastAPI, Store]:
 def check_policy(config: ServerConfig, operator_spec: dict[str, Any], where: str) -> None:
     """The operator's spec settings (server-wide and per team) checked once at start, on a stand-in
     job: a mistake there is the operator's to fix now (exit 2), not every tenant's failed job later."""
-    from kubetune.control.jobs import flat
+    from kubetune.control.policy import flat
     from kubetune.spec.load import apply_override, validate_spec
 
     layers = [("spec", config.spec)] + [(f"teams.{name}.spec", t.spec) for name, t in config.teams.items()]

@@ -60,10 +60,18 @@ def caller(request: Request) -> str:
     state: ControlState = request.app.state.control
     if state.settings.open_without_key:
         return LOCAL_OWNER
-    given = request.headers.get("authorization", "")
-    token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+    owner = key_owner(state.store, request.headers.get("authorization", ""))
+    if owner is None:
+        raise ApiError(401, NO_KEY, code="invalid_api_key")
+    return owner
+
+
+NO_KEY = "missing or unknown API key (send Authorization: Bearer KEY)"
+
+
+def key_owner(store: Store, authorization: str) -> str | None:
+    """The id of the key in an Authorization header, or None for a missing or unknown one."""
+    token = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
     # Looked up by digest: how long the lookup takes says nothing about the key itself.
-    found = state.store.key_by_hash(digest(token)) if token else None
-    if found is None:
-        raise ApiError(401, "missing or unknown API key (send Authorization: Bearer KEY)", code="invalid_api_key")
-    return key_id(found["hash"])
+    found = store.key_by_hash(digest(token)) if token else None
+    return key_id(found["hash"]) if found is not None else None
