@@ -369,3 +369,19 @@ def test_the_image_build_fails_when_an_install_step_fails() -> None:
     assert "|| true" not in text and "|| :" not in text
     install = next(block for block in text.split("\nRUN ")[1:] if "pip install -r" in block)
     assert install.startswith("set -eu;")  # each `;`-separated step stops the build when it fails
+
+
+def test_rocm_pods_run_non_root_in_the_groups_that_own_the_gpu_devices() -> None:
+    """ROCm's container documentation: /dev/kfd and /dev/dri/renderD* are owned by the video and render
+    groups, which a non-root process must be in; the AMD device plugin passes the devices, not the groups."""
+    for what in ("train", "serve"):
+        pod = pod_of(rendered("d-full-8gpu.yaml", what))
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["supplementalGroups"] == [44, 109]
+        assert "amd.com/gpu" in pod["containers"][0]["resources"]["limits"]
+    own = pod_of(rendered("d-full-8gpu.yaml", "train", "kubernetes.device_groups=[44, 992]"))
+    assert own["securityContext"]["supplementalGroups"] == [44, 992]  # the render group of the operator's nodes
+    nvidia = pod_of(rendered("d-full-8gpu.yaml", "train", "resources.accelerator=nvidia"))
+    assert "supplementalGroups" not in nvidia["securityContext"]
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": own},
+                                 "1.33.0", strict=True)

@@ -338,6 +338,12 @@ class KubernetesSpec(_Section):
     run_as_user: int = Field(1000, ge=1, description="Non-root UID of every container.")
     run_as_group: int = Field(1000, ge=0)
     fs_group: int = Field(1000, ge=0)
+    device_groups: list[int] | None = Field(
+        None, description="Supplemental group ids of the pods. AMD GPUs (/dev/kfd, /dev/dri/renderD*) belong to the "
+        "node's video and render groups, which a non-root container must be in (ROCm's container documentation; "
+        "the AMD device plugin passes the devices, not the groups). Default for accelerator amd: [44, 109] (video "
+        "and render on Ubuntu 22.04 nodes); the render group's id differs by node OS: read yours with "
+        "`stat -c %g /dev/kfd /dev/dri/renderD128` on a node.")
     hugepages: str = Field("4Gi", description="hugepages-2Mi per pod on Gaudi nodes.")
     termination_grace_seconds: int = Field(180, ge=30, description="Time a preempted pod gets to checkpoint and upload.")
     backoff_limit: int = Field(6, ge=1, description="Job retries on disruption or transient failure (each resumes).")

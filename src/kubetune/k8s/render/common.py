@@ -35,10 +35,18 @@ def spec_sweep(spec: RunSpec) -> str | None:
     return spec.kubernetes.sweep
 
 
+AMD_DEVICE_GROUPS = (44, 109)  # video, render (Ubuntu 22.04 nodes): /dev/kfd and /dev/dri/renderD* are theirs
+
+
 def pod_security(spec: RunSpec) -> dict[str, Any]:
     k = spec.kubernetes
-    return {"runAsNonRoot": True, "runAsUser": k.run_as_user, "runAsGroup": k.run_as_group, "fsGroup": k.fs_group,
-            "seccompProfile": {"type": "RuntimeDefault"}}
+    out: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": k.run_as_user, "runAsGroup": k.run_as_group,
+                           "fsGroup": k.fs_group, "seccompProfile": {"type": "RuntimeDefault"}}
+    groups = k.device_groups if k.device_groups is not None else (
+        list(AMD_DEVICE_GROUPS) if spec.resources.accelerator == "amd" else [])
+    if groups:  # a non-root process opens the GPU's device files through these groups
+        out["supplementalGroups"] = sorted(set(groups))
+    return out
 
 
 def container_security() -> dict[str, Any]:
