@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubetune.errors import SpecError, UsageError
 from kubetune.k8s.render import render, to_yaml
 from kubetune.k8s.serving import serving_plan
 from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
@@ -385,3 +386,42 @@ def test_rocm_pods_run_non_root_in_the_groups_that_own_the_gpu_devices() -> None
     assert "supplementalGroups" not in nvidia["securityContext"]
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": own},
                                  "1.33.0", strict=True)
+
+
+def _bytes(q: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    unit = next((u for u in sorted(units, key=len, reverse=True) if q.endswith(u)), "")
+    return float(q[: len(q) - len(unit)]) * units.get(unit, 1)
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
+def test_every_pod_asks_for_the_node_disk_it_writes(example: str) -> None:
+    """GKE Autopilot ("Resource requests in Autopilot": ephemeral storage defaults to 1 GiB unless
+    requested) and the kubelet (evicts a pod past its ephemeral-storage limit, or an emptyDir past its
+    sizeLimit): every node-local volume is bounded, and the pod asks for all of them plus its logs."""
+    for what in ("train", "stage", "serve"):
+        try:
+            objects = rendered(example, what)
+        except UsageError:
+            continue  # nothing to stage for this example
+        for owner in [*by_kind(objects, "Job"), *by_kind(objects, "Deployment")]:
+            pod = owner["spec"]["template"]["spec"]
+            local = [v["emptyDir"] for v in pod["volumes"] if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"]
+            assert all("sizeLimit" in d for d in local), (example, what)
+            asked = sum(_bytes(c["resources"]["requests"]["ephemeral-storage"]) for c in pod["containers"])
+            assert asked >= sum(_bytes(d["sizeLimit"]) for d in local) + 2**30, (example, what)
+            for c in [*pod["containers"], *pod.get("initContainers", [])]:
+                r = c["resources"]
+                assert r["requests"]["ephemeral-storage"] == r["limits"]["ephemeral-storage"]
+
+
+def test_serving_downloads_each_model_once_onto_its_sized_volume() -> None:
+    pod = pod_of(rendered("d-minio-lora-sweep.yaml", "serve", "serve.model_storage=120Gi"))
+    env = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}
+    assert env["KUBETUNE_CACHE"].startswith("/models/") and env["HF_HOME"].startswith("/models/")
+    models = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert models["emptyDir"]["sizeLimit"] == "120Gi"
+    assert _bytes(pod["containers"][0]["resources"]["limits"]["ephemeral-storage"]) == 126 * 2**30
+    with pytest.raises(SpecError) as bad:
+        rendered("quickstart.yaml", "serve", "serve.model_storage=lots")
+    assert "serve.model_storage" in bad.value.render() and "quantity" in bad.value.render()

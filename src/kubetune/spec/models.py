@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from pydantic_core import PydanticCustomError
 
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")
+QUANTITY = re.compile(r"\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?")
 
 
 class _Section(BaseModel):
@@ -335,6 +336,9 @@ class KubernetesSpec(_Section):
     scratch_size: str = Field("50Gi", description="Ephemeral scratch volume for the local working copy and caches.")
     storage_class: str | None = Field(None, description="Storage class of the scratch volume (default: the cluster's).")
     shm_size: str = Field("16Gi", description="Size limit of /dev/shm (memory emptyDir).")
+    tmp_size: str = Field("4Gi", description="Size limit of /tmp (node-local disk). With the pod's logs it is the "
+                          "ephemeral-storage every pod requests (GKE Autopilot and the kubelet evict a pod that "
+                          "writes more than it asked for).")
     run_as_user: int = Field(1000, ge=1, description="Non-root UID of every container.")
     run_as_group: int = Field(1000, ge=0)
     fs_group: int = Field(1000, ge=0)
@@ -377,6 +381,9 @@ class ServeSpec(_Section):
     autoscaling: Autoscaling | None = Field(default_factory=Autoscaling, description="HPA on queue length; null = fixed replicas.")
     cpu: str = Field("2", description="CPU per serving pod.")
     memory: str = Field("10Gi", description="Memory per serving pod.")
+    model_storage: str = Field("60Gi", description="Node-local disk per serving pod for the served models (base and "
+                               "adapters, downloaded once: the download cache is on the same volume) — requested as "
+                               "ephemeral-storage.")
     gpu_sharing: str = Field("none", description="none, time_sharing, mps, or mig:PROFILE (e.g. mig:1g.10gb): "
                                                  "the node selectors and resources GKE and the NVIDIA device plugin use.")
     gpu_clients: int = Field(2, ge=2, le=48, description="Pods per shared GPU (time_sharing, mps).")
@@ -473,6 +480,12 @@ class RunSpec(_Section):
                              "with resources.accelerator cpu there is nothing to offload"))
         if self.resources.offload and self.resources.strategy == "ddp":
             problems.append(("resources.offload", "offload is FSDP's; set resources.strategy: fsdp (or auto)"))
+        for where, size in (("kubernetes.tmp_size", self.kubernetes.tmp_size),
+                            ("kubernetes.scratch_size", self.kubernetes.scratch_size),
+                            ("kubernetes.shm_size", self.kubernetes.shm_size),
+                            ("serve.model_storage", self.serve.model_storage)):
+            if not QUANTITY.fullmatch(size):
+                problems.append((where, f"{size!r} is not a Kubernetes quantity such as 4Gi, 500Mi or 60G"))
         if self.resources.device_memory is not None and not re.fullmatch(
                 r"\d+(\.\d+)?\s*(GB|GiB|MB|MiB|TB|TiB|G|Gi|M|Mi)", self.resources.device_memory):
             problems.append(("resources.device_memory", f"{self.resources.device_memory!r} is not a size such as "

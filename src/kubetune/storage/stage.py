@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 from kubetune.errors import UsageError
 from kubetune.spec.models import RunSpec
 from kubetune.storage.fetch import excluded, fetch, matches
-from kubetune.storage.store import Store, uri_basename
+from kubetune.storage.store import Store, local_path, uri_basename
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ def copy_tree(local: Path, dest: str, exclude: Sequence[str], report: StageRepor
         if key in existing and matches(path, existing[key]):  # already there: a re-run resumes
             report.skipped.append(store.url(key))
             continue
-        store.put(path, key)
+        if not _link_into(store, path, key):
+            store.put(path, key)
         report.copied.append(store.url(key))
         report.bytes_copied += path.stat().st_size
         log(f"  copied {key} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -140,3 +141,20 @@ def deliveries(spec: RunSpec | None, models: Sequence[str], data: Sequence[str],
     if not to:
         raise UsageError("give a SPEC, or --model/--data with --to")
     return deliveries_from_flags(models, data, to), list(exclude if exclude is not None else StageSpec().exclude)
+
+
+def _link_into(store: Store, path: Path, key: str) -> bool:
+    """A local destination on the cache's filesystem gets a hard link, not a second copy: a serving
+    pod stages models into the volume that also holds its download cache (one copy on the node's disk)."""
+    root = local_path(store.uri)
+    if root is None:
+        return False
+    target = root / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.unlink(missing_ok=True)
+        os.link(path, target)
+    except OSError:  # another filesystem (or mount): copied instead
+        return False
+    return True
+

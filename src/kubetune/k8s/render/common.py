@@ -120,7 +120,7 @@ def volumes(spec: RunSpec, config_map: str | None, scratch: bool = True) -> Volu
         v.mounts.append({"name": "spec", "mountPath": SPEC_DIR, "readOnly": True})
     v.volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k.shm_size}})
     v.mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    v.volumes.append({"name": "tmp", "emptyDir": {}})
+    v.volumes.append({"name": "tmp", "emptyDir": {"sizeLimit": k.tmp_size}})
     v.mounts.append({"name": "tmp", "mountPath": "/tmp"})
     if scratch:
         claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": k.scratch_size}}}
@@ -139,11 +139,31 @@ def volumes(spec: RunSpec, config_map: str | None, scratch: bool = True) -> Volu
     return v
 
 
+LOGS = "1Gi"  # a container's logs and writable layer (the root filesystem itself is read-only)
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "": 1}
+
+
+def quantity_sum(*quantities: str) -> str:
+    """Kubernetes quantities added up, in Mi (rounded up)."""
+    total = 0.0
+    for q in quantities:
+        number = q.rstrip("KiMGTk")
+        total += float(number) * _UNITS[q[len(number):]]
+    return f"{-(-int(total) // 2**20)}Mi"
+
+
+def node_disk(spec: RunSpec, *volumes: str) -> str:
+    """The ephemeral-storage a pod asks for: its node-local volumes (/tmp and `volumes`) and its logs.
+    GKE Autopilot sets a small default otherwise, and the kubelet evicts a pod that writes past it."""
+    return quantity_sum(spec.kubernetes.tmp_size, LOGS, *volumes)
+
+
 def resources(spec: RunSpec, devices: int | None = None, cpu: str | None = None, memory: str | None = None,
-              accelerator: bool = True) -> dict[str, Any]:
+              accelerator: bool = True, disk: str | None = None) -> dict[str, Any]:
     """requests == limits: a training pod is not a burstable workload, and device counts must match."""
     r = spec.resources
-    amount = {"cpu": cpu or r.cpu or "4", "memory": memory or r.memory or "16Gi"}
+    amount = {"cpu": cpu or r.cpu or "4", "memory": memory or r.memory or "16Gi",
+              "ephemeral-storage": disk or node_disk(spec)}
     kind = r.accelerator
     if accelerator and kind in ACCELERATOR_RESOURCE:
         amount[ACCELERATOR_RESOURCE[kind]] = str(devices or r.devices_per_node)

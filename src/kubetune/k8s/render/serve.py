@@ -13,8 +13,10 @@ from typing import Any, Sequence
 import yaml
 
 from kubetune.errors import UsageError
+from kubetune import settings
 from kubetune.k8s.render.common import (
-    GCS_ROOT, PVC_ROOT, container_security, env, metadata, pod_placement, pod_security, resources, secret_ref, volumes,
+    GCS_ROOT, PVC_ROOT, container_security, env, metadata, node_disk, pod_placement, pod_security, resources,
+    secret_ref, volumes,
 )
 from kubetune.serve.vllm import VllmTarget, vllm_command
 from kubetune.spec.models import RunSpec
@@ -85,11 +87,16 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
     name = f"{spec.name}-serve"
     s = spec.serve
     env_list, env_from = env(spec)
+    # The download cache and the Hub's cache live on the models volume: staged models are hard links
+    # into it, so each file is on the node's disk once (not once in a cache and again in /models).
+    caches = {settings.CACHE: f"{MODELS}/.cache", "HF_HOME": f"{MODELS}/.hf"}
+    env_list = [{**e, "value": caches[e["name"]]} if e["name"] in caches else e for e in env_list]
     vols = volumes(spec, None, scratch=False)
-    vols.volumes.append({"name": "models", "emptyDir": {}})
+    vols.volumes.append({"name": "models", "emptyDir": {"sizeLimit": s.model_storage}})
     vols.mounts.append({"name": "models", "mountPath": MODELS})
-    vols.volumes.append({"name": "scratch", "emptyDir": {}})
+    vols.volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": SERVE_SCRATCH}})
     vols.mounts.append({"name": "scratch", "mountPath": "/scratch"})
+    disk = node_disk(spec, s.model_storage, SERVE_SCRATCH)
     fetch: dict[str, list[str]] = {}  # where under /models → object-storage URIs an init container copies there
     several = len(served) > 1
 
@@ -122,7 +129,7 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
              "imagePullPolicy": spec.kubernetes.image_pull_policy,
              "command": ["kubetune", "stage", *[a for uri in uris for a in ("--model", uri)], "--to", root],
              "env": env_list, **({"envFrom": env_from} if env_from else {}),
-             "resources": resources(spec, cpu="1", memory="2Gi", accelerator=False),
+             "resources": resources(spec, cpu="1", memory="2Gi", accelerator=False, disk=disk),
              "securityContext": container_security(), "volumeMounts": vols.mounts} for root, uris in fetch.items()]
     args = vllm_command(target, host="0.0.0.0", port=s.port, max_num_seqs=s.max_concurrency,
                         extra=memory_fraction_args(spec))
@@ -135,7 +142,7 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
         "command": args[:2], "args": args[2:],
         "env": [*env_list, *api_env], **({"envFrom": env_from} if env_from else {}),
         "ports": [{"name": "http", "containerPort": s.port}],
-        "resources": _serving_resources(spec),
+        "resources": _serving_resources(spec, disk),
         "securityContext": container_security(),
         "startupProbe": {"httpGet": {"path": probe_path, **http}, "periodSeconds": 10, "failureThreshold": 90},
         "readinessProbe": {"httpGet": {"path": "/health", **http}, "periodSeconds": 5, "failureThreshold": 3},
@@ -211,6 +218,7 @@ def autoscaling_objects(spec: RunSpec, name: str, select: dict[str, str]) -> lis
     return out
 
 
+SERVE_SCRATCH = "1Gi"  # HOME and small caches of the serving pod; models and their caches are on /models
 VLLM_MEMORY_FRACTION = 0.9  # vLLM's own default for a GPU it has alone
 
 
@@ -235,12 +243,12 @@ def gpu_sharing_selector(spec: RunSpec) -> dict[str, str]:
             "cloud.google.com/gke-max-shared-clients-per-gpu": str(s.gpu_clients)}
 
 
-def _serving_resources(spec: RunSpec) -> dict[str, Any]:
+def _serving_resources(spec: RunSpec, disk: str) -> dict[str, Any]:
     """One GPU (or one shared slice of it). Off GKE, a MIG slice is the NVIDIA device plugin's resource
     (mixed strategy: nvidia.com/mig-PROFILE); time-slicing and MPS are set on the plugin and the pod
     still asks for one nvidia.com/gpu."""
     s = spec.serve
-    out = resources(spec, devices=1, cpu=s.cpu, memory=s.memory)
+    out = resources(spec, devices=1, cpu=s.cpu, memory=s.memory, disk=disk)
     if s.gpu_sharing.startswith("mig:") and not _on_gke(spec) and "nvidia.com/gpu" in out["limits"]:
         for part in ("requests", "limits"):
             del out[part]["nvidia.com/gpu"]
