@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 
@@ -36,9 +37,25 @@ PARITY_PROBES = [
 ]
 
 
-def merge_with_parity(peft_model: Any, inputs: Sequence[Sequence[int]]) -> tuple[Any, float]:
-    """PEFT's merge_and_unload (safe_merge), and the largest |logit difference| the merge made on `inputs`
-    (token ids); the caller decides what difference it accepts."""
+@dataclass(frozen=True)
+class Parity:
+    """How far a merged model's logits are from adapter-on-base's on the probes."""
+    max_diff: float       # largest |logit difference|
+    scale: float          # root mean square of adapter-on-base's logits
+
+    def within(self, tolerance: float) -> bool:
+        """Same model: the difference is at most `tolerance` of the logits' scale (of 1, for logits smaller
+        than that). fp32 round-off grows with the logits' size, depth and width; an absolute bound refused
+        correct merges of deeper models, while a wrong merge moves logits by orders of magnitude more."""
+        return self.max_diff <= tolerance * max(1.0, self.scale)
+
+    def describe(self) -> str:
+        return f"max |logit diff| {self.max_diff:.1e}, {self.max_diff / max(1.0, self.scale):.1e} of the logits' scale"
+
+
+def merge_with_parity(peft_model: Any, inputs: Sequence[Sequence[int]]) -> tuple[Any, Parity]:
+    """PEFT's merge_and_unload (safe_merge), and how much the merge changed the logits on `inputs` (token
+    ids); the caller decides what it accepts (Parity.within)."""
     import torch
 
     batches = [torch.tensor([list(ids)]) for ids in inputs]
@@ -46,4 +63,6 @@ def merge_with_parity(peft_model: Any, inputs: Sequence[Sequence[int]]) -> tuple
         before = [peft_model(input_ids=b).logits.float() for b in batches]
         merged = peft_model.merge_and_unload(safe_merge=True)
         after = [merged(input_ids=b).logits.float() for b in batches]
-    return merged, max(float((a - b).abs().max()) for a, b in zip(before, after))
+    diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
+    scale = max(float(b.pow(2).mean().sqrt()) for b in before)
+    return merged, Parity(diff, scale)

@@ -146,3 +146,30 @@ def test_eval_verb_without_base(trained: Path) -> None:
     metrics = json.loads((trained / "eval" / "metrics.json").read_text())
     assert "base" not in metrics and "rougeL" in metrics["tuned"]
     assert res.stdout.splitlines()[0].split() == ["metric", "tuned"]
+
+
+def test_a_merge_is_saved_in_the_base_models_dtype(tmp_path: Path, tiny_model: Path) -> None:
+    """A bf16 base merges (checked in fp32) into bf16 weights: a 7B model stays 14 GB on disk, not 28."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import QUICKSTART_DATA
+
+    base = tmp_path / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
+    spec = {"name": "bf16", "model": {"base": str(base)},
+            "data": {"train": str(QUICKSTART_DATA / "train.jsonl"), "eval": None, "max_length": 64},
+            "train": {"max_steps": 6, "total_batch_size": 8, "max_per_device_batch_size": 8, "save_every_steps": 6,
+                      "logging_steps": 3, "learning_rate": 3e-3},
+            "output": str(tmp_path / "runs" / "bf16"), "resources": {"accelerator": "cpu"}}
+    (tmp_path / "bf16.yaml").write_text(yaml.safe_dump(spec))
+    trained = run_kubetune("train", str(tmp_path / "bf16.yaml"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    merged = run_kubetune("merge", str(tmp_path / "runs" / "bf16"))
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    folder = tmp_path / "runs" / "bf16" / "final" / "merged"
+    config = json.loads((folder / "config.json").read_text())
+    assert (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}

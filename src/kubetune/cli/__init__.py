@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=verbs.schema)
     p = sub.add_parser("merge", help="merge a run's adapter into its base model (final/merged)")
     p.add_argument("run", help="run folder or URI, e.g. runs/NAME or s3://bucket/runs/NAME")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (fp32)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| allowed, as a fraction of the logits' scale (their RMS, at least 1); "
+                        "computed in fp32")
     p.set_defaults(func=verbs.merge)
     p = sub.add_parser("export", help="a sharded (FSDP) checkpoint as a Hugging Face folder: the model or adapter, "
                                       "tokenizer and chat template")

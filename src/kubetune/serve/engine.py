@@ -24,7 +24,7 @@ from kubetune.storage.model_files import read_model_config
 
 
 ADAPTER_MODES = ("auto", "merged", "unmerged")
-MERGE_TOLERANCE = 1e-4  # max |logit difference| of an in-memory merge (fp32), as `kubetune merge`
+MERGE_TOLERANCE = 1e-4  # of the logits' scale: an in-memory merge is accepted as `kubetune merge` accepts one
 
 
 @dataclass
@@ -242,13 +242,13 @@ def _adapted(base: Any, folder: Path, formatter: ChatFormatter, merge: bool, str
 
     if merge:
         peft = PeftModel.from_pretrained(base if in_place else copy.deepcopy(base), folder).eval()
-        merged, diff = merge_with_parity(peft, [formatter.encode_prompt(p, None, True, "") for p in PARITY_PROBES])
-        if diff <= MERGE_TOLERANCE:
-            return merged, f"LoRA merged in memory (max |logit diff| {diff:.1e})"
+        merged, parity = merge_with_parity(peft, [formatter.encode_prompt(p, None, True, "") for p in PARITY_PROBES])
+        if parity.within(MERGE_TOLERANCE):
+            return merged, f"LoRA merged in memory ({parity.describe()})"
         if strict or in_place:  # in place, the base weights are gone: no fall-back
-            raise UsageError(f"{folder}: the adapter merged in memory differs from adapter-on-base by {diff:.2e} "
-                             f"(> {MERGE_TOLERANCE:g})", "serve it with --adapters unmerged")
-        why = f"unmerged: merging changed the logits by {diff:.1e}"
+            raise UsageError(f"{folder}: the adapter merged in memory differs from adapter-on-base ({parity.describe()}; "
+                             f"more than {MERGE_TOLERANCE:g})", "serve it with --adapters unmerged")
+        why = f"unmerged: merging changed the logits ({parity.describe()})"
     else:
         why = "unmerged, on the shared base weights"
     # A copy whose parameters and buffers are the base's own tensors: PEFT wraps the copy's layers,
