@@ -425,3 +425,16 @@ def test_serving_downloads_each_model_once_onto_its_sized_volume() -> None:
     with pytest.raises(SpecError) as bad:
         rendered("quickstart.yaml", "serve", "serve.model_storage=lots")
     assert "serve.model_storage" in bad.value.render() and "quantity" in bad.value.render()
+
+
+def test_an_autoscaler_on_a_metric_nothing_serves_is_said(cli) -> None:
+    code, out, err = cli("render", str(ROOT / "examples" / "quickstart.yaml"), "--what", "serve",
+                         "--set", "serve.autoscaling.monitoring=none")
+    assert code == 0 and "kind: HorizontalPodAutoscaler" in out
+    assert "nothing rendered here makes Prometheus scrape the pods" in err and "kubetune doctor" in err
+    code, out, err = cli("render", str(ROOT / "examples" / "quickstart.yaml"), "--what", "serve",
+                         "--set", "serve.autoscaling.monitoring=servicemonitor")
+    assert code == 0 and "nothing rendered here" not in err
+    code, out, err = cli("render", str(ROOT / "examples" / "quickstart.yaml"), "--what", "serve",
+                         "--set", "serve.autoscaling=null")
+    assert code == 0 and "HorizontalPodAutoscaler" not in out and "nothing rendered here" not in err

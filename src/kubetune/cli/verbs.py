@@ -7,10 +7,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune import settings
 from kubetune.spec import load_spec
+
+if TYPE_CHECKING:
+    from kubetune.spec.models import RunSpec
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -112,6 +115,7 @@ def render(args: argparse.Namespace) -> int:
     if args.what == "serve":
         plan = _serving_plan(spec, args)
         objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
+        _say_unserved_metric(plan.spec)
     else:
         if args.what == "train":
             _check_cluster_memory(spec)
@@ -121,6 +125,19 @@ def render(args: argparse.Namespace) -> int:
         print(f"note: output {spec.output_uri} is a local path: in a pod it lives on the scratch volume and is lost "
               "with the pod, and a retried pod starts over; use --set output=s3://... (or gs://, pvc://)", file=sys.stderr)
     return 0
+
+
+def _say_unserved_metric(spec: RunSpec) -> None:
+    """An HPA on a per-pod vLLM metric scales only where something serves that metric through the
+    custom metrics API; with monitoring none, kubetune renders nothing that does: say so (stderr)."""
+    a = spec.serve.autoscaling
+    if a is not None and a.monitoring == "none":
+        print(f"note: the HorizontalPodAutoscaler scales on the pods' vllm metric ({a.metric}) through the custom "
+              "metrics API, and with serve.autoscaling.monitoring: none nothing rendered here makes Prometheus "
+              "scrape the pods or serves that metric: it stays at serve.autoscaling.min replicas unless the cluster "
+              "already does both. Set serve.autoscaling.monitoring: servicemonitor (prometheus-operator + Prometheus "
+              "Adapter) or podmonitoring (GKE managed Prometheus + its custom-metrics adapter); `kubetune doctor` "
+              "checks the metrics API", file=sys.stderr)
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -189,6 +206,7 @@ def deploy(args: argparse.Namespace) -> int:
     plan = _serving_plan(load_spec(args.spec, args.overrides), args)
     ns = plan.spec.kubernetes.namespace
     objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
+    _say_unserved_metric(plan.spec)
     for line in Cluster(ns).apply(objects):
         print(line)
     port = plan.spec.serve.port
