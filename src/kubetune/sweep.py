@@ -4,6 +4,7 @@ as Kubernetes Jobs that Kueue queues. `sweep status` ranks the runs by an eval m
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 import subprocess
@@ -21,7 +22,7 @@ from kubetune.spec.models import RunSpec
 
 _SHORT = {"learning_rate": "lr", "r": "r", "alpha": "a", "dropout": "do", "total_batch_size": "bs",
           "max_steps": "steps", "epochs": "ep", "weight_decay": "wd", "warmup_ratio": "wu", "max_length": "len",
-          "seed": "seed", "lr_scheduler": "sched", "type": "m"}
+          "seed": "seed", "lr_scheduler": "sched", "type": "m", "base": ""}
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
@@ -56,9 +57,26 @@ def _slug(value: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "", value.lower().replace(".", "p").replace("_", "-")).strip("-") or "x"
 
 
+MAX_NAME = 52  # RunSpec.name: it names Kubernetes objects (a Job's pods add their own suffix)
+
+
+def _value_slug(value: str) -> str:
+    """A URI or Hub id by its last part (hf://mistralai/Mistral-7B-v0.3 → mistral-7b-v0p3)."""
+    if "/" in value:
+        value = value.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
+    return _slug(value)
+
+
 def run_name(base: str, combo: Sequence[tuple[str, str]]) -> str:
-    parts = [f"{_SHORT.get(key.rsplit('.', 1)[-1], _slug(key.rsplit('.', 1)[-1]))}{_slug(value)}" for key, value in combo]
-    return "-".join([base, *parts])
+    """NAME-r4-lr1e-4: readable where it fits; past MAX_NAME characters cut, with a hash of the whole
+    combination so that two runs never share a name."""
+    parts = [f"{_SHORT.get(key.rsplit('.', 1)[-1], _slug(key.rsplit('.', 1)[-1]))}{_value_slug(value)}"
+             for key, value in combo]
+    name = "-".join([base, *parts])
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(repr(list(combo)).encode()).hexdigest()[:6]
+    return f"{name[:MAX_NAME - 7].rstrip('-')}-{digest}"
 
 
 def _output_for(spec: RunSpec, name: str) -> str:
