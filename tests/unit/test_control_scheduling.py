@@ -62,3 +62,14 @@ def test_validations_run_in_a_bounded_pool(tmp_path: Path) -> None:
     w.tick()
     w.tick()
     assert w.started == [("v0", "validate"), ("v1", "validate")]
+
+
+def test_a_keys_jobs_start_in_the_order_it_created_them(tmp_path: Path) -> None:
+    jobs = [("a1", "key-a", "validating_files"), ("a2", "key-a", "queued"), ("b1", "key-b", "queued")]
+    w = worker(tmp_path, jobs, 4, ServerConfig(validations=1))
+    w._procs["a1"] = _Proc("validate", _Running(), Path("/dev/null"))  # type: ignore[arg-type]
+    w._advance()
+    assert w.started == [("b1", "train")]  # a2 waits for a1 (still validating); another key is not held back
+    w.store.update_job("a1", status="queued")
+    w._advance()
+    assert [j for j, _ in w.started] == ["b1", "a1", "a2"]

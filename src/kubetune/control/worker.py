@@ -129,7 +129,13 @@ class LocalWorker:
                 self.store.add_event(job["id"], "Resuming after a server restart")
                 self._spawn(job, "train")
         running = Counter(j["owner"] for j in self.store.jobs_in(["running"], self.backend))
-        queued = [j for j in self.store.jobs_in(["queued"], self.backend) if _due(j)]
+        # A key's jobs start in the order it created them: one still validating holds back its later ones
+        # (validations run side by side, and the newer may finish first).
+        validating: dict[str, int] = {}
+        for j in self.store.jobs_in(["validating_files"], self.backend):
+            validating[j["owner"]] = min(validating.get(j["owner"], j["n"]), j["n"])
+        queued = [j for j in self.store.jobs_in(["queued"], self.backend)
+                  if _due(j) and j["n"] < validating.get(j["owner"], j["n"] + 1)]
         while queued and sum(p.kind == "train" for p in self._procs.values()) < self.concurrency:
             # Fair across keys: the oldest job of the key training least goes first, and a key at its
             # own limit waits however long its queue is.
