@@ -232,9 +232,15 @@ def test_push_publishes_the_adapter_to_the_hub_and_a_bucket(s3: S3Server, tmp_pa
             self.calls.append(("upload_folder", kw))
             return type("Commit", (), {"commit_url": "https://huggingface.co/org/p/commit/abc"})()
 
+        def upload_file(self, *, path_or_fileobj: object, path_in_repo: str, repo_id: str, **kw: object) -> None:
+            self.calls.append(("upload_file", {"path_in_repo": path_in_repo, "repo_id": repo_id,
+                                               "content": path_or_fileobj}))
+
     api = RecordingApi()
     assert push(str(run_dir), "hf://org/p", api=api, log=lambda _m: None) == "https://huggingface.co/org/p/commit/abc"
     assert api.calls[0] == ("create_repo", {"repo_id": "org/p", "repo_type": "model", "private": True, "exist_ok": True})
     assert api.calls[1][1]["folder_path"] == str(adapter) and api.calls[1][1]["repo_id"] == "org/p"
+    card = api.calls[2][1]
+    assert card["path_in_repo"] == "README.md" and b"library_name: peft" in card["content"]  # type: ignore[operator]
     push(str(run_dir), f"s3://{BUCKET}/published/p", log=lambda _m: None)
-    assert f"published/p/adapter_config.json" in s3.keys(BUCKET, "published/p/")
+    assert {"published/p/adapter_config.json", "published/p/README.md"} <= set(s3.keys(BUCKET, "published/p/"))

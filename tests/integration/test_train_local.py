@@ -173,3 +173,23 @@ def test_a_merge_is_saved_in_the_base_models_dtype(tmp_path: Path, tiny_model: P
     assert (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_push_writes_a_model_card_from_the_run(trained: Path, tmp_path: Path) -> None:
+    """Workflow B publishes its model: the card names the base, the data by hash, the method and the
+    eval scores base vs tuned, all read from what the run recorded."""
+    import hashlib
+
+    from tests.conftest import QUICKSTART_DATA
+
+    res = run_kubetune("push", str(trained), "--to", str(tmp_path / "published"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    card = (tmp_path / "published" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"].endswith("examples/assets/tiny-llama")  # the spec's model.base
+    assert "kubetune" in front["tags"] and front["library_name"] in ("peft", "transformers")
+    digest = hashlib.sha256((QUICKSTART_DATA / "train.jsonl").read_bytes()).hexdigest()
+    assert digest in card and "LoRA r=8, alpha=16" in card and "q_proj, v_proj, down_proj" in card
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    assert f"| rougeL | {metrics['base']['rougeL']:.4g} | {metrics['tuned']['rougeL']:.4g} |" in card
+    assert (tmp_path / "published" / "tokenizer_config.json").exists()
