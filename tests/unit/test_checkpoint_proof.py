@@ -48,3 +48,14 @@ def test_older_markers_and_unreadable_ones(tmp_path: Path) -> None:
     assert mismatch(json.dumps({"step": 5, "time": 1.0}), {}) is None  # written before markers listed files
     assert mismatch("not json", {}) == "its COMPLETE marker is not readable"
     assert mismatch(json.dumps({"files": {"a": 1}}), {"a": 1, "extra": 9}) is None  # extra files are not loaded
+
+
+def test_the_control_plane_offers_only_checkpoints_that_prove_themselves(tmp_path: Path) -> None:
+    from kubetune.control.runinfo import complete_steps
+
+    run = tmp_path / "run"
+    checkpoint(run / "checkpoints", 10)
+    bad = checkpoint(run / "checkpoints", 20)
+    checkpoint(run / "checkpoints", 30, complete=False)
+    (bad / "adapter_model.safetensors").write_bytes(b"")
+    assert complete_steps(str(run)) == [10]  # listed by the API, continued by ft:...:ckpt-step-N

@@ -9,8 +9,10 @@ from typing import Any
 from kubetune.artifacts.events import (CheckpointEvent, CheckpointStoredEvent, EndEvent, ErrorEvent, EvalEvent,
                                        EvalReportEvent, Event, PreemptedEvent, StartEvent, StepEvent, parse_events)
 from kubetune.errors import KubetuneError
+from kubetune.artifacts.checkpoints import list_checkpoints
 from kubetune.control.redact import redact
 from kubetune.storage.store import Store, is_remote, local_path
+from kubetune.storage.sync import remote_checkpoints
 
 __all__ = ["checkpoints", "openai_events", "read_run_text", "run_events", "trained_tokens"]
 
@@ -108,14 +110,12 @@ def checkpoints(job: dict[str, Any], events: list[Event]) -> list[dict[str, Any]
 
 
 def complete_steps(run_uri: str) -> list[int]:
+    """Steps of the run's checkpoints that are complete and whose files match their COMPLETE marker
+    (the same listers resume uses, locally and in a bucket): a corrupted one is never offered."""
     try:
         if is_remote(run_uri):
-            store = Store(run_uri)
-            names = [n for n in store.listdir("checkpoints") if store.exists(f"checkpoints/{n}/COMPLETE")]
-        else:
-            root = local_path(run_uri)
-            folder = root / "checkpoints" if root else None
-            names = [p.name for p in folder.iterdir() if (p / "COMPLETE").exists()] if folder and folder.is_dir() else []
+            return [step for step, ok in remote_checkpoints(Store(run_uri)) if ok]
+        root = local_path(run_uri)
+        return [step for step, _, ok in list_checkpoints(root / "checkpoints") if ok] if root else []
     except (KubetuneError, OSError):
         return []
-    return [int(n.rsplit("-", 1)[1]) for n in names if n.startswith("checkpoint-") and n.rsplit("-", 1)[1].isdigit()]
