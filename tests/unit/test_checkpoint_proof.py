@@ -40,8 +40,11 @@ def test_a_truncated_or_missing_file_is_skipped_with_the_reason_and_kept(tmp_pat
     assert latest_complete(tmp_path) == tmp_path / "checkpoint-10"
     assert skipped(tmp_path) == [(20, "adapter_model.safetensors has 3 bytes, COMPLETE says 120"),
                                  (30, "nested/shard.distcp is missing")]
-    assert remove_incomplete(tmp_path) == [tmp_path / "checkpoint-40"]
-    assert (tmp_path / "checkpoint-20").exists() and (tmp_path / "checkpoint-30").exists()
+    # the writer cleans what a killed save or a cut-short removal left behind, once a valid checkpoint is newer
+    assert remove_incomplete(tmp_path) == [tmp_path / "checkpoint-40"]  # 20 and 30: no valid checkpoint after them
+    checkpoint(tmp_path, 50)
+    assert sorted(p.name for p in remove_incomplete(tmp_path)) == ["checkpoint-20", "checkpoint-30"]
+    assert [s for s, _, _ in list_checkpoints(tmp_path)] == [10, 50]
 
 
 def test_older_markers_and_unreadable_ones(tmp_path: Path) -> None:

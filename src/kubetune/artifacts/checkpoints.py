@@ -115,10 +115,14 @@ def prune(folder: Path, keep: int, protect: set[int] | frozenset[int] = frozense
 
 def remove_incomplete(folder: Path) -> list[Path]:
     """Before resuming (the run's writer only): a checkpoint without COMPLETE is garbage from a killed
-    process. One whose files do not match its marker is kept for a person to look at, and skipped."""
+    save, and one whose files do not match its marker but is older than a valid one is what a killed
+    retention left half-deleted. A newest one that does not match is kept (skipped, for a person to
+    look at): no valid checkpoint after it says it is garbage."""
+    ckpts = list_checkpoints(folder)
+    valid = [s for s, _, ok in ckpts if ok]
     removed = []
-    for _, path, ok in list_checkpoints(folder):
-        if not ok and not (path / COMPLETE).exists():
+    for step, path, ok in ckpts:
+        if not ok and (not (path / COMPLETE).exists() or (valid and step < valid[-1])):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -90,11 +90,14 @@ def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print, wr
     ckpts = remote_checkpoints(store, result.skipped)
     for step, why in result.skipped:
         log(f"checkpoint-{step} in {store.uri} is skipped: {why}")
+    complete_steps = [s for s, ok in ckpts if ok]
+    mismatched = {s for s, _ in result.skipped}
     for step, complete in ckpts:
-        if writer and not complete and step not in {s for s, _ in result.skipped}:
+        # the writer's rule (as remove_incomplete's): no marker, or a mismatch older than a valid checkpoint
+        garbage = step not in mismatched or (complete_steps and step < complete_steps[-1])
+        if writer and not complete and garbage:
             store.remove(f"checkpoints/checkpoint-{step}")
             result.removed_incomplete.append(step)
-    complete_steps = [s for s, ok in ckpts if ok]
     if complete_steps:
         step = complete_steps[-1]
         local = layout.checkpoints / f"checkpoint-{step}"
@@ -240,11 +243,15 @@ class UploadWorker:
             self._retry(lambda k=key: self.store.put(self.root / k, k), key)
 
     def _retention(self) -> None:
-        """Keep the newest `keep` complete checkpoints in the store; never the newest complete one."""
-        ckpts = self._retry(lambda: remote_checkpoints(self.store), "checkpoints/")
+        """Keep the newest `keep` complete checkpoints in the store; never the newest complete one. A
+        checkpoint older than that whose files do not match its marker (a removal that was cut short)
+        goes too."""
+        mismatched: list[tuple[int, str]] = []
+        ckpts = self._retry(lambda: remote_checkpoints(self.store, mismatched), "checkpoints/")
         complete = [s for s, ok in ckpts if ok]
         keep = set(complete[-max(1, self.keep):])
-        for step in complete:
+        stale = [s for s, _ in mismatched if complete and s < complete[-1]]
+        for step in sorted([*complete, *stale]):
             if step not in keep:
                 self._retry(lambda s=step: self.store.remove(f"checkpoints/checkpoint-{s}"), f"checkpoint-{step}")
 

@@ -354,9 +354,9 @@ def _resume_point(spec: RunSpec, layout: RunLayout, main: bool) -> Path | None:
         return None
     if spec.resume == "auto":
         if main:
-            remove_incomplete(layout.checkpoints)
-            for step, why in skipped(layout.checkpoints):
+            for step, why in skipped(layout.checkpoints):  # said before the writer cleans any of them
                 print(f"checkpoint-{step} is skipped, not loaded: {why}", flush=True)
+            remove_incomplete(layout.checkpoints)
         return latest_complete(layout.checkpoints)
     return Path(spec.resume)  # checked by preflight
 
