@@ -1,5 +1,6 @@
 """A checkpoint proves itself: COMPLETE lists every file with its size, and a checkpoint whose files
-do not match it is skipped (with the reason), never loaded, and not removed as if it were garbage."""
+do not match it is skipped (with the reason) and never loaded; the writer removes it only once a valid
+checkpoint is newer (a cut-short removal), like a save killed before its marker."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """A run whose output is object storage (or a PVC): a local working copy, mirrored to the output URI.
 
 The output URI is the source of truth. Before training, `pull` brings the run's files and its
-newest complete checkpoint into an empty local folder (so any machine can resume); incomplete
-checkpoints in the store are deleted. While training, `Uploader` sends each checkpoint from a
+newest complete checkpoint into an empty local folder (so any machine can resume); the trainer
+holding the run's lease (and only it) deletes incomplete checkpoints from the store. While training, `Uploader` sends each checkpoint from a
 background process — COMPLETE last, after every other file of it — retries with backoff while
 the store is unreachable, and applies retention in the store too. The run ends after the queue
 is drained; uploads that never succeeded are a clear error, and the local files stay.
