@@ -261,7 +261,7 @@ def _check_value(param: str, value: Any, depth: int = 0) -> None:
     elif isinstance(value, bool):
         pass
     elif isinstance(value, int) and abs(value) > MAX_INT:
-        raise Refused(param, f"{'is' if value > 0 else 'is below'} out of range (at most {MAX_INT:,})")
+        raise Refused(param, f"is out of range (between {-MAX_INT:,} and {MAX_INT:,})")
     elif isinstance(value, float) and not math.isfinite(value):
         raise Refused(param, "is not a finite number")
 
