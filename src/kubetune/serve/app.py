@@ -56,10 +56,7 @@ class _AuthAndCount:
         self.app, self.state, self.routes = app, state, routes
 
     def _route(self, scope: Scope) -> str:
-        for route in self.routes:
-            if route.matches(scope)[0] == Match.FULL:
-                return getattr(route, "path", "other")
-        return "unmatched"
+        return _matching(self.routes, scope) or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -81,11 +78,26 @@ class _AuthAndCount:
             return
 
         async def send_counted(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                metrics.requests.labels(route, str(message["status"])).inc()
+            if message["type"] == "http.response.start":  # the router has put the route it chose in the scope
+                chosen = getattr(scope.get("route"), "path", None) or route
+                metrics.requests.labels(chosen, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, send_counted)
+
+
+def _matching(routes: list[BaseRoute], scope: Scope) -> str | None:
+    """The path template of the route that takes this request; routers included whole (FastAPI keeps
+    them as one entry) are looked into."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            found = _matching(inner.routes, scope)
+            if found:
+                return found
+        elif route.matches(scope)[0] == Match.FULL:
+            return getattr(route, "path", None)
+    return None
 
 
 def _authorized(given: str, key: str) -> bool:
