@@ -51,3 +51,32 @@ def test_a_home_that_cannot_be_made_is_a_usage_error(capsys) -> None:
     assert main(["server", "key", "list", "--home", "/proc/kubetune-server"]) == 2
     err = capsys.readouterr().err
     assert "--home /proc/kubetune-server: cannot create it" in err and "Traceback" not in err
+
+
+def test_expired_files_are_removed_unless_an_active_job_reads_them(tmp_path: Path) -> None:
+    import io
+    import time
+
+    from kubetune.control.files import save_upload
+    from kubetune.control.worker import LocalWorker
+
+    store = Store(f"sqlite:///{tmp_path / 'db'}")
+    rows = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    now = int(time.time())
+    saved = {}
+    for name, expires in (("keep", None), ("later", now + 3600), ("due", now + 10), ("used", now + 10)):
+        row = save_upload(io.BytesIO(rows), f"{name}.jsonl", str(tmp_path / "storage"), "a", "fine-tune", 1 << 20)
+        store.add_file(**row, expires_at=expires)
+        saved[name] = row
+    store.add_job(**{**job_row("ftjob-1", "a", 1), "training_file": saved["used"]["id"]})
+    worker = LocalWorker(store, tmp_path / "home", "w1")
+
+    assert worker.remove_expired(now) == []
+    assert store.file("a", saved["due"]["id"]) is not None
+    gone = worker.remove_expired(now + 11)
+    assert gone == [saved["due"]["id"]]  # `used` waits for its queued job; `later` and `keep` stay
+    assert not (tmp_path / "storage" / "files" / saved["due"]["id"]).exists()
+    assert (tmp_path / "storage" / "files" / saved["used"]["id"]).exists()
+    store.update_job("ftjob-1", status="succeeded")
+    assert worker.remove_expired(now + 11) == [saved["used"]["id"]]
+    assert {f["id"] for f in store.files("a", None, None, 10)} == {saved["keep"]["id"], saved["later"]["id"]}

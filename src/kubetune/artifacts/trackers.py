@@ -112,7 +112,9 @@ class TrackerRuns:
             import wandb
 
             self.ids.setdefault("wandb_run_id", uuid.uuid4().hex[:12])
-            wandb.init(project=self.spec.tracking.experiment or self.spec.name, name=self.spec.name,
+            tracking = self.spec.tracking
+            wandb.init(project=tracking.wandb_project or tracking.experiment or self.spec.name,
+                       name=tracking.run_name or self.spec.name, tags=tracking.tags or None,
                        id=self.ids["wandb_run_id"], resume="allow", dir=str(self.layout.root))
         if "tensorboard" in self.names:
             from torch.utils.tensorboard import SummaryWriter

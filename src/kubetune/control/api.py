@@ -17,16 +17,20 @@ from kubetune.control.jobs import ACTIVE, JobRequest, build_spec, job_object, mo
     resolved_hyperparameters
 from kubetune.control.policy import Refused
 from kubetune.control.redact import redact
+from kubetune.control.results import RESULTS_PURPOSE
 from kubetune.control.start import resolve_start
 from kubetune.control.runinfo import checkpoints, openai_events, run_events, trained_tokens
 from kubetune.control.state import ControlState, caller, control_state
 from kubetune.artifacts.events import StepEvent
-from kubetune.errors import SpecError, UsageError
+from kubetune.errors import KubetuneError, SpecError, UsageError
 from kubetune.serve.errors import ApiError
 from kubetune.spec.load import spec_to_yaml
+from kubetune.storage.runs import remove_run
 
 router = APIRouter()
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune",)                        # what a caller uploads
+LISTED = (*PURPOSES, RESULTS_PURPOSE)            # what it lists (result files are the server's)
+EXPIRY_S = (3600, 30 * 24 * 3600)                # OpenAI's bounds of expires_after.seconds
 _LOCKS: dict[str, asyncio.Lock] = {}
 
 
@@ -50,8 +54,25 @@ def _limit(limit: int) -> int:
 
 def _file_object(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
-            "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "expires_at": None,
-            "status_details": None}
+            "filename": row["filename"], "purpose": row["purpose"], "status": "processed",
+            "expires_at": row.get("expires_at"), "status_details": None}
+
+
+def _expires_at(form: Any, now: int) -> int | None:
+    """OpenAI's `expires_after[anchor]=created_at` and `expires_after[seconds]=N` (1 hour to 30 days)."""
+    anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise ApiError(400, "expires_after.anchor: must be created_at", param="expires_after.anchor")
+    try:
+        value = int(str(seconds))
+    except ValueError:
+        value = -1
+    if not EXPIRY_S[0] <= value <= EXPIRY_S[1]:
+        raise ApiError(400, f"expires_after.seconds: a whole number from {EXPIRY_S[0]} (one hour) to {EXPIRY_S[1]} "
+                            "(30 days)", param="expires_after.seconds")
+    return now + value
 
 
 def _usage_error(exc: UsageError, param: str | None) -> ApiError:
@@ -64,10 +85,11 @@ def _usage_error(exc: UsageError, param: str | None) -> ApiError:
 # files
 
 @router.post("/v1/files")
-async def upload(file: UploadFile = File(...), purpose: str = Form(...),
+async def upload(request: Request, file: UploadFile = File(...), purpose: str = Form(...),
                  state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
     if purpose not in PURPOSES:
         raise ApiError(400, f"purpose {purpose!r}: this server stores {', '.join(PURPOSES)} files", param="purpose")
+    expires_at = _expires_at(await request.form(), int(time.time()))  # parsed already: File/Form read it
     budget = state.settings.policy_for(state.store, owner)[1].max_upload_bytes
     async with _owner_lock(owner):  # one upload of a key at a time: two at once cannot both take the room left
         room = budget - state.store.stored_bytes(owner)
@@ -82,6 +104,7 @@ async def upload(file: UploadFile = File(...), purpose: str = Form(...),
             raise ApiError(413, exc.message, param="file", code="file_too_large") from None
         except UsageError as exc:
             raise _usage_error(exc, "file") from None
+        row["expires_at"] = expires_at
         state.store.add_file(**row)
     return JSONResponse(_file_object(row))
 
@@ -89,6 +112,10 @@ async def upload(file: UploadFile = File(...), purpose: str = Form(...),
 @router.get("/v1/files")
 async def list_files(purpose: str | None = None, after: str | None = None, limit: int = 100, order: str = "desc",
                      state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
+    if purpose is not None and purpose not in LISTED:
+        raise ApiError(400, f"purpose {purpose!r}: this server has {', '.join(LISTED)} files", param="purpose")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "order: asc or desc", param="order")
     rows = state.store.files(owner, purpose, after, _limit(limit) + 1, newest_first=order != "asc")
     return JSONResponse(_page([_file_object(r) for r in rows], limit))
 
@@ -132,8 +159,6 @@ async def delete_file(file_id: str, state: ControlState = Depends(control_state)
 @router.post("/v1/fine_tuning/jobs")
 async def create_job(req: JobRequest, state: ControlState = Depends(control_state),
                      owner: str = Depends(caller)) -> JSONResponse:
-    if req.integrations:
-        raise ApiError(400, "integrations: not supported; the operator configures tracking", param="integrations")
     train = _own_file(state, owner, req.training_file, "training_file")
     valid = _own_file(state, owner, req.validation_file, "validation_file") if req.validation_file else None
     if req.suffix is not None and not all(c.isalnum() or c in "-_." for c in req.suffix):
@@ -166,6 +191,7 @@ async def _create_job(req: JobRequest, state: ControlState, owner: str, train: d
         id=job_id, owner=owner, model=req.model, training_file=train["id"], training_uri=train["uri"],
         validation_file=valid["id"] if valid else None, validation_uri=valid["uri"] if valid else None,
         suffix=req.suffix, seed=spec.train.seed, method=method, settings=req.kubetune or {}, metadata=req.metadata,
+        integrations=[i.model_dump(exclude_none=True) for i in req.integrations or []] or None,
         spec=spec_to_yaml(spec), status="validating_files", backend=state.settings.backend, run_uri=run_uri,
         fine_tuned_model=model_name(req.model, req.suffix, job_id),  # the name the caller used, never a server path
         attempts=0, created_at=int(time.time()))
@@ -196,11 +222,33 @@ def _own_job(state: ControlState, owner: str, job_id: str) -> dict[str, Any]:
 
 
 @router.get("/v1/fine_tuning/jobs")
-async def list_jobs(after: str | None = None, limit: int = 20, state: ControlState = Depends(control_state),
-                    owner: str = Depends(caller)) -> JSONResponse:
-    rows = state.store.jobs(owner, after, _limit(limit) + 1)
-    page = _page([job_object(r) for r in rows], limit)
+async def list_jobs(request: Request, after: str | None = None, limit: int = 20,
+                    state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
+    wanted = _metadata_filter(request)
+    if wanted == {}:
+        rows = state.store.jobs(owner, after, _limit(limit) + 1)
+        page = _page([job_object(r) for r in rows], limit)
+    else:
+        page = _after([job_object(r) for r in state.store.jobs_with_metadata(owner, wanted)], after, _limit(limit))
     return JSONResponse({k: page[k] for k in ("object", "data", "has_more")})
+
+
+def _metadata_filter(request: Request) -> dict[str, str] | None:
+    """`metadata[k]=v` query parameters as {k: v} ({} for no filter); `metadata=null` (None) selects the
+    jobs without metadata, as OpenAI's list does."""
+    wanted: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name == "metadata":
+            if value != "null":
+                raise ApiError(400, "metadata: filter with metadata[KEY]=VALUE, or metadata=null", param="metadata")
+            return None
+        if name.startswith("metadata[") and name.endswith("]"):
+            key = name[len("metadata["):-1]
+            if not key or len(key) > 64 or len(value) > 512 or len(wanted) >= 16:
+                raise ApiError(400, "metadata: at most 16 filters, keys of 1-64 and values of up to 512 characters",
+                               param="metadata")
+            wanted[key] = value
+    return wanted
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
@@ -214,13 +262,48 @@ async def retrieve_job(job_id: str, state: ControlState = Depends(control_state)
 async def cancel_job(job_id: str, state: ControlState = Depends(control_state),
                      owner: str = Depends(caller)) -> JSONResponse:
     job = _own_job(state, owner, job_id)
-    if job["status"] not in ACTIVE:
-        raise ApiError(400, f"the job is {job['status']}; only a validating, queued or running job can be cancelled",
-                       param="fine_tuning_job_id", code="job_not_cancellable")
-    if state.store.update_job(job_id, expect=ACTIVE, status="cancelled", finished_at=int(time.time())):
+    cancellable = (*ACTIVE, "paused")
+    if job["status"] not in cancellable:
+        raise ApiError(400, f"the job is {job['status']}; only a validating, queued, running or paused job can be "
+                            "cancelled", param="fine_tuning_job_id", code="job_not_cancellable")
+    if state.store.update_job(job_id, expect=cancellable, status="cancelled", finished_at=int(time.time())):
         state.store.add_event(job_id, "Job cancelled" + (": training stops at a checkpoint, which is kept"
                                                         if job["status"] == "running" else ""))
         await asyncio.to_thread(state.backend.cancelled, job)
+    return JSONResponse(job_object(_own_job(state, owner, job_id)))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause")
+async def pause_job(job_id: str, state: ControlState = Depends(control_state),
+                    owner: str = Depends(caller)) -> JSONResponse:
+    """A running job stops at a checkpoint and gives its resources back; a queued one waits unstarted.
+    Both keep their place in nothing: resume queues them again."""
+    job = _own_job(state, owner, job_id)
+    if job["status"] not in ("queued", "running"):
+        raise ApiError(400, f"the job is {job['status']}; only a queued or running job can be paused",
+                       param="fine_tuning_job_id", code="job_not_pausable")
+    if state.store.update_job(job_id, expect=["queued", "running"], status="paused"):
+        state.store.add_event(job_id, "Job paused" + (": training stops at a checkpoint, which resume continues from"
+                                                     if job["status"] == "running" else ""))
+        await asyncio.to_thread(state.backend.paused, job)
+    return JSONResponse(job_object(_own_job(state, owner, job_id)))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume")
+async def resume_job(job_id: str, state: ControlState = Depends(control_state),
+                     owner: str = Depends(caller)) -> JSONResponse:
+    job = _own_job(state, owner, job_id)
+    if job["status"] != "paused":
+        raise ApiError(400, f"the job is {job['status']}; only a paused job can be resumed",
+                       param="fine_tuning_job_id", code="job_not_paused")
+    budgets = state.settings.policy_for(state.store, owner)[1]
+    async with _owner_lock(owner):
+        waiting = state.store.count_jobs(owner, ["validating_files", "queued"])
+        if waiting >= budgets.max_queued_jobs:
+            raise ApiError(429, f"you have {waiting} jobs validating or queued, this server's limit per key; wait for "
+                                "them or cancel some", "rate_limit_error", None, "too_many_jobs")
+        if state.store.update_job(job_id, expect=["paused"], status="queued", worker=None, retry_at=None):
+            state.store.add_event(job_id, "Job resumed: queued to continue from its last checkpoint")
     return JSONResponse(job_object(_own_job(state, owner, job_id)))
 
 
@@ -261,13 +344,39 @@ async def list_models(state: ControlState = Depends(control_state), owner: str =
     return JSONResponse({"object": "list", "data": [_model_object(j) for j in state.store.succeeded_models(owner)]})
 
 
+def _own_model(state: ControlState, owner: str, model: str) -> dict[str, Any]:
+    for job in state.store.succeeded_models(owner):
+        if job["fine_tuned_model"] == model:
+            return job
+    raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+
+
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(model: str, state: ControlState = Depends(control_state),
                          owner: str = Depends(caller)) -> JSONResponse:
-    for job in state.store.succeeded_models(owner):
-        if job["fine_tuned_model"] == model:
-            return JSONResponse(_model_object(job))
-    raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+    return JSONResponse(_model_object(_own_model(state, owner, model)))
+
+
+@router.delete("/v1/models/{model:path}")
+async def delete_model(model: str, state: ControlState = Depends(control_state),
+                       owner: str = Depends(caller)) -> JSONResponse:
+    """The model stops being served at once; its run (adapter, checkpoints, events) is removed; the
+    job stays, as OpenAI's does, naming a model that no longer exists."""
+    job = _own_model(state, owner, model)
+    in_use = [j["id"] for j in state.store.jobs_of(owner, [*ACTIVE, "paused"]) if j["model"] == model or j["model"].startswith(model + ":")]
+    if in_use:
+        raise ApiError(400, f"the model `{model}` is the start of job {in_use[0]}, which has not ended; cancel it "
+                            "or wait for it", param="model", code="model_in_use")
+    if not state.store.update_job(job["id"], expect=["succeeded"], model_deleted_at=int(time.time())):
+        raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+    await asyncio.to_thread(state.models.forget, model)
+    try:
+        await asyncio.to_thread(remove_run, job["run_uri"])
+    except (KubetuneError, OSError) as exc:  # the model is gone from the API; what is left is the operator's
+        state.store.add_event(job["id"], f"Model deleted; its run could not be removed: {redact(str(exc))}", "warn")
+    else:
+        state.store.add_event(job["id"], f"Model {model} deleted: it is no longer served and its run was removed")
+    return JSONResponse({"id": model, "object": "model", "deleted": True})
 
 
 @router.post("/v1/chat/completions")

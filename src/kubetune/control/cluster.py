@@ -63,6 +63,10 @@ class KubernetesWorker(LocalWorker):
 
         spec = load_spec_text(job["spec"], f"job {job['id']}")
         try:
+            if self._still_deleting(spec.kubernetes.namespace, job["id"]):
+                # a resumed job whose paused Job's pods are still checkpointing: submitted once it is gone
+                self.store.update_job(job["id"], expect=["queued"], worker=None)
+                return
             done = self._cluster(spec.kubernetes.namespace).apply(render(spec, "train"))
         except TransientError as exc:  # unclaimed again: the next tick (or another replica) retries
             self.store.update_job(job["id"], expect=["queued"], worker=None)
@@ -74,8 +78,12 @@ class KubernetesWorker(LocalWorker):
         self.store.add_event(job["id"], f"Submitted to Kubernetes (namespace {spec.kubernetes.namespace}): "
                                         + "; ".join(done))
         now = self.store.job(None, job["id"])
-        if now is not None and now["status"] == "cancelled":  # cancelled while it was being submitted
+        if now is not None and now["status"] in ("cancelled", "paused"):  # while it was being submitted
             self.cancelled({**now, "status": "queued"})
+
+    def _still_deleting(self, namespace: str, name: str) -> bool:
+        return any(j.metadata.name == name and j.metadata.deletion_timestamp is not None
+                   for j in self._cluster(namespace).jobs())
 
     def _sync(self, job: dict[str, Any], cluster_job: Any) -> None:
         if cluster_job is None:
@@ -89,11 +97,10 @@ class KubernetesWorker(LocalWorker):
             if self.store.update_job(job["id"], expect=["queued"], status="running"):
                 self.store.add_event(job["id"], "Fine-tuning job started")
         elif phase == "Succeeded":
-            tokens = trained_tokens(run_events(job["run_uri"]))
+            events = run_events(job["run_uri"])
             if self.store.update_job(job["id"], expect=["queued", "running"], status="succeeded",
-                                     finished_at=int(time.time()), trained_tokens=tokens):
-                self.store.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
-                self.store.add_event(job["id"], "The job has successfully completed")
+                                     finished_at=int(time.time()), trained_tokens=trained_tokens(events)):
+                self.succeeded(job, events)
         elif phase == "Failed":
             errors = [e.error for e in run_events(job["run_uri"]) if isinstance(e, ErrorEvent)]
             conditions = [c for c in (cluster_job.status.conditions or []) if c.type == "Failed"]
@@ -119,6 +126,11 @@ class KubernetesWorker(LocalWorker):
             if note not in said:
                 said.add(note)
                 self.store.add_event(job["id"], note, "warn" if note.startswith("pod ") else "info")
+
+    def paused(self, job: dict[str, Any]) -> None:
+        """The Job is deleted as for cancel (the pods checkpoint to storage on SIGTERM and free their
+        nodes); resume submits it again, and the new pod resumes from that checkpoint."""
+        self.cancelled(job)
 
     def cancelled(self, job: dict[str, Any]) -> None:
         """Delete the Job (its pods get SIGTERM: the trainer checkpoints to storage on its way out)."""

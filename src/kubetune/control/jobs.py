@@ -50,6 +50,26 @@ class Method(BaseModel):
     dpo: MethodBody | None = None
 
 
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a W&B project: no path, no URL
+
+
+class WandbSettings(BaseModel):
+    """OpenAI's `integrations[].wandb`: the tenant names the project, run name and tags; the account
+    (entity, key, host) is the operator's."""
+    model_config = ConfigDict(extra="forbid")
+    project: str = Field(pattern=_NAME)
+    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]*$")
+    entity: str | None = Field(None, max_length=128)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]*$")]] | None = Field(
+        None, max_length=50)
+
+
+class Integration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["wandb"]
+    wandb: WandbSettings
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=300)
@@ -59,7 +79,7 @@ class JobRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None   # the older top-level form (supervised)
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[Integration] | None = Field(None, max_length=1)
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16, description="Up to 16 pairs; keys up to 64 characters, values up to 512 (OpenAI's limits).")
     kubetune: dict[str, Any] | None = Field(
@@ -106,6 +126,7 @@ class JobPolicy:
     operator: tuple[dict[str, Any], ...] = ()
     limits: Limits = field(default_factory=Limits)
     rewards: dict[str, str] = field(default_factory=dict)
+    integrations: tuple[str, ...] = ()   # trackers the operator lets tenants report to
 
 
 def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid_uri: str | None, run_uri: str,
@@ -159,6 +180,8 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
     for layer in policy.operator:  # the operator's settings win over the caller's
         for key, value in flat(layer).items():
             _set(raw, key, value, f"server configuration: spec.{key}")
+    for key, value in _tracking(req, policy, raw).items():
+        _set(raw, key, value, key)
     for key, value in fixed.items():
         _set(raw, key, value, key)
     try:
@@ -171,6 +194,24 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
         raise SpecError(unknown, "the README lists the settings a job can have")
     check_limits(spec, policy.limits, rows, params, eval_rows)
     return spec
+
+
+def _tracking(req: JobRequest, policy: JobPolicy, raw: dict[str, Any]) -> dict[str, Any]:
+    """The job's `integrations` as tracking settings, added to whatever tracking the operator set."""
+    out: dict[str, Any] = {}
+    for k, integration in enumerate(req.integrations or []):
+        if integration.type not in policy.integrations:
+            raise Refused(f"integrations.{k}.type", f"{integration.type}: this server sends no jobs to it",
+                          "the operator enables it in server.yaml (integrations: [wandb])")
+        wandb = integration.wandb
+        if wandb.entity is not None:
+            raise Refused(f"integrations.{k}.wandb.entity", "the W&B account is the operator's", "leave entity out")
+        report = list(raw.get("tracking", {}).get("report_to", []))
+        out["tracking.report_to"] = [*report, "wandb"] if "wandb" not in report else report
+        out["tracking.wandb_project"] = wandb.project
+        out["tracking.run_name"] = wandb.name
+        out["tracking.tags"] = list(wandb.tags or [])
+    return out
 
 
 def _hp_where(req: JobRequest, method: Method) -> str:
@@ -200,12 +241,12 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "object": "fine_tuning.job", "id": job["id"], "model": job["model"], "created_at": job["created_at"],
         "finished_at": job.get("finished_at"), "fine_tuned_model": job.get("fine_tuned_model"),
-        "organization_id": "org-kubetune", "result_files": [], "status": job["status"],
+        "organization_id": "org-kubetune", "result_files": job.get("result_files") or [], "status": job["status"],
         "validation_file": job.get("validation_file"), "training_file": job["training_file"],
         "hyperparameters": {k: hp.get(k, "auto") for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
         "trained_tokens": job.get("trained_tokens"), "error": _public_error(job.get("error")),
         "user_provided_suffix": job.get("suffix"),
-        "seed": job["seed"], "estimated_finish": None, "integrations": [], "method": method,
+        "seed": job["seed"], "estimated_finish": None, "integrations": job.get("integrations") or [], "method": method,
         "metadata": job.get("metadata"),
     }
 

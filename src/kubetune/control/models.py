@@ -76,6 +76,16 @@ class ModelHub:
               + "; ".join(f"{m.name} {m.weights}" for m in engine.served.values()), flush=True)
         return _Group(frozenset(names), create_app(engine, ServerSettings(max_concurrency=self.max_concurrency)))
 
+    def forget(self, model: str) -> None:
+        """A deleted model: the engine serving it is retired (closed once no request is in it); the
+        other models of its base load again on their next request."""
+        with self._lock:
+            for key, group in list(self._groups.items()):
+                if model in group.names:
+                    del self._groups[key]
+                    self._retired.append(group)
+            self._close_idle()
+
     def _close_idle(self) -> None:
         for group in list(self._retired):
             state = group.app.state.kubetune

@@ -112,6 +112,10 @@ class ServerConfig(_Config):
     env: list[str] = Field(default_factory=list, description="Names of this server's environment variables that "
                            "training processes also get (beyond the minimal set each job needs).")
     teams: dict[str, Team] = Field(default_factory=dict)
+    integrations: list[Literal["wandb"]] = Field(
+        default_factory=list, description="Trackers tenants may send their jobs to (OpenAI's `integrations`), "
+        "with this server's credentials: wandb (WANDB_API_KEY / WANDB_ENTITY / WANDB_BASE_URL listed in `env`, "
+        "or in the pods' kubernetes.secrets.wandb).")
 
     def team_of(self, key_id: str, key_name: str | None) -> Team | None:
         for team in self.teams.values():

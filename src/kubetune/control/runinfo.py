@@ -62,8 +62,10 @@ def _event(eid: str, t: float, level: str, message: str, kind: str, data: dict[s
 
 def _describe(e: Event) -> tuple[str, str, str, dict[str, Any] | None] | None:
     if isinstance(e, StepEvent):
-        data = {"step": e.step, "total_steps": e.total_steps, "train_loss": e.loss, "learning_rate": e.learning_rate,
-                "tokens_per_s": e.tokens_per_s, "tokens_seen": e.tokens_seen, "epoch": e.epoch}
+        data = {"step": e.step, "total_steps": e.total_steps, "train_loss": e.loss,
+                "train_mean_token_accuracy": (e.metrics or {}).get("mean_token_accuracy"),
+                "learning_rate": e.learning_rate, "tokens_per_s": e.tokens_per_s, "tokens_seen": e.tokens_seen,
+                "epoch": e.epoch}
         loss = f"{e.loss:.4f}" if e.loss is not None else "?"
         return "info", f"Step {e.step}/{e.total_steps}: training loss={loss}", "metrics", data
     if isinstance(e, EvalEvent):
@@ -71,7 +73,8 @@ def _describe(e: Event) -> tuple[str, str, str, dict[str, Any] | None] | None:
         said = [f"validation loss={e.loss:.4f}"] if e.loss is not None else []
         said += [f"{k}={v:.4g}" for k, v in scores.items()]
         return "info", f"Step {e.step}: {', '.join(said) or 'evaluated'}", "metrics", \
-            {"step": e.step, "valid_loss": e.loss, **scores}
+            {"step": e.step, "valid_loss": e.loss, "valid_mean_token_accuracy": scores.pop("mean_token_accuracy", None),
+             **scores}
     if isinstance(e, StartEvent):
         how = f" (resumed from {e.resumed_from.rsplit('/', 1)[-1]})" if e.resumed_from else ""
         return "info", f"Training started{how}: {e.train_rows} rows, {e.total_steps} steps", "message", None
@@ -94,19 +97,30 @@ def checkpoints(job: dict[str, Any], events: list[Event]) -> list[dict[str, Any]
     """Complete checkpoints still in the run, newest first, with the loss logged at their step."""
     steps = complete_steps(job["run_uri"])
     losses = {e.step: e for e in events if isinstance(e, StepEvent)}
-    valid = {e.step: e.loss for e in events if isinstance(e, EvalEvent)}
+    valid = {e.step: e for e in events if isinstance(e, EvalEvent)}
     made = {e.step: e.time for e in events if isinstance(e, (CheckpointEvent, CheckpointStoredEvent))}
     name = job.get("fine_tuned_model") or job["id"]
     out = []
     for step in sorted(steps, reverse=True):
         logged = losses.get(step) or max((s for s in losses.values() if s.step <= step), key=lambda s: s.step,
                                          default=None)
-        metrics = {"step": step, "train_loss": logged.loss if logged else None, "valid_loss": valid.get(step)}
+        metrics = _checkpoint_metrics(step, logged, valid.get(step))
         out.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job['id'].split('-', 1)[1][:12]}-{step}",
                     "created_at": int(made.get(step, job["created_at"])), "fine_tuning_job_id": job["id"],
                     "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}", "step_number": step,
                     "metrics": metrics})
     return out
+
+
+def _checkpoint_metrics(step: int, logged: StepEvent | None, valid: EvalEvent | None) -> dict[str, Any]:
+    """OpenAI's checkpoint metrics: the training loss and token accuracy last logged at or before the
+    step; the validation figures of the evaluation at that step. An evaluation reads the whole
+    validation file, so `full_valid_*` are the same numbers (OpenAI's valid_* are of one batch)."""
+    train_acc = (logged.metrics or {}).get("mean_token_accuracy") if logged else None
+    valid_acc = valid.metrics.get("mean_token_accuracy") if valid else None
+    return {"step": step, "train_loss": logged.loss if logged else None, "train_mean_token_accuracy": train_acc,
+            "valid_loss": valid.loss if valid else None, "valid_mean_token_accuracy": valid_acc,
+            "full_valid_loss": valid.loss if valid else None, "full_valid_mean_token_accuracy": valid_acc}
 
 
 def complete_steps(run_uri: str) -> list[int]:

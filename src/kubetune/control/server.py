@@ -103,7 +103,7 @@ def build(options: ServerOptions) -> tuple[FastAPI, Store]:
     models = ModelHub(store, options.max_concurrency, options.adapters)
     worker_class = KubernetesWorker if k8s else LocalWorker
     worker = worker_class(store, options.home.resolve(), options.worker_id or socket.gethostname(),
-                          options.concurrency, config=config)
+                          options.concurrency, config=config, storage=storage)
     return create_app(store, control, worker, models), store
 
 

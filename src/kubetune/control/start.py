@@ -40,7 +40,8 @@ def resolve_start(store: Store, owner: str, model: str, models: ModelsPolicy) ->
 def _own_job(store: Store, owner: str, name: str, checkpoint: bool) -> dict[str, Any]:
     """The caller's job whose model is `name`: a succeeded one, or (for a checkpoint) any with checkpoints."""
     for job in store.jobs_of(owner):
-        if job["fine_tuned_model"] == name and (job["status"] == "succeeded" or checkpoint):
+        if job["fine_tuned_model"] == name and job.get("model_deleted_at") is None \
+                and (job["status"] == "succeeded" or checkpoint):
             return job
     raise Refused("model", f"{name!r} is not one of your models (a succeeded job's fine_tuned_model, or one of "
                            "its checkpoints)", "list yours: models.list()")

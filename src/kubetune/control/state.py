@@ -33,7 +33,8 @@ class ControlSettings:
         team's limits and budgets where it has its own."""
         team = self.config.team_of(owner, store.key_name(owner))
         layers = (self.operator_spec, self.config.spec, *((team.spec,) if team is not None else ()))
-        return (JobPolicy(layers, self.config.limits_for(team), dict(self.config.rewards)),
+        return (JobPolicy(layers, self.config.limits_for(team), dict(self.config.rewards),
+                          tuple(self.config.integrations)),
                 self.config.budgets_for(team))
 
 
@@ -41,6 +42,7 @@ class Backend(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def cancelled(self, job: dict[str, Any]) -> None: ...
+    def paused(self, job: dict[str, Any]) -> None: ...
 
 
 @dataclass

@@ -41,6 +41,7 @@ files = sa.Table(
     sa.Column("rows", sa.Integer, nullable=False),
     sa.Column("uri", sa.String(2000), nullable=False),
     sa.Column("created_at", sa.Integer, nullable=False),
+    sa.Column("expires_at", sa.Integer),                    # gone from then on (OpenAI's expires_after)
 )
 
 jobs = sa.Table(
@@ -70,6 +71,9 @@ jobs = sa.Table(
     sa.Column("retry_at", sa.Float),                        # not tried again before (after an exit 75)
     sa.Column("created_at", sa.Integer, nullable=False),
     sa.Column("finished_at", sa.Integer),
+    sa.Column("result_files", sa.Text),                     # JSON: ids of its fine-tune-results files
+    sa.Column("model_deleted_at", sa.Integer),
+    sa.Column("integrations", sa.Text),                     # JSON: OpenAI's integrations, as the caller sent them              # DELETE /v1/models: no longer served, run removed
 )
 
 events = sa.Table(
@@ -81,7 +85,7 @@ events = sa.Table(
     sa.Column("message", sa.Text, nullable=False),
 )
 
-JSON_FIELDS = ("method", "settings", "metadata", "error")
+JSON_FIELDS = ("method", "settings", "metadata", "error", "result_files", "integrations")
 
 
 def database_url(value: str | None, home: Path) -> str:
@@ -147,14 +151,27 @@ class Store:
         return row
 
     def file(self, owner: str, file_id: str) -> dict[str, Any] | None:
+        """The owner's file, None once it expired (even before the worker removes it)."""
         with self.engine.connect() as c:
-            row = c.execute(sa.select(files).where(files.c.id == file_id, files.c.owner == owner)).mappings().first()
+            row = c.execute(sa.select(files).where(files.c.id == file_id, files.c.owner == owner,
+                                                   _unexpired())).mappings().first()
         return dict(row) if row else None
 
     def files(self, owner: str, purpose: str | None, after: str | None, limit: int, newest_first: bool = True
               ) -> list[dict[str, Any]]:
         return self._page(files, owner, after, limit, newest_first,
-                          [files.c.purpose == purpose] if purpose else [])
+                          [_unexpired(), *([files.c.purpose == purpose] if purpose else [])])
+
+    def expired_files(self, now: float) -> list[dict[str, Any]]:
+        """Expired files that no active job reads: the worker removes them (one a job still trains
+        on goes when the job ends)."""
+        active = ("validating_files", "queued", "running", "paused")
+        in_use = sa.select(jobs.c.training_file).where(jobs.c.status.in_(active)).union(
+            sa.select(jobs.c.validation_file).where(jobs.c.status.in_(active), jobs.c.validation_file.is_not(None)))
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(files).where(files.c.expires_at.is_not(None), files.c.expires_at <= now,
+                                                    files.c.id.not_in(in_use))).mappings()
+            return [dict(r) for r in rows]
 
     def stored_bytes(self, owner: str) -> int:
         """Bytes of the owner's files kept now (its upload budget's use)."""
@@ -197,8 +214,18 @@ class Store:
         with self.engine.connect() as c:
             return [_loaded(r) for r in c.execute(sa.select(jobs).where(*where).order_by(jobs.c.n)).mappings()]
 
+    def jobs_with_metadata(self, owner: str, wanted: dict[str, str] | None) -> list[dict[str, Any]]:
+        """The owner's jobs, newest first, whose metadata holds every key: value of `wanted` (None: the
+        jobs without metadata). Filtered here, not in SQL: metadata is JSON text in either database."""
+        rows = [_loaded(r) for r in self._page(jobs, owner, None, 1 << 62, True, [])]
+        if wanted is None:
+            return [r for r in rows if not r.get("metadata")]
+        return [r for r in rows if all((r.get("metadata") or {}).get(k) == v for k, v in wanted.items())]
+
     def succeeded_models(self, owner: str | None = None) -> list[dict[str, Any]]:
-        where = [jobs.c.status == "succeeded"] + ([jobs.c.owner == owner] if owner is not None else [])
+        """Jobs whose model exists: succeeded, and not deleted since."""
+        where = [jobs.c.status == "succeeded", jobs.c.model_deleted_at.is_(None)]
+        where += [jobs.c.owner == owner] if owner is not None else []
         with self.engine.connect() as c:
             return [_loaded(r) for r in c.execute(sa.select(jobs).where(*where).order_by(jobs.c.n)).mappings()]
 
@@ -235,6 +262,10 @@ class Store:
                 query = query.where(table.c.n < n if newest_first else table.c.n > n)
             order = table.c.n.desc() if newest_first else table.c.n
             return list(c.execute(query.order_by(order).limit(limit)).mappings())
+
+
+def _unexpired() -> Any:
+    return sa.or_(files.c.expires_at.is_(None), files.c.expires_at > time.time())
 
 
 def _add_new_columns(engine: Engine) -> None:

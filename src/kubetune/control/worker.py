@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import settings
-from kubetune.artifacts.events import ErrorEvent
+from kubetune.artifacts.events import CheckpointEvent, CheckpointStoredEvent, ErrorEvent
 from kubetune.control.environment import job_environment
+from kubetune.control.files import remove_upload
 from kubetune.control.policy import Budgets, ServerConfig
+from kubetune.control.results import publish_results
 from kubetune.control.runinfo import run_events, trained_tokens
 from kubetune.control.store import Store
-from kubetune.errors import EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE
+from kubetune.errors import EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE, KubetuneError
 from kubetune.spec.load import load_spec_text
 
 __all__ = ["LocalWorker"]
@@ -55,6 +57,7 @@ class LocalWorker:
     worker_id: str
     concurrency: int = 1
     config: ServerConfig = field(default_factory=ServerConfig)
+    storage: str | None = None      # where files/ live (result files are written there); default: home
     poll_s: float = 0.5
     _procs: dict[str, _Proc] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -73,6 +76,9 @@ class LocalWorker:
 
     def cancelled(self, job: dict[str, Any]) -> None:
         """Nothing to do at once: the next tick of whichever replica runs the job stops its process."""
+
+    def paused(self, job: dict[str, Any]) -> None:
+        """As cancelled: the next tick stops the process at a checkpoint; resume queues the job again."""
 
     def _shutdown(self) -> None:
         # In the thread that started the processes: their PDEATHSIG fires when it ends, so it ends last.
@@ -102,6 +108,7 @@ class LocalWorker:
     def tick(self) -> None:
         self._reap()
         self._stop_cancelled()
+        self.remove_expired(time.time())
         for job in self.store.jobs_in(["validating_files"], self.backend):
             if job["id"] in self._procs or not _due(job):
                 continue
@@ -115,8 +122,22 @@ class LocalWorker:
     def _mine(self, job: dict[str, Any]) -> bool:
         return job["worker"] == self.worker_id
 
+    def remove_expired(self, now: float) -> list[str]:
+        """Files past their expires_at (and read by no active job): their content and record removed."""
+        gone = []
+        for row in self.store.expired_files(now):
+            try:
+                remove_upload(row["uri"])
+            except (KubetuneError, OSError) as exc:  # storage away: the next tick tries again
+                print(f"worker: could not remove expired {row['id']}: {exc}", file=sys.stderr, flush=True)
+                continue
+            self.store.delete_file(row["owner"], row["id"])
+            gone.append(row["id"])
+        return gone
+
     def _stop_cancelled(self) -> None:
-        for job in self.store.jobs_in(["cancelled"], self.backend):
+        """A cancelled or paused job's process stops at a checkpoint."""
+        for job in self.store.jobs_in(["cancelled", "paused"], self.backend):
             proc = self._procs.get(job["id"])
             if proc is not None and not proc.signalled and proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)  # training saves a checkpoint, then exits 143
@@ -134,8 +155,9 @@ class LocalWorker:
         validating: dict[str, int] = {}
         for j in self.store.jobs_in(["validating_files"], self.backend):
             validating[j["owner"]] = min(validating.get(j["owner"], j["n"]), j["n"])
+        # (A job resumed while its paused process is still on its way out waits for it to end.)
         queued = [j for j in self.store.jobs_in(["queued"], self.backend)
-                  if _due(j) and j["n"] < validating.get(j["owner"], j["n"] + 1)]
+                  if _due(j) and j["n"] < validating.get(j["owner"], j["n"] + 1) and not self._training(j["id"])]
         while queued and sum(p.kind == "train" for p in self._procs.values()) < self.concurrency:
             # Fair across keys: the oldest job of the key training least goes first, and a key at its
             # own limit waits however long its queue is.
@@ -148,6 +170,10 @@ class LocalWorker:
                 running[job["owner"]] += 1
                 self.store.add_event(job["id"], f"Fine-tuning job started (worker {self.worker_id})")
                 self._spawn(job, "train")
+
+    def _training(self, job_id: str) -> bool:
+        proc = self._procs.get(job_id)
+        return proc is not None and proc.kind == "train"
 
     def _budgets(self, owner: str) -> Budgets:
         return self.config.budgets_for(self.config.team_of(owner, self.store.key_name(owner)))
@@ -208,11 +234,16 @@ class LocalWorker:
             self.store.update_job(job["id"], trained_tokens=tokens)
             self.store.add_event(job["id"], "Training stopped; the last complete checkpoint is kept")
             return
-        if code == 0:
-            if self.store.update_job(job["id"], expect=["running"], status="succeeded", finished_at=now,
+        if job["status"] == "paused" and code != 0:
+            self.store.update_job(job["id"], trained_tokens=tokens)
+            steps = [e.step for e in events if isinstance(e, (CheckpointEvent, CheckpointStoredEvent))]
+            at = f" at step {max(steps)}" if steps else ""
+            self.store.add_event(job["id"], f"Training paused{at}: the checkpoint is kept and resume continues from it")
+            return
+        if code == 0:  # (a job paused as its last step finished has finished: it succeeds)
+            if self.store.update_job(job["id"], expect=["running", "paused"], status="succeeded", finished_at=now,
                                      trained_tokens=tokens):
-                self.store.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
-                self.store.add_event(job["id"], "The job has successfully completed")
+                self.succeeded(job, events)
             return
         if self._stop.is_set():
             return  # stopped with the server: stays running, resumes on restart
@@ -224,6 +255,15 @@ class LocalWorker:
         message = errors[-1] if errors else _readable(_tail(log, 20), job)
         self._fail(job, {"code": "invalid_request" if code == EXIT_USAGE else "training_failed",
                          "message": message, "param": None}, expect=["running"], tokens=tokens)
+
+    def succeeded(self, job: dict[str, Any], events: list[Any]) -> None:
+        """What follows a job's success: its result file, then the events that announce the model."""
+        try:
+            publish_results(self.store, self.storage or str(self.home), job, events)
+        except (KubetuneError, OSError) as exc:
+            self.store.add_event(job["id"], f"Could not store the result file: {exc}", "warn")
+        self.store.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
+        self.store.add_event(job["id"], "The job has successfully completed")
 
     def _retry(self, job: dict[str, Any], status: str, code: int, why: str) -> bool:
         """Try a job again later (exit 75: storage or the Hub may answer then; 143: stopped by someone

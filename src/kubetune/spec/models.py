@@ -239,6 +239,11 @@ class TrackingSpec(_Section):
     )
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (else MLFLOW_TRACKING_URI).")
     experiment: str | None = Field(None, description="MLflow experiment / W&B project.")
+    wandb_project: str | None = Field(None, max_length=128, description="W&B project, where it differs from "
+                                      "`experiment` (a control-plane job's `integrations`).")
+    run_name: str | None = Field(None, max_length=128, description="The tracker run's display name (default: the "
+                                 "spec's name).")
+    tags: list[str] = Field(default_factory=list, max_length=50, description="W&B run tags.")
 
 
 class EvalSpec(_Section):

@@ -140,3 +140,36 @@ def apply_storage_env(spec: RunSpec) -> None:
     for value, name in ((st.endpoint_url, "AWS_ENDPOINT_URL"), (st.region, "AWS_DEFAULT_REGION"), (st.profile, "AWS_PROFILE")):
         if value:
             os.environ.setdefault(name, value)
+
+
+def remove_run(uri: str, holder: str = "kubetune-delete") -> None:
+    """Delete a finished run, as its writer: the lease is taken first (LeaseHeld if a trainer still
+    writes it; never waited for), everything but the lease removed, then the lease released and the
+    emptied prefix removed. A reader's working copies elsewhere are theirs."""
+    from kubetune import settings
+    from kubetune.storage.lease import LEASE, lease_for
+
+    path = local_path(uri)
+    store = Store(uri)
+    if path is not None and not path.exists():
+        return
+    lease = lease_for(uri, None if path is not None else store, holder, settings.lease_seconds(), lambda _: None)
+    lease.acquire(wait=False)
+    try:
+        if path is not None:
+            import shutil
+
+            for child in path.iterdir():
+                if child.name != LEASE:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        else:
+            for key in list(store.find()):
+                if key != LEASE:
+                    store.remove(key)
+    finally:
+        lease.release()
+    if path is not None:
+        (path / LEASE).unlink(missing_ok=True)
+        path.rmdir()
+    else:
+        store.remove("")

@@ -82,6 +82,11 @@ class EventsCallback(TrainerCallback):
             self.progress.update(rec)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps and getattr(args.logging_strategy, "value",
+                                                            args.logging_strategy) != "no":
+            # the last step is always logged: the final loss (and a results file's last row) is the
+            # model's, not the one logging_steps happened to land on before it (every rank sets it)
+            control.should_log = True
         if not self._first_step_seen and state.is_world_process_zero:
             self._first_step_seen = True
             from kubetune.train.measure import held_bytes, peak_memory_bytes

@@ -85,6 +85,7 @@ class KubetuneTrainer(KubetuneMixin, Trainer):
         self.checkpoint_above_tokens = checkpoint_above_tokens
         self._checkpointing: bool | None = None
         self._logits_to_keep: bool | None = None
+        self._correct: dict[str, tuple[Any, Any]] = {}  # mode → (correct, trained) token counts since its last log
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         if self.checkpoint_above_tokens is not None:
@@ -95,7 +96,48 @@ class KubetuneTrainer(KubetuneMixin, Trainer):
                      num_items_in_batch: Any = None) -> Any:
         if model.training and not return_outputs and self._keeps_logits(model):
             inputs = trained_positions_only(inputs)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        self._count_correct(inputs, outputs, "train" if model.training else "eval")
+        return (loss, outputs) if return_outputs else loss
+
+    def _count_correct(self, inputs: dict[str, Any], outputs: Any, mode: str) -> None:
+        """Trained positions whose most likely next token is the label (OpenAI's mean token accuracy),
+        summed as tensors: read on the host only when logged."""
+        import torch
+
+        from kubetune.data.template import IGNORE
+
+        logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+        labels = inputs.get("shift_labels")
+        if labels is None and inputs.get("labels") is not None:
+            labels = torch.nn.functional.pad(inputs["labels"], (0, 1), value=IGNORE)[..., 1:]
+        if logits is None or labels is None or logits.shape[:2] != labels.shape:
+            return  # (a fused head that keeps no logits: no accuracy)
+        with torch.no_grad():
+            trained = labels != IGNORE
+            correct = ((logits.argmax(-1) == labels) & trained).sum()
+            seen = self._correct.get(mode)
+            total = (correct, trained.sum())
+            self._correct[mode] = (seen[0] + total[0], seen[1] + total[1]) if seen else total
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train" if "loss" in logs else None
+        accuracy = self._take_accuracy(mode) if mode else None
+        if accuracy is not None:
+            logs = {**logs, ("eval_" if mode == "eval" else "") + "mean_token_accuracy": round(accuracy, 6)}
+        super().log(logs, *args, **kwargs)
+
+    def _take_accuracy(self, mode: str) -> float | None:
+        """The mean token accuracy since the last log of this mode, over all ranks (every rank logs)."""
+        import torch
+        import torch.distributed as dist
+
+        seen = self._correct.pop(mode, None)
+        counts = torch.tensor([float(seen[0]), float(seen[1])] if seen else [0.0, 0.0], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            counts = counts.to(self.args.device)
+            dist.all_reduce(counts)
+        return float(counts[0] / counts[1]) if counts[1] > 0 else None
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:

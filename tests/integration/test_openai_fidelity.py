@@ -1,0 +1,188 @@
+"""OpenAI's fine-tuning API as a program written for it uses it, through the official client: metadata
+filters, result files (the step-metrics CSV), checkpoint and event metrics, pause/resume, file
+expiry, and deleting a model (it stops being served and its run is removed)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Iterator
+
+import openai
+import pytest
+
+from tests.conftest import QUICKSTART_DATA
+from tests.integration.test_control import FAST, MODEL, Control, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Control]:
+    control = Control(tmp_path / "home").start()
+    yield control
+    control.stop()
+
+
+def _settings(max_steps: int, **train: int) -> dict[str, object]:
+    return {"kubetune": {**FAST, "train": {**FAST["train"], "max_steps": max_steps, **train}}}
+
+
+def test_results_file_metrics_metadata_filters_expiry_and_deleting_a_model(
+        server: Control, tiny_model: Path) -> None:
+    client = server.client("unused")
+    train = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
+    valid = client.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="fine-tune",
+                                expires_after={"anchor": "created_at", "seconds": 3600})
+    assert valid.expires_at == valid.created_at + 3600 and train.expires_at is None
+    assert client.files.retrieve(valid.id).expires_at == valid.expires_at
+    for bad in ({"anchor": "created_at", "seconds": 60}, {"anchor": "last_active_at", "seconds": 3600}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="fine-tune",
+                                expires_after=bad)  # type: ignore[arg-type]
+        assert refused.value.body["param"].startswith("expires_after.")  # type: ignore[index]
+
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=train.id, validation_file=valid.id,
+                                         metadata={"team": "a", "run": "1"},
+                                         extra_body=_settings(20, eval_every_steps=10, save_every_steps=10))
+    other = client.fine_tuning.jobs.create(model=MODEL, training_file=train.id, metadata={"team": "b"},
+                                           extra_body=_settings(20))
+    client.fine_tuning.jobs.cancel(other.id)
+    plain = client.fine_tuning.jobs.create(model=MODEL, training_file=train.id, extra_body=_settings(20))
+    client.fine_tuning.jobs.cancel(plain.id)
+
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a"})] == [job.id]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "b"})] == [other.id]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a", "run": "2"})] == []
+    assert [j.id for j in client.fine_tuning.jobs.list(extra_query={"metadata": "null"})] == [plain.id]
+    assert [j.id for j in client.fine_tuning.jobs.list()] == [plain.id, other.id, job.id]
+    page = client.fine_tuning.jobs.list(metadata={"team": "a"}, limit=1)
+    assert not page.has_more
+
+    done = wait_for("the job", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
+                    in ("succeeded", "failed", "cancelled") and j, 300)
+    assert done.status == "succeeded", done.error
+
+    # checkpoints carry OpenAI's metrics fields; events carry the step metrics as data
+    ckpts = {c.step_number: c.metrics for c in client.fine_tuning.jobs.checkpoints.list(job.id)}
+    assert set(ckpts) == {10, 20}
+    for step, m in ckpts.items():
+        assert m.step == step and m.train_loss is not None and 0 <= (m.train_mean_token_accuracy or -1) <= 1
+        assert m.valid_loss is not None and 0 <= (m.valid_mean_token_accuracy or -1) <= 1
+        assert m.full_valid_loss == m.valid_loss
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    train_data = {e.data["step"]: e.data for e in events if e.type == "metrics" and "train_loss" in e.data}
+    valid_data = {e.data["step"]: e.data for e in events if e.type == "metrics" and "valid_loss" in e.data}
+    assert sorted(train_data) == [10, 20] and sorted(valid_data) == [10, 20]
+
+    # the result file: a fine-tune-results file of the caller, the step metrics as CSV
+    assert len(done.result_files) == 1
+    result = client.files.retrieve(done.result_files[0])
+    assert result.purpose == "fine-tune-results" and result.filename == "step_metrics.csv"
+    assert [f.id for f in client.files.list(purpose="fine-tune-results")] == [result.id]
+    rows = list(csv.DictReader(io.StringIO(client.files.content(result.id).text)))
+    assert list(rows[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    assert [int(r["step"]) for r in rows] == [10, 20]
+    for r in rows:
+        step = int(r["step"])
+        assert float(r["train_loss"]) == pytest.approx(train_data[step]["train_loss"], rel=1e-5)
+        assert float(r["train_accuracy"]) == pytest.approx(train_data[step]["train_mean_token_accuracy"], rel=1e-5)
+        assert float(r["valid_loss"]) == pytest.approx(valid_data[step]["valid_loss"], rel=1e-5)
+        assert float(r["valid_mean_token_accuracy"]) == pytest.approx(ckpts[step].valid_mean_token_accuracy, rel=1e-5)
+    with pytest.raises(openai.BadRequestError):
+        client.files.create(file=(QUICKSTART_DATA / "eval.jsonl").open("rb"), purpose="fine-tune-results")
+
+    # a model: retrieved, served, deleted (no longer listed, retrieved or served; its run removed)
+    name = done.fine_tuned_model
+    assert client.models.retrieve(name).id == name
+    msgs = [{"role": "user", "content": "What colour is the sky?"}]
+    assert client.chat.completions.create(model=name, messages=msgs, max_tokens=4).choices
+    run = server.home / "runs" / job.id
+    assert (run / "events.jsonl").is_file()
+    deleted = client.models.delete(name)
+    assert deleted.deleted and deleted.id == name
+    assert not run.exists()
+    assert [m.id for m in client.models.list()] == []
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(name)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=name, messages=msgs, max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(name)
+    with pytest.raises(openai.BadRequestError) as refused:  # nor trained on
+        client.fine_tuning.jobs.create(model=name, training_file=train.id)
+    assert refused.value.body["param"] == "model"  # type: ignore[index]
+    assert client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == name  # the job stays, as OpenAI's
+
+
+def test_pause_stops_at_a_checkpoint_and_resume_continues_from_it(server: Control, tiny_model: Path) -> None:
+    client = server.client("unused")
+    train = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=train.id, extra_body=_settings(5000))
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.resume(job.id)  # not paused
+    wait_for("a checkpoint", lambda: list(client.fine_tuning.jobs.checkpoints.list(job.id)))
+    paused = client.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused"
+
+    def said(text: str) -> list[str]:
+        return [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if text in e.message]
+
+    stopped = wait_for("the process to stop", lambda: said("Training paused at step"), 90)
+    kept = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert f"at step {kept}" in stopped[0]
+    steps_then = len(said("Step "))
+    time.sleep(3)  # paused holds no process: no step is logged meanwhile
+    assert len(said("Step ")) == steps_then and client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.pause(job.id)
+
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    wait_for("training to resume", lambda: said(f"Training started (resumed from checkpoint-{kept})"), 120)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+
+
+def test_wandb_integration_reports_to_the_operators_wandb_under_the_tenants_project(
+        tmp_path: Path, tiny_model: Path) -> None:
+    from tests.integration.test_trackers import wandb_records
+
+    config = tmp_path / "server.yaml"
+    config.write_text(f"models: {{root: {tiny_model.parent}}}\nintegrations: [wandb]\n")
+    server = Control(tmp_path / "home", "--config", str(config),
+                     env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}).start()
+    try:
+        client = server.client("unused")
+        train = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
+        wandb = {"project": "support-bot", "name": "first try", "tags": ["exp-1", "lora"]}
+        for bad, param in (({**wandb, "entity": "someone-else"}, "integrations.0.wandb.entity"),
+                           ({**wandb, "project": "../../etc"}, "integrations.0.wandb.project")):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.fine_tuning.jobs.create(model=MODEL, training_file=train.id,
+                                               integrations=[{"type": "wandb", "wandb": bad}])
+            assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+        job = client.fine_tuning.jobs.create(model=MODEL, training_file=train.id, extra_body=_settings(6),
+                                             integrations=[{"type": "wandb", "wandb": wandb}])
+        assert job.integrations[0].type == "wandb" and job.integrations[0].wandb.project == "support-bot"
+        done = wait_for("the job", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
+                        in ("succeeded", "failed") and j, 300)
+        assert done.status == "succeeded", done.error
+    finally:
+        server.stop()
+    (log,) = (server.home / "runs" / job.id / "wandb").glob("offline-run-*/run-*.wandb")
+    runs = [r.run for r in wandb_records(log) if r.WhichOneof("record_type") == "run"]
+    assert runs and runs[0].project == "support-bot" and runs[0].display_name == "first try"
+    assert list(runs[0].tags) == ["exp-1", "lora"]
+    history = [r for r in wandb_records(log) if r.WhichOneof("record_type") == "history"]
+    assert history  # the training steps went to it
+
+
+def test_integrations_the_operator_did_not_enable_are_refused(server: Control, tiny_model: Path) -> None:
+    client = server.client("unused")
+    train = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(model=MODEL, training_file=train.id,
+                                       integrations=[{"type": "wandb", "wandb": {"project": "p"}}])
+    assert refused.value.body["param"] == "integrations.0.type"  # type: ignore[index]
