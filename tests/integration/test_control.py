@@ -349,6 +349,9 @@ def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
         assert done.status == "succeeded" and done.trained_tokens and done.trained_tokens > 0
         steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)]
         assert steps and steps[0] == 30  # read from the bucket
+        (results,) = done.result_files  # the step metrics, stored in the bucket as the caller's file
+        assert client.files.content(results).text.startswith("step,train_loss,train_accuracy,valid_loss,")
+        assert any(k.endswith(f"{results}/step_metrics.csv") for k in s3.keys(BUCKET, "ft/files/"))
         answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=8, temperature=0,
                                                 messages=[{"role": "user", "content": "Spell ship."}])
         assert answer.choices[0].message.content
@@ -358,6 +361,17 @@ def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
         assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
         assert fake.get("jobs", "ml", second.id) is None and fake.get("configmaps", "ml", f"{second.id}-spec") is None
         assert any(f"job/{second.id} deleted" in e.message for e in client.fine_tuning.jobs.list_events(second.id))
+
+        paused = create()  # pause frees the cluster (the Job and its pods go); resume submits it again
+        assert client.fine_tuning.jobs.pause(paused.id).status == "paused"
+        assert fake.get("jobs", "ml", paused.id) is None
+        time.sleep(2)  # paused: nothing is submitted meanwhile
+        assert fake.get("jobs", "ml", paused.id) is None and client.fine_tuning.jobs.retrieve(paused.id).status == "paused"
+        assert client.fine_tuning.jobs.resume(paused.id).status == "queued"
+        wait_for("the resubmission", lambda: fake.get("jobs", "ml", paused.id) is not None, 30)
+        assert sum(e.message.startswith("Submitted to Kubernetes")
+                   for e in client.fine_tuning.jobs.list_events(paused.id, limit=100)) == 2
+        client.fine_tuning.jobs.cancel(paused.id)
 
         third = create()
         fake.get("jobs", "ml", third.id)["status"] = {"failed": 7, "conditions": [

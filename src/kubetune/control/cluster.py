@@ -98,9 +98,8 @@ class KubernetesWorker(LocalWorker):
                 self.store.add_event(job["id"], "Fine-tuning job started")
         elif phase == "Succeeded":
             events = run_events(job["run_uri"])
-            if self.store.update_job(job["id"], expect=["queued", "running"], status="succeeded",
-                                     finished_at=int(time.time()), trained_tokens=trained_tokens(events)):
-                self.succeeded(job, events)
+            self.succeed(job, events, ["queued", "running"], finished_at=int(time.time()),
+                         trained_tokens=trained_tokens(events))
         elif phase == "Failed":
             errors = [e.error for e in run_events(job["run_uri"]) if isinstance(e, ErrorEvent)]
             conditions = [c for c in (cluster_job.status.conditions or []) if c.type == "Failed"]

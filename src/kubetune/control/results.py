@@ -3,8 +3,8 @@
 Columns are OpenAI's (`step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`), read
 from the run's typed events: the training loss and mean token accuracy TRL logs at each logging
 step, and the validation loss and accuracy of the evaluation at that step (empty between
-evaluations, and for objectives that log no token accuracy). Written once, when the job succeeds,
-as one of the owner's files (it counts against the owner's stored bytes, as OpenAI's does).
+evaluations, and for objectives that log no token accuracy). Written when the job succeeds, in
+the update that marks it so, as one of the owner's files (it counts against the owner's stored bytes, as OpenAI's does).
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.6g}"
 
 
-def publish_results(records: Records, storage: str, job: dict[str, Any], events: list[Event]) -> str:
-    """Store the job's step metrics as a file of its owner and list it in the job's result_files;
-    returns the file's id. Called once, by whoever marks the job succeeded."""
+def publish_results(records: Records, storage: str, job: dict[str, Any], events: list[Event]) -> dict[str, Any]:
+    """Store the job's step metrics as a file of its owner (stored, then recorded); returns its record.
+    The caller lists it in the job's result_files in the same update that marks the job succeeded."""
     text, rows = step_metrics_csv(events)
     file_id, name = new_file_id(), "step_metrics.csv"
     prefix = f"{storage.rstrip('/')}/files/{file_id}"
@@ -63,7 +63,5 @@ def publish_results(records: Records, storage: str, job: dict[str, Any], events:
         local = Path(tmp) / name
         local.write_text(text)
         Store(prefix).put(local, name)
-    records.add_file(id=file_id, owner=job["owner"], filename=name, purpose=RESULTS_PURPOSE,
-                     bytes=len(text.encode()), rows=rows, uri=f"{prefix}/{name}", created_at=int(time.time()))
-    records.update_job(job["id"], result_files=[file_id])
-    return file_id
+    return records.add_file(id=file_id, owner=job["owner"], filename=name, purpose=RESULTS_PURPOSE,
+                            bytes=len(text.encode()), rows=rows, uri=f"{prefix}/{name}", created_at=int(time.time()))

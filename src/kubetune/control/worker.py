@@ -241,9 +241,7 @@ class LocalWorker:
             self.store.add_event(job["id"], f"Training paused{at}: the checkpoint is kept and resume continues from it")
             return
         if code == 0:  # (a job paused as its last step finished has finished: it succeeds)
-            if self.store.update_job(job["id"], expect=["running", "paused"], status="succeeded", finished_at=now,
-                                     trained_tokens=tokens):
-                self.succeeded(job, events)
+            self.succeed(job, events, ["running", "paused"], finished_at=now, trained_tokens=tokens)
             return
         if self._stop.is_set():
             return  # stopped with the server: stays running, resumes on restart
@@ -256,14 +254,23 @@ class LocalWorker:
         self._fail(job, {"code": "invalid_request" if code == EXIT_USAGE else "training_failed",
                          "message": message, "param": None}, expect=["running"], tokens=tokens)
 
-    def succeeded(self, job: dict[str, Any], events: list[Any]) -> None:
-        """What follows a job's success: its result file, then the events that announce the model."""
+    def succeed(self, job: dict[str, Any], events: list[Any], expect: list[str], **values: Any) -> bool:
+        """Mark the job succeeded with its result file in one update, so no reader sees a succeeded job
+        without it; the file is stored first and removed again if the job changed meanwhile."""
+        result = None
         try:
-            publish_results(self.store, self.storage or str(self.home), job, events)
+            result = publish_results(self.store, self.storage or str(self.home), job, events)
         except (KubetuneError, OSError) as exc:
             self.store.add_event(job["id"], f"Could not store the result file: {exc}", "warn")
+        if not self.store.update_job(job["id"], expect=expect, status="succeeded",
+                                     result_files=[result["id"]] if result else None, **values):
+            if result is not None:  # cancelled, or another replica got there first
+                remove_upload(result["uri"])
+                self.store.delete_file(job["owner"], result["id"])
+            return False
         self.store.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
         self.store.add_event(job["id"], "The job has successfully completed")
+        return True
 
     def _retry(self, job: dict[str, Any], status: str, code: int, why: str) -> bool:
         """Try a job again later (exit 75: storage or the Hub may answer then; 143: stopped by someone
