@@ -186,3 +186,29 @@ def test_integrations_the_operator_did_not_enable_are_refused(server: Control, t
         client.fine_tuning.jobs.create(model=MODEL, training_file=train.id,
                                        integrations=[{"type": "wandb", "wandb": {"project": "p"}}])
     assert refused.value.body["param"] == "integrations.0.type"  # type: ignore[index]
+
+
+def test_graders_run_and_validate_through_the_official_client(server: Control) -> None:
+    client = server.client("unused")
+    check = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+             "reference": "{{item.answer}}", "operation": "eq"}
+    assert client.fine_tuning.alpha.graders.validate(grader=check).grader.type == "string_check"
+    ran = client.fine_tuning.alpha.graders.run(grader=check, model_sample="12", item={"answer": "12"})
+    assert ran.reward == 1.0 and ran.metadata.name == "exact" and not ran.metadata.errors.invalid_variable_error
+    multi = {"type": "multi", "name": "both", "calculate_output": "0.5 * exact + 0.5 * rouge",
+             "graders": {"exact": check, "rouge": {"type": "text_similarity", "name": "r", "evaluation_metric":
+                                                   "rouge_1", "input": "{{sample.output_text}}",
+                                                   "reference": "{{item.answer}}"}}}
+    ran = client.fine_tuning.alpha.graders.run(grader=multi, model_sample="12 apples", item={"answer": "12"})
+    assert ran.sub_rewards == {"exact": 0.0, "rouge": pytest.approx(2 / 3)}
+    assert ran.reward == pytest.approx(1 / 3)
+    missing = client.fine_tuning.alpha.graders.run(grader=check, model_sample="12", item={})
+    assert missing.reward == 0.0 and missing.metadata.errors.invalid_variable_error
+    for bad, param in (({**multi, "calculate_output": "__import__('os')"}, "grader.calculate_output"),
+                       ({"type": "python", "name": "p", "source": "import socket"}, "grader.type")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.fine_tuning.alpha.graders.validate(grader=bad)  # type: ignore[arg-type]
+        assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.alpha.graders.run(grader={**check, "operation": "regex"},  # type: ignore[arg-type]
+                                             model_sample="1")

@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kubetune.control import files as uploads
@@ -23,6 +24,7 @@ from kubetune.control.runinfo import checkpoints, openai_events, run_events, tra
 from kubetune.control.state import ControlState, caller, control_state
 from kubetune.artifacts.events import StepEvent
 from kubetune.errors import KubetuneError, SpecError, UsageError
+from kubetune.graders import Grader, GraderError, check_grader, grade
 from kubetune.serve.errors import ApiError
 from kubetune.spec.load import spec_to_yaml
 from kubetune.storage.runs import remove_run
@@ -421,3 +423,46 @@ class _Forward(Response):
             return await receive()  # the disconnect, which cancels generation
 
         await self.app(scope, replay, send)
+
+
+# graders (OpenAI's alpha endpoints)
+
+class GraderRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: Grader
+    model_sample: str = Field(max_length=1 << 20)
+    item: Any = None
+
+
+class GraderValidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: Grader
+
+
+def _checked(grader: Any) -> None:
+    try:
+        check_grader(grader)
+    except GraderError as exc:
+        raise ApiError(400, f"{exc.param}: {exc.message}", param=exc.param, code="invalid_grader") from None
+
+
+@router.post("/v1/fine_tuning/alpha/graders/validate")
+async def validate_grader(req: GraderValidate, owner: str = Depends(caller)) -> JSONResponse:
+    _checked(req.grader)
+    return JSONResponse({"grader": req.grader.model_dump(exclude_none=True)})
+
+
+@router.post("/v1/fine_tuning/alpha/graders/run")
+async def run_grader(req: GraderRun, owner: str = Depends(caller)) -> JSONResponse:
+    _checked(req.grader)
+    graded = await asyncio.to_thread(grade, req.grader, req.model_sample, req.item)
+    multi = req.grader.type == "multi"
+    return JSONResponse({
+        "reward": graded.reward, "sub_rewards": graded.scores if multi else {},
+        "model_grader_token_usage_per_model": {},
+        "metadata": {"name": req.grader.name, "type": req.grader.type, "execution_time": graded.execution_time,
+                     "scores": graded.scores, "token_usage": None, "sampled_model_name": None,
+                     "errors": {**graded.errors, "model_grader_server_error_details": None,
+                                "python_grader_runtime_error_details": graded.details,
+                                "python_grader_server_error_type": None}},
+    })

@@ -1,0 +1,311 @@
+"""OpenAI's graders: a score in [0, 1] (or a formula's value) for a model's answer to a dataset row.
+
+The shapes are OpenAI's (`string_check`, `text_similarity`, `multi`, `python`, `score_model`,
+`label_model`) so a grader written for its API is checked and run here unchanged; templates read
+`{{sample.output_text}}`, `{{sample.output_json.FIELD}}` and `{{item.FIELD}}`. This module runs the
+graders that need no model and no tenant code; `python` and `score_model` graders are checked here
+and run elsewhere (a sandboxed process, a served judge) — `grade` says so instead of running them.
+
+Everything here is pure and bounded: texts compared by similarity metrics are cut to MAX_TEXT
+characters (the edit-distance and ROUGE-L metrics are quadratic), a formula is parsed into a small
+arithmetic tree (no names but the sub-graders', no calls but a few math functions, no powers).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import time
+from typing import Annotated, Any, Callable, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Grader", "GraderError", "Graded", "MultiGrader", "StringCheckGrader", "TextSimilarityGrader",
+           "check_grader", "grade"]
+
+MAX_TEXT = 20_000          # characters of each side a similarity metric compares
+MAX_FORMULA_NODES = 200
+_VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][\w]*(?:\.[\w-]+)*)\s*\}\}")
+
+
+class GraderError(ValueError):
+    """A grader that cannot be used as written: `param` names the field (grader.operation, ...)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
+class _Grader(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256)
+
+
+class StringCheckGrader(_Grader):
+    type: Literal["string_check"]
+    input: str = Field(max_length=MAX_TEXT)
+    reference: str = Field(max_length=MAX_TEXT)
+    operation: Literal["eq", "ne", "like", "ilike"]
+
+
+class TextSimilarityGrader(_Grader):
+    type: Literal["text_similarity"]
+    input: str = Field(max_length=MAX_TEXT)
+    reference: str = Field(max_length=MAX_TEXT)
+    evaluation_metric: Literal["cosine", "fuzzy_match", "bleu", "gleu", "meteor", "rouge_1", "rouge_2", "rouge_3",
+                               "rouge_4", "rouge_5", "rouge_l"]
+
+
+class PythonGrader(_Grader):
+    type: Literal["python"]
+    source: str = Field(max_length=256_000)
+    image_tag: str | None = Field(None, max_length=128)
+
+
+class ScoreModelGrader(_Grader):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["score_model"]
+    model: str = Field(max_length=300)
+    input: list[Any] = Field(max_length=64)
+    range: list[float] | None = None
+
+
+class LabelModelGrader(_Grader):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["label_model"]
+    model: str = Field(max_length=300)
+    input: list[Any] = Field(max_length=64)
+    labels: list[str] = Field(max_length=64)
+    passing_labels: list[str] = Field(max_length=64)
+
+
+Single = Annotated[Union[StringCheckGrader, TextSimilarityGrader, PythonGrader, ScoreModelGrader, LabelModelGrader],
+                   Field(discriminator="type")]
+
+
+class MultiGrader(_Grader):
+    type: Literal["multi"]
+    graders: dict[Annotated[str, Field(pattern=r"^[A-Za-z_]\w{0,63}$")], Single] = Field(min_length=1, max_length=32)
+    calculate_output: str = Field(min_length=1, max_length=2000)
+
+
+Grader = Annotated[Union[StringCheckGrader, TextSimilarityGrader, PythonGrader, ScoreModelGrader, LabelModelGrader,
+                         MultiGrader], Field(discriminator="type")]
+
+
+class Graded(BaseModel):
+    """One grading, in the fields OpenAI's run endpoint reports."""
+    reward: float
+    scores: dict[str, float] = Field(default_factory=dict)       # each sub-grader's (multi), else the grader's
+    errors: dict[str, bool] = Field(default_factory=dict)
+    details: str | None = None
+    execution_time: float = 0.0
+
+
+ERRORS = ("formula_parse_error", "invalid_variable_error", "model_grader_parse_error", "model_grader_refusal_error",
+          "model_grader_server_error", "other_error", "python_grader_runtime_error", "python_grader_server_error",
+          "sample_parse_error", "truncated_observation_error", "unresponsive_reward_error")
+
+
+def check_grader(grader: Any, runnable: frozenset[str] = frozenset({"string_check", "text_similarity", "multi"}),
+                 where: str = "grader") -> None:
+    """What `validate` adds to the schema: a formula that parses and names only sub-graders; metrics
+    this server computes; grader types it runs (`runnable`). GraderError names the field."""
+    if grader.type not in runnable:
+        raise GraderError(f"{where}.type", f"{grader.type} graders do not run on this server")
+    if isinstance(grader, TextSimilarityGrader) and grader.evaluation_metric == "cosine":
+        raise GraderError(f"{where}.evaluation_metric", "cosine needs an embedding model, and this server has none "
+                                                        "configured; use fuzzy_match, bleu, gleu, meteor or rouge_*")
+    if isinstance(grader, MultiGrader):
+        for name, sub in grader.graders.items():
+            check_grader(sub, runnable, f"{where}.graders.{name}")
+        _Formula(grader.calculate_output, set(grader.graders))
+
+
+def grade(grader: Any, sample: str, item: Any) -> Graded:
+    """Run a grader on one answer (`sample`, the model's text) to one row (`item`)."""
+    started = time.perf_counter()
+    errors = dict.fromkeys(ERRORS, False)
+    namespace = {"sample": {"output_text": sample, "output_json": _json_or_none(sample)}, "item": item}
+    scores: dict[str, float] = {}
+    try:
+        if isinstance(grader, MultiGrader):
+            formula = _Formula(grader.calculate_output, set(grader.graders))
+            for name, sub in grader.graders.items():
+                scores[name] = _single(sub, namespace)
+            reward = formula.value(scores)
+        else:
+            reward = _single(grader, namespace)
+            scores[grader.name] = reward
+    except _MissingVariable as exc:
+        errors["invalid_variable_error"] = True
+        return Graded(reward=0.0, scores=scores, errors=errors, details=str(exc),
+                      execution_time=time.perf_counter() - started)
+    except ArithmeticError as exc:
+        errors["formula_parse_error"] = True
+        return Graded(reward=0.0, scores=scores, errors=errors, details=f"calculate_output: {exc}",
+                      execution_time=time.perf_counter() - started)
+    return Graded(reward=reward, scores=scores, errors=errors, execution_time=time.perf_counter() - started)
+
+
+class _MissingVariable(LookupError):
+    pass
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def render(template: str, namespace: dict[str, Any]) -> str:
+    """`{{sample.output_text}}`, `{{item.answer}}`, `{{sample.output_json.a.b}}` filled in; a
+    variable that is not there raises (OpenAI's invalid_variable_error)."""
+    def value(match: re.Match[str]) -> str:
+        node: Any = namespace
+        for part in match.group(1).split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise _MissingVariable(f"{{{{{match.group(1)}}}}} is not in the sample or the item")
+        return node if isinstance(node, str) else json.dumps(node)
+    return _VARIABLE.sub(value, template)
+
+
+def _single(grader: Any, namespace: dict[str, Any]) -> float:
+    if isinstance(grader, StringCheckGrader):
+        given, reference = render(grader.input, namespace), render(grader.reference, namespace)
+        return float({"eq": given == reference, "ne": given != reference, "like": reference in given,
+                      "ilike": reference.lower() in given.lower()}[grader.operation])
+    if isinstance(grader, TextSimilarityGrader):
+        given, reference = render(grader.input, namespace)[:MAX_TEXT], render(grader.reference, namespace)[:MAX_TEXT]
+        return float(_METRICS[grader.evaluation_metric](given, reference))
+    raise GraderError("grader.type", f"{grader.type} graders do not run here")
+
+
+def _fuzzy(given: str, reference: str) -> float:
+    from rapidfuzz import fuzz
+
+    return fuzz.ratio(given, reference) / 100.0  # normalised Indel similarity
+
+
+def _bleu(given: str, reference: str) -> float:
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    if not given.split() or not reference.split():
+        return 0.0
+    return sentence_bleu([reference.split()], given.split(), smoothing_function=SmoothingFunction().method1)
+
+
+def _gleu(given: str, reference: str) -> float:
+    from nltk.translate.gleu_score import sentence_gleu
+
+    return sentence_gleu([reference.split()], given.split()) if given.split() and reference.split() else 0.0
+
+
+class _NoSynonyms:
+    """WordNet stand-in when its data is not installed: METEOR matches exact words and stems only."""
+
+    def synsets(self, *args: Any, **kwargs: Any) -> list[Any]:
+        return []
+
+
+def _meteor(given: str, reference: str) -> float:
+    from nltk.translate.meteor_score import meteor_score
+
+    if not given.split() or not reference.split():
+        return 0.0
+    try:
+        from nltk.corpus import wordnet
+
+        wordnet.ensure_loaded()
+        return meteor_score([reference.split()], given.split(), wordnet=wordnet)
+    except LookupError:
+        return meteor_score([reference.split()], given.split(), wordnet=_NoSynonyms())
+
+
+def _rouge(kind: str) -> Callable[[str, str], float]:
+    def score(given: str, reference: str) -> float:
+        from rouge_score import rouge_scorer
+
+        return rouge_scorer.RougeScorer([kind]).score(reference, given)[kind].fmeasure
+    return score
+
+
+_METRICS: dict[str, Callable[[str, str], float]] = {
+    "fuzzy_match": _fuzzy, "bleu": _bleu, "gleu": _gleu, "meteor": _meteor,
+    **{f"rouge_{n}": _rouge(f"rouge{n}") for n in "12345"}, "rouge_l": _rouge("rougeL"),
+}
+
+_FUNCTIONS: dict[str, Callable[..., float]] = {
+    "min": min, "max": max, "abs": abs, "floor": math.floor, "ceil": math.ceil, "exp": math.exp,
+    "sqrt": math.sqrt, "log": math.log}
+_BINARY: dict[type, Callable[[float, float], float]] = {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b}
+
+
+class _Formula:
+    """`calculate_output`: + - * /, parentheses, numbers, the sub-graders' names and min/max/abs/
+    floor/ceil/exp/sqrt/log. Parsed once; GraderError (at validate) for anything else."""
+
+    def __init__(self, text: str, names: set[str]) -> None:
+        try:
+            self.tree = ast.parse(text, mode="eval").body
+        except SyntaxError:
+            raise GraderError("grader.calculate_output", f"{text!r} is not a formula") from None
+        nodes = list(ast.walk(self.tree))
+        if len(nodes) > MAX_FORMULA_NODES:
+            raise GraderError("grader.calculate_output", f"more than {MAX_FORMULA_NODES} terms")
+        for node in nodes:
+            if isinstance(node, ast.Name) and node.id not in names and node.id not in _FUNCTIONS:
+                raise GraderError("grader.calculate_output", f"{node.id!r} is not one of the graders "
+                                                             f"({', '.join(sorted(names))})")
+            if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
+                                                    and not node.keywords):
+                raise GraderError("grader.calculate_output", "only min, max, abs, floor, ceil, exp, sqrt and log "
+                                                             "can be called")
+            if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+                try:
+                    float(node.value)
+                except OverflowError:
+                    raise GraderError("grader.calculate_output", "a number too large") from None
+            allowed = (ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name, ast.Call, ast.Load, ast.USub, ast.UAdd,
+                       *_BINARY)
+            if not isinstance(node, allowed) or (isinstance(node, ast.Constant)
+                                                 and not isinstance(node.value, (int, float))):
+                raise GraderError("grader.calculate_output", f"{type(node).__name__} is not allowed in a formula "
+                                                             "(numbers, + - * /, parentheses and functions)")
+
+    def value(self, scores: dict[str, float]) -> float:
+        result = float(self._eval(self.tree, scores))
+        if not math.isfinite(result):
+            raise ArithmeticError("the formula's value is not a finite number")
+        return result
+
+    def _eval(self, node: ast.AST, scores: dict[str, float]) -> float:
+        if isinstance(node, ast.Constant):
+            return float(node.value)
+        if isinstance(node, ast.Name):
+            return scores[node.id]
+        if isinstance(node, ast.UnaryOp):
+            inner = self._eval(node.operand, scores)
+            return -inner if isinstance(node.op, ast.USub) else inner
+        if isinstance(node, ast.BinOp):
+            try:
+                return _BINARY[type(node.op)](self._eval(node.left, scores), self._eval(node.right, scores))
+            except ZeroDivisionError:
+                raise ArithmeticError("division by zero") from None
+        if isinstance(node, ast.Call):
+            assert isinstance(node.func, ast.Name)
+            args = [self._eval(a, scores) for a in node.args]
+            try:
+                return float(_FUNCTIONS[node.func.id](*args))
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise ArithmeticError(f"{node.func.id}: {exc}") from None
+        raise ArithmeticError(f"{type(node).__name__} in the formula")
