@@ -427,6 +427,9 @@ class _Forward(Response):
 
 # graders (OpenAI's alpha endpoints)
 
+_GRADING = asyncio.Semaphore(2)
+
+
 class GraderRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
     grader: Grader
@@ -455,7 +458,11 @@ async def validate_grader(req: GraderValidate, owner: str = Depends(caller)) -> 
 @router.post("/v1/fine_tuning/alpha/graders/run")
 async def run_grader(req: GraderRun, owner: str = Depends(caller)) -> JSONResponse:
     _checked(req.grader)
-    graded = await asyncio.to_thread(grade, req.grader, req.model_sample, req.item)
+    if _GRADING.locked():  # graders are CPU work in the shared thread pool: a flood must not starve the API
+        raise ApiError(429, "graders are busy; try again in a moment", "rate_limit_error", None, "graders_busy",
+                       headers={"Retry-After": "1"})
+    async with _GRADING:
+        graded = await asyncio.to_thread(grade, req.grader, req.model_sample, req.item)
     multi = req.grader.type == "multi"
     return JSONResponse({
         "reward": graded.reward, "sub_rewards": graded.scores if multi else {},

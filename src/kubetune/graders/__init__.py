@@ -6,7 +6,7 @@ The shapes are OpenAI's (`string_check`, `text_similarity`, `multi`, `python`, `
 graders that need no model and no tenant code; `python` and `score_model` graders are checked here
 and run elsewhere (a sandboxed process, a served judge) — `grade` says so instead of running them.
 
-Everything here is pure and bounded: texts compared by similarity metrics are cut to MAX_TEXT
+Everything here is pure and bounded: texts compared by similarity metrics are cut to MAX_COMPARED
 characters (the edit-distance and ROUGE-L metrics are quadratic), a formula is parsed into a small
 arithmetic tree (no names but the sub-graders', no calls but a few math functions, no powers).
 """
@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = ["Grader", "GraderError", "Graded", "MultiGrader", "StringCheckGrader", "TextSimilarityGrader",
            "check_grader", "grade"]
 
-MAX_TEXT = 20_000          # characters of each side a similarity metric compares
+MAX_TEXT = 20_000          # characters of a template
+MAX_COMPARED = 2_000       # characters of each side a similarity metric compares (ROUGE-L is quadratic in words)
 MAX_FORMULA_NODES = 200
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][\w]*(?:\.[\w-]+)*)\s*\}\}")
 
@@ -183,7 +184,8 @@ def _single(grader: Any, namespace: dict[str, Any]) -> float:
         return float({"eq": given == reference, "ne": given != reference, "like": reference in given,
                       "ilike": reference.lower() in given.lower()}[grader.operation])
     if isinstance(grader, TextSimilarityGrader):
-        given, reference = render(grader.input, namespace)[:MAX_TEXT], render(grader.reference, namespace)[:MAX_TEXT]
+        given = render(grader.input, namespace)[:MAX_COMPARED]
+        reference = render(grader.reference, namespace)[:MAX_COMPARED]
         return float(_METRICS[grader.evaluation_metric](given, reference))
     raise GraderError("grader.type", f"{grader.type} graders do not run here")
 
