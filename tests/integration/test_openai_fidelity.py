@@ -101,6 +101,14 @@ def test_results_file_metrics_metadata_filters_expiry_and_deleting_a_model(
     assert client.chat.completions.create(model=name, messages=msgs, max_tokens=4).choices
     run = server.home / "runs" / job.id
     assert (run / "events.jsonl").is_file()
+    child = client.fine_tuning.jobs.create(model=name, training_file=train.id, extra_body=_settings(20))
+    with pytest.raises(openai.BadRequestError) as refused:  # a job not ended starts from it
+        client.models.delete(name)
+    assert refused.value.body["code"] == "model_in_use" and child.id in refused.value.body["message"]  # type: ignore[index]
+    client.fine_tuning.jobs.cancel(child.id)
+    with pytest.raises(openai.BadRequestError) as refused:  # the result file is no training file
+        client.fine_tuning.jobs.create(model=MODEL, training_file=result.id)
+    assert refused.value.body["param"] == "training_file"  # type: ignore[index]
     deleted = client.models.delete(name)
     assert deleted.deleted and deleted.id == name
     assert not run.exists()
@@ -126,6 +134,8 @@ def test_pause_stops_at_a_checkpoint_and_resume_continues_from_it(server: Contro
     wait_for("a checkpoint", lambda: list(client.fine_tuning.jobs.checkpoints.list(job.id)))
     paused = client.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused"
+    with pytest.raises(openai.ConflictError):  # its process is still on its way to the checkpoint
+        client.fine_tuning.jobs.resume(job.id)
 
     def said(text: str) -> list[str]:
         return [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if text in e.message]

@@ -112,10 +112,7 @@ class TrackerRuns:
             import wandb
 
             self.ids.setdefault("wandb_run_id", uuid.uuid4().hex[:12])
-            tracking = self.spec.tracking
-            wandb.init(project=tracking.wandb_project or tracking.experiment or self.spec.name,
-                       name=tracking.run_name or self.spec.name, tags=tracking.tags or None,
-                       id=self.ids["wandb_run_id"], resume="allow", dir=str(self.layout.root))
+            self._wandb_init()
         if "tensorboard" in self.names:
             from torch.utils.tensorboard import SummaryWriter
             from transformers.integrations import TensorBoardCallback
@@ -150,13 +147,21 @@ class TrackerRuns:
         if report is not None and report.exists():
             mlflow.log_artifact(str(report), artifact_path="eval")
 
+    def _wandb_init(self) -> Any:
+        """Open (or continue, by id) the run's W&B run: the same project, name and tags in training and eval."""
+        import wandb
+
+        tracking = self.spec.tracking
+        return wandb.init(project=tracking.wandb_project or tracking.experiment or self.spec.name,
+                          name=tracking.run_name or self.spec.name, tags=tracking.tags or None,
+                          id=self.ids.get("wandb_run_id"), resume="allow", dir=str(self.layout.root))
+
     def _eval_wandb(self, flat: dict[str, float], report: Path | None, step: int | None) -> None:
         import wandb
 
         run = wandb.run
         if run is None or run.id != self.ids.get("wandb_run_id"):
-            run = wandb.init(project=self.spec.tracking.experiment or self.spec.name, name=self.spec.name,
-                             id=self.ids.get("wandb_run_id"), resume="allow", dir=str(self.layout.root))
+            run = self._wandb_init()
         run.log(flat)
         run.summary.update(flat)
         if report is not None and report.exists():

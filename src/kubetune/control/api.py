@@ -163,6 +163,9 @@ async def create_job(req: JobRequest, state: ControlState = Depends(control_stat
                      owner: str = Depends(caller)) -> JSONResponse:
     train = _own_file(state, owner, req.training_file, "training_file")
     valid = _own_file(state, owner, req.validation_file, "validation_file") if req.validation_file else None
+    for row, param in ((train, "training_file"), (valid, "validation_file")):
+        if row is not None and row["purpose"] not in PURPOSES:
+            raise ApiError(400, f"{row['id']} is a {row['purpose']} file; train on a fine-tune file", param=param)
     if req.suffix is not None and not all(c.isalnum() or c in "-_." for c in req.suffix):
         raise ApiError(400, "suffix: letters, digits, '-', '_' and '.' only", param="suffix")
     async with _owner_lock(owner):  # the count and the new job together: parallel requests cannot both fit
@@ -231,7 +234,8 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = 20,
         rows = state.store.jobs(owner, after, _limit(limit) + 1)
         page = _page([job_object(r) for r in rows], limit)
     else:
-        page = _after([job_object(r) for r in state.store.jobs_with_metadata(owner, wanted)], after, _limit(limit))
+        found = await asyncio.to_thread(state.store.jobs_with_metadata, owner, wanted)
+        page = _after([job_object(r) for r in found], after, _limit(limit))
     return JSONResponse({k: page[k] for k in ("object", "data", "has_more")})
 
 
@@ -298,13 +302,16 @@ async def resume_job(job_id: str, state: ControlState = Depends(control_state),
     if job["status"] != "paused":
         raise ApiError(400, f"the job is {job['status']}; only a paused job can be resumed",
                        param="fine_tuning_job_id", code="job_not_paused")
+    if job["worker"] is not None and job["backend"] == "local":
+        raise ApiError(409, "the job is still stopping at its checkpoint; resume it once its 'Training paused' "
+                            "event is there", param="fine_tuning_job_id", code="job_still_stopping")
     budgets = state.settings.policy_for(state.store, owner)[1]
     async with _owner_lock(owner):
         waiting = state.store.count_jobs(owner, ["validating_files", "queued"])
         if waiting >= budgets.max_queued_jobs:
             raise ApiError(429, f"you have {waiting} jobs validating or queued, this server's limit per key; wait for "
                                 "them or cancel some", "rate_limit_error", None, "too_many_jobs")
-        if state.store.update_job(job_id, expect=["paused"], status="queued", worker=None, retry_at=None):
+        if state.store.update_job(job_id, expect=["paused"], status="queued", worker=None):
             state.store.add_event(job_id, "Job resumed: queued to continue from its last checkpoint")
     return JSONResponse(job_object(_own_job(state, owner, job_id)))
 
@@ -359,18 +366,37 @@ async def retrieve_model(model: str, state: ControlState = Depends(control_state
     return JSONResponse(_model_object(_own_model(state, owner, model)))
 
 
+def _started_from(state: ControlState, owner: str, parent: dict[str, Any]) -> str | None:
+    """A job that needs this model's run: one not ended that starts from it, or (the parent a full
+    fine-tune, whose weights are the child's base) a child whose model still exists."""
+    from kubetune.spec.load import load_spec_text
+
+    name = parent["fine_tuned_model"]
+    full = load_spec_text(parent["spec"], f"job {parent['id']}").method.type == "full"
+    for j in state.store.jobs_of(owner):
+        if j["model"] != name and not j["model"].startswith(name + ":"):
+            continue
+        if j["status"] in (*ACTIVE, "paused"):
+            return f"job {j['id']}, which has not ended"
+        if full and j["status"] == "succeeded" and j.get("model_deleted_at") is None:
+            return f"the model {j['fine_tuned_model']}, trained on its weights"
+    return None
+
+
 @router.delete("/v1/models/{model:path}")
 async def delete_model(model: str, state: ControlState = Depends(control_state),
                        owner: str = Depends(caller)) -> JSONResponse:
     """The model stops being served at once; its run (adapter, checkpoints, events) is removed; the
     job stays, as OpenAI's does, naming a model that no longer exists."""
-    job = _own_model(state, owner, model)
-    in_use = [j["id"] for j in state.store.jobs_of(owner, [*ACTIVE, "paused"]) if j["model"] == model or j["model"].startswith(model + ":")]
-    if in_use:
-        raise ApiError(400, f"the model `{model}` is the start of job {in_use[0]}, which has not ended; cancel it "
-                            "or wait for it", param="model", code="model_in_use")
-    if not state.store.update_job(job["id"], expect=["succeeded"], model_deleted_at=int(time.time())):
-        raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+    async with _owner_lock(owner):  # a job created meanwhile cannot start from what is being removed
+        job = _own_model(state, owner, model)
+        in_use = _started_from(state, owner, job)
+        if in_use:
+            raise ApiError(400, f"the model `{model}` is the start of {in_use}; delete or cancel that first",
+                           param="model", code="model_in_use")
+        if not state.store.update_job(job["id"], expect=["succeeded"], model_deleted_at=int(time.time())):
+            raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model",
+                           "model_not_found")
     await asyncio.to_thread(state.models.forget, model)
     try:
         await asyncio.to_thread(remove_run, job["run_uri"])

@@ -87,6 +87,9 @@ class KubernetesWorker(LocalWorker):
 
     def _sync(self, job: dict[str, Any], cluster_job: Any) -> None:
         if cluster_job is None:
+            now = self.store.job(None, job["id"])
+            if now is None or (now["status"], now["worker"]) != (job["status"], job["worker"]):
+                return  # paused, resumed or cancelled since this tick read it: its Job went for that
             self._fail(job, {"code": "job_deleted", "message": f"the Kubernetes Job {job['id']} was deleted outside "
                              "kubetune", "param": None}, expect=["queued", "running"])
             return
@@ -130,6 +133,7 @@ class KubernetesWorker(LocalWorker):
         """The Job is deleted as for cancel (the pods checkpoint to storage on SIGTERM and free their
         nodes); resume submits it again, and the new pod resumes from that checkpoint."""
         self.cancelled(job)
+        self.store.update_job(job["id"], expect=["paused"], worker=None)  # resume may queue it again
 
     def cancelled(self, job: dict[str, Any]) -> None:
         """Delete the Job (its pods get SIGTERM: the trainer checkpoints to storage on its way out)."""

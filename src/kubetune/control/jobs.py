@@ -208,7 +208,8 @@ def _tracking(req: JobRequest, policy: JobPolicy, raw: dict[str, Any]) -> dict[s
             raise Refused(f"integrations.{k}.wandb.entity", "the W&B account is the operator's", "leave entity out")
         report = list(raw.get("tracking", {}).get("report_to", []))
         out["tracking.report_to"] = [*report, "wandb"] if "wandb" not in report else report
-        out["tracking.wandb_project"] = wandb.project
+        if not raw.get("tracking", {}).get("wandb_project"):  # an operator's project wins
+            out["tracking.wandb_project"] = wandb.project
         out["tracking.run_name"] = wandb.name
         out["tracking.tags"] = list(wandb.tags or [])
     return out

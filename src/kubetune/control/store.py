@@ -85,6 +85,7 @@ events = sa.Table(
     sa.Column("message", sa.Text, nullable=False),
 )
 
+METADATA_SCAN = 10_000  # jobs a metadata filter looks through (a key's newest)
 JSON_FIELDS = ("method", "settings", "metadata", "error", "result_files", "integrations")
 
 
@@ -216,8 +217,10 @@ class Store:
 
     def jobs_with_metadata(self, owner: str, wanted: dict[str, str] | None) -> list[dict[str, Any]]:
         """The owner's jobs, newest first, whose metadata holds every key: value of `wanted` (None: the
-        jobs without metadata). Filtered here, not in SQL: metadata is JSON text in either database."""
-        rows = [_loaded(r) for r in self._page(jobs, owner, None, 1 << 62, True, [])]
+        jobs without metadata), among its newest METADATA_SCAN jobs. Filtered here, not in SQL:
+        metadata is JSON text in either database."""
+        rows = [_loaded(r) for r in self._page(jobs, owner, None, METADATA_SCAN, True, [jobs.c.metadata.is_not(None)]
+                                               if wanted is not None else [])]
         if wanted is None:
             return [r for r in rows if not r.get("metadata")]
         return [r for r in rows if all((r.get("metadata") or {}).get(k) == v for k, v in wanted.items())]

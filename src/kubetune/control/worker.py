@@ -40,6 +40,8 @@ __all__ = ["LocalWorker"]
 
 MAX_ATTEMPTS = 3
 STOP_GRACE_S = 60.0
+SWEEP_EVERY_S = 60.0
+SWEEP_BATCH = 50
 
 
 @dataclass
@@ -62,6 +64,7 @@ class LocalWorker:
     _procs: dict[str, _Proc] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _next_sweep: float = 0.0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="kubetune-worker", daemon=True)
@@ -108,7 +111,9 @@ class LocalWorker:
     def tick(self) -> None:
         self._reap()
         self._stop_cancelled()
-        self.remove_expired(time.time())
+        if time.monotonic() >= self._next_sweep:  # a minute apart, a batch at a time: never a long tick
+            self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+            self.remove_expired(time.time())
         for job in self.store.jobs_in(["validating_files"], self.backend):
             if job["id"] in self._procs or not _due(job):
                 continue
@@ -125,7 +130,7 @@ class LocalWorker:
     def remove_expired(self, now: float) -> list[str]:
         """Files past their expires_at (and read by no active job): their content and record removed."""
         gone = []
-        for row in self.store.expired_files(now):
+        for row in self.store.expired_files(now)[:SWEEP_BATCH]:
             try:
                 remove_upload(row["uri"])
             except (KubetuneError, OSError) as exc:  # storage away: the next tick tries again
@@ -149,6 +154,9 @@ class LocalWorker:
             if self._mine(job) and job["id"] not in self._procs:
                 self.store.add_event(job["id"], "Resuming after a server restart")
                 self._spawn(job, "train")
+        for job in self.store.jobs_in(["paused"], self.backend):
+            if self._mine(job) and job["id"] not in self._procs:  # paused, and its process died with a server
+                self.store.update_job(job["id"], expect=["paused"], worker=None)
         running = Counter(j["owner"] for j in self.store.jobs_in(["running"], self.backend))
         # A key's jobs start in the order it created them: one still validating holds back its later ones
         # (validations run side by side, and the newer may finish first).
@@ -235,7 +243,8 @@ class LocalWorker:
             self.store.add_event(job["id"], "Training stopped; the last complete checkpoint is kept")
             return
         if job["status"] == "paused" and code != 0:
-            self.store.update_job(job["id"], trained_tokens=tokens)
+            # its process is gone: the job holds no worker now, and resume may queue it
+            self.store.update_job(job["id"], expect=["paused"], trained_tokens=tokens, worker=None)
             steps = [e.step for e in events if isinstance(e, (CheckpointEvent, CheckpointStoredEvent))]
             at = f" at step {max(steps)}" if steps else ""
             self.store.add_event(job["id"], f"Training paused{at}: the checkpoint is kept and resume continues from it")
