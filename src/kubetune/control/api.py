@@ -283,7 +283,7 @@ async def cancel_job(job_id: str, state: ControlState = Depends(control_state),
 async def pause_job(job_id: str, state: ControlState = Depends(control_state),
                     owner: str = Depends(caller)) -> JSONResponse:
     """A running job stops at a checkpoint and gives its resources back; a queued one waits unstarted.
-    Both keep their place in nothing: resume queues them again."""
+    Neither keeps its place in the queue: resume queues it again at the end."""
     job = _own_job(state, owner, job_id)
     if job["status"] not in ("queued", "running"):
         raise ApiError(400, f"the job is {job['status']}; only a queued or running job can be paused",
