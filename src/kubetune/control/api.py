@@ -175,10 +175,7 @@ async def create_job(req: JobRequest, state: ControlState = Depends(control_stat
 async def _create_job(req: JobRequest, state: ControlState, owner: str, train: dict[str, Any],
                       valid: dict[str, Any] | None) -> JSONResponse:
     policy, budgets = state.settings.policy_for(state.store, owner)
-    waiting = state.store.count_jobs(owner, ["validating_files", "queued"])
-    if waiting >= budgets.max_queued_jobs:
-        raise ApiError(429, f"you have {waiting} jobs validating or queued, this server's limit per key; wait for "
-                            "them or cancel some", "rate_limit_error", None, "too_many_jobs")
+    _check_queue_room(state, owner, budgets.max_queued_jobs)
     job_id = new_job_id()
     run_uri = f"{state.settings.storage.rstrip('/')}/runs/{job_id}"
     try:
@@ -204,6 +201,14 @@ async def _create_job(req: JobRequest, state: ControlState, owner: str, train: d
     state.store.add_event(job_id, f"Validating training file: {train['id']}"
                                   + (f" and validation file: {valid['id']}" if valid else ""))
     return JSONResponse(_with_progress(row))
+
+
+def _check_queue_room(state: ControlState, owner: str, limit: int) -> None:
+    """429 when the key already has its budget of jobs validating or queued (call under its lock)."""
+    waiting = state.store.count_jobs(owner, ["validating_files", "queued"])
+    if waiting >= limit:
+        raise ApiError(429, f"you have {waiting} jobs validating or queued, this server's limit per key; wait for "
+                            "them or cancel some", "rate_limit_error", None, "too_many_jobs")
 
 
 def _with_progress(job: dict[str, Any]) -> dict[str, Any]:
@@ -307,10 +312,7 @@ async def resume_job(job_id: str, state: ControlState = Depends(control_state),
                             "event is there", param="fine_tuning_job_id", code="job_still_stopping")
     budgets = state.settings.policy_for(state.store, owner)[1]
     async with _owner_lock(owner):
-        waiting = state.store.count_jobs(owner, ["validating_files", "queued"])
-        if waiting >= budgets.max_queued_jobs:
-            raise ApiError(429, f"you have {waiting} jobs validating or queued, this server's limit per key; wait for "
-                                "them or cancel some", "rate_limit_error", None, "too_many_jobs")
+        _check_queue_room(state, owner, budgets.max_queued_jobs)
         if state.store.update_job(job_id, expect=["paused"], status="queued", worker=None):
             state.store.add_event(job_id, "Job resumed: queued to continue from its last checkpoint")
     return JSONResponse(job_object(_own_job(state, owner, job_id)))
