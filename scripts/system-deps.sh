@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Programs the test suite starts besides Python packages: PostgreSQL (the control plane's shared
-# store, tests/integration/test_control.py) and Chromium (the dashboard, test_dashboard.py), from
-# Debian's packages. Nothing is installed when both are already there.
+# store, tests/integration/test_control.py) and Chromium (the dashboard, test_dashboard.py), and the
+# library python graders' sandbox loads (libseccomp), from Debian's packages. Nothing is installed
+# when all are already there.
 set -euo pipefail
 need=()
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
@@ -9,6 +10,9 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
 fi
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   need+=(chromium)
+fi
+if ! ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; then
+  need+=(libseccomp2)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then

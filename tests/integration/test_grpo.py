@@ -1,5 +1,5 @@
-"""method.objective: grpo — from an SFT run's adapter, rewards from built-ins and an import path,
-generation with transformers on CPU; the policy's mean reward on held-out prompts rises above the
+"""method.objective: grpo — from an SFT run's adapter, rewards from built-ins, OpenAI graders (a
+sandboxed python grader in a multi grader) and an import path, generation with transformers on CPU; the policy's mean reward on held-out prompts rises above the
 SFT starting point; SIGKILL and resume; bad prompts and reward paths are exit 2."""
 
 from __future__ import annotations
@@ -15,7 +15,17 @@ from tests.conftest import ROOT, assert_resumes, kill_after_first_checkpoint, ru
 
 pytestmark = pytest.mark.integration
 
-REWARDS = [{"function": "exact_match", "column": "answer", "pattern": r"is (\d+)\."},
+# The right sum, checked by a python grader (sandboxed) and a string check: OpenAI's graders as a reward
+SUM = ("import re\n"
+       "def grade(sample, item):\n"
+       "    found = re.search(r'is (\\d+)\\.', sample['output_text'])\n"
+       "    return float(bool(found) and found.group(1) == item['answer'])\n")
+GRADER = {"type": "multi", "name": "arithmetic", "calculate_output": "0.5 * right + 0.5 * shape",
+          "graders": {"right": {"type": "python", "name": "right", "source": SUM},
+                      "shape": {"type": "string_check", "name": "shape", "input": "{{sample.output_text}}",
+                                "reference": " plus ", "operation": "like"}}}
+EXACT = {"function": "exact_match", "column": "answer", "pattern": r"is (\d+)\."}
+REWARDS = [EXACT, {"function": "grader", "grader": GRADER, "weight": 0.5},
            {"function": "regex", "pattern": r"\d+ plus \d+ is \d+\.", "weight": 0.5},
            {"function": "tests.rewards:ends_with_period", "weight": 0.1}]
 
@@ -66,10 +76,14 @@ def test_grpo_raises_the_held_out_reward_above_the_sft_start(write_spec, tmp_pat
     start = next(m for m in evals if "reward_start" in m)
     tuned = next(m for m in reversed(evals) if "reward" in m)
     assert tuned["reward"] >= start["reward_start"] + 0.15, (start, tuned)
-    for name in ("exact_match_answer", "regex", "ends_with_period"):  # per function, start and tuned
+    for name in ("exact_match_answer", "grader_arithmetic", "regex", "ends_with_period"):  # per function
         assert f"reward/{name}_start" in start and f"reward/{name}" in tuned
+    # the graders' own held-out scores rise too: the python grader agrees with exact_match
+    assert tuned["grader/right/mean"] == pytest.approx(tuned["reward/exact_match_answer"])
+    assert tuned["reward/grader_arithmetic"] >= start["reward/grader_arithmetic_start"] + 0.1, (start, tuned)
     steps = [e for e in events if e.event == "step"]
     assert steps[-1].step == 60 and "rewards/regex/mean" in steps[-1].metrics and steps[-1].tokens_per_s
+    assert "grader/right/mean" in steps[-1].metrics and steps[-1].metrics["grader/python_error_mean"] == 0.0
     assert "| reward |" in (run / "eval" / "report.md").read_text()
     assert "eval at step 0: reward_start" in res.stdout
 
@@ -86,7 +100,7 @@ def test_grpo_inputs_are_checked(write_spec, tmp_path: Path, cli) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "What is 1 plus 1?", "answer": "2"}) + "\n"
                        + json.dumps({"prompt": "What is 2 plus 2?"}) + "\n")
-    grpo = {"type": "lora", "objective": "grpo", "grpo": {"rewards": REWARDS[:1]}}
+    grpo = {"type": "lora", "objective": "grpo", "grpo": {"rewards": [EXACT]}}
     code, _, err = cli("validate", str(write_spec(name="g1", method=grpo, data={"train": str(prompts), "eval": None})))
     assert code == 2 and f"{prompts}:2" in err and "missing column 'answer'" in err and f"{prompts}:1" not in err
     bad = {**grpo, "grpo": {"rewards": [{"function": "tests.nowhere:reward"}]}}

@@ -1,6 +1,7 @@
 """OpenAI's fine-tuning API as a program written for it uses it, through the official client: metadata
 filters, result files (the step-metrics CSV), checkpoint and event metrics, pause/resume, file
-expiry, and deleting a model (it stops being served and its run is removed)."""
+expiry, deleting a model (it stops being served and its run is removed), graders, and reinforcement
+jobs graded by sandboxed python graders."""
 
 from __future__ import annotations
 
@@ -155,12 +156,12 @@ def test_pause_stops_at_a_checkpoint_and_resume_continues_from_it(server: Contro
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
 
 
-def test_wandb_integration_reports_to_the_operators_wandb_under_the_tenants_project(
+def test_wandb_integration_reports_to_the_operators_wandb_under_the_tenants_project_and_python_graders_off(
         tmp_path: Path, tiny_model: Path) -> None:
     from tests.integration.test_trackers import wandb_records
 
     config = tmp_path / "server.yaml"
-    config.write_text(f"models: {{root: {tiny_model.parent}}}\nintegrations: [wandb]\n")
+    config.write_text(f"models: {{root: {tiny_model.parent}}}\nintegrations: [wandb]\ngraders: {{python: false}}\n")
     server = Control(tmp_path / "home", "--config", str(config),
                      env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}).start()
     try:
@@ -173,6 +174,14 @@ def test_wandb_integration_reports_to_the_operators_wandb_under_the_tenants_proj
                 client.fine_tuning.jobs.create(model=MODEL, training_file=train.id,
                                                integrations=[{"type": "wandb", "wandb": bad}])
             assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+        # this operator runs no tenant code: python graders are refused, for jobs and for /graders alike
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.fine_tuning.jobs.create(model=MODEL, training_file=train.id,
+                                           method=_reinforcement(GRADER))  # type: ignore[arg-type]
+        assert refused.value.body["param"] == "method.reinforcement.grader.graders.right.type"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.fine_tuning.alpha.graders.validate(grader=GRADER["graders"]["right"])  # type: ignore[arg-type,index]
+        assert refused.value.body["param"] == "grader.type"  # type: ignore[index]
         job = client.fine_tuning.jobs.create(model=MODEL, training_file=train.id, extra_body=_settings(6),
                                              integrations=[{"type": "wandb", "wandb": wandb}])
         assert job.integrations[0].type == "wandb" and job.integrations[0].wandb.project == "support-bot"
@@ -214,11 +223,105 @@ def test_graders_run_and_validate_through_the_official_client(server: Control) -
     assert ran.reward == pytest.approx(1 / 3)
     missing = client.fine_tuning.alpha.graders.run(grader=check, model_sample="12", item={})
     assert missing.reward == 0.0 and missing.metadata.errors.invalid_variable_error
+    summed = client.fine_tuning.alpha.graders.run(grader=GRADER["graders"]["right"],  # type: ignore[arg-type,index]
+                                                  model_sample="It is 12.", item={"answer": "12"})
+    assert summed.reward == 1.0 and not summed.metadata.errors.python_grader_runtime_error
+    snoop = {"type": "python", "name": "snoop", "source": "import os\ndef grade(sample, item):\n"
+                                                          "    return len(os.listdir('/'))\n"}
+    snooped = client.fine_tuning.alpha.graders.run(grader=snoop, model_sample="1")  # type: ignore[arg-type]
+    assert snooped.reward == 0.0 and snooped.metadata.errors.python_grader_runtime_error
+    assert "Operation not permitted" in snooped.metadata.errors.python_grader_runtime_error_details
     for bad, param in (({**multi, "calculate_output": "__import__('os')"}, "grader.calculate_output"),
-                       ({"type": "python", "name": "p", "source": "import socket"}, "grader.type")):
+                       ({"type": "python", "name": "p", "source": "import socket"}, "grader.source")):
         with pytest.raises(openai.BadRequestError) as refused:
             client.fine_tuning.alpha.graders.validate(grader=bad)  # type: ignore[arg-type]
         assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.alpha.graders.run(grader={**check, "operation": "regex"},  # type: ignore[arg-type]
                                              model_sample="1")
+
+
+# method: reinforcement — a verifiable task (sums), graded by a sandboxed python grader and a string check
+
+SUM_GRADER = ("import re\n"
+              "def grade(sample, item):\n"
+              "    found = re.search(r'(\\d+)', sample['output_text'])\n"
+              "    return float(bool(found) and found.group(1) == item['answer'])\n")
+GRADER = {"type": "multi", "name": "arithmetic", "calculate_output": "0.8 * right + 0.2 * said",
+          "graders": {"right": {"type": "python", "name": "right", "source": SUM_GRADER},
+                      "said": {"type": "string_check", "name": "said", "input": "{{sample.output_text}}",
+                               "reference": "{{item.answer}}", "operation": "like"}}}
+
+
+def _sums(path: Path, n: int, seed: int) -> Path:
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for _ in range(n):
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            fh.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                                 "answer": str(a + b)}) + "\n")
+    return path
+
+
+def _reinforcement(grader: dict[str, object], **hp: object) -> dict[str, object]:
+    return {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hp}}
+
+
+RL_FAST = {"kubetune": {"train": {"max_steps": 4, "logging_steps": 1, "save_every_steps": 2, "learning_rate": 1e-3},
+                        "data": {"max_length": 64}, "method": {"grpo": {"max_new_tokens": 6}}}}
+
+
+def test_reinforcement_job_grades_with_python_and_string_check_graders(
+        server: Control, tiny_model: Path, tmp_path: Path) -> None:
+    client = server.client("unused")
+    train = client.files.create(file=_sums(tmp_path / "train.jsonl", 24, 1).open("rb"), purpose="fine-tune")
+    valid = client.files.create(file=_sums(tmp_path / "valid.jsonl", 6, 2).open("rb"), purpose="fine-tune")
+    method = _reinforcement(GRADER, batch_size=2, compute_multiplier=0.5, eval_interval=2, eval_samples=2)
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=train.id, validation_file=valid.id,
+                                         method=method, extra_body=RL_FAST)  # type: ignore[arg-type]
+    assert job.method.type == "reinforcement" and job.method.reinforcement.grader.type == "multi"
+    hp = job.method.reinforcement.hyperparameters
+    assert (hp.batch_size, hp.compute_multiplier, hp.eval_interval, hp.eval_samples) == (2, 0.5, 2, 2)
+    done = wait_for("the job", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
+                    in ("succeeded", "failed") and j, 300)
+    assert done.status == "succeeded", done.error
+
+    events = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+    train_steps = [e.data for e in events if "train_reward_mean" in (e.data or {})]
+    assert sorted(d["step"] for d in train_steps) == [1, 2, 3, 4]
+    assert {g["name"] for g in train_steps[0]["scores"]["graders"]} >= {"right", "said"}
+    held = sorted((e.data["step"], e.data["before_training"], e.data["valid_reward_mean"]) for e in events
+                  if "valid_reward_mean" in (e.data or {}))
+    assert [(s, b) for s, b, _ in held] == [(0, True), (2, False), (4, False)], held  # before, every 2, after
+    assert all(0.0 <= r <= 1.0 for _, _, r in held)
+    assert any("full validation mean reward=" in e.message for e in events)
+    (last, *_) = client.fine_tuning.jobs.checkpoints.list(job.id)
+    metrics = last.metrics.to_dict()
+    assert last.step_number == 4 and metrics["valid_reward_mean"] == held[-1][2]
+    assert 0.0 <= metrics["train_reward_mean"] <= 1.0
+
+
+def test_a_python_grader_that_reaches_out_fails_the_job_cleanly(
+        server: Control, tiny_model: Path, tmp_path: Path) -> None:
+    client = server.client("unused")
+    train = client.files.create(file=_sums(tmp_path / "train.jsonl", 8, 1).open("rb"), purpose="fine-tune")
+    reads_at_load = {"type": "python", "name": "snoop", "source": "SECRET = open('/etc/hostname').read()\n"
+                                                                 "def grade(sample, item):\n    return 1.0\n"}
+    reads_when_grading = {"type": "python", "name": "snoop",
+                          "source": "import os\ndef grade(sample, item):\n"
+                                    "    return float(len(os.listdir('/')))\n"}
+    jobs = [client.fine_tuning.jobs.create(model=MODEL, training_file=train.id, method=_reinforcement(g),
+                                           extra_body=RL_FAST)  # type: ignore[arg-type]
+            for g in (reads_at_load, reads_when_grading)]
+    ended = [wait_for("the job to fail", lambda j=j: (r := client.fine_tuning.jobs.retrieve(j.id)).status
+                      in ("failed", "succeeded") and r, 300) for j in jobs]
+    assert [j.status for j in ended] == ["failed", "failed"]
+    # at validation, nothing trained (the server names no path of its own: /etc/hostname reads as hostname)
+    assert "Operation not permitted: 'hostname'" in ended[0].error.message
+    assert "method.grpo.rewards.0.grader.source" in ended[0].error.message
+    assert "the grader failed on every answer" in ended[1].error.message, ended[1].error
+    assert "Operation not permitted" in ended[1].error.message and "Traceback" not in ended[1].error.message
+    assert not list(client.fine_tuning.jobs.checkpoints.list(jobs[1].id))

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import QUICKSTART_DATA, TINY, kubetune_cmd, quiet_env
+from tests.conftest import QUICKSTART_DATA, kubetune_cmd, quiet_env
 from tests.integration.test_control import FAST, Control, wait_for
 from tests.servers import free_port
 

@@ -94,3 +94,66 @@ def test_a_failed_process_is_reported_in_the_callers_file_names() -> None:
     assert said.startswith("2 problem(s) in the data:") and "loading" not in said
     assert "  mine.jsonl:3: no assistant turn" in said and "  mine.jsonl:4: bad role" in said
     assert "s3://" not in said and ".cache" not in said
+
+
+CHECK = {"type": "string_check", "name": "right", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+         "operation": "eq"}
+PYTHON = {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"}
+
+
+def _rl(grader: dict, **hp: object) -> dict:
+    return {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hp}}
+
+
+def test_reinforcement_is_grpo_rewarded_by_the_grader(tmp_path: Path) -> None:
+    from kubetune.control.jobs import JobPolicy
+    from kubetune.control.policy import GradersPolicy
+
+    spec = spec_of(tmp_path, method=_rl(CHECK, batch_size=3, compute_multiplier=2, eval_interval=5, eval_samples=2,
+                                        n_epochs=2))
+    g = spec.method.grpo
+    assert spec.method.objective == "grpo" and spec.data.columns.prompt == "messages"
+    assert (g.num_generations, spec.train.total_batch_size, g.eval_every_steps, g.eval_generations) == (8, 24, 5, 2)
+    assert g.rewards[0].function == "grader" and g.rewards[0].grader["reference"] == "{{item.answer}}"
+    assert resolved_hyperparameters(spec) | {} == {
+        "n_epochs": 2, "batch_size": 3, "learning_rate_multiplier": 1.0, "eval_interval": 5, "eval_samples": 2,
+        "compute_multiplier": 2.0, "reasoning_effort": "default"}
+    auto = spec_of(tmp_path, method=_rl(PYTHON))
+    assert (auto.method.grpo.num_generations, auto.train.total_batch_size, auto.method.grpo.sandbox.seconds) == (4, 16, 5)
+    policy = JobPolicy(graders=GradersPolicy(python_seconds=2, python_memory_mb=512))
+    req = JobRequest(model="tiny", training_file="file-1", method=_rl(PYTHON))
+    limited = build_spec("ftjob-0123456789abcdef01234567", req, Start(str(tmp_path)), "s3://b/t.jsonl", None,
+                         "s3://b/runs/x", policy, rows=100)
+    assert (limited.method.grpo.sandbox.seconds, limited.method.grpo.sandbox.memory_mb) == (2, 512)
+
+
+@pytest.mark.parametrize(("method", "param"), [
+    (_rl({**CHECK, "operation": "regex"}), "method.reinforcement.grader.operation"),
+    (_rl({"type": "multi", "name": "m", "calculate_output": "a + os", "graders": {"a": CHECK}}),
+     "method.reinforcement.grader.calculate_output"),
+    (_rl({"type": "score_model", "name": "judge", "model": "gpt-4o", "input": []}), "method.reinforcement.grader.type"),
+    (_rl({**CHECK, "type": "text_similarity", "evaluation_metric": "cosine", "operation": None}),
+     "method.reinforcement.grader.operation"),
+    ({"type": "reinforcement", "reinforcement": {"grader": CHECK, "response_format": {"type": "json_schema"}}},
+     "method.reinforcement.response_format"),
+    (_rl(CHECK, compute_multiplier=100), "method.reinforcement.hyperparameters.compute_multiplier"),
+    (_rl(CHECK, eval_samples=64), "method.reinforcement.hyperparameters.eval_samples"),
+    ({"type": "reinforcement"}, "method.reinforcement.grader"),
+])
+def test_reinforcement_requests_that_cannot_run_name_their_field(tmp_path: Path, method: dict, param: str) -> None:
+    with pytest.raises(Refused) as refused:
+        spec_of(tmp_path, method=method)
+    assert refused.value.param == param, refused.value
+
+
+def test_python_graders_are_refused_where_the_operator_turned_them_off(tmp_path: Path) -> None:
+    from kubetune.control.jobs import JobPolicy
+    from kubetune.control.policy import GradersPolicy
+
+    req = JobRequest(model="tiny", training_file="file-1",
+                     method=_rl({"type": "multi", "name": "m", "calculate_output": "p", "graders": {"p": PYTHON}}))
+    with pytest.raises(Refused) as refused:
+        build_spec("ftjob-0123456789abcdef01234567", req, Start(str(tmp_path)), "s3://b/t.jsonl", None,
+                   "s3://b/runs/x", JobPolicy(graders=GradersPolicy(python=False)), rows=100)
+    assert refused.value.param == "method.reinforcement.grader.graders.p.type"
+    assert "graders.python" in str(refused.value.hint)

@@ -109,7 +109,6 @@ class TrackerRuns:
             run = mlflow.start_run(run_id=self.ids.get("mlflow_run_id"), run_name=self.spec.name)
             self.ids["mlflow_run_id"] = run.info.run_id
         if "wandb" in self.names:
-            import wandb
 
             self.ids.setdefault("wandb_run_id", uuid.uuid4().hex[:12])
             self._wandb_init()

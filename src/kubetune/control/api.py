@@ -188,7 +188,7 @@ async def _create_job(req: JobRequest, state: ControlState, owner: str, train: d
     except UsageError as exc:
         raise _usage_error(exc, "kubetune") from None
     method = req.resolved_method().model_dump(exclude_none=True)
-    method[method["type"]] = {"hyperparameters": resolved_hyperparameters(spec)}
+    method[method["type"]] = {**method.get(method["type"], {}), "hyperparameters": resolved_hyperparameters(spec)}
     row = state.store.add_job(
         id=job_id, owner=owner, model=req.model, training_file=train["id"], training_uri=train["uri"],
         validation_file=valid["id"] if valid else None, validation_uri=valid["uri"] if valid else None,
@@ -470,27 +470,61 @@ class GraderValidate(BaseModel):
     grader: Grader
 
 
-def _checked(grader: Any) -> None:
+def _sandbox(state: ControlState) -> Any:
+    """The limits python graders run under here, or None where the operator disabled them."""
+    from kubetune.graders.sandbox import SandboxLimits
+
+    g = state.settings.config.graders
+    return SandboxLimits(seconds=g.python_seconds, memory_mb=g.python_memory_mb) if g.python else None
+
+
+async def _checked(grader: Any, state: ControlState) -> Any:
+    """The grader checked as a job would check it; a python grader is loaded in the sandbox."""
+    from kubetune.graders import IN_PROCESS, python_graders
+    from kubetune.graders.sandbox import check_python, sandbox_problem
+
+    sandbox = _sandbox(state)
     try:
-        check_grader(grader)
+        check_grader(grader, IN_PROCESS | ({"python"} if sandbox else set()))
     except GraderError as exc:
         raise ApiError(400, f"{exc.param}: {exc.message}", param=exc.param, code="invalid_grader") from None
+    sources = python_graders(grader)
+    if sources:
+        problem = await asyncio.to_thread(sandbox_problem)
+        if problem:
+            raise ApiError(400, f"grader: python graders cannot run on this server: {problem}", param="grader",
+                           code="invalid_grader")
+        for key, sub in sources.items():
+            failed = await asyncio.to_thread(check_python, sub.source, sandbox)
+            if failed:
+                where = "grader.source" if grader.type == "python" else f"grader.graders.{key}.source"
+                raise ApiError(400, f"{where}: the grader does not load: {failed}", param=where,
+                               code="invalid_grader")
+    return sandbox
+
+
+def _busy() -> None:
+    if _GRADING.locked():  # graders are CPU work (threads, sandbox processes): a flood must not starve the API
+        raise ApiError(429, "graders are busy; try again in a moment", "rate_limit_error", None, "graders_busy",
+                       headers={"Retry-After": "1"})
 
 
 @router.post("/v1/fine_tuning/alpha/graders/validate")
-async def validate_grader(req: GraderValidate, owner: str = Depends(caller)) -> JSONResponse:
-    _checked(req.grader)
+async def validate_grader(req: GraderValidate, state: ControlState = Depends(control_state),
+                          owner: str = Depends(caller)) -> JSONResponse:
+    _busy()
+    async with _GRADING:
+        await _checked(req.grader, state)
     return JSONResponse({"grader": req.grader.model_dump(exclude_none=True)})
 
 
 @router.post("/v1/fine_tuning/alpha/graders/run")
-async def run_grader(req: GraderRun, owner: str = Depends(caller)) -> JSONResponse:
-    _checked(req.grader)
-    if _GRADING.locked():  # graders are CPU work in the shared thread pool: a flood must not starve the API
-        raise ApiError(429, "graders are busy; try again in a moment", "rate_limit_error", None, "graders_busy",
-                       headers={"Retry-After": "1"})
+async def run_grader(req: GraderRun, state: ControlState = Depends(control_state),
+                     owner: str = Depends(caller)) -> JSONResponse:
+    _busy()
     async with _GRADING:
-        graded = await asyncio.to_thread(grade, req.grader, req.model_sample, req.item)
+        sandbox = await _checked(req.grader, state)
+        graded = await asyncio.to_thread(grade, req.grader, req.model_sample, req.item, sandbox)
     multi = req.grader.type == "multi"
     return JSONResponse({
         "reward": graded.reward, "sub_rewards": graded.scores if multi else {},

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubetune.control.policy import Limits, Refused, check_limits, check_tenant_settings, flat
+from kubetune.control.policy import GradersPolicy, Limits, Refused, check_limits, check_tenant_settings, flat
 from kubetune.control.redact import redact
 from kubetune.errors import SpecError, UsageError
 from kubetune.spec.load import apply_override, validate_spec
@@ -26,6 +26,7 @@ from kubetune.storage.store import uri_basename
 __all__ = ["JobPolicy", "JobRequest", "Start", "build_spec", "job_object", "model_name", "new_job_id"]
 
 ACTIVE = ("validating_files", "queued", "running")
+GROUP = 4  # answers per prompt at compute_multiplier 1.0
 Auto = Union[Literal["auto"], float, int]
 BASE_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}  # learning_rate_multiplier 1.0 is this
 
@@ -43,11 +44,30 @@ class MethodBody(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class ReinforcementHyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: Auto = "auto"
+    batch_size: Auto = "auto"                  # prompts per step (each answered num_generations times)
+    learning_rate_multiplier: Auto = "auto"
+    eval_interval: Auto = "auto"               # steps between held-out scorings (auto: before and after only)
+    eval_samples: Auto = "auto"                # answers per held-out prompt (auto: as in training)
+    compute_multiplier: Auto = "auto"          # x the answers sampled per prompt (1.0: GROUP answers)
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+
+
+class ReinforcementBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grader: dict[str, Any]
+    hyperparameters: ReinforcementHyperparameters = Field(default_factory=ReinforcementHyperparameters)
+    response_format: dict[str, Any] | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "dpo"] = "supervised"
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
     supervised: MethodBody | None = None
     dpo: MethodBody | None = None
+    reinforcement: ReinforcementBody | None = None
 
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a W&B project: no path, no URL
@@ -88,6 +108,9 @@ class JobRequest(BaseModel):
 
     def resolved_method(self) -> Method:
         method = self.method or Method(type="supervised")
+        if method.type == "reinforcement" and method.reinforcement is None:
+            raise Refused("method.reinforcement.grader", "a reinforcement job needs a grader",
+                          "give method.reinforcement.grader (string_check, text_similarity, python or multi)")
         body = getattr(method, method.type) or MethodBody()
         if self.hyperparameters is not None:
             if method.type != "supervised":
@@ -127,6 +150,7 @@ class JobPolicy:
     limits: Limits = field(default_factory=Limits)
     rewards: dict[str, str] = field(default_factory=dict)
     integrations: tuple[str, ...] = ()   # trackers the operator lets tenants report to
+    graders: GradersPolicy = field(default_factory=GradersPolicy)
 
 
 def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid_uri: str | None, run_uri: str,
@@ -137,8 +161,9 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
     policy = policy or JobPolicy()
     method = req.resolved_method()
     hp = getattr(method, method.type).hyperparameters  # type: ignore[union-attr]
-    for name in ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"):
-        value = getattr(hp, name)
+    for name in ("n_epochs", "batch_size", "learning_rate_multiplier", "beta", "eval_interval", "eval_samples",
+                 "compute_multiplier"):
+        value = getattr(hp, name, "auto")
         # Compared, not converted: float() of a 400-digit integer overflows; NaN fails both comparisons.
         if value != "auto" and not (isinstance(value, (int, float)) and 0 < value <= 1e6):
             raise Refused(f"{_hp_where(req, method)}.{name}", f"{value!r} is out of range (a number above 0, "
@@ -150,7 +175,7 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
     }
     raw: dict[str, Any] = {
         "name": job_id, "model": {}, "data": {"eval": valid_uri},
-        "method": {"type": "lora", "objective": "sft" if method.type == "supervised" else "dpo"},
+        "method": {"type": "lora", "objective": {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}[method.type]},
         "train": {"seed": req.seed if req.seed is not None else 42},
         "resources": {"accelerator": "auto"},
     }
@@ -166,14 +191,16 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
         raw["train"]["epochs"] = hp.n_epochs
         raw["train"]["max_steps"] = -1
         params["train.epochs"] = f"{_hp_where(req, method)}.n_epochs"
-    if hp.batch_size != "auto":
+    if method.reinforcement is not None:
+        _reinforcement(method.reinforcement, policy, raw, params)
+    elif hp.batch_size != "auto":
         raw["train"]["total_batch_size"] = hp.batch_size
         params["train.total_batch_size"] = f"{_hp_where(req, method)}.batch_size"
     if hp.learning_rate_multiplier != "auto":
         kind = raw["method"].get("type", "lora")
         raw["train"]["learning_rate"] = BASE_LR.get(kind, 2e-4) * float(hp.learning_rate_multiplier)
         params["train.learning_rate"] = f"{_hp_where(req, method)}.learning_rate_multiplier"
-    if hp.beta != "auto":
+    if getattr(hp, "beta", "auto") != "auto":
         if method.type != "dpo":
             raise UsageError("method.supervised.hyperparameters.beta: only DPO has beta", "leave it out")
         raw["method"].setdefault("dpo", {})["beta"] = hp.beta
@@ -194,6 +221,46 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
         raise SpecError(unknown, "the README lists the settings a job can have")
     check_limits(spec, policy.limits, rows, params, eval_rows)
     return spec
+
+
+def _reinforcement(body: ReinforcementBody, policy: JobPolicy, raw: dict[str, Any], params: dict[str, str]) -> None:
+    """method.reinforcement as GRPO settings: the grader is the reward; each prompt is answered
+    GROUP x compute_multiplier times; batch_size counts prompts (the spec's total_batch_size counts
+    answers); the validation file is scored before, every eval_interval steps, and after."""
+    from kubetune.graders import IN_PROCESS, GraderError, check_grader, parse_grader
+
+    where = "method.reinforcement"
+    if body.response_format is not None:
+        raise Refused(f"{where}.response_format", "constrained (JSON schema) sampling during training is not "
+                      "supported here", "leave it out and grade {{sample.output_json.FIELD}}: answers that are not "
+                      "JSON score as the grader says")
+    runnable = IN_PROCESS | ({"python"} if policy.graders.python else set())
+    try:
+        grader = parse_grader(body.grader, f"{where}.grader")
+        check_grader(grader, frozenset(runnable), f"{where}.grader")
+    except GraderError as exc:
+        hint = ("the operator has disabled python graders (server.yaml graders.python)"
+                if exc.message.startswith("python") else None)
+        raise Refused(exc.param, exc.message, hint) from None
+    hp = body.hyperparameters
+    generations = GROUP if hp.compute_multiplier == "auto" else max(2, round(GROUP * float(hp.compute_multiplier)))
+    grpo = raw["method"].setdefault("grpo", {})
+    grpo.update(rewards=[{"function": "grader", "grader": grader.model_dump(exclude_none=True)}],
+                num_generations=generations,
+                sandbox={"seconds": policy.graders.python_seconds, "memory_mb": policy.graders.python_memory_mb})
+    params["method.grpo.num_generations"] = f"{where}.hyperparameters.compute_multiplier"
+    prompts = 4 if hp.batch_size == "auto" else max(1, round(float(hp.batch_size)))
+    raw["train"]["total_batch_size"] = prompts * generations
+    params["train.total_batch_size"] = f"{where}.hyperparameters.batch_size"
+    if hp.eval_interval != "auto":
+        grpo["eval_every_steps"] = max(1, round(float(hp.eval_interval)))
+        params["method.grpo.eval_every_steps"] = f"{where}.hyperparameters.eval_interval"
+    if hp.eval_samples != "auto":
+        grpo["eval_generations"] = max(1, round(float(hp.eval_samples)))
+        params["method.grpo.eval_generations"] = f"{where}.hyperparameters.eval_samples"
+    if hp.reasoning_effort != "default":
+        grpo["reasoning_effort"] = hp.reasoning_effort
+    raw["data"]["columns"] = {"prompt": "messages"}  # OpenAI's rows: messages to answer, the rest is `item`
 
 
 def _tracking(req: JobRequest, policy: JobPolicy, raw: dict[str, Any]) -> dict[str, Any]:
@@ -232,6 +299,12 @@ def resolved_hyperparameters(spec: RunSpec) -> dict[str, Any]:
                            "learning_rate_multiplier": round(spec.train.learning_rate / base, 6)}
     if spec.method.objective == "dpo":
         out["beta"] = spec.method.dpo.beta
+    if spec.method.objective == "grpo":
+        g = spec.method.grpo
+        out.update(batch_size=spec.train.total_batch_size // g.num_generations,
+                   eval_interval=g.eval_every_steps or "auto", eval_samples=g.eval_generations or g.num_generations,
+                   compute_multiplier=round(g.num_generations / GROUP, 6),
+                   reasoning_effort=g.reasoning_effort or "default")
     return out
 
 

@@ -99,6 +99,14 @@ class Team(_Config):
     budgets: Budgets | None = None
 
 
+class GradersPolicy(_Config):
+    """The graders tenants' jobs and /graders/run may use beyond the built-in ones."""
+    python: bool = Field(True, description="Run tenants' `python` graders, each batch in a sandboxed process "
+                         "(no files, network, subprocesses; limits below). false: refused.")
+    python_seconds: float = Field(5.0, gt=0, le=120, description="Wall time one sample's grade() may take.")
+    python_memory_mb: int = Field(1024, ge=256, le=16384, description="Address space of a grader's process.")
+
+
 class ServerConfig(_Config):
     models: ModelsPolicy = Field(default_factory=ModelsPolicy)
     limits: Limits = Field(default_factory=Limits)
@@ -112,6 +120,7 @@ class ServerConfig(_Config):
     env: list[str] = Field(default_factory=list, description="Names of this server's environment variables that "
                            "training processes also get (beyond the minimal set each job needs).")
     teams: dict[str, Team] = Field(default_factory=dict)
+    graders: GradersPolicy = Field(default_factory=GradersPolicy)
     integrations: list[Literal["wandb"]] = Field(
         default_factory=list, description="Trackers tenants may send their jobs to (OpenAI's `integrations`), "
         "with this server's credentials: wandb (WANDB_API_KEY / WANDB_ENTITY / WANDB_BASE_URL listed in `env`, "
@@ -169,7 +178,7 @@ TENANT_FIELDS = (
     "method.lora.target_modules", "method.dpo.beta", "method.dpo.loss_type", "method.dpo.label_smoothing",
     "method.kto.beta", "method.kto.desirable_weight", "method.kto.undesirable_weight",
     "method.grpo.num_generations", "method.grpo.max_new_tokens", "method.grpo.temperature", "method.grpo.beta",
-    "method.grpo.rewards",
+    "method.grpo.rewards", "method.grpo.eval_every_steps", "method.grpo.eval_generations",
     "train.epochs", "train.max_steps", "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio",
     "train.weight_decay", "train.max_grad_norm", "train.optim", "train.total_batch_size",
     "train.max_per_device_batch_size", "train.gradient_checkpointing", "train.save_every_steps",
@@ -357,6 +366,7 @@ def check_limits(spec: Any, limits: Limits, rows: int, params: dict[str, str], e
     if m.objective not in limits.objectives:
         raise Refused(params.get("method.objective", "method.type"),
                       f"{m.objective} is not offered here ({', '.join(limits.objectives)})")
+    over("method.grpo.num_generations", m.grpo.num_generations, limits.max_generations)  # before the batch it sizes
     over("train.max_steps", t.max_steps, limits.max_steps)
     over("train.epochs", t.epochs, limits.max_epochs)
     over("train.total_batch_size", t.total_batch_size, limits.max_batch_size)
@@ -368,13 +378,18 @@ def check_limits(spec: Any, limits: Limits, rows: int, params: dict[str, str], e
     over("eval.num_samples", spec.eval.num_samples, limits.max_eval_samples)
     over("eval.max_new_tokens", spec.eval.max_new_tokens, limits.max_new_tokens)
     over("method.grpo.max_new_tokens", m.grpo.max_new_tokens, limits.max_new_tokens)
-    over("method.grpo.num_generations", m.grpo.num_generations, limits.max_generations)
-    steps = t.max_steps if t.max_steps > 0 else -(-int(rows * t.epochs) // t.total_batch_size)
+    over("method.grpo.eval_generations", m.grpo.eval_generations or 0, limits.max_generations)
+    answered = m.grpo.num_generations if m.objective == "grpo" else 1  # GRPO's batch counts answers, G a prompt
+    steps = t.max_steps if t.max_steps > 0 else -(-int(rows * answered * t.epochs) // t.total_batch_size)
     field = "train.max_steps" if t.max_steps > 0 else "train.epochs"
     over(field, steps, limits.max_steps, " steps" if field == "train.epochs" else "")
     over("train.save_every_steps", steps // t.save_every_steps, limits.max_checkpoints_per_job, " checkpoints")
     evaluations = steps // t.eval_every_steps if t.eval_every_steps else 0
     over("train.eval_every_steps", evaluations, limits.max_evaluations_per_job, " evaluations")
+    if m.objective == "grpo":  # held-out scoring: before, every eval_every_steps, after; eval_generations each
+        scorings = steps // m.grpo.eval_every_steps if m.grpo.eval_every_steps else 0
+        over("method.grpo.eval_every_steps", scorings, limits.max_evaluations_per_job, " evaluations")
+        evaluations = (scorings + 1) * (m.grpo.eval_generations or m.grpo.num_generations)
     # Every token the job processes: training rows, and the eval rows at each evaluation (and the end);
     # preference objectives hold two answers a row, GRPO generates its answers on top.
     per_row = spec.data.max_length * (2 if m.objective in ("dpo", "kto") else 1) + (

@@ -60,7 +60,50 @@ def _event(eid: str, t: float, level: str, message: str, kind: str, data: dict[s
             "type": kind, "data": data}
 
 
+def _graders(metrics: dict[str, float], prefix: str, suffix: str = "") -> list[dict[str, Any]]:
+    """Per-grader scores of a GRPO step or eval (TRL's rewards/NAME/mean, a multi grader's
+    grader/NAME/mean) in OpenAI's `scores.graders` shape."""
+    out = []
+    for key, value in metrics.items():
+        base = key.removesuffix(suffix) if suffix else key
+        if suffix and not key.endswith(suffix):
+            continue
+        for head in ("rewards/", "grader/"):
+            if base.startswith(head) and base.endswith("/mean") and base.count("/") == 2:
+                out.append({"name": base[len(head):-5], f"{prefix}_reward_mean": value})
+        if base.startswith("reward/"):  # the held-out scoring's per-function means
+            out.append({"name": base[len("reward/"):], f"{prefix}_reward_mean": value})
+    return out
+
+
+def _reward_event(e: StepEvent | EvalEvent) -> tuple[str, str, str, dict[str, Any]] | None:
+    """A GRPO (reinforcement) step or held-out scoring as OpenAI's reward metrics event."""
+    m = e.metrics or {}
+    if isinstance(e, StepEvent) and "reward" in m:
+        mean = m["reward"]
+        data = {"step": e.step, "total_steps": e.total_steps, "train_mean_reward": mean, "train_reward_mean": mean,
+                "scores": {"train_reward_mean": mean, "graders": _graders(m, "train")},
+                "errors": {"train_error_mean": m.get("rewards/error_mean", m.get("grader/error_mean"))},
+                "mean_unresponsive_rewards": m.get("grader/unresponsive_mean", 0.0),
+                "completion_tokens_mean": m.get("completions/mean_length"), "learning_rate": e.learning_rate}
+        return "info", f"Step {e.step}/{e.total_steps}: train mean reward={mean:.4f}", "metrics", data
+    if isinstance(e, EvalEvent) and ("reward" in m or "reward_start" in m):
+        suffix = "_start" if "reward_start" in m else ""
+        mean = m["reward" + suffix]
+        data = {"step": e.step, "full_valid_mean_reward": mean, "valid_reward_mean": mean,
+                "scores": {"valid_reward_mean": mean, "graders": _graders(m, "valid", suffix)},
+                "errors": {"valid_error_mean": m.get("grader/error_mean" + suffix)},
+                "before_training": bool(suffix)}
+        when = " (before training)" if suffix else ""
+        return "info", f"Step {e.step}{when}: full validation mean reward={mean:.4f}", "metrics", data
+    return None
+
+
 def _describe(e: Event) -> tuple[str, str, str, dict[str, Any] | None] | None:
+    if isinstance(e, (StepEvent, EvalEvent)):
+        rewarded = _reward_event(e)
+        if rewarded is not None:
+            return rewarded
     if isinstance(e, StepEvent):
         data = {"step": e.step, "total_steps": e.total_steps, "train_loss": e.loss,
                 "train_mean_token_accuracy": (e.metrics or {}).get("mean_token_accuracy"),
@@ -118,9 +161,13 @@ def _checkpoint_metrics(step: int, logged: StepEvent | None, valid: EvalEvent | 
     validation file, so `full_valid_*` are the same numbers (OpenAI's valid_* are of one batch)."""
     train_acc = (logged.metrics or {}).get("mean_token_accuracy") if logged else None
     valid_acc = valid.metrics.get("mean_token_accuracy") if valid else None
-    return {"step": step, "train_loss": logged.loss if logged else None, "train_mean_token_accuracy": train_acc,
-            "valid_loss": valid.loss if valid else None, "valid_mean_token_accuracy": valid_acc,
-            "full_valid_loss": valid.loss if valid else None, "full_valid_mean_token_accuracy": valid_acc}
+    out = {"step": step, "train_loss": logged.loss if logged else None, "train_mean_token_accuracy": train_acc,
+           "valid_loss": valid.loss if valid else None, "valid_mean_token_accuracy": valid_acc,
+           "full_valid_loss": valid.loss if valid else None, "full_valid_mean_token_accuracy": valid_acc}
+    if logged is not None and "reward" in (logged.metrics or {}):  # reinforcement: the grader's mean reward
+        out["train_reward_mean"] = logged.metrics["reward"]
+        out["valid_reward_mean"] = valid.metrics.get("reward") if valid else None
+    return out
 
 
 def complete_steps(run_uri: str) -> list[int]:

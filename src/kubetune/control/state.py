@@ -34,7 +34,7 @@ class ControlSettings:
         team = self.config.team_of(owner, store.key_name(owner))
         layers = (self.operator_spec, self.config.spec, *((team.spec,) if team is not None else ()))
         return (JobPolicy(layers, self.config.limits_for(team), dict(self.config.rewards),
-                          tuple(self.config.integrations)),
+                          tuple(self.config.integrations), self.config.graders),
                 self.config.budgets_for(team))
 
 

@@ -3,8 +3,9 @@
 The shapes are OpenAI's (`string_check`, `text_similarity`, `multi`, `python`, `score_model`,
 `label_model`) so a grader written for its API is checked and run here unchanged; templates read
 `{{sample.output_text}}`, `{{sample.output_json.FIELD}}` and `{{item.FIELD}}`. This module runs the
-graders that need no model and no tenant code; `python` and `score_model` graders are checked here
-and run elsewhere (a sandboxed process, a served judge) — `grade` says so instead of running them.
+graders that need no model in-process, and `python` graders — the tenant's code — in a sandboxed
+process of their own (sandbox.py), once per batch of answers; `score_model`/`label_model` graders
+are checked here and refused by the servers that have no judge model.
 
 Everything here is pure and bounded: texts compared by similarity metrics are cut to MAX_COMPARED
 characters (the edit-distance and ROUGE-L metrics are quadratic), a formula is parsed into a small
@@ -22,8 +23,8 @@ from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Grader", "GraderError", "Graded", "MultiGrader", "StringCheckGrader", "TextSimilarityGrader",
-           "check_grader", "grade"]
+__all__ = ["Grader", "GraderError", "Graded", "MultiGrader", "PythonGrader", "StringCheckGrader",
+           "TextSimilarityGrader", "check_grader", "grade", "grade_many", "parse_grader", "python_graders"]
 
 MAX_TEXT = 20_000          # characters of a template
 MAX_COMPARED = 2_000       # characters of each side a similarity metric compares (ROUGE-L is quadratic in words)
@@ -110,8 +111,35 @@ ERRORS = ("formula_parse_error", "invalid_variable_error", "model_grader_parse_e
           "sample_parse_error", "truncated_observation_error", "unresponsive_reward_error")
 
 
-def check_grader(grader: Any, runnable: frozenset[str] = frozenset({"string_check", "text_similarity", "multi"}),
-                 where: str = "grader") -> None:
+IN_PROCESS = frozenset({"string_check", "text_similarity", "multi"})
+
+
+def parse_grader(value: Any, where: str = "grader") -> Any:
+    """A grader object from its JSON form; GraderError names the first field that is wrong."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(Grader).validate_python(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        # pydantic names the union member it tried (graders.x.string_check.operation): keep the fields only
+        loc = [str(p) for p in err["loc"] if p not in _TYPES]
+        raise GraderError(".".join([where, *loc]), err["msg"]) from None
+
+
+_TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "multi")
+
+
+def python_graders(grader: Any) -> dict[str, Any]:
+    """The python graders in `grader`, by the key their score is reported under."""
+    if isinstance(grader, PythonGrader):
+        return {grader.name: grader}
+    if isinstance(grader, MultiGrader):
+        return {k: g for k, g in grader.graders.items() if isinstance(g, PythonGrader)}
+    return {}
+
+
+def check_grader(grader: Any, runnable: frozenset[str] = IN_PROCESS, where: str = "grader") -> None:
     """What `validate` adds to the schema: a formula that parses and names only sub-graders; metrics
     this server computes; grader types it runs (`runnable`). GraderError names the field."""
     if grader.type not in runnable:
@@ -122,33 +150,72 @@ def check_grader(grader: Any, runnable: frozenset[str] = frozenset({"string_chec
     if isinstance(grader, MultiGrader):
         for name, sub in grader.graders.items():
             check_grader(sub, runnable, f"{where}.graders.{name}")
-        _Formula(grader.calculate_output, set(grader.graders))
+        try:
+            _Formula(grader.calculate_output, set(grader.graders))
+        except GraderError as exc:
+            raise GraderError(f"{where}.calculate_output", exc.message) from None
 
 
-def grade(grader: Any, sample: str, item: Any) -> Graded:
+def grade(grader: Any, sample: str, item: Any, sandbox: Any = None) -> Graded:
     """Run a grader on one answer (`sample`, the model's text) to one row (`item`)."""
+    return grade_many(grader, [(sample, item)], sandbox)[0]
+
+
+def grade_many(grader: Any, cases: list[tuple[str, Any]], sandbox: Any = None) -> list[Graded]:
+    """Run a grader on each (answer, row). Python graders run in one sandboxed process per batch
+    (`sandbox`: its SandboxLimits; None refuses them); the rest in this process."""
+    started = time.perf_counter()
+    python: dict[str, list[Any]] = {}
+    for key, sub in python_graders(grader).items():
+        if sandbox is None:
+            raise GraderError("grader.type", "python graders do not run here")
+        from kubetune.graders.sandbox import run_python
+
+        python[key] = run_python(sub.source, [(python_sample(s), item) for s, item in cases], sandbox)
+    shared = (time.perf_counter() - started) / max(1, len(cases))
+    return [_grade_one(grader, sample, item, {k: v[j] for k, v in python.items()}, shared)
+            for j, (sample, item) in enumerate(cases)]
+
+
+def python_sample(text: str) -> dict[str, Any]:
+    """The `sample` a python grader's grade(sample, item) receives (OpenAI's fields)."""
+    return {"output_text": text, "output_json": _json_or_none(text), "output_tools": [],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+
+
+def _grade_one(grader: Any, sample: str, item: Any, python: dict[str, Any], shared: float) -> Graded:
     started = time.perf_counter()
     errors = dict.fromkeys(ERRORS, False)
     namespace = {"sample": {"output_text": sample, "output_json": _json_or_none(sample)}, "item": item}
     scores: dict[str, float] = {}
+
+    def failed(kind: str, details: str) -> Graded:
+        errors[kind] = True
+        return Graded(reward=0.0, scores=scores, errors=errors, details=details,
+                      execution_time=shared + time.perf_counter() - started)
+
     try:
         if isinstance(grader, MultiGrader):
             formula = _Formula(grader.calculate_output, set(grader.graders))
             for name, sub in grader.graders.items():
-                scores[name] = _single(sub, namespace)
+                scores[name] = _single(sub, namespace, python.get(name))
             reward = formula.value(scores)
         else:
-            reward = _single(grader, namespace)
+            reward = _single(grader, namespace, python.get(grader.name))
             scores[grader.name] = reward
     except _MissingVariable as exc:
-        errors["invalid_variable_error"] = True
-        return Graded(reward=0.0, scores=scores, errors=errors, details=str(exc),
-                      execution_time=time.perf_counter() - started)
+        return failed("invalid_variable_error", str(exc))
     except ArithmeticError as exc:
-        errors["formula_parse_error"] = True
-        return Graded(reward=0.0, scores=scores, errors=errors, details=f"calculate_output: {exc}",
-                      execution_time=time.perf_counter() - started)
-    return Graded(reward=reward, scores=scores, errors=errors, execution_time=time.perf_counter() - started)
+        return failed("formula_parse_error", f"calculate_output: {exc}")
+    except _PythonFailed as exc:
+        return failed(exc.kind, exc.detail)
+    return Graded(reward=reward, scores=scores, errors=errors, execution_time=shared + time.perf_counter() - started)
+
+
+class _PythonFailed(Exception):
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind, self.detail = kind, detail
 
 
 class _MissingVariable(LookupError):
@@ -178,7 +245,12 @@ def render(template: str, namespace: dict[str, Any]) -> str:
     return _VARIABLE.sub(value, template)
 
 
-def _single(grader: Any, namespace: dict[str, Any]) -> float:
+def _single(grader: Any, namespace: dict[str, Any], python: Any = None) -> float:
+    if isinstance(grader, PythonGrader):
+        if python is None or python.score is None:
+            raise _PythonFailed(python.kind if python else "python_grader_server_error",
+                                f"{grader.name}: {python.detail if python else 'not run'}")
+        return float(python.score)
     if isinstance(grader, StringCheckGrader):
         given, reference = render(grader.input, namespace), render(grader.reference, namespace)
         return float({"eq": given == reference, "ne": given != reference, "like": reference in given,

@@ -153,14 +153,24 @@ class KTOSpec(_Section):
 
 
 class RewardSpec(_Section):
-    function: str = Field(description="exact_match, regex, length, or your own as package.module:function "
-                          "(TRL's reward signature: prompts, completions, **columns → list of floats).")
+    function: str = Field(description="exact_match, regex, length, grader (an OpenAI grader: `grader`), or your "
+                          "own as package.module:function (TRL's reward signature: prompts, completions, **columns "
+                          "→ list of floats).")
     weight: float = Field(1.0, description="Weight in the summed reward.")
     column: str | None = Field(None, description="exact_match: the data column holding the right answer.")
     pattern: str | None = Field(None, description="regex: the whole answer must match it (1, else 0). exact_match: "
                                 "compare the first group of its first match instead of the whole answer.")
     max_chars: int | None = Field(None, ge=1, description="length: answers longer than this are penalised "
                                   "(-(excess / max_chars), at most -1).")
+    grader: dict[str, Any] | None = Field(None, description="grader: an OpenAI grader object (string_check, "
+                                          "text_similarity, python, multi) scoring each answer against its row "
+                                          "({{item.COLUMN}}); python graders run sandboxed (method.grpo.sandbox).")
+
+
+class SandboxSpec(_Section):
+    seconds: float = Field(5.0, gt=0, le=120, description="Wall time a python grader's grade() may take per answer "
+                           "(one that takes longer scores unresponsive_reward_error).")
+    memory_mb: int = Field(1024, ge=256, le=16384, description="Address space of the grader's process.")
 
 
 class GRPOSpec(_Section):
@@ -173,6 +183,14 @@ class GRPOSpec(_Section):
     generation: Literal["auto", "transformers", "vllm"] = Field(
         "auto", description="Who generates: vllm (colocated, GPUs with vllm installed), transformers; auto: vllm "
         "where it can run, else transformers (CPU included).")
+    eval_every_steps: int = Field(0, ge=0, description="Score the eval prompts every this many steps as well "
+                                  "(0: only before the first step and after the last).")
+    eval_generations: int | None = Field(None, ge=1, description="Answers sampled per eval prompt (default "
+                                         "num_generations).")
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
+        None, description="Passed to a chat template that reads reasoning_effort (gpt-oss's); refused for one "
+        "that does not.")
+    sandbox: SandboxSpec = Field(default_factory=lambda: SandboxSpec(), description="Limits of python graders.")
 
 
 class MethodSpec(_Section):
@@ -452,10 +470,15 @@ class RunSpec(_Section):
                 problems.append((f"{where}.pattern", "regex needs a pattern the answer must match"))
             elif r.function == "length" and not r.max_chars:
                 problems.append((f"{where}.max_chars", "length needs max_chars"))
-            elif r.function not in ("exact_match", "regex", "length") and not re.fullmatch(
+            elif r.function == "grader" and not r.grader:
+                problems.append((f"{where}.grader", "function grader needs the grader object (OpenAI's shape: "
+                                 "{type: string_check, name, input, reference, operation}, ...)"))
+            elif r.function != "grader" and r.grader:
+                problems.append((f"{where}.grader", f"is for function: grader, not {r.function}"))
+            elif r.function not in ("exact_match", "regex", "length", "grader") and not re.fullmatch(
                     r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", r.function):
-                problems.append((f"{where}.function", f"{r.function!r} is neither exact_match, regex, length nor "
-                                 "an import path package.module:function"))
+                problems.append((f"{where}.function", f"{r.function!r} is neither exact_match, regex, length, "
+                                 "grader nor an import path package.module:function"))
             if r.pattern:
                 try:
                     re.compile(r.pattern)

@@ -1,15 +1,17 @@
-"""Reward functions for GRPO (method.grpo.rewards): the built-ins and the user's own by import path,
-in TRL's reward signature — (prompts, completions, **columns) → one float per completion. A completion
-is text, or (conversational prompts) a list holding the assistant message; either is read as text."""
+"""Reward functions for GRPO (method.grpo.rewards): the built-ins, OpenAI graders, and the user's own by
+import path, in TRL's reward signature — (prompts, completions, **columns) → one float per completion.
+A completion is text, or (conversational prompts) a list holding the assistant message; either is read
+as text."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from typing import Any, Callable
 
-from kubetune.errors import Problem, SpecError
-from kubetune.spec.models import RewardSpec
+from kubetune.errors import Problem, SpecError, UsageError
+from kubetune.spec.models import RewardSpec, SandboxSpec
 
 Reward = Callable[..., list[float]]
 
@@ -68,12 +70,70 @@ def length(max_chars: int) -> Reward:
     return reward
 
 
-def load_rewards(specs: list[RewardSpec]) -> tuple[list[Reward], list[float]]:
-    """The reward callables and their weights; an import path that does not resolve is a spec error."""
+# TRL's own keyword arguments to a reward function, beside the data columns
+_TRL_KWARGS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
+_FAILED = ("python_grader_runtime_error", "python_grader_server_error", "unresponsive_reward_error")
+
+
+class GraderReward:
+    """An OpenAI grader as a reward: each answer graded against its row's other columns (`item`).
+    Sub-grader scores and error rates are logged through TRL's log_metric (`grader/NAME/mean`,
+    `grader/error_mean`; with python graders `grader/python_error_mean`, `grader/unresponsive_mean`). A batch in which every answer's grading failed — the grader's code raises,
+    hangs or dies whatever the answer — ends the run (exit 2): it would train on no signal."""
+
+    def __init__(self, grader: Any, where: str, sandbox: SandboxSpec) -> None:
+        from kubetune.graders.sandbox import SandboxLimits
+
+        self.grader, self.where = grader, where
+        self.sandbox = SandboxLimits(seconds=sandbox.seconds, memory_mb=sandbox.memory_mb)
+        self.__name__ = "grader_" + (re.sub(r"[^\w.-]", "_", grader.name)[:48] or "grader")
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
+        from kubetune.graders import grade_many, python_graders
+
+        log = columns.get("log_metric")
+        data = {k: v for k, v in columns.items() if k not in _TRL_KWARGS and isinstance(v, list)}
+        items = [{k: v[j] for k, v in data.items()} for j in range(len(completions))]
+        graded = grade_many(self.grader, [(answer_text(c), item) for c, item in zip(completions, items)],
+                            self.sandbox)
+        failed = [g for g in graded if any(g.errors.get(k) for k in _FAILED)]
+        if graded and len(failed) == len(graded):
+            raise UsageError(f"{self.where}: the grader failed on every answer of a batch ({len(graded)}): "
+                             f"{failed[0].details}", "fix the grader: python graders run with no files, network, "
+                             "subprocesses or threads, within method.grpo.sandbox's limits")
+        if callable(log) and graded:
+            for name in graded[0].scores if self.grader.type == "multi" else ():
+                values = [g.scores[name] for g in graded if name in g.scores]
+                if values:
+                    log(f"grader/{name}/mean", sum(values) / len(values))
+            log("grader/error_mean", sum(any(g.errors.values()) for g in graded) / len(graded))
+            if python_graders(self.grader):
+                log("grader/python_error_mean", len(failed) / len(graded))
+                log("grader/unresponsive_mean",
+                    sum(bool(g.errors.get("unresponsive_reward_error")) for g in graded) / len(graded))
+        return [g.reward for g in graded]
+
+
+def grader_columns(grader: Any) -> set[str]:
+    """The row columns a grader's templates read ({{item.COLUMN...}})."""
+    text = json.dumps(grader.model_dump())
+    return set(re.findall(r"\{\{\s*item\.([\w-]+)", text))
+
+
+def load_rewards(specs: list[RewardSpec], sandbox: SandboxSpec | None = None) -> tuple[list[Reward], list[float]]:
+    """The reward callables and their weights; an import path that does not resolve, or a grader
+    that does not parse or load, is a spec error."""
     funcs: list[Reward] = []
     problems: list[Problem] = []
     for i, r in enumerate(specs):
-        if r.function == "exact_match":
+        if r.function == "grader":
+            where = f"method.grpo.rewards.{i}.grader"
+            grader, problem = _checked_grader(r.grader, where, sandbox or SandboxSpec())
+            if problem is not None:
+                problems.append(problem)
+            else:
+                funcs.append(GraderReward(grader, where, sandbox or SandboxSpec()))
+        elif r.function == "exact_match":
             funcs.append(exact_match(str(r.column), r.pattern))
         elif r.function == "regex":
             funcs.append(regex(str(r.pattern)))
@@ -92,6 +152,31 @@ def load_rewards(specs: list[RewardSpec]) -> tuple[list[Reward], list[float]]:
                 continue
             funcs.append(func)
     if problems:
-        raise SpecError(problems, hint="a reward function is importable from the training process (PYTHONPATH, or an "
+        raise SpecError(problems, hint="a grader is OpenAI's grader object; a reward function is importable from the training process (PYTHONPATH, or an "
                                        "installed package) and takes (prompts, completions, **columns)")
     return funcs, [r.weight for r in specs]
+
+
+def _checked_grader(value: Any, where: str, sandbox: SandboxSpec) -> tuple[Any, Problem | None]:
+    """The grader, parsed and checked; python graders loaded once in the sandbox (a syntax error, a
+    missing grade function or an import that is not there is found here, not at step 1)."""
+    from kubetune.graders import GraderError, check_grader, parse_grader, python_graders
+    from kubetune.graders.sandbox import SandboxLimits, check_python, sandbox_problem
+
+    try:
+        grader = parse_grader(value, where)
+        check_grader(grader, frozenset({"string_check", "text_similarity", "multi", "python"}), where)
+    except GraderError as exc:
+        return None, Problem(exc.param, exc.message)
+    sources = python_graders(grader)
+    if sources:
+        problem = sandbox_problem()
+        if problem:
+            return None, Problem(where, f"python graders cannot run on this machine: {problem}")
+        limits = SandboxLimits(seconds=sandbox.seconds, memory_mb=sandbox.memory_mb)
+        for key, sub in sources.items():
+            failed = check_python(sub.source, limits)
+            if failed:
+                field = f"{where}.source" if grader.type == "python" else f"{where}.graders.{key}.source"
+                return None, Problem(field, f"the grader does not load: {failed}")
+    return grader, None

@@ -3,9 +3,10 @@ sampled in groups of num_generations — by transformers here (CPU included) or 
 it (colocated, on GPUs). The prompt is rendered by the run's chat template. The reference model
 (beta > 0) is the starting model (LoRA: the adapter disabled).
 
-Eval: the eval prompts are answered by the starting model (before the first step) and by the tuned one
-(after the last), num_generations samples each as in training, from a fixed seed; the mean reward, in
-total and per function, goes into eval events, the trackers and eval/report.md."""
+Eval: the eval prompts are answered by the starting model (before the first step), every
+eval_every_steps steps where set, and by the tuned one (after the last), eval_generations samples each
+(default num_generations) as in training, from a fixed seed; the mean reward, in total, per function
+and per sub-grader, goes into eval events, the trackers and eval/report.md."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from kubetune.artifacts.layout import RunLayout
 from kubetune.data.prompts import PromptData, PromptRow, prepare_prompts
+from kubetune.errors import DataError, Problem, SpecError, capped
 from kubetune.spec.models import RunSpec
 
 
@@ -25,8 +27,14 @@ class GRPO:
     def prepare(self, spec: RunSpec) -> PromptData:
         from kubetune.train.rewards import load_rewards
 
-        load_rewards(spec.method.grpo.rewards)  # an import path that does not resolve fails validate, not step 0
-        return prepare_prompts(spec)
+        # an import path that does not resolve, a grader that does not load: validate fails, not step 0
+        funcs, _ = load_rewards(spec.method.grpo.rewards, spec.method.grpo.sandbox)
+        data = prepare_prompts(spec)
+        _check_graded_columns(funcs, data)
+        if spec.method.grpo.reasoning_effort and "reasoning_effort" not in (data.formatter.template or ""):
+            raise SpecError([Problem("method.grpo.reasoning_effort", "the model's chat template does not read "
+                                     "reasoning_effort (gpt-oss's does)")], "leave it out for this model")
+        return data
 
     def arguments(self, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
         from trl import GRPOConfig
@@ -37,23 +45,24 @@ class GRPO:
             "temperature": g.temperature, "beta": g.beta, "use_vllm": use_vllm(spec),
             "vllm_mode": "colocate", "reward_weights": [r.weight for r in g.rewards],
             "eval_strategy": "no",  # the eval prompts are scored by kubetune, before and after (see evaluate)
-            "log_completions": False,
+            "log_completions": False, "chat_template_kwargs": _template_kwargs(spec),
         }
 
     def trainer(self, spec: RunSpec, data: PromptData, model: Any, args: Any, batches: Any,
                 callbacks: list[Any]) -> Any:
         from kubetune.train.rewards import load_rewards
 
-        funcs, _ = load_rewards(spec.method.grpo.rewards)
+        funcs, weights = load_rewards(spec.method.grpo.rewards, spec.method.grpo.sandbox)
         tokenizer = _tokenizer(data)
         # TRL stops a generation at the model's eos ids: make them the template's end of turn, or every
         # answer runs on into a next turn and fails any format check
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.generation_config.eos_token_id = list(data.formatter.stop.fixed_eos_ids)
-        start = _start_callback(spec, data, tokenizer)
+        scorer = _score_callback(spec, data, tokenizer, funcs, weights)
         trainer = _trainer_class()(model=model, reward_funcs=funcs, args=args, train_dataset=_dataset(data.train.rows),
-                                   processing_class=tokenizer, callbacks=[*callbacks, start])
-        start.trainer = trainer
+                                   processing_class=tokenizer, callbacks=[*callbacks, scorer])
+        scorer.trainer = trainer
+        trainer.kubetune_rewards = (funcs, weights)
         return trainer
 
     def save_final(self, spec: RunSpec, trainer: Any, data: PromptData, layout: RunLayout, main: bool) -> Path:
@@ -64,9 +73,9 @@ class GRPO:
     def evaluate(self, spec: RunSpec, trainer: Any, data: PromptData, layout: RunLayout, main: bool) -> None:
         if not data.eval.rows:
             return
-        tuned = score(spec, trainer.model, _tokenizer(data), data)
+        tuned = score(spec, trainer.model, _tokenizer(data), data, *trainer.kubetune_rewards)
         start = _start_scores(layout)
-        trainer.log({f"eval_{k}": v for k, v in tuned.items()})
+        _log_scores(trainer, {f"eval_{k}": v for k, v in tuned.items()})
         if main:
             write_report(layout, start, tuned, len(data.eval.rows))
 
@@ -122,29 +131,51 @@ def _trainer_class() -> Any:
     return KubetuneGRPOTrainer
 
 
-def score(spec: RunSpec, model: Any, tokenizer: Any, data: PromptData) -> dict[str, float]:
-    """The policy's mean reward on the eval prompts — weighted total and per function — over
-    num_generations answers per prompt sampled as in training (method.grpo.temperature), from a fixed
-    seed, so the starting and the tuned model are measured alike."""
+def score(spec: RunSpec, model: Any, tokenizer: Any, data: PromptData, funcs: list[Any], weights: list[float]
+          ) -> dict[str, float]:
+    """The policy's mean reward on the eval prompts — weighted total, per function, and each grader's
+    sub-scores and error rates — over method.grpo.eval_generations answers per prompt (default
+    num_generations) sampled as in training (method.grpo.temperature), from a fixed seed, so the
+    starting and the tuned model are measured alike."""
     import torch
 
-    from kubetune.train.rewards import load_rewards
-
     g = spec.method.grpo
-    funcs, weights = load_rewards(g.rewards)
-    rows = [r for r in data.eval.rows for _ in range(g.num_generations)]
+    rows = [r for r in data.eval.rows for _ in range(g.eval_generations or g.num_generations)]
     answers = _answers(model, tokenizer, data, [r.prompt for r in rows], g.max_new_tokens, g.temperature,
-                       spec.train.seed)
+                       spec.train.seed, _template_kwargs(spec))
     columns = {k: [r.columns.get(k) for r in rows] for k in {k for r in rows for k in r.columns}}
     prompts = [list(r.prompt) for r in rows]
-    per = {f.__name__: torch.tensor(f(prompts=prompts, completions=answers, **columns), dtype=torch.float64)
-           for f in funcs}
+    logged: dict[str, list[float]] = {}
+
+    def log_metric(name: str, value: float) -> None:
+        logged.setdefault(name, []).append(value)
+
+    per = {f.__name__: torch.tensor(f(prompts=prompts, completions=answers, log_metric=log_metric, **columns),
+                                    dtype=torch.float64) for f in funcs}
     total = sum(w * v for w, v in zip(weights, per.values()))
-    return {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in per.items()}}
+    return {"reward": float(total.mean()), **{f"reward/{k}": float(v.mean()) for k, v in per.items()},
+            **{k: sum(v) / len(v) for k, v in logged.items()}}
+
+
+def _template_kwargs(spec: RunSpec) -> dict[str, Any]:
+    effort = spec.method.grpo.reasoning_effort
+    return {"reasoning_effort": effort} if effort else {}
+
+
+def _check_graded_columns(funcs: list[Any], data: PromptData) -> None:
+    """Every row has the columns the graders' templates read ({{item.COLUMN}}), else file:line."""
+    from kubetune.train.rewards import GraderReward, grader_columns
+
+    needed = sorted({c for f in funcs if isinstance(f, GraderReward) for c in grader_columns(f.grader)})
+    problems = [Problem(r.where, f"missing column {c!r} (a grader reads {{{{item.{c}}}}})")
+                for r in [*data.train.rows, *data.eval.rows] for c in needed if c not in r.columns]
+    if problems:
+        raise DataError(capped(problems), "add the column to every row, or change the grader's template")
 
 
 def _answers(model: Any, tokenizer: Any, data: PromptData, prompts: list[tuple[dict[str, Any], ...]],
-             max_new_tokens: int, temperature: float, seed: int, batch: int = 16) -> list[str]:
+             max_new_tokens: int, temperature: float, seed: int, template_kwargs: dict[str, Any],
+             batch: int = 16) -> list[str]:
     import torch
 
     stop = data.formatter.stop.fixed_eos_ids
@@ -156,7 +187,7 @@ def _answers(model: Any, tokenizer: Any, data: PromptData, prompts: list[tuple[d
     out: list[str] = []
     device = next(model.parameters()).device
     for i in range(0, len(prompts), batch):
-        texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+        texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True, **template_kwargs)
                  for p in prompts[i:i + batch]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.no_grad():
@@ -169,20 +200,40 @@ def _answers(model: Any, tokenizer: Any, data: PromptData, prompts: list[tuple[d
     return out
 
 
-def _start_callback(spec: RunSpec, data: PromptData, tokenizer: Any) -> Any:
-    """Scores the starting model on the eval prompts before the first step (not again on resume)."""
+def _score_callback(spec: RunSpec, data: PromptData, tokenizer: Any, funcs: list[Any], weights: list[float]) -> Any:
+    """Scores the eval prompts with the starting model before the first step (not again on resume),
+    and every method.grpo.eval_every_steps steps (eval_reward at that step)."""
     from transformers import TrainerCallback
 
-    class StartScore(TrainerCallback):
+    every = spec.method.grpo.eval_every_steps
+
+    class ScoreCallback(TrainerCallback):
         trainer: Any = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step or not data.eval.rows:
                 return
-            scores = score(spec, self.trainer.model, tokenizer, data)
-            self.trainer.log({f"eval_{k}_start": v for k, v in scores.items()})
+            scores = score(spec, self.trainer.model, tokenizer, data, funcs, weights)
+            _log_scores(self.trainer, {f"eval_{k}_start": v for k, v in scores.items()})
 
-    return StartScore()
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not every or not data.eval.rows or state.global_step % every or state.global_step >= state.max_steps:
+                return  # the last step is scored by evaluate
+            scores = score(spec, self.trainer.model, tokenizer, data, funcs, weights)
+            _log_scores(self.trainer, {f"eval_{k}": v for k, v in scores.items()})
+
+    return ScoreCallback()
+
+
+def _log_scores(trainer: Any, logs: dict[str, float]) -> None:
+    """Log held-out scores as they are: GRPOTrainer.log would fold the training metrics gathered since
+    the last logging step into them (and clear them, so the step's own log would lack its reward); and
+    logging turns off should_log, which the step's own log (after on_step_end) still needs."""
+    from transformers import Trainer
+
+    should_log = trainer.control.should_log
+    Trainer.log(trainer, logs)
+    trainer.control.should_log = should_log
 
 
 def _start_scores(layout: RunLayout) -> dict[str, float]:
