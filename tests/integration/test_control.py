@@ -158,9 +158,11 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
             model=done.fine_tuned_model, messages=msgs, temperature=0, max_tokens=24, stream=True) if chunk.choices)
         assert streamed == answer.choices[0].message.content
         assert c1.chat.completions.create(model=second.fine_tuned_model, messages=msgs, max_tokens=4).choices
-        loaded = [line for line in server.log.read_text().splitlines() if line.startswith("engine loaded for")]
-        assert len(loaded) == 1 and "LoRA" in loaded[0]  # both adapters of one base: one engine, loaded once
-        assert done.fine_tuned_model in loaded[0] and second.fine_tuned_model in loaded[0]
+        lines = server.log.read_text().splitlines()
+        loaded = [line for line in lines if line.startswith("engine loaded for")]
+        added = [line for line in lines if line.startswith("adapter added to the running engine")]
+        assert len(loaded) == 1 and "LoRA" in loaded[0] and done.fine_tuned_model in loaded[0]
+        assert len(added) == 1 and second.fine_tuned_model in added[0]  # one engine: the base loaded once
 
         # the second key: nothing of the first's exists for it
         assert list(c2.fine_tuning.jobs.list()) == [] and list(c2.files.list()) == []

@@ -325,3 +325,41 @@ def test_a_python_grader_that_reaches_out_fails_the_job_cleanly(
     assert "the grader failed on every answer" in ended[1].error.message, ended[1].error
     assert "Operation not permitted" in ended[1].error.message and "Traceback" not in ended[1].error.message
     assert not list(client.fine_tuning.jobs.checkpoints.list(jobs[1].id))
+
+
+def test_adapters_are_added_to_the_running_engine_and_removed_within_max_loras(
+        tmp_path: Path, tiny_model: Path) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text(f"models: {{root: {tiny_model.parent}}}\nserving: {{max_loras: 2}}\n")
+    server = Control(tmp_path / "home", "--config", str(config), "--concurrency", "2").start()
+    try:
+        client = server.client("unused")
+        train = client.files.create(file=(QUICKSTART_DATA / "train.jsonl").open("rb"), purpose="fine-tune")
+        jobs = [client.fine_tuning.jobs.create(model=MODEL, training_file=train.id, suffix=name,
+                                               extra_body=_settings(2)) for name in ("a", "b", "c")]
+        a, b, c = [wait_for("the job", lambda j=j: (r := client.fine_tuning.jobs.retrieve(j.id)).status
+                            in ("succeeded", "failed") and r, 300).fine_tuned_model for j in jobs]
+        msgs = [{"role": "user", "content": "What colour is the sky?"}]
+
+        def ask(model: str) -> str:
+            answer = client.chat.completions.create(model=model, messages=msgs, max_tokens=4)  # type: ignore[arg-type]
+            return answer.choices[0].message.content or ""
+
+        def log(prefix: str) -> list[str]:
+            return [line for line in server.log.read_text().splitlines() if line.startswith(prefix)]
+
+        ask(a)
+        ask(b)                   # added to a's engine: the base is not loaded again
+        assert [b in line for line in log("adapter added to the running engine")] == [True]
+        ask(c)                   # a third adapter: over max_loras 2, the least recently used (a) is unloaded
+        assert any(a in line for line in log("adapter unloaded (max_loras 2)"))
+        ask(a)                   # ... and is added again when asked for
+        assert len(log("engine loaded for")) == 1 and len(log("adapter added")) == 3
+        client.models.delete(c)  # removed from the running engine: it is not served, the others are
+        with pytest.raises(openai.NotFoundError):
+            ask(c)
+        ask(a)
+        ask(b)
+        assert len(log("engine loaded for")) == 1, log("engine loaded for")
+    finally:
+        server.stop()

@@ -107,6 +107,13 @@ class GradersPolicy(_Config):
     python_memory_mb: int = Field(1024, ge=256, le=16384, description="Address space of a grader's process.")
 
 
+class ServingPolicy(_Config):
+    """How succeeded jobs' models are served."""
+    max_loras: int = Field(8, ge=1, le=256, description="Adapters of one base loaded at once (added to the running "
+                           "engine when asked for; beyond this the least recently used is unloaded). Rendered "
+                           "vLLM Deployments get it as --max-loras.")
+
+
 class ServerConfig(_Config):
     models: ModelsPolicy = Field(default_factory=ModelsPolicy)
     limits: Limits = Field(default_factory=Limits)
@@ -121,6 +128,7 @@ class ServerConfig(_Config):
                            "training processes also get (beyond the minimal set each job needs).")
     teams: dict[str, Team] = Field(default_factory=dict)
     graders: GradersPolicy = Field(default_factory=GradersPolicy)
+    serving: ServingPolicy = Field(default_factory=ServingPolicy)
     integrations: list[Literal["wandb"]] = Field(
         default_factory=list, description="Trackers tenants may send their jobs to (OpenAI's `integrations`), "
         "with this server's credentials: wandb (WANDB_API_KEY / WANDB_ENTITY / WANDB_BASE_URL listed in `env`, "

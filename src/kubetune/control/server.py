@@ -100,7 +100,7 @@ def build(options: ServerOptions) -> tuple[FastAPI, Store]:
     control = ControlSettings(storage=storage, backend=options.backend, max_upload_bytes=options.max_upload_mb << 20,
                               open_without_key=not has_keys, runs=list(options.runs),
                               clusters=list(options.clusters), config=config, operator_spec=operator_spec)
-    models = ModelHub(store, options.max_concurrency, options.adapters)
+    models = ModelHub(store, options.max_concurrency, options.adapters, config.serving.max_loras)
     worker_class = KubernetesWorker if k8s else LocalWorker
     worker = worker_class(store, options.home.resolve(), options.worker_id or socket.gethostname(),
                           options.concurrency, config=config, storage=storage)

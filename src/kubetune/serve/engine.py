@@ -65,13 +65,27 @@ def finish_of(ids: Sequence[int], stops: set[int], max_tokens: int, cut: bool) -
     return Finished(completion_tokens=len(ids) - (1 if ended else 0), finish_reason=reason)
 
 
+@dataclass(frozen=True)
+class AdapterBase:
+    """What a running engine needs to take one more adapter of its base: the base weights, as
+    loaded, and how adapters are applied to them."""
+    model: Any
+    folder: Path
+    context: int
+    adapters: str                   # auto | merged | unmerged (ADAPTER_MODES)
+    max_concurrency: int
+
+
 class TransformersEngine:
-    """Served names → lanes. `submit` queues a request into its lane's running batch."""
+    """Served names → lanes. `submit` queues a request into its lane's running batch. An engine of
+    adapter runs built with `growable` takes more adapters of its base while it serves (`add_adapter`)
+    and lets one go (`remove`): the base stays loaded, the other lanes keep answering."""
 
     def __init__(self, served: Sequence[ServedModel], context_length: int, max_concurrency: int = 64,
-                 workers: int | str = 1) -> None:
+                 workers: int | str = 1, base: AdapterBase | None = None) -> None:
         self.served = {m.name: m for m in served}
         self.context_length = context_length
+        self.base = base
         lanes = [m.lane for m in served if isinstance(m.lane, Lane)]
         count = auto_workers([lane.model for lane in lanes]) if workers == "auto" else int(workers)
         self.workers = count if lanes else 1
@@ -92,6 +106,38 @@ class TransformersEngine:
     @property
     def names(self) -> list[str]:
         return list(self.served)
+
+    @property
+    def growable(self) -> bool:
+        return self.base is not None and self.workers == 1
+
+    def add_adapter(self, target: str, name: str) -> ServedModel:
+        """Serve one more adapter run of this engine's base under `name`, without reloading the base.
+        UsageError for a run of another base, or a whole model."""
+        from kubetune.storage import resolve_model
+        from kubetune.storage.runs import Run
+
+        if not self.growable or self.base is None:
+            raise UsageError(f"{name}: this engine takes no more adapters", "load an engine for it")
+        run = Run.open(target)
+        final = run.final_model()
+        base_dir = resolve_model(run.spec.model.base, run.spec.model.revision).resolve()
+        if final.merged or base_dir != self.base.folder:
+            raise UsageError(f"{name}: not an adapter of {self.base.folder.name}", "serve it in an engine of its own")
+        lanes = sum(1 for m in self.served.values() if isinstance(m.lane, Lane))
+        merge = self.base.adapters == "merged" or (self.base.adapters == "auto" and
+                                                    _copies_fit(self.base.model, lanes + 1))
+        added = _adapter_model(self.base, run.spec, final.folder, name, merge, in_place=False)
+        self.served = {**self.served, name: added}  # a new mapping: readers see the old one or the new one
+        return added
+
+    def remove(self, name: str) -> None:
+        """Stop serving `name`: new requests for it are 404; its lane stops."""
+        gone = self.served.get(name)
+        if gone is None:
+            return
+        self.served = {k: v for k, v in self.served.items() if k != name}
+        gone.lane.close()
 
     @property
     def failure(self) -> str | None:
@@ -124,8 +170,11 @@ class TransformersEngine:
                loop: Loop) -> Request:
         """Queue a request into the running batch of `name`'s lane; `on_output` gets, through `loop`, a
         transformers GenerationOutput (all token ids so far) per step, the last one finished."""
-        return self.served[name].lane.submit(prompt_ids, params.max_tokens, params.temperature, params.top_p,
-                                             params.seed, on_output, loop)
+        served = self.served.get(name)
+        if served is None:  # removed (a deleted model) after the request was admitted
+            raise EngineFailed(f"{name} is no longer served")
+        return served.lane.submit(prompt_ids, params.max_tokens, params.temperature, params.top_p,
+                                  params.seed, on_output, loop)
 
     def cancel(self, name: str, request: Request) -> None:
         self.served[name].lane.cancel(request)
@@ -156,7 +205,8 @@ class TransformersEngine:
 
 def load_engine(targets: Sequence[str], served_name: str | None = None, with_base: bool = True,
                 max_concurrency: int = 64, adapters: str = "auto",
-                names: Sequence[str] | None = None, workers: int | str = 1) -> TransformersEngine:
+                names: Sequence[str] | None = None, workers: int | str = 1,
+                growable: bool = False) -> TransformersEngine:
     """An engine for one model folder, one run, or several adapter runs of the same base.
 
     A run is served under its run name with the tokenizer, template and generation config saved
@@ -166,10 +216,12 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     The base of adapter runs is also served, under its folder/repo name, with the run's template (as
     `kubetune eval` compares them). `names`: the served name of each target instead (the control
     plane serves runs as ft:BASE:SUFFIX:ID). `workers`: processes the lanes run in (serve.workers;
-    "auto": 2 for small weights on a multi-core CPU), 1 = in this process.
+    "auto": 2 for small weights on a multi-core CPU), 1 = in this process. `growable`: adapter runs
+    are served so that more adapters of the base can be added later (the base is never merged into in
+    place).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     from kubetune.hf import quiet_progress_bars
     from kubetune.storage import resolve_model
@@ -201,17 +253,12 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     context = _context(base_dir)
     merge = adapters == "merged" or (adapters == "auto" and _copies_fit(base, len(runs)))
+    shared = AdapterBase(base, base_dir, context, adapters, max_concurrency)
     served: list[ServedModel] = []
     for k, (spec, folder, _) in enumerate(runs):
-        tok = AutoTokenizer.from_pretrained(folder)
-        gen = GenerationConfig.from_pretrained(folder)
         name = names[k] if names else served_name if (served_name and len(runs) == 1) else spec.name
-        formatter = _formatter(folder, tok)
-        alone = len(runs) == 1 and not with_base  # nothing else needs the base weights as they are
-        model, weights = _adapted(base, folder, formatter, merge, strict=adapters == "merged", in_place=alone)
-        lane = Lane(model, sorted(_stops(gen)), _pad(gen, tok), max_concurrency, context)
-        served.append(ServedModel(name, tok, gen, formatter, lane, str(folder),
-                                  format_for(formatter.template, spec.serve.tool_parser), weights))
+        alone = len(runs) == 1 and not with_base and not growable  # nothing else needs the base weights as they are
+        served.append(_adapter_model(shared, spec, folder, name, merge, in_place=alone))
     if with_base:
         first_spec = runs[0][0]
         base_name = uri_basename(first_spec.model.base)
@@ -220,7 +267,21 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
             lane = Lane(base, sorted(first.stop_ids), _pad(first.generation, first.tokenizer), max_concurrency, context)
             served.append(ServedModel(base_name, first.tokenizer, first.generation, first.formatter, lane,
                                       str(base_dir), first.tool_format, "base weights"))
-    return TransformersEngine(served, context, max_concurrency, workers)
+    return TransformersEngine(served, context, max_concurrency, workers, shared if growable else None)
+
+
+def _adapter_model(base: AdapterBase, spec: Any, folder: Path, name: str, merge: bool, in_place: bool) -> ServedModel:
+    """An adapter run served as a lane of its own over `base`'s weights."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    gen = GenerationConfig.from_pretrained(folder)
+    formatter = _formatter(folder, tok)
+    model, weights = _adapted(base.model, folder, formatter, merge, strict=base.adapters == "merged",
+                              in_place=in_place)
+    lane = Lane(model, sorted(_stops(gen)), _pad(gen, tok), base.max_concurrency, base.context)
+    return ServedModel(name, tok, gen, formatter, lane, str(folder),
+                       format_for(formatter.template, spec.serve.tool_parser), weights)
 
 
 def _copies_fit(base: Any, adapters: int) -> bool:
