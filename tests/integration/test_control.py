@@ -301,7 +301,13 @@ def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
     env = {**s3.env(), "KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig"))}
     config = tmp_path / "server.yaml"  # the operator's: the model offered, the queue, CPU pods
     config.write_text(f"models: {{allow: [{{name: tiny-llama, uri: '{staged['model']}'}}]}}\n"
-                      "spec: {kubernetes: {queue: team-queue}, resources: {accelerator: cpu}}\n")
+                      "spec: {kubernetes: {queue: team-queue}, resources: {accelerator: cpu}}\n"
+                      # the operator's vLLM Deployment of the base (serve.runtime_adapters): its adapter list
+                      "serving: {max_loras: 2, kubernetes: {tiny-llama: serving/tiny-serve-adapters}}\n")
+    fake.namespaces.add("serving")
+    fake.put("configmaps", "serving", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "tiny-serve-adapters"}, "data": {"adapters.json": json.dumps({"adapters": [
+            {"name": "older-1", "uri": "s3://b/1"}, {"name": "older-2", "uri": "s3://b/2"}]})}})
     server = Control(tmp_path / "home", "--backend", "kubernetes", "--storage", f"s3://{BUCKET}/ft",
                      "--namespace", "ml", "--config", str(config), env=env).start()
     try:
@@ -357,6 +363,21 @@ def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
         answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=8, temperature=0,
                                                 messages=[{"role": "user", "content": "Spell ship."}])
         assert answer.choices[0].message.content
+
+        def listed() -> list[dict[str, str]]:
+            return json.loads(fake.get("configmaps", "serving", "tiny-serve-adapters")["data"]["adapters.json"])[
+                "adapters"]
+
+        # added to the base's vLLM Deployment (its sidecar loads it): the newest max_loras 2 are listed
+        assert listed() == [{"name": "older-2", "uri": "s3://b/2"},
+                            {"name": done.fine_tuned_model, "uri": f"s3://{BUCKET}/ft/runs/{job.id}/final/adapter"}]
+        fake.forbidden.add(("GET", "configmaps"))  # the cluster refuses: the model is not deleted
+        with pytest.raises(openai.InternalServerError):
+            client.models.delete(done.fine_tuned_model)
+        assert client.models.retrieve(done.fine_tuned_model).id == done.fine_tuned_model
+        fake.forbidden.discard(("GET", "configmaps"))
+        client.models.delete(done.fine_tuned_model)
+        assert listed() == [{"name": "older-2", "uri": "s3://b/2"}]  # taken off before its run was removed
 
         second = create()
         assert fake.get("jobs", "ml", second.id) is not None

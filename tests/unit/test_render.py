@@ -438,3 +438,31 @@ def test_an_autoscaler_on_a_metric_nothing_serves_is_said(cli) -> None:
     code, out, err = cli("render", str(ROOT / "examples" / "quickstart.yaml"), "--what", "serve",
                          "--set", "serve.autoscaling=null")
     assert code == 0 and "HorizontalPodAutoscaler" not in out and "nothing rendered here" not in err
+
+
+def test_runtime_adapters_enable_vllms_runtime_lora_loading_with_a_sidecar_and_a_list() -> None:
+    """serve.runtime_adapters: vLLM takes adapters while it runs (/v1/load_lora_adapter), a sidecar
+    loads what the ConfigMap lists; the ConfigMap is rendered without data, so applying the manifests
+    again keeps the list the control plane wrote."""
+    for example in ("quickstart.yaml", "d-minio-lora-sweep.yaml"):
+        objects = rendered(example, "serve", "serve.runtime_adapters=true", "serve.max_loras=4")
+        pod = pod_of(objects)
+        vllm, sidecar = pod["containers"]
+        args = vllm["args"]
+        assert "--enable-lora" in args and args[args.index("--max-loras") + 1] == "4"
+        assert args[args.index("--max-lora-rank") + 1] == "64"
+        assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in vllm["env"]
+        (listing,) = by_kind(objects, "ConfigMap")
+        assert "data" not in listing and listing["metadata"]["name"].endswith("-serve-adapters")
+        assert sidecar["command"][:2] == ["kubetune", "serve-adapters"]
+        assert f"http://127.0.0.1:{vllm['ports'][0]['containerPort']}" in sidecar["command"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "adapter-list")
+        assert volume["configMap"]["name"] == listing["metadata"]["name"]
+        assert {m["name"] for m in sidecar["volumeMounts"]} >= {"models", "adapter-list"}  # fetched onto the models volume
+        for obj in objects:
+            if obj["kind"] not in CRDS:
+                for version in VERSIONS:
+                    kubernetes_validate.validate(obj, version, strict=True)
+    plain = pod_of(rendered("quickstart.yaml", "serve"))
+    assert len(plain["containers"]) == 1 and not any(e["name"] == "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+                                                     for e in plain["containers"][0]["env"])

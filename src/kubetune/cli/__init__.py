@@ -170,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(transformers engine) processes that batch requests, each with cores/N threads, over one "
                         "shared copy of the weights; auto: 2 for small weights on a multi-core CPU, else 1")
     p.set_defaults(func=verbs.serve)
+    p = sub.add_parser("serve-adapters", help="(the vLLM pod's sidecar) keep vLLM serving the adapters a list names, "
+                                              "loading and unloading them at runtime")
+    p.add_argument("--file", required=True, help="the list: {\"adapters\": [{\"name\": ..., \"uri\": ...}]} "
+                                                 "(the mounted ConfigMap)")
+    p.add_argument("--vllm", default="http://127.0.0.1:8000", help="the vLLM server in this pod")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between passes")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.set_defaults(func=verbs.serve_adapters)
     p = sub.add_parser("chat", help="chat with a served model (URL) or a run: one-shot, or interactive without MESSAGE")
     p.add_argument("target", metavar="URL|RUN", help="http(s)://host:port of an OpenAI-compatible server, or a run folder")
     p.add_argument("messages", nargs="*", help="one-shot questions (each answered separately)")

@@ -303,6 +303,18 @@ def server(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_adapters(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kubetune.serve.adapter_sync import run_sync
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    run_sync(Path(args.file), args.vllm, args.interval, os.environ.get("VLLM_API_KEY"), args.once, say)
+    return 0
+
+
 def chat(args: argparse.Namespace) -> int:
     from kubetune.errors import UsageError
     from kubetune.serve.client import is_url

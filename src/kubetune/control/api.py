@@ -396,6 +396,11 @@ async def delete_model(model: str, state: ControlState = Depends(control_state),
         if in_use:
             raise ApiError(400, f"the model `{model}` is the start of {in_use}; delete or cancel that first",
                            param="model", code="model_in_use")
+        try:  # off the operator's vLLM Deployments first: no replica may go on serving a deleted model
+            await asyncio.to_thread(state.backend.unserve, job)
+        except KubetuneError as exc:
+            raise ApiError(503, f"the model could not be taken off its serving Deployment: {redact(exc.message)}; "
+                                "try again", "server_error", None, "cluster_unavailable") from None
         if not state.store.update_job(job["id"], expect=["succeeded"], model_deleted_at=int(time.time())):
             raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model",
                            "model_not_found")

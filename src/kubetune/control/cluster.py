@@ -101,8 +101,9 @@ class KubernetesWorker(LocalWorker):
                 self.store.add_event(job["id"], "Fine-tuning job started")
         elif phase == "Succeeded":
             events = run_events(job["run_uri"])
-            self.succeed(job, events, ["queued", "running"], finished_at=int(time.time()),
-                         trained_tokens=trained_tokens(events))
+            if self.succeed(job, events, ["queued", "running"], finished_at=int(time.time()),
+                            trained_tokens=trained_tokens(events)):
+                self._list_adapter(job, added=True)
         elif phase == "Failed":
             errors = [e.error for e in run_events(job["run_uri"]) if isinstance(e, ErrorEvent)]
             conditions = [c for c in (cluster_job.status.conditions or []) if c.type == "Failed"]
@@ -134,6 +135,31 @@ class KubernetesWorker(LocalWorker):
         nodes); resume submits it again, and the new pod resumes from that checkpoint."""
         self.cancelled(job)
         self.store.update_job(job["id"], expect=["paused"], worker=None)  # resume may queue it again
+
+    def unserve(self, job: dict[str, Any]) -> None:
+        """Take a model about to be deleted off its base's vLLM Deployment (KubetuneError if the
+        cluster cannot be told: the model is then not deleted)."""
+        self._list_adapter(job, added=False)
+
+    def _list_adapter(self, job: dict[str, Any], added: bool) -> None:
+        from kubetune.control.serving import listing_for, update_listing
+
+        spec = load_spec_text(job["spec"], f"job {job['id']}")
+        ref = listing_for(spec, self.config.serving.kubernetes)
+        if ref is None:
+            return
+        namespace, name = ref
+        try:
+            update_listing(self._cluster(namespace), name, spec, job["run_uri"], job["fine_tuned_model"], added,
+                           self.config.serving.max_loras)
+        except KubetuneError as exc:
+            if not added:
+                raise
+            self.store.add_event(job["id"], f"Could not add the model to configmap/{name} in {namespace} (served "
+                                            f"by this server only): {exc.message}", "warn")
+            return
+        self.store.add_event(job["id"], f"Model listed in configmap/{name} in {namespace}: the vLLM Deployment "
+                                        "loads it" if added else f"Model taken off configmap/{name} in {namespace}")
 
     def cancelled(self, job: dict[str, Any]) -> None:
         """Delete the Job (its pods get SIGTERM: the trainer checkpoints to storage on its way out)."""

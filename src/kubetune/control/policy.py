@@ -19,7 +19,7 @@ import math
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -110,8 +110,13 @@ class GradersPolicy(_Config):
 class ServingPolicy(_Config):
     """How succeeded jobs' models are served."""
     max_loras: int = Field(8, ge=1, le=256, description="Adapters of one base loaded at once (added to the running "
-                           "engine when asked for; beyond this the least recently used is unloaded). Rendered "
-                           "vLLM Deployments get it as --max-loras.")
+                           "engine when asked for; beyond this the least recently used is unloaded), and listed "
+                           "for a Deployment below (the newest).")
+    kubernetes: dict[str, Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*"
+                                                       r"[a-z0-9])?$")]] = Field(
+        default_factory=dict, description="BASE: NAMESPACE/CONFIGMAP — vLLM Deployments deployed with "
+        "serve.runtime_adapters (the ConfigMap is NAME-serve-adapters): a job of that base that succeeds is added "
+        "to their list, a deleted model taken off it. BASE is the base model's last path part.")
 
 
 class ServerConfig(_Config):

@@ -83,6 +83,9 @@ class LocalWorker:
     def paused(self, job: dict[str, Any]) -> None:
         """As cancelled: the next tick stops the process at a checkpoint; resume queues the job again."""
 
+    def unserve(self, job: dict[str, Any]) -> None:
+        """A model about to be deleted: served here only by the ModelHub, which forgets it."""
+
     def _shutdown(self) -> None:
         # In the thread that started the processes: their PDEATHSIG fires when it ends, so it ends last.
         for job_id, proc in self._procs.items():

@@ -131,9 +131,11 @@ class Cluster:
         result = self.api.response_deserialize(response, {"2XX": "object"})  # raises ApiException on 4xx/5xx
         return int(result.status_code), result.data or {}
 
-    def request(self, method: str, path: str, body: Any = None, tolerate: tuple[int, ...] = ()) -> Any:
+    def request(self, method: str, path: str, body: Any = None, tolerate: tuple[int, ...] = (),
+                content_type: str = "application/json") -> Any:
         """(status, body) of any API path, errors explained; a status in `tolerate` is returned as an int."""
-        return self._call(method.lower(), path, None, lambda: self._request(method, path, body), tolerate=tolerate)
+        return self._call(method.lower(), path, None, lambda: self._request(method, path, body, (), content_type),
+                          tolerate=tolerate)
 
     def server_side_apply(self, obj: dict[str, Any], tolerate: tuple[int, ...] = ()) -> tuple[int, dict[str, Any]] | int:
         """Server-side apply as field manager `kubetune`: idempotent, list semantics of the API server,

@@ -29,6 +29,7 @@ class VllmTarget:
     tool_parser: str | None = None               # --tool-call-parser matching the run's chat template
     reasoning_parser: str | None = None          # --reasoning-parser for templates with <think> reasoning
     max_loras: int | None = None                 # adapters that may share one batch (several runs of one base)
+    runtime_adapters: bool = False               # LoRA enabled for adapters loaded while it serves
 
 
 def max_lora_rank(rank: int) -> int:
@@ -56,8 +57,10 @@ def vllm_command(target: VllmTarget, host: str = "0.0.0.0", port: int = 8000, ma
            "--generation-config", target.run_folder]
     if target.revision:
         cmd += ["--revision", target.revision]
-    if target.adapters:
-        cmd += ["--enable-lora", "--lora-modules", *[f"{name}={path}" for name, path in target.adapters]]
+    if target.adapters or target.runtime_adapters:
+        cmd += ["--enable-lora"]
+        if target.adapters:
+            cmd += ["--lora-modules", *[f"{name}={path}" for name, path in target.adapters]]
         if target.max_lora_rank:
             cmd += ["--max-lora-rank", str(max_lora_rank(target.max_lora_rank))]
         if target.max_loras:

@@ -413,6 +413,14 @@ class ServeSpec(_Section):
     tool_parser: Literal["auto", "none", "hermes", "llama3_json", "mistral", "deepseek_v3"] = Field(
         "auto", description="How tool calls are read back from answers (vLLM --tool-call-parser): auto = the format "
                             "the run's chat template writes; none = answers stay text.")
+    runtime_adapters: bool = Field(False, description="vLLM also serves adapters added while it runs: the "
+                                   "Deployment gets --enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING, a ConfigMap "
+                                   "NAME-serve-adapters listing them (kept by `kubetune server`) and a sidecar "
+                                   "(`kubetune serve-adapters`) that loads and unloads them at runtime.")
+    max_loras: int = Field(8, ge=1, le=256, description="(runtime_adapters) adapters vLLM batches at once "
+                           "(--max-loras); the control plane keeps at most this many listed per base.")
+    max_lora_rank: int = Field(64, ge=1, le=512, description="(runtime_adapters) the largest LoRA rank an added "
+                               "adapter may have (--max-lora-rank).")
 
 
 class RunSpec(_Section):

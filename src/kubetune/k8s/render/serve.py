@@ -117,14 +117,18 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
         assert base is not None
         base_local = hub_or_pod(base, "base")
         modules = tuple((a.name, in_pod(a.uri, a.name)) for a in adapters)
-        target = VllmTarget(base_local, uri_basename(base_local), modules[0][1], modules,
-                            max(a.rank or 8 for a in adapters), adapters[0].revision, tool_parser, reasoning_parser,
-                            max_loras=len(modules) if len(modules) > 1 else None)
+        rank = max([a.rank or 8 for a in adapters] + ([s.max_lora_rank] if s.runtime_adapters else []))
+        loras = max(len(modules), s.max_loras) if s.runtime_adapters else len(modules)
+        target = VllmTarget(base_local, uri_basename(base_local), modules[0][1], modules, rank, adapters[0].revision,
+                            tool_parser, reasoning_parser, max_loras=loras if loras > 1 else None,
+                            runtime_adapters=s.runtime_adapters)
     else:
         (model,) = served
         local = hub_or_pod(model.uri, model.name)
         target = VllmTarget(local, model.name, local, revision=model.revision if model.uri.startswith("hf://") else None,
-                            tool_parser=tool_parser, reasoning_parser=reasoning_parser)
+                            tool_parser=tool_parser, reasoning_parser=reasoning_parser,
+                            max_lora_rank=s.max_lora_rank if s.runtime_adapters else None,
+                            max_loras=s.max_loras if s.runtime_adapters else None, runtime_adapters=s.runtime_adapters)
     init = [{"name": _init_name(root, several), "image": spec.kubernetes.image,
              "imagePullPolicy": spec.kubernetes.image_pull_policy,
              "command": ["kubetune", "stage", *[a for uri in uris for a in ("--model", uri)], "--to", root],
@@ -149,6 +153,10 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
         "livenessProbe": {"httpGet": {"path": "/health", **http}, "periodSeconds": 15, "failureThreshold": 4},
         "volumeMounts": vols.mounts,
     }
+    containers = [container]
+    extra: list[dict[str, Any]] = []
+    if s.runtime_adapters:
+        containers, extra = _runtime_adapters(spec, name, container, vols, env_list, env_from, api_env, disk)
     select = {"kubetune.dev/run": spec.name, "app.kubernetes.io/component": "serve"}
     pod_meta: dict[str, Any] = {"labels": metadata(spec, name, "serve")["labels"]}
     if vols.annotations:
@@ -158,7 +166,7 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
     if sharing:
         placement["nodeSelector"] = dict(sorted({**placement.get("nodeSelector", {}), **sharing}.items()))
     pod = {"securityContext": pod_security(spec), **placement,
-           **({"initContainers": init} if init else {}), "containers": [container], "volumes": vols.volumes}
+           **({"initContainers": init} if init else {}), "containers": containers, "volumes": vols.volumes}
     objects: list[dict[str, Any]] = [
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(spec, name, "serve"), "spec": {
             # with an HPA, replicas are the HPA's: applying a count would take the field back from it
@@ -172,7 +180,33 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
     ]
     if s.autoscaling:
         objects += autoscaling_objects(spec, name, select)
-    return objects
+    return objects + extra
+
+
+ADAPTER_LIST = "/etc/kubetune/adapters"
+
+
+def _runtime_adapters(spec: RunSpec, name: str, vllm: dict[str, Any], vols: Any, env_list: list[dict[str, Any]],
+                      env_from: list[dict[str, Any]], api_env: list[dict[str, Any]], disk: str
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """vLLM with runtime LoRA updating, and its sidecar: `kubetune serve-adapters` reads the ConfigMap
+    NAME-adapters (written by `kubetune server`, so rendered without data: applying this again keeps
+    its list) and loads and unloads adapters through vLLM's API, fetching them with the pod's
+    credentials onto the models volume."""
+    listing = f"{name}-adapters"
+    vllm["env"] = [*vllm["env"], {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]
+    vols.volumes.append({"name": "adapter-list", "configMap": {"name": listing, "optional": True}})
+    sidecar = {
+        "name": "adapters", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
+        "command": ["kubetune", "serve-adapters", "--file", f"{ADAPTER_LIST}/adapters.json",
+                    "--vllm", f"http://127.0.0.1:{spec.serve.port}"],
+        "env": [*env_list, *api_env], **({"envFrom": env_from} if env_from else {}),
+        "resources": resources(spec, cpu="500m", memory="1Gi", accelerator=False, disk=disk),
+        "securityContext": container_security(),
+        "volumeMounts": [*vols.mounts, {"name": "adapter-list", "mountPath": ADAPTER_LIST, "readOnly": True}],
+    }
+    configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(spec, listing, "serve")}
+    return [vllm, sidecar], [configmap]
 
 
 def autoscaling_objects(spec: RunSpec, name: str, select: dict[str, str]) -> list[dict[str, Any]]:
