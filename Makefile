@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ASSETS  := examples/assets/tiny-llama
 
-.PHONY: install demo test test-unit assets system-deps clean
+.PHONY: install demo test test-unit test-fast assets system-deps clean
 
 install: $(STAMP)
 
@@ -30,13 +30,17 @@ demo: install assets
 system-deps:
 	bash scripts/system-deps.sh
 
+# Two workers (pytest-xdist): the tests' training processes are single-threaded (OMP_NUM_THREADS=1)
+# and many tests wait on servers, so two at a time use both cores (21 min instead of ~28 here).
 test: install assets system-deps
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-unit: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not integration"
+
+test-fast: test-unit
 
 clean:
 	rm -rf $(VENV) runs examples/assets .pytest_cache

@@ -5,7 +5,6 @@ costs its sample, and a fresh process grades the rest."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
@@ -57,10 +56,8 @@ def test_the_servers_environment_is_not_the_graders(monkeypatch: pytest.MonkeyPa
 
 def test_a_grader_that_hangs_costs_its_sample_and_the_rest_are_graded() -> None:
     cases = [({"output_text": "a"}, {}), ({"output_text": "hang"}, {}), ({"output_text": "b"}, {})]
-    started = time.monotonic()
     out = _grade("while sample['output_text'] == 'hang':\n    pass\nreturn 1.0", cases)
     assert [o.score for o in out] == [1.0, None, 1.0] and out[1].kind == "unresponsive_reward_error"
-    assert time.monotonic() - started < 8
 
 
 def test_a_grader_that_dies_costs_its_sample_and_the_rest_are_graded() -> None:
@@ -71,10 +68,9 @@ def test_a_grader_that_dies_costs_its_sample_and_the_rest_are_graded() -> None:
 
 def test_a_grader_that_always_hangs_is_given_up_on() -> None:
     cases = [({"output_text": str(i)}, {}) for i in range(20)]
-    started = time.monotonic()
-    out = _grade("while True:\n    pass", cases)
-    assert all(o.score is None for o in out) and time.monotonic() - started < 12
-    assert "not graded" in str(out[-1].detail)
+    out = _grade("while True:\n    pass", cases)  # 4 processes (3 restarts) time out; the rest are not tried
+    assert [o.kind for o in out[:4]] == ["unresponsive_reward_error"] * 4
+    assert all(o.score is None for o in out) and "not graded" in str(out[-1].detail)
 
 
 def test_printing_and_writing_to_stdout_do_not_forge_results() -> None:
@@ -94,3 +90,15 @@ def test_loading_reports_syntax_errors_missing_grade_and_imports_that_are_not_th
     assert "No module named 'socket'" in str(check_python("import socket\ndef grade(s, i):\n    return 1", LIMITS))
     assert "Operation not permitted" in str(check_python("open('/etc/passwd')\ndef grade(s, i):\n    return 1",
                                                          LIMITS))
+
+
+@pytest.mark.parametrize("line", [b"[" * 60000, b'{"i": 0, "score": ' + b"9" * 400 + b"}", b'{"i": 0, "score": NaN}',
+                                  b'{"i": 0, "score": -Infinity}'])
+def test_lines_the_grader_forges_on_the_result_pipe_never_crash_the_caller_or_score_nan(line: bytes) -> None:
+    out = _grade(f"import os\nos.write(3, {line!r} + b'\\n')\nreturn 0.5", CASES[:1])
+    assert out[0].score in (0.5, None) and (out[0].score is not None or out[0].kind), out
+
+
+def test_other_processes_cannot_be_probed() -> None:
+    assert _grade("import os\nreturn len(os.sched_getaffinity(os.getppid()))", CASES[:1])[0].score is None
+    assert _grade("import os\nreturn len(os.sched_getaffinity(0))", CASES[:1])[0].score >= 1

@@ -11,6 +11,7 @@ process writes is trusted beyond its own scores: lines are size-capped and parse
 from __future__ import annotations
 
 import json
+import math
 import os
 import selectors
 import signal
@@ -50,6 +51,13 @@ class Outcome:
 def run_python(source: str, cases: list[tuple[dict[str, Any], Any]], limits: SandboxLimits = SandboxLimits()
                ) -> list[Outcome]:
     """`grade(sample, item)` of `source` for each (sample, item), in as few processes as the grader allows."""
+    try:
+        return _run(source, cases, limits)
+    except Exception as exc:  # noqa: BLE001 - whatever the grader made happen, a grading never crashes its caller
+        return [Outcome(None, "python_grader_server_error", f"{type(exc).__name__}: {exc}"[:300]) for _ in cases]
+
+
+def _run(source: str, cases: list[tuple[dict[str, Any], Any]], limits: SandboxLimits) -> list[Outcome]:
     out: list[Outcome | None] = [None] * len(cases)
     start, restarts = 0, 0
     while start < len(cases):
@@ -69,7 +77,10 @@ def run_python(source: str, cases: list[tuple[dict[str, Any], Any]], limits: San
 def check_python(source: str, limits: SandboxLimits = SandboxLimits()) -> str | None:
     """Why the grader cannot be loaded (a syntax error, no grade function, an import that is not
     there, ...), or None: loading runs the module's top level in the sandbox."""
-    fatal, _, failure = _one_process(source, [], 0, [], limits)
+    try:
+        fatal, _, failure = _one_process(source, [], 0, [], limits)
+    except Exception as exc:  # noqa: BLE001
+        return f"the grader could not be loaded: {type(exc).__name__}"
     return fatal or (failure.detail if failure else None)
 
 
@@ -137,8 +148,8 @@ def _read(proc: subprocess.Popen[bytes], start: int, total: int, out: list[Outco
                                           f"no score within {limits.seconds:g} s")
         try:
             record = json.loads(line)
-        except ValueError:
-            continue  # not ours: the grader wrote to stdout itself
+        except (ValueError, RecursionError):
+            continue  # not a result line: the grader wrote to the pipe itself
         if not isinstance(record, dict):
             continue
         if not loaded:
@@ -146,14 +157,27 @@ def _read(proc: subprocess.Popen[bytes], start: int, total: int, out: list[Outco
                 return str(record["fatal"])[:1000], current, None
             loaded = record.get("loaded") is True
         elif record.get("i") == current - start:
-            score = record.get("score")
-            out[current] = (Outcome(float(score)) if isinstance(score, (int, float)) and not isinstance(score, bool)
-                            else Outcome(None, "python_grader_runtime_error", str(record.get("error"))[:1000]))
+            out[current] = _outcome(record)
             current += 1
         else:
             continue
         deadline = time.monotonic() + limits.seconds
     return None, current, None
+
+
+def _outcome(record: dict[str, Any]) -> Outcome:
+    """A result line as an Outcome; anything but a finite number is the grader's error (the line may
+    have been written by the grader itself: NaN, a 400-digit integer, ...)."""
+    score = record.get("score")
+    if isinstance(score, (int, float)) and not isinstance(score, bool):
+        try:
+            value = float(score)
+        except OverflowError:
+            value = math.inf
+        if math.isfinite(value):
+            return Outcome(value)
+        return Outcome(None, "python_grader_runtime_error", "grade returned a number that is not finite")
+    return Outcome(None, "python_grader_runtime_error", str(record.get("error"))[:1000])
 
 
 def _next_line(fd: int, selector: selectors.BaseSelector, buffer: bytes, deadline: float
@@ -175,8 +199,8 @@ def _next_line(fd: int, selector: selectors.BaseSelector, buffer: bytes, deadlin
 
 def _ended(proc: subprocess.Popen[bytes], log: _Tail) -> str:
     try:
-        code = proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
+        code = proc.wait(timeout=0.2)
+    except subprocess.TimeoutExpired:  # alive with its output closed: no result will come
         return "it closed its output"
     if code < 0:
         name = signal.Signals(-code).name

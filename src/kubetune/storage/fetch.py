@@ -88,7 +88,7 @@ def fetch(uri: str, exclude: Sequence[str] = (),
 
 def _download(store: Store, key: str, info: dict[str, Any], blob: Path) -> None:
     blob.parent.mkdir(parents=True, exist_ok=True)
-    part = blob.with_name(blob.name + ".download")
+    part = blob.with_name(f"{blob.name}.{os.getpid()}.download")  # two processes on one cache never share a part
     store.get(key, part)
     if not matches(part, info):
         got = part.stat().st_size
