@@ -497,13 +497,13 @@ async def _checked(grader: Any, state: ControlState) -> Any:
     if sources:
         problem = await asyncio.to_thread(sandbox_problem)
         if problem:
-            raise ApiError(400, f"grader: python graders cannot run on this server: {problem}", param="grader",
+            raise ApiError(400, f"grader: python graders cannot run on this server: {redact(problem)}", param="grader",
                            code="invalid_grader")
         for key, sub in sources.items():
             failed = await asyncio.to_thread(check_python, sub.source, sandbox)
             if failed:
                 where = "grader.source" if grader.type == "python" else f"grader.graders.{key}.source"
-                raise ApiError(400, f"{where}: the grader does not load: {failed}", param=where,
+                raise ApiError(400, f"{where}: the grader does not load: {redact(failed)}", param=where,
                                code="invalid_grader")
     return sandbox
 
@@ -537,6 +537,7 @@ async def run_grader(req: GraderRun, state: ControlState = Depends(control_state
         "metadata": {"name": req.grader.name, "type": req.grader.type, "execution_time": graded.execution_time,
                      "scores": graded.scores, "token_usage": None, "sampled_model_name": None,
                      "errors": {**graded.errors, "model_grader_server_error_details": None,
-                                "python_grader_runtime_error_details": graded.details,
+                                "python_grader_runtime_error_details": redact(graded.details) if graded.details
+                                else None,  # a grader process's message may name a server path
                                 "python_grader_server_error_type": None}},
     })
