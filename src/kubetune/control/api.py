@@ -60,8 +60,8 @@ def _file_object(row: dict[str, Any]) -> dict[str, Any]:
             "expires_at": row.get("expires_at"), "status_details": None}
 
 
-def _expires_at(form: Any, now: int) -> int | None:
-    """OpenAI's `expires_after[anchor]=created_at` and `expires_after[seconds]=N` (1 hour to 30 days)."""
+def _expires_after(form: Any) -> int | None:
+    """OpenAI's `expires_after[anchor]=created_at` and `expires_after[seconds]=N` (1 hour to 30 days): the seconds."""
     anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
     if anchor is None and seconds is None:
         return None
@@ -74,7 +74,7 @@ def _expires_at(form: Any, now: int) -> int | None:
     if not EXPIRY_S[0] <= value <= EXPIRY_S[1]:
         raise ApiError(400, f"expires_after.seconds: a whole number from {EXPIRY_S[0]} (one hour) to {EXPIRY_S[1]} "
                             "(30 days)", param="expires_after.seconds")
-    return now + value
+    return value
 
 
 def _usage_error(exc: UsageError, param: str | None) -> ApiError:
@@ -91,7 +91,7 @@ async def upload(request: Request, file: UploadFile = File(...), purpose: str = 
                  state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
     if purpose not in PURPOSES:
         raise ApiError(400, f"purpose {purpose!r}: this server stores {', '.join(PURPOSES)} files", param="purpose")
-    expires_at = _expires_at(await request.form(), int(time.time()))  # parsed already: File/Form read it
+    expires_after = _expires_after(await request.form())  # parsed already: File/Form read it
     budget = state.settings.policy_for(state.store, owner)[1].max_upload_bytes
     async with _owner_lock(owner):  # one upload of a key at a time: two at once cannot both take the room left
         room = budget - state.store.stored_bytes(owner)
@@ -106,7 +106,8 @@ async def upload(request: Request, file: UploadFile = File(...), purpose: str = 
             raise ApiError(413, exc.message, param="file", code="file_too_large") from None
         except UsageError as exc:
             raise _usage_error(exc, "file") from None
-        row["expires_at"] = expires_at
+        # From the stored created_at, not a clock read before the upload: expires_at - created_at is exact
+        row["expires_at"] = None if expires_after is None else row["created_at"] + expires_after
         state.store.add_file(**row)
     return JSONResponse(_file_object(row))
 
