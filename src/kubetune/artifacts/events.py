@@ -132,7 +132,13 @@ class EndEvent(_Event):
 class MergeEvent(_Event):
     event: Literal["merge"] = "merge"
     path: str
-    max_logit_diff: float
+    max_logit_diff: Optional[float] = Field(
+        None, description="Whole model: largest |logit difference| from adapter-on-base (fp32); null when the model "
+                          "did not fit in memory for it and only its layers were checked.")
+    layer_diff: Optional[float] = Field(
+        None, description="Worst merged layer against PEFT's LoRA forward, beyond its dtype's rounding, as a fraction "
+                          "of the layer's outputs' scale.")
+    largest_shard_bytes: Optional[int] = Field(None, description="The largest shard: what the merge held in memory at once.")
 
 
 class EvalReportEvent(_Event):

@@ -73,8 +73,11 @@ def export(args: argparse.Namespace) -> int:
 def merge(args: argparse.Namespace) -> int:
     from kubetune.train.merge import merge_run
 
-    result = merge_run(args.run, tolerance=args.tolerance)
-    print(f"merged into {result.path}  (max |logit diff| vs adapter-on-base: {result.max_diff:.2e})")
+    result = merge_run(args.run, tolerance=args.tolerance, check=args.check)
+    whole = (f"max |logit diff| vs adapter-on-base: {result.max_diff:.2e}" if result.max_diff is not None
+             else "whole-model logits not checked: the model does not fit twice in memory in fp32")
+    print(f"merged into {result.path}  ({whole}; worst layer: {result.layer_diff:.1e} beyond its dtype's rounding; "
+          f"largest shard {result.largest_shard / 2**20:,.0f} MiB)")
     return 0
 
 

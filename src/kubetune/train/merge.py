@@ -1,8 +1,11 @@
 """`kubetune merge RUN`: fold the LoRA adapter into the base weights → final/merged, and prove it.
 
-The merged model must compute what adapter-on-base computes: logits on a few prompts are compared
-in fp32, and the merge is refused (nothing written) when they differ by more than the tolerance of
-the logits' own scale. The merged weights are saved in the base's dtype.
+The merge streams the base one safetensors shard at a time (train/shard_merge.py): memory is bounded by
+the largest shard, and the merged weights keep the base's dtype, keys and shards. Every merged layer is
+checked against PEFT's LoRA forward on random inputs. When the whole model fits in memory twice over in
+fp32 (`check="auto"`), the logits of the whole merged model on a few prompts are also compared with
+adapter-on-base's; the merge is refused (nothing written) when either differs by more than the
+tolerance of the outputs' own scale.
 """
 
 from __future__ import annotations
@@ -10,27 +13,29 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kubetune.artifacts.events import EventLog, MergeEvent
 from kubetune.data.export import readable
 from kubetune.errors import TrainingError, UsageError
-from kubetune.hf import PARITY_PROBES, merge_with_parity, quiet_progress_bars
+from kubetune.hf import PARITY_PROBES, Parity, merge_with_parity, quiet_progress_bars
 from kubetune.storage import resolve_model
 from kubetune.storage.runs import Run
+from kubetune.train.shard_merge import merge_shards
 
+Check = Literal["auto", "logits", "layers"]
 
 
 @dataclass(frozen=True)
 class MergeResult:
     path: Path
-    max_diff: float
+    max_diff: float | None     # whole-model |logit diff|; None when only the layers were checked
+    layer_diff: float          # worst layer, beyond its dtype's rounding, of its outputs' scale
+    largest_shard: int         # bytes the merge held at once
 
 
-def merge_run(run: str, tolerance: float = 1e-4) -> MergeResult:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def merge_run(run: str, tolerance: float = 1e-4, check: Check = "auto") -> MergeResult:
+    from transformers import AutoTokenizer
 
     quiet_progress_bars()
     opened = Run.open(run)
@@ -42,38 +47,65 @@ def merge_run(run: str, tolerance: float = 1e-4) -> MergeResult:
         raise UsageError(f"{run} has no adapter yet ({layout.adapter})", "run `kubetune train` first")
     base_dir = resolve_model(spec.model.base, spec.model.revision)
     tokenizer = AutoTokenizer.from_pretrained(layout.adapter)
-    # fp32 for the check: the tolerance is meaningful only without bf16 rounding noise.
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, layout.adapter)
-    model.eval()
-    prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PARITY_PROBES]
-    merged, parity = merge_with_parity(model, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts])
-    if not parity.within(tolerance):
-        raise TrainingError(f"merged model differs from adapter-on-base ({parity.describe()}; more than "
-                            f"{tolerance:g}); nothing was written", "report this with the run's manifest.json")
-    saved_dtype = base_dtype(base_dir)
-    if saved_dtype is not None:
-        merged = merged.to(saved_dtype)  # checked in fp32, stored as the base is (a bf16 7B: 14 GB, not 28)
+    whole = _whole_model_check(check, base_dir)
+    parity = _logit_parity(base_dir, layout.adapter, tokenizer, tolerance) if whole else None
     tmp = layout.merged.with_name("merged.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)  # carries the training chat template
-    shutil.copy(layout.adapter / "generation_config.json", tmp / "generation_config.json")
+    try:
+        streamed = merge_shards(base_dir, layout.adapter, tmp, tolerance)
+        tokenizer.save_pretrained(tmp)  # carries the training chat template
+        shutil.copy(layout.adapter / "generation_config.json", tmp / "generation_config.json")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a refused or failed merge leaves nothing behind
+        raise
     readable(tmp)
     shutil.rmtree(layout.merged, ignore_errors=True)
     tmp.rename(layout.merged)  # a reader never sees a half-written merged model
-    EventLog(layout.events).emit(MergeEvent(path=str(layout.merged), max_logit_diff=parity.max_diff))
+    EventLog(layout.events).emit(MergeEvent(path=str(layout.merged), max_logit_diff=parity.max_diff if parity else None,
+                                            layer_diff=streamed.worst, largest_shard_bytes=streamed.largest_shard))
     opened.publish(layout.merged)
-    return MergeResult(opened.where(layout.merged), parity.max_diff)
+    return MergeResult(opened.where(layout.merged), parity.max_diff if parity else None, streamed.worst,
+                       streamed.largest_shard)
 
 
-def base_dtype(base_dir: Path) -> Any:
-    """The dtype the base model's weights are stored in (config.json's dtype / torch_dtype), or None."""
-    import json
+def _whole_model_check(check: Check, base_dir: Path) -> bool:
+    """Whether the whole-model logits check runs: asked for, or (auto) the model fits twice in fp32."""
+    if check != "auto":
+        return check == "logits"
+    import psutil
 
+    return 2 * fp32_bytes(base_dir) <= psutil.virtual_memory().available
+
+
+def fp32_bytes(base_dir: Path) -> int:
+    """The base's weights in fp32, from its safetensors headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    from kubetune.train.shard_merge import base_shards
+
+    total = 0
+    for shard, keys in base_shards(base_dir).items():
+        with safe_open(str(base_dir / shard), "pt") as f:
+            for key in keys:
+                shape = f.get_slice(key).get_shape()
+                count = 1
+                for n in shape:
+                    count *= n
+                total += 4 * count
+    return total
+
+
+def _logit_parity(base_dir: Path, adapter: Path, tokenizer: Any, tolerance: float) -> Parity:
+    """Adapter-on-base against PEFT's merge of it, both in fp32 (the tolerance is meaningful only
+    without bf16 rounding noise): the adapter means on the whole model what its layers say."""
     import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    config = json.loads((Path(base_dir) / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype")
-    value = getattr(torch, str(name), None) if name else None
-    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter)
+    prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PARITY_PROBES]
+    _, parity = merge_with_parity(model.eval(), [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts])
+    if not parity.within(tolerance):
+        raise TrainingError(f"merged model differs from adapter-on-base ({parity.describe()}; more than "
+                            f"{tolerance:g}); nothing was written", "report this with the run's manifest.json")
+    return parity

@@ -1,0 +1,160 @@
+"""Fold a LoRA adapter into its base one safetensors shard at a time: memory is bounded by the largest
+shard (plus one weight in fp32), not the model, so a bf16 7B merges on a 16 GB machine.
+
+Each targeted weight becomes W + PEFT's own delta (`lora.Linear.get_delta_weight`, in fp32), stored in
+the base's dtype under the base's key, shard and index. Every merged weight is then read back from the
+written shard and checked against PEFT's LoRA forward on random inputs: the merged layer must compute
+what adapter-on-base computes, up to the rounding of storing the weight in the base's dtype (bounded
+exactly, element by element) and fp32 round-off. A mismatch, an adapter module with no weight in the
+base, or a weight of another shape refuses the merge.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.errors import TrainingError, UsageError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+ADAPTER_PREFIX = "base_model.model."
+# Adapter features the shard merge does not fold (kubetune never trains them); refused by name.
+UNSUPPORTED = ("fan_in_fan_out", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication", "lora_bias",
+               "trainable_token_indices")
+
+
+@dataclass(frozen=True)
+class ShardMergeResult:
+    merged: int            # weights changed
+    shards: int            # shard files written
+    largest_shard: int     # bytes: what the merge holds in memory at once
+    worst: float           # largest per-layer difference beyond the storage rounding, of the outputs' scale
+
+
+def base_shards(base_dir: Path) -> dict[str, list[str]]:
+    """{shard file: [tensor keys]} of a safetensors base; UsageError for a base in another format."""
+    from safetensors import safe_open
+
+    if (base_dir / INDEX).exists():
+        weight_map: dict[str, str] = json.loads((base_dir / INDEX).read_text())["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(shard, []).append(key)
+        return shards
+    if (base_dir / SINGLE).exists():
+        with safe_open(str(base_dir / SINGLE), "pt") as f:
+            return {SINGLE: list(f.keys())}
+    raise UsageError(f"{base_dir}: no {SINGLE} or {INDEX}; the merge reads safetensors weights",
+                     "convert the base to safetensors (save_pretrained) and point model.base at it")
+
+
+def adapter_modules(adapter_dir: Path) -> tuple[Any, dict[str, tuple[Any, Any]]]:
+    """(LoraConfig, {base weight key: (lora_A weight, lora_B weight)}) of a saved PEFT LoRA adapter."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    for name in UNSUPPORTED:
+        if getattr(config, name, None):
+            raise UsageError(f"{adapter_dir}: adapter_config.json sets {name}; the merge folds plain LoRA weights only")
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        module, _, part = key.removeprefix(ADAPTER_PREFIX).rpartition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            raise UsageError(f"{adapter_dir}: adapter tensor {key} is not a LoRA A/B weight; the merge folds "
+                             "plain LoRA linear layers only")
+        pairs.setdefault(module + ".weight", {})[part[0]] = tensor
+    missing = sorted(k for k, ab in pairs.items() if len(ab) != 2)
+    if missing:
+        raise UsageError(f"{adapter_dir}: {missing[0]} has only one of lora_A/lora_B; the adapter is incomplete")
+    return config, {k: (ab["A"], ab["B"]) for k, ab in pairs.items()}
+
+
+def merge_shards(base_dir: Path, adapter_dir: Path, out: Path, tolerance: float = 1e-4) -> ShardMergeResult:
+    """Write the merged weights (shards, index, config) into `out`, a fresh folder; nothing is written
+    outside it, and the caller removes it when this raises."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config, modules = adapter_modules(adapter_dir)
+    shards = base_shards(base_dir)
+    where = {key: shard for shard, keys in shards.items() for key in keys}
+    unknown = sorted(set(modules) - set(where))
+    if unknown:
+        raise UsageError(f"the adapter changes {unknown[0].removesuffix('.weight')}, which the base's weights "
+                         f"({base_dir}) do not have", "merge with the base the run was trained on")
+    out.mkdir(parents=True, exist_ok=False)
+    worst, largest = 0.0, 0
+    generator = torch.Generator().manual_seed(0)
+    for shard, keys in sorted(shards.items()):
+        largest = max(largest, (base_dir / shard).stat().st_size)
+        tensors: dict[str, Any] = {}
+        layers: dict[str, Any] = {}
+        with safe_open(str(base_dir / shard), "pt") as f:
+            metadata = f.metadata() or {}
+            for key in keys:
+                weight = f.get_tensor(key)
+                if key in modules:
+                    layer = _lora_layer(weight, *modules[key], config, key)
+                    with torch.no_grad():
+                        weight = (weight.float() + layer.get_delta_weight("default")).to(weight.dtype)
+                    layers[key] = layer
+                tensors[key] = weight
+        save_file(tensors, str(out / shard), metadata={**metadata, "format": "pt"})
+        del tensors
+        with safe_open(str(out / shard), "pt") as written:  # check what is on disk, not what was meant
+            for key, layer in layers.items():
+                worst = max(worst, _layer_parity(layer, written.get_tensor(key), key, tolerance, generator))
+    for name in (INDEX, "config.json"):
+        if (base_dir / name).exists():
+            shutil.copy(base_dir / name, out / name)
+    return ShardMergeResult(len(modules), len(shards), largest, worst)
+
+
+def _lora_layer(weight: Any, a: Any, b: Any, config: Any, key: str) -> Any:
+    """PEFT's LoRA layer over the base weight (in fp32), holding this adapter's A and B."""
+    import torch
+    from peft.tuners.lora import Linear
+
+    out_features, in_features = weight.shape if weight.dim() == 2 else (0, 0)
+    if weight.dim() != 2 or a.shape != (a.shape[0], in_features) or b.shape != (out_features, a.shape[0]):
+        raise UsageError(f"the adapter's {key.removesuffix('.weight')} (A {tuple(a.shape)}, B {tuple(b.shape)}) does "
+                         f"not fit the base weight {tuple(weight.shape)}", "merge with the base the run was trained on")
+    base = torch.nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(weight.float())
+    layer = Linear(base, "default", config, r=a.shape[0], lora_alpha=config.lora_alpha,
+                   use_rslora=config.use_rslora, lora_dropout=0.0, init_lora_weights=False)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(a.float())
+        layer.lora_B["default"].weight.copy_(b.float())
+    return layer.eval()
+
+
+def _layer_parity(layer: Any, merged: Any, key: str, tolerance: float, generator: Any) -> float:
+    """How far the merged weight's outputs are from PEFT's LoRA forward on random inputs, beyond what
+    storing the weight in its dtype can move them; TrainingError when beyond `tolerance` of their scale."""
+    import torch
+
+    weight = merged.float()
+    x = torch.randn(8, weight.shape[1], generator=generator)
+    with torch.no_grad():
+        expected = layer(x)
+        got = x @ weight.T
+        # The exact rounding bound of the stored weight: half a unit in the last place of each element.
+        half_ulp = (torch.nextafter(merged.abs(), torch.tensor(float("inf"), dtype=merged.dtype)) - merged.abs()
+                    ).float() / 2
+        rounding = x.abs() @ half_ulp.T
+        scale = max(1.0, float(expected.pow(2).mean().sqrt()))
+        beyond = float(((got - expected).abs() - rounding).clamp(min=0).max()) / scale
+    if beyond > tolerance:
+        raise TrainingError(f"merged {key} differs from adapter-on-base by {beyond:.1e} of its outputs' scale beyond "
+                            f"the rounding of its dtype (more than {tolerance:g}); nothing was written",
+                            "report this with the run's manifest.json")
+    return beyond

@@ -1,0 +1,126 @@
+"""The shard-at-a-time merge: deep sharded bases merge into the base's dtype, keys and shards, computing
+what adapter-on-base computes; a wrong delta, an adapter of another base or a non-LoRA adapter is refused;
+memory stays bounded by a shard, not the model (measured in a fresh process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kubetune.errors import TrainingError, UsageError  # noqa: E402
+from kubetune.hf import Parity  # noqa: E402
+from kubetune.train.shard_merge import merge_shards  # noqa: E402
+
+
+def make_base_and_adapter(tmp: Path, layers: int, hidden: int, dtype: "torch.dtype", shard: str,
+                          vocab: int = 512, logit_scale: float = 1.0) -> tuple[Path, Path]:
+    """A random Llama saved by transformers in shards, and a LoRA adapter saved by PEFT (random A and B)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(layers)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    base = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        base.lm_head.weight *= logit_scale
+    base.to(dtype).save_pretrained(tmp / "base", max_shard_size=shard)
+    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(tmp / "adapter")
+    return tmp / "base", tmp / "adapter"
+
+
+def logits(model, ids: list[int]) -> "torch.Tensor":  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits.float()
+
+
+def test_a_deep_sharded_fp32_model_merges_into_the_same_model(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = make_base_and_adapter(tmp_path, 24, 128, torch.float32, "3MB", logit_scale=400.0)
+    result = merge_shards(base, adapter, tmp_path / "merged")
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    assert result.shards == len(set(index["weight_map"].values())) > 3 and result.merged == 24 * 7
+    assert json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text()) == index
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    probe = list(range(3, 60))
+    before, after = logits(reference, probe), logits(merged, probe)
+    parity = Parity(float((before - after).abs().max()), float(before.pow(2).mean().sqrt()))
+    assert parity.scale > 10 and parity.within(1e-4), parity.describe()
+    with reference.disable_adapter():
+        assert float((before - logits(reference, probe)).abs().max()) > 1  # the adapter matters
+
+
+def test_a_bf16_base_stays_bf16_and_every_layer_is_within_its_rounding(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    base, adapter = make_base_and_adapter(tmp_path, 4, 64, torch.bfloat16, "200KB")
+    result = merge_shards(base, adapter, tmp_path / "merged")
+    assert result.worst <= 1e-4 and result.largest_shard < 400_000
+    changed = 0
+    for shard in {p.name for p in (tmp_path / "merged").glob("*.safetensors")}:
+        with safe_open(str(base / shard), "pt") as old, safe_open(str(tmp_path / "merged" / shard), "pt") as new:
+            assert set(old.keys()) == set(new.keys())
+            for key in new.keys():
+                assert new.get_slice(key).get_dtype() == "BF16"
+                changed += not torch.equal(old.get_tensor(key), new.get_tensor(key))
+    assert changed == 4 * 7  # the targeted weights, and only they
+
+
+def test_a_wrong_delta_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft.tuners.lora import Linear
+
+    base, adapter = make_base_and_adapter(tmp_path, 4, 64, torch.float32, "200KB")
+    right = Linear.get_delta_weight
+    monkeypatch.setattr(Linear, "get_delta_weight", lambda self, name: right(self, name) * 1.01)  # scale off by 1%
+    with pytest.raises(TrainingError, match=r"merged model\.layers\.\d+\.\S+\.weight differs from adapter-on-base"):
+        merge_shards(base, adapter, tmp_path / "merged")
+
+
+def test_an_adapter_of_another_base_or_kind_is_refused(tmp_path: Path) -> None:
+    base, adapter = make_base_and_adapter(tmp_path / "a", 2, 64, torch.float32, "200KB")
+    other, _ = make_base_and_adapter(tmp_path / "b", 2, 128, torch.float32, "200KB")
+    with pytest.raises(UsageError, match=r"the adapter's model\.layers\.0\.\S+ \(A \(8, 64\).* does not fit the base"):
+        merge_shards(other, adapter, tmp_path / "m1")
+    shallow, _ = make_base_and_adapter(tmp_path / "c", 1, 64, torch.float32, "200KB")
+    with pytest.raises(UsageError, match=r"the adapter changes model\.layers\.1\.\S+, which the base's weights"):
+        merge_shards(shallow, adapter, tmp_path / "m2")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(UsageError, match="adapter_config.json sets use_dora"):
+        merge_shards(base, adapter, tmp_path / "m3")
+
+
+PEAK = """
+import json, resource, sys
+from pathlib import Path
+import peft, safetensors.torch, torch
+from kubetune.train.shard_merge import merge_shards
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result = merge_shards(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"growth": peak - before, "largest": result.largest_shard}))
+"""
+
+
+@pytest.mark.integration
+def test_memory_is_bounded_by_a_shard_not_the_model(tmp_path: Path) -> None:
+    """A 350 MB bf16 model (700 MB in fp32, what the old merge loaded) in 40 MB shards."""
+    base, adapter = make_base_and_adapter(tmp_path, 16, 1024, torch.bfloat16, "40MB", vocab=16000)
+    model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    run = subprocess.run([sys.executable, "-c", PEAK, str(base), str(adapter), str(tmp_path / "merged")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout.splitlines()[-1])
+    assert model_bytes > 330e6 and measured["largest"] < 45e6
+    # the shard read, the shard written, and one weight's fp32 temporaries; never the model
+    assert measured["growth"] < 2.5 * measured["largest"] + 64e6 < model_bytes / 2, measured
