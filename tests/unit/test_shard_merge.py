@@ -65,7 +65,7 @@ def test_a_bf16_base_stays_bf16_and_every_layer_is_within_its_rounding(tmp_path:
 
     base, adapter = make_base_and_adapter(tmp_path, 4, 64, torch.bfloat16, "200KB")
     result = merge_shards(base, adapter, tmp_path / "merged")
-    assert result.worst <= 1e-4 and result.largest_shard < 400_000
+    assert result.worst <= 1e-4 and result.largest_weight == 4 * 64 * 128
     changed = 0
     for shard in {p.name for p in (tmp_path / "merged").glob("*.safetensors")}:
         with safe_open(str(base / shard), "pt") as old, safe_open(str(tmp_path / "merged" / shard), "pt") as new:
@@ -101,26 +101,28 @@ def test_an_adapter_of_another_base_or_kind_is_refused(tmp_path: Path) -> None:
 
 
 PEAK = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 import peft, safetensors.torch, torch
 from kubetune.train.shard_merge import merge_shards
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def hwm():  # this process's own peak resident set: ru_maxrss is inherited from the forking parent
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+before = hwm()
 result = merge_shards(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"growth": peak - before, "largest": result.largest_shard}))
+print(json.dumps({"growth": hwm() - before, "before": before, "largest": result.largest_weight}))
 """
 
 
 @pytest.mark.integration
 def test_memory_is_bounded_by_a_shard_not_the_model(tmp_path: Path) -> None:
-    """A 350 MB bf16 model (700 MB in fp32, what the old merge loaded) in 40 MB shards."""
-    base, adapter = make_base_and_adapter(tmp_path, 16, 1024, torch.bfloat16, "40MB", vocab=16000)
+    """A 350 MB bf16 model (700 MB in fp32, what the old merge loaded) in 150 MB shards."""
+    base, adapter = make_base_and_adapter(tmp_path, 16, 1024, torch.bfloat16, "150MB", vocab=16000)
     model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     run = subprocess.run([sys.executable, "-c", PEAK, str(base), str(adapter), str(tmp_path / "merged")],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     measured = json.loads(run.stdout.splitlines()[-1])
-    assert model_bytes > 330e6 and measured["largest"] < 45e6
-    # the shard read, the shard written, and one weight's fp32 temporaries; never the model
-    assert measured["growth"] < 2.5 * measured["largest"] + 64e6 < model_bytes / 2, measured
+    assert model_bytes > 330e6 and measured["largest"] == 4 * 1024 * 2048
+    # one weight: read, its fp32 copies, the delta and the merged bytes; never a shard, never the model
+    # (measured here: 99 MB, of which ~60 MB the first use of PEFT's and torch's code and allocator)
+    assert measured["growth"] < 8 * measured["largest"] + 64e6 < model_bytes / 2, measured

@@ -138,7 +138,8 @@ class MergeEvent(_Event):
     layer_diff: Optional[float] = Field(
         None, description="Worst merged layer against PEFT's LoRA forward, beyond its dtype's rounding, as a fraction "
                           "of the layer's outputs' scale.")
-    largest_shard_bytes: Optional[int] = Field(None, description="The largest shard: what the merge held in memory at once.")
+    largest_weight_bytes: Optional[int] = Field(
+        None, description="The largest merged weight in fp32: the merge holds one weight at a time, not the model.")
 
 
 class EvalReportEvent(_Event):

@@ -1,7 +1,7 @@
 """`kubetune merge RUN`: fold the LoRA adapter into the base weights → final/merged, and prove it.
 
-The merge streams the base one safetensors shard at a time (train/shard_merge.py): memory is bounded by
-the largest shard, and the merged weights keep the base's dtype, keys and shards. Every merged layer is
+The merge streams the base one weight at a time (train/shard_merge.py): memory is bounded by the
+largest merged weight, and the merged weights keep the base's dtype, keys and shards. Every merged layer is
 checked against PEFT's LoRA forward on random inputs. When the whole model fits in memory twice over in
 fp32 (`check="auto"`), the logits of the whole merged model on a few prompts are also compared with
 adapter-on-base's; the merge is refused (nothing written) when either differs by more than the
@@ -31,7 +31,7 @@ class MergeResult:
     path: Path
     max_diff: float | None     # whole-model |logit diff|; None when only the layers were checked
     layer_diff: float          # worst layer, beyond its dtype's rounding, of its outputs' scale
-    largest_shard: int         # bytes the merge held at once
+    largest_weight: int        # fp32 bytes of the largest merged weight: what the merge held at once
 
 
 def merge_run(run: str, tolerance: float = 1e-4, check: Check = "auto") -> MergeResult:
@@ -62,10 +62,10 @@ def merge_run(run: str, tolerance: float = 1e-4, check: Check = "auto") -> Merge
     shutil.rmtree(layout.merged, ignore_errors=True)
     tmp.rename(layout.merged)  # a reader never sees a half-written merged model
     EventLog(layout.events).emit(MergeEvent(path=str(layout.merged), max_logit_diff=parity.max_diff if parity else None,
-                                            layer_diff=streamed.worst, largest_shard_bytes=streamed.largest_shard))
+                                            layer_diff=streamed.worst, largest_weight_bytes=streamed.largest_weight))
     opened.publish(layout.merged)
     return MergeResult(opened.where(layout.merged), parity.max_diff if parity else None, streamed.worst,
-                       streamed.largest_shard)
+                       streamed.largest_weight)
 
 
 def _whole_model_check(check: Check, base_dir: Path) -> bool:

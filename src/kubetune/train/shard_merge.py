@@ -1,8 +1,8 @@
-"""Fold a LoRA adapter into its base one safetensors shard at a time: memory is bounded by the largest
-shard (plus one weight in fp32), not the model, so a bf16 7B merges on a 16 GB machine.
+"""Fold a LoRA adapter into its base one weight at a time: memory is bounded by the largest merged
+weight (in fp32, a few copies), not the model or its shards, so a bf16 7B merges on a 16 GB machine.
 
 Each targeted weight becomes W + PEFT's own delta (`lora.Linear.get_delta_weight`, in fp32), stored in
-the base's dtype under the base's key, shard and index. Every merged weight is then read back from the
+the base's dtype under the base's key, shard and index (the base's own bytes elsewhere). Every merged weight is then read back from the
 written shard and checked against PEFT's LoRA forward on random inputs: the merged layer must compute
 what adapter-on-base computes, up to the rounding of storing the weight in the base's dtype (bounded
 exactly, element by element) and fp32 round-off. A mismatch, an adapter module with no weight in the
@@ -31,7 +31,7 @@ UNSUPPORTED = ("fan_in_fan_out", "use_dora", "rank_pattern", "alpha_pattern", "m
 class ShardMergeResult:
     merged: int            # weights changed
     shards: int            # shard files written
-    largest_shard: int     # bytes: what the merge holds in memory at once
+    largest_weight: int    # bytes of the largest merged weight in fp32: what the merge holds at once
     worst: float           # largest per-layer difference beyond the storage rounding, of the outputs' scale
 
 
@@ -77,10 +77,13 @@ def adapter_modules(adapter_dir: Path) -> tuple[Any, dict[str, tuple[Any, Any]]]
 
 def merge_shards(base_dir: Path, adapter_dir: Path, out: Path, tolerance: float = 1e-4) -> ShardMergeResult:
     """Write the merged weights (shards, index, config) into `out`, a fresh folder; nothing is written
-    outside it, and the caller removes it when this raises."""
+    outside it, and the caller removes it when this raises.
+
+    A merged weight has the base weight's shape and dtype, so each output shard is the base shard's
+    file (copied by the OS, never loaded) with the merged weights' bytes written over their own ranges:
+    memory holds one weight at a time, whatever the shards' size."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     config, modules = adapter_modules(adapter_dir)
     shards = base_shards(base_dir)
@@ -93,28 +96,39 @@ def merge_shards(base_dir: Path, adapter_dir: Path, out: Path, tolerance: float 
     worst, largest = 0.0, 0
     generator = torch.Generator().manual_seed(0)
     for shard, keys in sorted(shards.items()):
-        largest = max(largest, (base_dir / shard).stat().st_size)
-        tensors: dict[str, Any] = {}
-        layers: dict[str, Any] = {}
-        with safe_open(str(base_dir / shard), "pt") as f:
-            metadata = f.metadata() or {}
-            for key in keys:
-                weight = f.get_tensor(key)
-                if key in modules:
-                    layer = _lora_layer(weight, *modules[key], config, key)
-                    with torch.no_grad():
-                        weight = (weight.float() + layer.get_delta_weight("default")).to(weight.dtype)
-                    layers[key] = layer
-                tensors[key] = weight
-        save_file(tensors, str(out / shard), metadata={**metadata, "format": "pt"})
-        del tensors
-        with safe_open(str(out / shard), "pt") as written:  # check what is on disk, not what was meant
-            for key, layer in layers.items():
-                worst = max(worst, _layer_parity(layer, written.get_tensor(key), key, tolerance, generator))
+        shutil.copyfile(base_dir / shard, out / shard)  # every weight the adapter leaves alone: the base's bytes
+        ranges = data_ranges(out / shard)
+        with (out / shard).open("r+b") as written:
+            for key in (k for k in keys if k in modules):
+                with safe_open(str(base_dir / shard), "pt") as f:
+                    weight = f.get_tensor(key)
+                layer = _lora_layer(weight, *modules[key], config, key)
+                with torch.no_grad():
+                    merged = (weight.float() + layer.get_delta_weight("default")).to(weight.dtype)
+                    largest = max(largest, weight.numel() * 4)
+                start, end = ranges[key]
+                data = merged.contiguous().view(torch.uint8).numpy()
+                assert data.nbytes == end - start, key  # same shape and dtype: the same bytes' room
+                written.seek(start)
+                written.write(data.tobytes())
+                written.flush()
+                del weight, merged, data
+                with safe_open(str(out / shard), "pt") as back:  # check what is on disk, not what was meant
+                    worst = max(worst, _layer_parity(layer, back.get_tensor(key), key, tolerance, generator))
     for name in (INDEX, "config.json"):
         if (base_dir / name).exists():
             shutil.copy(base_dir / name, out / name)
     return ShardMergeResult(len(modules), len(shards), largest, worst)
+
+
+def data_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    """{tensor: (first byte, end byte)} in a safetensors file: an 8-byte little-endian header size, the
+    JSON header (offsets relative to the data after it), then the data."""
+    with path.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    return {k: (8 + size + v["data_offsets"][0], 8 + size + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def _lora_layer(weight: Any, a: Any, b: Any, config: Any, key: str) -> Any:
@@ -126,9 +140,8 @@ def _lora_layer(weight: Any, a: Any, b: Any, config: Any, key: str) -> Any:
     if weight.dim() != 2 or a.shape != (a.shape[0], in_features) or b.shape != (out_features, a.shape[0]):
         raise UsageError(f"the adapter's {key.removesuffix('.weight')} (A {tuple(a.shape)}, B {tuple(b.shape)}) does "
                          f"not fit the base weight {tuple(weight.shape)}", "merge with the base the run was trained on")
-    base = torch.nn.Linear(in_features, out_features, bias=False)
-    with torch.no_grad():
-        base.weight.copy_(weight.float())
+    base = torch.nn.Linear(in_features, out_features, bias=False, device="meta")  # no random init to overwrite
+    base.weight = torch.nn.Parameter(weight.float(), requires_grad=False)
     layer = Linear(base, "default", config, r=a.shape[0], lora_alpha=config.lora_alpha,
                    use_rslora=config.use_rslora, lora_dropout=0.0, init_lora_weights=False)
     with torch.no_grad():
