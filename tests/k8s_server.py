@@ -8,7 +8,8 @@ server's field ownership: each manager owns the fields it applied; a field it ap
 leaves out now is removed (unless another manager owns it too); a field another manager owns with a
 different value is a 409 Conflict naming the field (force=true takes it over). Lists are owned whole
 (atomic), as the API server treats them for a single manager. A Job's pod template is immutable
-(422, field spec.template). /version, SelfSubjectAccessReview (allowed unless `denied`), nodes and
+(422, field spec.template). A merge patch naming metadata.resourceVersion is refused with 409 when
+the object has moved on; every write bumps resourceVersion. /version, SelfSubjectAccessReview (allowed unless `denied`), nodes and
 CRDs are served for `kubetune doctor`."""
 
 from __future__ import annotations
@@ -170,8 +171,14 @@ class FakeKubernetes:
             if method == "GET":
                 return 200, self.objects[key], "application/json"
             if method == "PATCH":
+                # A patch that names a resourceVersion is a precondition (optimistic concurrency)
+                wanted = (body.get("metadata") or {}).get("resourceVersion")
+                if wanted is not None and wanted != self.objects[key]["metadata"]["resourceVersion"]:
+                    return 409, status(409, "Conflict", f'Operation cannot be fulfilled on {plural} "{name}": the '
+                                                        "object has been modified; please apply your changes to the "
+                                                        "latest version and try again"), "application/json"
                 _merge(self.objects[key], body)
-                return 200, self.objects[key], "application/json"
+                return 200, self._stamp(self.objects[key], ns), "application/json"
             if method == "DELETE":
                 gone = self.objects.pop(key)
                 self.managers.pop(key, None)

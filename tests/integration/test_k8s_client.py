@@ -267,3 +267,69 @@ def test_doctor_lists_what_to_fix_then_passes(k8s: FakeKubernetes, cli, s3, monk
     assert "✓ a node offers 2 nvidia.com/gpu (1 such nodes)" in out and "✓ LocalQueue q exists" in out
     code, out, _ = cli("doctor", SPEC, *sets[:-2], "--set", "output=s3://no-such-bucket-kt/x")
     assert code == 2 and "no-such-bucket-kt" in out and "fix:" in out
+
+
+ADAPTER_CONFIG = """rules:
+- seriesQuery: 'http_requests_total{namespace!="",pod!=""}'
+  resources: {overrides: {namespace: {resource: namespace}, pod: {resource: pod}}}
+  name: {as: http_requests_per_second}
+  metricsQuery: 'sum(rate(<<.Series>>{<<.LabelMatchers>>}[2m])) by (<<.GroupBy>>)'
+"""
+
+
+def test_deploy_adds_the_rule_to_the_config_the_prometheus_adapter_loads(k8s: FakeKubernetes, cli) -> None:
+    """servicemonitor: the rule goes into the adapter's own ConfigMap (its other rules kept), once, and
+    the adapter is restarted (it reads its rules at start); no adapter, a clear error."""
+    import yaml
+
+    spec = str(ROOT / "examples" / "b-summarise-qlora-serve.yaml")
+    sets = ("--set", "serve.autoscaling.monitoring=servicemonitor")
+    code, out, err = cli("deploy", spec, *sets)
+    assert code == 2 and "ConfigMap monitoring/prometheus-adapter does not exist" in err and "Traceback" not in err
+    k8s.namespaces.add("monitoring")
+    k8s.put("configmaps", "monitoring", {"metadata": {"name": "prometheus-adapter"},
+                                         "data": {"config.yaml": ADAPTER_CONFIG}})
+    k8s.put("deployments", "monitoring", {"metadata": {"name": "prometheus-adapter"},
+                                          "spec": {"template": {"metadata": {"labels": {"app": "adapter"}}}}})
+    code, out, err = cli("deploy", spec, *sets)
+    assert code == 0, err
+    assert "rule for vllm:num_requests_waiting added, Deployment prometheus-adapter restarted" in out
+    rules = yaml.safe_load(k8s.get("configmaps", "monitoring", "prometheus-adapter")["data"]["config.yaml"])["rules"]
+    assert [r["name"]["as"] for r in rules] == ["http_requests_per_second", "vllm:num_requests_waiting"]
+    hpa = k8s.get("horizontalpodautoscalers", "ml", "llama32-3b-samsum-serve")
+    assert rules[1]["name"]["as"] == hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    template = k8s.get("deployments", "monitoring", "prometheus-adapter")["spec"]["template"]["metadata"]
+    restarted = template["annotations"]["kubetune.dev/adapter-rules"]
+    assert template["labels"] == {"app": "adapter"}
+    code, out, err = cli("deploy", spec, *sets)
+    assert code == 0 and "already serves vllm:num_requests_waiting" in out, err
+    assert len(yaml.safe_load(k8s.get("configmaps", "monitoring", "prometheus-adapter")["data"]["config.yaml"])[
+        "rules"]) == 2
+    assert k8s.get("deployments", "monitoring", "prometheus-adapter")["spec"]["template"]["metadata"][
+        "annotations"]["kubetune.dev/adapter-rules"] == restarted  # nothing changed: no restart
+
+
+def test_doctor_checks_the_metrics_path_of_the_autoscaler(k8s: FakeKubernetes, cli) -> None:
+    spec = str(ROOT / "examples" / "b-summarise-qlora-serve.yaml")
+    keda = ("--set", "serve.autoscaling.monitoring=keda")
+    code, out, _ = cli("doctor", spec, *keda)
+    assert "✗ CRD scaledobjects.keda.sh is not installed" in out and "helm install keda kedacore/keda" in out
+    assert "✗ CRD servicemonitors.monitoring.coreos.com is not installed" in out
+    assert "✗ the metrics API v1beta1.external.metrics.k8s.io is not registered (no APIService)" in out
+    for crd in ("scaledobjects.keda.sh", "servicemonitors.monitoring.coreos.com"):
+        k8s.put("customresourcedefinitions", "", {"metadata": {"name": crd}})
+    k8s.put("apiservices", "", {"metadata": {"name": "v1beta1.external.metrics.k8s.io"}, "status": {"conditions": [
+        {"type": "Available", "status": "False", "reason": "FailedDiscoveryCheck"}]}})
+    code, out, _ = cli("doctor", spec, *keda)
+    assert "✓ CRD scaledobjects.keda.sh is installed" in out
+    assert "is registered but not Available (FailedDiscoveryCheck)" in out
+    k8s.objects[("apiservices", "", "v1beta1.external.metrics.k8s.io")]["status"]["conditions"][0]["status"] = "True"
+    code, out, _ = cli("doctor", spec, *keda)
+    assert "✓ the metrics API v1beta1.external.metrics.k8s.io is served and Available" in out
+    assert "– Prometheus at http://prometheus-operated.monitoring.svc:9090" in out
+    code, out, _ = cli("doctor", spec, "--set", "serve.autoscaling.monitoring=none")
+    assert "– serving autoscaler: serve.autoscaling.monitoring is none" in out
+    assert "set serve.autoscaling.monitoring: keda (this cluster has it)" in out
+    code, out, _ = cli("doctor", spec, "--set", "serve.autoscaling.monitoring=servicemonitor")
+    assert "✗ the metrics API v1beta1.custom.metrics.k8s.io is not registered" in out
+    assert "✗ ConfigMap monitoring/prometheus-adapter (serve.autoscaling.adapter_config) does not exist" in out

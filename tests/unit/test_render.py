@@ -293,16 +293,21 @@ def test_adapters_in_object_storage_are_fetched_each_to_its_own_folder() -> None
 
 def test_the_hpa_metric_is_scraped_by_a_rendered_object() -> None:
     """servicemonitor: the ServiceMonitor selects the Service and its port, the Prometheus Adapter rule
-    publishes the series under the HPA's metric name; podmonitoring: GKE's adapter name for it."""
+    (which deploy adds to the adapter's own config: no ConfigMap of kubetune's, the adapter never reads
+    one) publishes the series under the HPA's metric name; podmonitoring: GKE's adapter name for it."""
+    from kubetune.k8s.render.serve import adapter_rule
+    from kubetune.spec.load import load_spec
+
     objs = rendered("b-summarise-qlora-serve.yaml", "serve", "serve.autoscaling.monitoring=servicemonitor")
     hpa, service = by_kind(objs, "HorizontalPodAutoscaler")[0], by_kind(objs, "Service")[0]
-    monitor, rules = by_kind(objs, "ServiceMonitor")[0], by_kind(objs, "ConfigMap")[0]
+    monitor = by_kind(objs, "ServiceMonitor")[0]
+    assert not by_kind(objs, "ConfigMap")
     metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] in [p["name"] for p in service["spec"]["ports"]]
-    rule = yaml.safe_load(rules["data"]["config.yaml"])["rules"][0]
+    rule = adapter_rule(load_spec(ROOT / "examples" / "b-summarise-qlora-serve.yaml",
+                                  ["serve.autoscaling.monitoring=servicemonitor"]))
     assert rule["name"]["as"] == metric == "vllm:num_requests_waiting" and metric in rule["seriesQuery"]
-    assert rules["metadata"]["namespace"] == "monitoring"
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
     deployment = by_kind(objs, "Deployment")[0]
     assert "replicas" not in deployment["spec"]  # the HPA's field
@@ -425,6 +430,38 @@ def test_serving_downloads_each_model_once_onto_its_sized_volume() -> None:
     with pytest.raises(SpecError) as bad:
         rendered("quickstart.yaml", "serve", "serve.model_storage=lots")
     assert "serve.model_storage" in bad.value.render() and "quantity" in bad.value.render()
+
+
+def test_keda_scales_on_a_prometheus_query_of_this_deployments_pods() -> None:
+    """keda: a ServiceMonitor (Prometheus scrapes the pods) and a ScaledObject whose Prometheus trigger
+    KEDA evaluates itself: no adapter rule, no HPA of kubetune's (KEDA makes and owns it). The query
+    sums the series over this Deployment's pods only; AverageValue makes the threshold per pod."""
+    import re
+
+    objs = rendered("b-summarise-qlora-serve.yaml", "serve", "serve.autoscaling.monitoring=keda",
+                    "serve.autoscaling.metric=batch", "serve.autoscaling.target=12.5", "serve.autoscaling.max=6",
+                    "serve.autoscaling.prometheus_url=http://prom.obs.svc:9090")
+    assert not by_kind(objs, "HorizontalPodAutoscaler") and not by_kind(objs, "ConfigMap")
+    scaled, monitor = by_kind(objs, "ScaledObject")[0], by_kind(objs, "ServiceMonitor")[0]
+    deployment = by_kind(objs, "Deployment")[0]
+    name, ns = deployment["metadata"]["name"], deployment["metadata"]["namespace"]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["spec"]["scaleTargetRef"]["name"] == name
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 6)
+    assert "replicas" not in deployment["spec"]  # KEDA's HPA owns the field
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    assert trigger["metadata"]["serverAddress"] == "http://prom.obs.svc:9090" and trigger["metadata"]["threshold"] == "12.5"
+    query = trigger["metadata"]["query"]
+    assert query.startswith("sum(vllm:num_requests_running{") and f'namespace="{ns}"' in query
+    pods = re.search(r'pod=~"([^"]+)"', query).group(1)  # type: ignore[union-attr]
+    assert re.fullmatch(pods, f"{name}-7d9f8b6c5d-x2k4q") and not re.fullmatch(pods, f"{name}-canary-7d9f8b6c5d-x2k4q")
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    with pytest.raises(SpecError) as bad:
+        rendered("quickstart.yaml", "serve", "serve.autoscaling.monitoring=keda",
+                 "serve.autoscaling.prometheus_url=file:///etc/passwd")
+    assert "serve.autoscaling.prometheus_url" in bad.value.render()
 
 
 def test_an_autoscaler_on_a_metric_nothing_serves_is_said(cli) -> None:

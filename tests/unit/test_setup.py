@@ -71,3 +71,15 @@ def test_a_queue_needs_its_cluster_queue_and_identities_are_checked(cli, tmp_pat
     code, _, err = cli("render", str(B), "--what", "setup", "--set", "kubernetes.service_account=a",
                        "--set", "kubernetes.cloud_identity=someone@gmail.com")
     assert code == 2 and "kubernetes.cloud_identity" in err and "Traceback" not in err
+
+
+def test_servicemonitor_grants_only_the_adapters_rules_and_deployment() -> None:
+    objs = setup("serve.autoscaling.monitoring=servicemonitor", "kubernetes.operators=[alice]")
+    role, binding = objs["Role/kubetune-adapter-rules"], objs["RoleBinding/kubetune-adapter-rules"]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "monitoring"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["prometheus-adapter"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["prometheus-adapter"],
+         "verbs": ["get", "patch"]}]
+    assert binding["subjects"] == [{"kind": "User", "name": "alice", "apiGroup": "rbac.authorization.k8s.io"}]
+    assert "Role/kubetune-adapter-rules" not in setup("serve.autoscaling.monitoring=keda")

@@ -138,9 +138,10 @@ def _say_unserved_metric(spec: RunSpec) -> None:
         print(f"note: the HorizontalPodAutoscaler scales on the pods' vllm metric ({a.metric}) through the custom "
               "metrics API, and with serve.autoscaling.monitoring: none nothing rendered here makes Prometheus "
               "scrape the pods or serves that metric: it stays at serve.autoscaling.min replicas unless the cluster "
-              "already does both. Set serve.autoscaling.monitoring: servicemonitor (prometheus-operator + Prometheus "
-              "Adapter) or podmonitoring (GKE managed Prometheus + its custom-metrics adapter); `kubetune doctor` "
-              "checks the metrics API", file=sys.stderr)
+              "already does both. Set serve.autoscaling.monitoring: keda (KEDA + prometheus-operator: nothing to "
+              "configure), servicemonitor (prometheus-operator + Prometheus Adapter) or podmonitoring (GKE managed "
+              "Prometheus + its custom-metrics adapter); `kubetune doctor SPEC` checks the metrics API and says "
+              "which this cluster has", file=sys.stderr)
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -210,8 +211,14 @@ def deploy(args: argparse.Namespace) -> int:
     ns = plan.spec.kubernetes.namespace
     objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
     _say_unserved_metric(plan.spec)
-    for line in Cluster(ns).apply(objects):
+    cluster = Cluster(ns)
+    for line in cluster.apply(objects):
         print(line)
+    a = plan.spec.serve.autoscaling
+    if a is not None and a.monitoring == "servicemonitor":
+        from kubetune.k8s.adapter_rules import add_adapter_rule
+
+        print(add_adapter_rule(cluster, plan.spec))
     port = plan.spec.serve.port
     print(f"try it:\n  kubectl -n {ns} port-forward service/{plan.spec.name}-serve {port}:{port}\n"
           f"  kubetune chat http://127.0.0.1:{port} --model {plan.served[0].name} \"Hello\"")

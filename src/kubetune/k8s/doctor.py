@@ -40,6 +40,8 @@ def doctor(cluster: Cluster, spec: RunSpec | None) -> list[Check]:
         if spec.resources.accelerator in ACCELERATOR_RESOURCE:
             checks.append(_accelerators(cluster, spec))
         checks += _storage(spec)
+        if spec.serve.autoscaling is not None:
+            checks += _metrics_path(cluster, spec)
     return checks
 
 
@@ -65,10 +67,12 @@ def _namespace(cluster: Cluster) -> Check:
 
 def _verbs(cluster: Cluster, spec: RunSpec | None) -> list[Check]:
     monitoring = spec.serve.autoscaling.monitoring if spec is not None and spec.serve.autoscaling else "none"
+    used = {"monitoring.coreos.com": monitoring in ("servicemonitor", "keda"), "keda.sh": monitoring == "keda",
+            "monitoring.googleapis.com": monitoring == "podmonitoring",
+            "kueue.x-k8s.io": bool(spec and spec.kubernetes.queue)}
     denied: list[str] = []
     for group, resources, verbs in RULES:
-        if group.startswith("monitoring.") and monitoring == "none" or \
-                group == "kueue.x-k8s.io" and not (spec and spec.kubernetes.queue):
+        if not used.get(group, True):
             continue  # only what this spec uses
         for resource in resources:
             plural, _, sub = resource.partition("/")
@@ -127,6 +131,84 @@ def _accelerators(cluster: Cluster, spec: RunSpec) -> Check:
     return Check(False, f"no node offers {want} {resource}{where} (the most is {best})",
                  "add a node pool with that accelerator, install its device plugin, or lower "
                  "resources.devices_per_node")
+
+
+CUSTOM_METRICS = "v1beta1.custom.metrics.k8s.io"       # what an HPA on Pods metrics asks
+EXTERNAL_METRICS = "v1beta1.external.metrics.k8s.io"   # what KEDA's HPA asks (KEDA's metrics server)
+CRDS = {"keda": "scaledobjects.keda.sh", "servicemonitor": "servicemonitors.monitoring.coreos.com",
+        "podmonitoring": "podmonitorings.monitoring.googleapis.com"}
+INSTALL = {
+    "keda": "install KEDA (helm install keda kedacore/keda -n keda --create-namespace)",
+    "servicemonitor": "install prometheus-operator (kube-prometheus-stack) and the Prometheus Adapter "
+                      "(helm install prometheus-adapter prometheus-community/prometheus-adapter -n monitoring)",
+    "podmonitoring": "on GKE: enable Managed Prometheus and deploy the custom-metrics-stackdriver-adapter "
+                     "(docs/kubernetes.md, Autoscaling on GKE)",
+}
+
+
+def _metrics_path(cluster: Cluster, spec: RunSpec) -> list[Check]:
+    """The autoscaler the spec renders scales only if the cluster serves its metric: the CRDs of what
+    scrapes the pods, and the aggregated metrics API its HPA reads (Available, per the API server)."""
+    a = spec.serve.autoscaling
+    assert a is not None
+    crds = {m: _exists(cluster, f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
+            for m, crd in CRDS.items()}
+    apis = {name: _available(cluster, name) for name in (CUSTOM_METRICS, EXTERNAL_METRICS)}
+    if a.monitoring == "none":
+        have = [m for m in ("keda", "servicemonitor", "podmonitoring") if crds[m] is True and
+                apis[EXTERNAL_METRICS if m == "keda" else CUSTOM_METRICS] is True]
+        # Not a failure: a spec that only trains never deploys its autoscaler. Said, with what to set.
+        advice = f"set serve.autoscaling.monitoring: {have[0]} (this cluster has it)" if have else \
+            f"{INSTALL['keda']}, then set serve.autoscaling.monitoring: keda"
+        return [Check(True, "serving autoscaler: serve.autoscaling.monitoring is none, so its metric is served only "
+                            f"if something already scrapes the pods and publishes it; {advice}", skipped=True)]
+    out = []
+    wanted = [(CRDS[a.monitoring], crds[a.monitoring])]
+    if a.monitoring == "keda":
+        wanted.append((CRDS["servicemonitor"], crds["servicemonitor"]))  # Prometheus scrapes what KEDA queries
+    for crd, found in wanted:
+        out.append(Check(True, f"CRD {crd}: not allowed to read CRDs, not checked", skipped=True) if found is None else
+                   Check(True, f"CRD {crd} is installed") if found else
+                   Check(False, f"CRD {crd} is not installed: serve.autoscaling.monitoring {a.monitoring} renders one",
+                         INSTALL["servicemonitor" if crd == CRDS["servicemonitor"] else a.monitoring]))
+    api = EXTERNAL_METRICS if a.monitoring == "keda" else CUSTOM_METRICS
+    state = apis[api]
+    out.append(Check(True, f"APIService {api}: not allowed to read APIServices, not checked", skipped=True)
+               if state is None else Check(True, f"the metrics API {api} is served and Available") if state is True else
+               Check(False, f"the metrics API {api} {state}: the autoscaler cannot read its metric",
+                     INSTALL[a.monitoring]))
+    if a.monitoring == "servicemonitor":
+        found = _exists(cluster, f"/api/v1/namespaces/{a.adapter_namespace}/configmaps/{a.adapter_config}")
+        where = f"{a.adapter_namespace}/{a.adapter_config}"
+        out.append(Check(True, f"ConfigMap {where}: not allowed to read it, not checked (kubetune setup grants it)",
+                         skipped=True) if found is None else
+                   Check(True, f"the Prometheus Adapter's rules ConfigMap {where} exists (deploy adds the rule)")
+                   if found else Check(False, f"ConfigMap {where} (serve.autoscaling.adapter_config) does not exist",
+                                       INSTALL["servicemonitor"] + ", or set adapter_namespace/adapter_config"))
+    if a.monitoring == "keda":
+        out.append(Check(True, f"Prometheus at {a.prometheus_url}: queried by KEDA from inside the cluster, "
+                               "not checked from here", skipped=True))
+    return out
+
+
+def _exists(cluster: Cluster, path: str) -> bool | None:
+    found = cluster.request("GET", path, tolerate=(403, 404))
+    return None if found == 403 else found != 404
+
+
+def _available(cluster: Cluster, name: str) -> bool | str | None:
+    """True when the APIService is Available; None when it cannot be read; else what is wrong."""
+    found = cluster.request("GET", f"/apis/apiregistration.k8s.io/v1/apiservices/{name}", tolerate=(403, 404))
+    if found == 403:
+        return None
+    if found == 404:
+        return "is not registered (no APIService)"
+    _, service = found
+    for condition in (service.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Available":
+            return True if condition.get("status") == "True" else \
+                f"is registered but not Available ({condition.get('reason') or 'no reason given'})"
+    return "is registered but reports no Available condition"
 
 
 def _storage(spec: RunSpec) -> list[Check]:

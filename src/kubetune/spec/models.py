@@ -389,10 +389,20 @@ class Autoscaling(_Section):
     target_queue: float | None = Field(None, gt=0, description="Older name of target for metric: queue.")
     scale_down_seconds: int = Field(300, ge=0, description="Scale-down stabilisation window: replicas are removed "
                                                            "only after the metric stayed low this long.")
-    monitoring: Literal["none", "servicemonitor", "podmonitoring"] = Field(
-        "none", description="Make Prometheus scrape the serving pods: servicemonitor (prometheus-operator, with a "
-                            "Prometheus Adapter rule) or podmonitoring (GKE managed Prometheus).")
-    adapter_namespace: str = Field("monitoring", description="Namespace of the Prometheus Adapter (servicemonitor).")
+    monitoring: Literal["none", "servicemonitor", "podmonitoring", "keda"] = Field(
+        "none", description="What makes the metric exist: keda (a ServiceMonitor and a KEDA ScaledObject with a "
+                            "Prometheus trigger: no adapter to configure), servicemonitor (prometheus-operator; "
+                            "`deploy` adds the rule to the Prometheus Adapter's own config) or podmonitoring (GKE "
+                            "managed Prometheus and GKE's custom-metrics adapter). `kubetune doctor SPEC` says "
+                            "which the cluster has.")
+    prometheus_url: str = Field("http://prometheus-operated.monitoring.svc:9090", pattern=r"^https?://[^\s/]+(/\S*)?$",
+                                description="(keda) The Prometheus that scrapes the serving pods; KEDA queries it.")
+    adapter_namespace: str = Field("monitoring", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="(servicemonitor) Namespace of the Prometheus Adapter.")
+    adapter_config: str = Field("prometheus-adapter", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="(servicemonitor) The ConfigMap whose config.yaml "
+                                "the Prometheus Adapter loads its rules from (the Helm chart's name).")
+    adapter_deployment: str = Field("prometheus-adapter", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", 
+                                    description="(servicemonitor) The adapter's Deployment, "
+                                    "restarted when its rules change (it reads them only at start).")
 
 
 class ServeSpec(_Section):

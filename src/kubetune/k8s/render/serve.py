@@ -1,7 +1,8 @@
 """Serving manifests: one vLLM Deployment per base model — a whole model, or the adapters of one or
 many runs of a base as LoRA modules (no merge), each under its run name — with a ClusterIP Service,
-a PodDisruptionBudget, a HorizontalPodAutoscaler on a per-pod vLLM metric, and what makes that
-metric exist (a ServiceMonitor plus the Prometheus Adapter rule, or a GKE PodMonitoring). The runs'
+a PodDisruptionBudget, an autoscaler on a per-pod vLLM metric, and what makes that metric exist (a
+ServiceMonitor and a KEDA ScaledObject; a ServiceMonitor and an HPA served by the Prometheus Adapter,
+whose rule `deploy` adds to the adapter's config; or a GKE PodMonitoring and an HPA). The runs'
 files come from their storage: init containers copy them from object storage into a shared volume;
 PVC and GCS FUSE runs are mounted."""
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import yaml
 
 from kubetune.errors import UsageError
 from kubetune import settings
@@ -210,14 +210,36 @@ def _runtime_adapters(spec: RunSpec, name: str, vllm: dict[str, Any], vols: Any,
 
 
 def autoscaling_objects(spec: RunSpec, name: str, select: dict[str, str]) -> list[dict[str, Any]]:
-    """The HPA on the chosen per-pod vLLM metric (scale-down only after it stayed low for a while), and
-    what makes the metric exist on a fresh cluster: a ServiceMonitor and the Prometheus Adapter rule
-    that serves it to the HPA, or a PodMonitoring whose samples GKE's metrics adapter serves."""
+    """The autoscaler on the chosen per-pod vLLM metric (scale-down only after it stayed low for a
+    while), and what makes the metric exist on a fresh cluster: keda, a ServiceMonitor and a ScaledObject
+    whose Prometheus trigger KEDA evaluates itself (KEDA makes and owns the HPA); servicemonitor, a
+    ServiceMonitor and an HPA on the custom metrics API, served by the Prometheus Adapter once
+    `deploy` has added `adapter_rule` to its config; podmonitoring, a PodMonitoring and an HPA on the
+    name GKE's custom-metrics adapter serves Managed Prometheus samples under."""
     a = spec.serve.autoscaling
     assert a is not None
     series = METRICS[a.metric]
     target = a.target or a.target_queue or {"queue": 5.0, "batch": max(1.0, 0.75 * spec.serve.max_concurrency),
                                             "kv_cache": 0.8}[a.metric]
+    behavior = {"scaleDown": {"stabilizationWindowSeconds": a.scale_down_seconds,
+                              "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]}}
+    scrape = {"port": "http", "path": "/metrics", "interval": "15s"}
+    monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": metadata(spec, name, "serve"),
+               "spec": {"selector": {"matchLabels": select}, "namespaceSelector": {
+                   "matchNames": [spec.kubernetes.namespace]}, "endpoints": [scrape]}}
+    if a.monitoring == "keda":
+        # AverageValue: KEDA's HPA divides the query's value (the sum over the Deployment's pods) by the
+        # replicas, so the threshold is per pod as the HPA's target is. The pod regex is the
+        # Deployment's ReplicaSet-hash-suffix names: another Deployment's pods never count.
+        query = (f'sum({series}{{namespace="{spec.kubernetes.namespace}",'
+                 f'pod=~"{name}-[a-z0-9]+-[a-z0-9]+"}})')
+        return [monitor, {
+            "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": metadata(spec, name, "serve"),
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                     "minReplicaCount": a.min, "maxReplicaCount": a.max, "pollingInterval": 15,
+                     "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior}},
+                     "triggers": [{"type": "prometheus", "metricType": "AverageValue", "metadata": {
+                         "serverAddress": a.prometheus_url, "query": query, "threshold": _number(target)}}]}}]
     # GKE's adapter names Managed Prometheus series prometheus.googleapis.com|NAME|gauge
     metric = f"prometheus.googleapis.com|{series}|gauge" if a.monitoring == "podmonitoring" else series
     out: list[dict[str, Any]] = [{
@@ -227,23 +249,9 @@ def autoscaling_objects(spec: RunSpec, name: str, select: dict[str, str]) -> lis
                  "metrics": [{"type": "Pods", "pods": {"metric": {"name": metric},
                                                        "target": {"type": "AverageValue",
                                                                   "averageValue": _quantity(target)}}}],
-                 "behavior": {"scaleDown": {"stabilizationWindowSeconds": a.scale_down_seconds,
-                                            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]}}}}]
-    scrape = {"port": "http", "path": "/metrics", "interval": "15s"}
+                 "behavior": behavior}}]
     if a.monitoring == "servicemonitor":
-        out.append({"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
-                    "metadata": metadata(spec, name, "serve"),
-                    "spec": {"selector": {"matchLabels": select}, "namespaceSelector": {
-                        "matchNames": [spec.kubernetes.namespace]}, "endpoints": [scrape]}})
-        rules = {"rules": [{"seriesQuery": f'{series}{{namespace!="",pod!=""}}',
-                            "resources": {"overrides": {"namespace": {"resource": "namespace"},
-                                                        "pod": {"resource": "pod"}}},
-                            "name": {"as": series},
-                            "metricsQuery": "sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)"}]}
-        meta = metadata(spec, f"{name}-adapter-rules", "serve")
-        meta["namespace"] = a.adapter_namespace
-        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-                    "data": {"config.yaml": yaml.safe_dump(rules, sort_keys=False)}})
+        out.append(monitor)
     elif a.monitoring == "podmonitoring":
         out.append({"apiVersion": "monitoring.googleapis.com/v1", "kind": "PodMonitoring",
                     "metadata": metadata(spec, name, "serve"),
@@ -296,6 +304,20 @@ def _on_gke(spec: RunSpec) -> bool:
 
 def _init_name(root: str, several: bool) -> str:
     return f"fetch-{root.rsplit('/', 1)[1]}"[:63] if several else "fetch-run"
+
+
+def adapter_rule(spec: RunSpec) -> dict[str, Any]:
+    """The Prometheus Adapter rule that serves the HPA's per-pod series on the custom metrics API under
+    the name the HPA asks for (`deploy` adds it to the adapter's config)."""
+    assert spec.serve.autoscaling is not None
+    series = METRICS[spec.serve.autoscaling.metric]
+    return {"seriesQuery": f'{series}{{namespace!="",pod!=""}}',
+            "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+            "name": {"as": series}, "metricsQuery": "sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)"}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _quantity(value: float) -> str:

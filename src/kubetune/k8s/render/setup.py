@@ -24,6 +24,7 @@ RULES: list[tuple[str, list[str], list[str]]] = [
     ("policy", ["poddisruptionbudgets"], ["get", "list", "create", "patch", "delete"]),
     ("monitoring.coreos.com", ["servicemonitors"], ["get", "create", "patch", "delete"]),
     ("monitoring.googleapis.com", ["podmonitorings"], ["get", "create", "patch", "delete"]),
+    ("keda.sh", ["scaledobjects"], ["get", "create", "patch", "delete"]),
     ("kueue.x-k8s.io", ["localqueues"], ["get", "list"]),
 ]
 # the cloud identity annotation a service account carries, by the identity's shape
@@ -77,12 +78,35 @@ def setup_objects(spec: RunSpec) -> list[dict[str, Any]]:
     if k.queue:
         objects.append({"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue", "metadata": meta(k.queue),
                         "spec": {"clusterQueue": k.cluster_queue}})
+    objects += metrics_rules_role(spec)
     for name, keys in secret_keys(spec).items():
         secret = meta(name)
         secret["annotations"] = {"kubetune.dev/placeholder": "true"}
         objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": secret, "type": "Opaque",
                         "stringData": {key: "" for key in keys}})
     return objects
+
+
+METRICS_ROLE = "kubetune-adapter-rules"
+
+
+def metrics_rules_role(spec: RunSpec) -> list[dict[str, Any]]:
+    """(servicemonitor) In the Prometheus Adapter's namespace: read and patch its rules ConfigMap and
+    its Deployment (to restart it), those two objects by name and nothing else there."""
+    a, k = spec.serve.autoscaling, spec.kubernetes
+    if a is None or a.monitoring != "servicemonitor":
+        return []
+    meta = {"name": METRICS_ROLE, "namespace": a.adapter_namespace, "labels": dict(LABELS)}
+    out: list[dict[str, Any]] = [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
+                                  "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                                             "resourceNames": [a.adapter_config], "verbs": ["get", "patch"]},
+                                            {"apiGroups": ["apps"], "resources": ["deployments"],
+                                             "resourceNames": [a.adapter_deployment], "verbs": ["get", "patch"]}]}]
+    if k.operators:
+        out.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta),
+                    "subjects": [_subject(who, k.namespace) for who in k.operators],
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": METRICS_ROLE}})
+    return out
 
 
 def _subject(who: str, ns: str) -> dict[str, Any]:
