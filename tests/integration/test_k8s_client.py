@@ -333,3 +333,104 @@ def test_doctor_checks_the_metrics_path_of_the_autoscaler(k8s: FakeKubernetes, c
     code, out, _ = cli("doctor", spec, "--set", "serve.autoscaling.monitoring=servicemonitor")
     assert "✗ the metrics API v1beta1.custom.metrics.k8s.io is not registered" in out
     assert "✗ ConfigMap monitoring/prometheus-adapter (serve.autoscaling.adapter_config) does not exist" in out
+
+
+class Kubelet:
+    """Runs the probe pod as a node would: its command (python → this interpreter) with its env, the
+    scratch mount at a local folder; then publishes the pod's phase and log. `pull_fails`: the node
+    cannot pull the image, as the kubelet reports it."""
+
+    def __init__(self, fake: FakeKubernetes, ns: str, name: str, scratch: Path, pull_fails: bool = False) -> None:
+        import threading
+
+        self.fake, self.key, self.scratch, self.pull_fails = fake, ("pods", ns, name), scratch, pull_fails
+        self.ran: list[list[str]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import os
+        import subprocess
+        import sys
+        import time
+
+        for _ in range(600):
+            pod = self.fake.objects.get(self.key)
+            if pod is not None:
+                break
+            time.sleep(0.05)
+        else:
+            return
+        if self.pull_fails:
+            pod["status"] = {"phase": "Pending", "containerStatuses": [{"name": "probe", "state": {"waiting": {
+                "reason": "ErrImagePull", "message": 'failed to pull "ghcr.io/x/y:1": 403 Forbidden'}}}]}
+            return
+        container = pod["spec"]["containers"][0]
+        command = [sys.executable if c == "python" else c for c in container["command"]]
+        env = {**os.environ, **{e["name"]: e["value"].replace("/scratch", str(self.scratch))
+                                for e in container["env"] if "value" in e}}
+        self.ran.append(command)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                              cwd=self.scratch)
+        self.fake.logs[self.key[2]] = done.stdout + done.stderr
+        pod["status"] = {"phase": "Succeeded" if done.returncode == 0 else "Failed"}
+
+
+def test_doctor_probes_the_image_and_the_pods_identity_from_inside(k8s: FakeKubernetes, cli, s3, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.s3_runs import BUCKET
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    sets = [a for item in (f"output=s3://{BUCKET}/runs/probe", f"data.train=s3://{BUCKET}/nothing-here.jsonl",
+                           "kubernetes.namespace=ml", "kubernetes.service_account=trainer",
+                           "resources.accelerator=nvidia", "resources.devices_per_node=8")
+            for a in ("--set", item)]
+    (tmp_path / "scratch").mkdir()
+    kubelet = Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch", pull_fails=True)
+    code, out, err = cli("doctor", SPEC, *sets, "--probe", "--probe-poll", "0.1")
+    assert code == 2, out + err
+    assert "✗ the cluster cannot pull the image ghcr.io/" in out and "ErrImagePull: failed to pull" in out
+    assert k8s.get("pods", "ml", "quickstart-doctor") is None  # deleted whatever happened
+
+    kubelet = Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch")
+    code, out, err = cli("doctor", SPEC, *sets, "--probe", "--probe-poll", "0.1")
+    kubelet.thread.join(5)
+    assert "✓ the cluster pulled and ran the image" in out, out + err
+    assert f"✓ in the cluster, as service account trainer: s3://{BUCKET}/runs/probe is writable" in out
+    assert f"✗ in the cluster, as service account trainer: input s3://{BUCKET}/nothing-here.jsonl" in out
+    assert code == 2 and k8s.get("pods", "ml", "quickstart-doctor") is None
+    created = [p for m, p in k8s.requests if m == "POST" and p.startswith("/api/v1/namespaces/ml/pods")]
+    assert len(created) == 2
+    pod_args = kubelet.ran[0][kubelet.ran[0].index("kubetune.storage.probe") + 1:]
+    assert pod_args == ["--read", f"s3://{BUCKET}/nothing-here.jsonl", "--write", f"s3://{BUCKET}/runs/probe"]
+
+
+def test_the_probe_pod_asks_for_no_accelerator_and_runs_as_the_runs_identity() -> None:
+    import kubernetes_validate
+
+    from kubetune.k8s.render.probe import probe_pod
+    from kubetune.spec import load_spec
+
+    spec = load_spec(ROOT / "examples" / "a-mistral-lora-gcs.yaml", ["kubernetes.service_account=trainer"])
+    pod = probe_pod(spec)
+    kubernetes_validate.validate(pod, "1.33.0", strict=True)
+    body = pod["spec"]
+    assert body["serviceAccountName"] == "trainer" and body["activeDeadlineSeconds"] == 300
+    assert "nodeSelector" not in body and "tolerations" not in body
+    limits = body["containers"][0]["resources"]["limits"]
+    assert set(limits) == {"cpu", "memory", "ephemeral-storage"}
+    assert body["containers"][0]["image"] == spec.kubernetes.image
+    assert any("csi" in v for v in body["volumes"]) and pod["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
+
+
+def test_doctor_checks_the_gcs_fuse_csi_driver(k8s: FakeKubernetes) -> None:
+    from kubetune.k8s.client import Cluster
+    from kubetune.k8s.doctor import _gcs_fuse
+
+    missing = _gcs_fuse(Cluster("ml"))
+    assert not missing.ok and "GcsFuseCsiDriver=ENABLED" in missing.fix
+    k8s.put("csidrivers", "", {"metadata": {"name": "gcsfuse.csi.storage.gke.io"}})
+    assert _gcs_fuse(Cluster("ml")).ok
+    k8s.forbidden.add(("GET", "csidrivers"))
+    assert _gcs_fuse(Cluster("ml")).skipped

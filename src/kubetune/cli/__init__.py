@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", help="run spec YAML (without one: the API and the verbs only)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("-n", "--namespace", default="default", help="without a SPEC: the namespace to check")
+    p.add_argument("--probe", action="store_true",
+                   help="also start a short pod with the run's image, service account, secrets and mounts that "
+                        "checks its storage from inside the cluster (deleted afterwards)")
+    p.add_argument("--probe-timeout", type=float, default=300, help="seconds to wait for the probe pod")
+    p.add_argument("--probe-poll", type=float, default=2.0, help=argparse.SUPPRESS)
     p.set_defaults(func=verbs.doctor)
     p = sub.add_parser("deploy", help="serve a trained run on Kubernetes: vLLM Deployment, Service, HPA, PDB")
     _spec_args(p)

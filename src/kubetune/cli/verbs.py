@@ -197,7 +197,12 @@ def doctor(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides) if args.spec else None
     namespace = spec.kubernetes.namespace if spec else args.namespace
-    checks = run_doctor(Cluster(namespace), spec)
+    if args.probe and spec is None:
+        from kubetune.errors import UsageError
+
+        raise UsageError("--probe needs a SPEC: the probe pod runs the run's image under its identity")
+    checks = run_doctor(Cluster(namespace), spec, probe=args.probe, probe_timeout=args.probe_timeout,
+                        poll=args.probe_poll)
     print(format_checks(checks))
     failed = sum(1 for c in checks if not c.ok)
     print(f"{len(checks) - failed} of {len(checks)} checks pass" + (f"; {failed} to fix" if failed else ""))

@@ -15,7 +15,8 @@ from typing import Callable
 
 from kubetune.errors import KubetuneError
 from kubetune.k8s.client import Cluster
-from kubetune.k8s.render.common import ACCELERATOR_RESOURCE
+from kubetune.k8s.render.common import ACCELERATOR_RESOURCE, GCS_DRIVER, gcs_buckets
+from kubetune.k8s.render.probe import probe_pod
 from kubetune.k8s.render.setup import RULES
 from kubetune.spec.models import RunSpec
 
@@ -28,7 +29,9 @@ class Check:
     skipped: bool = False       # could not be checked from here: not a failure
 
 
-def doctor(cluster: Cluster, spec: RunSpec | None) -> list[Check]:
+def doctor(cluster: Cluster, spec: RunSpec | None, probe: bool = False, probe_timeout: float = 300,
+           poll: float = 2.0) -> list[Check]:
+    """`probe`: also run the probe pod (render/probe.py) and report what it found from inside."""
     checks = [_api(cluster)]
     if not checks[0].ok:
         return checks  # nothing else can answer
@@ -42,7 +45,83 @@ def doctor(cluster: Cluster, spec: RunSpec | None) -> list[Check]:
         checks += _storage(spec)
         if spec.serve.autoscaling is not None:
             checks += _metrics_path(cluster, spec)
+        if gcs_buckets(spec):
+            checks.append(_gcs_fuse(cluster))
+        if probe:
+            checks += probe_from_inside(cluster, spec, probe_timeout, poll)
     return checks
+
+
+def _gcs_fuse(cluster: Cluster) -> Check:
+    found = _exists(cluster, f"/apis/storage.k8s.io/v1/csidrivers/{GCS_DRIVER}")
+    if found is None:
+        return Check(True, f"CSIDriver {GCS_DRIVER}: not allowed to read CSI drivers, not checked", skipped=True)
+    return Check(True, f"the GCS FUSE CSI driver ({GCS_DRIVER}) is installed") if found else Check(
+        False, f"the GCS FUSE CSI driver ({GCS_DRIVER}) is not installed: the pods mount gs:// buckets with it",
+        "gcloud container clusters update CLUSTER --update-addons GcsFuseCsiDriver=ENABLED (on by default on "
+        "Autopilot)")
+
+
+PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+
+
+def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: float) -> list[Check]:
+    """Create the probe pod, follow it until it ends (or cannot start), read its findings from its
+    log, and delete it whatever happened."""
+    import json
+    import time
+
+    pod = probe_pod(spec)
+    name, image = pod["metadata"]["name"], spec.kubernetes.image
+    path = f"/api/v1/namespaces/{cluster.namespace}/pods/{name}"
+    who = f"as service account {spec.kubernetes.service_account or 'default'}"
+    cluster.request("DELETE", path, tolerate=(404,))  # a probe left by an interrupted doctor
+    cluster.request("POST", f"/api/v1/namespaces/{cluster.namespace}/pods", pod)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = cluster.request("GET", path, tolerate=(404,))
+            status = found[1].get("status") or {} if not isinstance(found, int) else {}
+            for container in status.get("containerStatuses") or []:
+                waiting = (container.get("state") or {}).get("waiting") or {}
+                if waiting.get("reason") in PULL_FAILURES:
+                    return [Check(False, f"the cluster cannot pull the image {image} ({waiting['reason']}: "
+                                         f"{waiting.get('message', '')})".replace(": )", ")"),
+                                  "push the image where the nodes can pull it, or set kubernetes.image (the "
+                                  "Dockerfile and `kubetune image build` in docs/kubernetes.md)")]
+            unscheduled = [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled" and
+                           c.get("status") == "False" and c.get("reason") == "Unschedulable"]
+            if status.get("phase") in ("Succeeded", "Failed"):
+                break
+            if time.monotonic() > deadline:
+                why = f" (unschedulable: {unscheduled[0].get('message', '')})" if unscheduled else ""
+                return [Check(False, f"the probe pod {name} did not finish in {timeout:.0f} s{why}",
+                              f"kubectl -n {cluster.namespace} describe pod {name}")]
+            time.sleep(poll)
+        text = "".join(cluster.log(name))
+        results = []
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and {"uri", "access", "ok"} <= row.keys():
+                results.append(row)
+        out = [Check(True, f"the cluster pulled and ran the image {image}")]
+        if not results:
+            return out + [Check(False, f"the probe pod {name} ended {status.get('phase')} without a finding "
+                                       f"(log: {text.strip()[-300:] or 'empty'})",
+                                "check that the image has kubetune (python -m kubetune.storage.probe)")]
+        for r in results:
+            verb = "readable" if r["access"] == "read" else "writable"
+            out.append(Check(True, f"in the cluster, {who}: {r['uri']} is {verb}") if r["ok"] else
+                       Check(False, f"in the cluster, {who}: {r.get('message') or r['uri'] + ' is not ' + verb}",
+                             str(r.get("hint") or "grant the pods' identity access (kubernetes.service_account, "
+                                                      "kubernetes.cloud_identity) or reference the credentials "
+                                                      "(kubernetes.secrets.storage)")))
+        return out
+    finally:
+        cluster.request("DELETE", path, tolerate=(404,))
 
 
 def _api(cluster: Cluster) -> Check:

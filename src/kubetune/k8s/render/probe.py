@@ -1,0 +1,54 @@
+"""`kubetune doctor SPEC --probe`: one short pod that runs what the run's pods will need, from inside
+the cluster — the run's image (pulled by the cluster's nodes), its service account (the
+cloud identity the bucket sees), its environment and secret references, its PVC and GCS FUSE mounts —
+and checks its storage with `python -m kubetune.storage.probe`. No accelerator, no node selector:
+a probe must not wait for a GPU node, and asks for a tenth of a core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.k8s.render.common import (
+    SCRATCH, container_security, env, metadata, node_disk, pod_security, uris, volumes,
+)
+from kubetune.spec.models import RunSpec
+
+PROBE_SECONDS = 300  # the pod's own deadline: a probe that hangs (a mount, the network) ends
+PROBE_SCRATCH = "1Gi"
+
+
+def probe_name(spec: RunSpec) -> str:
+    return f"{spec.name}-doctor"[:63]
+
+
+def probe_uris(spec: RunSpec) -> tuple[list[str], str]:
+    """(inputs the pods read, the output they write) that live outside the image: buckets, PVCs, the Hub."""
+    inputs = [u for u in dict.fromkeys(uris(spec)[1:]) if "://" in u]
+    return inputs, spec.output_uri
+
+
+def probe_pod(spec: RunSpec) -> dict[str, Any]:
+    k = spec.kubernetes
+    env_list, env_from = env(spec)
+    vols = volumes(spec, None, scratch=False)
+    vols.volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": PROBE_SCRATCH}})
+    vols.mounts.append({"name": "scratch", "mountPath": SCRATCH})
+    inputs, output = probe_uris(spec)
+    args = [a for uri in inputs for a in ("--read", uri)] + ["--write", output]
+    small = {"cpu": "100m", "memory": "1Gi", "ephemeral-storage": node_disk(spec, PROBE_SCRATCH)}
+    container: dict[str, Any] = {
+        "name": "probe", "image": k.image, "imagePullPolicy": k.image_pull_policy,
+        "command": ["python", "-m", "kubetune.storage.probe", *args],
+        "workingDir": SCRATCH, "env": env_list, **({"envFrom": env_from} if env_from else {}),
+        "resources": {"requests": dict(small), "limits": dict(small)},
+        "securityContext": container_security(), "volumeMounts": vols.mounts,
+    }
+    meta = metadata(spec, probe_name(spec), "doctor")
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never", "activeDeadlineSeconds": PROBE_SECONDS,
+        "securityContext": pod_security(spec), "containers": [container], "volumes": vols.volumes,
+        **({"serviceAccountName": k.service_account} if k.service_account else {}),
+    }
+    if vols.annotations:
+        meta["annotations"] = dict(vols.annotations)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod}
