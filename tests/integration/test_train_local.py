@@ -100,7 +100,7 @@ def test_merge_matches_adapter_on_base_and_chat_answers(trained: Path) -> None:
     res = run_kubetune("merge", str(trained))
     assert res.returncode == 0, res.stderr[-2000:]
     diff = float(res.stdout.split("max |logit diff| vs adapter-on-base: ")[1].split(";")[0])
-    worst_layer = float(res.stdout.split("worst layer: ")[1].split(" ")[0])
+    worst_layer = float(res.stdout.split("worst layer vs PEFT's LoRA forward: ")[1].split(";")[0])
     assert diff < 1e-4 and worst_layer < 1e-5  # fp32 round-off only
     merged = trained / "final" / "merged"
     assert (merged / "model.safetensors").exists() and (merged / "chat_template.jinja").exists()

@@ -453,8 +453,9 @@ def test_keda_scales_on_a_prometheus_query_of_this_deployments_pods() -> None:
     assert trigger["metadata"]["serverAddress"] == "http://prom.obs.svc:9090" and trigger["metadata"]["threshold"] == "12.5"
     query = trigger["metadata"]["query"]
     assert query.startswith("sum(vllm:num_requests_running{") and f'namespace="{ns}"' in query
-    pods = re.search(r'pod=~"([^"]+)"', query).group(1)  # type: ignore[union-attr]
-    assert re.fullmatch(pods, f"{name}-7d9f8b6c5d-x2k4q") and not re.fullmatch(pods, f"{name}-canary-7d9f8b6c5d-x2k4q")
+    service = by_kind(objs, "Service")[0]["metadata"]["name"]
+    assert re.search(r'service="([^"]+)"', query).group(1) == service  # type: ignore[union-attr]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= by_kind(objs, "Service")[0]["metadata"]["labels"].items()
     behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
     assert monitor["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()

@@ -126,3 +126,46 @@ def test_memory_is_bounded_by_a_shard_not_the_model(tmp_path: Path) -> None:
     # one weight: read, its fp32 copies, the delta and the merged bytes; never a shard, never the model
     # (measured here: 99 MB, of which ~60 MB the first use of PEFT's and torch's code and allocator)
     assert measured["growth"] < 8 * measured["largest"] + 64e6 < model_bytes / 2, measured
+
+
+def small_delta_layer(dtype: "torch.dtype"):  # type: ignore[no-untyped-def]
+    """A 256x1024 base weight in `dtype` with a trained-size LoRA delta (~1% of the weight)."""
+    from peft import LoraConfig
+
+    from kubetune.train.shard_merge import _lora_layer
+
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(256, 1024, generator=g) * 0.02).to(dtype)
+    a, b = torch.randn(16, 1024, generator=g) * 0.01, torch.randn(256, 16, generator=g) * 0.01
+    layer = _lora_layer(weight, a, b, LoraConfig(r=16, lora_alpha=32), "w")
+    with torch.no_grad():
+        exact = weight.float() + layer.get_delta_weight("default")
+    return weight, layer, exact
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_bytes_without_the_delta_or_with_part_of_it_are_refused_in_any_dtype(dtype: "torch.dtype") -> None:
+    from kubetune.train.shard_merge import _weight_parity
+
+    weight, layer, exact = small_delta_layer(dtype)
+    g = torch.Generator().manual_seed(0)
+    assert _weight_parity(layer, exact, exact.to(dtype), "w", 1e-4, g) < 1e-5  # the right bytes pass
+    for wrong in (weight, (weight.float() + 0.5 * (exact - weight.float())).to(dtype)):  # no delta, half of it
+        with pytest.raises(TrainingError, match="as written is not W \\+ delta rounded"):
+            _weight_parity(layer, exact, wrong, "w", 1e-4, g)
+    poisoned = exact.to(dtype).clone()
+    poisoned[3, 7] = float("nan")
+    with pytest.raises(TrainingError, match="NaN or infinite"):
+        _weight_parity(layer, exact, poisoned, "w", 1e-4, g)
+
+
+def test_a_delta_that_is_not_what_peft_computes_is_refused_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft.tuners.lora import Linear
+
+    from kubetune.train.shard_merge import _weight_parity
+
+    right = Linear.get_delta_weight
+    monkeypatch.setattr(Linear, "get_delta_weight", lambda self, name: right(self, name) * 0.5)
+    weight, layer, exact = small_delta_layer(torch.bfloat16)
+    with pytest.raises(TrainingError, match="differs from adapter-on-base"):
+        _weight_parity(layer, exact, exact.to(torch.bfloat16), "w", 1e-4, torch.Generator().manual_seed(0))

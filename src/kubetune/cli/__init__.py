@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| allowed, as a fraction of the logits' scale (their RMS, at least 1); "
                         "computed in fp32")
     p.add_argument("--check", choices=["auto", "logits", "layers"], default="auto",
-                   help="layers: every merged layer against PEFT's LoRA forward (always done; memory: one shard); "
+                   help="layers: every merged weight exact to its dtype and against PEFT's LoRA forward (always done; "
+                        "memory: one weight); "
                         "logits: also the whole model's logits against adapter-on-base in fp32 (memory: the model "
                         "twice in fp32); auto: logits when that fits in free memory")
     p.set_defaults(func=verbs.merge)

@@ -75,8 +75,9 @@ def merge(args: argparse.Namespace) -> int:
 
     result = merge_run(args.run, tolerance=args.tolerance, check=args.check)
     whole = (f"max |logit diff| vs adapter-on-base: {result.max_diff:.2e}" if result.max_diff is not None
-             else "whole-model logits not checked: the model does not fit twice in memory in fp32")
-    print(f"merged into {result.path}  ({whole}; worst layer: {result.layer_diff:.1e} beyond its dtype's rounding; "
+             else "whole-model logits not checked (--check layers, or the model does not fit twice in memory "
+                  "in fp32)")
+    print(f"merged into {result.path}  ({whole}; worst layer vs PEFT's LoRA forward: {result.layer_diff:.1e}; "
           f"held one weight at a time, the largest {result.largest_weight / 2**20:,.1f} MiB in fp32)")
     return 0
 

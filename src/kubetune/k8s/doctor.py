@@ -75,15 +75,21 @@ def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: flo
     name, image = pod["metadata"]["name"], spec.kubernetes.image
     path = f"/api/v1/namespaces/{cluster.namespace}/pods/{name}"
     who = f"as service account {spec.kubernetes.service_account or 'default'}"
-    cluster.request("DELETE", path, tolerate=(404,))  # a probe left by an interrupted doctor
-    cluster.request("POST", f"/api/v1/namespaces/{cluster.namespace}/pods", pod)
+    deadline = time.monotonic() + timeout
     try:
-        deadline = time.monotonic() + timeout
+        # a probe left by an interrupted doctor: deleted, and gone (a pod takes a while) before ours
+        while cluster.request("DELETE", path, tolerate=(404,)) != 404 and time.monotonic() < deadline:
+            time.sleep(poll)
+        cluster.request("POST", f"/api/v1/namespaces/{cluster.namespace}/pods", pod)
         while True:
             found = cluster.request("GET", path, tolerate=(404,))
             status = found[1].get("status") or {} if not isinstance(found, int) else {}
             for container in status.get("containerStatuses") or []:
                 waiting = (container.get("state") or {}).get("waiting") or {}
+                if waiting.get("reason") in ("CreateContainerConfigError", "CreateContainerError"):
+                    return [Check(False, f"the probe pod cannot start: {waiting['reason']}: "
+                                         f"{waiting.get('message', '')}",
+                                  "create the Secret or key it names (kubetune setup SPEC makes placeholders)")]
                 if waiting.get("reason") in PULL_FAILURES:
                     return [Check(False, f"the cluster cannot pull the image {image} ({waiting['reason']}: "
                                          f"{waiting.get('message', '')})".replace(": )", ")"),
@@ -98,7 +104,10 @@ def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: flo
                 return [Check(False, f"the probe pod {name} did not finish in {timeout:.0f} s{why}",
                               f"kubectl -n {cluster.namespace} describe pod {name}")]
             time.sleep(poll)
-        text = "".join(cluster.log(name))
+        try:
+            text = "".join(cluster.log(name))
+        except KubetuneError as exc:  # ended before its container started (the pod's deadline)
+            text = f"(no log: {exc.message})"
         results = []
         for line in text.splitlines():
             try:

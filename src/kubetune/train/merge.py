@@ -2,10 +2,11 @@
 
 The merge streams the base one weight at a time (train/shard_merge.py): memory is bounded by the
 largest merged weight, and the merged weights keep the base's dtype, keys and shards. Every merged layer is
-checked against PEFT's LoRA forward on random inputs. When the whole model fits in memory twice over in
-fp32 (`check="auto"`), the logits of the whole merged model on a few prompts are also compared with
-adapter-on-base's; the merge is refused (nothing written) when either differs by more than the
-tolerance of the outputs' own scale.
+checked exactly against W + delta rounded to its dtype, and W + delta against PEFT's LoRA forward on
+random inputs. When the whole model fits in memory twice over in fp32 (`check="auto"`), PEFT merges
+the whole model in memory too: its logits on a few prompts must match adapter-on-base's within the
+tolerance of their scale, and every weight written must equal PEFT's merged weight in the base's
+dtype (within one unit in the last place). The merge is refused (nothing written) otherwise.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ Check = Literal["auto", "logits", "layers"]
 class MergeResult:
     path: Path
     max_diff: float | None     # whole-model |logit diff|; None when only the layers were checked
-    layer_diff: float          # worst layer, beyond its dtype's rounding, of its outputs' scale
+    layer_diff: float          # worst layer against PEFT's LoRA forward, of its outputs' scale
     largest_weight: int        # fp32 bytes of the largest merged weight: what the merge held at once
 
 
@@ -48,11 +49,14 @@ def merge_run(run: str, tolerance: float = 1e-4, check: Check = "auto") -> Merge
     base_dir = resolve_model(spec.model.base, spec.model.revision)
     tokenizer = AutoTokenizer.from_pretrained(layout.adapter)
     whole = _whole_model_check(check, base_dir)
-    parity = _logit_parity(base_dir, layout.adapter, tokenizer, tolerance) if whole else None
+    parity, peft_merged = _logit_parity(base_dir, layout.adapter, tokenizer, tolerance) if whole else (None, None)
     tmp = layout.merged.with_name("merged.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         streamed = merge_shards(base_dir, layout.adapter, tmp, tolerance)
+        if peft_merged is not None:
+            _same_weights(peft_merged, tmp)
+            del peft_merged
         tokenizer.save_pretrained(tmp)  # carries the training chat template
         shutil.copy(layout.adapter / "generation_config.json", tmp / "generation_config.json")
     except BaseException:
@@ -74,7 +78,18 @@ def _whole_model_check(check: Check, base_dir: Path) -> bool:
         return check == "logits"
     import psutil
 
-    return 2 * fp32_bytes(base_dir) <= psutil.virtual_memory().available
+    return 2 * fp32_bytes(base_dir) <= available_memory(psutil.virtual_memory().available)
+
+
+def available_memory(free: int, root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Free memory, capped by this cgroup's limit less its usage (cgroup v2): in a pod, /proc/meminfo
+    is the node's, and the kubelet kills the pod at its own limit."""
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        used = int((root / "memory.current").read_text())
+    except (OSError, ValueError):
+        return free
+    return free if limit == "max" else min(free, max(0, int(limit) - used))
 
 
 def fp32_bytes(base_dir: Path) -> int:
@@ -95,7 +110,7 @@ def fp32_bytes(base_dir: Path) -> int:
     return total
 
 
-def _logit_parity(base_dir: Path, adapter: Path, tokenizer: Any, tolerance: float) -> Parity:
+def _logit_parity(base_dir: Path, adapter: Path, tokenizer: Any, tolerance: float) -> tuple[Parity, Any]:
     """Adapter-on-base against PEFT's merge of it, both in fp32 (the tolerance is meaningful only
     without bf16 rounding noise): the adapter means on the whole model what its layers say."""
     import torch
@@ -104,8 +119,28 @@ def _logit_parity(base_dir: Path, adapter: Path, tokenizer: Any, tolerance: floa
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter)
     prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PARITY_PROBES]
-    _, parity = merge_with_parity(model.eval(), [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts])
+    merged, parity = merge_with_parity(model.eval(), [tokenizer(p, add_special_tokens=False)["input_ids"]
+                                                      for p in prompts])
     if not parity.within(tolerance):
         raise TrainingError(f"merged model differs from adapter-on-base ({parity.describe()}; more than "
                             f"{tolerance:g}); nothing was written", "report this with the run's manifest.json")
-    return parity
+    return parity, merged
+
+
+def _same_weights(peft_merged: Any, folder: Path) -> None:
+    """Every weight written equals PEFT's merge of the whole model, in the written dtype (one unit in the
+    last place: the two round the same fp32 sums): the files are the model the logits check passed."""
+    import torch
+    from safetensors import safe_open
+
+    state = peft_merged.state_dict()
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if key not in state:
+                    continue
+                stored = f.get_tensor(key)
+                ulp = (torch.nextafter(stored.abs(), torch.tensor(float("inf"), dtype=stored.dtype)) - stored.abs())
+                if bool(((stored.float() - state[key].float()).abs() > ulp.float()).any()):
+                    raise TrainingError(f"{path.name}: {key} differs from PEFT's merge of the whole model; nothing "
+                                        "was written", "report this with the run's manifest.json")

@@ -2,10 +2,10 @@
 weight (in fp32, a few copies), not the model or its shards, so a bf16 7B merges on a 16 GB machine.
 
 Each targeted weight becomes W + PEFT's own delta (`lora.Linear.get_delta_weight`, in fp32), stored in
-the base's dtype under the base's key, shard and index (the base's own bytes elsewhere). Every merged weight is then read back from the
-written shard and checked against PEFT's LoRA forward on random inputs: the merged layer must compute
-what adapter-on-base computes, up to the rounding of storing the weight in the base's dtype (bounded
-exactly, element by element) and fp32 round-off. A mismatch, an adapter module with no weight in the
+the base's dtype under the base's key, shard and index (the base's own bytes elsewhere). Every merged
+weight is read back from the written shard: each element must be W + delta rounded to its dtype
+(exact, element by element) and finite, and W + delta must compute what PEFT's LoRA layer computes
+(its forward, not the delta) on random inputs. A mismatch, an adapter module with no weight in the
 base, or a weight of another shape refuses the merge.
 """
 
@@ -32,7 +32,7 @@ class ShardMergeResult:
     merged: int            # weights changed
     shards: int            # shard files written
     largest_weight: int    # bytes of the largest merged weight in fp32: what the merge holds at once
-    worst: float           # largest per-layer difference beyond the storage rounding, of the outputs' scale
+    worst: float           # largest per-layer difference from PEFT's LoRA forward, of the outputs' scale
 
 
 def base_shards(base_dir: Path) -> dict[str, list[str]]:
@@ -96,6 +96,8 @@ def merge_shards(base_dir: Path, adapter_dir: Path, out: Path, tolerance: float 
     worst, largest = 0.0, 0
     generator = torch.Generator().manual_seed(0)
     for shard, keys in sorted(shards.items()):
+        if Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise UsageError(f"{base_dir / INDEX}: shard {shard!r} is not a file name in the model folder")
         shutil.copyfile(base_dir / shard, out / shard)  # every weight the adapter leaves alone: the base's bytes
         ranges = data_ranges(out / shard)
         with (out / shard).open("r+b") as written:
@@ -104,17 +106,19 @@ def merge_shards(base_dir: Path, adapter_dir: Path, out: Path, tolerance: float 
                     weight = f.get_tensor(key)
                 layer = _lora_layer(weight, *modules[key], config, key)
                 with torch.no_grad():
-                    merged = (weight.float() + layer.get_delta_weight("default")).to(weight.dtype)
+                    exact = weight.float() + layer.get_delta_weight("default")
                     largest = max(largest, weight.numel() * 4)
                 start, end = ranges[key]
-                data = merged.contiguous().view(torch.uint8).numpy()
-                assert data.nbytes == end - start, key  # same shape and dtype: the same bytes' room
+                data = exact.to(weight.dtype).contiguous().view(torch.uint8).numpy()
+                if data.nbytes != end - start:  # same shape and dtype: the same bytes' room
+                    raise TrainingError(f"{base_dir / shard}: {key} takes {end - start} bytes, its merge {data.nbytes}")
                 written.seek(start)
                 written.write(data.tobytes())
                 written.flush()
-                del weight, merged, data
+                del weight, data
                 with safe_open(str(out / shard), "pt") as back:  # check what is on disk, not what was meant
-                    worst = max(worst, _layer_parity(layer, back.get_tensor(key), key, tolerance, generator))
+                    worst = max(worst, _weight_parity(layer, exact, back.get_tensor(key), key, tolerance, generator))
+                del exact
     for name in (INDEX, "config.json"):
         if (base_dir / name).exists():
             shutil.copy(base_dir / name, out / name)
@@ -150,24 +154,30 @@ def _lora_layer(weight: Any, a: Any, b: Any, config: Any, key: str) -> Any:
     return layer.eval()
 
 
-def _layer_parity(layer: Any, merged: Any, key: str, tolerance: float, generator: Any) -> float:
-    """How far the merged weight's outputs are from PEFT's LoRA forward on random inputs, beyond what
-    storing the weight in its dtype can move them; TrainingError when beyond `tolerance` of their scale."""
+def _weight_parity(layer: Any, exact: Any, stored: Any, key: str, tolerance: float, generator: Any) -> float:
+    """Two checks of one merged weight, each exact where it can be:
+    - what is on disk is W + delta rounded to its dtype: every element within half a unit in the last
+      place of the fp32 value (so a dropped, partial or wrong delta in the bytes is refused in any
+      dtype), and finite;
+    - W + delta computes what PEFT's LoRA layer computes (base(x) + B(A(x))·scaling, not the delta
+      the merge used) on random inputs, in fp32, within `tolerance` of the outputs' scale.
+    The second's difference is returned."""
     import torch
 
-    weight = merged.float()
-    x = torch.randn(8, weight.shape[1], generator=generator)
+    if not bool(torch.isfinite(stored).all()) or not bool(torch.isfinite(exact).all()):
+        raise TrainingError(f"merged {key} has NaN or infinite values; nothing was written",
+                            "the adapter (or the base) holds non-finite weights: check the run's loss")
+    half_ulp = (torch.nextafter(stored.abs(), torch.tensor(float("inf"), dtype=stored.dtype)) - stored.abs()).float() / 2
+    if bool(((stored.float() - exact).abs() > half_ulp).any()):
+        raise TrainingError(f"merged {key} as written is not W + delta rounded to {stored.dtype}; nothing was written",
+                            "report this with the run's manifest.json")
+    x = torch.randn(8, exact.shape[1], generator=generator)
     with torch.no_grad():
         expected = layer(x)
-        got = x @ weight.T
-        # The exact rounding bound of the stored weight: half a unit in the last place of each element.
-        half_ulp = (torch.nextafter(merged.abs(), torch.tensor(float("inf"), dtype=merged.dtype)) - merged.abs()
-                    ).float() / 2
-        rounding = x.abs() @ half_ulp.T
-        scale = max(1.0, float(expected.pow(2).mean().sqrt()))
-        beyond = float(((got - expected).abs() - rounding).clamp(min=0).max()) / scale
-    if beyond > tolerance:
-        raise TrainingError(f"merged {key} differs from adapter-on-base by {beyond:.1e} of its outputs' scale beyond "
-                            f"the rounding of its dtype (more than {tolerance:g}); nothing was written",
-                            "report this with the run's manifest.json")
-    return beyond
+        got = x @ exact.T
+    scale = max(1.0, float(expected.pow(2).mean().sqrt()))
+    diff = float((got - expected).abs().max()) / scale
+    if not diff <= tolerance:  # NaN is refused too
+        raise TrainingError(f"merged {key} differs from adapter-on-base by {diff:.1e} of its outputs' scale (more "
+                            f"than {tolerance:g}); nothing was written", "report this with the run's manifest.json")
+    return diff

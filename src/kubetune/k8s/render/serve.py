@@ -229,10 +229,10 @@ def autoscaling_objects(spec: RunSpec, name: str, select: dict[str, str]) -> lis
                    "matchNames": [spec.kubernetes.namespace]}, "endpoints": [scrape]}}
     if a.monitoring == "keda":
         # AverageValue: KEDA's HPA divides the query's value (the sum over the Deployment's pods) by the
-        # replicas, so the threshold is per pod as the HPA's target is. The pod regex is the
-        # Deployment's ReplicaSet-hash-suffix names: another Deployment's pods never count.
-        query = (f'sum({series}{{namespace="{spec.kubernetes.namespace}",'
-                 f'pod=~"{name}-[a-z0-9]+-[a-z0-9]+"}})')
+        # replicas, so the threshold is per pod as the HPA's target is. The series are selected by the
+        # `service` label prometheus-operator puts on what a ServiceMonitor scrapes: this Deployment's
+        # Service (pod names are cut short for long names, a pod-name regex would match nothing).
+        query = f'sum({series}{{namespace="{spec.kubernetes.namespace}",service="{name}"}})'
         return [monitor, {
             "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": metadata(spec, name, "serve"),
             "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
