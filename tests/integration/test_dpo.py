@@ -1,4 +1,4 @@
-"""method.objective: dpo and kto — preference pairs through the run's chat template, TRL's DPOTrainer with
+"""method.objective: dpo, kto and orpo — preference pairs through the run's chat template, TRL's DPOTrainer with
 kubetune's batch plan, events and checkpoints; held-out preference accuracy base vs tuned; resume
 after SIGKILL; a start from an SFT run's adapter."""
 
@@ -49,6 +49,50 @@ def test_dpo_raises_held_out_preference_accuracy(write_spec, tmp_path: Path) -> 
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-1000:]
 
 
+def test_orpo_raises_held_out_preference_accuracy_without_a_reference(write_spec, tmp_path: Path) -> None:
+    # ORPO: the chosen answers' likelihood and the odds ratio in one loss, no reference model — full
+    # fine-tuning (where DPO would keep a frozen copy), its memory plan and its `plan` display
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 400, seed=11)
+    held = write_pairs(tmp_path / "held.jsonl", 80, seed=12, fmt="openai")
+    spec = write_spec(name="orpo", method={"type": "full", "objective": "orpo", "orpo": {"beta": 0.5}},
+                      train={**TRAIN, "learning_rate": 1e-3},
+                      data={"train": str(pairs), "eval": str(held), "max_length": 128})
+    plan = run_kubetune("plan", str(spec), "--show", "1", timeout=200)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "orpo: each micro-batch runs the chosen and the rejected answers" in plan.stdout
+    assert "[chosen]" in plan.stdout and "[rejected]" in plan.stdout
+    shown = run_kubetune("plan", str(spec), "--show", "2", "--json", timeout=200)
+    rows = [json.loads(line) for line in shown.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and rows[0]["chosen"][1]["trained"] and not rows[0]["rejected"][0]["trained"]
+    res = run_kubetune("train", str(spec), timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "orpo"
+    events = read_events(run / "events.jsonl")
+    scores = [e for e in events if e.event == "eval" and "preference_accuracy" in e.metrics][-1].metrics
+    assert 0.25 <= scores["preference_accuracy_base"] <= 0.75  # the starting model: about chance
+    assert scores["preference_accuracy"] >= 0.9 and scores["reward_accuracy"] >= 0.9 and scores["reward_margin"] > 0
+    steps = [e for e in events if e.event == "step"]
+    assert steps[-1].step == 40 and steps[-1].loss < steps[0].loss
+    assert {"nll_loss", "log_odds_ratio", "rewards/accuracies"} <= set(steps[-1].metrics)
+    assert steps[-1].tokens_seen > 0 and steps[-1].tokens_per_s  # both answers' tokens counted
+    assert (run / "final" / "merged" / "model.safetensors").exists() and (run / "eval" / "report.md").exists()
+    chat = run_kubetune("chat", str(run), "What colour is the fox?", timeout=200)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-1000:]
+
+
+def test_kto_plan_shows_labeled_answers(write_spec, tmp_path: Path) -> None:
+    labeled = write_labeled(tmp_path / "labeled.jsonl", 20, seed=9)
+    spec = write_spec(name="ktoplan", method={**DPO, "objective": "kto"}, data={"train": str(labeled), "eval": None})
+    shown = run_kubetune("plan", str(spec), "--show", "3", "--json", timeout=200)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    rows = [json.loads(line) for line in shown.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 3 and {type(r["label"]) for r in rows} == {bool}
+    assert [s["trained"] for s in rows[0]["segments"]] == [False, True]
+    text = run_kubetune("plan", str(spec), "--show", "2", timeout=200)
+    assert text.returncode == 0 and "kto: each micro-batch also runs" in text.stdout
+    assert "desirable):" in text.stdout or "undesirable):" in text.stdout
+
+
 def test_dpo_from_an_sft_adapter_resumes_after_sigkill(write_spec, tmp_path: Path) -> None:
     sft = write_spec(name="sft", data={"eval": None}, method={"type": "lora", "lora": {"r": 8, "dropout": 0.0}},
                      train={"max_steps": 4, "save_every_steps": 4})
@@ -65,7 +109,7 @@ def test_dpo_from_an_sft_adapter_resumes_after_sigkill(write_spec, tmp_path: Pat
     assert '"r": 8' in (out / "final" / "adapter" / "adapter_config.json").read_text()
 
 
-@pytest.mark.parametrize("objective", ["dpo", "kto", "grpo"])
+@pytest.mark.parametrize("objective", ["dpo", "kto", "orpo", "grpo"])
 def test_every_objective_renders_for_kubernetes(write_spec, tmp_path: Path, cli, objective: str) -> None:
     import yaml
 

@@ -183,3 +183,43 @@ def test_trained_counts_read_the_labels_of_prepared_rows() -> None:
     assert trained_counts(rows) == (3, 3, 0)
     assert trained_counts(rows, keep=1) == (3,)
     assert trained_counts([[1, 2, 3]]) == ()  # rows without labels (a preference pair's shape): unknown
+
+
+@pytest.mark.parametrize("objective,copy", [("sft", False), ("dpo", True), ("kto", True), ("orpo", False),
+                                            ("grpo", False)])
+def test_a_full_parameter_reference_copy_is_planned_for_the_objectives_that_keep_one(write_spec, objective: str,
+                                                                                       copy: bool) -> None:
+    # DPO and KTO (TRL keeps a frozen copy of the starting model for full fine-tuning); ORPO is reference-free;
+    # GRPO only with beta > 0; with LoRA the reference is the adapter disabled (no copy)
+    res = {"accelerator": "nvidia", "devices_per_node": 8, "device_memory": "80GB"}
+    method = {"type": "full", "objective": objective, "grpo": {"rewards": [{"function": "length", "max_chars": 64}]}}
+    sft = plan_memory(_spec(write_spec, method={"type": "full"}, resources=res), _inputs(), micro_batch=1)
+    plan = plan_memory(_spec(write_spec, method=method, resources=res), _inputs(), micro_batch=1)
+    assert plan.weights - sft.weights == pytest.approx(2 * PARAMS_7B if copy else 0)
+    sharded = plan_memory(_spec(write_spec, method=method, resources=res), _inputs(), micro_batch=1, strategy="fsdp")
+    unsharded_sft = plan_memory(_spec(write_spec, method={"type": "full"}, resources=res), _inputs(), micro_batch=1,
+                                strategy="fsdp")
+    assert sharded.weights - unsharded_sft.weights == pytest.approx(2 * PARAMS_7B / 8 if copy else 0)
+    lora = plan_memory(_spec(write_spec, method={**method, "type": "lora"}, resources=res), _inputs(), micro_batch=1)
+    lora_sft = plan_memory(_spec(write_spec, method={"type": "lora"}, resources=res), _inputs(), micro_batch=1)
+    assert lora.weights == pytest.approx(lora_sft.weights)
+    if objective == "grpo":
+        with_kl = {**method, "grpo": {**method["grpo"], "beta": 0.04}}
+        assert plan_memory(_spec(write_spec, method=with_kl, resources=res), _inputs(), micro_batch=1).weights - \
+            sft.weights == pytest.approx(2 * PARAMS_7B)
+
+
+def test_a_pair_is_two_sequences_and_the_fix_counts_rows(write_spec) -> None:
+    res = {"accelerator": "nvidia", "device_memory": "40GB"}
+    train = {"total_batch_size": 32, "max_per_device_batch_size": 32, "gradient_checkpointing": True}
+    sft = plan_memory(_spec(write_spec, method={"type": "lora"}, train=train, resources=res), _inputs(512))
+    spec = _spec(write_spec, method={"type": "lora", "objective": "orpo"}, train=train, resources=res)
+    pairs = plan_memory(spec, _inputs(512))
+    assert (sft.micro_batch, pairs.micro_batch) == (32, 64)
+    assert pairs.activations == pytest.approx(2 * sft.activations)
+    assert not pairs.fits
+    rows = next(s for s in fixes(spec, pairs) if s.startswith("train.max_per_device_batch_size"))
+    best = int(rows.split(":")[1].split()[0])
+    assert best == pairs.max_micro_batch // 2  # rows: each holds two sequences
+    assert plan_memory(spec, _inputs(512), micro_batch=best).fits
+    assert not plan_memory(spec, _inputs(512), micro_batch=best + 1).fits

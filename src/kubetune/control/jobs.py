@@ -22,11 +22,12 @@ from kubetune.errors import SpecError, UsageError
 from kubetune.spec.load import apply_override, validate_spec
 from kubetune.spec.models import RunSpec
 from kubetune.storage.store import uri_basename
+from kubetune.train.objectives import objective_for, objective_for_openai
+from kubetune.train.objectives.grpo import OPENAI_GROUP as GROUP
 
 __all__ = ["JobPolicy", "JobRequest", "Start", "build_spec", "job_object", "model_name", "new_job_id"]
 
 ACTIVE = ("validating_files", "queued", "running")
-GROUP = 4  # answers per prompt at compute_multiplier 1.0
 Auto = Union[Literal["auto"], float, int]
 BASE_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}  # learning_rate_multiplier 1.0 is this
 
@@ -175,7 +176,7 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
     }
     raw: dict[str, Any] = {
         "name": job_id, "model": {}, "data": {"eval": valid_uri},
-        "method": {"type": "lora", "objective": {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}[method.type]},
+        "method": {"type": "lora", "objective": objective_for_openai(method.type)},
         "train": {"seed": req.seed if req.seed is not None else 42},
         "resources": {"accelerator": "auto"},
     }
@@ -297,14 +298,7 @@ def resolved_hyperparameters(spec: RunSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"n_epochs": spec.train.epochs if spec.train.max_steps <= 0 else "auto",
                            "batch_size": spec.train.total_batch_size,
                            "learning_rate_multiplier": round(spec.train.learning_rate / base, 6)}
-    if spec.method.objective == "dpo":
-        out["beta"] = spec.method.dpo.beta
-    if spec.method.objective == "grpo":
-        g = spec.method.grpo
-        out.update(batch_size=spec.train.total_batch_size // g.num_generations,
-                   eval_interval=g.eval_every_steps or "auto", eval_samples=g.eval_generations or g.num_generations,
-                   compute_multiplier=round(g.num_generations / GROUP, 6),
-                   reasoning_effort=g.reasoning_effort or "default")
+    out.update(objective_for(spec).openai_hyperparameters(spec))
     return out
 
 

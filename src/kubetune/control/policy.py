@@ -25,6 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kubetune.errors import Problem, SpecError, UsageError
+from kubetune.spec.models import OBJECTIVE_NAMES, ObjectiveName
+from kubetune.train.objectives import objective_named
 
 __all__ = ["Budgets", "Limits", "ModelEntry", "ModelsPolicy", "Refused", "ServerConfig", "Team",
            "check_tenant_settings", "flat", "load_config", "tenant_field"]
@@ -79,8 +81,7 @@ class Limits(_Config):
     max_new_tokens: int = Field(2048, ge=1, description="eval.max_new_tokens and method.grpo.max_new_tokens.")
     max_generations: int = Field(16, ge=2, description="method.grpo.num_generations.")
     methods: list[Literal["lora", "qlora", "full"]] = Field(default_factory=lambda: ["lora", "qlora", "full"])
-    objectives: list[Literal["sft", "dpo", "kto", "grpo"]] = Field(
-        default_factory=lambda: ["sft", "dpo", "kto", "grpo"])
+    objectives: list[ObjectiveName] = Field(default_factory=lambda: list(OBJECTIVE_NAMES))
 
 
 class Budgets(_Config):
@@ -189,7 +190,7 @@ TENANT_FIELDS = (
     "data.reasoning", "data.bad_rows", "data.eval.split_ratio",
     "method.type", "method.objective", "method.lora.r", "method.lora.alpha", "method.lora.dropout",
     "method.lora.target_modules", "method.dpo.beta", "method.dpo.loss_type", "method.dpo.label_smoothing",
-    "method.kto.beta", "method.kto.desirable_weight", "method.kto.undesirable_weight",
+    "method.kto.beta", "method.kto.desirable_weight", "method.kto.undesirable_weight", "method.orpo.beta",
     "method.grpo.num_generations", "method.grpo.max_new_tokens", "method.grpo.temperature", "method.grpo.beta",
     "method.grpo.rewards", "method.grpo.eval_every_steps", "method.grpo.eval_generations",
     "train.epochs", "train.max_steps", "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio",
@@ -392,21 +393,22 @@ def check_limits(spec: Any, limits: Limits, rows: int, params: dict[str, str], e
     over("eval.max_new_tokens", spec.eval.max_new_tokens, limits.max_new_tokens)
     over("method.grpo.max_new_tokens", m.grpo.max_new_tokens, limits.max_new_tokens)
     over("method.grpo.eval_generations", m.grpo.eval_generations or 0, limits.max_generations)
-    answered = m.grpo.num_generations if m.objective == "grpo" else 1  # GRPO's batch counts answers, G a prompt
+    objective = objective_named(m.objective)
+    answered = objective.answers_per_row(spec)  # GRPO's batch counts answers, num_generations a prompt
     steps = t.max_steps if t.max_steps > 0 else -(-int(rows * answered * t.epochs) // t.total_batch_size)
     field = "train.max_steps" if t.max_steps > 0 else "train.epochs"
     over(field, steps, limits.max_steps, " steps" if field == "train.epochs" else "")
     over("train.save_every_steps", steps // t.save_every_steps, limits.max_checkpoints_per_job, " checkpoints")
     evaluations = steps // t.eval_every_steps if t.eval_every_steps else 0
     over("train.eval_every_steps", evaluations, limits.max_evaluations_per_job, " evaluations")
-    if m.objective == "grpo":  # held-out scoring: before, every eval_every_steps, after; eval_generations each
-        scorings = steps // m.grpo.eval_every_steps if m.grpo.eval_every_steps else 0
-        over("method.grpo.eval_every_steps", scorings, limits.max_evaluations_per_job, " evaluations")
-        evaluations = (scorings + 1) * (m.grpo.eval_generations or m.grpo.num_generations)
+    own = objective.held_out_passes(spec, steps)  # GRPO scores its eval prompts on its own schedule
+    if own is not None:
+        own_field, scorings, passes = own
+        over(own_field, scorings, limits.max_evaluations_per_job, " evaluations")
+        evaluations = passes
     # Every token the job processes: training rows, and the eval rows at each evaluation (and the end);
     # preference objectives hold two answers a row, GRPO generates its answers on top.
-    per_row = spec.data.max_length * (2 if m.objective in ("dpo", "kto") else 1) + (
-        m.grpo.max_new_tokens if m.objective == "grpo" else 0)
+    per_row = objective.tokens_per_row(spec)
     eval_rows = eval_rows if eval_rows is not None else int(rows * (spec.data.eval_ratio() or 0))
     tokens = (steps * t.total_batch_size + (evaluations + 1) * eval_rows) * per_row
     if tokens > limits.max_tokens_per_job:

@@ -76,7 +76,7 @@ def _load_source(source: DataSource, data: DataSpec, need_assistant: bool
         fmt = _detect(read, columns)
     if fmt in ("preference", "openai_preference", "kto"):
         raise DataError([Problem(source.path, f"data.format {fmt} holds preference pairs, and method.objective is sft")],
-                        hint="set method.objective: dpo to train on preference pairs")
+                        hint="set method.objective: dpo or orpo to train on preference pairs")
     samples: list[Sample] = []
     problems = list(read.problems)
     for row in read.rows:
@@ -102,7 +102,7 @@ def _detect(read: SourceRows, columns: Columns) -> str:
                 raise DataError([Problem(row.where, "preference data (prompt/chosen/rejected, OpenAI's input/"
                                                     "preferred_output/non_preferred_output, or prompt/completion "
                                                     "with a true/false label), and method.objective is sft")],
-                                hint="set method.objective: dpo (pairs) or kto (labeled answers)")
+                                hint="set method.objective: dpo or orpo (pairs), or kto (labeled answers)")
             fmt = detect_format(keys, columns)
             if fmt:
                 votes[fmt] = votes.get(fmt, 0) + 1

@@ -185,15 +185,16 @@ class PreferenceData:
         return lines
 
 
-def load_pairs(spec: RunSpec) -> tuple[list[Any], list[Any], list[SourceReport], list[Problem]]:
-    """Training and eval rows: pairs for dpo; for kto labeled answers (a pair gives two: the chosen
+def load_pairs(spec: RunSpec, objective: str = "dpo", labeled: bool = False
+               ) -> tuple[list[Any], list[Any], list[SourceReport], list[Problem]]:
+    """Training and eval rows: pairs; with `labeled` (kto) labeled answers (a pair gives two: the chosen
     answer desirable, the rejected one not), while eval may stay pairs (then preference accuracy is
-    measured on them)."""
-    kto = spec.method.objective == "kto"
+    measured on them). `objective` names the objective in messages."""
     data = spec.data
-    train, evals, reports, problems = gather(spec, lambda uri, fmt, weight: _load(uri, fmt, data, weight, kto),
-                                             "preference data", prepare_train=_unpaired if kto else None)
-    if kto and any(isinstance(r, Pair) for r in evals) and not all(isinstance(r, Pair) for r in evals):
+    train, evals, reports, problems = gather(
+        spec, lambda uri, fmt, weight: _load(uri, fmt, data, weight, objective, labeled),
+        "preference data", prepare_train=_unpaired if labeled else None)
+    if labeled and any(isinstance(r, Pair) for r in evals) and not all(isinstance(r, Pair) for r in evals):
         evals = _unpaired(evals)  # mixed eval sources: all as labeled answers
     return train, evals, reports, problems
 
@@ -239,12 +240,11 @@ def _unpaired(rows: list[Any]) -> list[Any]:
     return out
 
 
-def _load(uri: str, fmt: str, data: DataSpec, weight: float, kto: bool = False
+def _load(uri: str, fmt: str, data: DataSpec, weight: float, objective: str, kto: bool
           ) -> tuple[list[Any], SourceReport, list[Problem]]:
     read = read_source(uri)
     problems = list(read.problems)
     allowed = PREFERENCE_FORMATS + (("kto",) if kto else ())
-    objective = "kto" if kto else "dpo"
     if fmt == "auto":
         found = {detect_preference(set(r.data), data) for r in read.rows[:100] if isinstance(r.data, dict)} - {None}
         found &= set(allowed)
@@ -395,13 +395,14 @@ def _split(fmt: ChatFormatter, messages: tuple[dict[str, Any], ...], tools: Any,
     return list(map(int, last.ids[:first])), list(map(int, last.ids[first:end]))
 
 
-def prepare_pairs(spec: RunSpec) -> PreferenceData:
-    """Load, check and tokenise the spec's preference data (no torch)."""
+def prepare_pairs(spec: RunSpec, objective: str = "dpo", labeled: bool = False) -> PreferenceData:
+    """Load, check and tokenise the spec's preference data (no torch): pairs, or with `labeled` answers
+    labeled desirable or not (pairs are split into two)."""
     from kubetune.storage import resolve_model
 
     model_dir = resolve_model(spec.model.base, spec.model.revision, only_tokenizer=True)
     formatter = ChatFormatter(model_dir, spec.model.chat_template)
-    train, evals, reports, skipped = load_pairs(spec)
+    train, evals, reports, skipped = load_pairs(spec, objective, labeled)
     return PreferenceData(encode_rows(train, formatter, spec.data), encode_rows(evals, formatter, spec.data),
                           formatter, model_dir, reports, Skipped(skipped), source_hashes(spec))
 

@@ -5,7 +5,7 @@ in one place, so every violation is reported together with the per-field ones.""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -152,6 +152,11 @@ class KTOSpec(_Section):
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of the undesirable answers' loss.")
 
 
+class ORPOSpec(_Section):
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term beside the chosen answers' "
+                        "likelihood (the paper's lambda, TRL's beta). No reference model.")
+
+
 class RewardSpec(_Section):
     function: str = Field(description="exact_match, regex, length, grader (an OpenAI grader: `grader`), or your "
                           "own as package.module:function (TRL's reward signature: prompts, completions, **columns "
@@ -193,16 +198,24 @@ class GRPOSpec(_Section):
     sandbox: SandboxSpec = Field(default_factory=lambda: SandboxSpec(), description="Limits of python graders.")
 
 
+# The training objectives (kubetune.train.objectives.OBJECTIVES maps each to its module).
+ObjectiveName = Literal["sft", "dpo", "kto", "orpo", "grpo"]
+OBJECTIVE_NAMES: tuple[str, ...] = get_args(ObjectiveName)
+
+
 class MethodSpec(_Section):
     type: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit base, CUDA only) or full.")
-    objective: Literal["sft", "dpo", "kto", "grpo"] = Field(
+    objective: ObjectiveName = Field(
         "sft", description="sft: supervised fine-tuning on chats, instructions or text; dpo: direct preference "
         "optimisation on pairs (prompt, chosen, rejected); kto: answers labeled desirable or not (prompt, "
-        "completion, label); grpo: reinforcement learning from method.grpo.rewards on prompts. The reference of dpo, kto "
-        "(and grpo with beta > 0) is the starting model (with LoRA: the adapter disabled).")
+        "completion, label); orpo: odds-ratio preference optimisation on pairs (supervised learning of the chosen "
+        "answers and a preference term in one loss, no reference model); grpo: reinforcement learning from "
+        "method.grpo.rewards on prompts. The reference of dpo, kto (and grpo with beta > 0) is the starting model "
+        "(with LoRA: the adapter disabled; with full: a frozen copy).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (lora and qlora).")
     dpo: DPOSpec = Field(default_factory=DPOSpec, description="DPO settings (objective: dpo).")
     kto: KTOSpec = Field(default_factory=lambda: KTOSpec(), description="KTO settings (objective: kto).")
+    orpo: ORPOSpec = Field(default_factory=lambda: ORPOSpec(), description="ORPO settings (objective: orpo).")
     grpo: GRPOSpec = Field(default_factory=lambda: GRPOSpec(), description="GRPO settings (objective: grpo).")
 
 

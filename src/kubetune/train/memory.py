@@ -131,10 +131,10 @@ class MemoryPlan:
         shard = f"fsdp over {self.world}" + (", offloaded to CPU" if self.offload else "") if self.strategy == "fsdp" \
             else "ddp" if self.strategy == "ddp" else "one process"
         out = [f"  memory per device ({shard}; micro-batch {self.micro_batch} x {self.seq_len} tokens; {ckpt}):",
-               f"    weights {_size(self.weights)}  gradients {_size(self.gradients)}  optimizer {_size(self.optimizer)}",
-               f"    activations {_size(self.activations_off)} without checkpointing, {_size(self.activations_on)} with it;"
-               f" backward peak +{_size(self.transient)}; runtime {_size(self.runtime)}",
-               f"    peak ~{_size(self.peak)}" + (f" of {_size(self.device_memory)} ({self.device})"
+               f"    weights {size_text(self.weights)}  gradients {size_text(self.gradients)}  optimizer {size_text(self.optimizer)}",
+               f"    activations {size_text(self.activations_off)} without checkpointing, {size_text(self.activations_on)} with it;"
+               f" backward peak +{size_text(self.transient)}; runtime {size_text(self.runtime)}",
+               f"    peak ~{size_text(self.peak)}" + (f" of {size_text(self.device_memory)} ({self.device})"
                                                     if self.device_memory else " (device memory unknown: set "
                                                                                "resources.device_memory)")]
         best = self.max_micro_batch
@@ -155,7 +155,7 @@ class MemoryPlan:
                 "max_micro_batch": self.max_micro_batch, "fits": self.fits}
 
 
-def _size(n: float | None) -> str:
+def size_text(n: float | None) -> str:
     if n is None:
         return "?"
     return f"{n / GB:.1f} GB" if n >= 0.95 * GB else f"{n / 1e6:.0f} MB"
@@ -262,12 +262,16 @@ def plan_inputs(spec: RunSpec, model_dir: Path, params: int, lengths: list[int],
 
 def plan_memory(spec: RunSpec, inputs: Inputs, micro_batch: int | None = None, strategy: str | None = None,
                 offload: bool | None = None, checkpointing: str | None = None, method: str | None = None) -> MemoryPlan:
-    """The plan for the spec, or for a variant of it (the fixes `check_fits` suggests)."""
+    """The plan for the spec, or for a variant of it (the fixes `check_fits` suggests). `micro_batch` is in
+    rows; the plan's is in sequences (a preference pair is two)."""
     from kubetune.train.batching import plan_batches
+    from kubetune.train.objectives import objective_for
 
+    objective = objective_for(spec)
     res, t = spec.resources, spec.train
     world = res.world_size
-    mb = micro_batch or plan_batches(t.total_batch_size, t.max_per_device_batch_size, world).per_device
+    rows = micro_batch or plan_batches(t.total_batch_size, t.max_per_device_batch_size, world).per_device
+    mb = rows * objective.sequences_per_row(spec)
     strategy = strategy or (("single" if world == 1 else "ddp") if res.strategy == "auto" else
                             ("single" if world == 1 else res.strategy))
     offload = res.offload if offload is None else offload
@@ -290,6 +294,8 @@ def plan_memory(spec: RunSpec, inputs: Inputs, micro_batch: int | None = None, s
     optimizer = trainable * _optimizer_bytes(t.optim, 4 if method != "full" else wbytes)
     if gpu is False and abytes == 2 and method == "full":
         weights += linear * 2  # autocast keeps a bf16 copy of each linear weight for forward and backward
+    if objective.reference_copy(spec, method):
+        weights += s.params * wbytes  # the frozen reference model (sharded like the weights under FSDP)
     layer_weights = s.layer_params() * (0.55 if method == "qlora" else wbytes)
     if strategy == "fsdp":
         # each rank keeps 1/world; the layer being computed (and the next, prefetched) is gathered whole,
@@ -411,9 +417,9 @@ def check_fits(spec: RunSpec, plan: MemoryPlan) -> None:
     if plan.fits or settings.skip_memory_check():
         return
 
-    raise UsageError(f"the run needs ~{_size(plan.peak)} per device and {plan.device} has {_size(plan.device_memory)}"
-                     f" (weights {_size(plan.weights)}, gradients {_size(plan.gradients)}, optimizer "
-                     f"{_size(plan.optimizer)}, activations {_size(plan.activations)})",
+    raise UsageError(f"the run needs ~{size_text(plan.peak)} per device and {plan.device} has {size_text(plan.device_memory)}"
+                     f" (weights {size_text(plan.weights)}, gradients {size_text(plan.gradients)}, optimizer "
+                     f"{size_text(plan.optimizer)}, activations {size_text(plan.activations)})",
                      ("; or ".join(fixes(spec, plan)) or "a device with more memory, or a smaller model") +
                      f" (if the plan is wrong for this setup, {settings.SKIP_MEMORY_CHECK}=1 runs it anyway)")
 
@@ -426,11 +432,13 @@ def fixes(spec: RunSpec, plan: MemoryPlan) -> list[str]:
 
     def consider(text: str, variant: MemoryPlan) -> None:
         if variant.fits:
-            out.append(f"{text} (~{_size(variant.peak)})")
+            out.append(f"{text} (~{size_text(variant.peak)})")
 
     if plan.checkpointing == "off":
         consider("train.gradient_checkpointing: auto", plan_memory(spec, inputs, checkpointing="auto"))
-    best = plan.max_micro_batch
+    from kubetune.train.objectives import objective_for
+
+    best = (plan.max_micro_batch or 0) // objective_for(spec).sequences_per_row(spec)  # in rows (a pair: 2 sequences)
     if best:
         consider(f"train.max_per_device_batch_size: {best}", plan_memory(spec, inputs, micro_batch=best))
     if plan.world > 1 and plan.strategy != "fsdp":
@@ -450,27 +458,30 @@ def plan_for_run(spec: RunSpec, data: Any, local: bool) -> MemoryPlan:
     from kubetune.train.plan import count_params
 
     lengths = [len(getattr(r, "input_ids", r)) for r in data.train.rows]  # a sample, or a pair (prompt + longer answer)
-    trained = trained_counts(data.train.rows) if spec.method.objective == "sft" else ()
-    inputs = plan_inputs(spec, data.model_dir, count_params(data.model_dir), lengths, local, trained)
-    plan = plan_memory(spec, inputs, micro_batch=_sequences(spec))
+    inputs = plan_inputs(spec, data.model_dir, count_params(data.model_dir), lengths, local,
+                         trained_counts(data.train.rows))
+    return _with_notes(spec, _auto_sharded(spec, inputs))
+
+
+def _auto_sharded(spec: RunSpec, inputs: Inputs) -> MemoryPlan:
+    """The spec's plan; with strategy auto on several devices, FSDP's when replicas would not fit."""
+    plan = plan_memory(spec, inputs)
     if spec.resources.strategy == "auto" and spec.resources.world_size > 1 and not plan.fits:
-        sharded = plan_memory(spec, inputs, strategy="fsdp", micro_batch=_sequences(spec))
+        sharded = plan_memory(spec, inputs, strategy="fsdp")
         if sharded.fits:
             sharded.notes.append("resources.strategy auto chose fsdp: replicas (ddp) would not fit")
             return sharded
-    if spec.method.objective == "grpo":
-        g, sh = spec.method.grpo, inputs.shape
-        cache = 2 * sh.layers * sh.kv * (inputs.seq_len + g.max_new_tokens) * (2 if on_gpu(spec, local) else 4)
-        plan.notes.append(f"grpo: a micro-batch is {plan.micro_batch} answers ({g.num_generations} per prompt); "
-                          f"generating them holds a KV cache of ~{_size(cache * plan.micro_batch)}"
-                          + (", plus the reference model's forward pass (beta > 0)" if g.beta else ""))
-    if spec.method.objective == "dpo":
-        plan.notes.append("dpo: each micro-batch runs the chosen and the rejected answers (twice the sequences), "
-                          "and the reference model's forward pass" + (" (the adapter disabled: no second copy)"
-                                                                       if spec.method.type != "full" else
-                                                                       ", a frozen copy of the weights"))
-        if spec.method.type == "full":
-            plan.weights *= 2
+    return plan
+
+
+def _with_notes(spec: RunSpec, plan: MemoryPlan) -> MemoryPlan:
+    """The objective's notes on its micro-batch (answers per prompt, reference model, ...)."""
+    from kubetune.train.objectives import objective_for
+
+    inputs: Inputs = plan._inputs  # type: ignore[attr-defined]
+    sh = inputs.shape
+    kv_per_token = 2 * sh.layers * sh.kv * (2 if on_gpu(spec, inputs.local) else 4)
+    plan.notes += objective_for(spec).memory_notes(spec, plan, inputs.seq_len, kv_per_token)
     return plan
 
 
@@ -489,17 +500,6 @@ def trained_counts(rows: list[Any], keep: int = 4096) -> tuple[int, ...]:
     return tuple(heapq.nlargest(keep, counts))
 
 
-def _sequences(spec: RunSpec) -> int:
-    """Sequences per micro-batch: DPO batches a pair as two (the chosen and the rejected answer)."""
-    from kubetune.train.batching import plan_batches
-
-    t = spec.train
-    per_device = plan_batches(t.total_batch_size, t.max_per_device_batch_size, spec.resources.world_size).per_device
-    return per_device * (2 if spec.method.objective == "dpo" else 1)
-
-
-
-
 def plan_for_cluster(spec: RunSpec) -> MemoryPlan | None:
     """The plan for a run rendered for a cluster, when the base's config.json can be read without a
     download (a local folder, or the Hugging Face cache); sequences are taken at data.max_length."""
@@ -509,12 +509,7 @@ def plan_for_cluster(spec: RunSpec) -> MemoryPlan | None:
     from kubetune.train.plan import count_params
 
     inputs = plan_inputs(spec, folder, count_params(folder), [], local=False)
-    plan = plan_memory(spec, inputs)
-    if spec.resources.strategy == "auto" and spec.resources.world_size > 1 and not plan.fits:
-        sharded = plan_memory(spec, inputs, strategy="fsdp")
-        if sharded.fits:
-            return sharded
-    return plan
+    return _with_notes(spec, _auto_sharded(spec, inputs))
 
 
 def _readable_config_folder(spec: RunSpec) -> Path | None:

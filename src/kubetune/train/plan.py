@@ -149,16 +149,9 @@ def sample_lines(spec: RunSpec, n: int) -> list[str]:
     """`kubetune plan --show N --json`: one JSON line per sample, {"where", "segments"}."""
     from kubetune.train.objectives import objective_for
 
-    prepared = objective_for(spec).prepare(spec)
-    if spec.method.objective == "grpo":
-        return [json.dumps({"where": row.where, "prompt": prepared.formatter.decode(
-            prepared.formatter.encode_prompt(row.prompt)), "columns": row.columns}, ensure_ascii=False)
-            for row in shown_rows(prepared, n)]
-    if spec.method.objective in ("dpo", "kto"):
-        return [json.dumps({"where": row.where, **pair_segments(row, prepared.formatter)}, ensure_ascii=False)
-                for row in shown_rows(prepared, n)]
-    return [json.dumps({"where": row.where, "segments": segments(row, prepared.formatter)}, ensure_ascii=False)
-            for row in shown_rows(prepared, n)]
+    objective = objective_for(spec)
+    prepared = objective.prepare(spec)
+    return objective.sample_json(prepared, shown_rows(prepared, n))
 
 
 def validate(spec: RunSpec, source: str = "spec") -> list[str]:
@@ -181,7 +174,8 @@ def plan_report(spec: RunSpec, color: bool, show: int | None = None, local: bool
     from kubetune.train.memory import fixes, plan_for_run
     from kubetune.train.objectives import objective_for
 
-    prepared = objective_for(spec).prepare(spec)
+    objective = objective_for(spec)
+    prepared = objective.prepare(spec)
     p = make_plan(spec, prepared)
     d = p.as_dict()
     lines: list[Any] = [f"plan for {spec.name}  (nothing is trained)", *prepared.summary(),
@@ -199,29 +193,7 @@ def plan_report(spec: RunSpec, color: bool, show: int | None = None, local: bool
         lines.append("  does not fit: `train` and `submit` refuse it. " +
                      (f"Fixes: {'; or '.join(found)}" if found else "Use a device with more memory or a smaller model"))
     rows = shown_rows(prepared, show) if show is not None else [p.sample] if p.sample is not None else []
-    if spec.method.objective == "grpo":
-        g = spec.method.grpo
-        lines.append(f"  {g.num_generations} answers per prompt (up to {g.max_new_tokens} tokens, temperature "
-                     f"{g.temperature}); rewards: " + ", ".join(f"{r.function} x{r.weight:g}" for r in g.rewards))
-        for row in rows:
-            lines += [f"\nprompt ({row.where}; columns for the rewards: {', '.join(sorted(row.columns)) or 'none'}):",
-                      prepared.formatter.decode(prepared.formatter.encode_prompt(row.prompt))]
-        return lines
-    if spec.method.objective == "kto":
-        for row in rows:
-            answer = prepared.formatter.decode(getattr(row, "completion_ids", getattr(row, "chosen_ids", [])))
-            lines += [f"\nanswer ({row.where}; {'desirable' if getattr(row, 'label', True) else 'undesirable'}):",
-                      prepared.formatter.decode(row.prompt_ids) + f"⟦{answer}⟧"]
-        return lines
-    if spec.method.objective == "dpo":
-        legend = "dim = prompt, green = chosen, red = rejected" if color else "the answers ⟦compared⟧"
-        for row in rows:
-            lines += [f"\npair ({row.where}; {legend}):", show_pair(row, prepared.formatter, color)]
-        return lines
-    legend = "green = trained, dim = masked" if color else "⟦trained⟧, the rest masked"
-    for row in rows:
-        lines += [f"\nsample ({row.where}; {legend}):", show_sample(row, prepared.formatter, color)]
-    return lines
+    return lines + objective.show(spec, prepared, rows, color)
 
 
 def duration(seconds: float) -> str:

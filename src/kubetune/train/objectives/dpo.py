@@ -10,19 +10,73 @@ and margin for the tuned model against the base — in an eval event, the tracke
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
+
+import json
 
 from kubetune.artifacts.layout import RunLayout
 from kubetune.data.preferences import EncodedPair, PreferenceData, prepare_pairs
 from kubetune.spec.models import RunSpec
+from kubetune.train.objectives import BaseObjective
 
 
-class DPO:
-    name = "dpo"
+class PairObjective(BaseObjective):
+    """An objective trained on preference pairs: a micro-batch runs each pair's two answers, `plan` shows
+    the prompt and both answers, and the held-out pairs are scored base vs tuned after training."""
 
     def prepare(self, spec: RunSpec) -> PreferenceData:
-        return prepare_pairs(spec)
+        return prepare_pairs(spec, self.name)
+
+    def sequences_per_row(self, spec: RunSpec) -> int:
+        return 2
+
+    def show(self, spec: RunSpec, data: Any, rows: list[Any], color: bool) -> list[Any]:
+        from kubetune.train.plan import show_pair
+
+        legend = "dim = prompt, green = chosen, red = rejected" if color else "the answers ⟦compared⟧"
+        out: list[Any] = []
+        for row in rows:
+            out += [f"\npair ({row.where}; {legend}):", show_pair(row, data.formatter, color)]
+        return out
+
+    def sample_json(self, data: Any, rows: list[Any]) -> list[str]:
+        from kubetune.train.plan import pair_segments
+
+        return [json.dumps({"where": row.where, **pair_segments(row, data.formatter)}, ensure_ascii=False)
+                for row in rows]
+
+    def beta(self, spec: RunSpec) -> float:
+        """The beta of the implicit reward margin reported by the held-out scoring."""
+        raise NotImplementedError
+
+    def evaluate(self, spec: RunSpec, trainer: Any, data: PreferenceData, layout: RunLayout, main: bool) -> None:
+        """Base vs tuned on the eval pairs (every rank computes; the main process reports)."""
+        pairs = [r for r in data.eval.rows if isinstance(r, EncodedPair)]
+        if not pairs:
+            return
+        scores = preference_scores(trainer, pairs, self.beta(spec), data.formatter.pad_id)
+        trainer.log({f"eval_{k}": v for k, v in scores.items()})
+        if main:
+            write_report(layout, scores, len(pairs))
+
+
+class DPO(PairObjective):
+    name = "dpo"
+    openai_method = "dpo"
+
+    def beta(self, spec: RunSpec) -> float:
+        return spec.method.dpo.beta
+
+    def reference_copy(self, spec: RunSpec, method: str) -> bool:
+        return method == "full"
+
+    def memory_notes(self, spec: RunSpec, plan: Any, seq_len: int, kv_bytes_per_token: int) -> list[str]:
+        return ["dpo: each micro-batch runs the chosen and the rejected answers (twice the sequences), and the "
+                "reference model's forward pass" + (" (the adapter disabled: no second copy)"
+                                                    if spec.method.type != "full" else ", a frozen copy of the weights")]
+
+    def openai_hyperparameters(self, spec: RunSpec) -> dict[str, Any]:
+        return {"beta": spec.method.dpo.beta}
 
     def arguments(self, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
         from trl import DPOConfig
@@ -43,19 +97,6 @@ class DPO:
                                 eval_dataset=_dataset(data.eval.rows) if data.eval.rows else None,
                                 processing_class=tokenizer, callbacks=callbacks)
 
-    def save_final(self, spec: RunSpec, trainer: Any, data: PreferenceData, layout: RunLayout, main: bool) -> Path:
-        from kubetune.train.objectives.sft import save_final_folder
-
-        return save_final_folder(spec, trainer, data, layout, main)
-
-    def evaluate(self, spec: RunSpec, trainer: Any, data: PreferenceData, layout: RunLayout, main: bool) -> None:
-        """Base vs tuned on the eval pairs (every rank computes; the main process reports)."""
-        if not data.eval.rows:
-            return
-        scores = preference_scores(trainer, data.eval.rows, spec.method.dpo.beta, data.formatter.pad_id)
-        trainer.log({f"eval_{k}": v for k, v in scores.items()})
-        if main:
-            write_report(layout, scores, len(data.eval.rows))
 
 
 def _dataset(rows: list[EncodedPair]) -> Any:
@@ -85,19 +126,30 @@ def preference_scores(trainer: Any, rows: list[EncodedPair], beta: float, pad_id
                       batch: int = 8) -> dict[str, float]:
     """Summed log-probabilities of each answer under the tuned model and the reference (the base: the
     adapter disabled, or TRL's reference copy), and what they say about the pairs."""
+    tuned = pair_logps(trainer.model, rows, pad_id, trainer.args.device, batch)
+    with _reference(trainer) as ref:
+        base = pair_logps(ref, rows, pad_id, trainer.args.device, batch)
+    return compare(tuned, base, beta)
+
+
+def pair_logps(model: Any, rows: list[EncodedPair], pad_id: int, device: Any, batch: int = 8) -> Any:
+    """[n, 2]: the summed log-probability of each pair's chosen and rejected answer under `model`."""
     import torch
 
-    model = trainer.model
+    was_training = model.training
     model.eval()
-    tuned, base = [], []
+    out = []
     with torch.no_grad():
         for i in range(0, len(rows), batch):
-            chunk = rows[i:i + batch]
-            tuned.append(_answer_logps(model, chunk, pad_id, trainer.args.device))
-            with _reference(trainer) as ref:
-                base.append(_answer_logps(ref, chunk, pad_id, trainer.args.device))
-    model.train()
-    t, b = torch.cat(tuned), torch.cat(base)  # [n, 2]: chosen, rejected
+            out.append(_answer_logps(model, rows[i:i + batch], pad_id, device))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def compare(tuned: Any, base: Any, beta: float) -> dict[str, float]:
+    """Preference accuracy of the base and the tuned model, and the tuned model's implicit reward
+    (beta-scaled log-ratio against the base) accuracy and margin."""
+    t, b = tuned, base  # [n, 2]: chosen, rejected
     margin = beta * ((t[:, 0] - b[:, 0]) - (t[:, 1] - b[:, 1]))
     return {"preference_accuracy_base": float((b[:, 0] > b[:, 1]).float().mean()),
             "preference_accuracy": float((t[:, 0] > t[:, 1]).float().mean()),
@@ -135,8 +187,9 @@ class _reference:
         self._ctx: Any = None
 
     def __enter__(self) -> Any:
-        if self.trainer.ref_model is not None:
-            return self.trainer.ref_model
+        ref = getattr(self.trainer, "ref_model", None)
+        if ref is not None:
+            return ref
         self._ctx = self.trainer.model.disable_adapter()
         self._ctx.__enter__()
         return self.trainer.model
@@ -155,6 +208,4 @@ def write_report(layout: RunLayout, scores: dict[str, float], pairs: int) -> Non
         f"| preference accuracy | {scores['preference_accuracy_base']:.1%} | {scores['preference_accuracy']:.1%} |\n\n"
         f"Implicit reward (tuned against base, beta-scaled): accuracy {scores['reward_accuracy']:.1%}, "
         f"mean margin {scores['reward_margin']:.4f}.\n")
-    import json
-
     (layout.eval / "metrics.json").write_text(json.dumps(scores, indent=2))

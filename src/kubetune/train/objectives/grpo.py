@@ -12,17 +12,65 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 from typing import Any
 
 from kubetune.artifacts.layout import RunLayout
 from kubetune.data.prompts import PromptData, PromptRow, prepare_prompts
 from kubetune.errors import DataError, Problem, SpecError, capped
 from kubetune.spec.models import RunSpec
+from kubetune.train.objectives import BaseObjective
+
+# OpenAI's reinforcement fine-tuning samples this many answers per prompt at compute_multiplier 1
+OPENAI_GROUP = 4
 
 
-class GRPO:
+class GRPO(BaseObjective):
     name = "grpo"
+    openai_method = "reinforcement"
+
+    def reference_copy(self, spec: RunSpec, method: str) -> bool:
+        return method == "full" and spec.method.grpo.beta > 0
+
+    def memory_notes(self, spec: RunSpec, plan: Any, seq_len: int, kv_bytes_per_token: int) -> list[str]:
+        from kubetune.train.memory import size_text
+
+        g = spec.method.grpo
+        cache = kv_bytes_per_token * (seq_len + g.max_new_tokens) * plan.micro_batch
+        return [f"grpo: a micro-batch is {plan.micro_batch} answers ({g.num_generations} per prompt); generating "
+                f"them holds a KV cache of ~{size_text(cache)}"
+                + (", plus the reference model's forward pass (beta > 0)" if g.beta else "")]
+
+    def answers_per_row(self, spec: RunSpec) -> int:
+        return spec.method.grpo.num_generations  # the batch counts answers: num_generations per prompt
+
+    def tokens_per_row(self, spec: RunSpec) -> int:
+        return spec.data.max_length + spec.method.grpo.max_new_tokens
+
+    def held_out_passes(self, spec: RunSpec, steps: int) -> tuple[str, int, int] | None:
+        """Scoring before the first step, every eval_every_steps, after the last; eval_generations each."""
+        g = spec.method.grpo
+        scorings = steps // g.eval_every_steps if g.eval_every_steps else 0
+        return "method.grpo.eval_every_steps", scorings, (scorings + 1) * (g.eval_generations or g.num_generations)
+
+    def openai_hyperparameters(self, spec: RunSpec) -> dict[str, Any]:
+        g = spec.method.grpo
+        return {"batch_size": spec.train.total_batch_size // g.num_generations,
+                "eval_interval": g.eval_every_steps or "auto", "eval_samples": g.eval_generations or g.num_generations,
+                "compute_multiplier": round(g.num_generations / OPENAI_GROUP, 6),
+                "reasoning_effort": g.reasoning_effort or "default"}
+
+    def show(self, spec: RunSpec, data: Any, rows: list[Any], color: bool) -> list[Any]:
+        g = spec.method.grpo
+        out: list[Any] = [f"  {g.num_generations} answers per prompt (up to {g.max_new_tokens} tokens, temperature "
+                          f"{g.temperature}); rewards: " + ", ".join(f"{r.function} x{r.weight:g}" for r in g.rewards)]
+        for row in rows:
+            out += [f"\nprompt ({row.where}; columns for the rewards: {', '.join(sorted(row.columns)) or 'none'}):",
+                    data.formatter.decode(data.formatter.encode_prompt(row.prompt))]
+        return out
+
+    def sample_json(self, data: Any, rows: list[Any]) -> list[str]:
+        return [json.dumps({"where": row.where, "prompt": data.formatter.decode(data.formatter.encode_prompt(
+            row.prompt)), "columns": row.columns}, ensure_ascii=False) for row in rows]
 
     def prepare(self, spec: RunSpec) -> PromptData:
         from kubetune.train.rewards import load_rewards
@@ -64,11 +112,6 @@ class GRPO:
         scorer.trainer = trainer
         trainer.kubetune_rewards = (funcs, weights)
         return trainer
-
-    def save_final(self, spec: RunSpec, trainer: Any, data: PromptData, layout: RunLayout, main: bool) -> Path:
-        from kubetune.train.objectives.sft import save_final_folder
-
-        return save_final_folder(spec, trainer, data, layout, main)
 
     def evaluate(self, spec: RunSpec, trainer: Any, data: PromptData, layout: RunLayout, main: bool) -> None:
         if not data.eval.rows:

@@ -8,20 +8,52 @@ preference accuracy and implicit reward margins; held-out labeled answers go to 
 
 from __future__ import annotations
 
+import json
 import random
-from pathlib import Path
 from typing import Any
 
-from kubetune.artifacts.layout import RunLayout
-from kubetune.data.preferences import EncodedLabeled, EncodedPair, PreferenceData, prepare_pairs
+from kubetune.data.preferences import EncodedLabeled, PreferenceData, prepare_pairs
 from kubetune.spec.models import RunSpec
+from kubetune.train.objectives.dpo import PairObjective
 
 
-class KTO:
+class KTO(PairObjective):
     name = "kto"
 
     def prepare(self, spec: RunSpec) -> PreferenceData:
-        return prepare_pairs(spec)
+        return prepare_pairs(spec, self.name, labeled=True)
+
+    def beta(self, spec: RunSpec) -> float:
+        return spec.method.kto.beta
+
+    def sequences_per_row(self, spec: RunSpec) -> int:
+        return 1  # one answer a row; its KL partner's forward pass keeps no activations (no grad)
+
+    def tokens_per_row(self, spec: RunSpec) -> int:
+        return 2 * spec.data.max_length  # the answer and the KL estimate's mismatched answer
+
+    def reference_copy(self, spec: RunSpec, method: str) -> bool:
+        return method == "full"  # TRL's KTOTrainer keeps a frozen copy, as DPO's does
+
+    def memory_notes(self, spec: RunSpec, plan: Any, seq_len: int, kv_bytes_per_token: int) -> list[str]:
+        return ["kto: each micro-batch also runs a no-grad forward pass of mismatched answers (the KL estimate) and "
+                "the reference model's" + (" (the adapter disabled: no second copy)"
+                                           if spec.method.type != "full" else ", a frozen copy of the weights")]
+
+    def show(self, spec: RunSpec, data: Any, rows: list[Any], color: bool) -> list[Any]:
+        out: list[Any] = []
+        for row in rows:
+            answer = data.formatter.decode(row.completion_ids)
+            out += [f"\nanswer ({row.where}; {'desirable' if row.label else 'undesirable'}):",
+                    data.formatter.decode(row.prompt_ids) + f"⟦{answer}⟧"]
+        return out
+
+    def sample_json(self, data: Any, rows: list[Any]) -> list[str]:
+        fmt = data.formatter
+        return [json.dumps({"where": row.where, "label": row.label, "segments": [
+            {"text": fmt.decode(row.prompt_ids), "trained": False, "ids": row.prompt_ids},
+            {"text": fmt.decode(row.completion_ids), "trained": True, "ids": row.completion_ids}]}, ensure_ascii=False)
+            for row in rows]
 
     def arguments(self, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
         from trl import KTOConfig
@@ -47,22 +79,6 @@ class KTO:
         return _trainer_class()(model=model, args=args, train_dataset=_dataset(rows),
                                 eval_dataset=_dataset(labeled_eval) if labeled_eval else None,
                                 processing_class=tokenizer, callbacks=callbacks)
-
-    def save_final(self, spec: RunSpec, trainer: Any, data: PreferenceData, layout: RunLayout, main: bool) -> Path:
-        from kubetune.train.objectives.sft import save_final_folder
-
-        return save_final_folder(spec, trainer, data, layout, main)
-
-    def evaluate(self, spec: RunSpec, trainer: Any, data: PreferenceData, layout: RunLayout, main: bool) -> None:
-        from kubetune.train.objectives.dpo import preference_scores, write_report
-
-        pairs = [r for r in data.eval.rows if isinstance(r, EncodedPair)]
-        if not pairs:
-            return
-        scores = preference_scores(trainer, pairs, spec.method.kto.beta, data.formatter.pad_id)
-        trainer.log({f"eval_{k}": v for k, v in scores.items()})
-        if main:
-            write_report(layout, scores, len(pairs))
 
 
 def _dataset(rows: list[EncodedLabeled]) -> Any:

@@ -9,10 +9,12 @@ from typing import Any
 from kubetune.artifacts.layout import RunLayout
 from kubetune.data.prepare import Prepared, prepare
 from kubetune.spec.models import RunSpec
+from kubetune.train.objectives import BaseObjective
 
 
-class SFT:
+class SFT(BaseObjective):
     name = "sft"
+    openai_method = "supervised"
 
     def prepare(self, spec: RunSpec) -> Prepared:
         return prepare(spec)
@@ -38,11 +40,8 @@ class SFT:
     def arguments(self, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
         return None, {}  # transformers' TrainingArguments as they are
 
-    def save_final(self, spec: RunSpec, trainer: Any, data: Prepared, layout: RunLayout, main: bool) -> Path:
-        return save_final_folder(spec, trainer, data, layout, main)
-
-    def evaluate(self, spec: RunSpec, trainer: Any, data: Prepared, layout: RunLayout, main: bool) -> None:
-        """Generation metrics run after training (eval.metrics, through the launcher's after_training)."""
+    # evaluate: none of its own — generation metrics run after training (eval.metrics, through the
+    # launcher's after_training)
 
 
 def save_final_folder(spec: RunSpec, trainer: Any, data: Any, layout: RunLayout, main: bool) -> Path:
