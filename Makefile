@@ -9,7 +9,7 @@ ASSETS  := examples/assets/tiny-llama
 
 install: $(STAMP)
 
-# torch is installed in the same pip command as everything else (ENVIRONMENT.md): alone, peft or
+# torch is installed in the same pip command as everything else (docs/environment.md): alone, peft or
 # accelerate resolve torch to a multi-GB CUDA build.
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)

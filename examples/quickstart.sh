@@ -22,7 +22,7 @@ echo
 echo "== kubetune merge runs/quickstart"
 $KT merge runs/quickstart
 echo
-echo "== kubetune eval runs/quickstart   (the merged model vs its base: loss, ROUGE, exact match)"
+echo "== kubetune eval runs/quickstart   (the tuned model vs its base: loss, ROUGE, exact match)"
 $KT eval runs/quickstart
 echo
 echo "== base vs tuned (kubetune chat runs/quickstart --compare ...)"

@@ -40,11 +40,30 @@ def test_adapter_run_is_served_as_a_lora_module_with_the_runs_template(tmp_path:
     assert cmd[cmd.index("--max-num-seqs") + 1] == "32" and cmd[cmd.index("--port") + 1] == "9000"
 
 
-def test_merged_run_is_served_under_the_run_name(tmp_path: Path) -> None:
+def test_a_merged_lora_run_serves_its_adapter_as_on_kubernetes_and_its_merge_by_name(tmp_path: Path) -> None:
+    from kubetune.k8s.render.serve import served_run
+    from kubetune.spec.load import load_spec
+
     run = _adapter_run(tmp_path, merged=True)
     cmd = vllm_command(vllm_target([str(run)]))
-    assert cmd[2] == str(run / "final" / "merged") and "--enable-lora" not in cmd
-    assert cmd[cmd.index("--served-model-name") + 1] == "r1"
+    served = served_run(load_spec(run / "spec.yaml"), str(run))
+    # one rule (artifacts.layout.serves_merged): here and in the rendered Deployment, the adapter on its base
+    assert cmd[cmd.index("--lora-modules") + 1] == f"r1={served.uri}" and served.base == "hf://org/Base-7B@main"
+    merged = vllm_command(vllm_target([str(run / "final" / "merged")]))  # the merge, named as a model folder
+    assert merged[2] == str(run / "final" / "merged") and "--enable-lora" not in merged
+
+
+def test_a_full_run_is_served_whole_under_the_run_name_here_and_on_kubernetes(tmp_path: Path) -> None:
+    from kubetune.k8s.render.serve import served_run
+    from kubetune.spec.load import load_spec
+
+    run = _adapter_run(tmp_path, merged=True)
+    spec = yaml.safe_load((run / "spec.yaml").read_text())
+    (run / "spec.yaml").write_text(yaml.safe_dump({**spec, "method": {"type": "full"}}))
+    cmd = vllm_command(vllm_target([str(run)]))
+    served = served_run(load_spec(run / "spec.yaml"), str(run))
+    assert cmd[2] == served.uri == str(run / "final" / "merged") and served.base is None
+    assert "--enable-lora" not in cmd and cmd[cmd.index("--served-model-name") + 1] == "r1"
 
 
 def test_lora_ranks_round_up_to_what_vllm_accepts() -> None:

@@ -59,15 +59,17 @@ class KubernetesWorker(LocalWorker):
                 self._sync(job, found.get(job["id"]))
 
     def _submit(self, job: dict[str, Any]) -> None:
-        from kubetune.k8s.render import render
+        from kubetune.launch import Launch, launcher_for
 
         spec = load_spec_text(job["spec"], f"job {job['id']}")
+        done: list[str] = []
         try:
             if self._still_deleting(spec.kubernetes.namespace, job["id"]):
                 # a resumed job whose paused Job's pods are still checkpointing: submitted once it is gone
                 self.store.update_job(job["id"], expect=["queued"], worker=None)
                 return
-            done = self._cluster(spec.kubernetes.namespace).apply(render(spec, "train"))
+            # the same launcher as `kubetune submit` (the spec is in the job's ConfigMap: no file to name)
+            launcher_for(spec, "k8s").launch(Launch(spec, f"job {job['id']}", log=done.append))
         except TransientError as exc:  # unclaimed again: the next tick (or another replica) retries
             self.store.update_job(job["id"], expect=["queued"], worker=None)
             self.store.add_event(job["id"], f"Could not submit to Kubernetes yet: {exc.message}", "warn")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from kubetune.artifacts.layout import serves_merged
 from kubetune.control.jobs import Start
 from kubetune.control.policy import ModelsPolicy, Refused, resolve_model
 from kubetune.control.runinfo import complete_steps
@@ -30,7 +31,7 @@ def resolve_start(store: Store, owner: str, model: str, models: ModelsPolicy) ->
     if step is not None and step not in complete_steps(run):
         raise Refused("model", f"{model!r}: no complete checkpoint at step {step} (list them: "
                                "fine_tuning.jobs.checkpoints.list)")
-    if spec.method.type == "full":
+    if serves_merged(spec):  # a full fine-tune: its whole model (or checkpoint) is the next run's base
         where = f"{run}/checkpoints/checkpoint-{step}" if step is not None else f"{run}/final/merged"
         return Start(where, None, spec.model.trust_remote_code)
     adapter = f"{run}/checkpoints/checkpoint-{step}" if step is not None else run

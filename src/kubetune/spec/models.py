@@ -1,4 +1,4 @@
-"""The run spec: one typed model per section of DESIGN.md. Field descriptions become `--help`
+"""The run spec: one typed model per section of docs/design.md. Field descriptions become `--help`
 text and the JSON Schema (`kubetune schema`). Cross-field rules live in `RunSpec._cross_checks`,
 in one place, so every violation is reported together with the per-field ones."""
 

@@ -19,7 +19,7 @@ def push(run: str, to: str, private: bool = True, api: Any = None, log: Callable
     """Upload final/merged (else final/adapter) with its model card (README.md); return where it went.
     `api` is an HfApi (tests pass a recorder)."""
     opened = Run.open(run)
-    final = opened.final_model()
+    final = opened.final_model(merged_if_present=True)  # a merge is published whole: no base needed to load it
     folder, what = final.folder, "merged model" if final.merged else "adapter"
     card = card_of(opened, final.merged)
     if to.startswith("hf://"):

@@ -99,15 +99,17 @@ class Run:
     def name(self) -> str:
         return self.spec.name if self.spec else self.layout.root.name
 
-    def final_model(self) -> FinalModel:
-        """final/merged when it exists (a merge, or a full fine-tune), else final/adapter on the base."""
+    def final_model(self, merged_if_present: bool = False) -> FinalModel:
+        """What the run serves (artifacts.layout.serves_merged: a full fine-tune's final/merged, else
+        final/adapter on the base); `merged_if_present`: a LoRA run's merge when it has one (what
+        `push` publishes)."""
         assert self.spec is not None
-        merged = (self.layout.merged / "config.json").exists()
-        folder = self.layout.merged if merged else self.layout.adapter
+        folder = self.layout.served(self.spec)
+        if merged_if_present and (self.layout.merged / "config.json").exists():
+            folder = self.layout.merged
         if not (folder / "tokenizer_config.json").exists():
-            raise UsageError(f"{self.uri} has no trained model yet (no {self.layout.adapter})",
-                             "run `kubetune train` first")
-        return FinalModel(folder, merged, self.spec.model.base, self.spec.model.revision)
+            raise UsageError(f"{self.uri} has no trained model yet (no {folder})", "run `kubetune train` first")
+        return FinalModel(folder, folder == self.layout.merged, self.spec.model.base, self.spec.model.revision)
 
     def events(self) -> list[Event]:
         return read_events(self.layout.events)

@@ -175,7 +175,7 @@ def _already_finished(fit: Fit) -> TrainResult | None:
             f"run {spec.name} in {layout.root} already finished with a different spec ({'; '.join(changed)})",
             "give the new run another name (--set name=...), or another output folder",
         )
-    fit.say(f"run {spec.name} already finished: {layout.adapter if spec.method.type != 'full' else layout.merged}")
+    fit.say(f"run {spec.name} already finished: {layout.served(spec)}")
     return TrainResult(layout, "already-finished")
 
 
@@ -277,7 +277,7 @@ def _finalize(fit: Fit, trained: Any) -> TrainResult:
                              tokens_seen=int(trainer.events_callback.tokens_seen),
                              train_runtime=trained.metrics.get("train_runtime"), peak_memory_bytes=peak_memory_bytes()))
     say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
-        f"{layout.merged if spec.method.type == 'full' else layout.adapter}")
+        f"{layout.served(spec)}")
     if fit.main and fit.after_training and spec.eval.metrics and (fit.data.eval.rows or fit.data.samples.eval):
         fit.after_training(layout, say)  # eval: metrics, report, and the trackers
     if fit.uploader and layout.eval.exists():  # the after-training eval's, or the objective's own (dpo)

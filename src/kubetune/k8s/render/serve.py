@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 
+from kubetune.artifacts.layout import serves_merged
 from kubetune.errors import UsageError
 from kubetune import settings
 from kubetune.k8s.render.common import (
@@ -52,9 +53,10 @@ class Served:
 
 
 def served_run(spec: RunSpec, run_uri: str | None = None) -> Served:
-    """What a run serves, from its resolved spec: final/adapter on its base (lora, qlora) or final/merged (full)."""
+    """What a run serves, from its resolved spec (artifacts.layout.serves_merged, the rule local serving
+    follows too): final/adapter on its base (lora, qlora) or final/merged (full)."""
     run = (run_uri or spec.output_uri).rstrip("/")
-    if spec.method.type == "full":
+    if serves_merged(spec):
         return Served(spec.name, f"{run}/final/merged")
     base = spec.model.base
     revision = spec.model.revision or (base.split("@", 1)[1] if base.startswith("hf://") and "@" in base else None)

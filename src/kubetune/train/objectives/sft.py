@@ -48,7 +48,7 @@ def save_final_folder(spec: RunSpec, trainer: Any, data: Any, layout: RunLayout,
     """final/merged (full) or final/adapter with the tokenizer, template and generation config; COMPLETE last."""
     from kubetune.data.export import save_tokenizer_and_config
 
-    target = layout.merged if spec.method.type == "full" else layout.adapter
+    target = layout.served(spec)  # what the run will serve: the adapter, or the whole model (full)
     trainer.save_final_model(str(target))  # written by the main process; a PEFT model saves just the adapter
     if main:
         stop = data.formatter.stop if data.has_chat else None
