@@ -95,3 +95,46 @@ def test_a_checkpoint_that_does_not_match_its_marker_is_skipped_on_resume(
     assert f"checkpoint-{newest}" in said and "is skipped" in said and "adapter_model.safetensors has 9 bytes" in said
     assert f"checkpoint-{before} (complete)" in said  # resumed from the one before, the corrupted one never loaded
     assert s3.keys(BUCKET, f"runs/{name}/final/COMPLETE")
+
+
+def test_a_verb_that_writes_into_a_remote_run_takes_its_lease_and_appends_its_events(
+        tmp_path: Path, s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    # eval and merge publish into a finished run; the copy they opened may miss the trainer's last lines
+    # (its final upload lands after the copy was pulled): the stored log keeps them, and this verb's
+    # event is appended; while a trainer still holds the lease, the verb waits for it
+    import yaml
+
+    from kubetune.artifacts.events import EventLog, EvalReportEvent
+    from kubetune.storage.lease import lease_for
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("KUBETUNE_WORKDIR", str(tmp_path / "reader"))
+    monkeypatch.setenv("KUBETUNE_LEASE_SECONDS", "30")
+    uri = f"s3://{BUCKET}/runs/published"
+    store = Store(uri)
+    store.write_text("spec.yaml", yaml.safe_dump({"name": "published", "model": {"base": "hf://org/m"},
+                                                  "data": {"train": "d.jsonl"}, "output": uri}))
+    trainer_lines = ['{"event": "start", "time": "2026-12-06T00:00:00Z", "run": "published", "spec_hash": "x"}']
+    store.write_text("events.jsonl", "\n".join(trainer_lines) + "\n")
+    opened = Run.open(uri)
+    trainer = lease_for(uri, Store(uri), "trainer-pod", 30, lambda _: None)
+    trainer.acquire(wait=False)
+    late = '{"event": "note", "time": "2026-12-06T00:00:09Z", "message": "the trainer\'s last line"}'
+    store.write_text("events.jsonl", "\n".join(trainer_lines + [late]) + "\n")  # after the copy was pulled
+    (opened.layout.eval).mkdir(parents=True, exist_ok=True)
+    (opened.layout.eval / "metrics.json").write_text('{"rougeL": 0.5}')
+    EventLog(opened.layout.events).emit(EvalReportEvent(path="eval/report.md", metrics={"tuned": {"rougeL": 0.5}}))
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (opened.publish(opened.layout.eval), done.set()))
+    writer.start()
+    time.sleep(3)
+    waited = not done.is_set() and not store.exists("eval/metrics.json")
+    trainer.release()
+    writer.join(60)
+    assert waited and done.is_set()
+    stored = store.read_text("events.jsonl").splitlines()
+    assert stored[:2] == trainer_lines + [late] and len(stored) == 3  # nothing of the trainer's lost
+    assert '"event":"eval_report"' in stored[2].replace(" ", "")
+    assert store.read_text("eval/metrics.json") == '{"rougeL": 0.5}'
+    assert not store.exists(".lease") or "trainer-pod" not in store.read_text(".lease")

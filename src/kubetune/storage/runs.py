@@ -125,14 +125,37 @@ class Run:
         return self.remote(path) if self.store is not None else path
 
     def publish(self, folder: Path) -> None:
-        """Upload a folder of the working copy (eval/, final/merged) with the event log, and wait:
-        a verb that writes into a remote run ends when it is stored."""
+        """Upload a folder of the working copy (eval/, final/merged) and this verb's events, and wait: a
+        verb that writes into a remote run ends when it is stored. It writes as the run's one writer —
+        under its lease (waiting for a trainer still finishing) — and appends its events to the stored
+        log as it is then, never replacing it with this copy's (which may miss the trainer's last lines)."""
         if self.store is None or not folder.exists():
             return
-        uploader = Uploader(self.store, self.layout, keep=1)
-        uploader.tree(folder)
-        uploader.files(self.layout.events)
-        uploader.close()
+        import sys
+
+        from kubetune import settings
+        from kubetune.storage.lease import lease_for
+
+        lease = lease_for(self.uri, self.store, settings.lease_holder(), settings.lease_seconds(),
+                          lambda line: print(line, file=sys.stderr))
+        lease.acquire(wait=True)
+        try:
+            uploader = Uploader(self.store, self.layout, keep=1)
+            uploader.tree(folder)
+            uploader.close()
+            self._append_events()
+        finally:
+            lease.release()
+
+    def _append_events(self) -> None:
+        key = self.layout.events.name
+        mine = self.layout.events.read_text().splitlines() if self.layout.events.exists() else []
+        stored = self.store.read_text(key) if self.store is not None and self.store.exists(key) else ""
+        seen = set(stored.splitlines())
+        new = [line for line in mine if line.strip() and line not in seen]  # each line has its own timestamp
+        if new and self.store is not None:
+            head = stored if not stored or stored.endswith("\n") else stored + "\n"
+            self.store.write_text(key, head + "\n".join(new) + "\n")
 
 
 def apply_storage_env(spec: RunSpec) -> None:
