@@ -17,7 +17,7 @@ from kubetune.artifacts.events import EventLog
 from kubetune.artifacts.layout import RunLayout
 from kubetune.data.prepare import prepare
 from kubetune.spec import load_spec
-from kubetune.train.batching import plan_batches
+from kubetune.train.batching import batch_shape
 from kubetune.train.build import build_trainer
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def one_step(spec_path: Path, tmp: Path, max_per_device: int, method: str, sampl
         "data.eval=null", "method.lora.dropout=0", "train.mixed_precision=fp32", f"method.type={method}", f"output={tmp / str(max_per_device)}",
     ])
     data = prepare(spec)
-    batches = plan_batches(8, max_per_device, 1)
+    batches = batch_shape(8, max_per_device, 1)
     layout = RunLayout(tmp / str(max_per_device))
     trainer = build_trainer(spec, data, layout, EventLog(layout.events, enabled=False), batches)
     grab = GradGrab()

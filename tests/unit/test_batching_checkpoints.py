@@ -8,7 +8,7 @@ import pytest
 
 from kubetune.artifacts.checkpoints import latest_complete, list_checkpoints, mark_complete, prune, remove_incomplete
 from kubetune.errors import SpecError
-from kubetune.train.batching import optimizer_steps, plan_batches
+from kubetune.train.batching import optimizer_steps, batch_shape
 
 
 @pytest.mark.parametrize("total,max_dev,world,expect", [
@@ -16,14 +16,14 @@ from kubetune.train.batching import optimizer_steps, plan_batches
     (12, 5, 1, (4, 3)), (7, 4, 1, (1, 7)), (32, 64, 4, (8, 1)),
 ])
 def test_plan_batches(total: int, max_dev: int, world: int, expect: tuple[int, int]) -> None:
-    plan = plan_batches(total, max_dev, world)
+    plan = batch_shape(total, max_dev, world)
     assert (plan.per_device, plan.accumulation) == expect
     assert plan.total == total
 
 
 def test_plan_batches_refuses_indivisible_world() -> None:
     with pytest.raises(SpecError) as info:
-        plan_batches(10, 4, 3)
+        batch_shape(10, 4, 3)
     assert str(info.value.problems[0]) == "train.total_batch_size: 10 is not divisible by the world size 3"
 
 

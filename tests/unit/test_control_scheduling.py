@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.control.policy import Budgets, ServerConfig, Team
-from kubetune.control.store import Store
+from kubetune.control.records import Records
 from kubetune.control.worker import LocalWorker, _Proc
 
 
@@ -26,7 +26,7 @@ class RecordingWorker(LocalWorker):
 
 
 def worker(tmp_path: Path, jobs: list[tuple[str, str, str]], concurrency: int, config: ServerConfig) -> RecordingWorker:
-    store = Store(f"sqlite:///{tmp_path / 'control.db'}")
+    store = Records(f"sqlite:///{tmp_path / 'control.db'}")
     for key in ("key-a", "key-b", "key-c"):
         store.add_key(key, key.removeprefix("key-"), key)
     for n, (job_id, owner, status) in enumerate(jobs):

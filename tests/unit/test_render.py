@@ -18,7 +18,7 @@ import yaml
 
 from kubetune.errors import SpecError, UsageError
 from kubetune.k8s.render import render, to_yaml
-from kubetune.k8s.serving import serving_plan
+from kubetune.k8s.serving import served_set
 from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
 from kubetune.spec.load import load_spec
 
@@ -43,7 +43,7 @@ def rendered(name: str, what: str, *overrides: str) -> list[dict[str, Any]]:
     spec = load_spec(ROOT / "examples" / name, list(overrides))
     if what != "serve":
         return render(spec, what)
-    plan = serving_plan(spec)
+    plan = served_set(spec)
     return render(plan.spec, what, plan.served, plan.tool_parser, plan.reasoning_parser)
 
 

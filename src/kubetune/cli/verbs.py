@@ -117,7 +117,7 @@ def render(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     if args.what == "serve":
-        plan = _serving_plan(spec, args)
+        plan = _served_set(spec, args)
         objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
         _say_unserved_metric(plan.spec)
     else:
@@ -165,9 +165,9 @@ def _check_cluster_memory(spec: Any) -> None:
         check_fits(spec, plan)
 
 
-def _serving_plan(spec: Any, args: argparse.Namespace) -> Any:
+def _served_set(spec: Any, args: argparse.Namespace) -> Any:
     """--run URIs, or --grid: every run of that sweep of SPEC (their specs computed as the sweep does)."""
-    from kubetune.k8s.serving import serving_plan
+    from kubetune.k8s.serving import served_set
 
     if getattr(args, "grid", None):
         from kubetune.errors import UsageError
@@ -176,8 +176,8 @@ def _serving_plan(spec: Any, args: argparse.Namespace) -> Any:
         if args.run:
             raise UsageError("give --run or --grid, not both")
         _, runs = plan_sweep(args.spec, parse_grid(args.grid), args.overrides)
-        return serving_plan(spec, run_specs=[load_spec(args.spec, list(r.overrides)) for r in runs])
-    return serving_plan(spec, args.run or ())
+        return served_set(spec, run_specs=[load_spec(args.spec, list(r.overrides)) for r in runs])
+    return served_set(spec, args.run or ())
 
 
 def setup(args: argparse.Namespace) -> int:
@@ -213,7 +213,7 @@ def doctor(args: argparse.Namespace) -> int:
 def deploy(args: argparse.Namespace) -> int:
     from kubetune.k8s.client import Cluster
     from kubetune.k8s.render import render as render_objects
-    plan = _serving_plan(load_spec(args.spec, args.overrides), args)
+    plan = _served_set(load_spec(args.spec, args.overrides), args)
     ns = plan.spec.kubernetes.namespace
     objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
     _say_unserved_metric(plan.spec)

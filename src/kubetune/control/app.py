@@ -14,14 +14,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kubetune.control import api, web
 from kubetune.control.state import NO_KEY, Backend, ControlSettings, ControlState, key_owner
 from kubetune.control.models import ModelHub
-from kubetune.control.store import Store
+from kubetune.control.records import Records
 from kubetune.serve.body_limit import BodyLimit
 from kubetune.serve.errors import error_body, install_error_handlers
 
 __all__ = ["create_app"]
 
 
-def create_app(store: Store, settings: ControlSettings, backend: Backend, models: ModelHub) -> FastAPI:
+def create_app(store: Records, settings: ControlSettings, backend: Backend, models: ModelHub) -> FastAPI:
     state = ControlState(store, settings, backend, models)
 
     @contextlib.asynccontextmanager

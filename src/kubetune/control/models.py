@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
-from kubetune.control.store import Store
+from kubetune.control.records import Records
 from kubetune.storage.runs import read_run_spec
 
 __all__ = ["ModelHub"]
@@ -36,7 +36,7 @@ class _Group:
 
 
 class ModelHub:
-    def __init__(self, store: Store, max_concurrency: int = 16, adapters: str = "auto", max_loras: int = 8) -> None:
+    def __init__(self, store: Records, max_concurrency: int = 16, adapters: str = "auto", max_loras: int = 8) -> None:
         self.store, self.max_concurrency, self.adapters = store, max_concurrency, adapters
         self.max_loras = max_loras
         self._groups: dict[str, _Group] = {}

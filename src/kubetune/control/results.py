@@ -18,7 +18,7 @@ from typing import Any
 
 from kubetune.artifacts.events import EvalEvent, Event, StepEvent
 from kubetune.control.files import new_file_id
-from kubetune.control.store import Store as Records
+from kubetune.control.records import Records
 from kubetune.storage.store import Store
 
 __all__ = ["COLUMNS", "RESULTS_PURPOSE", "publish_results", "step_metrics_csv"]

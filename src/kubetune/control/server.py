@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.control.keys import digest, key_id, new_key
-from kubetune.control.store import Store, database_url
+from kubetune.control.records import Records, database_url
 from kubetune.control.policy import ServerConfig, check_operator_spec, load_config
 from kubetune.errors import SpecError, UsageError
 from kubetune.serve.server import is_loopback
@@ -43,13 +43,13 @@ class ServerOptions:
     models_root: Path | None = None                  # a folder of model folders tenants may name (over config's)
 
 
-def open_store(options: ServerOptions) -> Store:
+def open_store(options: ServerOptions) -> Records:
     try:
         options.home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--home {options.home}: cannot create it ({exc.strerror})",
                          "give a folder this user may write") from None
-    return Store(database_url(options.database, options.home.resolve()))
+    return Records(database_url(options.database, options.home.resolve()))
 
 
 def create_key(options: ServerOptions, name: str) -> str:
@@ -69,7 +69,7 @@ def list_keys(options: ServerOptions) -> list[dict[str, object]]:
         store.close()
 
 
-def build(options: ServerOptions) -> tuple[FastAPI, Store]:
+def build(options: ServerOptions) -> tuple[FastAPI, Records]:
     """The app and its store; UsageError for a server that must not start (no key beyond loopback,
     the kubernetes backend without shared storage)."""
     from kubetune.control.app import create_app

@@ -11,7 +11,7 @@ from kubetune.artifacts.layout import serves_merged
 from kubetune.control.jobs import Start
 from kubetune.control.policy import ModelsPolicy, Refused, resolve_model
 from kubetune.control.runinfo import complete_steps
-from kubetune.control.store import Store
+from kubetune.control.records import Records
 from kubetune.spec.load import load_spec_text
 
 __all__ = ["resolve_start"]
@@ -19,7 +19,7 @@ __all__ = ["resolve_start"]
 CHECKPOINT = re.compile(r"(?P<model>ft:.+):ckpt-step-(?P<step>\d{1,9})")
 
 
-def resolve_start(store: Store, owner: str, model: str, models: ModelsPolicy) -> Start:
+def resolve_start(store: Records, owner: str, model: str, models: ModelsPolicy) -> Start:
     if not model.startswith("ft:"):
         base, revision, trust = resolve_model(model, models)
         return Start(base, revision, trust)
@@ -38,7 +38,7 @@ def resolve_start(store: Store, owner: str, model: str, models: ModelsPolicy) ->
     return Start(spec.model.base, spec.model.revision, spec.model.trust_remote_code, adapter)
 
 
-def _own_job(store: Store, owner: str, name: str, checkpoint: bool) -> dict[str, Any]:
+def _own_job(store: Records, owner: str, name: str, checkpoint: bool) -> dict[str, Any]:
     """The caller's job whose model is `name`: a succeeded one, or (for a checkpoint) any with checkpoints."""
     for job in store.jobs_of(owner):
         if job["fine_tuned_model"] == name and job.get("model_deleted_at") is None \

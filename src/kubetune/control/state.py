@@ -11,7 +11,7 @@ from kubetune.control.jobs import JobPolicy
 from kubetune.control.keys import digest, key_id
 from kubetune.control.policy import Budgets, ServerConfig
 from kubetune.control.models import ModelHub
-from kubetune.control.store import Store
+from kubetune.control.records import Records
 from kubetune.serve.errors import ApiError
 
 LOCAL_OWNER = "local"  # every record, when the server runs without keys (loopback only)
@@ -28,7 +28,7 @@ class ControlSettings:
     config: ServerConfig = field(default_factory=ServerConfig)  # the operator's policy (--config)
     operator_spec: dict[str, Any] = field(default_factory=dict)  # the server's flags as spec settings (namespace)
 
-    def policy_for(self, store: Store, owner: str) -> tuple[JobPolicy, Budgets]:
+    def policy_for(self, store: Records, owner: str) -> tuple[JobPolicy, Budgets]:
         """The operator's side of a job of `owner`: the server's spec, then its team's, with the
         team's limits and budgets where it has its own."""
         team = self.config.team_of(owner, store.key_name(owner))
@@ -48,7 +48,7 @@ class Backend(Protocol):
 
 @dataclass
 class ControlState:
-    store: Store
+    store: Records
     settings: ControlSettings
     backend: Backend
     models: ModelHub
@@ -72,7 +72,7 @@ def caller(request: Request) -> str:
 NO_KEY = "missing or unknown API key (send Authorization: Bearer KEY)"
 
 
-def key_owner(store: Store, authorization: str) -> str | None:
+def key_owner(store: Records, authorization: str) -> str | None:
     """The id of the key in an Authorization header, or None for a missing or unknown one."""
     token = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
     # Looked up by digest: how long the lookup takes says nothing about the key itself.

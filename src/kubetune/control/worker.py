@@ -32,7 +32,7 @@ from kubetune.control.files import remove_upload
 from kubetune.control.policy import Budgets, ServerConfig
 from kubetune.control.results import publish_results
 from kubetune.control.runinfo import run_events, trained_tokens
-from kubetune.control.store import Store
+from kubetune.control.records import Records
 from kubetune.errors import EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE, KubetuneError
 from kubetune.spec.load import load_spec_text
 
@@ -54,7 +54,7 @@ class _Proc:
 
 @dataclass
 class LocalWorker:
-    store: Store
+    store: Records
     home: Path                      # jobs/JOB_ID/{spec.yaml, validate.log, train.log}
     worker_id: str
     concurrency: int = 1

@@ -16,22 +16,22 @@ from kubetune.storage.store import uri_basename
 
 
 @dataclass(frozen=True)
-class ServingPlan:
+class ServedSet:
     spec: RunSpec                 # the Deployment's spec: namespace, image, serve settings; named after a lone run
     served: list[Served]
     tool_parser: str | None
     reasoning_parser: str | None
 
 
-def serving_plan(spec: RunSpec, runs: Sequence[str] = (), run_specs: Sequence[RunSpec] = ()) -> ServingPlan:
+def served_set(spec: RunSpec, runs: Sequence[str] = (), run_specs: Sequence[RunSpec] = ()) -> ServedSet:
     """`runs`: URIs (runs, model folders, hf://); `run_specs`: runs' resolved specs already known (a
     sweep's, computed like the sweep computed them: nothing read from storage)."""
     if run_specs:
         of_sweep = [served_run(s) for s in run_specs]
         check_served(of_sweep)
-        return ServingPlan(spec, of_sweep, resolve_tool_parser(run_specs[0]), resolve_reasoning_parser(run_specs[0]))
+        return ServedSet(spec, of_sweep, resolve_tool_parser(run_specs[0]), resolve_reasoning_parser(run_specs[0]))
     if not runs:
-        return ServingPlan(spec, [served_run(spec)], resolve_tool_parser(spec), resolve_reasoning_parser(spec))
+        return ServedSet(spec, [served_run(spec)], resolve_tool_parser(spec), resolve_reasoning_parser(spec))
     served: list[Served] = []
     found: list[RunSpec | None] = []  # each URI's resolved spec; None for a whole model
     for uri in runs:
@@ -53,4 +53,4 @@ def serving_plan(spec: RunSpec, runs: Sequence[str] = (), run_specs: Sequence[Ru
     deploying = spec
     if len(runs) == 1 and first is not None:  # one run: its Deployment, named after it
         deploying = spec.model_copy(update={"name": first.name, "model": first.model, "method": first.method})
-    return ServingPlan(deploying, served, resolve_tool_parser(source), resolve_reasoning_parser(source))
+    return ServedSet(deploying, served, resolve_tool_parser(source), resolve_reasoning_parser(source))

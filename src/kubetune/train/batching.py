@@ -8,7 +8,7 @@ from kubetune.errors import Problem, SpecError
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchShape:
     per_device: int
     accumulation: int
     world_size: int
@@ -18,7 +18,7 @@ class BatchPlan:
         return self.per_device * self.accumulation * self.world_size
 
 
-def plan_batches(total: int, max_per_device: int, world_size: int) -> BatchPlan:
+def batch_shape(total: int, max_per_device: int, world_size: int) -> BatchShape:
     """The largest per-device batch <= max_per_device that divides each device's share exactly,
     so the effective batch is exactly ``total`` (never silently rounded)."""
     if total % world_size:
@@ -26,7 +26,7 @@ def plan_batches(total: int, max_per_device: int, world_size: int) -> BatchPlan:
                                  f"{total} is not divisible by the world size {world_size}")])
     share = total // world_size
     per_device = max(d for d in range(1, min(max_per_device, share) + 1) if share % d == 0)
-    return BatchPlan(per_device, share // per_device, world_size)
+    return BatchShape(per_device, share // per_device, world_size)
 
 
 def optimizer_steps(n_rows: int, total: int, epochs: float, max_steps: int) -> int:

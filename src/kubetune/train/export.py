@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kubetune.data.export import readable, save_tokenizer_and_config
+from kubetune.data.tokenizer_files import readable, save_tokenizer_and_config
 from kubetune.errors import KubetuneError, UsageError
 from kubetune.hf import quiet_progress_bars
 from kubetune.storage import resolve_model

@@ -264,13 +264,13 @@ def plan_memory(spec: RunSpec, inputs: Inputs, micro_batch: int | None = None, s
                 offload: bool | None = None, checkpointing: str | None = None, method: str | None = None) -> MemoryPlan:
     """The plan for the spec, or for a variant of it (the fixes `check_fits` suggests). `micro_batch` is in
     rows; the plan's is in sequences (a preference pair is two)."""
-    from kubetune.train.batching import plan_batches
+    from kubetune.train.batching import batch_shape
     from kubetune.train.objectives import objective_for
 
     objective = objective_for(spec)
     res, t = spec.resources, spec.train
     world = res.world_size
-    rows = micro_batch or plan_batches(t.total_batch_size, t.max_per_device_batch_size, world).per_device
+    rows = micro_batch or batch_shape(t.total_batch_size, t.max_per_device_batch_size, world).per_device
     mb = rows * objective.sequences_per_row(spec)
     strategy = strategy or (("single" if world == 1 else "ddp") if res.strategy == "auto" else
                             ("single" if world == 1 else res.strategy))

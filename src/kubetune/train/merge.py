@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kubetune.artifacts.events import EventLog, MergeEvent
-from kubetune.data.export import readable
+from kubetune.data.tokenizer_files import readable
 from kubetune.errors import TrainingError, UsageError
 from kubetune.hf import PARITY_PROBES, Parity, merge_with_parity, quiet_progress_bars
 from kubetune.storage import resolve_model

@@ -12,7 +12,7 @@ from kubetune.data.encode import Encoded
 from kubetune.data.prepare import Prepared
 from kubetune.data.template import IGNORE
 from kubetune.spec.models import RunSpec
-from kubetune.train.batching import BatchPlan, optimizer_steps, plan_batches
+from kubetune.train.batching import BatchShape, optimizer_steps, batch_shape
 from kubetune.storage import read_model_config
 from kubetune.train.flops import device_peak, flops_per_token
 
@@ -22,10 +22,10 @@ STEP_OVERHEAD_S = {"nvidia": 0.05, "amd": 0.05, "gaudi": 0.05, "cpu": 0.01}
 
 
 @dataclass
-class Plan:
+class PlanReport:
     spec: RunSpec
     data: Prepared
-    batches: BatchPlan
+    batches: BatchShape
     steps: int
     params: int
     est_seconds: float
@@ -43,9 +43,9 @@ class Plan:
         }
 
 
-def make_plan(spec: RunSpec, data: Prepared) -> Plan:
+def make_plan(spec: RunSpec, data: Prepared) -> PlanReport:
     world = spec.resources.world_size
-    batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, world)
+    batches = batch_shape(spec.train.total_batch_size, spec.train.max_per_device_batch_size, world)
     steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
     params = count_params(data.model_dir)
     mean_tokens = data.train.stats()["mean"] or 1
@@ -58,7 +58,7 @@ def make_plan(spec: RunSpec, data: Prepared) -> Plan:
     est = tokens * per_token / (peak * ASSUMED_MFU[acc]) + steps * batches.accumulation * STEP_OVERHEAD_S[acc]
     sample = next((r for r in data.train.rows if any(x == IGNORE for x in getattr(r, "labels", ()))), None)
     sample = sample or (data.train.rows[0] if data.train.rows else None)
-    return Plan(spec, data, batches, steps, params, est, sample)
+    return PlanReport(spec, data, batches, steps, params, est, sample)
 
 
 def _accelerator(spec: RunSpec) -> str:

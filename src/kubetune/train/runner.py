@@ -29,7 +29,7 @@ from kubetune.storage.lease import Lease, lease_for
 from kubetune.storage.runs import Run, apply_storage_env
 from kubetune.storage.store import Store, retry_transient, scheme
 from kubetune.storage.sync import Uploader, pull
-from kubetune.train.batching import optimizer_steps, plan_batches
+from kubetune.train.batching import optimizer_steps, batch_shape
 from kubetune.train.arguments import training_arguments
 from kubetune.train.build import build_trainer
 from kubetune.train.devices import check_accelerator
@@ -188,7 +188,7 @@ def _set_up(fit: Fit) -> None:
         fit.uploader = Uploader(fit.output.store, layout, spec.train.keep_checkpoints, log=say, on_stored=lambda step: (
             events.emit(CheckpointStoredEvent(step=step, uri=f"{store_uri}/checkpoints/checkpoint-{step}"))))
     data = fit.objective.prepare(spec)
-    batches = plan_batches(spec.train.total_batch_size, spec.train.max_per_device_batch_size, fit.dist.world_size)
+    batches = batch_shape(spec.train.total_batch_size, spec.train.max_per_device_batch_size, fit.dist.world_size)
     memory = plan_for_run(spec, data, local=True)
     check_fits(spec, memory)  # before the model loads: an out-of-memory plan is refused, with its fixes
     strategy = resolve_strategy(spec, memory)

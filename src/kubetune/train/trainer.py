@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import Trainer
 
-from kubetune.train.sampling import LengthBucketSampler
+from kubetune.train.length_buckets import LengthBucketSampler
 
 
 class KubetuneMixin:

@@ -46,7 +46,7 @@ class SFT(BaseObjective):
 
 def save_final_folder(spec: RunSpec, trainer: Any, data: Any, layout: RunLayout, main: bool) -> Path:
     """final/merged (full) or final/adapter with the tokenizer, template and generation config; COMPLETE last."""
-    from kubetune.data.export import save_tokenizer_and_config
+    from kubetune.data.tokenizer_files import save_tokenizer_and_config
 
     target = layout.served(spec)  # what the run will serve: the adapter, or the whole model (full)
     trainer.save_final_model(str(target))  # written by the main process; a PEFT model saves just the adapter

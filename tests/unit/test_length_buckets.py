@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from kubetune.train.sampling import LengthBucketSampler, padding_fraction
+from kubetune.train.length_buckets import LengthBucketSampler, padding_fraction
 
 
 def _long_tailed(n: int, seed: int = 0) -> list[int]:

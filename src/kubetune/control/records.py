@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from kubetune.errors import UsageError
 
-__all__ = ["Store", "database_url"]
+__all__ = ["Records", "database_url"]
 
 _meta = sa.MetaData()
 
@@ -101,7 +101,7 @@ def database_url(value: str | None, home: Path) -> str:
                      "use postgresql://USER@HOST:PORT/DB (password from PGPASSWORD) or sqlite:///PATH")
 
 
-class Store:
+class Records:
     def __init__(self, url: str) -> None:
         self.url = url
         sqlite = url.startswith("sqlite")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from kubetune.control.store import Store
+from kubetune.control.records import Records
 
 
 def job_row(job_id: str, owner: str, n: int) -> dict:
@@ -17,7 +17,7 @@ def job_row(job_id: str, owner: str, n: int) -> dict:
 
 
 def test_pages_are_per_owner_and_newest_first(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'db'}")
+    store = Records(f"sqlite:///{tmp_path / 'db'}")
     for n in range(5):
         store.add_job(**job_row(f"ftjob-{n}", "a" if n % 2 == 0 else "b", n))
     assert [j["id"] for j in store.jobs("a", None, 10)] == ["ftjob-4", "ftjob-2", "ftjob-0"]
@@ -27,7 +27,7 @@ def test_pages_are_per_owner_and_newest_first(tmp_path: Path) -> None:
 
 
 def test_a_claim_succeeds_once(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'db'}")
+    store = Records(f"sqlite:///{tmp_path / 'db'}")
     store.add_job(**job_row("ftjob-1", "a", 1))
     assert store.update_job("ftjob-1", expect=["queued"], unclaimed=True, status="running", worker="w1")
     assert not store.update_job("ftjob-1", expect=["queued"], unclaimed=True, status="running", worker="w2")
@@ -36,11 +36,11 @@ def test_a_claim_succeeds_once(tmp_path: Path) -> None:
 
 def test_a_database_from_an_older_version_gets_the_new_columns(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db'}"
-    Store(url).add_job(**job_row("ftjob-1", "a", 1))
+    Records(url).add_job(**job_row("ftjob-1", "a", 1))
     old = sa.create_engine(url)
     with old.begin() as c:  # as a version before retry_at made it
         c.execute(sa.text("ALTER TABLE jobs DROP COLUMN retry_at"))
-    store = Store(url)
+    store = Records(url)
     assert store.update_job("ftjob-1", retry_at=12.5)
     assert store.job("a", "ftjob-1")["retry_at"] == 12.5
 
@@ -60,7 +60,7 @@ def test_expired_files_are_removed_unless_an_active_job_reads_them(tmp_path: Pat
     from kubetune.control.files import save_upload
     from kubetune.control.worker import LocalWorker
 
-    store = Store(f"sqlite:///{tmp_path / 'db'}")
+    store = Records(f"sqlite:///{tmp_path / 'db'}")
     rows = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
     now = int(time.time())
     saved = {}
