@@ -33,7 +33,7 @@ def listing_for(spec: RunSpec, deployments: dict[str, str]) -> tuple[str, str] |
     Deployment of that base configured, or a full fine-tune: not an adapter)."""
     if spec.method.type == "full":
         return None
-    base = uri_basename(spec.model.base.removeprefix("hf://").split("@")[0])
+    base = uri_basename(spec.model.base)  # (without a hf:// revision)
     ref = deployments.get(base)
     if ref is None:
         return None

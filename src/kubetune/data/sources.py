@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import DataError, Problem, UsageError
+from kubetune.storage.store import hub_ref
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 COMPRESSED = (".gz", ".zst")  # on top of .jsonl/.json/.csv: read through gzip / zstandard
@@ -210,8 +211,7 @@ def _read_parquet(path: Path) -> tuple[list[Row], list[Problem]]:
 
 def parse_hub_uri(uri: str) -> tuple[str, str, str | None]:
     """hf://org/name[:split][@revision] → (repo, split, revision)."""
-    body = uri[len("hf://"):]
-    body, _, revision = body.partition("@")
+    body, revision = hub_ref(uri)
     repo, _, split = body.partition(":")
     if repo.count("/") > 1 or not repo:
         raise UsageError(f"{uri}: expected hf://org/name[:split][@revision]")

@@ -12,7 +12,7 @@ from kubetune.k8s.render.serve import Served, check_served, served_run
 from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
 from kubetune.spec.models import RunSpec
 from kubetune.storage.runs import read_run_spec
-from kubetune.storage.store import uri_basename
+from kubetune.storage.store import hub_ref, is_hub, uri_basename
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ def served_set(spec: RunSpec, runs: Sequence[str] = (), run_specs: Sequence[RunS
         run = None if uri.startswith("hf://") else read_run_spec(uri)
         found.append(run)
         if run is None:  # a whole model: a folder, or a Hub model vLLM downloads itself
-            repo, _, revision = uri.partition("@") if uri.startswith("hf://") else (uri, "", "")
-            served.append(Served(uri_basename(repo), repo, revision=revision or None))
+            repo, revision = (f"hf://{hub_ref(uri)[0]}", hub_ref(uri)[1]) if is_hub(uri) else (uri, None)
+            served.append(Served(uri_basename(repo), repo, revision=revision))
         else:
             served.append(served_run(run, uri))
     check_served(served)

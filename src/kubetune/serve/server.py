@@ -16,7 +16,7 @@ from kubetune import settings
 from kubetune.cpus import fit_torch_threads
 from kubetune.errors import UsageError
 from kubetune.serve.vllm import VllmTarget, adapter_rank, vllm_command
-from kubetune.storage.store import uri_basename
+from kubetune.storage.store import hub_ref, uri_basename
 
 
 
@@ -83,9 +83,9 @@ def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmT
     parser, reasoning = _parser_of(final.folder, run.spec.serve.tool_parser), _reasoning_of(final.folder)
     if final.merged:
         return VllmTarget(str(final.folder), name, str(final.folder), tool_parser=parser, reasoning_parser=reasoning)
-    base, _, at = final.base.removeprefix("hf://").partition("@")  # vLLM loads a Hub id itself
+    base, revision = hub_ref(final.base, final.revision)  # vLLM loads a Hub id itself
     return VllmTarget(base, uri_basename(base), str(final.folder), ((name, str(final.folder)),),
-                      adapter_rank(final.folder), revision=final.revision or at or None, tool_parser=parser,
+                      adapter_rank(final.folder), revision=revision, tool_parser=parser,
                       reasoning_parser=reasoning)
 
 

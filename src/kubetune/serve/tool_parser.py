@@ -80,9 +80,11 @@ def folder_template(folder: Path) -> str | None:
 def _cached_hub_template(repo: str, revision: str | None) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
-    repo, _, at = repo.partition("@")
+    from kubetune.storage.store import hub_ref
+
+    repo, revision = hub_ref(repo, revision)
     for name in ("tokenizer_config.json", "chat_template.jinja"):
-        found = try_to_load_from_cache(repo, name, revision=revision or at or None)
+        found = try_to_load_from_cache(repo, name, revision=revision)
         if isinstance(found, str):
             text = folder_template(Path(found).parent)
             if text:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import KubetuneError, TransientError, UsageError
+from kubetune.storage.store import hub_ref
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json", "config.json"]
@@ -44,8 +45,7 @@ def resolve_model(uri: str, revision: str | None = None, only_tokenizer: bool = 
 
 
 def _from_hub(repo: str, revision: str | None, only_tokenizer: bool) -> Path:
-    repo, _, at = repo.partition("@")
-    revision = revision or at or None
+    repo, revision = hub_ref(repo, revision)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

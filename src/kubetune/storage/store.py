@@ -32,6 +32,17 @@ def is_remote(uri: str) -> bool:
     return scheme(uri) in REMOTE_SCHEMES
 
 
+def is_hub(uri: str) -> bool:
+    return uri.startswith("hf://")
+
+
+def hub_ref(uri: str, revision: str | None = None) -> tuple[str, str | None]:
+    """`hf://org/name[@revision]` (or `org/name[@revision]`) → (org/name, revision); an explicit
+    `revision` (model.revision) wins over the one in the URI. The one parser of the Hub's references."""
+    repo, _, at = uri.removeprefix("hf://").partition("@")
+    return repo, revision or at or None
+
+
 def uri_basename(uri: str) -> str:
     """The last path segment of a URI or path, without a @revision: the name a model or file goes by."""
     return uri.split("://", 1)[-1].split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]

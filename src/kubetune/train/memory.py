@@ -517,8 +517,10 @@ def _readable_config_folder(spec: RunSpec) -> Path | None:
     if base.startswith("hf://"):
         from huggingface_hub import try_to_load_from_cache
 
-        repo, _, at = base.removeprefix("hf://").partition("@")
-        found = try_to_load_from_cache(repo, "config.json", revision=spec.model.revision or at or None)
+        from kubetune.storage.store import hub_ref
+
+        repo, revision = hub_ref(base, spec.model.revision)
+        found = try_to_load_from_cache(repo, "config.json", revision=revision)
         return Path(found).parent if isinstance(found, str) else None
     if "://" in base:
         return None

@@ -21,7 +21,7 @@ from kubetune.k8s.render.common import (
 )
 from kubetune.serve.vllm import VllmTarget, vllm_command
 from kubetune.spec.models import RunSpec
-from kubetune.storage.store import uri_basename
+from kubetune.storage.store import hub_ref, is_hub, uri_basename
 
 MODELS = "/models"
 # serve.autoscaling.metric → the per-pod vLLM series (v0.11 names: kv_cache_usage_perc replaced gpu_cache_usage_perc)
@@ -59,7 +59,7 @@ def served_run(spec: RunSpec, run_uri: str | None = None) -> Served:
     if serves_merged(spec):
         return Served(spec.name, f"{run}/final/merged")
     base = spec.model.base
-    revision = spec.model.revision or (base.split("@", 1)[1] if base.startswith("hf://") and "@" in base else None)
+    revision = hub_ref(base, spec.model.revision)[1] if is_hub(base) else spec.model.revision
     return Served(spec.name, f"{run}/final/adapter", spec.method.lora.r, base, revision)
 
 
@@ -111,7 +111,7 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
         return local
 
     def hub_or_pod(uri: str, owner: str) -> str:
-        return uri.removeprefix("hf://").split("@")[0] if uri.startswith("hf://") else in_pod(uri, owner)
+        return hub_ref(uri)[0] if is_hub(uri) else in_pod(uri, owner)
 
     adapters = [x for x in served if x.base]
     if adapters:
