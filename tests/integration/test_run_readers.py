@@ -29,7 +29,7 @@ def test_readers_of_a_training_run_never_delete_its_checkpoints(
         tmp_path: Path, s3: S3Server, staged: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     name = "hammered"
     # every checkpoint kept: retention would otherwise delete the evidence before the check at the end
-    spec = spec_file(tmp_path, name, staged, 120, train={**TRAIN, "max_steps": 120, "save_every_steps": 2,
+    spec = spec_file(tmp_path, name, staged, 60, train={**TRAIN, "max_steps": 60, "save_every_steps": 2,
                                                           "keep_checkpoints": 1000})
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)
@@ -62,7 +62,7 @@ def test_readers_of_a_training_run_never_delete_its_checkpoints(
     assert_complete_means_complete(s3, name)
     skipped: list[tuple[int, str]] = []
     ckpts = remote_checkpoints(Store(uri), skipped)
-    assert skipped == [] and len(ckpts) == 60 and all(ok for _, ok in ckpts)
+    assert skipped == [] and len(ckpts) == 30 and all(ok for _, ok in ckpts)
 
 
 def test_a_checkpoint_that_does_not_match_its_marker_is_skipped_on_resume(
