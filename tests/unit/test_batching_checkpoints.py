@@ -15,13 +15,13 @@ from kubetune.train.batching import optimizer_steps, batch_shape
     (16, 8, 1, (8, 2)), (16, 16, 1, (16, 1)), (8, 2, 1, (2, 4)), (16, 4, 2, (4, 2)),
     (12, 5, 1, (4, 3)), (7, 4, 1, (1, 7)), (32, 64, 4, (8, 1)),
 ])
-def test_plan_batches(total: int, max_dev: int, world: int, expect: tuple[int, int]) -> None:
+def test_batch_shape(total: int, max_dev: int, world: int, expect: tuple[int, int]) -> None:
     plan = batch_shape(total, max_dev, world)
     assert (plan.per_device, plan.accumulation) == expect
     assert plan.total == total
 
 
-def test_plan_batches_refuses_indivisible_world() -> None:
+def test_batch_shape_refuses_indivisible_world() -> None:
     with pytest.raises(SpecError) as info:
         batch_shape(10, 4, 3)
     assert str(info.value.problems[0]) == "train.total_batch_size: 10 is not divisible by the world size 3"

@@ -221,5 +221,6 @@ def test_a_pair_is_two_sequences_and_the_fix_counts_rows(write_spec) -> None:
     rows = next(s for s in fixes(spec, pairs) if s.startswith("train.max_per_device_batch_size"))
     best = int(rows.split(":")[1].split()[0])
     assert best == pairs.max_micro_batch // 2  # rows: each holds two sequences
+    assert f"largest micro-batch that fits: {best} rows ({2 * best} sequences)" in "\n".join(pairs.lines())
     assert plan_memory(spec, _inputs(512), micro_batch=best).fits
     assert not plan_memory(spec, _inputs(512), micro_batch=best + 1).fits

@@ -51,6 +51,7 @@ def test_a_merged_lora_run_serves_its_adapter_as_on_kubernetes_and_its_merge_by_
     assert cmd[cmd.index("--lora-modules") + 1] == f"r1={served.uri}" and served.base == "hf://org/Base-7B@main"
     merged = vllm_command(vllm_target([str(run / "final" / "merged")]))  # the merge, named as a model folder
     assert merged[2] == str(run / "final" / "merged") and "--enable-lora" not in merged
+    assert merged[merged.index("--served-model-name") + 1] == "r1"  # the run's name, not "merged"
 
 
 def test_a_full_run_is_served_whole_under_the_run_name_here_and_on_kubernetes(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
+from kubetune.artifacts.layout import serves_merged
 from kubetune.control.records import Records
 from kubetune.storage.runs import read_run_spec
 
@@ -90,7 +91,7 @@ class ModelHub:
     def _key(self, job: dict[str, Any]) -> str:
         if job["id"] not in self._keys:
             spec = read_run_spec(job["run_uri"])
-            adapter = spec is not None and spec.method.type != "full"
+            adapter = spec is not None and not serves_merged(spec)
             self._keys[job["id"]] = f"base:{spec.model.base}" if adapter and spec else f"job:{job['id']}"
         return self._keys[job["id"]]
 

@@ -15,6 +15,7 @@ import json
 import threading
 from typing import Any
 
+from kubetune.artifacts.layout import serves_merged
 from kubetune.errors import TransientError
 from kubetune.k8s.client import Cluster
 from kubetune.k8s.render.serve import served_run
@@ -31,7 +32,7 @@ _LOCK = threading.Lock()
 def listing_for(spec: RunSpec, deployments: dict[str, str]) -> tuple[str, str] | None:
     """(namespace, ConfigMap) listing the adapters served on the job's base, or None (no
     Deployment of that base configured, or a full fine-tune: not an adapter)."""
-    if spec.method.type == "full":
+    if serves_merged(spec):
         return None
     base = uri_basename(spec.model.base)  # (without a hf:// revision)
     ref = deployments.get(base)

@@ -11,7 +11,7 @@ from typing import Sequence
 from kubetune.k8s.render.serve import Served, check_served, served_run
 from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
 from kubetune.spec.models import RunSpec
-from kubetune.storage.runs import read_run_spec
+from kubetune.storage.runs import model_folder_name, read_run_spec
 from kubetune.storage.store import hub_ref, is_hub, uri_basename
 
 
@@ -39,7 +39,8 @@ def served_set(spec: RunSpec, runs: Sequence[str] = (), run_specs: Sequence[RunS
         found.append(run)
         if run is None:  # a whole model: a folder, or a Hub model vLLM downloads itself
             repo, revision = (f"hf://{hub_ref(uri)[0]}", hub_ref(uri)[1]) if is_hub(uri) else (uri, None)
-            served.append(Served(uri_basename(repo), repo, revision=revision))
+            name = uri_basename(repo) if is_hub(uri) else model_folder_name(uri)  # a run's merge: the run's name
+            served.append(Served(name, repo, revision=revision))
         else:
             served.append(served_run(run, uri))
     check_served(served)

@@ -234,7 +234,10 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     if not targets:
         raise UsageError("nothing to serve", "pass a run folder (runs/NAME) or a model folder")
     if len(targets) == 1 and (Path(targets[0]) / "config.json").exists() and not (Path(targets[0]) / "spec.yaml").exists():
-        return _whole_model(Path(targets[0]), served_name or Path(targets[0]).name, max_concurrency, workers=workers)
+        from kubetune.storage.runs import model_folder_name
+
+        return _whole_model(Path(targets[0]), served_name or model_folder_name(targets[0]), max_concurrency,
+                            workers=workers)
 
     runs = []
     for target in targets:

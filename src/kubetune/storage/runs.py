@@ -55,6 +55,20 @@ def read_run_spec(uri: str) -> RunSpec | None:
                      "pass the output URI of a trained run, a model folder or hf://org/name")
 
 
+def model_folder_name(uri: str) -> str:
+    """The name a whole-model folder is served under: the run's, for the merge a run wrote
+    (RUN/final/merged — served by naming it: artifacts.layout.serves_merged), else the folder's."""
+    stripped = uri.rstrip("/")
+    if stripped.endswith("/final/merged"):
+        try:
+            owner = read_run_spec(stripped.removesuffix("/final/merged"))
+        except UsageError:
+            owner = None
+        if owner is not None:
+            return owner.name
+    return uri_basename(stripped)
+
+
 @dataclass
 class Run:
     uri: str
@@ -136,7 +150,8 @@ class Run:
         from kubetune import settings
         from kubetune.storage.lease import lease_for
 
-        lease = lease_for(self.uri, self.store, settings.lease_holder(), settings.lease_seconds(),
+        # a holder name of its own: never mistaken for a trainer that shares this host's or pod's name
+        lease = lease_for(self.uri, self.store, f"{settings.lease_holder()}/publish", settings.lease_seconds(),
                           lambda line: print(line, file=sys.stderr))
         lease.acquire(wait=True)
         try:

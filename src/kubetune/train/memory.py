@@ -107,6 +107,7 @@ class MemoryPlan:
     device_memory: float | None
     offload: bool = False
     per_sequence: float = 0.0    # activations + transient per sequence of seq_len (for the largest micro-batch)
+    sequences_per_row: int = 1   # the objective's (a preference pair: 2): micro_batch counts sequences
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -138,9 +139,11 @@ class MemoryPlan:
                                                     if self.device_memory else " (device memory unknown: set "
                                                                                "resources.device_memory)")]
         best = self.max_micro_batch
+        rows = (best or 0) // self.sequences_per_row
         if best is not None:
-            out.append(f"    largest micro-batch that fits: {best}" if best else
-                       "    no micro-batch fits: the model's state alone exceeds the device")
+            out.append(("    no micro-batch fits: the model's state alone exceeds the device" if not rows else
+                        f"    largest micro-batch that fits: {rows}" + (
+                            f" rows ({rows * self.sequences_per_row} sequences)" if self.sequences_per_row > 1 else "")))
         out += [f"    note: {n}" for n in self.notes]
         return out
 
@@ -152,7 +155,8 @@ class MemoryPlan:
                 "activations_with_checkpointing": int(self.activations_on), "transient": int(self.transient),
                 "runtime": int(self.runtime), "peak": int(self.peak),
                 "device_memory": int(self.device_memory) if self.device_memory else None, "device": self.device,
-                "max_micro_batch": self.max_micro_batch, "fits": self.fits}
+                "max_micro_batch": self.max_micro_batch, "sequences_per_row": self.sequences_per_row,
+                "fits": self.fits}
 
 
 def size_text(n: float | None) -> str:
@@ -338,7 +342,8 @@ def plan_memory(spec: RunSpec, inputs: Inputs, micro_batch: int | None = None, s
     per_seq = sum(policy(every_position=True)) / mb
     memory, where = device_memory(spec, inputs.local)
     plan = MemoryPlan(strategy, world, mb, inputs.seq_len, ckpt, weights, gradients, optimizer, activations, off, on,
-                      transient, RUNTIME["gpu" if gpu else "cpu"], where, memory, offload, per_seq)
+                      transient, RUNTIME["gpu" if gpu else "cpu"], where, memory, offload, per_seq,
+                      objective.sequences_per_row(spec))
     plan._inputs = inputs  # type: ignore[attr-defined]
     return plan
 
@@ -436,9 +441,7 @@ def fixes(spec: RunSpec, plan: MemoryPlan) -> list[str]:
 
     if plan.checkpointing == "off":
         consider("train.gradient_checkpointing: auto", plan_memory(spec, inputs, checkpointing="auto"))
-    from kubetune.train.objectives import objective_for
-
-    best = (plan.max_micro_batch or 0) // objective_for(spec).sequences_per_row(spec)  # in rows (a pair: 2 sequences)
+    best = (plan.max_micro_batch or 0) // plan.sequences_per_row  # in rows (a pair: 2 sequences)
     if best:
         consider(f"train.max_per_device_batch_size: {best}", plan_memory(spec, inputs, micro_batch=best))
     if plan.world > 1 and plan.strategy != "fsdp":

@@ -123,7 +123,7 @@ def _trainer_class() -> Any:
 
 
 def preference_scores(trainer: Any, rows: list[EncodedPair], beta: float, pad_id: int,
-                      batch: int = 8) -> dict[str, float]:
+                      batch: int = 4) -> dict[str, float]:
     """Summed log-probabilities of each answer under the tuned model and the reference (the base: the
     adapter disabled, or TRL's reference copy), and what they say about the pairs."""
     tuned = pair_logps(trainer.model, rows, pad_id, trainer.args.device, batch)
@@ -132,7 +132,7 @@ def preference_scores(trainer: Any, rows: list[EncodedPair], beta: float, pad_id
     return compare(tuned, base, beta)
 
 
-def pair_logps(model: Any, rows: list[EncodedPair], pad_id: int, device: Any, batch: int = 8) -> Any:
+def pair_logps(model: Any, rows: list[EncodedPair], pad_id: int, device: Any, batch: int = 4) -> Any:
     """[n, 2]: the summed log-probability of each pair's chosen and rejected answer under `model`."""
     import torch
 
@@ -173,10 +173,13 @@ def _answer_logps(model: Any, rows: list[EncodedPair], pad_id: int, device: Any)
         attention[k, :len(s)] = 1
         answer[k, :len(s)] = torch.tensor(m, dtype=torch.bool)
     ids, attention, answer = ids.to(device), attention.to(device), answer.to(device)
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    per_seq = (logps * answer[:, 1:]).sum(-1)
-    return per_seq.view(-1, 2).cpu()
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    per_seq = []
+    for k in range(len(seqs)):  # one sequence's vocabulary in fp32 at a time (not the batch's: GBs at 128k)
+        row = logits[k].float()
+        logps = row.gather(-1, ids[k, 1:, None])[:, 0] - torch.logsumexp(row, dim=-1)
+        per_seq.append((logps * answer[k, 1:]).sum())
+    return torch.stack(per_seq).view(-1, 2).cpu()
 
 
 class _reference:

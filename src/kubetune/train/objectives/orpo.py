@@ -35,9 +35,7 @@ class ORPO(PairObjective):
                 "model"]
 
     def arguments(self, spec: RunSpec) -> tuple[Any, dict[str, Any]]:
-        from trl.experimental.orpo import ORPOConfig
-
-        return ORPOConfig, {"beta": spec.method.orpo.beta,
+        return _orpo().ORPOConfig, {"beta": spec.method.orpo.beta,
                             "max_length": spec.data.max_length,  # the pairs are already cut to it
                             "disable_dropout": False}  # the spec's lora.dropout stands
 
@@ -46,15 +44,17 @@ class ORPO(PairObjective):
         from transformers import AutoTokenizer
 
         pairs = _eval_pairs(data)
-        if pairs:
-            device = next(model.parameters()).device
-            self._start = pair_logps(model, pairs, data.formatter.pad_id, device)
         tokenizer = AutoTokenizer.from_pretrained(data.model_dir)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token_id = data.formatter.pad_id
-        return _trainer_class()(model=model, args=args, train_dataset=_dataset(data.train.rows),
-                                eval_dataset=_dataset(pairs) if pairs else None,
-                                processing_class=tokenizer, callbacks=callbacks)
+        trainer = _trainer_class()(model=model, args=args, train_dataset=_dataset(data.train.rows),
+                                   eval_dataset=_dataset(pairs) if pairs else None,
+                                   processing_class=tokenizer, callbacks=callbacks)
+        if pairs:  # the Trainer has put the model on its device (FSDP wraps it only when training starts)
+            model = trainer.model
+            device = trainer.args.device if trainer.place_model_on_device else next(model.parameters()).device
+            self._start = pair_logps(model, pairs, data.formatter.pad_id, device)
+        return trainer
 
     def evaluate(self, spec: RunSpec, trainer: Any, data: PreferenceData, layout: RunLayout, main: bool) -> None:
         pairs = _eval_pairs(data)
@@ -92,18 +92,40 @@ def tokenized_row(feature: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _trainer_class() -> Any:
-    from trl.experimental.orpo import ORPOTrainer
+def _orpo() -> Any:
+    """trl.experimental.orpo, without its warning that experimental APIs may change: kubetune pins TRL
+    (requirements.txt) and tests what it uses of it."""
+    import warnings
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+        import trl.experimental.orpo as orpo
+    return orpo
+
+
+def _trainer_class() -> Any:
     from kubetune.train.trainer import KubetuneMixin
 
-    class KubetuneORPOTrainer(KubetuneMixin, ORPOTrainer):
+    class KubetuneORPOTrainer(KubetuneMixin, _orpo().ORPOTrainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._kubetune_init()
 
         def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
             return tokenized_row(feature)
+
+        def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> Any:
+            """TRL's chosen-answer likelihood term counts every position, the prompt's included; kubetune
+            trains the answer only (as its SFT masks do): the term is taken again from the mean
+            log-probability of each chosen answer's own tokens, weighted by their number."""
+            import torch
+
+            out = list(super().concatenated_forward(model, batch))
+            chosen_logps = out[0]
+            counts = (batch["chosen_labels"][:, 1:] != IGNORE).sum(-1).to(chosen_logps.device)
+            summed = torch.where(counts > 0, chosen_logps * counts, torch.zeros_like(chosen_logps))
+            out[4] = -summed.sum() / counts.sum().clamp(min=1)
+            return tuple(out)
 
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
             for side in ("chosen", "rejected"):  # the batch holds no input_ids of its own: count both answers
