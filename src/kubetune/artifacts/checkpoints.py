@@ -94,35 +94,49 @@ def verify(path: Path) -> str | None:
     return mismatch(marker, sizes)
 
 
-def prune(folder: Path, keep: int, protect: set[int] | frozenset[int] = frozenset()) -> list[Path]:
-    """Keep the newest ``keep`` complete checkpoints; delete older ones and incomplete leftovers
-    older than the newest complete one (never the newest complete itself)."""
-    ckpts = list_checkpoints(folder)
-    complete = [(s, p) for s, p, ok in ckpts if ok]
+# The run writer's two rules, for a local folder and a store alike. A listing is (step, state) per
+# checkpoint, state "ok" (marker there, files match), "unmarked" (no COMPLETE) or "mismatch".
+Listing = list[tuple[int, str]]
+
+
+def garbage_before_resume(listing: Listing) -> list[int]:
+    """Before resuming: a checkpoint without COMPLETE is what a killed save left, and one whose files do
+    not match its marker but is older than a valid one is what a killed retention left half-deleted. A
+    newest one that does not match is kept (skipped, for a person to look at): no valid checkpoint after
+    it says it is garbage."""
+    valid = [s for s, state in listing if state == "ok"]
+    return [s for s, state in listing if state == "unmarked" or (state == "mismatch" and valid and s < valid[-1])]
+
+
+def beyond_retention(listing: Listing, keep: int, protect: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """After a checkpoint is saved: keep the newest `keep` complete ones (never fewer than the newest);
+    anything older that is not complete goes too. `protect`: steps to keep whatever they are."""
+    complete = [s for s, state in listing if state == "ok"]
     if not complete:
         return []
-    newest = complete[-1][0]
-    keep_steps = {s for s, _ in complete[-max(1, keep):]}
+    kept = set(complete[-max(1, keep):])
+    return [s for s, state in listing if s not in protect and s not in kept and (state == "ok" or s < complete[-1])]
+
+
+def folder_listing(folder: Path) -> Listing:
+    return [(s, "ok" if ok else "mismatch" if (p / COMPLETE).exists() else "unmarked")
+            for s, p, ok in list_checkpoints(folder)]
+
+
+def _remove(folder: Path, steps: list[int]) -> list[Path]:
     removed = []
-    for step, path, ok in ckpts:
-        if step in protect:
-            continue
-        if (ok and step not in keep_steps) or (not ok and step < newest):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    for step in steps:
+        path = folder / f"checkpoint-{step}"
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
+
+
+def prune(folder: Path, keep: int, protect: set[int] | frozenset[int] = frozenset()) -> list[Path]:
+    """Retention in a local folder (beyond_retention), by the run's writer."""
+    return _remove(folder, beyond_retention(folder_listing(folder), keep, protect))
 
 
 def remove_incomplete(folder: Path) -> list[Path]:
-    """Before resuming (the run's writer only): a checkpoint without COMPLETE is garbage from a killed
-    save, and one whose files do not match its marker but is older than a valid one is what a killed
-    retention left half-deleted. A newest one that does not match is kept (skipped, for a person to
-    look at): no valid checkpoint after it says it is garbage."""
-    ckpts = list_checkpoints(folder)
-    valid = [s for s, _, ok in ckpts if ok]
-    removed = []
-    for step, path, ok in ckpts:
-        if not ok and (not (path / COMPLETE).exists() or (valid and step < valid[-1])):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+    """Before resuming in a local folder (garbage_before_resume), by the run's writer only."""
+    return _remove(folder, garbage_before_resume(folder_listing(folder)))

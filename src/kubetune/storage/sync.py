@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from kubetune import settings
-from kubetune.artifacts.checkpoints import checkpoint_step, mismatch, verify
+from kubetune.artifacts.checkpoints import beyond_retention, checkpoint_step, garbage_before_resume, mismatch, verify
 from kubetune.artifacts.layout import COMPLETE, RunLayout
 from kubetune.errors import TransientError
 from kubetune.storage.store import Store, local_path
@@ -65,6 +65,12 @@ def remote_checkpoints(store: Store, skipped: list[tuple[int, str]] | None = Non
     return sorted(out)
 
 
+def store_listing(ckpts: list[tuple[int, bool]], mismatched: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """remote_checkpoints' result as the writer's rules read it (artifacts.checkpoints.Listing)."""
+    bad = {s for s, _ in mismatched}
+    return [(s, "ok" if ok else "mismatch" if s in bad else "unmarked") for s, ok in ckpts]
+
+
 @dataclass
 class PullResult:
     checkpoint: int | None = None          # step of the checkpoint brought down
@@ -91,11 +97,8 @@ def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print, wr
     for step, why in result.skipped:
         log(f"checkpoint-{step} in {store.uri} is skipped: {why}")
     complete_steps = [s for s, ok in ckpts if ok]
-    mismatched = {s for s, _ in result.skipped}
-    for step, complete in ckpts:
-        # the writer's rule (as remove_incomplete's): no marker, or a mismatch older than a valid checkpoint
-        garbage = step not in mismatched or (complete_steps and step < complete_steps[-1])
-        if writer and not complete and garbage:
+    if writer:  # the writer's rule, the same as in a local folder
+        for step in garbage_before_resume(store_listing(ckpts, result.skipped)):
             store.remove(f"checkpoints/checkpoint-{step}")
             result.removed_incomplete.append(step)
     if complete_steps:
@@ -248,12 +251,8 @@ class UploadWorker:
         goes too."""
         mismatched: list[tuple[int, str]] = []
         ckpts = self._retry(lambda: remote_checkpoints(self.store, mismatched), "checkpoints/")
-        complete = [s for s, ok in ckpts if ok]
-        keep = set(complete[-max(1, self.keep):])
-        stale = [s for s, _ in mismatched if complete and s < complete[-1]]
-        for step in sorted([*complete, *stale]):
-            if step not in keep:
-                self._retry(lambda s=step: self.store.remove(f"checkpoints/checkpoint-{s}"), f"checkpoint-{step}")
+        for step in beyond_retention(store_listing(ckpts, mismatched), self.keep):  # the local folder's rule too
+            self._retry(lambda s=step: self.store.remove(f"checkpoints/checkpoint-{s}"), f"checkpoint-{step}")
 
     def _retry(self, action: Callable[[], Any], what: str) -> Any:
         deadline = time.monotonic() + self.retry_seconds
