@@ -225,7 +225,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
 
     from kubetune.hf import quiet_progress_bars
     from kubetune.storage import resolve_model
-    from kubetune.storage.runs import Run
+    from kubetune.storage.runs import Run, is_model_folder, model_folder_name
     from kubetune.storage.store import uri_basename
 
     quiet_progress_bars()
@@ -233,9 +233,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
         raise UsageError(f"--adapters {adapters}: not a mode", f"use one of {', '.join(ADAPTER_MODES)}")
     if not targets:
         raise UsageError("nothing to serve", "pass a run folder (runs/NAME) or a model folder")
-    if len(targets) == 1 and (Path(targets[0]) / "config.json").exists() and not (Path(targets[0]) / "spec.yaml").exists():
-        from kubetune.storage.runs import model_folder_name
-
+    if len(targets) == 1 and is_model_folder(targets[0]):
         return _whole_model(Path(targets[0]), served_name or model_folder_name(targets[0]), max_concurrency,
                             workers=workers)
 

@@ -74,9 +74,9 @@ def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmT
     if len(targets) != 1:
         raise UsageError("the vLLM engine serves one run per server here", "start one server per run")
     target = targets[0]
-    if (Path(target) / "config.json").exists() and not (Path(target) / "spec.yaml").exists():
-        from kubetune.storage.runs import model_folder_name
+    from kubetune.storage.runs import is_model_folder, model_folder_name
 
+    if is_model_folder(target):
         return VllmTarget(model=target, served_name=served_name or model_folder_name(target), run_folder=target,
                           tool_parser=_parser_of(Path(target), "auto"), reasoning_parser=_reasoning_of(Path(target)))
     run = Run.open(target)

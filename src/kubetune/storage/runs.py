@@ -32,6 +32,13 @@ class FinalModel:
         return None if self.merged else self.folder
 
 
+def is_model_folder(target: str) -> bool:
+    """A local whole-model folder (config.json) that is not a kubetune run (spec.yaml): the one test of
+    "run or model folder?" for local paths; read_run_spec answers it for any URI."""
+    path = local_path(target)
+    return path is not None and (path / "config.json").exists() and not (path / "spec.yaml").exists()
+
+
 def read_run_spec(uri: str) -> RunSpec | None:
     """The resolved spec a run trained with (its spec.yaml), read without fetching anything else;
     None for a model folder (config.json and no spec.yaml)."""
