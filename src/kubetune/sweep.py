@@ -63,7 +63,7 @@ MAX_NAME = 52  # RunSpec.name: it names Kubernetes objects (a Job's pods add the
 def _value_slug(value: str) -> str:
     """A URI or Hub id by its last part (hf://mistralai/Mistral-7B-v0.3 → mistral-7b-v0p3)."""
     if "/" in value:
-        from kubetune.storage.store import uri_basename
+        from kubetune.uris import uri_basename
 
         value = uri_basename(value)
     return _slug(value)

@@ -9,12 +9,13 @@ from typing import Any
 import yaml
 
 from kubetune.spec.models import RunSpec
+from kubetune.uris import hub_ref, is_hub
 
 __all__ = ["model_card"]
 
 
 def model_card(spec: RunSpec, manifest: dict[str, Any], metrics: dict[str, Any] | None, merged: bool) -> str:
-    base = spec.model.base.removeprefix("hf://") if spec.model.base.startswith("hf://") else spec.model.base
+    base = hub_ref(spec.model.base)[0] if is_hub(spec.model.base) else spec.model.base
     m, t = spec.method, spec.train
     front = {"base_model": base, "library_name": "transformers" if merged else "peft",
              "tags": ["kubetune", m.type, m.objective], "pipeline_tag": "text-generation"}

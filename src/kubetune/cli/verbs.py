@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune import settings
 from kubetune.spec import load_spec
+from kubetune.uris import has_scheme
 
 if TYPE_CHECKING:
     from kubetune.spec.models import RunSpec
@@ -125,7 +126,7 @@ def render(args: argparse.Namespace) -> int:
             _check_cluster_memory(spec)
         objects = render_objects(spec, args.what)
     sys.stdout.write(to_yaml(objects))
-    if "://" not in spec.output_uri:  # stderr: stdout stays valid YAML for kubectl
+    if not has_scheme(spec.output_uri):  # stderr: stdout stays valid YAML for kubectl
         print(f"note: output {spec.output_uri} is a local path: in a pod it lives on the scratch volume and is lost "
               "with the pod, and a retried pod starts over; use --set output=s3://... (or gs://, pvc://)", file=sys.stderr)
     return 0

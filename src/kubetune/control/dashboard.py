@@ -14,7 +14,8 @@ from kubetune.artifacts.events import (EndEvent, ErrorEvent, EvalEvent, EvalRepo
                                        StartEvent, StepEvent)
 from kubetune.control.runinfo import read_run_text, run_events
 from kubetune.errors import KubetuneError
-from kubetune.storage.store import Store, uri_basename
+from kubetune.storage.store import Store
+from kubetune.uris import hub_ref, is_hub, uri_basename
 
 __all__ = ["RunRef", "cluster_runs", "curves", "find_runs", "run_detail", "sweeps", "summary"]
 
@@ -140,7 +141,7 @@ def _model_name(base: object) -> str | None:
     """A base model as a page shows it: a Hub id, or a folder's or URI's last part (never a path)."""
     if not isinstance(base, str):
         return None
-    return base[5:] if base.startswith("hf://") else uri_basename(base)
+    return hub_ref(base)[0] if is_hub(base) else uri_basename(base)
 
 
 def curves(events: list[Event]) -> list[dict[str, Any]]:

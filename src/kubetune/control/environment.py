@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 from kubetune import settings
 from kubetune.spec.models import RunSpec
-from kubetune.storage.store import scheme
+from kubetune.uris import is_hub, scheme
 
 __all__ = ["job_environment"]
 
@@ -45,7 +45,7 @@ def job_environment(spec: RunSpec, server_env: Mapping[str, str], extra: Sequenc
     uris += [source.path] if source else []
     for kind in {scheme(u) for u in uris}:
         allowed += STORAGE.get(kind, ())
-    if any(u.startswith("hf://") for u in uris):
+    if any(is_hub(u) for u in uris):
         allowed += HUB
     for tracker in spec.tracking.report_to:
         allowed += TRACKERS.get(tracker, ())

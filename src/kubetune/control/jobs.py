@@ -21,7 +21,7 @@ from kubetune.control.redact import redact
 from kubetune.errors import SpecError, UsageError
 from kubetune.spec.load import apply_override, validate_spec
 from kubetune.spec.models import RunSpec
-from kubetune.storage.store import uri_basename
+from kubetune.uris import uri_basename
 from kubetune.train.objectives import objective_for, objective_for_openai
 from kubetune.train.objectives.grpo import OPENAI_GROUP as GROUP
 

@@ -11,7 +11,8 @@ from kubetune.artifacts.events import (CheckpointEvent, CheckpointStoredEvent, E
 from kubetune.errors import KubetuneError
 from kubetune.artifacts.checkpoints import list_checkpoints
 from kubetune.control.redact import redact
-from kubetune.storage.store import Store, is_remote, local_path
+from kubetune.storage.store import Store, local_path
+from kubetune.uris import is_remote
 from kubetune.storage.sync import remote_checkpoints
 
 __all__ = ["checkpoints", "openai_events", "read_run_text", "run_events", "trained_tokens"]

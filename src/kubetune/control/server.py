@@ -14,7 +14,7 @@ from kubetune.control.records import Records, database_url
 from kubetune.control.policy import ServerConfig, check_operator_spec, load_config
 from kubetune.errors import SpecError, UsageError
 from kubetune.serve.server import is_loopback
-from kubetune.storage.store import is_remote
+from kubetune.uris import is_remote
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -20,7 +20,7 @@ from kubetune.errors import TransientError
 from kubetune.k8s.client import Cluster
 from kubetune.k8s.render.serve import served_run
 from kubetune.spec.models import RunSpec
-from kubetune.storage.store import uri_basename
+from kubetune.uris import uri_basename
 
 __all__ = ["listing_for", "update_listing", "updated"]
 

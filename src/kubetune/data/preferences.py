@@ -25,6 +25,7 @@ from kubetune.data.sources import local_files, read_source
 from kubetune.data.template import IGNORE, ChatFormatter, TemplateMismatch
 from kubetune.errors import DataError, Problem, capped
 from kubetune.spec.models import DataSpec, RunSpec
+from kubetune.uris import is_hub
 
 PREFERENCE_FORMATS = ("preference", "openai_preference")
 
@@ -411,6 +412,6 @@ def source_hashes(spec: RunSpec) -> dict[str, str]:
     """sha256 of every local training file, for the run's manifest (as the SFT data records them)."""
     hashes: dict[str, str] = {}
     for source in spec.data.sources():
-        if not source.path.startswith("hf://"):
+        if not is_hub(source.path):
             hashes.update({str(f): sha256_file(f) for f in local_files(source.path)})
     return hashes

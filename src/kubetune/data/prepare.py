@@ -20,6 +20,7 @@ from kubetune.data.template import ChatFormatter
 from kubetune.errors import Problem
 from kubetune.spec.models import RunSpec
 from kubetune.storage import resolve_model
+from kubetune.uris import is_hub
 
 
 @dataclass
@@ -85,7 +86,7 @@ def prepare(spec: RunSpec, model_dir: Path | None = None, use_cache: bool = True
 def _local_data_files(spec: RunSpec) -> list[Path] | None:
     """Every file behind the spec's sources, or None when one is not local (Hub datasets)."""
     sources = spec.data.sources() + ([spec.data.eval_source()] if spec.data.eval_source() else [])
-    if any(s.path.startswith("hf://") for s in sources):
+    if any(is_hub(s.path) for s in sources):
         return None
     return [f for s in sources for f in local_files(s.path)]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import DataError, Problem, UsageError
-from kubetune.storage.store import hub_ref
+from kubetune.uris import has_scheme, hub_ref, is_hub
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 COMPRESSED = (".gz", ".zst")  # on top of .jsonl/.json/.csv: read through gzip / zstandard
@@ -36,7 +36,7 @@ class SourceRows:
 
 def read_source(uri: str) -> SourceRows:
     """All rows of one source (a file, a folder of files, or hf://org/name[:split][@revision])."""
-    if uri.startswith("hf://"):
+    if is_hub(uri):
         return _read_hub(uri)
     files = local_files(uri)
     rows: list[Row] = []
@@ -48,7 +48,7 @@ def read_source(uri: str) -> SourceRows:
             r, p = [], [Problem(str(file), f"cannot read {file.suffix} file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")]
         rows += r
         problems += p
-    if "://" in uri:  # fetched into the cache: report file:line against the URI, not the cache path
+    if has_scheme(uri):  # fetched into the cache: report file:line against the URI, not the cache path
         local = str(fetched(uri))
         rows = [replace(row, where=row.where.replace(local, uri.rstrip("/"))) for row in rows]
         problems = [Problem(p.where.replace(local, uri.rstrip("/")), p.message) for p in problems]
@@ -64,7 +64,7 @@ def fetched(uri: str) -> Path:
 
 def local_files(uri: str) -> list[Path]:
     """The data files behind a local source (a file, or every supported file under a folder)."""
-    path = fetched(uri) if "://" in uri else Path(uri)
+    path = fetched(uri) if has_scheme(uri) else Path(uri)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if data_suffix(p) in SUFFIXES and p.is_file())
         if not files:

@@ -300,7 +300,8 @@ def _available(cluster: Cluster, name: str) -> bool | str | None:
 
 
 def _storage(spec: RunSpec) -> list[Check]:
-    from kubetune.storage.store import Store, scheme
+    from kubetune.storage.store import Store
+    from kubetune.uris import scheme
 
     def bucket(uri: str) -> bool:  # the Hub is checked by submit's pre-flight; pvc:// only inside the cluster
         return scheme(uri) in ("s3", "gs")

@@ -12,7 +12,7 @@ from kubetune.k8s.render.serve import Served, check_served, served_run
 from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
 from kubetune.spec.models import RunSpec
 from kubetune.storage.runs import model_folder_name, read_run_spec
-from kubetune.storage.store import hub_ref, is_hub, uri_basename
+from kubetune.uris import hub_ref, is_hub, uri_basename
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def served_set(spec: RunSpec, runs: Sequence[str] = (), run_specs: Sequence[RunS
     served: list[Served] = []
     found: list[RunSpec | None] = []  # each URI's resolved spec; None for a whole model
     for uri in runs:
-        run = None if uri.startswith("hf://") else read_run_spec(uri)
+        run = None if is_hub(uri) else read_run_spec(uri)
         found.append(run)
         if run is None:  # a whole model: a folder, or a Hub model vLLM downloads itself
             repo, revision = (f"hf://{hub_ref(uri)[0]}", hub_ref(uri)[1]) if is_hub(uri) else (uri, None)

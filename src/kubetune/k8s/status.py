@@ -15,6 +15,7 @@ from kubetune.artifacts.events import (
 )
 from kubetune.errors import KubetuneError
 from kubetune.k8s.client import Cluster, RunStatus, job_phase, pod_state
+from kubetune.uris import has_scheme, scheme
 
 _STEP = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.]+).*?eta ([\d:]+)")
 
@@ -43,7 +44,7 @@ def _progress(cluster: Cluster, name: str, status: RunStatus) -> dict[str, Any]:
             from kubetune.storage.store import Store
 
             output = (yaml.safe_load(text) or {}).get("output") or ""
-            if "://" in output and not output.startswith("pvc://"):
+            if has_scheme(output) and scheme(output) != "pvc":
                 found = progress_from_events(parse_events(Store(output).read_text("events.jsonl").splitlines()))
                 if found:
                     return {**found, "source": f"{output}/events.jsonl"}

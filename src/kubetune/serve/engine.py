@@ -226,7 +226,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
     from kubetune.hf import quiet_progress_bars
     from kubetune.storage import resolve_model
     from kubetune.storage.runs import Run, is_model_folder, model_folder_name
-    from kubetune.storage.store import uri_basename
+    from kubetune.uris import uri_basename
 
     quiet_progress_bars()
     if adapters not in ADAPTER_MODES:

@@ -16,7 +16,7 @@ from kubetune import settings
 from kubetune.cpus import fit_torch_threads
 from kubetune.errors import UsageError
 from kubetune.serve.vllm import VllmTarget, adapter_rank, vllm_command
-from kubetune.storage.store import hub_ref, uri_basename
+from kubetune.uris import hub_ref, uri_basename
 
 
 

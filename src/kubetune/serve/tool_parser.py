@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kubetune.data.tool_calls import format_for
 from kubetune.spec.models import RunSpec
+from kubetune.uris import has_scheme, is_hub
 
 # model-name patterns → the parser of the family's own tool-use template
 _BY_NAME = (
@@ -56,9 +57,9 @@ def template_text(spec: RunSpec) -> str | None:
         path = Path(choice)
         return path.read_text() if path.is_file() else None
     base = spec.model.base
-    if base.startswith("hf://"):
-        return _cached_hub_template(base.removeprefix("hf://"), spec.model.revision)
-    if "://" in base:
+    if is_hub(base):
+        return _cached_hub_template(base, spec.model.revision)
+    if has_scheme(base):
         return None
     return folder_template(Path(base))
 
@@ -80,7 +81,7 @@ def folder_template(folder: Path) -> str | None:
 def _cached_hub_template(repo: str, revision: str | None) -> str | None:
     from huggingface_hub import try_to_load_from_cache
 
-    from kubetune.storage.store import hub_ref
+    from kubetune.uris import hub_ref
 
     repo, revision = hub_ref(repo, revision)
     for name in ("tokenizer_config.json", "chat_template.jinja"):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import KubetuneError, TransientError, UsageError
-from kubetune.storage.store import hub_ref
+from kubetune.uris import hub_ref
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json", "config.json"]

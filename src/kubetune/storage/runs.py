@@ -12,7 +12,8 @@ from kubetune.artifacts.events import Event, read_events
 from kubetune.artifacts.layout import RunLayout
 from kubetune.errors import UsageError
 from kubetune.spec.models import RunSpec
-from kubetune.storage.store import Store, local_path, uri_basename
+from kubetune.storage.store import Store, local_path
+from kubetune.uris import uri_basename
 from kubetune.storage.sync import Uploader, is_synced, pull, workdir_for
 
 

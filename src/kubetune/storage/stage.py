@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 from kubetune.errors import UsageError
 from kubetune.spec.models import RunSpec
 from kubetune.storage.fetch import excluded, fetch, matches
-from kubetune.storage.store import Store, local_path, uri_basename
+from kubetune.storage.store import Store, local_path
+from kubetune.uris import uri_basename
 
 
 @dataclass(frozen=True)

@@ -19,33 +19,9 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from kubetune import settings
 from kubetune.errors import KubetuneError, TransientError, UsageError
+from kubetune.uris import is_remote, scheme, uri_basename  # noqa: F401 (uri_basename: storage's callers)
 
-REMOTE_SCHEMES = ("s3", "gs", "hf")
 T = TypeVar("T")
-
-
-def scheme(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else "file"
-
-
-def is_remote(uri: str) -> bool:
-    return scheme(uri) in REMOTE_SCHEMES
-
-
-def is_hub(uri: str) -> bool:
-    return uri.startswith("hf://")
-
-
-def hub_ref(uri: str, revision: str | None = None) -> tuple[str, str | None]:
-    """`hf://org/name[@revision]` (or `org/name[@revision]`) → (org/name, revision); an explicit
-    `revision` (model.revision) wins over the one in the URI. The one parser of the Hub's references."""
-    repo, _, at = uri.removeprefix("hf://").partition("@")
-    return repo, revision or at or None
-
-
-def uri_basename(uri: str) -> str:
-    """The last path segment of a URI or path, without a @revision: the name a model or file goes by."""
-    return uri.split("://", 1)[-1].split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def pvc_path(uri: str) -> Path:

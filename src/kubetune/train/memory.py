@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.spec.models import RunSpec
+from kubetune.uris import has_scheme, is_hub
 
 GB = 1e9
 GIB = 2**30
@@ -517,15 +518,15 @@ def plan_for_cluster(spec: RunSpec) -> MemoryPlan | None:
 
 def _readable_config_folder(spec: RunSpec) -> Path | None:
     base = spec.model.base
-    if base.startswith("hf://"):
+    if is_hub(base):
         from huggingface_hub import try_to_load_from_cache
 
-        from kubetune.storage.store import hub_ref
+        from kubetune.uris import hub_ref
 
         repo, revision = hub_ref(base, spec.model.revision)
         found = try_to_load_from_cache(repo, "config.json", revision=revision)
         return Path(found).parent if isinstance(found, str) else None
-    if "://" in base:
+    if has_scheme(base):
         return None
     folder = Path(base)
     return folder if (folder / "config.json").is_file() else None

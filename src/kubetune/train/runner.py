@@ -27,7 +27,8 @@ from kubetune.spec.load import spec_to_yaml
 from kubetune.spec.models import RunSpec
 from kubetune.storage.lease import Lease, lease_for
 from kubetune.storage.runs import Run, apply_storage_env
-from kubetune.storage.store import Store, retry_transient, scheme
+from kubetune.storage.store import Store, retry_transient
+from kubetune.uris import scheme
 from kubetune.storage.sync import Uploader, pull
 from kubetune.train.batching import optimizer_steps, batch_shape
 from kubetune.train.arguments import training_arguments

@@ -8,6 +8,7 @@ from typing import Any
 
 from kubetune import __version__, settings
 from kubetune.spec.models import RunSpec
+from kubetune.uris import bucket, scheme
 
 SPEC_DIR = "/etc/kubetune"
 SCRATCH = "/scratch"
@@ -61,15 +62,15 @@ def uris(spec: RunSpec) -> list[str]:
 
 
 def pvc_claims(spec: RunSpec) -> list[str]:
-    return sorted({u.removeprefix("pvc://").split("/", 1)[0] for u in uris(spec) if u.startswith("pvc://")})
+    return sorted({bucket(u) for u in uris(spec) if scheme(u) == "pvc"})
 
 
 def gcs_buckets(spec: RunSpec) -> list[str]:
-    return sorted({u.removeprefix("gs://").split("/", 1)[0] for u in uris(spec) if u.startswith("gs://")})
+    return sorted({bucket(u) for u in uris(spec) if scheme(u) == "gs"})
 
 
 def uses_s3(spec: RunSpec) -> bool:
-    return any(u.startswith("s3://") for u in uris(spec))
+    return any(scheme(u) == "s3" for u in uris(spec))
 
 
 def secret_ref(ref: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from kubetune.k8s.render.common import (
     SCRATCH, container_security, env, metadata, node_disk, pod_security, uris, volumes,
 )
 from kubetune.spec.models import RunSpec
+from kubetune.uris import has_scheme
 
 PROBE_SECONDS = 300  # the pod's own deadline: a probe that hangs (a mount, the network) ends
 PROBE_SCRATCH = "1Gi"
@@ -23,7 +24,7 @@ def probe_name(spec: RunSpec) -> str:
 
 def probe_uris(spec: RunSpec) -> tuple[list[str], str]:
     """(inputs the pods read, the output they write) that live outside the image: buckets, PVCs, the Hub."""
-    inputs = [u for u in dict.fromkeys(uris(spec)[1:]) if "://" in u]
+    inputs = [u for u in dict.fromkeys(uris(spec)[1:]) if has_scheme(u)]
     return inputs, spec.output_uri
 
 

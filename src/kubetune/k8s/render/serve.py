@@ -21,7 +21,7 @@ from kubetune.k8s.render.common import (
 )
 from kubetune.serve.vllm import VllmTarget, vllm_command
 from kubetune.spec.models import RunSpec
-from kubetune.storage.store import hub_ref, is_hub, uri_basename
+from kubetune.uris import body, has_scheme, hub_ref, is_hub, scheme, uri_basename
 
 MODELS = "/models"
 # serve.autoscaling.metric → the per-pod vLLM series (v0.11 names: kv_cache_usage_perc replaced gpu_cache_usage_perc)
@@ -31,11 +31,11 @@ METRICS = {"queue": "vllm:num_requests_waiting", "batch": "vllm:num_requests_run
 
 def _local_view(uri: str) -> str | None:
     """Where a pvc:// or gs:// URI appears inside the pod (mounted), None for s3/hf."""
-    if uri.startswith("pvc://"):
-        return f"{PVC_ROOT}/{uri.removeprefix('pvc://')}"
-    if uri.startswith("gs://"):
-        return f"{GCS_ROOT}/{uri.removeprefix('gs://')}"
-    if "://" not in uri:
+    if scheme(uri) == "pvc":
+        return f"{PVC_ROOT}/{body(uri)}"
+    if scheme(uri) == "gs":
+        return f"{GCS_ROOT}/{body(uri)}"
+    if not has_scheme(uri):
         return uri
     return None
 
@@ -127,7 +127,7 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
     else:
         (model,) = served
         local = hub_or_pod(model.uri, model.name)
-        target = VllmTarget(local, model.name, local, revision=model.revision if model.uri.startswith("hf://") else None,
+        target = VllmTarget(local, model.name, local, revision=model.revision if is_hub(model.uri) else None,
                             tool_parser=tool_parser, reasoning_parser=reasoning_parser,
                             max_lora_rank=s.max_lora_rank if s.runtime_adapters else None,
                             max_loras=s.max_loras if s.runtime_adapters else None, runtime_adapters=s.runtime_adapters)
