@@ -31,12 +31,10 @@ system-deps:
 	bash scripts/system-deps.sh
 
 # Two workers (pytest-xdist): the tests' training processes are single-threaded (OMP_NUM_THREADS=1)
-# and many tests wait on servers, so two at a time use both cores. Work stealing: a worker that runs
-# out of tests takes queued ones from the other (the default split left one worker idle for the last
-# ~10 minutes while the other ran a file of long tests alone).
+# and many tests wait on servers, so two at a time use both cores.
 test: install assets system-deps
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal
+	$(BIN)/python -m pytest -q -n 2
 
 test-unit: install
 	$(BIN)/lint-imports
