@@ -219,6 +219,9 @@ class WorkerPool:
             if worker.process.is_alive():
                 worker.process.terminate()
                 worker.process.join(timeout=5)
+            if worker.process.is_alive():  # a worker stuck past SIGTERM (seen on a loaded machine) is killed
+                worker.process.kill()
+                worker.process.join(timeout=5)
             worker.conn.close()
 
 
