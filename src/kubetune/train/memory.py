@@ -142,9 +142,13 @@ class MemoryPlan:
         best = self.max_micro_batch
         rows = (best or 0) // self.sequences_per_row
         if best is not None:
-            out.append(("    no micro-batch fits: the model's state alone exceeds the device" if not rows else
-                        f"    largest micro-batch that fits: {rows}" + (
-                            f" rows ({rows * self.sequences_per_row} sequences)" if self.sequences_per_row > 1 else "")))
+            if not best:
+                out.append("    no micro-batch fits: the model's state alone exceeds the device")
+            elif not rows:
+                out.append(f"    no micro-batch fits: {best} sequence(s) would, a row holds {self.sequences_per_row}")
+            else:
+                out.append(f"    largest micro-batch that fits: {rows}" + (
+                    f" rows ({rows * self.sequences_per_row} sequences)" if self.sequences_per_row > 1 else ""))
         out += [f"    note: {n}" for n in self.notes]
         return out
 
