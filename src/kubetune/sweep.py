@@ -15,8 +15,9 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from kubetune.artifacts.events import ErrorEvent, EvalReportEvent, StepEvent, read_events
-from kubetune.errors import KubetuneError, UsageError
+from kubetune.artifacts.events import ErrorEvent, EvalReportEvent, StepEvent
+from kubetune.errors import UsageError
+from kubetune.runs.layout import RUN_KEYS
 from kubetune.spec.load import load_spec
 from kubetune.spec.models import RunSpec
 
@@ -134,23 +135,22 @@ def submit_k8s(spec_path: str, runs: Sequence[SweepRun], log: Callable[[str], No
 
 def ranking(spec_path: str, runs: Sequence[SweepRun], metric: str | None = None) -> tuple[str, list[dict[str, Any]]]:
     """Rows (run, metric value, all tuned metrics, state), best first; runs without metrics last."""
-    from kubetune.storage.runs import Run
+    from kubetune.runs.view import RunView
 
     rows = []
     for r in runs:
         spec = load_spec(spec_path, list(r.overrides))
         row: dict[str, Any] = {"run": r.name, "value": None, "metrics": {}, "state": "not found"}
-        try:
-            layout = Run.open(spec.output_uri).layout
-        except KubetuneError:
+        view = RunView(spec.output_uri)  # read where it lives: nothing is pulled, cleaned or locked
+        if not view.exists(RUN_KEYS.spec):
             rows.append(row)
             continue
-        events = read_events(layout.events)
+        events = view.events()
         reports = [e for e in events if isinstance(e, EvalReportEvent)]
         steps = [e for e in events if isinstance(e, StepEvent)]
         if reports:
             row["metrics"], row["state"] = reports[-1].metrics.get("tuned", {}), "evaluated"
-        elif layout.is_finished():
+        elif view.is_finished():
             row["state"] = "finished"
         elif events and isinstance(events[-1], ErrorEvent):
             row["state"] = f"failed: {events[-1].error}"[:80]

@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from kubetune.artifacts.events import EventLog
-from kubetune.artifacts.layout import RunLayout
+from kubetune.runs.layout import RunLayout
 from kubetune.data.prepare import prepare
 from kubetune.spec import load_spec
 from kubetune.train.batching import batch_shape

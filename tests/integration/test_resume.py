@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.artifacts.checkpoints import latest_complete, list_checkpoints
+from kubetune.runs.checkpoints import latest_complete, list_checkpoints
 from kubetune.artifacts.events import read_events
 from tests.conftest import ROOT, kubetune_cmd, quiet_env, run_kubetune
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.storage.runs import Run
+from kubetune.runs.checkpoints import listing
+from kubetune.runs.run import Run
+from kubetune.runs.view import RunView
 from kubetune.storage.store import Store
-from kubetune.storage.sync import remote_checkpoints
 from tests.conftest import kubetune_cmd
 from tests.s3_runs import BUCKET, assert_complete_means_complete, fresh_env, run, spec_file
 from tests.servers import S3Server
@@ -43,7 +44,9 @@ def test_readers_of_a_training_run_never_delete_its_checkpoints(
     def read() -> None:
         while not stop.is_set():
             try:
-                Run.open(uri)
+                Run.open(uri)             # eval, serve, chat: what they load
+                view = RunView(uri)       # status, sweep status, the dashboard and the control plane
+                view.events(), view.checkpoints(), view.eval_metrics()
                 reads.append(time.time())
             except Exception:  # noqa: BLE001 - before the trainer wrote spec.yaml
                 time.sleep(0.05)
@@ -60,9 +63,8 @@ def test_readers_of_a_training_run_never_delete_its_checkpoints(
     assert trainer.returncode == 0, out
     assert len(reads) > 10, len(reads)  # the run was read all along
     assert_complete_means_complete(s3, name)
-    skipped: list[tuple[int, str]] = []
-    ckpts = remote_checkpoints(Store(uri), skipped)
-    assert skipped == [] and len(ckpts) == 30 and all(ok for _, ok in ckpts)
+    ckpts = listing(Store(uri))
+    assert len(ckpts) == 30 and all(c.ok for c in ckpts), [c for c in ckpts if not c.ok]
 
 
 def test_a_checkpoint_that_does_not_match_its_marker_is_skipped_on_resume(
@@ -78,13 +80,13 @@ def test_a_checkpoint_that_does_not_match_its_marker_is_skipped_on_resume(
     store = Store(f"s3://{BUCKET}/runs/{name}")
     try:
         deadline = time.time() + 300
-        while len([s for s, ok in remote_checkpoints(store) if ok]) < 2:
+        while len([c for c in listing(store) if c.ok]) < 2:
             assert time.time() < deadline and trainer.poll() is None, "no two checkpoints stored"
             time.sleep(0.2)
     finally:
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(30)
-    complete = [s for s, ok in remote_checkpoints(store) if ok]
+    complete = [c.step for c in listing(store) if c.ok]
     newest, before = complete[-1], complete[-2]
     s3.client().put_object(Bucket=BUCKET, Key=f"runs/{name}/checkpoints/checkpoint-{newest}/adapter_model.safetensors",
                            Body=b"truncated")
@@ -105,7 +107,7 @@ def test_a_verb_that_writes_into_a_remote_run_takes_its_lease_and_appends_its_ev
     import yaml
 
     from kubetune.artifacts.events import EventLog, EvalReportEvent
-    from kubetune.storage.lease import lease_for
+    from kubetune.runs.lease import lease_for
 
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)

@@ -210,7 +210,7 @@ def test_fetch_reuses_the_cache_and_verifies(s3: S3Server, staged: dict[str, str
 def test_push_publishes_the_adapter_to_the_hub_and_a_bucket(s3: S3Server, tmp_path: Path, tiny_model: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The Hub is not reachable here: HfApi is replaced by a recorder with its real method signatures."""
-    from kubetune.storage.push import push
+    from kubetune.runs.push import push
 
     for k, v in s3.env().items():
         monkeypatch.setenv(k, v)

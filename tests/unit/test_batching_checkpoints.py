@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.artifacts.checkpoints import latest_complete, list_checkpoints, mark_complete, prune, remove_incomplete
+from kubetune.runs.checkpoints import latest_complete, list_checkpoints, mark_complete, prune, remove_incomplete
 from kubetune.errors import SpecError
 from kubetune.train.batching import optimizer_steps, batch_shape
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kubetune.artifacts.checkpoints import (latest_complete, list_checkpoints, mark_complete, mismatch,
+from kubetune.runs.checkpoints import (latest_complete, list_checkpoints, mark_complete, mismatch,
                                             remove_incomplete, skipped, verify)
 
 
@@ -55,29 +55,25 @@ def test_older_markers_and_unreadable_ones(tmp_path: Path) -> None:
 
 
 def test_the_control_plane_offers_only_checkpoints_that_prove_themselves(tmp_path: Path) -> None:
-    from kubetune.control.runinfo import complete_steps
+    from kubetune.runs.view import RunView
 
     run = tmp_path / "run"
     checkpoint(run / "checkpoints", 10)
     bad = checkpoint(run / "checkpoints", 20)
     checkpoint(run / "checkpoints", 30, complete=False)
     (bad / "adapter_model.safetensors").write_bytes(b"")
-    assert complete_steps(str(run)) == [10]  # listed by the API, continued by ft:...:ckpt-step-N
+    assert RunView(str(run)).complete_steps() == [10]  # listed by the API, continued by ft:...:ckpt-step-N
 
 
 def test_the_writers_rules_are_one_for_folders_and_stores() -> None:
-    from kubetune.artifacts.checkpoints import beyond_retention, garbage_before_resume
-    from kubetune.storage.sync import store_listing
+    from kubetune.runs.checkpoints import CheckpointState, beyond_retention, garbage_before_resume
 
-    listing = [(10, "ok"), (20, "mismatch"), (30, "ok"), (40, "unmarked"), (50, "ok"), (60, "mismatch"),
-               (70, "unmarked")]
+    listing = [CheckpointState(s, state) for s, state in
+               [(10, "ok"), (20, "mismatch"), (30, "ok"), (40, "unmarked"), (50, "ok"), (60, "mismatch"), (70, "unmarked")]]
     # before resume: every unmarked one; a mismatch only when a valid checkpoint is newer (60 stays, for a person)
     assert garbage_before_resume(listing) == [20, 40, 70]
     # retention (keep 2): complete ones beyond the newest two, and anything not complete older than the newest
     assert beyond_retention(listing, keep=2) == [10, 20, 40]
     assert beyond_retention(listing, keep=2, protect={10}) == [20, 40]
     assert beyond_retention(listing, keep=0) == [10, 20, 30, 40]  # never fewer than the newest complete
-    assert beyond_retention([(5, "unmarked")], keep=1) == [] and garbage_before_resume([]) == []
-    # a store's listing (remote_checkpoints' (step, complete) and the mismatches it reported) reads the same
-    stored = [(s, state == "ok") for s, state in listing]
-    assert store_listing(stored, [(20, "size"), (60, "size")]) == listing
+    assert beyond_retention([CheckpointState(5, "unmarked")], keep=1) == [] and garbage_before_resume([]) == []

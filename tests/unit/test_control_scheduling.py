@@ -70,6 +70,6 @@ def test_a_keys_jobs_start_in_the_order_it_created_them(tmp_path: Path) -> None:
     w._procs["a1"] = _Proc("validate", _Running(), Path("/dev/null"))  # type: ignore[arg-type]
     w._advance()
     assert w.started == [("b1", "train")]  # a2 waits for a1 (still validating); another key is not held back
-    w.store.update_job("a1", status="queued")
+    w.records.update_job("a1", status="queued")
     w._advance()
     assert [j for j, _ in w.started] == ["b1", "a1", "a2"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.errors import EXIT_TRANSIENT, LeaseHeld
-from kubetune.storage.lease import FileLease
+from kubetune.runs.lease import FileLease
 
 
 def test_a_second_local_writer_is_refused_naming_the_holder(tmp_path: Path) -> None:

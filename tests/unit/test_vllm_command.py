@@ -47,7 +47,7 @@ def test_a_merged_lora_run_serves_its_adapter_as_on_kubernetes_and_its_merge_by_
     run = _adapter_run(tmp_path, merged=True)
     cmd = vllm_command(vllm_target([str(run)]))
     served = served_run(load_spec(run / "spec.yaml"), str(run))
-    # one rule (artifacts.layout.serves_merged): here and in the rendered Deployment, the adapter on its base
+    # one rule (runs.layout.serves_merged): here and in the rendered Deployment, the adapter on its base
     assert cmd[cmd.index("--lora-modules") + 1] == f"r1={served.uri}" and served.base == "hf://org/Base-7B@main"
     merged = vllm_command(vllm_target([str(run / "final" / "merged")]))  # the merge, named as a model folder
     assert merged[2] == str(run / "final" / "merged") and "--enable-lora" not in merged

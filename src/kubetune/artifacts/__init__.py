@@ -1,1 +1,2 @@
-"""A run's records: folder layout, typed events, checkpoints (COMPLETE markers), manifest, trackers."""
+"""The formats of what a run records, shared by its writers and readers: typed events, the manifest
+(provenance), the model card. Where they live in a run is the `runs` package's."""

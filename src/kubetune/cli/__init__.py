@@ -7,6 +7,7 @@ inside the verbs that need them, so `--help`, `validate` and `schema` start fast
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exception(exc.__cause__, file=sys.stderr)
-        if not _echo_of_rank_zero(exc):
+        if not _left_for_the_launcher(exc):
             print(exc.render(), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -280,17 +281,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
-def _echo_of_rank_zero(exc: KubetuneError) -> bool:
-    """Under torchrun every rank checks the same input and finds the same problem: rank 0 says it."""
-    return exc.exit_code == EXIT_USAGE and os.environ.get("RANK", "0") != "0" and "LOCAL_RANK" in os.environ
+def _left_for_the_launcher(exc: KubetuneError) -> bool:
+    """A torchrun rank leaves its reason beside its exit code for the launcher, which says the most
+    telling one once: which rank torchrun lets finish printing is a race (the first rank to fail gets
+    the others killed), so no rank prints its own."""
+    folder = os.environ.get(settings.RANK_EXITS)
+    if "LOCAL_RANK" not in os.environ or not folder:
+        return False
+    _leave(folder, exc.exit_code, exc.render())
+    return True
+
+
+def _leave(folder: str, code: int, message: str | None) -> None:
+    path = Path(folder, f"rank-{os.environ.get('RANK', '0')}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"code": code, "message": message}))
+    os.replace(tmp, path)  # the launcher never reads half a reason
 
 
 def run() -> None:
     code = main()
     if "LOCAL_RANK" in os.environ:
         folder = os.environ.get(settings.RANK_EXITS)
-        if folder and code:  # torchrun itself exits 1 for any failed rank: the launcher reads what it meant
-            Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
+        if folder and code and not Path(folder, f"rank-{os.environ.get('RANK', '0')}").exists():
+            _leave(folder, code, None)  # torchrun itself exits 1 for any failed rank: the launcher reads what it meant
         # A torchrun rank whose work is finished (files written and closed, process group destroyed).
         # Interpreter teardown of torch.distributed state sometimes aborts ("terminate called without
         # an active exception", SIGABRT; seen ~1 in 10 two-rank CPU runs), turning a finished run

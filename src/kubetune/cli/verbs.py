@@ -92,7 +92,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def stage(args: argparse.Namespace) -> int:
-    from kubetune.storage.runs import apply_storage_env
+    from kubetune.runs.run import apply_storage_env
     from kubetune.storage.stage import deliveries, stage as run_stage
 
     spec = load_spec(args.spec, args.overrides) if args.spec else None
@@ -107,7 +107,7 @@ def stage(args: argparse.Namespace) -> int:
 
 
 def push(args: argparse.Namespace) -> int:
-    from kubetune.storage.push import push as run_push
+    from kubetune.runs.push import push as run_push
 
     print(f"published: {run_push(args.run, args.to, private=not args.public)}")
     return 0

@@ -20,14 +20,15 @@ from kubetune.control.policy import Refused
 from kubetune.control.redact import redact
 from kubetune.control.results import RESULTS_PURPOSE
 from kubetune.control.start import resolve_start
-from kubetune.control.runinfo import checkpoints, openai_events, run_events, trained_tokens
+from kubetune.control.runinfo import checkpoints, openai_events, trained_tokens
+from kubetune.runs.view import RunView
 from kubetune.control.state import ControlState, caller, control_state
 from kubetune.artifacts.events import StepEvent
 from kubetune.errors import KubetuneError, SpecError, UsageError
 from kubetune.graders import Grader, GraderError, check_grader, grade
 from kubetune.serve.errors import ApiError
 from kubetune.spec.load import spec_to_yaml
-from kubetune.storage.runs import remove_run
+from kubetune.runs.run import remove_run
 
 router = APIRouter()
 PURPOSES = ("fine-tune",)                        # what a caller uploads
@@ -92,9 +93,9 @@ async def upload(request: Request, file: UploadFile = File(...), purpose: str = 
     if purpose not in PURPOSES:
         raise ApiError(400, f"purpose {purpose!r}: this server stores {', '.join(PURPOSES)} files", param="purpose")
     expires_after = _expires_after(await request.form())  # parsed already: File/Form read it
-    budget = state.settings.policy_for(state.store, owner)[1].max_upload_bytes
+    budget = state.settings.policy_for(state.records, owner)[1].max_upload_bytes
     async with _owner_lock(owner):  # one upload of a key at a time: two at once cannot both take the room left
-        room = budget - state.store.stored_bytes(owner)
+        room = budget - state.records.stored_bytes(owner)
         try:
             row = await asyncio.to_thread(uploads.save_upload, file.file, file.filename or "upload.jsonl",
                                           state.settings.storage, owner, purpose,
@@ -108,7 +109,7 @@ async def upload(request: Request, file: UploadFile = File(...), purpose: str = 
             raise _usage_error(exc, "file") from None
         # From the stored created_at, not a clock read before the upload: expires_at - created_at is exact
         row["expires_at"] = None if expires_after is None else row["created_at"] + expires_after
-        state.store.add_file(**row)
+        state.records.add_file(**row)
     return JSONResponse(_file_object(row))
 
 
@@ -119,12 +120,12 @@ async def list_files(purpose: str | None = None, after: str | None = None, limit
         raise ApiError(400, f"purpose {purpose!r}: this server has {', '.join(LISTED)} files", param="purpose")
     if order not in ("asc", "desc"):
         raise ApiError(400, "order: asc or desc", param="order")
-    rows = state.store.files(owner, purpose, after, _limit(limit) + 1, newest_first=order != "asc")
+    rows = state.records.files(owner, purpose, after, _limit(limit) + 1, newest_first=order != "asc")
     return JSONResponse(_page([_file_object(r) for r in rows], limit))
 
 
 def _own_file(state: ControlState, owner: str, file_id: str, param: str = "file_id") -> dict[str, Any]:
-    row = state.store.file(owner, file_id)
+    row = state.records.file(owner, file_id)
     if row is None:
         raise ApiError(404, f"no file {file_id}", "invalid_request_error", param, "file_not_found")
     return row
@@ -153,7 +154,7 @@ async def delete_file(file_id: str, state: ControlState = Depends(control_state)
                       owner: str = Depends(caller)) -> JSONResponse:
     row = _own_file(state, owner, file_id)
     await asyncio.to_thread(uploads.remove_upload, row["uri"])
-    state.store.delete_file(owner, file_id)
+    state.records.delete_file(owner, file_id)
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
 
@@ -175,12 +176,12 @@ async def create_job(req: JobRequest, state: ControlState = Depends(control_stat
 
 async def _create_job(req: JobRequest, state: ControlState, owner: str, train: dict[str, Any],
                       valid: dict[str, Any] | None) -> JSONResponse:
-    policy, budgets = state.settings.policy_for(state.store, owner)
+    policy, budgets = state.settings.policy_for(state.records, owner)
     _check_queue_room(state, owner, budgets.max_queued_jobs)
     job_id = new_job_id()
     run_uri = f"{state.settings.storage.rstrip('/')}/runs/{job_id}"
     try:
-        start = await asyncio.to_thread(resolve_start, state.store, owner, req.model, state.settings.config.models)
+        start = await asyncio.to_thread(resolve_start, state.records, owner, req.model, state.settings.config.models)
         spec = await asyncio.to_thread(build_spec, job_id, req, start, train["uri"], valid["uri"] if valid else None,
                                        run_uri, policy, train["rows"], valid["rows"] if valid else None)
     except Refused as exc:
@@ -190,7 +191,7 @@ async def _create_job(req: JobRequest, state: ControlState, owner: str, train: d
         raise _usage_error(exc, "kubetune") from None
     method = req.resolved_method().model_dump(exclude_none=True)
     method[method["type"]] = {**method.get(method["type"], {}), "hyperparameters": resolved_hyperparameters(spec)}
-    row = state.store.add_job(
+    row = state.records.add_job(
         id=job_id, owner=owner, model=req.model, training_file=train["id"], training_uri=train["uri"],
         validation_file=valid["id"] if valid else None, validation_uri=valid["uri"] if valid else None,
         suffix=req.suffix, seed=spec.train.seed, method=method, settings=req.kubetune or {}, metadata=req.metadata,
@@ -198,15 +199,15 @@ async def _create_job(req: JobRequest, state: ControlState, owner: str, train: d
         spec=spec_to_yaml(spec), status="validating_files", backend=state.settings.backend, run_uri=run_uri,
         fine_tuned_model=model_name(req.model, req.suffix, job_id),  # the name the caller used, never a server path
         attempts=0, created_at=int(time.time()))
-    state.store.add_event(job_id, "Created fine-tuning job")
-    state.store.add_event(job_id, f"Validating training file: {train['id']}"
+    state.records.add_event(job_id, "Created fine-tuning job")
+    state.records.add_event(job_id, f"Validating training file: {train['id']}"
                                   + (f" and validation file: {valid['id']}" if valid else ""))
     return JSONResponse(_with_progress(row))
 
 
 def _check_queue_room(state: ControlState, owner: str, limit: int) -> None:
     """429 when the key already has its budget of jobs validating or queued (call under its lock)."""
-    waiting = state.store.count_jobs(owner, ["validating_files", "queued"])
+    waiting = state.records.count_jobs(owner, ["validating_files", "queued"])
     if waiting >= limit:
         raise ApiError(429, f"you have {waiting} jobs validating or queued, this server's limit per key; wait for "
                             "them or cancel some", "rate_limit_error", None, "too_many_jobs")
@@ -216,7 +217,7 @@ def _with_progress(job: dict[str, Any]) -> dict[str, Any]:
     """The job object, with trained_tokens read from the run while it trains."""
     out = job_object(job)
     if job["status"] == "running":
-        events = run_events(job["run_uri"])
+        events = RunView(job["run_uri"]).events()
         out["trained_tokens"] = trained_tokens(events)
         steps = [e for e in events if isinstance(e, StepEvent) and e.eta_s is not None]
         if steps:
@@ -225,7 +226,7 @@ def _with_progress(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _own_job(state: ControlState, owner: str, job_id: str) -> dict[str, Any]:
-    job = state.store.job(owner, job_id)
+    job = state.records.job(owner, job_id)
     if job is None:
         raise ApiError(404, f"no fine-tuning job {job_id}", "invalid_request_error", "fine_tuning_job_id",
                        "fine_tuning_job_not_found")
@@ -237,10 +238,10 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = 20,
                     state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
     wanted = _metadata_filter(request)
     if wanted == {}:
-        rows = state.store.jobs(owner, after, _limit(limit) + 1)
+        rows = state.records.jobs(owner, after, _limit(limit) + 1)
         page = _page([job_object(r) for r in rows], limit)
     else:
-        found = await asyncio.to_thread(state.store.jobs_with_metadata, owner, wanted)
+        found = await asyncio.to_thread(state.records.jobs_with_metadata, owner, wanted)
         page = _after([job_object(r) for r in found], after, _limit(limit))
     return JSONResponse({k: page[k] for k in ("object", "data", "has_more")})
 
@@ -278,8 +279,8 @@ async def cancel_job(job_id: str, state: ControlState = Depends(control_state),
     if job["status"] not in cancellable:
         raise ApiError(400, f"the job is {job['status']}; only a validating, queued, running or paused job can be "
                             "cancelled", param="fine_tuning_job_id", code="job_not_cancellable")
-    if state.store.update_job(job_id, expect=cancellable, status="cancelled", finished_at=int(time.time())):
-        state.store.add_event(job_id, "Job cancelled" + (": training stops at a checkpoint, which is kept"
+    if state.records.update_job(job_id, expect=cancellable, status="cancelled", finished_at=int(time.time())):
+        state.records.add_event(job_id, "Job cancelled" + (": training stops at a checkpoint, which is kept"
                                                         if job["status"] == "running" else ""))
         await asyncio.to_thread(state.backend.cancelled, job)
     return JSONResponse(job_object(_own_job(state, owner, job_id)))
@@ -294,8 +295,8 @@ async def pause_job(job_id: str, state: ControlState = Depends(control_state),
     if job["status"] not in ("queued", "running"):
         raise ApiError(400, f"the job is {job['status']}; only a queued or running job can be paused",
                        param="fine_tuning_job_id", code="job_not_pausable")
-    if state.store.update_job(job_id, expect=["queued", "running"], status="paused"):
-        state.store.add_event(job_id, "Job paused" + (": training stops at a checkpoint, which resume continues from"
+    if state.records.update_job(job_id, expect=["queued", "running"], status="paused"):
+        state.records.add_event(job_id, "Job paused" + (": training stops at a checkpoint, which resume continues from"
                                                      if job["status"] == "running" else ""))
         await asyncio.to_thread(state.backend.paused, job)
     return JSONResponse(job_object(_own_job(state, owner, job_id)))
@@ -311,11 +312,11 @@ async def resume_job(job_id: str, state: ControlState = Depends(control_state),
     if job["worker"] is not None and job["backend"] == "local":
         raise ApiError(409, "the job is still stopping at its checkpoint; resume it once its 'Training paused' "
                             "event is there", param="fine_tuning_job_id", code="job_still_stopping")
-    budgets = state.settings.policy_for(state.store, owner)[1]
+    budgets = state.settings.policy_for(state.records, owner)[1]
     async with _owner_lock(owner):
         _check_queue_room(state, owner, budgets.max_queued_jobs)
-        if state.store.update_job(job_id, expect=["paused"], status="queued", worker=None):
-            state.store.add_event(job_id, "Job resumed: queued to continue from its last checkpoint")
+        if state.records.update_job(job_id, expect=["paused"], status="queued", worker=None):
+            state.records.add_event(job_id, "Job resumed: queued to continue from its last checkpoint")
     return JSONResponse(job_object(_own_job(state, owner, job_id)))
 
 
@@ -323,8 +324,8 @@ async def resume_job(job_id: str, state: ControlState = Depends(control_state),
 async def job_events(job_id: str, after: str | None = None, limit: int = 20,
                      state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
     job = _own_job(state, owner, job_id)
-    events = await asyncio.to_thread(lambda: openai_events(job_id, state.store.events(job_id),
-                                                           run_events(job["run_uri"])))
+    events = await asyncio.to_thread(lambda: openai_events(job_id, state.records.events(job_id),
+                                                           RunView(job["run_uri"]).events()))
     newest = list(reversed(events))
     return JSONResponse(_after(newest, after, _limit(limit)))
 
@@ -333,7 +334,7 @@ async def job_events(job_id: str, after: str | None = None, limit: int = 20,
 async def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10,
                           state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
     job = _own_job(state, owner, job_id)
-    found = await asyncio.to_thread(lambda: checkpoints(job, run_events(job["run_uri"])))
+    found = await asyncio.to_thread(lambda: checkpoints(job, RunView(job["run_uri"]).events()))
     return JSONResponse(_after(found, after, _limit(limit)))
 
 
@@ -353,11 +354,11 @@ def _model_object(job: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(state: ControlState = Depends(control_state), owner: str = Depends(caller)) -> JSONResponse:
-    return JSONResponse({"object": "list", "data": [_model_object(j) for j in state.store.succeeded_models(owner)]})
+    return JSONResponse({"object": "list", "data": [_model_object(j) for j in state.records.succeeded_models(owner)]})
 
 
 def _own_model(state: ControlState, owner: str, model: str) -> dict[str, Any]:
-    for job in state.store.succeeded_models(owner):
+    for job in state.records.succeeded_models(owner):
         if job["fine_tuned_model"] == model:
             return job
     raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
@@ -376,7 +377,7 @@ def _started_from(state: ControlState, owner: str, parent: dict[str, Any]) -> st
 
     name = parent["fine_tuned_model"]
     full = load_spec_text(parent["spec"], f"job {parent['id']}").method.type == "full"
-    for j in state.store.jobs_of(owner):
+    for j in state.records.jobs_of(owner):
         if j["model"] != name and not j["model"].startswith(name + ":"):
             continue
         if j["status"] in (*ACTIVE, "paused"):
@@ -402,16 +403,16 @@ async def delete_model(model: str, state: ControlState = Depends(control_state),
         except KubetuneError as exc:
             raise ApiError(503, f"the model could not be taken off its serving Deployment: {redact(exc.message)}; "
                                 "try again", "server_error", None, "cluster_unavailable") from None
-        if not state.store.update_job(job["id"], expect=["succeeded"], model_deleted_at=int(time.time())):
+        if not state.records.update_job(job["id"], expect=["succeeded"], model_deleted_at=int(time.time())):
             raise ApiError(404, f"the model `{model}` does not exist", "invalid_request_error", "model",
                            "model_not_found")
     await asyncio.to_thread(state.models.forget, model)
     try:
         await asyncio.to_thread(remove_run, job["run_uri"])
     except (KubetuneError, OSError) as exc:  # the model is gone from the API; what is left is the operator's
-        state.store.add_event(job["id"], f"Model deleted; its run could not be removed: {redact(str(exc))}", "warn")
+        state.records.add_event(job["id"], f"Model deleted; its run could not be removed: {redact(str(exc))}", "warn")
     else:
-        state.store.add_event(job["id"], f"Model {model} deleted: it is no longer served and its run was removed")
+        state.records.add_event(job["id"], f"Model {model} deleted: it is no longer served and its run was removed")
     return JSONResponse({"id": model, "object": "model", "deleted": True})
 
 
@@ -426,7 +427,7 @@ async def generate(request: Request, state: ControlState = Depends(control_state
         model = json.loads(body).get("model")
     except (ValueError, AttributeError):
         raise ApiError(400, "the request body is not a JSON object", code="invalid_json") from None
-    if not isinstance(model, str) or model not in {j["fine_tuned_model"] for j in state.store.succeeded_models(owner)}:
+    if not isinstance(model, str) or model not in {j["fine_tuned_model"] for j in state.records.succeeded_models(owner)}:
         raise ApiError(404, f"the model `{model}` does not exist or is not ready (a succeeded job's fine_tuned_model)",
                        "invalid_request_error", "model", "model_not_found")
     try:

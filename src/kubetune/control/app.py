@@ -21,8 +21,8 @@ from kubetune.serve.errors import error_body, install_error_handlers
 __all__ = ["create_app"]
 
 
-def create_app(store: Records, settings: ControlSettings, backend: Backend, models: ModelHub) -> FastAPI:
-    state = ControlState(store, settings, backend, models)
+def create_app(records: Records, settings: ControlSettings, backend: Backend, models: ModelHub) -> FastAPI:
+    state = ControlState(records, settings, backend, models)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -60,7 +60,7 @@ class _KeyFirst:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keyed = scope["type"] == "http" and scope["path"].startswith(("/v1/", "/api/"))
         if keyed and not self.state.settings.open_without_key and \
-                key_owner(self.state.store, Headers(scope=scope).get("authorization", "")) is None:
+                key_owner(self.state.records, Headers(scope=scope).get("authorization", "")) is None:
             body = error_body(NO_KEY, "invalid_request_error", None, "invalid_api_key")
             await JSONResponse(body, status_code=401)(scope, receive, send)
             return

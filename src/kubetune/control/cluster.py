@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.artifacts.events import ErrorEvent
-from kubetune.control.runinfo import run_events, trained_tokens
+from kubetune.control.runinfo import trained_tokens
+from kubetune.runs.view import RunView
 from kubetune.control.worker import LocalWorker
 from kubetune.errors import KubetuneError, TransientError
 from kubetune.k8s.client import Cluster, job_phase, pod_state
@@ -42,11 +43,11 @@ class KubernetesWorker(LocalWorker):
         return self._namespaces[job["id"]]
 
     def _advance(self) -> None:
-        for job in self.store.jobs_in(["queued"], self.backend):
-            if job["worker"] is None and self.store.update_job(job["id"], expect=["queued"], unclaimed=True,
+        for job in self.records.jobs_in(["queued"], self.backend):
+            if job["worker"] is None and self.records.update_job(job["id"], expect=["queued"], unclaimed=True,
                                                                worker=self.worker_id):
                 self._submit(job)
-        active = [j for j in self.store.jobs_in(["queued", "running"], self.backend) if j["worker"] is not None]
+        active = [j for j in self.records.jobs_in(["queued", "running"], self.backend) if j["worker"] is not None]
         by_namespace: dict[str, list[dict[str, Any]]] = {}
         for job in active:
             by_namespace.setdefault(self._namespace(job), []).append(job)
@@ -66,20 +67,20 @@ class KubernetesWorker(LocalWorker):
         try:
             if self._still_deleting(spec.kubernetes.namespace, job["id"]):
                 # a resumed job whose paused Job's pods are still checkpointing: submitted once it is gone
-                self.store.update_job(job["id"], expect=["queued"], worker=None)
+                self.records.update_job(job["id"], expect=["queued"], worker=None)
                 return
             # the same launcher as `kubetune submit` (the spec is in the job's ConfigMap: no file to name)
             launcher_for(spec, "k8s").launch(Launch(spec, f"job {job['id']}", log=done.append))
         except TransientError as exc:  # unclaimed again: the next tick (or another replica) retries
-            self.store.update_job(job["id"], expect=["queued"], worker=None)
-            self.store.add_event(job["id"], f"Could not submit to Kubernetes yet: {exc.message}", "warn")
+            self.records.update_job(job["id"], expect=["queued"], worker=None)
+            self.records.add_event(job["id"], f"Could not submit to Kubernetes yet: {exc.message}", "warn")
             return
         except KubetuneError as exc:
             self._fail(job, {"code": "submit_failed", "message": exc.message, "param": None}, expect=["queued"])
             return
-        self.store.add_event(job["id"], f"Submitted to Kubernetes (namespace {spec.kubernetes.namespace}): "
+        self.records.add_event(job["id"], f"Submitted to Kubernetes (namespace {spec.kubernetes.namespace}): "
                                         + "; ".join(done))
-        now = self.store.job(None, job["id"])
+        now = self.records.job(None, job["id"])
         if now is not None and now["status"] in ("cancelled", "paused"):  # while it was being submitted
             self.cancelled({**now, "status": "queued"})
 
@@ -89,7 +90,7 @@ class KubernetesWorker(LocalWorker):
 
     def _sync(self, job: dict[str, Any], cluster_job: Any) -> None:
         if cluster_job is None:
-            now = self.store.job(None, job["id"])
+            now = self.records.job(None, job["id"])
             if now is None or (now["status"], now["worker"]) != (job["status"], job["worker"]):
                 return  # paused, resumed or cancelled since this tick read it: its Job went for that
             self._fail(job, {"code": "job_deleted", "message": f"the Kubernetes Job {job['id']} was deleted outside "
@@ -99,20 +100,20 @@ class KubernetesWorker(LocalWorker):
         if phase in ("Queued", "Pending", "Running"):
             self._relay(job, cluster_job, phase)
         if phase == "Running" and job["status"] == "queued":
-            if self.store.update_job(job["id"], expect=["queued"], status="running"):
-                self.store.add_event(job["id"], "Fine-tuning job started")
+            if self.records.update_job(job["id"], expect=["queued"], status="running"):
+                self.records.add_event(job["id"], "Fine-tuning job started")
         elif phase == "Succeeded":
-            events = run_events(job["run_uri"])
+            events = RunView(job["run_uri"]).events()
             if self.succeed(job, events, ["queued", "running"], finished_at=int(time.time()),
                             trained_tokens=trained_tokens(events)):
                 self._list_adapter(job, added=True)
         elif phase == "Failed":
-            errors = [e.error for e in run_events(job["run_uri"]) if isinstance(e, ErrorEvent)]
+            errors = [e.error for e in RunView(job["run_uri"]).events() if isinstance(e, ErrorEvent)]
             conditions = [c for c in (cluster_job.status.conditions or []) if c.type == "Failed"]
             why = errors[-1] if errors else (f"{conditions[0].reason}: {conditions[0].message}" if conditions
                                              else "the Job failed")
             self._fail(job, {"code": "training_failed", "message": why, "param": None},
-                       expect=["queued", "running"], tokens=trained_tokens(run_events(job["run_uri"])))
+                       expect=["queued", "running"], tokens=trained_tokens(RunView(job["run_uri"]).events()))
 
     def _relay(self, job: dict[str, Any], cluster_job: Any, phase: str) -> None:
         """What the cluster says about a job that waits or runs, as job events: Kueue holding it, a pod
@@ -130,13 +131,13 @@ class KubernetesWorker(LocalWorker):
         for note in notes:
             if note not in said:
                 said.add(note)
-                self.store.add_event(job["id"], note, "warn" if note.startswith("pod ") else "info")
+                self.records.add_event(job["id"], note, "warn" if note.startswith("pod ") else "info")
 
     def paused(self, job: dict[str, Any]) -> None:
         """The Job is deleted as for cancel (the pods checkpoint to storage on SIGTERM and free their
         nodes); resume submits it again, and the new pod resumes from that checkpoint."""
         self.cancelled(job)
-        self.store.update_job(job["id"], expect=["paused"], worker=None)  # resume may queue it again
+        self.records.update_job(job["id"], expect=["paused"], worker=None)  # resume may queue it again
 
     def unserve(self, job: dict[str, Any]) -> None:
         """Take a model about to be deleted off its base's vLLM Deployment (KubetuneError if the
@@ -157,10 +158,10 @@ class KubernetesWorker(LocalWorker):
         except KubetuneError as exc:
             if not added:
                 raise
-            self.store.add_event(job["id"], f"Could not add the model to configmap/{name} in {namespace} (served "
+            self.records.add_event(job["id"], f"Could not add the model to configmap/{name} in {namespace} (served "
                                             f"by this server only): {exc.message}", "warn")
             return
-        self.store.add_event(job["id"], f"Model listed in configmap/{name} in {namespace}: the vLLM Deployment "
+        self.records.add_event(job["id"], f"Model listed in configmap/{name} in {namespace}: the vLLM Deployment "
                                         "loads it" if added else f"Model taken off configmap/{name} in {namespace}")
 
     def cancelled(self, job: dict[str, Any]) -> None:
@@ -169,6 +170,6 @@ class KubernetesWorker(LocalWorker):
             return  # nothing was submitted
         try:
             done = self._cluster(self._namespace(job)).delete_run(job["id"])
-            self.store.add_event(job["id"], "; ".join(done))
+            self.records.add_event(job["id"], "; ".join(done))
         except KubetuneError as exc:
-            self.store.add_event(job["id"], f"Could not delete the Kubernetes Job: {exc.message}", "warn")
+            self.records.add_event(job["id"], f"Could not delete the Kubernetes Job: {exc.message}", "warn")

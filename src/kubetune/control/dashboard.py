@@ -4,7 +4,6 @@ started with (`--runs`) — with status and progress, curves, the eval report, a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -12,8 +11,9 @@ import yaml
 
 from kubetune.artifacts.events import (EndEvent, ErrorEvent, EvalEvent, EvalReportEvent, Event, PreemptedEvent,
                                        StartEvent, StepEvent)
-from kubetune.control.runinfo import read_run_text, run_events
 from kubetune.errors import KubetuneError
+from kubetune.runs.layout import RUN_KEYS
+from kubetune.runs.view import RunView
 from kubetune.storage.store import Store
 from kubetune.uris import hub_ref, is_hub, uri_basename
 
@@ -39,7 +39,7 @@ def find_runs(roots: Sequence[str]) -> list[RunRef]:
     for i, root in enumerate(roots):
         try:
             store = Store(root)
-            names = [n for n in store.listdir("") if store.exists(f"{n}/spec.yaml")]
+            names = [n for n in store.listdir("") if store.exists(f"{n}/{RUN_KEYS.spec}")]
         except (KubetuneError, OSError):
             continue
         # Named by the root's place in --runs and the run's name: no path of the server's reaches a page.
@@ -79,26 +79,9 @@ def cluster_runs(namespaces: Sequence[str], hidden: Callable[[str], bool]) -> li
     return out
 
 
-def _read_json(uri: str, key: str) -> Any:
-    try:
-        return json.loads(read_run_text(uri, key) or "null")
-    except ValueError:
-        return None
-
-
-def _read_lines(uri: str, key: str, limit: int) -> list[dict[str, Any]]:
-    out = []
-    for line in (read_run_text(uri, key) or "").splitlines()[:limit]:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
 def _spec(uri: str) -> dict[str, Any]:
     try:
-        found = yaml.safe_load(read_run_text(uri, "spec.yaml") or "")
+        found = yaml.safe_load(RunView(uri).spec_text() or "")
     except yaml.YAMLError:
         return {}
     return found if isinstance(found, dict) else {}
@@ -117,7 +100,7 @@ def run_state(events: list[Event]) -> str:
 
 
 def summary(ref: RunRef, events: list[Event] | None = None) -> dict[str, Any]:
-    events = run_events(ref.uri) if events is None else events
+    events = RunView(ref.uri).events() if events is None else events
     spec = _spec(ref.uri)
     steps = [e for e in events if isinstance(e, StepEvent)]
     reports = [e for e in events if isinstance(e, EvalReportEvent)]
@@ -151,11 +134,11 @@ def curves(events: list[Event]) -> list[dict[str, Any]]:
 
 
 def run_detail(ref: RunRef) -> dict[str, Any]:
-    events = run_events(ref.uri)
+    view = RunView(ref.uri)
+    events = view.events()
     evals = [{"step": e.step, "loss": e.loss} for e in events if isinstance(e, EvalEvent)]
     return {"run": summary(ref, events), "curves": curves(events), "evals": evals,
-            "eval": {"metrics": _read_json(ref.uri, "eval/metrics.json"),
-                     "samples": _read_lines(ref.uri, "eval/samples.jsonl", 20)}}
+            "eval": {"metrics": view.eval_metrics(), "samples": view.eval_samples(20)}}
 
 
 def sweeps(runs: list[dict[str, Any]], details: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -18,9 +18,9 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
-from kubetune.artifacts.layout import serves_merged
+from kubetune.runs.layout import serves_merged
 from kubetune.control.records import Records
-from kubetune.storage.runs import read_run_spec
+from kubetune.runs.run import read_run_spec
 
 __all__ = ["ModelHub"]
 
@@ -37,8 +37,8 @@ class _Group:
 
 
 class ModelHub:
-    def __init__(self, store: Records, max_concurrency: int = 16, adapters: str = "auto", max_loras: int = 8) -> None:
-        self.store, self.max_concurrency, self.adapters = store, max_concurrency, adapters
+    def __init__(self, records: Records, max_concurrency: int = 16, adapters: str = "auto", max_loras: int = 8) -> None:
+        self.records, self.max_concurrency, self.adapters = records, max_concurrency, adapters
         self.max_loras = max_loras
         self._groups: dict[str, _Group] = {}
         self._retired: list[_Group] = []
@@ -48,7 +48,7 @@ class ModelHub:
     def app_for(self, model: str) -> ASGIApp | None:
         """The app serving `model` (a succeeded job's fine_tuned_model), loading it if needed; None if
         no succeeded job has that name. Blocking: call it off the event loop."""
-        job = next((j for j in self.store.succeeded_models() if j["fine_tuned_model"] == model), None)
+        job = next((j for j in self.records.succeeded_models() if j["fine_tuned_model"] == model), None)
         if job is None:
             return None
         key = self._key(job)

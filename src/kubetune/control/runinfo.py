@@ -7,33 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.artifacts.events import (CheckpointEvent, CheckpointStoredEvent, EndEvent, ErrorEvent, EvalEvent,
-                                       EvalReportEvent, Event, PreemptedEvent, StartEvent, StepEvent, parse_events)
-from kubetune.errors import KubetuneError
-from kubetune.artifacts.checkpoints import list_checkpoints
+                                       EvalReportEvent, Event, PreemptedEvent, StartEvent, StepEvent)
 from kubetune.control.redact import redact
-from kubetune.storage.store import Store, local_path
-from kubetune.uris import is_remote
-from kubetune.storage.sync import remote_checkpoints
+from kubetune.runs.view import RunView
 
-__all__ = ["checkpoints", "openai_events", "read_run_text", "run_events", "trained_tokens"]
-
-
-def read_run_text(run_uri: str, key: str) -> str | None:
-    """A file of a run (a folder or a storage prefix); None when it is not there (yet) or storage
-    cannot be read now — the readers here show what there is and ask again later."""
-    try:
-        path = local_path(run_uri)
-        if path is not None:
-            return (path / key).read_text() if (path / key).is_file() else None
-        store = Store(run_uri)
-        return store.read_text(key) if store.exists(key) else None
-    except (KubetuneError, OSError, UnicodeDecodeError):
-        return None
-
-
-def run_events(run_uri: str) -> list[Event]:
-    """The run's events.jsonl, [] before the first one."""
-    return parse_events((read_run_text(run_uri, "events.jsonl") or "").splitlines())
+__all__ = ["checkpoints", "openai_events", "trained_tokens"]
 
 
 def trained_tokens(events: list[Event]) -> int | None:
@@ -139,7 +117,7 @@ def _describe(e: Event) -> tuple[str, str, str, dict[str, Any] | None] | None:
 
 def checkpoints(job: dict[str, Any], events: list[Event]) -> list[dict[str, Any]]:
     """Complete checkpoints still in the run, newest first, with the loss logged at their step."""
-    steps = complete_steps(job["run_uri"])
+    steps = RunView(job["run_uri"]).complete_steps()
     losses = {e.step: e for e in events if isinstance(e, StepEvent)}
     valid = {e.step: e for e in events if isinstance(e, EvalEvent)}
     made = {e.step: e.time for e in events if isinstance(e, (CheckpointEvent, CheckpointStoredEvent))}
@@ -169,15 +147,3 @@ def _checkpoint_metrics(step: int, logged: StepEvent | None, valid: EvalEvent | 
         out["train_reward_mean"] = logged.metrics["reward"]
         out["valid_reward_mean"] = valid.metrics.get("reward") if valid else None
     return out
-
-
-def complete_steps(run_uri: str) -> list[int]:
-    """Steps of the run's checkpoints that are complete and whose files match their COMPLETE marker
-    (the same listers resume uses, locally and in a bucket): a corrupted one is never offered."""
-    try:
-        if is_remote(run_uri):
-            return [step for step, ok in remote_checkpoints(Store(run_uri)) if ok]
-        root = local_path(run_uri)
-        return [step for step, _, ok in list_checkpoints(root / "checkpoints") if ok] if root else []
-    except (KubetuneError, OSError):
-        return []

@@ -1,4 +1,4 @@
-"""`kubetune server`: open the store, pick the backend, listen. Refuses to listen beyond loopback
+"""`kubetune server`: open the records, pick the backend, listen. Refuses to listen beyond loopback
 without an API key: the API starts training jobs on this machine and serves their models."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class ServerOptions:
     models_root: Path | None = None                  # a folder of model folders tenants may name (over config's)
 
 
-def open_store(options: ServerOptions) -> Records:
+def open_records(options: ServerOptions) -> Records:
     try:
         options.home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -55,22 +55,22 @@ def open_store(options: ServerOptions) -> Records:
 def create_key(options: ServerOptions, name: str) -> str:
     """A new key, stored hashed; the key itself is returned once and never stored."""
     key = new_key()
-    store = open_store(options)
-    store.add_key(key_id(digest(key)), name, digest(key))
-    store.close()
+    records = open_records(options)
+    records.add_key(key_id(digest(key)), name, digest(key))
+    records.close()
     return key
 
 
 def list_keys(options: ServerOptions) -> list[dict[str, object]]:
-    store = open_store(options)
+    records = open_records(options)
     try:
-        return store.list_keys()
+        return records.list_keys()
     finally:
-        store.close()
+        records.close()
 
 
 def build(options: ServerOptions) -> tuple[FastAPI, Records]:
-    """The app and its store; UsageError for a server that must not start (no key beyond loopback,
+    """The app and its records; UsageError for a server that must not start (no key beyond loopback,
     the kubernetes backend without shared storage)."""
     from kubetune.control.app import create_app
     from kubetune.control.models import ModelHub
@@ -78,10 +78,10 @@ def build(options: ServerOptions) -> tuple[FastAPI, Records]:
     from kubetune.control.cluster import KubernetesWorker
     from kubetune.control.worker import LocalWorker
 
-    store = open_store(options)
+    records = open_records(options)
     for k, key in enumerate(options.api_keys):
-        store.add_key(key_id(digest(key)), f"--api-key {k + 1}", digest(key))
-    has_keys = store.has_keys()
+        records.add_key(key_id(digest(key)), f"--api-key {k + 1}", digest(key))
+    has_keys = records.has_keys()
     if not has_keys and not is_loopback(options.host):
         raise UsageError(f"--host {options.host}: the server would accept jobs from the network with no API key",
                          "give --api-key KEY (or create one: kubetune server key create --name NAME), "
@@ -100,11 +100,11 @@ def build(options: ServerOptions) -> tuple[FastAPI, Records]:
     control = ControlSettings(storage=storage, backend=options.backend, max_upload_bytes=options.max_upload_mb << 20,
                               open_without_key=not has_keys, runs=list(options.runs),
                               clusters=list(options.clusters), config=config, operator_spec=operator_spec)
-    models = ModelHub(store, options.max_concurrency, options.adapters, config.serving.max_loras)
+    models = ModelHub(records, options.max_concurrency, options.adapters, config.serving.max_loras)
     worker_class = KubernetesWorker if k8s else LocalWorker
-    worker = worker_class(store, options.home.resolve(), options.worker_id or socket.gethostname(),
+    worker = worker_class(records, options.home.resolve(), options.worker_id or socket.gethostname(),
                           options.concurrency, config=config, storage=storage)
-    return create_app(store, control, worker, models), store
+    return create_app(records, control, worker, models), records
 
 
 def check_policy(config: ServerConfig, operator_spec: dict[str, Any], where: str) -> None:
@@ -131,9 +131,9 @@ def serve_control(options: ServerOptions) -> None:
     import uvicorn
 
     options.api_keys += [k for k in [settings.api_key()] if k]
-    app, store = build(options)
+    app, records = build(options)
     where = f"http://{options.host}:{options.port}"
     keys = "API key required" if not app.state.control.settings.open_without_key else "no API key (loopback only)"
     print(f"kubetune server at {where}/v1 ({keys}; runs in {app.state.control.settings.storage}; database "
-          f"{store.engine.url.render_as_string(hide_password=True)})", flush=True)
+          f"{records.engine.url.render_as_string(hide_password=True)})", flush=True)
     uvicorn.run(app, host=options.host, port=options.port, log_level="warning", access_log=False)

@@ -15,7 +15,7 @@ import json
 import threading
 from typing import Any
 
-from kubetune.artifacts.layout import serves_merged
+from kubetune.runs.layout import serves_merged
 from kubetune.errors import TransientError
 from kubetune.k8s.client import Cluster
 from kubetune.k8s.render.serve import served_run

@@ -28,10 +28,10 @@ class ControlSettings:
     config: ServerConfig = field(default_factory=ServerConfig)  # the operator's policy (--config)
     operator_spec: dict[str, Any] = field(default_factory=dict)  # the server's flags as spec settings (namespace)
 
-    def policy_for(self, store: Records, owner: str) -> tuple[JobPolicy, Budgets]:
+    def policy_for(self, records: Records, owner: str) -> tuple[JobPolicy, Budgets]:
         """The operator's side of a job of `owner`: the server's spec, then its team's, with the
         team's limits and budgets where it has its own."""
-        team = self.config.team_of(owner, store.key_name(owner))
+        team = self.config.team_of(owner, records.key_name(owner))
         layers = (self.operator_spec, self.config.spec, *((team.spec,) if team is not None else ()))
         return (JobPolicy(layers, self.config.limits_for(team), dict(self.config.rewards),
                           tuple(self.config.integrations), self.config.graders),
@@ -48,7 +48,7 @@ class Backend(Protocol):
 
 @dataclass
 class ControlState:
-    store: Records
+    records: Records
     settings: ControlSettings
     backend: Backend
     models: ModelHub
@@ -63,7 +63,7 @@ def caller(request: Request) -> str:
     state: ControlState = request.app.state.control
     if state.settings.open_without_key:
         return LOCAL_OWNER
-    owner = key_owner(state.store, request.headers.get("authorization", ""))
+    owner = key_owner(state.records, request.headers.get("authorization", ""))
     if owner is None:
         raise ApiError(401, NO_KEY, code="invalid_api_key")
     return owner
@@ -72,9 +72,9 @@ def caller(request: Request) -> str:
 NO_KEY = "missing or unknown API key (send Authorization: Bearer KEY)"
 
 
-def key_owner(store: Records, authorization: str) -> str | None:
+def key_owner(records: Records, authorization: str) -> str | None:
     """The id of the key in an Authorization header, or None for a missing or unknown one."""
     token = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
     # Looked up by digest: how long the lookup takes says nothing about the key itself.
-    found = store.key_by_hash(digest(token)) if token else None
+    found = records.key_by_hash(digest(token)) if token else None
     return key_id(found["hash"]) if found is not None else None

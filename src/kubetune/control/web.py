@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from kubetune.control.dashboard import RunRef, cluster_runs, curves, find_runs, run_detail, summary, sweeps
-from kubetune.control.runinfo import run_events
+from kubetune.runs.view import RunView
 from kubetune.control.state import ControlState, caller, control_state
 from kubetune.serve.errors import ApiError
 
@@ -35,11 +35,11 @@ async def asset(name: str) -> Response:
 def visible(state: ControlState, owner: str) -> list[RunRef]:
     jobs = [RunRef(j["id"], j["run_uri"], "job", j["status"], j.get("fine_tuned_model") or j["id"], j["model"],
                    (j.get("metadata") or {}).get("sweep"))
-            for j in state.store.jobs(owner, None, 1000)]
-    clusters = cluster_runs(state.settings.clusters, lambda name: state.store.job(None, name) is not None) \
+            for j in state.records.jobs(owner, None, 1000)]
+    clusters = cluster_runs(state.settings.clusters, lambda name: state.records.job(None, name) is not None) \
         if state.settings.clusters else []
     # A --runs folder that holds the server's own job runs never shows them: each is its owner's alone.
-    shared = [r for r in find_runs(state.settings.runs) if state.store.job(None, r.name or "") is None]
+    shared = [r for r in find_runs(state.settings.runs) if state.records.job(None, r.name or "") is None]
     return jobs + shared + clusters
 
 
@@ -63,7 +63,7 @@ async def run(id: str, state: ControlState = Depends(control_state), owner: str 
 def _sweeps(state: ControlState, owner: str) -> list[dict[str, Any]]:
     members, lines = [], {}
     for ref in visible(state, owner):
-        events = run_events(ref.uri)  # once per run: its summary and its curve
+        events = RunView(ref.uri).events()  # once per run: its summary and its curve
         found = summary(ref, events)
         if found["sweep"]:
             members.append(found)

@@ -31,7 +31,8 @@ from kubetune.control.environment import job_environment
 from kubetune.control.files import remove_upload
 from kubetune.control.policy import Budgets, ServerConfig
 from kubetune.control.results import publish_results
-from kubetune.control.runinfo import run_events, trained_tokens
+from kubetune.control.runinfo import trained_tokens
+from kubetune.runs.view import RunView
 from kubetune.control.records import Records
 from kubetune.errors import EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE, KubetuneError
 from kubetune.spec.load import load_spec_text
@@ -54,7 +55,7 @@ class _Proc:
 
 @dataclass
 class LocalWorker:
-    store: Records
+    records: Records
     home: Path                      # jobs/JOB_ID/{spec.yaml, validate.log, train.log}
     worker_id: str
     concurrency: int = 1
@@ -91,7 +92,7 @@ class LocalWorker:
         for job_id, proc in self._procs.items():
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)
-                self.store.add_event(job_id, "The server is stopping: training stops at a checkpoint and resumes "
+                self.records.add_event(job_id, "The server is stopping: training stops at a checkpoint and resumes "
                                              "when the server starts again", "warn")
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in self._procs.values():
@@ -117,12 +118,12 @@ class LocalWorker:
         if time.monotonic() >= self._next_sweep:  # a minute apart, a batch at a time: never a long tick
             self._next_sweep = time.monotonic() + SWEEP_EVERY_S
             self.remove_expired(time.time())
-        for job in self.store.jobs_in(["validating_files"], self.backend):
+        for job in self.records.jobs_in(["validating_files"], self.backend):
             if job["id"] in self._procs or not _due(job):
                 continue
             if sum(p.kind == "validate" for p in self._procs.values()) >= self.config.validations:
                 break  # a bounded pool: a flood of jobs waits its turn instead of starting a process each
-            if self._mine(job) or self.store.update_job(job["id"], expect=["validating_files"], unclaimed=True,
+            if self._mine(job) or self.records.update_job(job["id"], expect=["validating_files"], unclaimed=True,
                                                         worker=self.worker_id):
                 self._spawn(job, "validate")
         self._advance()
@@ -133,19 +134,19 @@ class LocalWorker:
     def remove_expired(self, now: float) -> list[str]:
         """Files past their expires_at (and read by no active job): their content and record removed."""
         gone = []
-        for row in self.store.expired_files(now)[:SWEEP_BATCH]:
+        for row in self.records.expired_files(now)[:SWEEP_BATCH]:
             try:
                 remove_upload(row["uri"])
             except (KubetuneError, OSError) as exc:  # storage away: the next tick tries again
                 print(f"worker: could not remove expired {row['id']}: {exc}", file=sys.stderr, flush=True)
                 continue
-            self.store.delete_file(row["owner"], row["id"])
+            self.records.delete_file(row["owner"], row["id"])
             gone.append(row["id"])
         return gone
 
     def _stop_cancelled(self) -> None:
         """A cancelled or paused job's process stops at a checkpoint."""
-        for job in self.store.jobs_in(["cancelled", "paused"], self.backend):
+        for job in self.records.jobs_in(["cancelled", "paused"], self.backend):
             proc = self._procs.get(job["id"])
             if proc is not None and not proc.signalled and proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)  # training saves a checkpoint, then exits 143
@@ -153,21 +154,21 @@ class LocalWorker:
 
     def _advance(self) -> None:
         """Resume this replica's running jobs after a restart; start queued jobs up to the concurrency."""
-        for job in self.store.jobs_in(["running"], self.backend):
+        for job in self.records.jobs_in(["running"], self.backend):
             if self._mine(job) and job["id"] not in self._procs:
-                self.store.add_event(job["id"], "Resuming after a server restart")
+                self.records.add_event(job["id"], "Resuming after a server restart")
                 self._spawn(job, "train")
-        for job in self.store.jobs_in(["paused"], self.backend):
+        for job in self.records.jobs_in(["paused"], self.backend):
             if self._mine(job) and job["id"] not in self._procs:  # paused, and its process died with a server
-                self.store.update_job(job["id"], expect=["paused"], worker=None)
-        running = Counter(j["owner"] for j in self.store.jobs_in(["running"], self.backend))
+                self.records.update_job(job["id"], expect=["paused"], worker=None)
+        running = Counter(j["owner"] for j in self.records.jobs_in(["running"], self.backend))
         # A key's jobs start in the order it created them: one still validating holds back its later ones
         # (validations run side by side, and the newer may finish first).
         validating: dict[str, int] = {}
-        for j in self.store.jobs_in(["validating_files"], self.backend):
+        for j in self.records.jobs_in(["validating_files"], self.backend):
             validating[j["owner"]] = min(validating.get(j["owner"], j["n"]), j["n"])
         # (A job resumed while its paused process is still on its way out waits for it to end.)
-        queued = [j for j in self.store.jobs_in(["queued"], self.backend)
+        queued = [j for j in self.records.jobs_in(["queued"], self.backend)
                   if _due(j) and j["n"] < validating.get(j["owner"], j["n"] + 1) and not self._training(j["id"])]
         while queued and sum(p.kind == "train" for p in self._procs.values()) < self.concurrency:
             # Fair across keys: the oldest job of the key training least goes first, and a key at its
@@ -177,9 +178,9 @@ class LocalWorker:
                 break
             job = min(ready, key=lambda j: (running[j["owner"]], j["n"]))
             queued.remove(job)
-            if self.store.update_job(job["id"], expect=["queued"], status="running", worker=self.worker_id):
+            if self.records.update_job(job["id"], expect=["queued"], status="running", worker=self.worker_id):
                 running[job["owner"]] += 1
-                self.store.add_event(job["id"], f"Fine-tuning job started (worker {self.worker_id})")
+                self.records.add_event(job["id"], f"Fine-tuning job started (worker {self.worker_id})")
                 self._spawn(job, "train")
 
     def _training(self, job_id: str) -> bool:
@@ -187,7 +188,7 @@ class LocalWorker:
         return proc is not None and proc.kind == "train"
 
     def _budgets(self, owner: str) -> Budgets:
-        return self.config.budgets_for(self.config.team_of(owner, self.store.key_name(owner)))
+        return self.config.budgets_for(self.config.team_of(owner, self.records.key_name(owner)))
 
     def _spawn(self, job: dict[str, Any], kind: str) -> None:
         folder = self.home / "jobs" / job["id"]
@@ -213,7 +214,7 @@ class LocalWorker:
             if code is None:
                 continue
             del self._procs[job_id]
-            job = self.store.job(None, job_id)
+            job = self.records.job(None, job_id)
             if job is None:
                 continue
             if proc.kind == "validate":
@@ -223,8 +224,8 @@ class LocalWorker:
 
     def _validated(self, job: dict[str, Any], code: int, log: Path) -> None:
         if code == 0:
-            if self.store.update_job(job["id"], expect=["validating_files"], status="queued", worker=None):
-                self.store.add_event(job["id"], "Files validated, moving job to queued state")
+            if self.records.update_job(job["id"], expect=["validating_files"], status="queued", worker=None):
+                self.records.add_event(job["id"], "Files validated, moving job to queued state")
             return
         text = _tail(log, 40)
         if code == EXIT_TRANSIENT and self._retry(job, "validating_files", code, _readable(text, job)):
@@ -238,19 +239,19 @@ class LocalWorker:
                    expect=["validating_files"])
 
     def _trained(self, job: dict[str, Any], code: int, log: Path) -> None:
-        events = run_events(job["run_uri"])
+        events = RunView(job["run_uri"]).events()
         tokens = trained_tokens(events)
         now = int(time.time())
         if job["status"] == "cancelled":
-            self.store.update_job(job["id"], trained_tokens=tokens)
-            self.store.add_event(job["id"], "Training stopped; the last complete checkpoint is kept")
+            self.records.update_job(job["id"], trained_tokens=tokens)
+            self.records.add_event(job["id"], "Training stopped; the last complete checkpoint is kept")
             return
         if job["status"] == "paused" and code != 0:
             # its process is gone: the job holds no worker now, and resume may queue it
-            self.store.update_job(job["id"], expect=["paused"], trained_tokens=tokens, worker=None)
+            self.records.update_job(job["id"], expect=["paused"], trained_tokens=tokens, worker=None)
             steps = [e.step for e in events if isinstance(e, (CheckpointEvent, CheckpointStoredEvent))]
             at = f" at step {max(steps)}" if steps else ""
-            self.store.add_event(job["id"], f"Training paused{at}: the checkpoint is kept and resume continues from it")
+            self.records.add_event(job["id"], f"Training paused{at}: the checkpoint is kept and resume continues from it")
             return
         if code == 0:  # (a job paused as its last step finished has finished: it succeeds)
             self.succeed(job, events, ["running", "paused"], finished_at=now, trained_tokens=tokens)
@@ -258,7 +259,7 @@ class LocalWorker:
         if self._stop.is_set():
             return  # stopped with the server: stays running, resumes on restart
         if code in (EXIT_TRANSIENT, EXIT_PREEMPTED):
-            self.store.update_job(job["id"], trained_tokens=tokens)
+            self.records.update_job(job["id"], trained_tokens=tokens)
             if self._retry(job, "running", code, "it resumes from its last checkpoint"):
                 return
         errors = [e.error for e in events if isinstance(e, ErrorEvent)]
@@ -271,17 +272,17 @@ class LocalWorker:
         without it; the file is stored first and removed again if the job changed meanwhile."""
         result = None
         try:
-            result = publish_results(self.store, self.storage or str(self.home), job, events)
+            result = publish_results(self.records, self.storage or str(self.home), job, events)
         except (KubetuneError, OSError) as exc:
-            self.store.add_event(job["id"], f"Could not store the result file: {exc}", "warn")
-        if not self.store.update_job(job["id"], expect=expect, status="succeeded",
+            self.records.add_event(job["id"], f"Could not records the result file: {exc}", "warn")
+        if not self.records.update_job(job["id"], expect=expect, status="succeeded",
                                      result_files=[result["id"]] if result else None, **values):
             if result is not None:  # cancelled, or another replica got there first
                 remove_upload(result["uri"])
-                self.store.delete_file(job["owner"], result["id"])
+                self.records.delete_file(job["owner"], result["id"])
             return False
-        self.store.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
-        self.store.add_event(job["id"], "The job has successfully completed")
+        self.records.add_event(job["id"], f"New fine-tuned model created: {job['fine_tuned_model']}")
+        self.records.add_event(job["id"], "The job has successfully completed")
         return True
 
     def _retry(self, job: dict[str, Any], status: str, code: int, why: str) -> bool:
@@ -292,17 +293,17 @@ class LocalWorker:
             return False
         wait = settings.job_retry_seconds() * attempt
         again = "validating_files" if status == "validating_files" else "queued"
-        if self.store.update_job(job["id"], expect=[status], status=again, worker=None, attempts=attempt,
+        if self.records.update_job(job["id"], expect=[status], status=again, worker=None, attempts=attempt,
                                  retry_at=time.time() + wait):
             first = why.splitlines()[0] if why else "no message"
-            self.store.add_event(job["id"], f"Exit {code} ({first}); trying again in {wait:.0f} s "
+            self.records.add_event(job["id"], f"Exit {code} ({first}); trying again in {wait:.0f} s "
                                             f"(attempt {attempt + 1} of {MAX_ATTEMPTS})", "warn")
         return True
 
     def _fail(self, job: dict[str, Any], error: dict[str, Any], expect: list[str], tokens: int | None = None) -> None:
-        if self.store.update_job(job["id"], expect=expect, status="failed", error=error,
+        if self.records.update_job(job["id"], expect=expect, status="failed", error=error,
                                  finished_at=int(time.time()), trained_tokens=tokens):
-            self.store.add_event(job["id"], f"Job failed: {error['message']}", "error")
+            self.records.add_event(job["id"], f"Job failed: {error['message']}", "error")
 
 
 def _due(job: dict[str, Any]) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from kubetune.hf import quiet_progress_bars
 from kubetune.storage import resolve_model
-from kubetune.storage.runs import Run
+from kubetune.runs.run import Run
 
 
 def load_for_generation(run: Run, base: bool) -> tuple[Any, Any, Any]:

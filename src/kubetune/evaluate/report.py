@@ -1,4 +1,4 @@
-"""eval/report.md: the metrics table (base vs tuned), a loss-curve PNG from events.jsonl, samples."""
+"""The eval report (RUN_KEYS.eval_report): the metrics table (base vs tuned), a loss-curve PNG from events.jsonl, samples."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def loss_plot(events_path: Path, out: Path) -> bool:
     return True
 
 
-def write_report(folder: Path, name: str, metrics: dict[str, Any], samples: list[dict[str, Any]], plot: bool) -> Path:
+def write_report(path: Path, name: str, metrics: dict[str, Any], samples: list[dict[str, Any]], plot: bool) -> Path:
     models = [m for m in ("base", "tuned") if m in metrics]
     keys = sorted({k for m in models for k in metrics[m]})
     lines = [f"# Evaluation of {name}", "", "| metric | " + " | ".join(models) + " |",
@@ -51,6 +51,5 @@ def write_report(folder: Path, name: str, metrics: dict[str, Any], samples: list
         lines += [f"**prompt**: {s['prompt']}", "", f"- reference: {s['reference']}"]
         lines += [f"- {m}: {s[m]}" for m in models if m in s]
         lines.append("")
-    path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path

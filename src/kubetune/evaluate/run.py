@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kubetune.artifacts.events import EndEvent, EvalReportEvent, EventLog, read_events
-from kubetune.artifacts.layout import RunLayout
-from kubetune.artifacts.trackers import TrackerRuns
-from kubetune.storage.runs import Run
+from kubetune.runs.layout import RunLayout
+from kubetune.runs.trackers import TrackerRuns
+from kubetune.runs.run import Run
 from kubetune.data.prepare import prepare
 from kubetune.errors import KubetuneError, TrainingError, UsageError
 from kubetune.evaluate.generate import generate, load_for_generation
@@ -70,18 +70,18 @@ def evaluate_run(run: str, compare_base: bool = True, log: Callable[[str], None]
     folder.mkdir(parents=True, exist_ok=True)
     samples = [{"prompt": p[-1]["content"], "messages": p, "reference": r,
                 **{w: outputs[w][i] for w in outputs}} for i, (p, r) in enumerate(zip(prompts, references))]
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    with (folder / "samples.jsonl").open("w") as fh:
+    layout.eval_metrics.write_text(json.dumps(metrics, indent=2))
+    with layout.eval_samples.open("w") as fh:
         for s in samples:
             fh.write(json.dumps(s) + "\n")
     plot = loss_plot(layout.events, folder / "loss.png")
-    write_report(folder, spec.name, metrics, samples, plot)
+    write_report(layout.eval_report, spec.name, metrics, samples, plot)
     by_model = {w: metrics[w] for w in ("base", "tuned") if w in metrics}
     EventLog(layout.events).emit(EvalReportEvent(path=str(folder), metrics=by_model))
     if spec.tracking.report_to:
         ends = [e for e in read_events(layout.events) if isinstance(e, EndEvent)]
         trackers = TrackerRuns(spec, layout, log)
-        trackers.log_eval(by_model, folder / "report.md", ends[-1].step if ends else None)
+        trackers.log_eval(by_model, layout.eval_report, ends[-1].step if ends else None)
         trackers.finish()
     log(format_table(metrics))
     opened.publish(folder)  # a run in object storage gets its eval/ there too

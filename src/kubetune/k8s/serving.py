@@ -11,7 +11,7 @@ from typing import Sequence
 from kubetune.k8s.render.serve import Served, check_served, served_run
 from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
 from kubetune.spec.models import RunSpec
-from kubetune.storage.runs import model_folder_name, read_run_spec
+from kubetune.runs.run import model_folder_name, read_run_spec
 from kubetune.uris import hub_ref, is_hub, uri_basename
 
 

@@ -11,11 +11,13 @@ from typing import Any
 import yaml
 
 from kubetune.artifacts.events import (
-    CheckpointStoredEvent, EndEvent, ErrorEvent, Event, StartEvent, StepEvent, format_eta, parse_events,
+    CheckpointStoredEvent, EndEvent, ErrorEvent, Event, StartEvent, StepEvent, format_eta,
 )
 from kubetune.errors import KubetuneError
 from kubetune.k8s.client import Cluster, RunStatus, job_phase, pod_state
-from kubetune.uris import has_scheme, scheme
+from kubetune.runs.layout import RUN_KEYS
+from kubetune.runs.sync import is_synced
+from kubetune.runs.view import RunView
 
 _STEP = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.]+).*?eta ([\d:]+)")
 
@@ -41,13 +43,11 @@ def _progress(cluster: Cluster, name: str, status: RunStatus) -> dict[str, Any]:
     text = cluster.spec_text(name)
     if text:
         try:
-            from kubetune.storage.store import Store
-
             output = (yaml.safe_load(text) or {}).get("output") or ""
-            if has_scheme(output) and scheme(output) != "pvc":
-                found = progress_from_events(parse_events(Store(output).read_text("events.jsonl").splitlines()))
+            if output and is_synced(output):  # object storage is readable from here; a pod's volume is not
+                found = progress_from_events(RunView(output).events())
                 if found:
-                    return {**found, "source": f"{output}/events.jsonl"}
+                    return {**found, "source": f"{output}/{RUN_KEYS.events}"}
         except (KubetuneError, OSError, ValueError):
             pass  # not readable from here: fall back to the log
     running = [p for p in status.pods if p.phase in ("Running", "Succeeded", "Failed")]

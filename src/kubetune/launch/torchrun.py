@@ -3,6 +3,7 @@ process per device; this process holds the run's lease for its ranks."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,8 +17,8 @@ from kubetune.artifacts.events import PreemptedEvent
 from kubetune.cpus import cpu_budget
 from kubetune.errors import EXIT_PREEMPTED, EXIT_TRANSIENT, EXIT_USAGE, LeaseHeld, UsageError
 from kubetune.spec.models import RunSpec
-from kubetune.storage.lease import Lease
-from kubetune.storage.runs import Run
+from kubetune.runs.lease import Lease
+from kubetune.runs.run import Run
 from kubetune.train.runner import prepare_output
 
 
@@ -104,11 +105,26 @@ def _supervise(spec: RunSpec, spec_path: str, overrides: list[str], endpoint: st
 
 def rank_exit(code: int, folder: Path) -> int:
     """The exit code that says what happened: torchrun exits 1 for any failed rank, so a rank's own
-    code (2: bad input, 75: transient) is read from the file it left; the most telling one wins."""
+    code (2: bad input, 75: transient) and reason are read from the file it left; the most telling one
+    wins and its reason is said here, once (the ranks leave theirs unsaid: cli._left_for_the_launcher)."""
     if not code:
         return 0
-    left = {int(f.read_text() or 1) for f in folder.glob("rank-*")} if folder.is_dir() else set()
-    for meaning in (EXIT_USAGE, EXIT_TRANSIENT, EXIT_PREEMPTED):
-        if meaning in left:
+    left = [_rank_report(f) for f in sorted(folder.glob("rank-*"))] if folder.is_dir() else []
+    for meaning in (EXIT_USAGE, EXIT_TRANSIENT, EXIT_PREEMPTED, *sorted({c for c, _ in left})):
+        said = [message for c, message in left if c == meaning]
+        if said:
+            message = next((m for m in said if m), None)
+            if message:
+                print(message, file=sys.stderr, flush=True)
             return meaning
     return code
+
+
+def _rank_report(path: Path) -> tuple[int, str | None]:
+    try:
+        found = json.loads(path.read_text() or "1")
+    except (OSError, ValueError):
+        return 1, None
+    if isinstance(found, int):
+        return found, None
+    return int(found.get("code") or 1), found.get("message")

@@ -115,7 +115,7 @@ class TransformersEngine:
         """Serve one more adapter run of this engine's base under `name`, without reloading the base.
         UsageError for a run of another base, or a whole model."""
         from kubetune.storage import resolve_model
-        from kubetune.storage.runs import Run
+        from kubetune.runs.run import Run
 
         if not self.growable or self.base is None:
             raise UsageError(f"{name}: this engine takes no more adapters", "load an engine for it")
@@ -225,7 +225,7 @@ def load_engine(targets: Sequence[str], served_name: str | None = None, with_bas
 
     from kubetune.hf import quiet_progress_bars
     from kubetune.storage import resolve_model
-    from kubetune.storage.runs import Run, is_model_folder, model_folder_name
+    from kubetune.runs.run import Run, is_model_folder, model_folder_name
     from kubetune.uris import uri_basename
 
     quiet_progress_bars()

@@ -69,12 +69,12 @@ def _cuda_available() -> bool:
 
 def vllm_target(targets: Sequence[str], served_name: str | None = None) -> VllmTarget:
     """What `vllm serve` needs for one run: its merged model, or its base plus the adapter as a LoRA module."""
-    from kubetune.storage.runs import Run
+    from kubetune.runs.run import Run
 
     if len(targets) != 1:
         raise UsageError("the vLLM engine serves one run per server here", "start one server per run")
     target = targets[0]
-    from kubetune.storage.runs import is_model_folder, model_folder_name
+    from kubetune.runs.run import is_model_folder, model_folder_name
 
     if is_model_folder(target):
         return VllmTarget(model=target, served_name=served_name or model_folder_name(target), run_folder=target,

@@ -161,7 +161,7 @@ def retry_transient(check: Callable[[], T], say: Callable[[str], None] = print, 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
     """The fsspec filesystem for a URI. Connection settings come from the environment only (the spec's
-    `storage:` section is exported there by storage.runs.apply_storage_env): one mechanism, which
+    `storage:` section is exported there by runs.run.apply_storage_env): one mechanism, which
     torchrun ranks and the upload process inherit too."""
     import fsspec
 

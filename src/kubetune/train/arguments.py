@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kubetune.artifacts.layout import RunLayout
+from kubetune.runs.layout import RunLayout
 from kubetune.errors import Problem, SpecError, UsageError
 from kubetune.spec.models import RunSpec
 from kubetune.storage import read_model_config

@@ -7,11 +7,11 @@ import warnings
 from typing import Any
 
 from kubetune.artifacts.events import EventLog
-from kubetune.artifacts.layout import RunLayout
+from kubetune.runs.layout import RunLayout
 from kubetune.hf import quiet_progress_bars
 from kubetune.spec.models import RunSpec
 from kubetune.storage import resolve_model
-from kubetune.storage.sync import Uploader
+from kubetune.runs.sync import Uploader
 from kubetune.train.arguments import training_arguments
 from kubetune.train.dist import DistInfo
 from kubetune.train.objectives import Objective, objective_for

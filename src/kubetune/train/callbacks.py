@@ -8,7 +8,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from kubetune.artifacts.checkpoints import mark_complete, prune
+from kubetune.runs.checkpoints import mark_complete, prune
+from kubetune.runs.layout import CHECKPOINT_PREFIX, RUN_KEYS
 from kubetune.artifacts.events import CheckpointEvent, EvalEvent, EventLog, FirstStepEvent, StepEvent
 from kubetune.train.progress import Progress
 
@@ -109,7 +110,7 @@ class CheckpointCallback(TrainerCallback):
         self.folder = folder
         self.keep = keep
         self.events = events
-        self.uploader = uploader  # storage.sync.Uploader for object-storage outputs (rank 0)
+        self.uploader = uploader  # runs.sync.Uploader for object-storage outputs (rank 0)
         self.store = store        # the remote output (every rank), for other nodes' own files
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -118,14 +119,14 @@ class CheckpointCallback(TrainerCallback):
             # Several nodes, each with its own disk: what this node's ranks wrote (their RNG states and,
             # under FSDP, their shards) exists only here. Rank 0 writes nothing on this node, so every
             # file is theirs; they are stored before rank 0 marks the checkpoint COMPLETE (the barrier below).
-            path = self.folder / f"checkpoint-{state.global_step}"
+            path = self.folder / f"{CHECKPOINT_PREFIX}{state.global_step}"
             for file in sorted(f for f in path.rglob("*") if f.is_file()):
-                self.store.put(file, f"checkpoints/{path.name}/{file.relative_to(path).as_posix()}")
+                self.store.put(file, f"{RUN_KEYS.checkpoint(state.global_step)}/{file.relative_to(path).as_posix()}")
             _barrier()
         elif self.store is not None and _multi_node():
             _barrier()
         if state.is_world_process_zero:
-            path = self.folder / f"checkpoint-{state.global_step}"
+            path = self.folder / f"{CHECKPOINT_PREFIX}{state.global_step}"
             if path.is_dir():
                 mark_complete(path, state.global_step)
                 if self.uploader is not None:

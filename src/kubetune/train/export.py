@@ -17,7 +17,8 @@ from kubetune.data.tokenizer_files import readable, save_tokenizer_and_config
 from kubetune.errors import KubetuneError, UsageError
 from kubetune.hf import quiet_progress_bars
 from kubetune.storage import resolve_model
-from kubetune.storage.runs import read_run_spec
+from kubetune.runs.checkpoints import verify
+from kubetune.runs.run import read_run_spec
 
 SHARDS = "pytorch_model_fsdp_0"
 
@@ -25,9 +26,10 @@ SHARDS = "pytorch_model_fsdp_0"
 def export_checkpoint(checkpoint: Path, out: Path | None = None) -> Path:
     """Write RUN/exported/checkpoint-N (or `out`) from the checkpoint's shards; returns the folder."""
     checkpoint = checkpoint.resolve()
-    if not (checkpoint / "COMPLETE").exists():
-        raise UsageError(f"{checkpoint} is not a complete checkpoint (no COMPLETE marker)",
-                         "pass a folder RUN/checkpoints/checkpoint-N that has one")
+    why = verify(checkpoint)
+    if why is not None:
+        raise UsageError(f"{checkpoint} is not a complete checkpoint ({why})",
+                         "pass a folder RUN/checkpoints/checkpoint-N whose COMPLETE marker matches its files")
     if not (checkpoint / SHARDS).is_dir():
         raise UsageError(f"{checkpoint} is not sharded: its model files are already a Hugging Face folder",
                          "load it directly (model.safetensors or adapter_model.safetensors are in it)")

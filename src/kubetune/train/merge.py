@@ -21,7 +21,8 @@ from kubetune.data.tokenizer_files import readable
 from kubetune.errors import TrainingError, UsageError
 from kubetune.hf import PARITY_PROBES, Parity, merge_with_parity, quiet_progress_bars
 from kubetune.storage import resolve_model
-from kubetune.storage.runs import Run
+from kubetune.runs.layout import RUN_KEYS
+from kubetune.runs.run import Run
 from kubetune.train.shard_merge import merge_shards
 
 Check = Literal["auto", "logits", "layers"]
@@ -44,6 +45,7 @@ def merge_run(run: str, tolerance: float = 1e-4, check: Check = "auto") -> Merge
     assert spec is not None
     if spec.method.type == "full":
         raise UsageError(f"{run} is a full fine-tune: {layout.merged} already holds the whole model")
+    opened.materialise(RUN_KEYS.adapter)  # what a merge reads: the adapter, not the rest of the run
     if not (layout.adapter / "adapter_config.json").exists():
         raise UsageError(f"{run} has no adapter yet ({layout.adapter})", "run `kubetune train` first")
     base_dir = resolve_model(spec.model.base, spec.model.revision)

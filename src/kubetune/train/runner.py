@@ -13,23 +13,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kubetune import settings
-from kubetune.artifacts.checkpoints import latest_complete, list_checkpoints, remove_incomplete, skipped
+from kubetune.runs.checkpoints import latest_complete, list_checkpoints, remove_incomplete, skipped, verify
 from kubetune.artifacts.events import (
     CheckpointStoredEvent, EndEvent, ErrorEvent, EventLog, LeaseEvent, PreemptedEvent, StartEvent,
 )
-from kubetune.artifacts.layout import RunLayout
+from kubetune.runs.layout import CHECKPOINT_PREFIX, RUN_KEYS, RunLayout
 from kubetune.artifacts.manifest import build_manifest
-from kubetune.artifacts.trackers import TrackerRuns, check_trackers
+from kubetune.runs.trackers import TrackerRuns, check_trackers
 from kubetune.cpus import fit_torch_threads
 from kubetune.data.prepare import Prepared
 from kubetune.errors import KubetuneError, Preempted, TrainingError, UsageError
 from kubetune.spec.load import spec_to_yaml
 from kubetune.spec.models import RunSpec
-from kubetune.storage.lease import Lease, lease_for
-from kubetune.storage.runs import Run, apply_storage_env
+from kubetune.runs.lease import Lease, lease_for
+from kubetune.runs.run import Run, apply_storage_env
 from kubetune.storage.store import Store, retry_transient
 from kubetune.uris import scheme
-from kubetune.storage.sync import Uploader, pull
+from kubetune.runs.sync import Uploader, pull
 from kubetune.train.batching import optimizer_steps, batch_shape
 from kubetune.train.arguments import training_arguments
 from kubetune.train.build import build_trainer
@@ -55,8 +55,8 @@ def preflight(spec: RunSpec, check_storage: bool = True) -> Run:
     apply_storage_env(spec)
     check_trackers(spec)
     output = Run.for_spec(spec)
-    if spec.resume not in ("auto", "never") and not (Path(spec.resume) / "COMPLETE").exists():
-        raise UsageError(f"resume: {spec.resume} is not a complete checkpoint (no COMPLETE marker)",
+    if spec.resume not in ("auto", "never") and (why := verify(Path(spec.resume))) is not None:
+        raise UsageError(f"resume: {spec.resume} is not a complete checkpoint ({why})",
                          f"use resume: auto, or one of the folders under {output.layout.checkpoints}")
     if check_storage:
         if output.store is not None:
@@ -187,7 +187,7 @@ def _set_up(fit: Fit) -> None:
     if fit.output.store is not None and fit.main:
         store_uri = fit.output.store.uri
         fit.uploader = Uploader(fit.output.store, layout, spec.train.keep_checkpoints, log=say, on_stored=lambda step: (
-            events.emit(CheckpointStoredEvent(step=step, uri=f"{store_uri}/checkpoints/checkpoint-{step}"))))
+            events.emit(CheckpointStoredEvent(step=step, uri=f"{store_uri}/{RUN_KEYS.checkpoint(step)}"))))
     data = fit.objective.prepare(spec)
     batches = batch_shape(spec.train.total_batch_size, spec.train.max_per_device_batch_size, fit.dist.world_size)
     memory = plan_for_run(spec, data, local=True)
@@ -239,7 +239,7 @@ def _fit(fit: Fit) -> Any:
         trainer.events_callback.tokens_seen += trainer.take_token_counts()[0]  # steps after the last log
         if fit.graceful.requested:
             step = trainer.state.global_step
-            saved = layout.checkpoints / f"checkpoint-{step}"
+            saved = layout.checkpoint(step)
             events.emit(PreemptedEvent(step=step, checkpoint=fit.output.remote(saved)))
             finish_distributed()
             _drain(fit.uploader, layout, timeout=settings.preempt_upload_seconds())
@@ -356,7 +356,7 @@ def _resume_point(spec: RunSpec, layout: RunLayout, main: bool) -> Path | None:
     if spec.resume == "auto":
         if main:
             for step, why in skipped(layout.checkpoints):  # said before the writer cleans any of them
-                print(f"checkpoint-{step} is skipped, not loaded: {why}", flush=True)
+                print(f"{CHECKPOINT_PREFIX}{step} is skipped, not loaded: {why}", flush=True)
             remove_incomplete(layout.checkpoints)
         return latest_complete(layout.checkpoints)
     return Path(spec.resume)  # checked by preflight

@@ -16,7 +16,8 @@ def start_adapter(spec: RunSpec) -> Path | None:
     uri = spec.model.adapter
     if not uri:
         return None
-    from kubetune.storage.runs import Run, read_run_spec
+    from kubetune.runs.layout import COMPLETE
+    from kubetune.runs.run import Run, read_run_spec
     from kubetune.storage.store import local_path
 
     path = local_path(uri)
@@ -27,11 +28,14 @@ def start_adapter(spec: RunSpec) -> Path | None:
         from kubetune.storage.store import Store
 
         if Store(uri).exists("adapter_config.json"):
-            return fetch(uri, exclude=("optimizer.pt", "scheduler.pt", "rng_state*", "COMPLETE"))
-    if path is not None and not ((path / "spec.yaml").exists() or (path / "config.json").exists()):
+            return fetch(uri, exclude=("optimizer.pt", "scheduler.pt", "rng_state*", COMPLETE))
+    try:
+        earlier = read_run_spec(uri)  # a run (spec.yaml), or None for a model folder
+    except UsageError:
+        if path is None:
+            raise  # storage's own reason (credentials, no such bucket)
         raise UsageError(f"model.adapter {uri} is neither a kubetune run (spec.yaml) nor an adapter folder "
-                         "(adapter_config.json)", "pass the folder or URI of a finished LoRA run")
-    earlier = read_run_spec(uri)  # a run (spec.yaml), or None for a model folder
+                         "(adapter_config.json)", "pass the folder or URI of a finished LoRA run") from None
     if earlier is None:
         raise UsageError(f"model.adapter {uri} is a whole model folder, not an adapter",
                          "use it as model.base instead (and no model.adapter)")

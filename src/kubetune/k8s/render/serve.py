@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 
-from kubetune.artifacts.layout import serves_merged
+from kubetune.runs.layout import RUN_KEYS, serves_merged
 from kubetune.errors import UsageError
 from kubetune import settings
 from kubetune.k8s.render.common import (
@@ -53,14 +53,14 @@ class Served:
 
 
 def served_run(spec: RunSpec, run_uri: str | None = None) -> Served:
-    """What a run serves, from its resolved spec (artifacts.layout.serves_merged, the rule local serving
+    """What a run serves, from its resolved spec (runs.layout.serves_merged, the rule local serving
     follows too): final/adapter on its base (lora, qlora) or final/merged (full)."""
     run = (run_uri or spec.output_uri).rstrip("/")
     if serves_merged(spec):
-        return Served(spec.name, f"{run}/final/merged")
+        return Served(spec.name, f"{run}/{RUN_KEYS.served(spec)}")
     base = spec.model.base
     revision = hub_ref(base, spec.model.revision)[1] if is_hub(base) else spec.model.revision
-    return Served(spec.name, f"{run}/final/adapter", spec.method.lora.r, base, revision)
+    return Served(spec.name, f"{run}/{RUN_KEYS.served(spec)}", spec.method.lora.r, base, revision)
 
 
 def check_served(served: Sequence[Served]) -> None:

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-from kubetune.artifacts.layout import RunLayout
+from kubetune.runs.layout import RunLayout
 from kubetune.spec.models import RunSpec
 
 # name → "module:Class"; the names are the spec's `method.objective` values (spec.models.OBJECTIVE_NAMES)

@@ -14,7 +14,7 @@ from typing import Any
 
 import json
 
-from kubetune.artifacts.layout import RunLayout
+from kubetune.runs.layout import RunLayout
 from kubetune.data.preferences import EncodedPair, PreferenceData, prepare_pairs
 from kubetune.spec.models import RunSpec
 from kubetune.train.objectives import BaseObjective
@@ -204,11 +204,11 @@ class _reference:
 
 def write_report(layout: RunLayout, scores: dict[str, float], pairs: int) -> None:
     layout.eval.mkdir(parents=True, exist_ok=True)
-    (layout.eval / "report.md").write_text(
+    layout.eval_report.write_text(
         "# Preference evaluation\n\n"
         f"{pairs} held-out pairs. Preference accuracy: the chosen answer has the higher log-probability.\n\n"
         "| | base | tuned |\n| --- | ---: | ---: |\n"
         f"| preference accuracy | {scores['preference_accuracy_base']:.1%} | {scores['preference_accuracy']:.1%} |\n\n"
         f"Implicit reward (tuned against base, beta-scaled): accuracy {scores['reward_accuracy']:.1%}, "
         f"mean margin {scores['reward_margin']:.4f}.\n")
-    (layout.eval / "metrics.json").write_text(json.dumps(scores, indent=2))
+    layout.eval_metrics.write_text(json.dumps(scores, indent=2))

@@ -14,7 +14,7 @@ import importlib.util
 import json
 from typing import Any
 
-from kubetune.artifacts.layout import RunLayout
+from kubetune.runs.layout import RunLayout
 from kubetune.data.prompts import PromptData, PromptRow, prepare_prompts
 from kubetune.errors import DataError, Problem, SpecError, capped
 from kubetune.spec.models import RunSpec
@@ -291,7 +291,7 @@ def _start_scores(layout: RunLayout) -> dict[str, float]:
 def write_report(layout: RunLayout, start: dict[str, float], tuned: dict[str, float], prompts: int) -> None:
     layout.eval.mkdir(parents=True, exist_ok=True)
     rows = "".join(f"| {k} | {start.get(k, float('nan')):.3f} | {v:.3f} |\n" for k, v in tuned.items())
-    (layout.eval / "report.md").write_text(
+    layout.eval_report.write_text(
         f"# Reward evaluation\n\n{prompts} held-out prompts, each answered num_generations times (sampled as in "
         "training, from a fixed seed) by the starting model (before the first step) and by the tuned model.\n\n| mean reward | start | tuned |\n| --- | ---: | ---: |\n" + rows)
-    (layout.eval / "metrics.json").write_text(json.dumps({"start": start, "tuned": tuned}, indent=2))
+    layout.eval_metrics.write_text(json.dumps({"start": start, "tuned": tuned}, indent=2))

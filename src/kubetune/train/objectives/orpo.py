@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.artifacts.layout import RunLayout
+from kubetune.runs.layout import RunLayout
 from kubetune.data.preferences import EncodedPair, PreferenceData
 from kubetune.data.template import IGNORE
 from kubetune.spec.models import RunSpec

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kubetune.artifacts.layout import RunLayout
+from kubetune.runs.layout import RunLayout
 from kubetune.data.prepare import Prepared, prepare
 from kubetune.spec.models import RunSpec
 from kubetune.train.objectives import BaseObjective

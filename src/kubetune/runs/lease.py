@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from kubetune.errors import KubetuneError, LeaseHeld, UsageError
+from kubetune.runs.layout import RUN_KEYS
 from kubetune.storage.store import Store, describe, exception_chain, local_path
 
-LEASE = ".lease"
+LEASE = RUN_KEYS.lease
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,12 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-from kubetune.artifacts.layout import COMPLETE
+from kubetune.runs.layout import CHECKPOINT_PREFIX, COMPLETE, RUN_KEYS
+from kubetune.storage.store import Store
 
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
+_CKPT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -25,27 +27,58 @@ def checkpoint_step(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+class CheckpointState(NamedTuple):
+    """One checkpoint as a listing sees it: "ok" (marker there, files match it), "unmarked" (no
+    COMPLETE: a save in progress or killed) or "mismatch" (marked, files do not match: `why`)."""
+
+    step: int
+    state: str
+    why: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+def listing(store: Store, under: str = RUN_KEYS.checkpoints) -> list[CheckpointState]:
+    """The one checkpoint lister, for a local folder and an object-storage prefix alike (a Store of
+    either): every checkpoint under `under`, oldest first. One recursive listing gives every file's
+    size; only the markers are read."""
+    sizes: dict[int, dict[str, int]] = {}
+    base = f"{under}/" if under else ""
+    for key, info in store.find(under).items():
+        name, _, rest = key[len(base):].partition("/")
+        step = checkpoint_step(Path(name))
+        if step is not None and rest:
+            sizes.setdefault(step, {})[rest] = int(info.get("size") or info.get("Size") or 0)
+    for name in store.listdir(under):  # a folder a killed save left empty (a local disk keeps those)
+        step = checkpoint_step(Path(name))
+        if step is not None:
+            sizes.setdefault(step, {})
+    out = []
+    for step, files in sorted(sizes.items()):
+        if COMPLETE not in files:
+            out.append(CheckpointState(step, "unmarked"))
+            continue
+        why = mismatch(store.read_text(f"{base}{CHECKPOINT_PREFIX}{step}/{COMPLETE}"), files)
+        out.append(CheckpointState(step, "ok" if why is None else "mismatch", why))
+    return out
+
+
+def folder_listing(folder: Path) -> list[CheckpointState]:
+    """`listing` of a local checkpoints folder (RUN/checkpoints)."""
+    return listing(Store(str(folder)), "") if folder.is_dir() else []
+
+
 def list_checkpoints(folder: Path) -> list[tuple[int, Path, bool]]:
     """(step, path, complete) for every checkpoint folder, oldest first; complete means its marker
     is there and its files match it."""
-    if not folder.is_dir():
-        return []
-    found = [(checkpoint_step(p), p) for p in folder.iterdir() if p.is_dir()]
-    return sorted((s, p, (p / COMPLETE).exists() and verify(p) is None) for s, p in found if s is not None)
+    return [(c.step, folder / f"{CHECKPOINT_PREFIX}{c.step}", c.ok) for c in folder_listing(folder)]
 
 
 def skipped(folder: Path) -> list[tuple[int, str]]:
     """(step, why) of the checkpoints whose marker is there but whose files do not match it."""
-    if not folder.is_dir():
-        return []
-    out = []
-    for p in folder.iterdir():
-        step = checkpoint_step(p)
-        if step is not None and (p / COMPLETE).exists():
-            why = verify(p)
-            if why is not None:
-                out.append((step, why))
-    return sorted(out)
+    return [(c.step, c.why or "") for c in folder_listing(folder) if c.state == "mismatch"]
 
 
 def latest_complete(folder: Path) -> Path | None:
@@ -94,39 +127,31 @@ def verify(path: Path) -> str | None:
     return mismatch(marker, sizes)
 
 
-# The run writer's two rules, for a local folder and a store alike. A listing is (step, state) per
-# checkpoint, state "ok" (marker there, files match), "unmarked" (no COMPLETE) or "mismatch".
-Listing = list[tuple[int, str]]
+# The run writer's two rules, for a local folder and a store alike, over a `listing`.
 
-
-def garbage_before_resume(listing: Listing) -> list[int]:
+def garbage_before_resume(found: list[CheckpointState]) -> list[int]:
     """Before resuming: a checkpoint without COMPLETE is what a killed save left, and one whose files do
     not match its marker but is older than a valid one is what a killed retention left half-deleted. A
     newest one that does not match is kept (skipped, for a person to look at): no valid checkpoint after
     it says it is garbage."""
-    valid = [s for s, state in listing if state == "ok"]
-    return [s for s, state in listing if state == "unmarked" or (state == "mismatch" and valid and s < valid[-1])]
+    valid = [c.step for c in found if c.ok]
+    return [c.step for c in found if c.state == "unmarked" or (c.state == "mismatch" and valid and c.step < valid[-1])]
 
 
-def beyond_retention(listing: Listing, keep: int, protect: set[int] | frozenset[int] = frozenset()) -> list[int]:
+def beyond_retention(found: list[CheckpointState], keep: int, protect: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """After a checkpoint is saved: keep the newest `keep` complete ones (never fewer than the newest);
     anything older that is not complete goes too. `protect`: steps to keep whatever they are."""
-    complete = [s for s, state in listing if state == "ok"]
+    complete = [c.step for c in found if c.ok]
     if not complete:
         return []
     kept = set(complete[-max(1, keep):])
-    return [s for s, state in listing if s not in protect and s not in kept and (state == "ok" or s < complete[-1])]
-
-
-def folder_listing(folder: Path) -> Listing:
-    return [(s, "ok" if ok else "mismatch" if (p / COMPLETE).exists() else "unmarked")
-            for s, p, ok in list_checkpoints(folder)]
+    return [c.step for c in found if c.step not in protect and c.step not in kept and (c.ok or c.step < complete[-1])]
 
 
 def _remove(folder: Path, steps: list[int]) -> list[Path]:
     removed = []
     for step in steps:
-        path = folder / f"checkpoint-{step}"
+        path = folder / f"{CHECKPOINT_PREFIX}{step}"
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed

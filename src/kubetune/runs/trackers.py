@@ -22,11 +22,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from kubetune.artifacts.layout import RunLayout
 from kubetune.errors import Problem, SpecError
+from kubetune.runs.layout import RUN_KEYS, RunLayout
 from kubetune.spec.models import RunSpec
 
-TRACKERS_FILE = "trackers.json"
+TRACKERS_FILE = RUN_KEYS.trackers
 PACKAGES = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboard"}
 
 
@@ -77,11 +77,11 @@ class TrackerRuns:
 
     @property
     def path(self) -> Path:
-        return self.layout.root / TRACKERS_FILE
+        return self.layout.trackers
 
     @property
     def tensorboard_dir(self) -> Path:
-        return self.layout.root / "tensorboard"
+        return self.layout.tensorboard
 
     def _saved(self) -> dict[str, Any]:
         try:
@@ -118,7 +118,7 @@ class TrackerRuns:
 
             self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir))
             callbacks.append(TensorBoardCallback(tb_writer=self._writer))
-            self.ids["tensorboard_dir"] = "tensorboard"
+            self.ids["tensorboard_dir"] = RUN_KEYS.tensorboard
         if self.ids:
             self._save()
         return callbacks

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.artifacts.events import Event, read_events
-from kubetune.artifacts.layout import RunLayout
+from kubetune.runs.layout import RUN_KEYS, RunLayout
 from kubetune.errors import UsageError
 from kubetune.spec.models import RunSpec
 from kubetune.storage.store import Store, local_path
 from kubetune.uris import uri_basename
-from kubetune.storage.sync import Uploader, is_synced, pull, workdir_for
+from kubetune.runs.sync import Uploader, is_synced, workdir_for
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def is_model_folder(target: str) -> bool:
     """A local whole-model folder (config.json) that is not a kubetune run (spec.yaml): the one test of
     "run or model folder?" for local paths; read_run_spec answers it for any URI."""
     path = local_path(target)
-    return path is not None and (path / "config.json").exists() and not (path / "spec.yaml").exists()
+    return path is not None and (path / RUN_KEYS.model_config).exists() and not (path / RUN_KEYS.spec).exists()
 
 
 def read_run_spec(uri: str) -> RunSpec | None:
@@ -47,16 +47,16 @@ def read_run_spec(uri: str) -> RunSpec | None:
 
     path = local_path(uri)
     if path is not None:
-        if (path / "spec.yaml").exists():
-            return load_spec(path / "spec.yaml")
-        if (path / "config.json").exists():
+        if (path / RUN_KEYS.spec).exists():
+            return load_spec(path / RUN_KEYS.spec)
+        if (path / RUN_KEYS.model_config).exists():
             return None
         raise UsageError(f"{uri}: neither a kubetune run (spec.yaml) nor a model folder (config.json)",
                          "pass the output URI of a trained run, a model folder or hf://org/name")
     store = Store(uri)
-    if store.exists("spec.yaml"):
-        return load_spec_text(store.read_text("spec.yaml"), f"{uri}/spec.yaml")
-    if store.exists("config.json"):
+    if store.exists(RUN_KEYS.spec):
+        return load_spec_text(store.read_text(RUN_KEYS.spec), f"{uri}/{RUN_KEYS.spec}")
+    if store.exists(RUN_KEYS.model_config):
         return None
     store.check_readable("run")
     raise UsageError(f"{uri}: neither a kubetune run (spec.yaml) nor a model folder (config.json)",
@@ -65,11 +65,11 @@ def read_run_spec(uri: str) -> RunSpec | None:
 
 def model_folder_name(uri: str) -> str:
     """The name a whole-model folder is served under: the run's, for the merge a run wrote
-    (RUN/final/merged — served by naming it: artifacts.layout.serves_merged), else the folder's."""
+    (RUN/final/merged — served by naming it: runs.layout.serves_merged), else the folder's."""
     stripped = uri.rstrip("/")
-    if stripped.endswith("/final/merged"):
+    if stripped.endswith(f"/{RUN_KEYS.merged}"):
         try:
-            owner = read_run_spec(stripped.removesuffix("/final/merged"))
+            owner = read_run_spec(stripped.removesuffix(f"/{RUN_KEYS.merged}"))
         except UsageError:
             owner = None
         if owner is not None:
@@ -96,8 +96,9 @@ class Run:
 
     @classmethod
     def open(cls, uri: str) -> Run:
-        """An existing run by folder or URI, to read. A remote run's spec, events, final/ and eval/
-        are brought into a reader's copy first; nothing in the store is changed."""
+        """An existing run by folder or URI, for a verb that loads what it trained. A remote run's own
+        files (spec, manifest, events, trackers) and eval/ are brought into a reader's copy; weights only
+        when asked for (`materialise`, `final_model`). Nothing in the store is changed."""
         from kubetune.spec.load import load_spec
 
         path = local_path(uri)
@@ -107,31 +108,53 @@ class Run:
                 raise UsageError(f"{uri} is not a kubetune run folder (no spec.yaml)", "pass runs/NAME of a trained run")
             return cls(uri, layout, None, load_spec(layout.spec))
         store = Store(uri)
-        if not store.exists("spec.yaml"):
+        if not store.exists(RUN_KEYS.spec):
             store.check_readable("run")
             raise UsageError(f"{uri} is not a kubetune run (no spec.yaml there)", "pass the output URI of a trained run")
         # A reader's own copy, never the trainer's working copy of the same run on this machine.
         layout = RunLayout(workdir_for(uri, f"{uri_basename(uri)}-read"))
-        pull(store, layout, log=lambda _m: None, writer=False)  # never deletes: the trainer may be uploading
-        for key in sorted(store.find("eval")):
-            store.get(key, layout.root / key)
-        return cls(uri, layout, store, load_spec(layout.spec))
+        for key in RUN_KEYS.run_files:
+            if store.exists(key):
+                store.get(key, layout.path(key))
+        opened = cls(uri, layout, store, load_spec(layout.spec))
+        opened.materialise(RUN_KEYS.eval)
+        return opened
 
     @property
     def name(self) -> str:
         return self.spec.name if self.spec else self.layout.root.name
 
     def final_model(self, merged_if_present: bool = False) -> FinalModel:
-        """What the run serves (artifacts.layout.serves_merged: a full fine-tune's final/merged, else
+        """What the run serves (runs.layout.serves_merged: a full fine-tune's final/merged, else
         final/adapter on the base); `merged_if_present`: a LoRA run's merge when it has one (what
         `push` publishes)."""
         assert self.spec is not None
-        folder = self.layout.served(self.spec)
-        if merged_if_present and (self.layout.merged / "config.json").exists():
-            folder = self.layout.merged
+        key = RUN_KEYS.served(self.spec)
+        if merged_if_present and self._has(f"{RUN_KEYS.merged}/{RUN_KEYS.model_config}"):
+            key = RUN_KEYS.merged
+        folder = self.materialise(key)
         if not (folder / "tokenizer_config.json").exists():
             raise UsageError(f"{self.uri} has no trained model yet (no {folder})", "run `kubetune train` first")
         return FinalModel(folder, folder == self.layout.merged, self.spec.model.base, self.spec.model.revision)
+
+    def materialise(self, key: str) -> Path:
+        """A folder of the run (a RUN_KEYS key) as a local path. A remote run's is brought into this
+        reader's copy — only that folder, and of final/ only once final/COMPLETE is stored (every file
+        of it is then there); a file already here with the stored size is kept."""
+        local = self.layout.path(key)
+        if self.store is None:
+            return local
+        if key.startswith(RUN_KEYS.final) and not self.store.exists(RUN_KEYS.final_complete):
+            return local  # still training: nothing final to read yet
+        for name, info in sorted(self.store.find(key).items()):
+            size = info.get("size") if info.get("size") is not None else info.get("Size")
+            have = self.layout.path(name)
+            if not (have.exists() and size is not None and have.stat().st_size == int(size)):
+                self.store.get(name, have)
+        return local
+
+    def _has(self, key: str) -> bool:
+        return self.layout.path(key).exists() if self.store is None else self.store.exists(key)
 
     def events(self) -> list[Event]:
         return read_events(self.layout.events)
@@ -156,7 +179,7 @@ class Run:
         import sys
 
         from kubetune import settings
-        from kubetune.storage.lease import lease_for
+        from kubetune.runs.lease import lease_for
 
         # a holder name of its own: never mistaken for a trainer that shares this host's or pod's name
         lease = lease_for(self.uri, self.store, f"{settings.lease_holder()}/publish", settings.lease_seconds(),
@@ -195,7 +218,7 @@ def remove_run(uri: str, holder: str = "kubetune-delete") -> None:
     writes it; never waited for), everything but the lease removed, then the lease released and the
     emptied prefix removed. A reader's working copies elsewhere are theirs."""
     from kubetune import settings
-    from kubetune.storage.lease import LEASE, lease_for
+    from kubetune.runs.lease import LEASE, lease_for
 
     path = local_path(uri)
     store = Store(uri)

@@ -21,13 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from kubetune import settings
-from kubetune.artifacts.checkpoints import beyond_retention, checkpoint_step, garbage_before_resume, mismatch, verify
-from kubetune.artifacts.layout import COMPLETE, RunLayout
+from kubetune.runs.checkpoints import beyond_retention, garbage_before_resume, listing, verify
+from kubetune.runs.layout import COMPLETE, RUN_KEYS, RunLayout
 from kubetune.errors import TransientError
 from kubetune.storage.store import Store, local_path
-
-RUN_FILES = ("spec.yaml", "manifest.json", "events.jsonl", "trackers.json")
-
 
 def is_synced(uri: str) -> bool:
     """Outputs that need a local working copy: object storage. pvc:// is a mounted folder: written directly."""
@@ -41,34 +38,6 @@ def workdir_for(uri: str, name: str) -> Path:
 def marker_last(keys: Iterable[str]) -> list[str]:
     """Keys in order, COMPLETE markers after every other file: a reader that sees the marker sees all."""
     return sorted(keys, key=lambda k: (k.rsplit("/", 1)[-1] == COMPLETE, k))
-
-
-def remote_checkpoints(store: Store, skipped: list[tuple[int, str]] | None = None) -> list[tuple[int, bool]]:
-    """(step, complete) of every checkpoint in the store, oldest first: complete when its COMPLETE
-    marker is there and the files in the store match it (else `skipped` gets the step and why)."""
-    out = []
-    for name in store.listdir("checkpoints"):
-        step = checkpoint_step(Path(name))
-        if step is None:
-            continue
-        complete = store.exists(f"checkpoints/{name}/{COMPLETE}")
-        if complete:
-            prefix = f"checkpoints/{name}/"
-            sizes = {k[len(prefix):]: int(i.get("size") or i.get("Size") or 0)
-                     for k, i in store.find(prefix.rstrip("/")).items()}
-            why = mismatch(store.read_text(f"{prefix}{COMPLETE}"), sizes)
-            if why is not None:
-                complete = False
-                if skipped is not None:
-                    skipped.append((step, why))
-        out.append((step, complete))
-    return sorted(out)
-
-
-def store_listing(ckpts: list[tuple[int, bool]], mismatched: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """remote_checkpoints' result as the writer's rules read it (artifacts.checkpoints.Listing)."""
-    bad = {s for s, _ in mismatched}
-    return [(s, "ok" if ok else "mismatch" if s in bad else "unmarked") for s, ok in ckpts]
 
 
 @dataclass
@@ -86,27 +55,28 @@ def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print, wr
     checkpoints from the store. A reader never deletes: what looks incomplete to it may be the
     checkpoint the live trainer is uploading at that moment."""
     result = PullResult()
-    for name in RUN_FILES:
+    for name in RUN_KEYS.run_files:
         if store.exists(name):
-            store.get(name, layout.root / name)
-    if store.exists(f"final/{COMPLETE}"):
-        for key in sorted(store.find("final")):
-            store.get(key, layout.root / key)
+            store.get(name, layout.path(name))
+    if store.exists(RUN_KEYS.final_complete):
+        for key in sorted(store.find(RUN_KEYS.final)):
+            store.get(key, layout.path(key))
         return result
-    ckpts = remote_checkpoints(store, result.skipped)
+    found = listing(store)
+    result.skipped = [(c.step, c.why or "") for c in found if c.state == "mismatch"]
     for step, why in result.skipped:
         log(f"checkpoint-{step} in {store.uri} is skipped: {why}")
-    complete_steps = [s for s, ok in ckpts if ok]
+    complete_steps = [c.step for c in found if c.ok]
     if writer:  # the writer's rule, the same as in a local folder
-        for step in garbage_before_resume(store_listing(ckpts, result.skipped)):
-            store.remove(f"checkpoints/checkpoint-{step}")
+        for step in garbage_before_resume(found):
+            store.remove(RUN_KEYS.checkpoint(step))
             result.removed_incomplete.append(step)
     if complete_steps:
         step = complete_steps[-1]
-        local = layout.checkpoints / f"checkpoint-{step}"
+        local = layout.checkpoint(step)
         if not (local / COMPLETE).exists() or verify(local) is not None:
-            for key in marker_last(store.find(f"checkpoints/checkpoint-{step}")):
-                store.get(key, layout.root / key)
+            for key in marker_last(store.find(RUN_KEYS.checkpoint(step))):
+                store.get(key, layout.path(key))
         result.checkpoint = step
     if result.removed_incomplete:
         log(f"removed incomplete checkpoints from {store.uri}: {result.removed_incomplete}")
@@ -116,7 +86,7 @@ def pull(store: Store, layout: RunLayout, log: Callable[[str], None] = print, wr
 class Uploader:
     """Background uploads from the local working copy to the store, in order, with retries.
 
-    The uploads run in a child process (kubetune.storage.upload_worker), not a thread: on a
+    The uploads run in a child process (kubetune.runs.upload_worker), not a thread: on a
     CPU-bound training loop an upload thread competes for the GIL (botocore signs, hashes and
     copies in Python), which measurably slowed steps; a niced child process does not. Jobs go
     to it as JSON lines on stdin, its reports come back on stdout. It dies with its parent.
@@ -132,7 +102,7 @@ class Uploader:
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.storage.upload_worker", store.uri, str(layout.root), str(keep),
+            [sys.executable, "-m", "kubetune.runs.upload_worker", store.uri, str(layout.root), str(keep),
              str(self.retry_seconds)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._reader = threading.Thread(target=self._read, name="kubetune-upload-reports", daemon=True)
@@ -249,10 +219,9 @@ class UploadWorker:
         """Keep the newest `keep` complete checkpoints in the store; never the newest complete one. A
         checkpoint older than that whose files do not match its marker (a removal that was cut short)
         goes too."""
-        mismatched: list[tuple[int, str]] = []
-        ckpts = self._retry(lambda: remote_checkpoints(self.store, mismatched), "checkpoints/")
-        for step in beyond_retention(store_listing(ckpts, mismatched), self.keep):  # the local folder's rule too
-            self._retry(lambda s=step: self.store.remove(f"checkpoints/checkpoint-{s}"), f"checkpoint-{step}")
+        found = self._retry(lambda: listing(self.store), RUN_KEYS.checkpoints)
+        for step in beyond_retention(found, self.keep):  # the local folder's rule too
+            self._retry(lambda s=step: self.store.remove(RUN_KEYS.checkpoint(s)), RUN_KEYS.checkpoint(step))
 
     def _retry(self, action: Callable[[], Any], what: str) -> Any:
         deadline = time.monotonic() + self.retry_seconds

@@ -1,7 +1,7 @@
-"""The upload process behind storage.sync.Uploader: reads jobs (JSON lines) on stdin, uploads them
+"""The upload process behind runs.sync.Uploader: reads jobs (JSON lines) on stdin, uploads them
 in order, reports on stdout; ends when stdin closes and the queue is done, or when its parent dies.
 
-    python -m kubetune.storage.upload_worker URI ROOT KEEP RETRY_SECONDS
+    python -m kubetune.runs.upload_worker URI ROOT KEEP RETRY_SECONDS
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     except OSError:
         pass
     from kubetune.storage.store import Store
-    from kubetune.storage.sync import UploadWorker, GaveUp, UploadJob
+    from kubetune.runs.sync import UploadWorker, GaveUp, UploadJob
 
     uri, root, keep, retry = argv[0], Path(argv[1]), int(argv[2]), float(argv[3])
     out_lock = threading.Lock()

@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 from kubetune.artifacts.model_card import model_card
 from kubetune.errors import UsageError
-from kubetune.storage.runs import Run
+from kubetune.runs.run import Run
 from kubetune.storage.stage import StageReport, copy_tree
 from kubetune.storage.store import Store
+from kubetune.uris import body, is_hub
 
 
 def push(run: str, to: str, private: bool = True, api: Any = None, log: Callable[[str], None] = print) -> str:
@@ -22,8 +23,8 @@ def push(run: str, to: str, private: bool = True, api: Any = None, log: Callable
     final = opened.final_model(merged_if_present=True)  # a merge is published whole: no base needed to load it
     folder, what = final.folder, "merged model" if final.merged else "adapter"
     card = card_of(opened, final.merged)
-    if to.startswith("hf://"):
-        return _push_hub(folder, to.removeprefix("hf://").rstrip("/"), what, private, api, log, card)
+    if is_hub(to):
+        return _push_hub(folder, body(to).rstrip("/"), what, private, api, log, card)
     log(f"pushing the {what} {folder} → {to}")
     report = StageReport()
     copy_tree(folder, to, (), report, log, single=False)
@@ -36,7 +37,7 @@ def card_of(run: Run, merged: bool) -> str:
     """The model card, from what the run recorded (its spec, manifest and eval metrics)."""
     assert run.spec is not None
     manifest = _json(run.layout.manifest)
-    metrics = _json(run.layout.eval / "metrics.json")
+    metrics = _json(run.layout.eval_metrics)
     return model_card(run.spec, manifest, metrics or None, merged)
 
 
