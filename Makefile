@@ -11,7 +11,7 @@ install: $(STAMP)
 
 # torch is installed in the same pip command as everything else (docs/environment.md): alone, peft or
 # accelerate resolve torch to a multi-GB CUDA build.
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt src/kubetune/requirements.txt requirements-dev.txt pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt

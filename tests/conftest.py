@@ -145,3 +145,13 @@ def tiny_overrides(output: Path) -> list[str]:
              "train.max_per_device_batch_size=4", "train.save_every_steps=3", "train.logging_steps=1", "tracking.report_to=[]",
              "eval.num_samples=4", "eval.max_new_tokens=8"]
     return items
+
+
+def kubetune_argv(container: dict) -> list[str]:
+    """A rendered container's command as the program it runs, the install-at-start prefix taken off
+    (`sh -c BOOT kubetune -m MODULE ARGS` → `kubetune ARGS`, or `python -m MODULE ARGS`)."""
+    cmd = container["command"]
+    if cmd[:2] != ["/bin/sh", "-c"]:
+        return cmd
+    module, args = cmd[5], cmd[6:]
+    return ["kubetune", *args] if module == "kubetune" else ["python", "-m", module, *args]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.artifacts.events import read_events
-from tests.conftest import ROOT, assert_resumes, kill_after_first_checkpoint, run_kubetune
+from tests.conftest import ROOT, assert_resumes, kill_after_first_checkpoint, kubetune_argv, run_kubetune
 from tests.preferences import write_labeled, write_pairs
 
 pytestmark = pytest.mark.integration
@@ -127,7 +127,7 @@ def test_every_objective_renders_for_kubernetes(write_spec, tmp_path: Path, cli,
     assert yaml.safe_load(config["data"]["spec.yaml"])["method"]["objective"] == objective
     job = next(o for o in objects if o["kind"] == "Job")
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:2] == ["kubetune", "train"]  # the same entry point as SFT, resumable
+    assert kubetune_argv(container)[:2] == ["kubetune", "train"]  # the same entry point as SFT, resumable
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "2"
 
 

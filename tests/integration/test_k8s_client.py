@@ -9,6 +9,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.conftest import kubetune_argv
 from tests.k8s_server import FakeKubernetes
 
 pytestmark = pytest.mark.integration
@@ -32,12 +33,14 @@ def test_submit_creates_then_leaves_a_running_run_alone(k8s: FakeKubernetes, cli
     code, out, err = cli("submit", SPEC, "--set", "kubernetes.namespace=ml")
     assert code == 0, err
     assert "configmap/quickstart-spec created" in out and "job/quickstart created" in out
+    assert "configmap/quickstart-kubetune created" in out  # the wheel the pod installs at start
     # server-side apply (field manager kubetune), not create-then-patch
-    assert writes(k8s) == [("PATCH", "/api/v1/namespaces/ml/configmaps/quickstart-spec"),
+    assert writes(k8s) == [("PATCH", "/api/v1/namespaces/ml/configmaps/quickstart-kubetune"),
+                           ("PATCH", "/api/v1/namespaces/ml/configmaps/quickstart-spec"),
                            ("PATCH", "/apis/batch/v1/namespaces/ml/jobs/quickstart")]
     assert all("fieldManager=kubetune" in p and "force=false" in p for m, p in k8s.requests if m == "PATCH")
     job = k8s.get("jobs", "ml", "quickstart")
-    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["kubetune", "train"]
+    assert kubetune_argv(job["spec"]["template"]["spec"]["containers"][0])[:2] == ["kubetune", "train"]
     k8s.requests.clear()
     job["status"] = {"active": 1}
     code, out, _ = cli("submit", SPEC, "--set", "kubernetes.namespace=ml")
@@ -366,7 +369,7 @@ class Kubelet:
                 "reason": "ErrImagePull", "message": 'failed to pull "ghcr.io/x/y:1": 403 Forbidden'}}}]}
             return
         container = pod["spec"]["containers"][0]
-        command = [sys.executable if c == "python" else c for c in container["command"]]
+        command = [sys.executable if c == "python" else c for c in kubetune_argv(container)]
         env = {**os.environ, **{e["name"]: e["value"].replace("/scratch", str(self.scratch))
                                 for e in container["env"] if "value" in e}}
         self.ran.append(command)
@@ -390,7 +393,8 @@ def test_doctor_probes_the_image_and_the_pods_identity_from_inside(k8s: FakeKube
     kubelet = Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch", pull_fails=True)
     code, out, err = cli("doctor", SPEC, *sets, "--probe", "--probe-poll", "0.1")
     assert code == 2, out + err
-    assert "✗ the cluster cannot pull the image ghcr.io/" in out and "ErrImagePull: failed to pull" in out
+    assert "✗ the cluster cannot pull the image pytorch/pytorch:" in out and "ErrImagePull: failed to pull" in out
+    assert k8s.get("configmaps", "ml", "quickstart-kubetune") is not None  # the wheel the probe installs
     assert k8s.get("pods", "ml", "quickstart-doctor") is None  # deleted whatever happened
 
     kubelet = Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch")
@@ -416,11 +420,11 @@ def test_the_probe_pod_asks_for_no_accelerator_and_runs_as_the_runs_identity() -
     pod = probe_pod(spec)
     kubernetes_validate.validate(pod, "1.33.0", strict=True)
     body = pod["spec"]
-    assert body["serviceAccountName"] == "trainer" and body["activeDeadlineSeconds"] == 300
+    assert body["serviceAccountName"] == "trainer" and body["activeDeadlineSeconds"] == 300 + 600  # + the install
     assert "nodeSelector" not in body and "tolerations" not in body
     limits = body["containers"][0]["resources"]["limits"]
     assert set(limits) == {"cpu", "memory", "ephemeral-storage"}
-    assert body["containers"][0]["image"] == spec.kubernetes.image
+    assert spec.kubernetes.image is None and body["containers"][0]["image"] == "pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime"
     assert any("csi" in v for v in body["volumes"]) and pod["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
 
 

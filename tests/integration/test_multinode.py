@@ -20,7 +20,7 @@ import yaml
 from kubetune.k8s.render import render
 from kubetune.k8s.render.common import SCRATCH, SPEC_DIR
 from kubetune.spec.load import load_spec
-from tests.conftest import QUICKSTART_DATA, ROOT, quiet_env
+from tests.conftest import QUICKSTART_DATA, ROOT, kubetune_argv, quiet_env
 from tests.s3_runs import BUCKET, assert_complete_means_complete, remote_checkpoints
 from tests.servers import S3Server
 
@@ -55,7 +55,7 @@ def pods(tmp: Path, spec_path: Path, s3: S3Server, port: int) -> list[tuple[list
         assert host == f"{name}-0.{name}.default.svc" and rendezvous_port == "29500"  # the headless Service of pod 0
         env["KUBETUNE_RDZV_ENDPOINT"] = f"127.0.0.1:{port}"  # that name resolves only in the cluster
         env["JOB_COMPLETION_INDEX"] = str(index)  # what Kubernetes sets in an Indexed Job's pods
-        command = [a.replace(SPEC_DIR, str(etc)) for a in container["command"]]
+        command = [a.replace(SPEC_DIR, str(etc)) for a in kubetune_argv(container)]
         assert command[:2] == ["kubetune", "train"] and command[-1] == "--wait"
         out.append(([sys.executable, "-m", "kubetune", *command[1:]], env))
     return out

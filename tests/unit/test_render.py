@@ -21,6 +21,7 @@ from kubetune.k8s.render import render, to_yaml
 from kubetune.k8s.serving import served_set
 from kubetune.serve.tool_parser import resolve_reasoning_parser, resolve_tool_parser
 from kubetune.spec.load import load_spec
+from tests.conftest import kubetune_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
@@ -159,7 +160,7 @@ def test_serve_objects_for_an_adapter_run() -> None:
     assert "--enable-lora" in args and args[args.index("--max-lora-rank") + 1] == "16"
     # Llama 3.2 writes tool calls as JSON: vLLM reads them back with its llama3_json parser
     assert "--enable-auto-tool-choice" in args and args[args.index("--tool-call-parser") + 1] == "llama3_json"
-    assert pod["initContainers"][0]["command"][:4] == ["kubetune", "stage", "--model",
+    assert kubetune_argv(pod["initContainers"][0])[:4] == ["kubetune", "stage", "--model",
                                                        "s3://kubetune-runs/runs/llama32-3b-samsum/final/adapter"]
     hpa = objs[3]["spec"]
     assert hpa["metrics"][0]["pods"]["metric"]["name"] == "vllm:num_requests_waiting"
@@ -280,7 +281,7 @@ def test_adapters_in_object_storage_are_fetched_each_to_its_own_folder() -> None
     spec = load_spec(ROOT / "examples" / "d-minio-lora-sweep.yaml")
     served = [Served(f"r{r}", f"s3://kubetune-runs/runs/r{r}/final/adapter", r, "s3://models/Tiny") for r in (8, 64)]
     pod = pod_of(serve_objects(spec, served))
-    fetches = {c["name"]: c["command"] for c in pod["initContainers"]}
+    fetches = {c["name"]: kubetune_argv(c) for c in pod["initContainers"]}
     assert fetches["fetch-base"][-2:] == ["--to", "/models/base"]
     assert fetches["fetch-r8"] == ["kubetune", "stage", "--model", "s3://kubetune-runs/runs/r8/final/adapter",
                                    "--to", "/models/r8"]
@@ -363,7 +364,7 @@ def test_deploy_grid_serves_every_run_of_the_sweep_from_its_storage(cli) -> None
     names = [f"tinyllama-chat-r{r}" for r in (8, 16, 64)]
     assert [a.split("=")[0] for a in args[args.index("--lora-modules") + 1:][:3]] == names
     assert args[args.index("--max-lora-rank") + 1] == "64" and args[args.index("--max-loras") + 1] == "3"
-    fetched = {c["command"][3]: c["command"][-1] for c in pod["initContainers"] if c["name"] != "fetch-base"}
+    fetched = {kubetune_argv(c)[3]: kubetune_argv(c)[-1] for c in pod["initContainers"] if c["name"] != "fetch-base"}
     spec = load_spec(ROOT / "examples" / "d-minio-lora-sweep.yaml")
     parent = spec.output_uri.rstrip("/").rsplit("/", 1)[0]
     assert fetched == {f"{parent}/{n}/final/adapter": f"/models/{n}" for n in names}  # each run's own output
@@ -426,7 +427,7 @@ def test_serving_downloads_each_model_once_onto_its_sized_volume() -> None:
     assert env["KUBETUNE_CACHE"].startswith("/models/") and env["HF_HOME"].startswith("/models/")
     models = next(v for v in pod["volumes"] if v["name"] == "models")
     assert models["emptyDir"]["sizeLimit"] == "120Gi"
-    assert _bytes(pod["containers"][0]["resources"]["limits"]["ephemeral-storage"]) == 126 * 2**30
+    assert _bytes(pod["containers"][0]["resources"]["limits"]["ephemeral-storage"]) == (126 + 4) * 2**30  # + kubetune installed at start
     with pytest.raises(SpecError) as bad:
         rendered("quickstart.yaml", "serve", "serve.model_storage=lots")
     assert "serve.model_storage" in bad.value.render() and "quantity" in bad.value.render()
@@ -492,7 +493,7 @@ def test_runtime_adapters_enable_vllms_runtime_lora_loading_with_a_sidecar_and_a
         assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in vllm["env"]
         (listing,) = by_kind(objects, "ConfigMap")
         assert "data" not in listing and listing["metadata"]["name"].endswith("-serve-adapters")
-        assert sidecar["command"][:2] == ["kubetune", "serve-adapters"]
+        assert kubetune_argv(sidecar)[:2] == ["kubetune", "serve-adapters"]
         assert f"http://127.0.0.1:{vllm['ports'][0]['containerPort']}" in sidecar["command"]
         volume = next(v for v in pod["volumes"] if v["name"] == "adapter-list")
         assert volume["configMap"]["name"] == listing["metadata"]["name"]

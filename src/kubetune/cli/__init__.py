@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="store_true",
                    help="also start a short pod with the run's image, service account, secrets and mounts that "
                         "checks its storage from inside the cluster (deleted afterwards)")
-    p.add_argument("--probe-timeout", type=float, default=300, help="seconds to wait for the probe pod")
+    p.add_argument("--probe-timeout", type=float, default=None,
+                   help="seconds to wait for the probe pod (default: its deadline, 300 s, +600 s when it installs kubetune)")
     p.add_argument("--probe-poll", type=float, default=2.0, help=argparse.SUPPRESS)
     p.set_defaults(func=verbs.doctor)
     p = sub.add_parser("deploy", help="serve a trained run on Kubernetes: vLLM Deployment, Service, HPA, PDB")

@@ -39,8 +39,13 @@ def plan(args: argparse.Namespace) -> int:
     if args.target == "k8s":
         from kubetune.k8s.render import render as render_objects, to_yaml
 
+        from kubetune.k8s.render.image import dist_name, installs_at_start
+
         console.print("\nmanifests (kubetune render):", markup=False)
         console.print(to_yaml(render_objects(spec, "train")), markup=False, highlight=False)
+        if installs_at_start(spec):
+            console.print(f"# and the ConfigMap {dist_name(spec)}: this kubetune's wheel and pins, which the pod "
+                          "installs at start (kubetune render and submit include it)", markup=False)
     return 0
 
 
@@ -114,6 +119,7 @@ def push(args: argparse.Namespace) -> int:
 
 
 def render(args: argparse.Namespace) -> int:
+    from kubetune.k8s.dist import with_dist
     from kubetune.k8s.render import render as render_objects, to_yaml
 
     spec = load_spec(args.spec, args.overrides)
@@ -125,7 +131,7 @@ def render(args: argparse.Namespace) -> int:
         if args.what == "train":
             _check_cluster_memory(spec)
         objects = render_objects(spec, args.what)
-    sys.stdout.write(to_yaml(objects))
+    sys.stdout.write(to_yaml(with_dist(spec, objects)))
     if not has_scheme(spec.output_uri):  # stderr: stdout stays valid YAML for kubectl
         print(f"note: output {spec.output_uri} is a local path: in a pod it lives on the scratch volume and is lost "
               "with the pod, and a retried pod starts over; use --set output=s3://... (or gs://, pvc://)", file=sys.stderr)
@@ -213,10 +219,12 @@ def doctor(args: argparse.Namespace) -> int:
 
 def deploy(args: argparse.Namespace) -> int:
     from kubetune.k8s.client import Cluster
+    from kubetune.k8s.dist import with_dist
     from kubetune.k8s.render import render as render_objects
     plan = _served_set(load_spec(args.spec, args.overrides), args)
     ns = plan.spec.kubernetes.namespace
-    objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
+    objects = with_dist(plan.spec, render_objects(plan.spec, "serve", plan.served, plan.tool_parser,
+                                                  plan.reasoning_parser))
     _say_unserved_metric(plan.spec)
     cluster = Cluster(ns)
     for line in cluster.apply(objects):

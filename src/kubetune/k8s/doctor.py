@@ -16,7 +16,8 @@ from typing import Callable
 from kubetune.errors import KubetuneError
 from kubetune.k8s.client import Cluster
 from kubetune.k8s.render.common import ACCELERATOR_RESOURCE, GCS_DRIVER, gcs_buckets
-from kubetune.k8s.render.probe import probe_pod
+from kubetune.k8s.dist import with_dist
+from kubetune.k8s.render.probe import probe_pod, probe_seconds
 from kubetune.k8s.render.setup import RULES
 from kubetune.spec.models import RunSpec
 
@@ -29,7 +30,7 @@ class Check:
     skipped: bool = False       # could not be checked from here: not a failure
 
 
-def doctor(cluster: Cluster, spec: RunSpec | None, probe: bool = False, probe_timeout: float = 300,
+def doctor(cluster: Cluster, spec: RunSpec | None, probe: bool = False, probe_timeout: float | None = None,
            poll: float = 2.0) -> list[Check]:
     """`probe`: also run the probe pod (render/probe.py) and report what it found from inside."""
     checks = [_api(cluster)]
@@ -48,7 +49,7 @@ def doctor(cluster: Cluster, spec: RunSpec | None, probe: bool = False, probe_ti
         if gcs_buckets(spec):
             checks.append(_gcs_fuse(cluster))
         if probe:
-            checks += probe_from_inside(cluster, spec, probe_timeout, poll)
+            checks += probe_from_inside(cluster, spec, probe_timeout or probe_seconds(spec), poll)
     return checks
 
 
@@ -72,7 +73,8 @@ def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: flo
     import time
 
     pod = probe_pod(spec)
-    name, image = pod["metadata"]["name"], spec.kubernetes.image
+    name, image = pod["metadata"]["name"], pod["spec"]["containers"][0]["image"]
+    cluster.apply([o for o in with_dist(spec, [pod]) if o is not pod])  # the wheel it installs at start, if it does
     path = f"/api/v1/namespaces/{cluster.namespace}/pods/{name}"
     who = f"as service account {spec.kubernetes.service_account or 'default'}"
     deadline = time.monotonic() + timeout
@@ -93,8 +95,8 @@ def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: flo
                 if waiting.get("reason") in PULL_FAILURES:
                     return [Check(False, f"the cluster cannot pull the image {image} ({waiting['reason']}: "
                                          f"{waiting.get('message', '')})".replace(": )", ")"),
-                                  "push the image where the nodes can pull it, or set kubernetes.image (the "
-                                  "Dockerfile and `kubetune image build` in docs/kubernetes.md)")]
+                                  "let the nodes reach the image's registry (or mirror it), or set kubernetes.image "
+                                  "to an image your registry serves (deploy/Dockerfile; docs/kubernetes.md)")]
             unscheduled = [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled" and
                            c.get("status") == "False" and c.get("reason") == "Unschedulable"]
             if status.get("phase") in ("Succeeded", "Failed"):

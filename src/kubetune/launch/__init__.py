@@ -63,9 +63,10 @@ class Kubernetes:
 
     def launch(self, job: Launch) -> int:
         from kubetune.k8s.client import Cluster
+        from kubetune.k8s.dist import with_dist
         from kubetune.k8s.render import render
 
-        for line in Cluster(job.spec.kubernetes.namespace).apply(render(job.spec, "train")):
+        for line in Cluster(job.spec.kubernetes.namespace).apply(with_dist(job.spec, render(job.spec, "train"))):
             job.log(line)
         return 0
 

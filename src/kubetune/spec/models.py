@@ -354,7 +354,14 @@ class SecretsSpec(_Section):
 
 class KubernetesSpec(_Section):
     namespace: str = Field("default", description="Namespace of the run's objects.")
-    image: str = Field("ghcr.io/kubetune/kubetune:0.1.0-cuda", description="Container image with kubetune installed.")
+    image: str | None = Field(
+        None, description="An image with kubetune installed (built from deploy/Dockerfile). Unset: the accelerator "
+                          "vendor's public PyTorch image, and this kubetune with its pinned dependencies installed when "
+                          "the pod starts (its wheel travels with the Job).")
+    install_cache: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=253,
+        description="PVC that keeps kubetune installed between pods when kubernetes.image is unset (a retried or "
+                    "later pod finds it there); unset: each pod installs into its scratch volume.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     queue: str | None = Field(None, description="Kueue LocalQueue name (kueue.x-k8s.io/queue-name label).")
     priority_class: str | None = Field(None, description="PriorityClass of the pods (and Kueue workload priority).")

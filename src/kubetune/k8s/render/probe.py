@@ -11,9 +11,11 @@ from typing import Any
 from kubetune.k8s.render.common import (
     SCRATCH, container_security, env, metadata, node_disk, pod_security, uris, volumes,
 )
+from kubetune.k8s.render.image import add_dist, image, installs_at_start, kubetune_command, scratch_size
 from kubetune.spec.models import RunSpec
 from kubetune.uris import has_scheme
 
+INSTALL_SECONDS = 600  # pip installing the pinned set into the vendor image (minutes, not seconds)
 PROBE_SECONDS = 300  # the pod's own deadline: a probe that hangs (a mount, the network) ends
 PROBE_SCRATCH = "1Gi"
 
@@ -28,25 +30,31 @@ def probe_uris(spec: RunSpec) -> tuple[list[str], str]:
     return inputs, spec.output_uri
 
 
+def probe_seconds(spec: RunSpec) -> int:
+    """The probe's deadline, with the time to install kubetune when the pod does that at start."""
+    return PROBE_SECONDS + (INSTALL_SECONDS if installs_at_start(spec) else 0)
+
+
 def probe_pod(spec: RunSpec) -> dict[str, Any]:
     k = spec.kubernetes
     env_list, env_from = env(spec)
-    vols = volumes(spec, None, scratch=False)
-    vols.volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": PROBE_SCRATCH}})
+    vols = add_dist(spec, volumes(spec, None, scratch=False))
+    scratch = scratch_size(spec, PROBE_SCRATCH)
+    vols.volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": scratch}})
     vols.mounts.append({"name": "scratch", "mountPath": SCRATCH})
     inputs, output = probe_uris(spec)
     args = [a for uri in inputs for a in ("--read", uri)] + ["--write", output]
-    small = {"cpu": "100m", "memory": "1Gi", "ephemeral-storage": node_disk(spec, PROBE_SCRATCH)}
+    small = {"cpu": "100m", "memory": "1Gi", "ephemeral-storage": node_disk(spec, scratch)}
     container: dict[str, Any] = {
-        "name": "probe", "image": k.image, "imagePullPolicy": k.image_pull_policy,
-        "command": ["python", "-m", "kubetune.storage.probe", *args],
+        "name": "probe", "image": image(spec), "imagePullPolicy": k.image_pull_policy,
+        "command": kubetune_command(spec, *args, module="kubetune.storage.probe"),
         "workingDir": SCRATCH, "env": env_list, **({"envFrom": env_from} if env_from else {}),
         "resources": {"requests": dict(small), "limits": dict(small)},
         "securityContext": container_security(), "volumeMounts": vols.mounts,
     }
     meta = metadata(spec, probe_name(spec), "doctor")
     pod: dict[str, Any] = {
-        "restartPolicy": "Never", "activeDeadlineSeconds": PROBE_SECONDS,
+        "restartPolicy": "Never", "activeDeadlineSeconds": probe_seconds(spec),
         "securityContext": pod_security(spec), "containers": [container], "volumes": vols.volumes,
         **({"serviceAccountName": k.service_account} if k.service_account else {}),
     }

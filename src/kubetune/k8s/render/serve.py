@@ -20,6 +20,7 @@ from kubetune.k8s.render.common import (
     secret_ref, volumes,
 )
 from kubetune.serve.vllm import VllmTarget, vllm_command
+from kubetune.k8s.render.image import add_dist, image, kubetune_command, scratch_size
 from kubetune.spec.models import RunSpec
 from kubetune.uris import body, has_scheme, hub_ref, is_hub, scheme, uri_basename
 
@@ -93,12 +94,13 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
     # into it, so each file is on the node's disk once (not once in a cache and again in /models).
     caches = {settings.CACHE: f"{MODELS}/.cache", "HF_HOME": f"{MODELS}/.hf"}
     env_list = [{**e, "value": caches[e["name"]]} if e["name"] in caches else e for e in env_list]
-    vols = volumes(spec, None, scratch=False)
+    vols = add_dist(spec, volumes(spec, None, scratch=False))
     vols.volumes.append({"name": "models", "emptyDir": {"sizeLimit": s.model_storage}})
     vols.mounts.append({"name": "models", "mountPath": MODELS})
-    vols.volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": SERVE_SCRATCH}})
+    scratch = scratch_size(spec, SERVE_SCRATCH)  # kubetune installed at start by the init containers lives here
+    vols.volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": scratch}})
     vols.mounts.append({"name": "scratch", "mountPath": "/scratch"})
-    disk = node_disk(spec, s.model_storage, SERVE_SCRATCH)
+    disk = node_disk(spec, s.model_storage, scratch)
     fetch: dict[str, list[str]] = {}  # where under /models → object-storage URIs an init container copies there
     several = len(served) > 1
 
@@ -131,9 +133,9 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
                             tool_parser=tool_parser, reasoning_parser=reasoning_parser,
                             max_lora_rank=s.max_lora_rank if s.runtime_adapters else None,
                             max_loras=s.max_loras if s.runtime_adapters else None, runtime_adapters=s.runtime_adapters)
-    init = [{"name": _init_name(root, several), "image": spec.kubernetes.image,
+    init = [{"name": _init_name(root, several), "image": image(spec),
              "imagePullPolicy": spec.kubernetes.image_pull_policy,
-             "command": ["kubetune", "stage", *[a for uri in uris for a in ("--model", uri)], "--to", root],
+             "command": kubetune_command(spec, "stage", *[a for uri in uris for a in ("--model", uri)], "--to", root),
              "env": env_list, **({"envFrom": env_from} if env_from else {}),
              "resources": resources(spec, cpu="1", memory="2Gi", accelerator=False, disk=disk),
              "securityContext": container_security(), "volumeMounts": vols.mounts} for root, uris in fetch.items()]
@@ -199,9 +201,9 @@ def _runtime_adapters(spec: RunSpec, name: str, vllm: dict[str, Any], vols: Any,
     vllm["env"] = [*vllm["env"], {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]
     vols.volumes.append({"name": "adapter-list", "configMap": {"name": listing, "optional": True}})
     sidecar = {
-        "name": "adapters", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
-        "command": ["kubetune", "serve-adapters", "--file", f"{ADAPTER_LIST}/adapters.json",
-                    "--vllm", f"http://127.0.0.1:{spec.serve.port}"],
+        "name": "adapters", "image": image(spec), "imagePullPolicy": spec.kubernetes.image_pull_policy,
+        "command": kubetune_command(spec, "serve-adapters", "--file", f"{ADAPTER_LIST}/adapters.json",
+                                    "--vllm", f"http://127.0.0.1:{spec.serve.port}"),
         "env": [*env_list, *api_env], **({"envFrom": env_from} if env_from else {}),
         "resources": resources(spec, cpu="500m", memory="1Gi", accelerator=False, disk=disk),
         "securityContext": container_security(),

@@ -18,6 +18,7 @@ from kubetune.errors import EXIT_TRANSIENT, EXIT_USAGE, UsageError
 from kubetune.k8s.render.common import (
     SCRATCH, SPEC_DIR, container_security, env, metadata, pod_placement, pod_security, queue_labels, resources, volumes,
 )
+from kubetune.k8s.render.image import add_dist, image, kubetune_command
 from kubetune.spec.load import spec_to_yaml
 from kubetune.spec.models import RunSpec
 
@@ -74,14 +75,14 @@ def _job(spec: RunSpec, name: str, component: str, container: dict[str, Any], vo
 def train_objects(spec: RunSpec) -> list[dict[str, Any]]:
     nodes = spec.resources.nodes
     env_list, env_from = env(spec, trackers=True)
-    vols = volumes(spec, f"{spec.name}-spec")
+    vols = add_dist(spec, volumes(spec, f"{spec.name}-spec"))
     if nodes > 1:
         env_list.append({"name": settings.RDZV_ENDPOINT,
                          "value": f"{spec.name}-0.{spec.name}.{spec.kubernetes.namespace}.svc:{RDZV_PORT}"})
     container: dict[str, Any] = {
-        "name": "train", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
+        "name": "train", "image": image(spec), "imagePullPolicy": spec.kubernetes.image_pull_policy,
         # --wait: a retry that starts while its killed predecessor's lease has not lapsed waits for it
-        "command": ["kubetune", "train", f"{SPEC_DIR}/spec.yaml", "--wait"],
+        "command": kubetune_command(spec, "train", f"{SPEC_DIR}/spec.yaml", "--wait"),
         "workingDir": SCRATCH,  # relative paths in the spec land on the scratch volume, not the read-only root
         "env": env_list, **({"envFrom": env_from} if env_from else {}),
         "resources": resources(spec), "securityContext": container_security(), "volumeMounts": vols.mounts,
@@ -118,10 +119,10 @@ def stage_objects(spec: RunSpec) -> list[dict[str, Any]]:
         data.append(item)
     staged = spec.model_copy(update={"stage": spec.stage.model_copy(update={"data": data})})
     env_list, env_from = env(spec)
-    vols = volumes(spec, f"{name}-spec")
+    vols = add_dist(spec, volumes(spec, f"{name}-spec"))
     container = {
-        "name": "stage", "image": spec.kubernetes.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
-        "command": ["kubetune", "stage", f"{SPEC_DIR}/spec.yaml"],
+        "name": "stage", "image": image(spec), "imagePullPolicy": spec.kubernetes.image_pull_policy,
+        "command": kubetune_command(spec, "stage", f"{SPEC_DIR}/spec.yaml"),
         "env": env_list, **({"envFrom": env_from} if env_from else {}),
         "resources": resources(spec, cpu="2", memory="8Gi", accelerator=False),
         "securityContext": container_security(), "volumeMounts": vols.mounts,

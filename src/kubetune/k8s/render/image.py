@@ -1,0 +1,101 @@
+"""What a kubetune container runs in, and how it starts.
+
+Two ways, chosen by `kubernetes.image`:
+- unset (the default): the accelerator vendor's public PyTorch image (pinned below, its torch kept),
+  and this exact kubetune — its wheel and its pinned dependencies travel with the Job in a ConfigMap
+  (`kubetune.k8s.dist` builds it where the objects are applied) — installed when the pod starts, into
+  `kubernetes.install_cache` (a PVC: a retried pod finds it installed) or else the pod's scratch volume;
+- set: an image the team built with kubetune installed (deploy/Dockerfile), run as it is.
+
+Pure, like the rest of rendering: the wheel's bytes are not read here, only where they will be mounted.
+"""
+
+from __future__ import annotations
+
+from kubetune.k8s.render.common import SCRATCH, Volumes
+from kubetune.spec.models import RunSpec
+
+# (image, torch comes with the image). Tags are pinned: a moving tag would change the torch under a run
+# between its retries. Sources: NVIDIA/CUDA — the PyTorch project's images on Docker Hub; AMD — AMD's
+# rocm/pytorch (ROCm docs, "PyTorch on ROCm": Docker image); Intel Gaudi — Intel's Gaudi PyTorch
+# installer image (Gaudi docs, "Docker Installation"); CPU — the Python project's slim image, with
+# torch's CPU build from PyTorch's own index.
+VENDOR_IMAGES: dict[str, tuple[str, bool]] = {
+    "nvidia": ("pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime", True),
+    "amd": ("rocm/pytorch:rocm6.4_ubuntu22.04_py3.11_pytorch_release_2.6.0", True),
+    "gaudi": ("vault.habana.ai/gaudi-docker/1.21.0/ubuntu22.04/habanalabs/pytorch-installer-2.6.0:latest", True),
+    "cpu": ("python:3.11-slim", False),
+}
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+DIST_DIR = "/opt/kubetune/dist"     # the ConfigMap: the wheel, requirements.txt, key, version
+CACHE_DIR = "/opt/kubetune/cache"   # kubernetes.install_cache, when set
+INSTALL_SIZE = "4Gi"                # the pinned set in a venv (measured: 2.0 GiB without torch, 2.7 GiB with its CPU build)
+
+# Run as `sh -c BOOT kubetune -m MODULE ARGS...`. Installs once per (wheel, requirements) key: a venv over the image's
+# own packages (--system-site-packages keeps the vendor's torch; --without-pip needs no ensurepip, which
+# Debian-based images lack), the pinned requirements, then the wheel without dependencies; `.installed` is
+# written last, so a pod killed mid-install leaves nothing that looks installed. flock: pods sharing the
+# cache PVC install one at a time. Every step fails the pod when it fails (set -eu).
+BOOT = """set -eu
+dist="${KUBETUNE_DIST:-%(dist)s}"
+root="${KUBETUNE_INSTALL_ROOT:-%(root)s}/$(cat "$dist/key")"
+mkdir -p "$(dirname "$root")"
+if command -v flock >/dev/null 2>&1; then exec 9>"$root.lock"; flock 9; fi
+if [ ! -e "$root/.installed" ]; then
+  echo "kubetune: installing kubetune $(cat "$dist/version") and its pinned dependencies into $root" >&2
+  rm -rf "$root"
+  python3 -m venv --without-pip --system-site-packages "$root"
+  "$root/bin/python" -m pip install --no-input --disable-pip-version-check -r "$dist/requirements.txt"
+  "$root/bin/python" -m pip install --no-input --disable-pip-version-check --no-deps "$dist"/kubetune-*.whl
+  touch "$root/.installed"
+fi
+if command -v flock >/dev/null 2>&1; then flock -u 9; fi
+exec "$root/bin/python" "$@"
+"""
+
+
+def installs_at_start(spec: RunSpec) -> bool:
+    return spec.kubernetes.image is None
+
+
+def vendor(spec: RunSpec) -> tuple[str, bool]:
+    """The vendor image of the spec's accelerator (auto asks for no device on a cluster: the CPU image)."""
+    return VENDOR_IMAGES.get(spec.resources.accelerator, VENDOR_IMAGES["cpu"])
+
+
+def image(spec: RunSpec) -> str:
+    return spec.kubernetes.image or vendor(spec)[0]
+
+
+def dist_name(spec: RunSpec) -> str:
+    """The ConfigMap with this kubetune's wheel and pins, one per run (kubetune.k8s.dist fills it)."""
+    return f"{spec.name}-kubetune"
+
+
+def kubetune_command(spec: RunSpec, *args: str, module: str = "kubetune") -> list[str]:
+    """`kubetune ARGS` (or `python -m MODULE ARGS`) in the container: through BOOT when it installs at start."""
+    if not installs_at_start(spec):
+        return ["kubetune", *args] if module == "kubetune" else ["python", "-m", module, *args]
+    root = CACHE_DIR if spec.kubernetes.install_cache else f"{SCRATCH}/.kubetune"
+    return ["/bin/sh", "-c", BOOT % {"dist": DIST_DIR, "root": root}, "kubetune", "-m", module, *args]
+
+
+def add_dist(spec: RunSpec, vols: Volumes, scratch: bool = True) -> Volumes:
+    """The wheel's ConfigMap and the install cache, mounted where BOOT looks for them. Without a cache
+    PVC and without the scratch volume (an init container of serving), the install goes to /tmp."""
+    if not installs_at_start(spec):
+        return vols
+    vols.volumes.append({"name": "kubetune-dist", "configMap": {"name": dist_name(spec)}})
+    vols.mounts.append({"name": "kubetune-dist", "mountPath": DIST_DIR, "readOnly": True})
+    if spec.kubernetes.install_cache:
+        vols.volumes.append({"name": "kubetune-cache",
+                             "persistentVolumeClaim": {"claimName": spec.kubernetes.install_cache}})
+        vols.mounts.append({"name": "kubetune-cache", "mountPath": CACHE_DIR})
+    return vols
+
+
+def scratch_size(spec: RunSpec, size: str) -> str:
+    """A small scratch volume (serving's, the probe's) grown by what an install at start puts there."""
+    from kubetune.k8s.render.common import quantity_sum
+
+    return quantity_sum(size, INSTALL_SIZE) if installs_at_start(spec) and not spec.kubernetes.install_cache else size
