@@ -123,7 +123,7 @@ def test_every_objective_renders_for_kubernetes(write_spec, tmp_path: Path, cli,
     code, out, _ = cli("render", str(spec))
     assert code == 0
     objects = [o for o in yaml.safe_load_all(out) if o]
-    config = next(o for o in objects if o["kind"] == "ConfigMap")
+    config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-spec"))
     assert yaml.safe_load(config["data"]["spec.yaml"])["method"]["objective"] == objective
     job = next(o for o in objects if o["kind"] == "Job")
     container = job["spec"]["template"]["spec"]["containers"][0]
