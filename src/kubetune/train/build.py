@@ -57,16 +57,15 @@ def build_trainer(spec: RunSpec, data: Any, layout: RunLayout, events: EventLog,
 
 def _flops(spec: RunSpec, model: Any, data: Any) -> tuple[float, float]:
     """(FLOPs per trained token, peak FLOP/s of this process's device) for the MFU estimate."""
-    import torch
-
+    from kubetune.train.devices import detect, device_name, device_type
     from kubetune.train.flops import device_peak, flops_per_token
 
     cfg = getattr(model, "config", None)
     params = sum(p.numel() for p in model.parameters())
     per_token = flops_per_token(params, spec.method.type == "full", getattr(cfg, "num_hidden_layers", 0),
                                 getattr(cfg, "hidden_size", 0), data.train.stats()["mean"] / 2)
-    on_gpu = torch.cuda.is_available() and spec.resources.accelerator != "cpu"
-    kind = "cpu" if not on_gpu else (spec.resources.accelerator if spec.resources.accelerator != "auto" else "nvidia")
-    name = torch.cuda.get_device_name(0) if on_gpu else None
+    device = device_type(spec.resources.accelerator)
+    kind = "cpu" if device == "cpu" else detect().kind
+    name = device_name(device)
     # tokens/s is gathered over all ranks, so the peak is that of every device (CPU ranks share the cores).
     return per_token, device_peak(kind, name, devices=DistInfo.from_env().world_size)

@@ -30,12 +30,11 @@ def held_bytes(model: Any, optimizer: Any = None) -> int:
 
 
 def peak_memory_bytes() -> int:
-    """This process's peak memory: CUDA memory allocated on a GPU, else the resident set's high-water mark."""
-    import torch
+    """This process's peak memory: what the device's allocator handed out on a GPU or Gaudi, else the
+    resident set's high-water mark."""
+    from kubetune.train.devices import device_peak_allocated, device_type
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated())
-    return peak_rss_bytes()
+    return device_peak_allocated(device_type("auto")) or peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:

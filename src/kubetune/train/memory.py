@@ -189,9 +189,9 @@ def on_gpu(spec: RunSpec, local: bool) -> bool:
     if acc == "cpu":
         return False
     if local:
-        import torch
+        from kubetune.train.devices import device_type
 
-        return bool(torch.cuda.is_available())
+        return device_type(acc) != "cpu"
     return True
 
 
@@ -211,18 +211,16 @@ def device_memory(spec: RunSpec, local: bool) -> tuple[float | None, str]:
         if gpu:
             # Only a device that is here is asked (a laptop planning a run for a cluster's GPUs, Gaudi or
             # ROCm nodes has none of their runtimes): else the figure comes from the target or is unknown.
-            from kubetune.train.devices import detect
+            from kubetune.train.devices import detect, device_name, device_total_memory, device_type
 
             found = detect()
-            if found.kind in ("nvidia", "amd") and res.accelerator in ("auto", found.kind):
-                import torch
-
-                props = torch.cuda.get_device_properties(0)
-                return float(props.total_memory), props.name
-            if not (res.accelerator == "gaudi" and found.kind == "gaudi"):
-                return None, (f"unknown: no {res.accelerator} device here (set resources.device_memory, or a "
-                              "node selector naming the GPU)")
-            return None, "unknown: Gaudi's memory is not read here (set resources.device_memory, e.g. 96GB)"
+            if found.kind != "cpu" and res.accelerator in ("auto", found.kind):
+                device = device_type(found.kind)
+                total = device_total_memory(device)
+                if total:
+                    return total, device_name(device) or found.kind
+            return None, (f"unknown: no {res.accelerator} device here (set resources.device_memory, or a "
+                          "node selector naming the device)")
         import psutil
 
         return psutil.virtual_memory().total / res.devices_per_node, \

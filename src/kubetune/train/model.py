@@ -13,11 +13,13 @@ from kubetune.spec.models import RunSpec
 def resolve_dtype(dtype: str, accelerator: str) -> Any:
     import torch
 
-    gpu = torch.cuda.is_available() and accelerator != "cpu"
+    from kubetune.train.devices import bf16_supported, device_type
+
+    device = device_type(accelerator)
     if dtype == "auto":
-        return torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype in ("bfloat16", "float16") and not gpu:
-        raise UsageError(f"model.dtype {dtype} needs a GPU and this machine has none",
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    if dtype in ("bfloat16", "float16") and device == "cpu":
+        raise UsageError(f"model.dtype {dtype} needs a GPU or Gaudi and this machine has none",
                          "use model.dtype: auto (float32 on CPU)")
     return getattr(torch, dtype)
 
@@ -38,7 +40,9 @@ def resolve_mixed_precision(spec: RunSpec, dtype: Any, hidden_size: int = 0) -> 
     if choice != "auto":
         return choice
     if not use_cpu(spec):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        from kubetune.train.devices import bf16_supported, device_type
+
+        return "bf16" if bf16_supported(device_type(spec.resources.accelerator)) else "fp16"
     return "bf16" if cpu_has_native_bf16() and hidden_size >= CPU_BF16_MIN_HIDDEN else "fp32"
 
 
@@ -53,9 +57,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def use_cpu(spec: RunSpec) -> bool:
-    import torch
+    """Whether the Trainer runs on the CPU (transformers' use_cpu): not on a GPU or Gaudi here."""
+    from kubetune.train.devices import device_type
 
-    return spec.resources.accelerator == "cpu" or not torch.cuda.is_available()
+    return device_type(spec.resources.accelerator) == "cpu"
 
 
 def load_model(spec: RunSpec, model_dir: Path, sharded: bool = False, start: Path | None = None) -> Any:
