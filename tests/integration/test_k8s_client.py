@@ -311,6 +311,19 @@ def test_deploy_adds_the_rule_to_the_config_the_prometheus_adapter_loads(k8s: Fa
     assert k8s.get("deployments", "monitoring", "prometheus-adapter")["spec"]["template"]["metadata"][
         "annotations"]["kubetune.dev/adapter-rules"] == restarted  # nothing changed: no restart
 
+    # switching to KEDA: its ScaledObject scales now, and the HPA of the earlier mode is removed (two would fight)
+    name = "llama32-3b-samsum-serve"
+    code, out, err = cli("deploy", spec, "--set", "serve.autoscaling.monitoring=keda")
+    assert code == 0, err
+    assert k8s.get("scaledobjects", "ml", name) is not None and k8s.get("horizontalpodautoscalers", "ml", name) is None
+    assert f"horizontalpodautoscaler/{name} deleted" in out and k8s.get("servicemonitors", "ml", name) is not None
+    # a team's own object of that name is not kubetune's to remove
+    k8s.put("horizontalpodautoscalers", "ml", {"metadata": {"name": name, "labels": {"team": "theirs"}}})
+    code, out, err = cli("deploy", spec, "--set", "serve.autoscaling=null", "--set", "serve.replicas=1")
+    assert code == 0, err
+    assert k8s.get("scaledobjects", "ml", name) is None and k8s.get("servicemonitors", "ml", name) is None
+    assert k8s.get("horizontalpodautoscalers", "ml", name) is not None
+
 
 def test_doctor_checks_the_metrics_path_of_the_autoscaler(k8s: FakeKubernetes, cli) -> None:
     spec = str(ROOT / "examples" / "b-summarise-qlora-serve.yaml")

@@ -64,8 +64,10 @@ def test_a_bf16_base_stays_bf16_and_every_layer_is_within_its_rounding(tmp_path:
     from safetensors import safe_open
 
     base, adapter = make_base_and_adapter(tmp_path, 4, 64, torch.bfloat16, "200KB")
+    (base / "modeling_custom.py").write_text("# a remote-code model's own modeling file\n")
     result = merge_shards(base, adapter, tmp_path / "merged")
     assert result.worst <= 1e-4 and result.largest_weight == 4 * 64 * 128
+    assert (tmp_path / "merged" / "modeling_custom.py").read_text() == (base / "modeling_custom.py").read_text()
     changed = 0
     for shard in {p.name for p in (tmp_path / "merged").glob("*.safetensors")}:
         with safe_open(str(base / shard), "pt") as old, safe_open(str(tmp_path / "merged" / shard), "pt") as new:

@@ -218,6 +218,7 @@ def doctor(args: argparse.Namespace) -> int:
 
 
 def deploy(args: argparse.Namespace) -> int:
+    from kubetune.k8s.autoscalers import prune_autoscalers
     from kubetune.k8s.client import Cluster
     from kubetune.k8s.dist import with_dist
     from kubetune.k8s.render import render as render_objects
@@ -228,6 +229,8 @@ def deploy(args: argparse.Namespace) -> int:
     _say_unserved_metric(plan.spec)
     cluster = Cluster(ns)
     for line in cluster.apply(objects):
+        print(line)
+    for line in prune_autoscalers(cluster, f"{plan.spec.name}-serve", objects):
         print(line)
     a = plan.spec.serve.autoscaling
     if a is not None and a.monitoring == "servicemonitor":

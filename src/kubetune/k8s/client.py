@@ -25,6 +25,7 @@ _PLURALS = {
     "PodDisruptionBudget": ("poddisruptionbudgets", True), "Role": ("roles", True),
     "RoleBinding": ("rolebindings", True), "ServiceMonitor": ("servicemonitors", True),
     "PodMonitoring": ("podmonitorings", True), "LocalQueue": ("localqueues", True),
+    "ScaledObject": ("scaledobjects", True),
 }
 
 

@@ -122,6 +122,8 @@ def merge_shards(base_dir: Path, adapter_dir: Path, out: Path, tolerance: float 
     for name in (INDEX, "config.json"):
         if (base_dir / name).exists():
             shutil.copy(base_dir / name, out / name)
+    for code in base_dir.glob("*.py"):  # a remote-code model's modeling files: config.json's auto_map names them
+        shutil.copy(code, out / code.name)
     return ShardMergeResult(len(modules), len(shards), largest, worst)
 
 
