@@ -26,6 +26,18 @@ def test_pages_are_per_owner_and_newest_first(tmp_path: Path) -> None:
     assert store.job("b", "ftjob-0") is None and store.job("a", "ftjob-0")["method"] == {"type": "supervised"}
 
 
+def test_a_metadata_filter_pages_from_any_of_the_owners_jobs(tmp_path: Path) -> None:
+    store = Records(f"sqlite:///{tmp_path / 'db'}")
+    for n in range(6):
+        store.add_job(**job_row(f"ftjob-{n}", "a", n), metadata={"team": "x" if n % 2 == 0 else "y"})
+    wanted = {"team": "x"}
+    assert [j["id"] for j in store.jobs_with_metadata("a", wanted)] == ["ftjob-4", "ftjob-2", "ftjob-0"]
+    assert [j["id"] for j in store.jobs_with_metadata("a", wanted, "ftjob-4")] == ["ftjob-2", "ftjob-0"]
+    # a cursor the filter does not match still says where the page starts (it gave nothing before)
+    assert [j["id"] for j in store.jobs_with_metadata("a", wanted, "ftjob-3")] == ["ftjob-2", "ftjob-0"]
+    assert store.jobs_with_metadata("a", wanted, "ftjob-0") == [] and store.jobs_with_metadata("b", wanted) == []
+
+
 def test_a_claim_succeeds_once(tmp_path: Path) -> None:
     store = Records(f"sqlite:///{tmp_path / 'db'}")
     store.add_job(**job_row("ftjob-1", "a", 1))

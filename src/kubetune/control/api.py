@@ -241,8 +241,8 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = 20,
         rows = state.records.jobs(owner, after, _limit(limit) + 1)
         page = _page([job_object(r) for r in rows], limit)
     else:
-        found = await asyncio.to_thread(state.records.jobs_with_metadata, owner, wanted)
-        page = _after([job_object(r) for r in found], after, _limit(limit))
+        found = await asyncio.to_thread(state.records.jobs_with_metadata, owner, wanted, after)
+        page = _page([job_object(r) for r in found], _limit(limit))
     return JSONResponse({k: page[k] for k in ("object", "data", "has_more")})
 
 

@@ -215,11 +215,13 @@ class Records:
         with self.engine.connect() as c:
             return [_loaded(r) for r in c.execute(sa.select(jobs).where(*where).order_by(jobs.c.n)).mappings()]
 
-    def jobs_with_metadata(self, owner: str, wanted: dict[str, str] | None) -> list[dict[str, Any]]:
+    def jobs_with_metadata(self, owner: str, wanted: dict[str, str] | None, after: str | None = None
+                           ) -> list[dict[str, Any]]:
         """The owner's jobs, newest first, whose metadata holds every key: value of `wanted` (None: the
-        jobs without metadata), among its newest METADATA_SCAN jobs. Filtered here, not in SQL:
-        metadata is JSON text in either database."""
-        rows = [_loaded(r) for r in self._page(jobs, owner, None, METADATA_SCAN, True, [jobs.c.metadata.is_not(None)]
+        jobs without metadata), among its METADATA_SCAN jobs older than `after` (any job of the owner is a
+        cursor, as in the unfiltered list: a page's last id, whether or not a filter matched it).
+        Filtered here, not in SQL: metadata is JSON text in either database."""
+        rows = [_loaded(r) for r in self._page(jobs, owner, after, METADATA_SCAN, True, [jobs.c.metadata.is_not(None)]
                                                if wanted is not None else [])]
         if wanted is None:
             return [r for r in rows if not r.get("metadata")]
