@@ -383,6 +383,7 @@ def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
         assert fake.get("jobs", "ml", second.id) is not None
         assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
         assert fake.get("jobs", "ml", second.id) is None and fake.get("configmaps", "ml", f"{second.id}-spec") is None
+        assert fake.get("configmaps", "ml", f"{second.id}-kubetune") is None  # the wheel goes with the run
         assert any(f"job/{second.id} deleted" in e.message for e in client.fine_tuning.jobs.list_events(second.id))
 
         paused = create()  # pause frees the cluster (the Job and its pods go); resume submits it again

@@ -407,7 +407,7 @@ def test_doctor_probes_the_image_and_the_pods_identity_from_inside(k8s: FakeKube
     code, out, err = cli("doctor", SPEC, *sets, "--probe", "--probe-poll", "0.1")
     assert code == 2, out + err
     assert "✗ the cluster cannot pull the image pytorch/pytorch:" in out and "ErrImagePull: failed to pull" in out
-    assert k8s.get("configmaps", "ml", "quickstart-kubetune") is not None  # the wheel the probe installs
+    assert k8s.get("configmaps", "ml", "quickstart-doctor-kubetune") is not None  # the wheel the probe installs
     assert k8s.get("pods", "ml", "quickstart-doctor") is None  # deleted whatever happened
 
     kubelet = Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from kubetune.errors import KubetuneError, TransientError, UsageError
+from kubetune.k8s.render.image import dist_name
 
 JOB_LABEL = "batch.kubernetes.io/job-name"
 
@@ -252,6 +253,7 @@ class Cluster:
             name, self.namespace, propagation_policy="Background"))  # the Job's pods go with it
         done.append(f"job/{name} deleted")
         for kind, fn, obj in (("configmap", core.delete_namespaced_config_map, f"{name}-spec"),
+                              ("configmap", core.delete_namespaced_config_map, dist_name(name)),
                               ("service", core.delete_namespaced_service, name)):
             if self._call("delete", f"{kind}s", obj, lambda f=fn, o=obj: f(o, self.namespace), tolerate=(404,)) != 404:
                 done.append(f"{kind}/{obj} deleted")

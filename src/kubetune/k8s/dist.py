@@ -22,7 +22,7 @@ from typing import Any
 import kubetune
 from kubetune.errors import UsageError
 from kubetune.k8s.render.common import metadata
-from kubetune.k8s.render.image import CPU_TORCH_INDEX, dist_name, installs_at_start, vendor
+from kubetune.k8s.render.image import CPU_TORCH_INDEX, DIST_VOLUME, installs_at_start, vendor
 from kubetune.spec.models import RunSpec
 
 # A ConfigMap holds at most 1 MiB, and binaryData is base64 (4/3): the wheel must stay well under it.
@@ -82,27 +82,28 @@ def requirements_for(spec: RunSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dist_config_map(spec: RunSpec) -> dict[str, Any]:
-    name, data = wheel()
+def dist_config_map(spec: RunSpec, name: str) -> dict[str, Any]:
+    wheel_name, data = wheel()
     if len(data) > MAX_WHEEL:
         raise UsageError(f"kubetune's wheel is {len(data) // 1024} KiB, too big to travel in a ConfigMap",
                          "set kubernetes.image to an image with kubetune installed (deploy/Dockerfile)")
     requirements = requirements_for(spec)
     key = hashlib.sha256(data + requirements.encode()).hexdigest()[:16]
     version = importlib.metadata.version("kubetune")
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(spec, dist_name(spec), "kubetune"),
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(spec, name, "kubetune"),
             "data": {"requirements.txt": requirements, "key": key, "version": version},
-            "binaryData": {name: base64.b64encode(data).decode()}}
+            "binaryData": {wheel_name: base64.b64encode(data).decode()}}
 
 
 def with_dist(spec: RunSpec, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The objects, after the ConfigMap their pods install kubetune from when any of them mounts it."""
-    if not installs_at_start(spec) or not any(_mounts(o, dist_name(spec)) for o in objects):
+    """The objects, after the ConfigMaps their pods install kubetune from (one per object that mounts one)."""
+    if not installs_at_start(spec):
         return objects
-    return [dist_config_map(spec), *objects]
+    names = [n for o in objects for n in _mounted(o)]
+    return [*(dist_config_map(spec, n) for n in dict.fromkeys(names)), *objects]
 
 
-def _mounts(obj: dict[str, Any], config_map: str) -> bool:
-    spec = obj.get("spec") or {}
-    pod = (spec.get("template") or {}).get("spec") or spec
-    return any((v.get("configMap") or {}).get("name") == config_map for v in pod.get("volumes") or [])
+def _mounted(obj: dict[str, Any]) -> list[str]:
+    body = obj.get("spec") or {}
+    pod = (body.get("template") or {}).get("spec") or body
+    return [v["configMap"]["name"] for v in pod.get("volumes") or [] if v.get("name") == DIST_VOLUME]

@@ -67,9 +67,14 @@ def image(spec: RunSpec) -> str:
     return spec.kubernetes.image or vendor(spec)[0]
 
 
-def dist_name(spec: RunSpec) -> str:
-    """The ConfigMap with this kubetune's wheel and pins, one per run (kubetune.k8s.dist fills it)."""
-    return f"{spec.name}-kubetune"
+DIST_VOLUME = "kubetune-dist"
+
+
+def dist_name(owner: str) -> str:
+    """The ConfigMap with this kubetune's wheel and pins for the objects named `owner` (the run's Job,
+    its stage Job, its serving Deployment, the doctor's probe: each its own, so deploying serving with a
+    newer kubetune never changes what a retried training pod installs). kubetune.k8s.dist fills it."""
+    return f"{owner}-kubetune"
 
 
 def kubetune_command(spec: RunSpec, *args: str, module: str = "kubetune") -> list[str]:
@@ -80,13 +85,13 @@ def kubetune_command(spec: RunSpec, *args: str, module: str = "kubetune") -> lis
     return ["/bin/sh", "-c", BOOT % {"dist": DIST_DIR, "root": root}, "kubetune", "-m", module, *args]
 
 
-def add_dist(spec: RunSpec, vols: Volumes, scratch: bool = True) -> Volumes:
+def add_dist(spec: RunSpec, vols: Volumes, owner: str) -> Volumes:
     """The wheel's ConfigMap and the install cache, mounted where BOOT looks for them. Without a cache
     PVC and without the scratch volume (an init container of serving), the install goes to /tmp."""
     if not installs_at_start(spec):
         return vols
-    vols.volumes.append({"name": "kubetune-dist", "configMap": {"name": dist_name(spec)}})
-    vols.mounts.append({"name": "kubetune-dist", "mountPath": DIST_DIR, "readOnly": True})
+    vols.volumes.append({"name": DIST_VOLUME, "configMap": {"name": dist_name(owner)}})
+    vols.mounts.append({"name": DIST_VOLUME, "mountPath": DIST_DIR, "readOnly": True})
     if spec.kubernetes.install_cache:
         vols.volumes.append({"name": "kubetune-cache",
                              "persistentVolumeClaim": {"claimName": spec.kubernetes.install_cache}})

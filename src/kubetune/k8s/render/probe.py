@@ -38,7 +38,7 @@ def probe_seconds(spec: RunSpec) -> int:
 def probe_pod(spec: RunSpec) -> dict[str, Any]:
     k = spec.kubernetes
     env_list, env_from = env(spec)
-    vols = add_dist(spec, volumes(spec, None, scratch=False))
+    vols = add_dist(spec, volumes(spec, None, scratch=False), probe_name(spec))
     scratch = scratch_size(spec, PROBE_SCRATCH)
     vols.volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": scratch}})
     vols.mounts.append({"name": "scratch", "mountPath": SCRATCH})

@@ -94,7 +94,7 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
     # into it, so each file is on the node's disk once (not once in a cache and again in /models).
     caches = {settings.CACHE: f"{MODELS}/.cache", "HF_HOME": f"{MODELS}/.hf"}
     env_list = [{**e, "value": caches[e["name"]]} if e["name"] in caches else e for e in env_list]
-    vols = add_dist(spec, volumes(spec, None, scratch=False))
+    vols = add_dist(spec, volumes(spec, None, scratch=False), name)
     vols.volumes.append({"name": "models", "emptyDir": {"sizeLimit": s.model_storage}})
     vols.mounts.append({"name": "models", "mountPath": MODELS})
     scratch = scratch_size(spec, SERVE_SCRATCH)  # kubetune installed at start by the init containers lives here

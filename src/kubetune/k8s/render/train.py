@@ -75,7 +75,7 @@ def _job(spec: RunSpec, name: str, component: str, container: dict[str, Any], vo
 def train_objects(spec: RunSpec) -> list[dict[str, Any]]:
     nodes = spec.resources.nodes
     env_list, env_from = env(spec, trackers=True)
-    vols = add_dist(spec, volumes(spec, f"{spec.name}-spec"))
+    vols = add_dist(spec, volumes(spec, f"{spec.name}-spec"), spec.name)
     if nodes > 1:
         env_list.append({"name": settings.RDZV_ENDPOINT,
                          "value": f"{spec.name}-0.{spec.name}.{spec.kubernetes.namespace}.svc:{RDZV_PORT}"})
@@ -119,7 +119,7 @@ def stage_objects(spec: RunSpec) -> list[dict[str, Any]]:
         data.append(item)
     staged = spec.model_copy(update={"stage": spec.stage.model_copy(update={"data": data})})
     env_list, env_from = env(spec)
-    vols = add_dist(spec, volumes(spec, f"{name}-spec"))
+    vols = add_dist(spec, volumes(spec, f"{name}-spec"), name)
     container = {
         "name": "stage", "image": image(spec), "imagePullPolicy": spec.kubernetes.image_pull_policy,
         "command": kubetune_command(spec, "stage", f"{SPEC_DIR}/spec.yaml"),
