@@ -329,6 +329,7 @@ def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
         assert submitted["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
         assert s3.secret not in json.dumps(list(fake.objects.values()))  # credentials go by reference
         spec_text = fake.get("configmaps", "ml", f"{job.id}-spec")["data"]["spec.yaml"]
+        assert [k for k in fake.objects if k[0] == "configmaps" and k[2].startswith(f"{job.id}-kubetune-")]  # its wheel
         assert f"output: s3://{BUCKET}/ft/runs/{job.id}" in spec_text
         assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
         fake.put("pods", "ml", {"apiVersion": "v1", "kind": "Pod", "metadata": {
@@ -383,7 +384,7 @@ def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
         assert fake.get("jobs", "ml", second.id) is not None
         assert client.fine_tuning.jobs.cancel(second.id).status == "cancelled"
         assert fake.get("jobs", "ml", second.id) is None and fake.get("configmaps", "ml", f"{second.id}-spec") is None
-        assert fake.get("configmaps", "ml", f"{second.id}-kubetune") is None  # the wheel goes with the run
+        assert not [k for k in fake.objects if k[0] == "configmaps" and k[2].startswith(f"{second.id}-kubetune")]
         assert any(f"job/{second.id} deleted" in e.message for e in client.fine_tuning.jobs.list_events(second.id))
 
         paused = create()  # pause frees the cluster (the Job and its pods go); resume submits it again

@@ -33,9 +33,10 @@ def test_submit_creates_then_leaves_a_running_run_alone(k8s: FakeKubernetes, cli
     code, out, err = cli("submit", SPEC, "--set", "kubernetes.namespace=ml")
     assert code == 0, err
     assert "configmap/quickstart-spec created" in out and "job/quickstart created" in out
-    assert "configmap/quickstart-kubetune created" in out  # the wheel the pod installs at start
+    (wheel,) = [p.rsplit("/", 1)[1] for m, p in writes(k8s) if "/configmaps/quickstart-kubetune-" in p]
+    assert f"configmap/{wheel} created" in out  # the wheel the pod installs at start, named by its content
     # server-side apply (field manager kubetune), not create-then-patch
-    assert writes(k8s) == [("PATCH", "/api/v1/namespaces/ml/configmaps/quickstart-kubetune"),
+    assert writes(k8s) == [("PATCH", f"/api/v1/namespaces/ml/configmaps/{wheel}"),
                            ("PATCH", "/api/v1/namespaces/ml/configmaps/quickstart-spec"),
                            ("PATCH", "/apis/batch/v1/namespaces/ml/jobs/quickstart")]
     assert all("fieldManager=kubetune" in p and "force=false" in p for m, p in k8s.requests if m == "PATCH")
@@ -407,7 +408,7 @@ def test_doctor_probes_the_image_and_the_pods_identity_from_inside(k8s: FakeKube
     code, out, err = cli("doctor", SPEC, *sets, "--probe", "--probe-poll", "0.1")
     assert code == 2, out + err
     assert "✗ the cluster cannot pull the image pytorch/pytorch:" in out and "ErrImagePull: failed to pull" in out
-    assert k8s.get("configmaps", "ml", "quickstart-doctor-kubetune") is not None  # the wheel the probe installs
+    assert [p for m, p in k8s.requests if m == "DELETE" and "/configmaps/quickstart-doctor-kubetune-" in p]  # cleaned
     assert k8s.get("pods", "ml", "quickstart-doctor") is None  # deleted whatever happened
 
     kubelet = Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch")

@@ -109,7 +109,8 @@ def test_a_verb_that_loads_a_remote_run_brings_only_what_it_reads(
     opened = Run.open(f"s3://{BUCKET}/runs/loaded")
     copy = opened.layout.root
     had = lambda: sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file())  # noqa: E731
-    assert had() == [RUN_KEYS.eval_metrics, RUN_KEYS.eval_samples, RUN_KEYS.events, RUN_KEYS.spec]
+    assert had() == sorted([RUN_KEYS.reader_state, RUN_KEYS.eval_metrics, RUN_KEYS.eval_samples, RUN_KEYS.events,
+                            RUN_KEYS.spec])
     served = opened.final_model()  # a LoRA run serves its adapter: only that folder comes down
     assert served.folder == opened.layout.adapter and not served.merged
     assert not opened.layout.merged.exists() and not opened.layout.checkpoints.exists()
@@ -117,3 +118,37 @@ def test_a_verb_that_loads_a_remote_run_brings_only_what_it_reads(
     assert published.merged and (opened.layout.merged / "model.safetensors").exists()
     assert not opened.layout.checkpoints.exists()
     assert s3.keys(BUCKET, "runs/loaded/") == stored
+
+
+def test_a_run_trained_again_under_the_same_uri_is_never_read_from_the_old_copy(
+        tmp_path: Path, s3: S3Server, write_spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader's copy keeps a file only while the store's fingerprint of it is the one it was fetched
+    with: same-size new weights are fetched again, and while the new run has no final/COMPLETE the old
+    copy's final/ is not offered as its model."""
+    from kubetune.errors import UsageError
+    from kubetune.runs.run import Run
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("KUBETUNE_WORKDIR", str(tmp_path / "work"))
+    layout = _run_folder(tmp_path / "again", write_spec(name="again"))
+    layout.adapter.mkdir(parents=True)
+    for name in ("adapter_config.json", "tokenizer_config.json"):
+        (layout.adapter / name).write_text("{}")
+    (layout.adapter / "adapter_model.safetensors").write_bytes(b"old weights")
+    layout.final_complete.write_text("")
+    client, prefix = s3.client(), "runs/again"
+    for file in sorted(p for p in layout.root.rglob("*") if p.is_file()):
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{file.relative_to(layout.root).as_posix()}",
+                          Body=file.read_bytes())
+    uri = f"s3://{BUCKET}/{prefix}"
+    first = Run.open(uri).final_model()
+    assert (first.folder / "adapter_model.safetensors").read_bytes() == b"old weights"
+    # trained again: the new run has not finished yet
+    client.delete_object(Bucket=BUCKET, Key=f"{prefix}/final/COMPLETE")
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/final/adapter/adapter_model.safetensors", Body=b"new weights")
+    with pytest.raises(UsageError, match="no trained model yet"):
+        Run.open(uri).final_model()
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/final/COMPLETE", Body=b"")
+    again = Run.open(uri).final_model()  # same size, other content: fetched again
+    assert again.folder == first.folder and (again.folder / "adapter_model.safetensors").read_bytes() == b"new weights"

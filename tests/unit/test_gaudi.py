@@ -69,7 +69,8 @@ def test_the_plan_reads_the_cards_memory_and_the_peak_is_the_cards(gaudi_runtime
     from kubetune.train.devices import device_name
 
     assert device_memory(_spec(write_spec), local=True) == (96 * 2**30, "GAUDI2")
-    assert peak_memory_bytes() == 7 * 2**30
+    assert peak_memory_bytes("gaudi") == 7 * 2**30
+    assert peak_memory_bytes("cpu") != 7 * 2**30  # a CPU run on a Gaudi node never touches the card
     assert device_name("hpu") == "GAUDI2" and KIND_PEAKS["gaudi"] == 432e12
 
 

@@ -33,4 +33,7 @@ def test_the_launcher_says_the_most_telling_reason_once(tmp_path: Path, capsys: 
     assert capsys.readouterr().err == "error: saved by a ddp run\n"
     (tmp_path / "rank-1").unlink()
     assert rank_exit(1, tmp_path) == 75 and capsys.readouterr().err == ""
+    # the winning code said nothing (a rank killed by torchrun): another rank's reason is still shown
+    (tmp_path / "rank-3").write_text(json.dumps({"code": 1, "message": "error: out of memory on rank 3"}))
+    assert rank_exit(1, tmp_path) == 75 and capsys.readouterr().err == "error: out of memory on rank 3\n"
     assert rank_exit(0, tmp_path) == 0 and rank_exit(1, tmp_path / "none") == 1

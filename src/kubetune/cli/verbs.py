@@ -44,7 +44,7 @@ def plan(args: argparse.Namespace) -> int:
         console.print("\nmanifests (kubetune render):", markup=False)
         console.print(to_yaml(render_objects(spec, "train")), markup=False, highlight=False)
         if installs_at_start(spec):
-            console.print(f"# and the ConfigMap {dist_name(spec.name)}: this kubetune's wheel and pins, which the pod "
+            console.print(f"# and the ConfigMap {dist_name(spec.name)}-KEY: this kubetune's wheel and pins, which the pod "
                           "installs at start (kubetune render and submit include it)", markup=False)
     return 0
 

@@ -74,7 +74,7 @@ def evaluate_run(run: str, compare_base: bool = True, log: Callable[[str], None]
     with layout.eval_samples.open("w") as fh:
         for s in samples:
             fh.write(json.dumps(s) + "\n")
-    plot = loss_plot(layout.events, folder / "loss.png")
+    plot = loss_plot(layout.events, layout.eval_plot)
     write_report(layout.eval_report, spec.name, metrics, samples, plot)
     by_model = {w: metrics[w] for w in ("base", "tuned") if w in metrics}
     EventLog(layout.events).emit(EvalReportEvent(path=str(folder), metrics=by_model))

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from kubetune.errors import KubetuneError, TransientError, UsageError
-from kubetune.k8s.render.image import dist_name
 
 JOB_LABEL = "batch.kubernetes.io/job-name"
 
@@ -252,8 +251,13 @@ class Cluster:
         self._call("delete", "jobs.batch", name, lambda: batch.delete_namespaced_job(
             name, self.namespace, propagation_policy="Background"))  # the Job's pods go with it
         done.append(f"job/{name} deleted")
+        # the run's spec, its Service (several nodes) and the wheels its pods installed (k8s/dist.py)
+        selector = f"kubetune.dev/owner={name},app.kubernetes.io/component=kubetune"
+        found = self._call("list", "configmaps", name, lambda: core.list_namespaced_config_map(
+            self.namespace, label_selector=selector), tolerate=(403, 404))
+        wheels = [] if isinstance(found, int) else [cm.metadata.name for cm in found.items or []]
         for kind, fn, obj in (("configmap", core.delete_namespaced_config_map, f"{name}-spec"),
-                              ("configmap", core.delete_namespaced_config_map, dist_name(name)),
+                              *(("configmap", core.delete_namespaced_config_map, w) for w in wheels),
                               ("service", core.delete_namespaced_service, name)):
             if self._call("delete", f"{kind}s", obj, lambda f=fn, o=obj: f(o, self.namespace), tolerate=(404,)) != 404:
                 done.append(f"{kind}/{obj} deleted")

@@ -82,7 +82,13 @@ def requirements_for(spec: RunSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dist_config_map(spec: RunSpec, name: str) -> dict[str, Any]:
+OWNER_LABEL = "kubetune.dev/owner"  # the Job, Deployment or probe whose pods install from it
+
+
+def dist_config_map(spec: RunSpec, owner: str) -> dict[str, Any]:
+    """The ConfigMap, named by its content (`OWNER-kubetune-KEY`) and immutable: applying the objects
+    again with other code makes a new one for new pods, and never changes what the pods of a Job
+    that is still running (its retries, its other nodes) install."""
     wheel_name, data = wheel()
     if len(data) > MAX_WHEEL:
         raise UsageError(f"kubetune's wheel is {len(data) // 1024} KiB, too big to travel in a ConfigMap",
@@ -90,20 +96,27 @@ def dist_config_map(spec: RunSpec, name: str) -> dict[str, Any]:
     requirements = requirements_for(spec)
     key = hashlib.sha256(data + requirements.encode()).hexdigest()[:16]
     version = importlib.metadata.version("kubetune")
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(spec, name, "kubetune"),
+    meta = metadata(spec, f"{owner}-{key[:10]}", "kubetune", **{OWNER_LABEL: owner.removesuffix("-kubetune")})
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "immutable": True,
             "data": {"requirements.txt": requirements, "key": key, "version": version},
             "binaryData": {wheel_name: base64.b64encode(data).decode()}}
 
 
 def with_dist(spec: RunSpec, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The objects, after the ConfigMaps their pods install kubetune from (one per object that mounts one)."""
+    """The objects after the ConfigMaps their pods install kubetune from, one per object that mounts one;
+    each mount is pointed at its ConfigMap's content-addressed name (the objects are changed in place)."""
     if not installs_at_start(spec):
         return objects
-    names = [n for o in objects for n in _mounted(o)]
-    return [*(dist_config_map(spec, n) for n in dict.fromkeys(names)), *objects]
+    made: dict[str, dict[str, Any]] = {}
+    for obj in objects:
+        for volume in _dist_volumes(obj):
+            owner = volume["configMap"]["name"]  # as rendered: OWNER-kubetune
+            made.setdefault(owner, dist_config_map(spec, owner))
+            volume["configMap"]["name"] = made[owner]["metadata"]["name"]
+    return [*made.values(), *objects]
 
 
-def _mounted(obj: dict[str, Any]) -> list[str]:
+def _dist_volumes(obj: dict[str, Any]) -> list[dict[str, Any]]:
     body = obj.get("spec") or {}
     pod = (body.get("template") or {}).get("spec") or body
-    return [v["configMap"]["name"] for v in pod.get("volumes") or [] if v.get("name") == DIST_VOLUME]
+    return [v for v in pod.get("volumes") or [] if v.get("name") == DIST_VOLUME]

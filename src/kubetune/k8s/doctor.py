@@ -74,7 +74,8 @@ def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: flo
 
     pod = probe_pod(spec)
     name, image = pod["metadata"]["name"], pod["spec"]["containers"][0]["image"]
-    cluster.apply([o for o in with_dist(spec, [pod]) if o is not pod])  # the wheel it installs at start, if it does
+    wheels = [o for o in with_dist(spec, [pod]) if o is not pod]  # the wheel it installs at start, if it does
+    cluster.apply(wheels)
     path = f"/api/v1/namespaces/{cluster.namespace}/pods/{name}"
     who = f"as service account {spec.kubernetes.service_account or 'default'}"
     deadline = time.monotonic() + timeout
@@ -133,6 +134,9 @@ def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: flo
         return out
     finally:
         cluster.request("DELETE", path, tolerate=(404,))
+        for cm in wheels:
+            cluster.request("DELETE", f"/api/v1/namespaces/{cluster.namespace}/configmaps/{cm['metadata']['name']}",
+                            tolerate=(404,))
 
 
 def _api(cluster: Cluster) -> Check:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from kubetune import settings
@@ -72,6 +73,7 @@ def _supervise(spec: RunSpec, spec_path: str, overrides: list[str], endpoint: st
         env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_budget() // nproc)))
     print(f"launching {nproc} processes{f' on each of {nodes} nodes' if nodes > 1 else ''} with torchrun", flush=True)
     # its own process group: a lost lease stops every rank at once, and signals arrive only as forwarded
+    started = time.time()
     proc = subprocess.Popen(torchrun_command(spec_path, overrides, nproc, nodes, spec.name, endpoint), env=env,
                             start_new_session=True)
 
@@ -95,8 +97,9 @@ def _supervise(spec: RunSpec, spec_path: str, overrides: list[str], endpoint: st
             signal.signal(s, handler)
     # torchrun answers a forwarded SIGTERM with its own error exit; what matters is whether the ranks
     # saved a checkpoint and stopped (they record it), which makes this a resumable preemption.
+    # (only this attempt's: a run preempted before and now failing must not read as preempted again)
     last = Run.for_spec(spec).events()[-1:] if code else []
-    if last and isinstance(last[0], PreemptedEvent):
+    if last and isinstance(last[0], PreemptedEvent) and last[0].time >= started - 1:
         print(f"stopped at step {last[0].step} after saving {last[0].checkpoint}; run the same command "
               "again to resume", flush=True)
         return EXIT_PREEMPTED
@@ -111,11 +114,11 @@ def rank_exit(code: int, folder: Path) -> int:
         return 0
     left = [_rank_report(f) for f in sorted(folder.glob("rank-*"))] if folder.is_dir() else []
     for meaning in (EXIT_USAGE, EXIT_TRANSIENT, EXIT_PREEMPTED, *sorted({c for c, _ in left})):
-        said = [message for c, message in left if c == meaning]
-        if said:
-            message = next((m for m in said if m), None)
-            if message:
-                print(message, file=sys.stderr, flush=True)
+        if any(c == meaning for c, _ in left):
+            # its reason; else (a rank that said nothing: killed, or it printed its own) any rank's
+            said = [m for c, m in left if c == meaning and m] or [m for _, m in left if m]
+            if said:
+                print(said[0], file=sys.stderr, flush=True)
             return meaning
     return code
 

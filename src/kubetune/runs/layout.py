@@ -42,6 +42,9 @@ class RunKeys:
     eval_metrics: str = "eval/metrics.json"
     eval_samples: str = "eval/samples.jsonl"
     eval_report: str = "eval/report.md"
+    eval_plot: str = "eval/loss.png"
+    exported: str = "exported"          # `kubetune export`: whole-model copies of sharded checkpoints
+    reader_state: str = ".kubetune-read.json"  # a reader's copy: what it brought, by fingerprint (runs.run)
     model_config: str = "config.json"    # a whole-model folder's (what a run is not: see runs.run)
 
     # the files a run's working copy mirrors before anything else (spec, provenance, events, trackers)
@@ -51,6 +54,10 @@ class RunKeys:
 
     def checkpoint(self, step: int) -> str:
         return f"{self.checkpoints}/{CHECKPOINT_PREFIX}{step}"
+
+    def earlier_spec(self, n: int) -> str:
+        """Where a resumed run keeps the spec it ran with before its spec changed (spec.N.yaml)."""
+        return f"spec.{n}.yaml"
 
     def checkpoint_complete(self, step: int) -> str:
         return f"{self.checkpoint(step)}/{COMPLETE}"
@@ -70,6 +77,11 @@ class RunLayout:
     root: Path
 
     def path(self, key: str) -> Path:
+        """The local path of a key. A key from a store is untrusted text (whatever wrote the bucket): one
+        that would leave the run's folder is refused, never followed."""
+        parts = Path(key).parts
+        if Path(key).is_absolute() or ".." in parts:
+            raise ValueError(f"{key!r} is not a key inside the run")
         return self.root / key
 
     @property
@@ -134,6 +146,10 @@ class RunLayout:
     @property
     def eval_report(self) -> Path:
         return self.root / RUN_KEYS.eval_report
+
+    @property
+    def eval_plot(self) -> Path:
+        return self.root / RUN_KEYS.eval_plot
 
     def served(self, spec: RunSpec) -> Path:
         """The folder this run serves (serves_merged)."""

@@ -4,9 +4,12 @@ with `Run.open`; training gets its own with `Run.for_spec`."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kubetune.artifacts.events import Event, read_events
 from kubetune.runs.layout import RUN_KEYS, RunLayout
@@ -140,17 +143,33 @@ class Run:
     def materialise(self, key: str) -> Path:
         """A folder of the run (a RUN_KEYS key) as a local path. A remote run's is brought into this
         reader's copy — only that folder, and of final/ only once final/COMPLETE is stored (every file
-        of it is then there); a file already here with the stored size is kept."""
+        of it is then there). A file is kept only while the store's fingerprint of it (ETag or hash, size,
+        time) is the one it was fetched with; anything else in the copy's folder is removed: a run
+        deleted and trained again under the same URI never serves its predecessor's weights."""
         local = self.layout.path(key)
         if self.store is None:
             return local
         if key.startswith(RUN_KEYS.final) and not self.store.exists(RUN_KEYS.final_complete):
-            return local  # still training: nothing final to read yet
-        for name, info in sorted(self.store.find(key).items()):
-            size = info.get("size") if info.get("size") is not None else info.get("Size")
+            shutil.rmtree(local, ignore_errors=True)  # still training: nothing final here, and no leftover
+            return local
+        state_file = self.layout.path(RUN_KEYS.reader_state)
+        try:
+            fetched: dict[str, str] = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            fetched = {}
+        stored = self.store.find(key)
+        for name, info in sorted(stored.items()):
+            mark = _fingerprint(info)
             have = self.layout.path(name)
-            if not (have.exists() and size is not None and have.stat().st_size == int(size)):
+            if not (have.exists() and fetched.get(name) == mark):
                 self.store.get(name, have)
+                fetched[name] = mark
+        if local.is_dir():
+            for extra in [p for p in local.rglob("*") if p.is_file()]:
+                if extra.relative_to(self.layout.root).as_posix() not in stored:
+                    extra.unlink()
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps(fetched))
         return local
 
     def _has(self, key: str) -> bool:
@@ -204,6 +223,13 @@ class Run:
             self.store.write_text(key, head + "\n".join(new) + "\n")
 
 
+def _fingerprint(info: dict[str, Any]) -> str:
+    """What identifies a stored file's content, from the listing alone (S3: ETag; GCS: md5Hash and
+    generation; then size and modification time)."""
+    return "|".join(str(info.get(k)) for k in ("ETag", "etag", "md5Hash", "generation", "size", "Size",
+                                                 "LastModified", "updated", "mtime"))
+
+
 def apply_storage_env(spec: RunSpec) -> None:
     """Non-secret storage settings from the spec reach botocore (and torchrun ranks) through its own
     environment variables; credentials stay in the AWS chain and are never read here."""
@@ -228,8 +254,6 @@ def remove_run(uri: str, holder: str = "kubetune-delete") -> None:
     lease.acquire(wait=False)
     try:
         if path is not None:
-            import shutil
-
             for child in path.iterdir():
                 if child.name != LEASE:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()

@@ -361,7 +361,9 @@ class KubernetesSpec(_Section):
     install_cache: str | None = Field(
         None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=253,
         description="PVC that keeps kubetune installed between pods when kubernetes.image is unset (a retried or "
-                    "later pod finds it there); unset: each pod installs into its scratch volume.")
+                    "later pod finds it there); unset: each pod installs into its scratch volume. ReadWriteMany "
+                    "for Jobs of several nodes or serving replicas; every pod that mounts it can write what the "
+                    "others run, so one per team (the server's teams: spec layer), never shared across tenants.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     queue: str | None = Field(None, description="Kueue LocalQueue name (kueue.x-k8s.io/queue-name label).")
     priority_class: str | None = Field(None, description="PriorityClass of the pods (and Kueue workload priority).")

@@ -93,7 +93,7 @@ class EventsCallback(TrainerCallback):
             from kubetune.train.measure import held_bytes, peak_memory_bytes
 
             model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
-            self.events.emit(FirstStepEvent(step=state.global_step, peak_memory_bytes=peak_memory_bytes(),
+            self.events.emit(FirstStepEvent(step=state.global_step, peak_memory_bytes=peak_memory_bytes("cpu" if args.use_cpu else "auto"),
                                             held_bytes=held_bytes(model, optimizer) if model is not None else None))
         if self.progress:
             self.progress.tick(state.global_step)

@@ -18,6 +18,7 @@ from kubetune.errors import KubetuneError, UsageError
 from kubetune.hf import quiet_progress_bars
 from kubetune.storage import resolve_model
 from kubetune.runs.checkpoints import verify
+from kubetune.runs.layout import RUN_KEYS
 from kubetune.runs.run import read_run_spec
 
 SHARDS = "pytorch_model_fsdp_0"
@@ -38,7 +39,7 @@ def export_checkpoint(checkpoint: Path, out: Path | None = None) -> Path:
     if spec is None:
         raise UsageError(f"{run} has no spec.yaml: cannot tell which base model the shards belong to",
                          "export a checkpoint inside its run folder (RUN/checkpoints/checkpoint-N)")
-    out = (out or run / "exported" / checkpoint.name).resolve()
+    out = (out or run / RUN_KEYS.exported / checkpoint.name).resolve()
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty; kubetune does not overwrite it",
                          "remove it, or pass another --to folder")

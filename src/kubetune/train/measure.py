@@ -29,12 +29,12 @@ def held_bytes(model: Any, optimizer: Any = None) -> int:
     return total
 
 
-def peak_memory_bytes() -> int:
+def peak_memory_bytes(accelerator: str = "auto") -> int:
     """This process's peak memory: what the device's allocator handed out on a GPU or Gaudi, else the
     resident set's high-water mark."""
     from kubetune.train.devices import device_peak_allocated, device_type
 
-    return device_peak_allocated(device_type("auto")) or peak_rss_bytes()
+    return device_peak_allocated(device_type(accelerator)) or peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:

@@ -87,7 +87,7 @@ def prepare_output(spec: RunSpec, log: Any = print, wait: bool = False, lease: b
         if output.store is not None:
             pulled = pull(output.store, output.layout, log, writer=held is not None)  # only the lease holder cleans
             if pulled.checkpoint is not None:
-                log(f"found {output.store.url(f'checkpoints/checkpoint-{pulled.checkpoint}')} (complete)")
+                log(f"found {output.store.url(RUN_KEYS.checkpoint(pulled.checkpoint))} (complete)")
         if spec.model.adapter:  # found and checked (and a remote run's final/ fetched) before the ranks start
             from kubetune.train.start import describe, start_adapter
 
@@ -276,7 +276,7 @@ def _finalize(fit: Fit, trained: Any) -> TrainResult:
         fit.uploader.wait_for_checkpoints(settings.upload_retry_seconds())
     fit.events.emit(EndEvent(step=step, final=str(layout.final), train_loss=trained.training_loss,
                              tokens_seen=int(trainer.events_callback.tokens_seen),
-                             train_runtime=trained.metrics.get("train_runtime"), peak_memory_bytes=peak_memory_bytes()))
+                             train_runtime=trained.metrics.get("train_runtime"), peak_memory_bytes=peak_memory_bytes(spec.resources.accelerator)))
     say(f"done: {step} steps; {'model' if spec.method.type == 'full' else 'adapter'} in "
         f"{layout.served(spec)}")
     if fit.main and fit.after_training and spec.eval.metrics and (fit.data.eval.rows or fit.data.samples.eval):
@@ -368,9 +368,9 @@ def _write_run_files(spec: RunSpec, layout: RunLayout, data: Prepared, world_siz
     if layout.spec.exists() and layout.spec.read_text() != text:
         # A resumed run with a changed spec: keep the earlier one rather than lose it.
         n = 1
-        while (layout.root / f"spec.{n}.yaml").exists():
+        while layout.path(RUN_KEYS.earlier_spec(n)).exists():
             n += 1
-        layout.spec.rename(layout.root / f"spec.{n}.yaml")
+        layout.spec.rename(layout.path(RUN_KEYS.earlier_spec(n)))
     layout.spec.write_text(text)
     manifest = build_manifest(data.file_hashes, spec.train.seed, world_size,
                               {"model_dir": str(data.model_dir), "chat_template": data.formatter.template_source})

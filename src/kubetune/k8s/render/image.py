@@ -12,6 +12,8 @@ Pure, like the rest of rendering: the wheel's bytes are not read here, only wher
 
 from __future__ import annotations
 
+import re
+
 from kubetune.k8s.render.common import SCRATCH, Volumes
 from kubetune.spec.models import RunSpec
 
@@ -23,7 +25,7 @@ from kubetune.spec.models import RunSpec
 VENDOR_IMAGES: dict[str, tuple[str, bool]] = {
     "nvidia": ("pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime", True),
     "amd": ("rocm/pytorch:rocm6.4_ubuntu22.04_py3.11_pytorch_release_2.6.0", True),
-    "gaudi": ("vault.habana.ai/gaudi-docker/1.21.0/ubuntu22.04/habanalabs/pytorch-installer-2.6.0:latest", True),
+    "gaudi": ("vault.habana.ai/gaudi-docker/1.21.0/ubuntu22.04/habanalabs/pytorch-installer-2.6.0:1.21.0-555", True),
     "cpu": ("python:3.11-slim", False),
 }
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -31,28 +33,36 @@ DIST_DIR = "/opt/kubetune/dist"     # the ConfigMap: the wheel, requirements.txt
 CACHE_DIR = "/opt/kubetune/cache"   # kubernetes.install_cache, when set
 INSTALL_SIZE = "4Gi"                # the pinned set in a venv (measured: 2.0 GiB without torch, 2.7 GiB with its CPU build)
 
-# Run as `sh -c BOOT kubetune -m MODULE ARGS...`. Installs once per (wheel, requirements) key: a venv over the image's
-# own packages (--system-site-packages keeps the vendor's torch; --without-pip needs no ensurepip, which
-# Debian-based images lack), the pinned requirements, then the wheel without dependencies; `.installed` is
-# written last, so a pod killed mid-install leaves nothing that looks installed. flock: pods sharing the
-# cache PVC install one at a time. Every step fails the pod when it fails (set -eu).
+# Run as `sh -c BOOT kubetune -m MODULE ARGS...`. Installs once per (image, Python, wheel, pins): a venv over
+# the image's packages — --system-site-packages, plus a .pth naming the image interpreter's own site dirs
+# (an image whose python3 is itself a venv, as recent ROCm images are, is not seen through
+# --system-site-packages); --without-pip needs no ensurepip, which Debian-based images lack — then the
+# pins under a constraint holding the image's torch (a pin that wants another torch fails the install
+# loudly instead of pulling PyPI's CUDA build over a ROCm or Gaudi one), then the wheel without
+# dependencies. `.installed` is written last, so a pod killed mid-install leaves nothing that looks
+# installed; flock: pods sharing the cache install one at a time; set -eu: any failed step fails the pod.
 BOOT = """set -eu
 dist="${KUBETUNE_DIST:-%(dist)s}"
-root="${KUBETUNE_INSTALL_ROOT:-%(root)s}/$(cat "$dist/key")"
+py="$(python3 -c 'import sys; print("py%%d.%%d" %% sys.version_info[:2])')"
+root="${KUBETUNE_INSTALL_ROOT:-%(root)s}/%(image)s-$py-$(cat "$dist/key")"
 mkdir -p "$(dirname "$root")"
 if command -v flock >/dev/null 2>&1; then exec 9>"$root.lock"; flock 9; fi
 if [ ! -e "$root/.installed" ]; then
   echo "kubetune: installing kubetune $(cat "$dist/version") and its pinned dependencies into $root" >&2
   rm -rf "$root"
   python3 -m venv --without-pip --system-site-packages "$root"
-  "$root/bin/python" -m pip install --no-input --disable-pip-version-check -r "$dist/requirements.txt"
+  python3 -c 'import site; print("\\n".join(site.getsitepackages()))' \\
+    > "$("$root/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/kubetune-image.pth"
+  python3 -c 'import torch; print("torch==" + torch.__version__)' > "$root.constraints" 2>/dev/null \\
+    || : > "$root.constraints"
+  "$root/bin/python" -m pip install --no-input --disable-pip-version-check -c "$root.constraints" \\
+    -r "$dist/requirements.txt"
   "$root/bin/python" -m pip install --no-input --disable-pip-version-check --no-deps "$dist"/kubetune-*.whl
   touch "$root/.installed"
 fi
 if command -v flock >/dev/null 2>&1; then flock -u 9; fi
 exec "$root/bin/python" "$@"
 """
-
 
 def installs_at_start(spec: RunSpec) -> bool:
     return spec.kubernetes.image is None
@@ -82,7 +92,8 @@ def kubetune_command(spec: RunSpec, *args: str, module: str = "kubetune") -> lis
     if not installs_at_start(spec):
         return ["kubetune", *args] if module == "kubetune" else ["python", "-m", module, *args]
     root = CACHE_DIR if spec.kubernetes.install_cache else f"{SCRATCH}/.kubetune"
-    return ["/bin/sh", "-c", BOOT % {"dist": DIST_DIR, "root": root}, "kubetune", "-m", module, *args]
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", image(spec)).strip("-")[-80:]  # one install per image on a shared cache
+    return ["/bin/sh", "-c", BOOT % {"dist": DIST_DIR, "root": root, "image": slug}, "kubetune", "-m", module, *args]
 
 
 def add_dist(spec: RunSpec, vols: Volumes, owner: str) -> Volumes:
