@@ -26,7 +26,8 @@ def _spelled(tree: ast.AST) -> list[tuple[int, str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             text = node.value
-            if text in KEYS or text.strip("/") in KEYS or any(text in (f"{k}/", f"/{k}") for k in ("checkpoints", "final", "eval")):
+            joined = " " not in text and any(part in text for part in ("checkpoints/", "final/", "eval/", "/final"))
+            if text in KEYS or text.strip("/") in KEYS or joined:  # a key, or a piece that joins a path onto one
                 found.append((node.lineno, text))
     return found
 
