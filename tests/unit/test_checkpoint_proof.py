@@ -77,3 +77,16 @@ def test_the_writers_rules_are_one_for_folders_and_stores() -> None:
     assert beyond_retention(listing, keep=2, protect={10}) == [20, 40]
     assert beyond_retention(listing, keep=0) == [10, 20, 30, 40]  # never fewer than the newest complete
     assert beyond_retention([CheckpointState(5, "unmarked")], keep=1) == [] and garbage_before_resume([]) == []
+
+
+def test_a_stored_key_that_would_leave_the_run_folder_is_refused_with_a_reason(tmp_path: Path) -> None:
+    import pytest
+
+    from kubetune.errors import UsageError
+    from kubetune.runs.layout import RunLayout
+
+    layout = RunLayout(tmp_path / "run")
+    assert layout.path("final/adapter/x") == tmp_path / "run" / "final" / "adapter" / "x"
+    for key in ("../elsewhere", "final/../../x", "/etc/passwd"):
+        with pytest.raises(UsageError, match="outside the run's folder"):
+            layout.path(key)

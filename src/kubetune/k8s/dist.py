@@ -95,7 +95,7 @@ def dist_config_map(spec: RunSpec, owner: str) -> dict[str, Any]:
                          "set kubernetes.image to an image with kubetune installed (deploy/Dockerfile)")
     requirements = requirements_for(spec)
     key = hashlib.sha256(data + requirements.encode()).hexdigest()[:16]
-    version = importlib.metadata.version("kubetune")
+    version = wheel_name.split("-")[1]
     meta = metadata(spec, f"{owner}-{key[:10]}", "kubetune", **{OWNER_LABEL: owner.removesuffix("-kubetune")})
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "immutable": True,
             "data": {"requirements.txt": requirements, "key": key, "version": version},

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.errors import UsageError
 from kubetune.spec.models import RunSpec
 
 COMPLETE = "COMPLETE"
@@ -79,9 +80,9 @@ class RunLayout:
     def path(self, key: str) -> Path:
         """The local path of a key. A key from a store is untrusted text (whatever wrote the bucket): one
         that would leave the run's folder is refused, never followed."""
-        parts = Path(key).parts
-        if Path(key).is_absolute() or ".." in parts:
-            raise ValueError(f"{key!r} is not a key inside the run")
+        if Path(key).is_absolute() or ".." in Path(key).parts:
+            raise UsageError(f"the run's storage holds {key!r}, which would land outside the run's folder",
+                             "remove that object from the bucket (whatever wrote it was not kubetune)")
         return self.root / key
 
     @property

@@ -169,7 +169,9 @@ class Run:
                 if extra.relative_to(self.layout.root).as_posix() not in stored:
                     extra.unlink()
         state_file.parent.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps(fetched))
+        tmp = state_file.with_name(f"{state_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(fetched))
+        os.replace(tmp, state_file)  # two readers of one URI share this copy: neither reads half a file
         return local
 
     def _has(self, key: str) -> bool:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import secrets
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -88,7 +89,8 @@ class Store:
 
     def get(self, key: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.part")
+        # its own name per process and thread: two readers fetching one file never write into each other's
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.{threading.get_ident()}.part")
         with translate(self.url(key)):
             self.fs.get_file(self._path(key), str(tmp))
         os.replace(tmp, local)  # a killed download never looks like a finished file
