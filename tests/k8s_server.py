@@ -1,6 +1,6 @@
 """An HTTP server on 127.0.0.1 that speaks the part of the Kubernetes API kubetune uses: create,
 get, list (label/field selectors, watch streams), patch, delete for namespaced and cluster-scoped
-objects, pod logs, Status bodies for 404/409/403/422 — so the real `kubernetes` client is tested
+objects, pod logs, the pod proxy subresource (to where a test serves the pod), Status bodies for 404/409/403/422 — so the real `kubernetes` client is tested
 against real HTTP.
 
 Server-side apply (PATCH application/apply-patch+yaml, ?fieldManager=, ?force=) follows the API
@@ -26,6 +26,8 @@ from urllib.parse import parse_qs, urlparse
 _PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))(?:/namespaces/(?P<ns>[^/]+))?"
                    r"/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$")
 APPLY = "application/apply-patch+yaml"
+_PROXY = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/:]+):(?P<port>\d+)/proxy(?P<rest>/.*)?$")
+_HOP = {"host", "authorization", "connection", "keep-alive", "transfer-encoding", "te", "upgrade"}
 _SERVER_SET = {("metadata", "uid"), ("metadata", "resourceVersion"), ("metadata", "creationTimestamp"),
                ("metadata", "namespace"), ("metadata", "managedFields"), ("status",)}
 
@@ -38,6 +40,7 @@ class FakeKubernetes:
         self.denied: set[tuple[str, str]] = set()      # (verb, resource[.group]) SelfSubjectAccessReview says no to
         self.managers: dict[tuple[str, str, str], dict[str, set[tuple[str, ...]]]] = {}  # key → manager → fields
         self.logs: dict[str, str] = {}
+        self.pod_ports: dict[tuple[str, str, int], int] = {}  # (ns, pod, containerPort) → where a test serves it
         self.requests: list[tuple[str, str]] = []      # (method, path?query)
         self._lock = threading.Lock()
         self._uid = 0
@@ -60,6 +63,9 @@ class FakeKubernetes:
                 fake.requests.append((method, self.path))
                 if url.path == "/version":
                     return self._send(200, {"major": "1", "minor": "33", "gitVersion": "v1.33.0"})
+                proxied = _PROXY.match(url.path)
+                if proxied:
+                    return self._proxy(method, proxied.groupdict(), url.query)
                 m = _PATH.match(url.path)
                 if not m:
                     return self._send(404, status(404, "NotFound", f"no route {url.path}"))
@@ -77,8 +83,57 @@ class FakeKubernetes:
                     return
                 self._send(code, payload, ctype)
 
+            def _proxy(self, method: str, r: dict[str, str], query: str) -> None:
+                """The pod proxy subresource: the request forwarded to the pod's IP and port, as the API
+                server does (streamed both ways; its own Authorization header is not passed on). A pod not
+                running, or nothing listening on the port, is a 503 Status."""
+                import http.client
+
+                if (method, "pods/proxy") in fake.forbidden:
+                    return self._send(403, status(403, "Forbidden", f'pods "{r["name"]}" is forbidden: User "test" '
+                                                                    'cannot get resource "pods/proxy"'))
+                pod = fake.objects.get(("pods", r["ns"], r["name"]))
+                if pod is None:
+                    return self._send(404, status(404, "NotFound", f'pods "{r["name"]}" not found'))
+                st = pod.get("status") or {}
+                target = fake.pod_ports.get((r["ns"], r["name"], int(r["port"])))
+                if st.get("phase") != "Running" or not st.get("podIP") or target is None:
+                    return self._send(503, status(503, "ServiceUnavailable", "error trying to reach service: "
+                                                                             "pod is not running or not listening"))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                length = int(self.headers.get("Content-Length") or 0)
+                upstream = http.client.HTTPConnection(st["podIP"], target, timeout=60)
+                try:
+                    upstream.putrequest(method, (r["rest"] or "/") + (f"?{query}" if query else ""),
+                                        skip_accept_encoding=True)
+                    for k, v in headers.items():
+                        upstream.putheader(k, v)
+                    upstream.endheaders()
+                    left = length
+                    while left:
+                        chunk = self.rfile.read(min(1 << 20, left))
+                        if not chunk:
+                            break
+                        upstream.send(chunk)
+                        left -= len(chunk)
+                    answer = upstream.getresponse()
+                except OSError:
+                    return self._send(503, status(503, "ServiceUnavailable", "error trying to reach service: "
+                                                                             "connection refused"))
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in _HOP:
+                        self.send_header(k, v)
+                self.end_headers()
+                while chunk := answer.read(1 << 20):
+                    self.wfile.write(chunk)
+                upstream.close()
+
             def do_GET(self) -> None:  # noqa: N802
                 self._handle("GET")
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._handle("PUT")
 
             def do_POST(self) -> None:  # noqa: N802
                 self._handle("POST")
@@ -158,6 +213,12 @@ class FakeKubernetes:
                 key = (plural, ns, body["metadata"]["name"])
                 if key in self.objects:
                     return 409, status(409, "AlreadyExists", f'{plural} "{key[2]}" already exists'), "application/json"
+                if plural == "secrets" and "stringData" in body:  # the API server stores it as data, base64
+                    import base64
+
+                    strings = body.pop("stringData")
+                    body["data"] = {**(body.get("data") or {}),
+                                    **{k: base64.b64encode(v.encode()).decode() for k, v in strings.items()}}
                 self.objects[key] = self._stamp(body, ns)
                 return 201, self.objects[key], "application/json"
             if method == "GET" and not name:

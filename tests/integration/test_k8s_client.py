@@ -4,6 +4,8 @@ the handling of 404, 409, 403, watch streams, a missing namespace and no cluster
 
 from __future__ import annotations
 
+import base64
+
 from pathlib import Path
 from typing import Iterator
 
@@ -237,11 +239,13 @@ def test_setup_prepares_a_namespace_and_never_overwrites_a_secret(k8s: FakeKuber
     assert ("PATCH", "/api/v1/namespaces/fresh") in writes(k8s)  # cluster-scoped, applied
     assert k8s.get("localqueues", "fresh", "team-a-queue")["spec"] == {"clusterQueue": "team-a-cluster-queue"}
     secret = k8s.get("secrets", "fresh", "minio-credentials")
-    secret["stringData"]["AWS_SECRET_ACCESS_KEY"] = "filled-in-by-the-user"
+    filled = base64.b64encode(b"filled-in-by-the-user").decode()
+    assert "stringData" not in secret  # the API server stores data, base64
+    secret["data"]["AWS_SECRET_ACCESS_KEY"] = filled
     code, out, err = cli("setup", D_FULL, *sets)
     assert code == 0 and "namespace/fresh configured" in out and "role/kubetune configured" in out, err
     assert "secret/minio-credentials exists (left as it is" in out
-    assert k8s.get("secrets", "fresh", "minio-credentials")["stringData"]["AWS_SECRET_ACCESS_KEY"] == "filled-in-by-the-user"
+    assert k8s.get("secrets", "fresh", "minio-credentials")["data"]["AWS_SECRET_ACCESS_KEY"] == filled
 
 
 def test_doctor_lists_what_to_fix_then_passes(k8s: FakeKubernetes, cli, s3, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the probe pod (default: its deadline, 300 s, +600 s when it installs kubetune)")
     p.add_argument("--probe-poll", type=float, default=2.0, help=argparse.SUPPRESS)
     p.set_defaults(func=verbs.doctor)
+    p = sub.add_parser("copy", help="copy files onto a PVC or out of one, through a short-lived data-access pod",
+                       description="kubetune copy ./data pvc://CLAIM/datasets, kubetune copy pvc://CLAIM/runs/NAME ./runs/NAME. "
+                                   "A pod mounts the claim (as the spec's non-root UID/GID/fsGroup) and serves its files "
+                                   "through the API server's pod proxy to this command only; files already there with "
+                                   "the same size are skipped, so a re-run continues; the pod is deleted at the end.")
+    p.add_argument("source", help="a local file or folder, or pvc://CLAIM/path")
+    p.add_argument("destination", help="pvc://CLAIM/path, or a local folder")
+    p.add_argument("--spec", help="run spec YAML whose kubernetes: section gives the namespace, UID/GID/fsGroup and image")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("-n", "--namespace", default="default", help="without --spec: the namespace of the claim")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the pod to serve (default 300)")
+    p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=verbs.copy)
     p = sub.add_parser("deploy", help="serve a trained run on Kubernetes: vLLM Deployment, Service, HPA, PDB")
     _spec_args(p)
     p.add_argument("--run", action="append", help="a run's output URI, a model folder or hf://org/name; repeat for "

@@ -217,6 +217,18 @@ def doctor(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def copy(args: argparse.Namespace) -> int:
+    from kubetune.k8s.client import Cluster
+    from kubetune.k8s.pvc_copy import copy as run_copy
+    from kubetune.spec.models import KubernetesSpec
+
+    k = load_spec(args.spec, args.overrides).kubernetes if args.spec else KubernetesSpec(namespace=args.namespace)
+    report = run_copy(Cluster(k.namespace), k, args.source, args.destination, timeout=args.timeout,
+                      poll=args.poll)
+    print(report.summary())
+    return 0
+
+
 def deploy(args: argparse.Namespace) -> int:
     from kubetune.k8s.autoscalers import prune_autoscalers
     from kubetune.k8s.client import Cluster

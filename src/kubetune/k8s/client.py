@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 from kubetune.errors import KubetuneError, TransientError, UsageError
 
 JOB_LABEL = "batch.kubernetes.io/job-name"
+PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")  # a pod's waiting reasons
 
 APPLY = "application/apply-patch+yaml"
 FIELD_MANAGER = "kubetune"
@@ -137,6 +138,23 @@ class Cluster:
         """(status, body) of any API path, errors explained; a status in `tolerate` is returned as an int."""
         return self._call(method.lower(), path, None, lambda: self._request(method, path, body, (), content_type),
                           tolerate=tolerate)
+
+    def stream(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
+               body: Any = None, timeout: float = 600.0) -> Any:
+        """A raw response (urllib3, not read) of any API path — a pod proxy's bytes, a body streamed from a
+        file — with the client's auth and TLS. The caller reads it and checks its status."""
+        from urllib3.exceptions import HTTPError
+
+        _, url, auth, _, _ = self.api.param_serialize(method=method, resource_path=path, query_params=list(query.items()),
+                                                      auth_settings=["BearerToken"], header_params={})
+        try:
+            return self.api.rest_client.pool_manager.request(method, url, headers={**auth, **headers}, body=body,
+                                                             preload_content=False, timeout=timeout, retries=False)
+        except (HTTPError, OSError) as exc:
+            host = self.api.configuration.host
+            raise TransientError(f"cannot reach the Kubernetes API at {host} ({type(exc).__name__})",
+                                 "check the cluster, VPN and kubeconfig context; the same command retried later "
+                                 "continues") from None
 
     def server_side_apply(self, obj: dict[str, Any], tolerate: tuple[int, ...] = ()) -> tuple[int, dict[str, Any]] | int:
         """Server-side apply as field manager `kubetune`: idempotent, list semantics of the API server,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kubetune.errors import KubetuneError
-from kubetune.k8s.client import Cluster
+from kubetune.k8s.client import PULL_FAILURES, Cluster
 from kubetune.k8s.render.common import ACCELERATOR_RESOURCE, GCS_DRIVER, gcs_buckets
 from kubetune.k8s.dist import with_dist
 from kubetune.k8s.render.probe import probe_pod, probe_seconds
@@ -61,9 +61,6 @@ def _gcs_fuse(cluster: Cluster) -> Check:
         False, f"the GCS FUSE CSI driver ({GCS_DRIVER}) is not installed: the pods mount gs:// buckets with it",
         "gcloud container clusters update CLUSTER --update-addons GcsFuseCsiDriver=ENABLED (on by default on "
         "Autopilot)")
-
-
-PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 
 
 def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: float) -> list[Check]:

@@ -71,6 +71,16 @@ def deliveries_from_flags(models: Sequence[str], data: Sequence[str], to: str) -
 
 def stage(deliveries: Sequence[Delivery], exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> StageReport:
     report = StageReport()
+    from kubetune import settings
+    from kubetune.uris import bucket, scheme
+
+    for item in deliveries:  # before anything is fetched
+        if scheme(item.dest) == "pvc" and not (settings.pvc_root() / bucket(item.dest)).is_dir():
+            raise UsageError(f"{item.dest}: the claim {bucket(item.dest)} is mounted only in the cluster's pods "
+                             f"(not at {settings.pvc_root()} here)",
+                             "copy local files with `kubetune copy SRC pvc://CLAIM/PATH` (a data-access pod); "
+                             "stage from the Hub in the cluster: kubetune render SPEC --what stage | "
+                             "kubectl apply --server-side -f -")
     for item in deliveries:
         if item.script:
             log(f"{item.what}: running {item.script} → {item.dest}")

@@ -17,8 +17,10 @@ LABELS = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/compone
 RULES: list[tuple[str, list[str], list[str]]] = [
     ("batch", ["jobs"], ["get", "list", "watch", "create", "patch", "delete"]),
     ("", ["configmaps", "services"], ["get", "list", "create", "patch", "delete"]),
-    ("", ["pods"], ["get", "list", "watch", "delete"]),
+    ("", ["pods"], ["get", "list", "watch", "create", "delete"]),  # create: doctor's probe, copy's data-access pod
     ("", ["pods/log"], ["get"]),
+    ("", ["pods/proxy"], ["get", "update"]),  # kubetune copy: its data-access pod's files (GET, PUT)
+    ("", ["secrets"], ["create", "delete"]),  # kubetune copy: the copy's one-time token (never read back)
     ("apps", ["deployments"], ["get", "list", "create", "patch", "delete"]),
     ("autoscaling", ["horizontalpodautoscalers"], ["get", "list", "create", "patch", "delete"]),
     ("policy", ["poddisruptionbudgets"], ["get", "list", "create", "patch", "delete"]),
