@@ -5,12 +5,14 @@ the handling of 404, 409, 403, watch streams, a missing namespace and no cluster
 from __future__ import annotations
 
 import base64
+import sys
 
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from kubetune.k8s.render.probe import FIND_VLLM
 from tests.conftest import kubetune_argv
 from tests.k8s_server import FakeKubernetes
 
@@ -361,10 +363,12 @@ class Kubelet:
     scratch mount at a local folder; then publishes the pod's phase and log. `pull_fails`: the node
     cannot pull the image, as the kubelet reports it."""
 
-    def __init__(self, fake: FakeKubernetes, ns: str, name: str, scratch: Path, pull_fails: bool = False) -> None:
+    def __init__(self, fake: FakeKubernetes, ns: str, name: str, scratch: Path, pull_fails: bool = False,
+                 image_env: dict[str, str] | None = None) -> None:
         import threading
 
         self.fake, self.key, self.scratch, self.pull_fails = fake, ("pods", ns, name), scratch, pull_fails
+        self.image_env = image_env or {}  # what the image itself sets (PYTHONPATH: the packages it holds)
         self.ran: list[list[str]] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -387,9 +391,9 @@ class Kubelet:
                 "reason": "ErrImagePull", "message": 'failed to pull "ghcr.io/x/y:1": 403 Forbidden'}}}]}
             return
         container = pod["spec"]["containers"][0]
-        command = [sys.executable if c == "python" else c for c in kubetune_argv(container)]
-        env = {**os.environ, **{e["name"]: e["value"].replace("/scratch", str(self.scratch))
-                                for e in container["env"] if "value" in e}}
+        command = [sys.executable if c in ("python", "python3") else c for c in kubetune_argv(container)]
+        env = {**os.environ, **self.image_env, **{e["name"]: e["value"].replace("/scratch", str(self.scratch))
+                                                  for e in container["env"] if "value" in e}}
         self.ran.append(command)
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
                               cwd=self.scratch)
@@ -408,22 +412,36 @@ def test_doctor_probes_the_image_and_the_pods_identity_from_inside(k8s: FakeKube
                            "resources.accelerator=nvidia", "resources.devices_per_node=8")
             for a in ("--set", item)]
     (tmp_path / "scratch").mkdir()
+    (tmp_path / "vllm-image" / "vllm").mkdir(parents=True)
+    (tmp_path / "vllm-image" / "vllm" / "__init__.py").write_text("")
     kubelet = Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch", pull_fails=True)
+    Kubelet(k8s, "ml", "quickstart-doctor-serve", tmp_path / "scratch")  # an image without vLLM
     code, out, err = cli("doctor", SPEC, *sets, "--probe", "--probe-poll", "0.1")
     assert code == 2, out + err
     assert "✗ the cluster cannot pull the image pytorch/pytorch:" in out and "ErrImagePull: failed to pull" in out
+    assert "✗ the serving image vllm/vllm-openai:v0.11.0 was pulled but has no vLLM" in out, out
     assert [p for m, p in k8s.requests if m == "DELETE" and "/configmaps/quickstart-doctor-kubetune-" in p]  # cleaned
     assert k8s.get("pods", "ml", "quickstart-doctor") is None  # deleted whatever happened
 
     kubelet = Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch")
+    serving = Kubelet(k8s, "ml", "quickstart-doctor-serve", tmp_path / "scratch",
+                      image_env={"PYTHONPATH": str(tmp_path / "vllm-image")})
     code, out, err = cli("doctor", SPEC, *sets, "--probe", "--probe-poll", "0.1")
     kubelet.thread.join(5)
+    assert "✓ the cluster pulled the serving image vllm/vllm-openai:v0.11.0 (vLLM found in it)" in out, out + err
+    assert serving.ran == [[sys.executable, "-c", FIND_VLLM]] and k8s.get("pods", "ml", "quickstart-doctor-serve") is None
+    Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch")
+    Kubelet(k8s, "ml", "quickstart-doctor-serve", tmp_path / "scratch", pull_fails=True)
+    code, out, err = cli("doctor", SPEC, *sets, "--set", "serve.image=registry.internal/vllm:1", "--probe",
+                         "--probe-poll", "0.1")
+    assert "✗ the cluster cannot pull the image registry.internal/vllm:1" in out and \
+        "or set serve.image to an image your registry serves" in out, out
     assert "✓ the cluster pulled and ran the image" in out, out + err
     assert f"✓ in the cluster, as service account trainer: s3://{BUCKET}/runs/probe is writable" in out
     assert f"✗ in the cluster, as service account trainer: input s3://{BUCKET}/nothing-here.jsonl" in out
     assert code == 2 and k8s.get("pods", "ml", "quickstart-doctor") is None
     created = [p for m, p in k8s.requests if m == "POST" and p.startswith("/api/v1/namespaces/ml/pods")]
-    assert len(created) == 2
+    assert len(created) == 6  # the run's image and the serving image, three times
     pod_args = kubelet.ran[0][kubelet.ran[0].index("kubetune.storage.probe") + 1:]
     assert pod_args == ["--read", f"s3://{BUCKET}/nothing-here.jsonl", "--write", f"s3://{BUCKET}/runs/probe"]
 

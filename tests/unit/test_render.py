@@ -505,3 +505,33 @@ def test_runtime_adapters_enable_vllms_runtime_lora_loading_with_a_sidecar_and_a
     plain = pod_of(rendered("quickstart.yaml", "serve"))
     assert len(plain["containers"]) == 1 and not any(e["name"] == "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
                                                      for e in plain["containers"][0]["env"])
+
+
+@pytest.mark.parametrize("example,accelerator,image,device", [
+    # Intel's vLLM image with the Gaudi plugin (docs.vllm.ai/projects/gaudi, "Quick Start": vllm-installer images)
+    ("c-gaudi-pvc.yaml", "gaudi", "vault.habana.ai/gaudi-docker/1.22.0/ubuntu22.04/habanalabs/vllm-installer-2.7.1:",
+     "habana.ai/gaudi"),
+    # AMD's vLLM build for ROCm (ROCm docs, "vLLM inference"), the device groups a non-root pod needs
+    ("d-full-8gpu.yaml", "amd", "rocm/vllm:rocm6.4.1_vllm_", "amd.com/gpu"),
+    ("b-summarise-qlora-serve.yaml", "nvidia", "vllm/vllm-openai:", "nvidia.com/gpu"),
+    ("quickstart.yaml", "cpu", "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:", None),
+])
+def test_serving_runs_vllms_build_for_the_accelerator(example: str, accelerator: str, image: str,
+                                                      device: str | None) -> None:
+    objs = rendered(example, "serve", f"resources.accelerator={accelerator}")
+    for obj in objs:
+        kubernetes_validate.validate(obj, "1.33.0", strict=True)
+    pod = pod_of(objs)
+    vllm = pod["containers"][0]
+    assert vllm["image"].startswith(image) and ":latest" not in vllm["image"]
+    limits = vllm["resources"]["limits"]
+    assert (device in limits) if device else not (set(limits) & {"nvidia.com/gpu", "amd.com/gpu", "habana.ai/gaudi"})
+    env = {e["name"]: e.get("value") for e in vllm["env"]}
+    if accelerator == "gaudi":  # Intel Gaudi's Kubernetes guide: hugepages with the cards; TP needs lazy collectives
+        assert "hugepages-2Mi" in limits and env["PT_HPU_ENABLE_LAZY_COLLECTIVES"] == "true"
+    else:
+        assert "PT_HPU_ENABLE_LAZY_COLLECTIVES" not in env
+    if accelerator == "amd":
+        assert set(pod["securityContext"]["supplementalGroups"]) >= {44, 109}
+    named = rendered(example, "serve", f"resources.accelerator={accelerator}", "serve.image=registry.internal/vllm:7")
+    assert pod_of(named)["containers"][0]["image"] == "registry.internal/vllm:7"

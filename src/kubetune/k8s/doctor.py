@@ -4,20 +4,21 @@ the storage, as a checklist with one fix per failed line.
 The API answers; the namespace exists; every verb kubetune uses is allowed to the caller
 (SelfSubjectAccessReview, the API's own answer); Kueue's CRD and the LocalQueue exist when the spec
 queues; some node offers the accelerator the spec asks for; the spec's storage can be read (inputs)
-and written (the output), with the caller's credentials. A check that cannot be made (nodes are
+and written (the output), with the caller's credentials; with --probe, the same from inside the cluster
+under the pods' identity, and the serving image pulled by its nodes. A check that cannot be made (nodes are
 often not readable to users) says so and does not fail.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from kubetune.errors import KubetuneError
 from kubetune.k8s.client import PULL_FAILURES, Cluster
 from kubetune.k8s.render.common import ACCELERATOR_RESOURCE, GCS_DRIVER, gcs_buckets
 from kubetune.k8s.dist import with_dist
-from kubetune.k8s.render.probe import probe_pod, probe_seconds
+from kubetune.k8s.render.probe import PULL_SECONDS, probe_pod, probe_seconds, serving_probe_pod
 from kubetune.k8s.render.setup import RULES
 from kubetune.spec.models import RunSpec
 
@@ -50,6 +51,7 @@ def doctor(cluster: Cluster, spec: RunSpec | None, probe: bool = False, probe_ti
             checks.append(_gcs_fuse(cluster))
         if probe:
             checks += probe_from_inside(cluster, spec, probe_timeout or probe_seconds(spec), poll)
+            checks += probe_serving_image(cluster, spec, probe_timeout or PULL_SECONDS, poll)
     return checks
 
 
@@ -67,7 +69,6 @@ def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: flo
     """Create the probe pod, follow it until it ends (or cannot start), read its findings from its
     log, and delete it whatever happened."""
     import json
-    import time
 
     pod = probe_pod(spec)
     name, image = pod["metadata"]["name"], pod["spec"]["containers"][0]["image"]
@@ -75,35 +76,11 @@ def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: flo
     cluster.apply(wheels)
     path = f"/api/v1/namespaces/{cluster.namespace}/pods/{name}"
     who = f"as service account {spec.kubernetes.service_account or 'default'}"
-    deadline = time.monotonic() + timeout
     try:
-        # a probe left by an interrupted doctor: deleted, and gone (a pod takes a while) before ours
-        while cluster.request("DELETE", path, tolerate=(404,)) != 404 and time.monotonic() < deadline:
-            time.sleep(poll)
-        cluster.request("POST", f"/api/v1/namespaces/{cluster.namespace}/pods", pod)
-        while True:
-            found = cluster.request("GET", path, tolerate=(404,))
-            status = found[1].get("status") or {} if not isinstance(found, int) else {}
-            for container in status.get("containerStatuses") or []:
-                waiting = (container.get("state") or {}).get("waiting") or {}
-                if waiting.get("reason") in ("CreateContainerConfigError", "CreateContainerError"):
-                    return [Check(False, f"the probe pod cannot start: {waiting['reason']}: "
-                                         f"{waiting.get('message', '')}",
-                                  "create the Secret or key it names (kubetune setup SPEC makes placeholders)")]
-                if waiting.get("reason") in PULL_FAILURES:
-                    return [Check(False, f"the cluster cannot pull the image {image} ({waiting['reason']}: "
-                                         f"{waiting.get('message', '')})".replace(": )", ")"),
-                                  "let the nodes reach the image's registry (or mirror it), or set kubernetes.image "
-                                  "to an image your registry serves (deploy/Dockerfile; docs/kubernetes.md)")]
-            unscheduled = [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled" and
-                           c.get("status") == "False" and c.get("reason") == "Unschedulable"]
-            if status.get("phase") in ("Succeeded", "Failed"):
-                break
-            if time.monotonic() > deadline:
-                why = f" (unschedulable: {unscheduled[0].get('message', '')})" if unscheduled else ""
-                return [Check(False, f"the probe pod {name} did not finish in {timeout:.0f} s{why}",
-                              f"kubectl -n {cluster.namespace} describe pod {name}")]
-            time.sleep(poll)
+        failed, status = _run_pod(cluster, pod, timeout, poll, "set kubernetes.image to an image your registry "
+                                  "serves (deploy/Dockerfile; docs/kubernetes.md)")
+        if failed:
+            return failed
         try:
             text = "".join(cluster.log(name))
         except KubetuneError as exc:  # ended before its container started (the pod's deadline)
@@ -134,6 +111,60 @@ def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: flo
         for cm in wheels:
             cluster.request("DELETE", f"/api/v1/namespaces/{cluster.namespace}/configmaps/{cm['metadata']['name']}",
                             tolerate=(404,))
+
+
+def _run_pod(cluster: Cluster, pod: dict[str, Any], timeout: float, poll: float,
+             other_image: str) -> tuple[list[Check], dict[str, Any]]:
+    """Create a probe pod (replacing one an interrupted doctor left) and follow it until it ends:
+    ([], its status), or ([what stopped it], status) when it cannot start, cannot pull its image or does
+    not end in time. The caller deletes it."""
+    import time
+
+    name, image = pod["metadata"]["name"], pod["spec"]["containers"][0]["image"]
+    path = f"/api/v1/namespaces/{cluster.namespace}/pods/{name}"
+    deadline = time.monotonic() + timeout
+    # a probe left by an interrupted doctor: deleted, and gone (a pod takes a while) before ours
+    while cluster.request("DELETE", path, tolerate=(404,)) != 404 and time.monotonic() < deadline:
+        time.sleep(poll)
+    cluster.request("POST", f"/api/v1/namespaces/{cluster.namespace}/pods", pod)
+    while True:
+        found = cluster.request("GET", path, tolerate=(404,))
+        status = found[1].get("status") or {} if not isinstance(found, int) else {}
+        for container in status.get("containerStatuses") or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in ("CreateContainerConfigError", "CreateContainerError"):
+                return [Check(False, f"the probe pod cannot start: {waiting['reason']}: "
+                                     f"{waiting.get('message', '')}",
+                              "create the Secret or key it names (kubetune setup SPEC makes placeholders)")], status
+            if waiting.get("reason") in PULL_FAILURES:
+                return [Check(False, f"the cluster cannot pull the image {image} ({waiting['reason']}: "
+                                     f"{waiting.get('message', '')})".replace(": )", ")"),
+                              f"let the nodes reach the image's registry (or mirror it), or {other_image}")], status
+        if status.get("phase") in ("Succeeded", "Failed"):
+            return [], status
+        if time.monotonic() > deadline:
+            unscheduled = [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled" and
+                           c.get("status") == "False" and c.get("reason") == "Unschedulable"]
+            why = f" (unschedulable: {unscheduled[0].get('message', '')})" if unscheduled else ""
+            return [Check(False, f"the probe pod {name} did not finish in {timeout:.0f} s{why}",
+                          f"kubectl -n {cluster.namespace} describe pod {name}")], status
+        time.sleep(poll)
+
+
+def probe_serving_image(cluster: Cluster, spec: RunSpec, timeout: float, poll: float) -> list[Check]:
+    """The serving image, pulled by the cluster's nodes and holding vLLM (a pod that only looks for it)."""
+    pod = serving_probe_pod(spec)
+    name, image = pod["metadata"]["name"], pod["spec"]["containers"][0]["image"]
+    try:
+        failed, status = _run_pod(cluster, pod, timeout, poll, "set serve.image to an image your registry serves")
+        if failed:
+            return failed
+        if status.get("phase") != "Succeeded":
+            return [Check(False, f"the serving image {image} was pulled but has no vLLM (python3 cannot find it)",
+                          "serve.image must be a vLLM OpenAI server image for resources.accelerator")]
+        return [Check(True, f"the cluster pulled the serving image {image} (vLLM found in it)")]
+    finally:
+        cluster.request("DELETE", f"/api/v1/namespaces/{cluster.namespace}/pods/{name}", tolerate=(404,))
 
 
 def _api(cluster: Cluster) -> Check:

@@ -432,7 +432,10 @@ class ServeSpec(_Section):
     replicas: int = Field(1, ge=1)
     max_concurrency: int = Field(64, ge=1, description="Requests admitted at once per replica (vLLM --max-num-seqs).")
     port: int = Field(8000, ge=1, le=65535)
-    image: str = Field("vllm/vllm-openai:v0.11.0", description="Serving image (vLLM's OpenAI server).")
+    image: str | None = Field(
+        None, description="Serving image (vLLM's OpenAI server). Unset: vLLM's build for resources.accelerator — "
+                          "NVIDIA vllm/vllm-openai, AMD rocm/vllm, Intel Gaudi Intel's vllm-installer (vLLM with its "
+                          "Gaudi plugin), CPU vLLM's CPU release image; pinned tags.")
     autoscaling: Autoscaling | None = Field(default_factory=Autoscaling, description="HPA on queue length; null = fixed replicas.")
     cpu: str = Field("2", description="CPU per serving pod.")
     memory: str = Field("10Gi", description="Memory per serving pod.")

@@ -28,6 +28,16 @@ VENDOR_IMAGES: dict[str, tuple[str, bool]] = {
     "gaudi": ("vault.habana.ai/gaudi-docker/1.21.0/ubuntu22.04/habanalabs/pytorch-installer-2.6.0:1.21.0-555", True),
     "cpu": ("python:3.11-slim", False),
 }
+# vLLM's OpenAI server, built for each accelerator (serve.image unset). Sources: NVIDIA — vLLM's own image on
+# Docker Hub (docs.vllm.ai, "Using Docker"); AMD — AMD's rocm/vllm (ROCm docs, "vLLM inference"); Intel Gaudi —
+# Intel's vllm-installer image, vLLM with the vLLM Hardware Plugin for Intel Gaudi (docs.vllm.ai/projects/gaudi,
+# "Quick Start"); CPU — vLLM's CPU release image (docs.vllm.ai, "CPU": pre-built images).
+SERVING_IMAGES: dict[str, str] = {
+    "nvidia": "vllm/vllm-openai:v0.11.0",
+    "amd": "rocm/vllm:rocm6.4.1_vllm_0.10.1_20250909",
+    "gaudi": "vault.habana.ai/gaudi-docker/1.22.0/ubuntu22.04/habanalabs/vllm-installer-2.7.1:1.22.0-740",
+    "cpu": "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.11.0",
+}
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 DIST_DIR = "/opt/kubetune/dist"     # the ConfigMap: the wheel, requirements.txt, key, version
 CACHE_DIR = "/opt/kubetune/cache"   # kubernetes.install_cache, when set
@@ -75,6 +85,11 @@ def vendor(spec: RunSpec) -> tuple[str, bool]:
 
 def image(spec: RunSpec) -> str:
     return spec.kubernetes.image or vendor(spec)[0]
+
+
+def serving_image(spec: RunSpec) -> str:
+    """vLLM's server image: serve.image, or vLLM's build for the accelerator (auto asks for no device: CPU)."""
+    return spec.serve.image or SERVING_IMAGES.get(spec.resources.accelerator, SERVING_IMAGES["cpu"])
 
 
 DIST_VOLUME = "kubetune-dist"

@@ -11,13 +11,15 @@ from typing import Any
 from kubetune.k8s.render.common import (
     SCRATCH, container_security, env, metadata, node_disk, pod_security, uris, volumes,
 )
-from kubetune.k8s.render.image import add_dist, image, installs_at_start, kubetune_command, scratch_size
+from kubetune.k8s.render.image import add_dist, image, installs_at_start, kubetune_command, scratch_size, serving_image
 from kubetune.spec.models import RunSpec
 from kubetune.uris import has_scheme
 
 INSTALL_SECONDS = 600  # pip installing the pinned set into the vendor image (minutes, not seconds)
 PROBE_SECONDS = 300  # the pod's own deadline: a probe that hangs (a mount, the network) ends
 PROBE_SCRATCH = "1Gi"
+PULL_SECONDS = 900  # a vLLM image is 10-20 GB: its first pull on a node takes minutes
+FIND_VLLM = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 3)"
 
 
 def probe_name(spec: RunSpec) -> str:
@@ -61,3 +63,20 @@ def probe_pod(spec: RunSpec) -> dict[str, Any]:
     if vols.annotations:
         meta["annotations"] = dict(vols.annotations)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod}
+
+
+def serving_probe_pod(spec: RunSpec) -> dict[str, Any]:
+    """A pod with the serving image that only looks for vLLM in it (no import: that would look for a device):
+    the nodes can pull the image `deploy` will use, and it is a vLLM image. No accelerator, no token."""
+    small = {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": node_disk(spec)}
+    container: dict[str, Any] = {
+        "name": "probe", "image": serving_image(spec), "imagePullPolicy": spec.kubernetes.image_pull_policy,
+        "command": ["python3", "-c", FIND_VLLM], "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
+        "resources": {"requests": dict(small), "limits": dict(small)},
+        "securityContext": container_security(),
+    }
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": metadata(spec, f"{spec.name[:50]}-doctor-serve", "doctor"),
+            "spec": {"restartPolicy": "Never", "activeDeadlineSeconds": PULL_SECONDS,
+                     "automountServiceAccountToken": False, "enableServiceLinks": False,
+                     "securityContext": pod_security(spec), "containers": [container]}}

@@ -20,7 +20,7 @@ from kubetune.k8s.render.common import (
     secret_ref, volumes,
 )
 from kubetune.serve.vllm import VllmTarget, vllm_command
-from kubetune.k8s.render.image import add_dist, image, kubetune_command, scratch_size
+from kubetune.k8s.render.image import add_dist, image, kubetune_command, scratch_size, serving_image
 from kubetune.spec.models import RunSpec
 from kubetune.uris import body, has_scheme, hub_ref, is_hub, scheme, uri_basename
 
@@ -146,9 +146,9 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
     probe_path = "/health" if api_env else "/v1/models"
     http = {"port": "http"}
     container = {
-        "name": "vllm", "image": s.image, "imagePullPolicy": spec.kubernetes.image_pull_policy,
+        "name": "vllm", "image": serving_image(spec), "imagePullPolicy": spec.kubernetes.image_pull_policy,
         "command": args[:2], "args": args[2:],
-        "env": [*env_list, *api_env], **({"envFrom": env_from} if env_from else {}),
+        "env": [*env_list, *api_env, *_device_env(spec)], **({"envFrom": env_from} if env_from else {}),
         "ports": [{"name": "http", "containerPort": s.port}],
         "resources": _serving_resources(spec, disk),
         "securityContext": container_security(),
@@ -185,6 +185,14 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
     if s.autoscaling:
         objects += autoscaling_objects(spec, name, select)
     return objects + extra
+
+
+def _device_env(spec: RunSpec) -> list[dict[str, str]]:
+    """Gaudi: tensor-parallel serving with HPU graphs needs lazy collectives (vLLM Hardware Plugin for Intel
+    Gaudi, "Environment variables"); harmless on one card."""
+    if spec.resources.accelerator == "gaudi":
+        return [{"name": "PT_HPU_ENABLE_LAZY_COLLECTIVES", "value": "true"}]
+    return []
 
 
 ADAPTER_LIST = "/etc/kubetune/adapters"
