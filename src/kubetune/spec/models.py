@@ -557,6 +557,9 @@ class RunSpec(_Section):
                             ("serve.model_storage", self.serve.model_storage)):
             if not QUANTITY.fullmatch(size):
                 problems.append((where, f"{size!r} is not a Kubernetes quantity such as 4Gi, 500Mi or 60G"))
+        if self.resources.memory is not None and not QUANTITY.fullmatch(self.resources.memory):
+            problems.append(("resources.memory", f"{self.resources.memory!r} is not a Kubernetes quantity such as "
+                             "48Gi or 500Mi"))
         if self.resources.device_memory is not None and not re.fullmatch(
                 r"\d+(\.\d+)?\s*(GB|GiB|MB|MiB|TB|TiB|G|Gi|M|Mi)", self.resources.device_memory):
             problems.append(("resources.device_memory", f"{self.resources.device_memory!r} is not a size such as "
