@@ -1,4 +1,5 @@
-"""Fixtures of the integration tests: an S3 server for the module and the inputs staged into it."""
+"""Fixtures of the integration tests: an S3 server for the module and the inputs staged into it; a
+Kubernetes API server (tests/k8s_server.py) that KUBECONFIG points at."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import QUICKSTART_DATA
+from tests.k8s_server import FakeKubernetes
 from tests.s3_runs import BUCKET, run
 from tests.servers import S3Server, start_s3
 
@@ -39,3 +41,11 @@ def staged(s3: S3Server, tiny_model: Path, tmp_path_factory: pytest.TempPathFact
     assert "skipped 0 identical" in res.stdout
     return {"model": f"s3://{BUCKET}/inputs/models/tiny-llama", "data": f"s3://{BUCKET}/inputs/data/train.jsonl",
             "stage_dir": str(tmp), "local_model": str(model)}
+
+
+@pytest.fixture
+def k8s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubernetes]:
+    fake = FakeKubernetes()
+    monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
+    yield fake
+    fake.stop()

@@ -8,7 +8,6 @@ import base64
 import sys
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -19,14 +18,6 @@ from tests.k8s_server import FakeKubernetes
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = str(ROOT / "examples" / "quickstart.yaml")
-
-
-@pytest.fixture
-def k8s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubernetes]:
-    fake = FakeKubernetes()
-    monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
-    yield fake
-    fake.stop()
 
 
 def writes(fake: FakeKubernetes) -> list[tuple[str, str]]:

@@ -95,14 +95,6 @@ class Kubelet:
 
 
 @pytest.fixture
-def k8s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubernetes]:
-    fake = FakeKubernetes()
-    monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
 def kubelet(k8s: FakeKubernetes, tmp_path: Path) -> Iterator[Kubelet]:
     node = Kubelet(k8s, tmp_path / "pvc")
     yield node
@@ -236,6 +228,11 @@ def test_refusals_name_what_to_do_and_leave_nothing_behind(k8s: FakeKubernetes, 
     assert code == 2 and "without .." in err
     code, out, err = cli("copy", "pvc://vol/nothing-here", str(tmp_path / "b"), "-n", "ml", "--poll", "0.05")
     assert code == 2 and "pvc://vol/nothing-here does not exist on the volume" in err, out + err
+    (tmp_path / "pvc" / "vol" / "dir").mkdir(parents=True)
+    (tmp_path / "pvc" / "vol" / "dir" / "a.txt").write_text("a")
+    (tmp_path / "f.txt").write_text("mine")
+    code, out, err = cli("copy", "pvc://vol/dir", str(tmp_path / "f.txt"), "-n", "ml", "--poll", "0.05")
+    assert code == 2 and "is a folder and" in err and (tmp_path / "f.txt").read_text() == "mine", out + err
     assert gone(k8s)
     code, out, err = cli("stage", "--data", str(QUICKSTART_DATA / "eval.jsonl"), "--to", "pvc://vol/data")
     assert code == 2 and "mounted only in the cluster's pods" in err and "kubetune copy SRC pvc://" in err, out + err

@@ -30,6 +30,23 @@ _PLURALS = {
 }
 
 
+def pull_failure(status: dict[str, Any]) -> dict[str, str] | None:
+    """A pod status's waiting state of a container whose image the node cannot pull ({reason, message})."""
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in PULL_FAILURES:
+            return waiting
+    return None
+
+
+def unschedulable(status: dict[str, Any]) -> str | None:
+    """The scheduler's message when a pod status says it cannot be placed on any node."""
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+            return str(c.get("message", ""))
+    return None
+
+
 def resource_name(obj: dict[str, Any]) -> str:
     """plural.group, as the API names a resource in messages (jobs.batch, configmaps)."""
     group = obj["apiVersion"].rpartition("/")[0]

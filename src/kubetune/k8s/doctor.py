@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kubetune.errors import KubetuneError
-from kubetune.k8s.client import PULL_FAILURES, Cluster
+from kubetune.k8s.client import Cluster, pull_failure, unschedulable
 from kubetune.k8s.render.common import ACCELERATOR_RESOURCE, GCS_DRIVER, gcs_buckets
 from kubetune.k8s.dist import with_dist
 from kubetune.k8s.render.probe import PULL_SECONDS, probe_pod, probe_seconds, serving_probe_pod
@@ -136,16 +136,16 @@ def _run_pod(cluster: Cluster, pod: dict[str, Any], timeout: float, poll: float,
                 return [Check(False, f"the probe pod cannot start: {waiting['reason']}: "
                                      f"{waiting.get('message', '')}",
                               "create the Secret or key it names (kubetune setup SPEC makes placeholders)")], status
-            if waiting.get("reason") in PULL_FAILURES:
-                return [Check(False, f"the cluster cannot pull the image {image} ({waiting['reason']}: "
-                                     f"{waiting.get('message', '')})".replace(": )", ")"),
-                              f"let the nodes reach the image's registry (or mirror it), or {other_image}")], status
+        pulling = pull_failure(status)
+        if pulling:
+            return [Check(False, f"the cluster cannot pull the image {image} ({pulling['reason']}: "
+                                 f"{pulling.get('message', '')})".replace(": )", ")"),
+                          f"let the nodes reach the image's registry (or mirror it), or {other_image}")], status
         if status.get("phase") in ("Succeeded", "Failed"):
             return [], status
         if time.monotonic() > deadline:
-            unscheduled = [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled" and
-                           c.get("status") == "False" and c.get("reason") == "Unschedulable"]
-            why = f" (unschedulable: {unscheduled[0].get('message', '')})" if unscheduled else ""
+            placing = unschedulable(status)
+            why = f" (unschedulable: {placing})" if placing is not None else ""
             return [Check(False, f"the probe pod {name} did not finish in {timeout:.0f} s{why}",
                           f"kubectl -n {cluster.namespace} describe pod {name}")], status
         time.sleep(poll)

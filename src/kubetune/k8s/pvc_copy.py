@@ -13,29 +13,18 @@ import json
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from kubetune.errors import TransientError, UsageError
-from kubetune.k8s.client import PULL_FAILURES, Cluster
+from kubetune.k8s.client import Cluster, pull_failure, unschedulable
 from kubetune.k8s.render.data_access import PORT, TOKEN_KEY, data_access_pod
 from kubetune.spec.models import KubernetesSpec
+from kubetune.storage.stage import StageReport
 from kubetune.uris import body, scheme
 
 PART = ".kubetune-part"
 CHUNK = 1 << 20
-
-
-@dataclass
-class CopyReport:
-    copied: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    bytes_copied: int = 0
-
-    def summary(self) -> str:
-        return (f"copied {len(self.copied)} file(s) ({self.bytes_copied / 1e6:.1f} MB), "
-                f"skipped {len(self.skipped)} identical")
 
 
 def claim_and_path(uri: str) -> tuple[str, str]:
@@ -104,7 +93,7 @@ class PodFiles:
         finally:
             response.release_conn()
 
-    def get(self, rel: str, dest: Path, size: int, progress: Callable[[int], None]) -> None:
+    def get(self, rel: str, dest: Path, size: int) -> None:
         response = self._call("GET", "file", rel)
         try:
             if response.status != 200:
@@ -116,7 +105,6 @@ class PodFiles:
                 for chunk in response.stream(CHUNK):
                     f.write(chunk)
                     got += len(chunk)
-                    progress(len(chunk))
             if got != size:
                 part.unlink()
                 raise TransientError(f"{rel}: the pod sent {got:,} of {size:,} bytes",
@@ -150,7 +138,7 @@ class PodFiles:
 
 
 def copy(cluster: Cluster, k: KubernetesSpec, src: str, dst: str, timeout: float = 300.0, poll: float = 1.0,
-         say: Callable[[str], None] = print) -> CopyReport:
+         say: Callable[[str], None] = print) -> StageReport:
     """Copy a local file or folder onto pvc://CLAIM/PATH, or pvc://CLAIM/PATH into a local folder."""
     into = scheme(dst) == "pvc"
     if into == (scheme(src) == "pvc") or scheme(dst if not into else src) not in (None, "file"):
@@ -176,7 +164,7 @@ def copy(cluster: Cluster, k: KubernetesSpec, src: str, dst: str, timeout: float
         say(f"data-access pod {name} started with pvc {claim} mounted")
         remote = PodFiles(cluster, name, token)
         _wait(cluster, remote, name, pod["spec"]["containers"][0]["image"], timeout, poll)
-        report = CopyReport()
+        report = StageReport()
         if into:
             listing = remote.listing(rel)
             if files[0][0] == "" and (dst.endswith("/") or _is_folder(listing)):
@@ -195,13 +183,16 @@ def copy(cluster: Cluster, k: KubernetesSpec, src: str, dst: str, timeout: float
             if listing is None:
                 raise UsageError(f"{src} does not exist on the volume", f"list it: kubetune copy pvc://{claim} ./{claim}")
             single = not _is_folder(listing)
+            if not single and local.is_file():
+                raise UsageError(f"{src} is a folder and {local} a file", f"copy it into a folder: kubetune copy {src} "
+                                 f"{local.parent / Path(rel).name}")
             for sub, size in listing:
                 dest = safe_join(local, sub) if not single else (
                     local / Path(rel).name if local.is_dir() else local)
                 if dest.is_file() and dest.stat().st_size == size:
                     report.skipped.append(str(dest))
                     continue
-                remote.get("/".join(p for p in (rel, sub) if p), dest, size, lambda n: None)
+                remote.get("/".join(p for p in (rel, sub) if p), dest, size)
                 report.bytes_copied += size
                 report.copied.append(str(dest))
         return report
@@ -221,22 +212,20 @@ def _wait(cluster: Cluster, remote: PodFiles, name: str, image: str, timeout: fl
     while True:
         found = cluster.request("GET", path, tolerate=(404,))
         status = found[1].get("status") or {} if not isinstance(found, int) else {}
-        for container in status.get("containerStatuses") or []:
-            waiting = (container.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in PULL_FAILURES:
-                raise UsageError(f"the cluster cannot pull {image} for the data-access pod ({waiting['reason']}: "
-                                 f"{waiting.get('message', '')})",
-                                 "let the nodes reach the image's registry, or set kubernetes.image (--spec) to an "
-                                 "image your registry serves")
+        pulling = pull_failure(status)
+        if pulling:
+            raise UsageError(f"the cluster cannot pull {image} for the data-access pod ({pulling['reason']}: "
+                             f"{pulling.get('message', '')})",
+                             "let the nodes reach the image's registry, or set kubernetes.image (--spec) to an "
+                             "image your registry serves")
         if status.get("phase") in ("Succeeded", "Failed"):
             log = "".join(cluster.log(name, tail=20))
             raise UsageError(f"the data-access pod {name} ended before the copy ({status['phase']}): {log.strip()}")
         if status.get("phase") == "Running" and remote.healthy():
             return
         if time.monotonic() > deadline:
-            pending = [c.get("message", "") for c in status.get("conditions") or []
-                       if c.get("type") == "PodScheduled" and c.get("status") == "False"]
-            why = f" (unschedulable: {pending[0]})" if pending else ""
+            placing = unschedulable(status)
+            why = f" (unschedulable: {placing})" if placing is not None else ""
             raise TransientError(f"the data-access pod {name} was not serving after {timeout:.0f} s{why}",
                                  f"kubectl -n {cluster.namespace} describe pod {name}; is the PVC bound, and "
                                  "ReadWriteMany if a running pod holds it?")

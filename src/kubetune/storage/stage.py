@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from kubetune import settings
 from kubetune.errors import UsageError
 from kubetune.spec.models import RunSpec
 from kubetune.storage.fetch import excluded, fetch, matches
 from kubetune.storage.store import Store, local_path
-from kubetune.uris import uri_basename
+from kubetune.uris import bucket, scheme, uri_basename
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,6 @@ def deliveries_from_flags(models: Sequence[str], data: Sequence[str], to: str) -
 
 def stage(deliveries: Sequence[Delivery], exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> StageReport:
     report = StageReport()
-    from kubetune import settings
-    from kubetune.uris import bucket, scheme
-
     for item in deliveries:  # before anything is fetched
         if scheme(item.dest) == "pvc" and not (settings.pvc_root() / bucket(item.dest)).is_dir():
             raise UsageError(f"{item.dest}: the claim {bucket(item.dest)} is mounted only in the cluster's pods "
