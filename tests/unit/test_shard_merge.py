@@ -172,3 +172,100 @@ def test_a_delta_that_is_not_what_peft_computes_is_refused_in_bf16(monkeypatch: 
     weight, layer, exact = small_delta_layer(torch.bfloat16)
     with pytest.raises(TrainingError, match="differs from adapter-on-base"):
         _weight_parity(layer, exact, exact.to(torch.bfloat16), "w", 1e-4, torch.Generator().manual_seed(0))
+
+
+def tiny_gemma3(folder: Path) -> None:
+    """A Gemma 3 with its vision tower, as gemma-3-4b-it and larger are: transformers 5 stores its text
+    model as `language_model.model.layers…` and loads it (AutoModelForCausalLM, as training does) as
+    `model.language_model.layers…`, the names a PEFT adapter of the loaded model uses."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    torch.manual_seed(0)
+    text = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=28, patch_size=14)
+    Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                image_token_index=299, boi_token_index=297, eoi_token_index=298)) \
+        .save_pretrained(folder)
+
+
+def test_a_family_whose_checkpoint_keys_transformers_renames_merges_under_the_stored_keys(tmp_path: Path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.train.merge import _same_weights
+
+    tiny_gemma3(tmp_path / "base")
+    with safe_open(str(tmp_path / "base" / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in stored  # the on-disk names differ
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                          LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)",
+                                     init_lora_weights=False))
+    assert any(".model.language_model.layers.0.self_attn.q_proj" in n for n, _ in peft.named_modules())
+    peft.save_pretrained(tmp_path / "adapter")
+    result = merge_shards(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    assert result.merged == 3 * 3
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == stored  # written under the stored names, nothing added
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                          tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    probe = list(range(3, 40))
+    before, after = logits(reference, probe), logits(merged, probe)
+    parity = Parity(float((before - after).abs().max()), float(before.pow(2).mean().sqrt()))
+    assert parity.within(1e-4), parity.describe()
+    with reference.disable_adapter():
+        assert float((before - logits(reference, probe)).abs().max()) > 1e-3  # the adapter matters
+    # the whole-model weight check compares under the loaded names too: a merged weight off by more than
+    # its rounding in the files is caught, not skipped as a name PEFT's model does not have
+    peft_merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                            tmp_path / "adapter").merge_and_unload()
+    _same_weights(peft_merged, tmp_path / "merged")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    weights["language_model.model.layers.2.mlp.down_proj.weight"][0, 0] += 0.01
+    save_file(weights, str(tmp_path / "merged" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(TrainingError, match="layers.2.mlp.down_proj.weight differs from PEFT's merge"):
+        _same_weights(peft_merged, tmp_path / "merged")
+
+
+def test_weights_transformers_builds_or_ties_are_refused_with_what_to_do(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    # Mixtral stores each expert's w1/w3; transformers fuses them into one experts.gate_up_proj parameter
+    MixtralForCausalLM(MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=2)) \
+        .save_pretrained(tmp_path / "mixtral")
+    (tmp_path / "fused").mkdir()
+    save_file({"base_model.model.model.layers.0.mlp.experts.gate_up_proj.lora_A.weight": torch.zeros(4, 32),
+               "base_model.model.model.layers.0.mlp.experts.gate_up_proj.lora_B.weight": torch.zeros(128, 4)},
+              str(tmp_path / "fused" / "adapter_model.safetensors"))
+    LoraConfig(r=4, target_modules=["q_proj"]).save_pretrained(tmp_path / "fused")
+    with pytest.raises(UsageError, match="transformers builds from several stored tensors") as info:
+        merge_shards(tmp_path / "mixtral", tmp_path / "fused", tmp_path / "m1")
+    assert "no merge needed" in (info.value.hint or "") and not (tmp_path / "m1").exists()
+
+    # a tied lm_head has no weight of its own in the files
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)) \
+        .save_pretrained(tmp_path / "tied")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "tied"),
+                   LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)) \
+        .save_pretrained(tmp_path / "head")
+    assert "base_model.model.lm_head.lora_A.weight" in load_file(str(tmp_path / "head" / "adapter_model.safetensors"))
+    with pytest.raises(UsageError, match="its own copy of lm_head's weight") as info:
+        merge_shards(tmp_path / "tied", tmp_path / "head", tmp_path / "m2")
+    assert "without lm_head in method.lora.target_modules" in (info.value.hint or "")
+    # saved without that copy, the files still have no lm_head weight to fold the delta into
+    tensors = load_file(str(tmp_path / "head" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "base_layer" not in k},
+              str(tmp_path / "head" / "adapter_model.safetensors"))
+    with pytest.raises(UsageError, match="ties to its input embeddings") as info:
+        merge_shards(tmp_path / "tied", tmp_path / "head", tmp_path / "m2")
+    assert "target_modules" in (info.value.hint or "") and not (tmp_path / "m2").exists()

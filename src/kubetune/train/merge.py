@@ -135,14 +135,21 @@ def _same_weights(peft_merged: Any, folder: Path) -> None:
     import torch
     from safetensors import safe_open
 
+    from kubetune.train.shard_merge import base_shards, loaded_names
+
     state = peft_merged.state_dict()
+    keys = [k for ks in base_shards(folder).values() for k in ks]
+    # some families' files name weights otherwise than the loaded model (Gemma 3): compare under its names
+    renamed = {stored: name for name, (stored, _) in loaded_names(folder, keys).items()} \
+        if any(k not in state for k in keys) else {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
-                if key not in state:
+                name = renamed.get(key, key)
+                if name not in state:
                     continue
                 stored = f.get_tensor(key)
                 ulp = (torch.nextafter(stored.abs(), torch.tensor(float("inf"), dtype=stored.dtype)) - stored.abs())
-                if bool(((stored.float() - state[key].float()).abs() > ulp.float()).any()):
+                if bool(((stored.float() - state[name].float()).abs() > ulp.float()).any()):
                     raise TrainingError(f"{path.name}: {key} differs from PEFT's merge of the whole model; nothing "
                                         "was written", "report this with the run's manifest.json")

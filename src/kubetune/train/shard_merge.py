@@ -65,6 +65,12 @@ def adapter_modules(adapter_dir: Path) -> tuple[Any, dict[str, tuple[Any, Any]]]
     pairs: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         module, _, part = key.removeprefix(ADAPTER_PREFIX).rpartition(".lora_")
+        if key.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers: a whole weight, not a delta
+            layer = key.removeprefix(ADAPTER_PREFIX).removesuffix(".base_layer.weight")
+            raise UsageError(f"{adapter_dir}: the adapter carries its own copy of {layer}'s weight (PEFT saves one "
+                             "when an adapter targets an embedding, or an lm_head tied to it); the merge folds LoRA "
+                             "deltas only", "serve the adapter on its base (kubetune serve RUN: no merge needed), or "
+                             f"train without {layer.rpartition('.')[2]} in method.lora.target_modules")
         if part not in ("A.weight", "B.weight"):
             raise UsageError(f"{adapter_dir}: adapter tensor {key} is not a LoRA A/B weight; the merge folds "
                              "plain LoRA linear layers only")
@@ -88,10 +94,9 @@ def merge_shards(base_dir: Path, adapter_dir: Path, out: Path, tolerance: float 
     config, modules = adapter_modules(adapter_dir)
     shards = base_shards(base_dir)
     where = {key: shard for shard, keys in shards.items() for key in keys}
-    unknown = sorted(set(modules) - set(where))
-    if unknown:
-        raise UsageError(f"the adapter changes {unknown[0].removesuffix('.weight')}, which the base's weights "
-                         f"({base_dir}) do not have", "merge with the base the run was trained on")
+    if set(modules) - set(where):  # names the loaded model gives some stored weights, or none there
+        loaded = loaded_names(base_dir, list(where))
+        modules = {stored_key(base_dir, key, where, loaded): ab for key, ab in modules.items()}
     out.mkdir(parents=True, exist_ok=False)
     worst, largest = 0.0, 0
     generator = torch.Generator().manual_seed(0)
@@ -125,6 +130,75 @@ def merge_shards(base_dir: Path, adapter_dir: Path, out: Path, tolerance: float 
     for code in base_dir.glob("*.py"):  # a remote-code model's modeling files: config.json's auto_map names them
         shutil.copy(code, out / code.name)
     return ShardMergeResult(len(modules), len(shards), largest, worst)
+
+
+def stored_key(base_dir: Path, key: str, where: dict[str, str], loaded: dict[str, tuple[str, bool]]) -> str:
+    """The base checkpoint's key of the weight the adapter names `key` (the loaded model's name).
+
+    Transformers renames some families' checkpoint keys when it loads them (its conversion mapping:
+    Gemma 3 keeps `language_model.model.layers…` on disk and loads `model.language_model.layers…`),
+    so an adapter trained on the loaded model names weights the files hold under another name; the
+    same mapping, applied to the files' keys, finds them. A weight transformers builds from several
+    stored tensors (fused experts) has no one tensor to fold into: refused, saying so."""
+    if key in where:
+        return key
+    built = key if key in loaded else key.removesuffix(".weight")  # fused experts are parameters, not modules
+    if built in loaded:
+        stored, converted = loaded[built]
+        if not converted:
+            return stored
+        raise UsageError(f"the adapter changes {key.removesuffix('.weight')}, which transformers builds from several "
+                         f"stored tensors of the base ({stored}, …) when it loads it: there is no one weight to fold "
+                         "it into", "serve the adapter on its base (kubetune serve RUN: no merge needed)")
+    if key == "lm_head.weight" and _tied(_config(base_dir)):
+        raise UsageError("the adapter changes lm_head, which this base ties to its input embeddings "
+                         "(tie_word_embeddings: the checkpoint has no lm_head weight of its own)",
+                         "serve the adapter on its base (kubetune serve RUN: no merge needed), or train without "
+                         "lm_head in method.lora.target_modules")
+    raise UsageError(f"the adapter changes {key.removesuffix('.weight')}, which the base's weights ({base_dir}) do not "
+                     "have, under that name or the name transformers loads them as",
+                     "merge with the base the run was trained on")
+
+
+def loaded_names(base_dir: Path, keys: list[str]) -> dict[str, tuple[str, bool]]:
+    """{the loaded model's name of a stored weight: (its key in the files, whether a converter builds it
+    from several)}, as transformers names them when `AutoModelForCausalLM` (what training loads) loads
+    this base: its conversion mapping for the model and each sub-model, then the base-model prefix
+    added or stripped against the model's own names. The model is built on the meta device (no
+    memory); {} where transformers cannot build it from config.json alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, ImportError):
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = model.state_dict()  # meta tensors: transformers tests its values against None
+    prefix = model.base_model_prefix
+    found: dict[str, tuple[str, bool]] = {}
+    for stored in sorted(keys, key=dot_natural_key):  # transformers' order: some transforms hold state
+        name, converter = rename_source_key(stored, renamings, converters, prefix, names)
+        if name not in names and stored in names:  # as transformers: the key was right as stored
+            name, converter = rename_source_key(stored, [], [], prefix, names)
+        found.setdefault(name, (stored, converter is not None))
+    return found
+
+
+def _config(base_dir: Path) -> dict[str, Any]:
+    path = base_dir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _tied(config: dict[str, Any]) -> bool:
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
 
 
 def data_ranges(path: Path) -> dict[str, tuple[int, int]]:
