@@ -363,3 +363,74 @@ def test_adapters_are_added_to_the_running_engine_and_removed_within_max_loras(
         assert len(log("engine loaded for")) == 1, log("engine loaded for")
     finally:
         server.stop()
+
+
+# model graders: the operator's judge model (an OpenAI-compatible endpoint, tests/judge.py), named by tenants
+# only by the name server.yaml gives it
+
+JUDGED = {"type": "score_model", "name": "judge", "model": "grader-7b",
+          "input": [{"role": "user", "content": "Answer: {{sample.output_text}}\nReference: {{item.answer}}"}]}
+
+
+def test_score_model_graders_run_through_the_official_client_and_grade_a_reinforcement_job(
+        tmp_path: Path, tiny_model: Path) -> None:
+    import json
+
+    from tests.judge import Judge
+
+    judge = Judge(key="sk-judge-secret")
+    config = tmp_path / "server.yaml"
+    config.write_text(json.dumps({"models": {"root": str(tiny_model.parent)}, "graders": {"models": {
+        "grader-7b": {"base_url": judge.url, "model": "org/judge", "api_key_env": "JUDGE_KEY", "timeout_s": 10}}}}))
+    server = Control(tmp_path / "home", "--config", str(config), env={"JUDGE_KEY": "sk-judge-secret"}).start()
+    try:
+        client = server.client("unused")
+        ran = client.fine_tuning.alpha.graders.run(grader=JUDGED, model_sample="12",  # type: ignore[arg-type]
+                                                   item={"answer": "12"})
+        assert ran.reward == 1.0 and not ran.metadata.errors.model_grader_server_error
+        assert ran.model_grader_token_usage_per_model == {
+            "grader-7b": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}}
+        label = {"type": "label_model", "name": "v", "model": "grader-7b", "labels": ["right", "wrong"],
+                 "passing_labels": ["right"], "input": JUDGED["input"]}
+        assert client.fine_tuning.alpha.graders.run(grader=label, model_sample="11",  # type: ignore[arg-type]
+                                                    item={"answer": "12"}).reward == 0.0
+        assert judge.requests[0]["model"] == "org/judge" and judge.requests[0]["auth"] == "Bearer sk-judge-secret"
+        judge.mode = "error"
+        down = client.fine_tuning.alpha.graders.run(grader=JUDGED, model_sample="1",  # type: ignore[arg-type]
+                                                    item={"answer": "1"})
+        assert down.reward == 0.0 and down.metadata.errors.model_grader_server_error
+        assert "answered HTTP 503" in down.metadata.errors.model_grader_server_error_details
+        assert judge.url.split("//")[1] not in json.dumps(down.to_dict())
+        judge.mode = "json"
+        for bad, param in (({**JUDGED, "model": "gpt-4o"}, "grader.model"),
+                           ({**JUDGED, "model": judge.url}, "grader.model")):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.fine_tuning.alpha.graders.validate(grader=bad)  # type: ignore[arg-type]
+            assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+            assert "org/judge" not in refused.value.body["message"]  # type: ignore[index]  # the operator's names only
+
+        train = client.files.create(file=_sums(tmp_path / "train.jsonl", 16, 1).open("rb"), purpose="fine-tune")
+        valid = client.files.create(file=_sums(tmp_path / "valid.jsonl", 4, 2).open("rb"), purpose="fine-tune")
+        graders = {"type": "multi", "name": "judged", "calculate_output": "judge", "graders": {"judge": JUDGED}}
+        seen = len(judge.requests)
+        job = client.fine_tuning.jobs.create(
+            model=MODEL, training_file=train.id, validation_file=valid.id, extra_body=RL_FAST,
+            method=_reinforcement(graders, batch_size=2, compute_multiplier=0.5))  # type: ignore[arg-type]
+        done = wait_for("the job", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
+                        in ("succeeded", "failed") and j, 300)
+        assert done.status == "succeeded", done.error
+        events = [e for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+    finally:
+        server.stop()
+        judge.close()
+    asked = judge.requests[seen:]
+    # the training process asked the judge about each answer with the operator's key from the server's env
+    # (4 steps x 2 prompts x 2 answers, and the held-out prompts before and after)
+    assert len(asked) >= 4 * 2 * 2 + 2 * 4 and {r["auth"] for r in asked} == {"Bearer sk-judge-secret"}
+    assert all(r["model"] == "org/judge" and r["messages"][0]["content"].startswith("Answer: ") for r in asked)
+    steps = [e.data for e in events if "train_reward_mean" in (e.data or {})]
+    assert sorted(d["step"] for d in steps) == [1, 2, 3, 4]
+    assert {g["name"] for g in steps[0]["scores"]["graders"]} >= {"judge"}
+    assert any("valid_reward_mean" in (e.data or {}) for e in events)
+    spec = (server.home / "runs" / job.id / "spec.yaml").read_text()
+    assert "grader-7b" in spec and "sk-judge-secret" not in spec  # the key by its variable's name only

@@ -131,7 +131,9 @@ def test_reinforcement_is_grpo_rewarded_by_the_grader(tmp_path: Path) -> None:
     (_rl({**CHECK, "operation": "regex"}), "method.reinforcement.grader.operation"),
     (_rl({"type": "multi", "name": "m", "calculate_output": "a + os", "graders": {"a": CHECK}}),
      "method.reinforcement.grader.calculate_output"),
-    (_rl({"type": "score_model", "name": "judge", "model": "gpt-4o", "input": []}), "method.reinforcement.grader.type"),
+    (_rl({"type": "score_model", "name": "judge", "model": "gpt-4o", "input": [{"role": "user", "content": "x"}]}),
+     "method.reinforcement.grader.model"),
+    (_rl({"type": "score_model", "name": "judge", "model": "gpt-4o", "input": []}), "method.reinforcement.grader.input"),
     (_rl({**CHECK, "type": "text_similarity", "evaluation_metric": "cosine", "operation": None}),
      "method.reinforcement.grader.operation"),
     ({"type": "reinforcement", "reinforcement": {"grader": CHECK, "response_format": {"type": "json_schema"}}},
@@ -144,6 +146,28 @@ def test_reinforcement_requests_that_cannot_run_name_their_field(tmp_path: Path,
     with pytest.raises(Refused) as refused:
         spec_of(tmp_path, method=method)
     assert refused.value.param == param, refused.value
+
+
+def test_a_model_grader_job_gets_the_judge_it_names_and_its_keys_variable_only(tmp_path: Path) -> None:
+    from kubetune.control.environment import job_environment
+    from kubetune.control.jobs import JobPolicy
+    from kubetune.control.policy import GradersPolicy
+
+    judge = {"base_url": "http://judge.serving.svc:8000/v1", "model": "Qwen/Qwen3-8B", "api_key_env": "JUDGE_KEY"}
+    other = {"base_url": "http://other.svc/v1", "api_key_env": "OTHER_KEY"}
+    policy = JobPolicy(graders=GradersPolicy(models={"grader-8b": judge, "other": other}))  # type: ignore[arg-type]
+    grader = {"type": "score_model", "name": "j", "model": "grader-8b",
+              "input": [{"role": "user", "content": "{{sample.output_text}} vs {{item.answer}}"}]}
+    req = JobRequest(model="m", training_file="file-1", method=_rl(grader))
+    spec = build_spec("ftjob-0123456789abcdef01234567", req, Start(str(tmp_path)), "s3://b/t.jsonl", None,
+                      "s3://b/runs/x", policy, rows=100)
+    assert {n: j.model_dump(exclude_none=True, exclude_defaults=True) for n, j in spec.method.grpo.judges.items()} \
+        == {"grader-8b": judge}
+    env = job_environment(spec, {"JUDGE_KEY": "k1", "OTHER_KEY": "k2", "PATH": "/bin"})
+    assert env.get("JUDGE_KEY") == "k1" and "OTHER_KEY" not in env
+    # a tenant cannot name an endpoint through the spec extension either
+    with pytest.raises((Refused, SpecError)):
+        spec_of(tmp_path, method=_rl(CHECK), kubetune={"method.grpo.judges": {"x": {"base_url": "http://evil/v1"}}})
 
 
 def test_python_graders_are_refused_where_the_operator_turned_them_off(tmp_path: Path) -> None:

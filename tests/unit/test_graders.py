@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import TypeAdapter
 
-from kubetune.graders import Grader, GraderError, check_grader, grade
+from kubetune.graders import Grader, GraderError, check_grader, grade, grade_many, parse_grader
 
 GRADER = TypeAdapter(Grader)
 
@@ -91,3 +91,126 @@ def test_graders_this_server_does_not_run_are_refused_by_field() -> None:
     assert grade(g(type="multi", calculate_output="1 / (exact - 1)", graders={
         "exact": {"name": "e", "type": "string_check", "input": "x", "reference": "x", "operation": "eq"}}),
         "", None).errors["formula_parse_error"]
+
+
+# model graders: a judge model behind an OpenAI-compatible endpoint (tests/judge.py)
+
+SCORE = {"type": "score_model", "name": "judge", "model": "grader-7b",
+         "input": [{"role": "system", "content": "You grade answers. Reply with a score from 0 to 1."},
+                   {"role": "user", "content": [{"type": "input_text", "text": "Answer: {{sample.output_text}}\n"},
+                                                {"type": "input_text", "text": "Reference: {{item.answer}}"}]}],
+         "sampling_params": {"temperature": 0, "seed": 7, "max_completions_tokens": 99999 // 100}}
+LABEL = {"type": "label_model", "name": "verdict", "model": "grader-7b", "labels": ["right", "wrong"],
+         "passing_labels": ["right"],
+         "input": [{"role": "user", "content": "Answer: {{sample.output_text}}\nReference: {{item.answer}}"}]}
+
+
+@pytest.fixture
+def judge(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    from tests.judge import Judge
+
+    monkeypatch.setenv("JUDGE_KEY", "sk-judge")
+    served = Judge(key="sk-judge")
+    yield served
+    served.close()
+
+
+def judges(url: str, **extra: object) -> dict[str, object]:
+    from kubetune.spec.models import JudgeSpec
+
+    return {"grader-7b": JudgeSpec(base_url=url, model="org/judge-model", api_key_env="JUDGE_KEY", max_tokens=256,
+                                   **extra)}  # type: ignore[arg-type]
+
+
+def test_score_and_label_model_graders_ask_the_operators_judge(judge) -> None:  # type: ignore[no-untyped-def]
+    cases = [("12", {"answer": "12"}), ("13", {"answer": "12"}), ("7", {"answer": "7"})]
+    scored = grade_many(g(**SCORE), cases, judges=judges(judge.url))
+    assert [s.reward for s in scored] == [1.0, 0.0, 1.0] and not any(any(s.errors.values()) for s in scored)
+    assert scored[0].tokens == {"grader-7b": {"prompt_tokens": 11, "completion_tokens": 3}}
+    assert len(judge.requests) == 3  # one call per answer (a few at once: in any order)
+    sent = next(r for r in judge.requests if "Answer: 12\nReference: 12" in r["messages"][1]["content"])
+    # the operator's model name and key; the tenant's sampling within the operator's token cap; OpenAI's
+    # structured answer asked for; the templates filled in
+    assert sent["model"] == "org/judge-model" and sent["auth"] == "Bearer sk-judge"
+    assert (sent["max_tokens"], sent["temperature"], sent["seed"]) == (256, 0, 7)
+    assert sent["response_format"]["json_schema"]["schema"]["properties"]["result"] == {"type": "number"}
+    assert sent["messages"] == [SCORE["input"][0], {"role": "user", "content": "Answer: 12\nReference: 12"}]
+    labelled = grade_many(g(**LABEL), cases, judges=judges(judge.url))
+    assert [s.reward for s in labelled] == [1.0, 0.0, 1.0]
+    assert judge.requests[-1]["response_format"]["json_schema"]["schema"]["properties"]["result"] == \
+        {"type": "string", "enum": ["right", "wrong"]}
+    multi = g(type="multi", name="both", calculate_output="0.5 * judged + 0.5 * said", graders={
+        "judged": {**SCORE, "range": [0, 10]},
+        "said": {"type": "string_check", "name": "s", "input": "{{sample.output_text}}",
+                 "reference": "{{item.answer}}", "operation": "like"}})
+    judge.scale, judge.mode = 10.0, "bare"  # a judge that ignores response_format and says the number
+    both = grade(multi, "12", {"answer": "12"}, judges=judges(judge.url))
+    assert both.scores == {"judged": 10.0, "said": 1.0} and both.reward == 5.5
+
+
+@pytest.mark.parametrize("mode, error, detail", [
+    ("prose", "model_grader_parse_error", "not a score"),
+    ("out_of_range", "model_grader_parse_error", "outside the grader's range [0, 1]"),
+    ("refuse", "model_grader_refusal_error", "refused: I cannot grade this."),
+    ("error", "model_grader_server_error", "answered HTTP 503"),
+    ("slow", "model_grader_server_error", "did not answer (APITimeoutError)"),
+])
+def test_a_judge_that_does_not_grade_is_that_answers_error_not_a_crash(judge, mode: str, error: str,  # type: ignore[no-untyped-def]
+                                                                        detail: str) -> None:
+    judge.mode = mode
+    graded = grade(g(**SCORE), "12", {"answer": "12"}, judges=judges(judge.url, timeout_s=1.0))
+    assert graded.reward == 0.0 and graded.errors[error] and detail in (graded.details or ""), graded
+    assert judge.url.split("//")[1] not in (graded.details or "")  # the operator's endpoint is not named
+    # a template variable the row does not have: no call at all
+    calls = len(judge.requests)
+    missing = grade(g(**SCORE), "12", {}, judges=judges(judge.url, timeout_s=1.0))
+    assert missing.errors["invalid_variable_error"] and len(judge.requests) == calls
+
+
+def test_model_graders_name_only_a_judge_the_operator_configured() -> None:
+    cases = [
+        ({**SCORE}, (), "grader.model", "need a judge model, and none is configured"),
+        ({**SCORE, "model": "http://169.254.169.254/v1"}, ("grader-7b",), "grader.model",
+         "not a judge model here; the judges are: grader-7b"),
+        ({**SCORE, "range": [1, 1]}, ("grader-7b",), "grader.range", "low < high"),
+        ({**LABEL, "passing_labels": ["maybe"]}, ("grader-7b",), "grader.passing_labels", "'maybe' is not one"),
+        ({**LABEL, "labels": ["a", "a"]}, ("grader-7b",), "grader.labels", "must differ"),
+        ({**LABEL, "input": [{"role": "user", "content": "{{env.HOME}}"}]}, ("grader-7b",), "grader.input.0.content",
+         "sample.* and item.* only"),
+    ]
+    for grader, configured, param, message in cases:
+        with pytest.raises(GraderError) as refused:
+            check_grader(g(**grader), judges=configured)
+        assert refused.value.param == param and message in refused.value.message, refused.value.message
+    for bad, param in (({**SCORE, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+                        "grader.input.0.content"),
+                       ({**SCORE, "base_url": "http://evil"}, "grader.base_url"),
+                       ({**SCORE, "sampling_params": {"max_completions_tokens": 10 ** 9}},
+                        "grader.sampling_params.max_completions_tokens")):
+        with pytest.raises(GraderError) as refused:
+            parse_grader(bad)
+        assert refused.value.param.startswith(param), refused.value.param
+    check_grader(g(type="multi", name="m", calculate_output="a", graders={"a": LABEL}), judges=("grader-7b",))
+    with pytest.raises(GraderError) as refused:
+        check_grader(g(type="multi", name="m", calculate_output="a", graders={"a": LABEL}))
+    assert refused.value.param == "grader.graders.a.model"
+
+
+def test_in_training_a_judge_down_for_a_batch_is_transient_and_a_judge_that_never_scores_ends_the_run(  # type: ignore[no-untyped-def]
+        judge) -> None:
+    from kubetune.errors import TransientError, UsageError
+    from kubetune.spec.models import SandboxSpec
+    from kubetune.train.rewards import GraderReward
+
+    reward = GraderReward(g(**SCORE), "method.grpo.rewards.0.grader", SandboxSpec(), judges(judge.url))
+    logged: dict[str, float] = {}
+    assert reward(["p"] * 3, ["12", "13", "12"], answer=["12", "12", "12"],
+                  log_metric=logged.__setitem__) == [1.0, 0.0, 1.0]
+    assert logged["grader/model_error_mean"] == 0.0 and "grader/python_error_mean" not in logged
+    judge.mode = "error"  # a retry continues from the last checkpoint (exit 75, not 2)
+    with pytest.raises(TransientError, match="did not answer for a whole batch"):
+        reward(["p"] * 2, ["12", "13"], answer=["12", "12"])
+    judge.mode = "prose"
+    with pytest.raises(UsageError, match="failed on every answer") as ended:
+        reward(["p"] * 2, ["12", "13"], answer=["12", "12"])
+    assert "judge must answer a score" in (ended.value.hint or "")

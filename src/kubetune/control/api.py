@@ -492,7 +492,8 @@ async def _checked(grader: Any, state: ControlState) -> Any:
 
     sandbox = _sandbox(state)
     try:
-        check_grader(grader, IN_PROCESS | ({"python"} if sandbox else set()))
+        check_grader(grader, IN_PROCESS | ({"python"} if sandbox else set()),
+                     judges=state.settings.config.graders.models)
     except GraderError as exc:
         raise ApiError(400, f"{exc.param}: {exc.message}", param=exc.param, code="invalid_grader") from None
     sources = python_graders(grader)
@@ -531,15 +532,21 @@ async def run_grader(req: GraderRun, state: ControlState = Depends(control_state
     _busy()
     async with _GRADING:
         sandbox = await _checked(req.grader, state)
-        graded = await asyncio.to_thread(grade, req.grader, req.model_sample, req.item, sandbox)
+        graded = await asyncio.to_thread(grade, req.grader, req.model_sample, req.item, sandbox,
+                                         state.settings.config.graders.models)
     multi = req.grader.type == "multi"
+    judged = any(graded.errors.get(k) for k in ("model_grader_server_error", "model_grader_parse_error",
+                                                 "model_grader_refusal_error"))
+    details = redact(graded.details) if graded.details else None  # a grader process's message may name a path
+    usage = {model: {**t, "total_tokens": t["prompt_tokens"] + t["completion_tokens"]}
+             for model, t in graded.tokens.items()}
     return JSONResponse({
         "reward": graded.reward, "sub_rewards": graded.scores if multi else {},
-        "model_grader_token_usage_per_model": {},
+        "model_grader_token_usage_per_model": usage,
         "metadata": {"name": req.grader.name, "type": req.grader.type, "execution_time": graded.execution_time,
-                     "scores": graded.scores, "token_usage": None, "sampled_model_name": None,
-                     "errors": {**graded.errors, "model_grader_server_error_details": None,
-                                "python_grader_runtime_error_details": redact(graded.details) if graded.details
-                                else None,  # a grader process's message may name a server path
+                     "scores": graded.scores, "token_usage": sum(t["total_tokens"] for t in usage.values()) or None,
+                     "sampled_model_name": None,
+                     "errors": {**graded.errors, "model_grader_server_error_details": details if judged else None,
+                                "python_grader_runtime_error_details": None if judged else details,
                                 "python_grader_server_error_type": None}},
     })

@@ -4,7 +4,8 @@ The server's own environment holds what a job must never see: its database URL a
 keys, the operator's other credentials. A job gets an allow-list: what any Python process needs
 (PATH, HOME, locale, caches, device visibility), kubetune's machine settings, and the credentials of
 what this job uses — storage for its files and run, the Hub token for a Hub model, the tracker it
-reports to — plus the names the operator lists in the server configuration (`env`).
+reports to, the judge models its graders ask — plus the names the operator lists in the server
+configuration (`env`).
 """
 
 from __future__ import annotations
@@ -49,5 +50,7 @@ def job_environment(spec: RunSpec, server_env: Mapping[str, str], extra: Sequenc
         allowed += HUB
     for tracker in spec.tracking.report_to:
         allowed += TRACKERS.get(tracker, ())
+    # a model grader's judge: the key of the endpoint the operator named for it, by its variable
+    allowed += [j.api_key_env for j in spec.method.grpo.judges.values() if j.api_key_env]
     return {k: v for k, v in server_env.items()
             if k not in NEVER and any(fnmatch.fnmatchcase(k, pattern) for pattern in allowed)}

@@ -111,7 +111,8 @@ class JobRequest(BaseModel):
         method = self.method or Method(type="supervised")
         if method.type == "reinforcement" and method.reinforcement is None:
             raise Refused("method.reinforcement.grader", "a reinforcement job needs a grader",
-                          "give method.reinforcement.grader (string_check, text_similarity, python or multi)")
+                          "give method.reinforcement.grader (string_check, text_similarity, python, score_model, "
+                          "label_model or multi)")
         body = getattr(method, method.type) or MethodBody()
         if self.hyperparameters is not None:
             if method.type != "supervised":
@@ -228,7 +229,7 @@ def _reinforcement(body: ReinforcementBody, policy: JobPolicy, raw: dict[str, An
     """method.reinforcement as GRPO settings: the grader is the reward; each prompt is answered
     GROUP x compute_multiplier times; batch_size counts prompts (the spec's total_batch_size counts
     answers); the validation file is scored before, every eval_interval steps, and after."""
-    from kubetune.graders import IN_PROCESS, GraderError, check_grader, parse_grader
+    from kubetune.graders import IN_PROCESS, GraderError, check_grader, model_graders, parse_grader
 
     where = "method.reinforcement"
     if body.response_format is not None:
@@ -238,7 +239,7 @@ def _reinforcement(body: ReinforcementBody, policy: JobPolicy, raw: dict[str, An
     runnable = IN_PROCESS | ({"python"} if policy.graders.python else set())
     try:
         grader = parse_grader(body.grader, f"{where}.grader")
-        check_grader(grader, frozenset(runnable), f"{where}.grader")
+        check_grader(grader, frozenset(runnable), f"{where}.grader", policy.graders.models)
     except GraderError as exc:
         hint = ("the operator has disabled python graders (server.yaml graders.python)"
                 if exc.message.startswith("python") else None)
@@ -246,9 +247,11 @@ def _reinforcement(body: ReinforcementBody, policy: JobPolicy, raw: dict[str, An
     hp = body.hyperparameters
     generations = GROUP if hp.compute_multiplier == "auto" else max(2, round(GROUP * float(hp.compute_multiplier)))
     grpo = raw["method"].setdefault("grpo", {})
+    judges = {sub.model for sub in model_graders(grader).values()}  # the job gets these, not every judge
     grpo.update(rewards=[{"function": "grader", "grader": grader.model_dump(exclude_none=True)}],
                 num_generations=generations,
-                sandbox={"seconds": policy.graders.python_seconds, "memory_mb": policy.graders.python_memory_mb})
+                sandbox={"seconds": policy.graders.python_seconds, "memory_mb": policy.graders.python_memory_mb},
+                judges={n: policy.graders.models[n].model_dump(exclude_none=True) for n in sorted(judges)})
     params["method.grpo.num_generations"] = f"{where}.hyperparameters.compute_multiplier"
     prompts = 4 if hp.batch_size == "auto" else max(1, round(float(hp.batch_size)))
     raw["train"]["total_batch_size"] = prompts * generations

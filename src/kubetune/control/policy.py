@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kubetune.errors import Problem, SpecError, UsageError
-from kubetune.spec.models import OBJECTIVE_NAMES, ObjectiveName
+from kubetune.spec.models import OBJECTIVE_NAMES, JudgeSpec, ObjectiveName
 from kubetune.train.objectives import objective_named
 
 __all__ = ["Budgets", "Limits", "ModelEntry", "ModelsPolicy", "Refused", "ServerConfig", "Team",
@@ -106,6 +106,11 @@ class GradersPolicy(_Config):
                          "(no files, network, subprocesses; limits below). false: refused.")
     python_seconds: float = Field(5.0, gt=0, le=120, description="Wall time one sample's grade() may take.")
     python_memory_mb: int = Field(1024, ge=256, le=16384, description="Address space of a grader's process.")
+    models: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.:/-]{0,127}$")], JudgeSpec] = Field(
+        default_factory=dict, description="Judge models tenants' score_model and label_model graders may name (their "
+        "`model`): NAME: {base_url, model, api_key_env, timeout_s, max_tokens}, each an OpenAI-compatible endpoint "
+        "you serve (kubetune serve, vLLM). Jobs get the judges their grader names, and the key's variable. None: "
+        "model graders are refused.")
 
 
 class ServingPolicy(_Config):

@@ -4,8 +4,8 @@ The shapes are OpenAI's (`string_check`, `text_similarity`, `multi`, `python`, `
 `label_model`) so a grader written for its API is checked and run here unchanged; templates read
 `{{sample.output_text}}`, `{{sample.output_json.FIELD}}` and `{{item.FIELD}}`. This module runs the
 graders that need no model in-process, and `python` graders — the tenant's code — in a sandboxed
-process of their own (sandbox.py), once per batch of answers; `score_model`/`label_model` graders
-are checked here and refused by the servers that have no judge model.
+process of their own (sandbox.py), once per batch of answers, and `score_model`/`label_model`
+graders by asking a judge model the operator serves (judge.py), a few answers at a time.
 
 Everything here is pure and bounded: texts compared by similarity metrics are cut to MAX_COMPARED
 characters (the edit-distance and ROUGE-L metrics are quadratic), a formula is parsed into a small
@@ -19,12 +19,13 @@ import json
 import math
 import re
 import time
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Callable, Collection, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Grader", "GraderError", "Graded", "MultiGrader", "PythonGrader", "StringCheckGrader",
-           "TextSimilarityGrader", "check_grader", "grade", "grade_many", "parse_grader", "python_graders"]
+__all__ = ["Grader", "GraderError", "Graded", "LabelModelGrader", "MultiGrader", "PythonGrader", "ScoreModelGrader",
+           "StringCheckGrader", "TextSimilarityGrader", "check_grader", "grade", "grade_many", "model_graders",
+           "parse_grader", "python_graders"]
 
 MAX_TEXT = 20_000          # characters of a template
 MAX_COMPARED = 2_000       # characters of each side a similarity metric compares (ROUGE-L is quadratic in words)
@@ -66,21 +67,48 @@ class PythonGrader(_Grader):
     image_tag: str | None = Field(None, max_length=128)
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["input_text", "output_text"]
+    text: str = Field(max_length=MAX_TEXT)
+
+
+class JudgeMessage(BaseModel):
+    """One message of a model grader's conversation with its judge (text only: judges read no images
+    or audio here)."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[Annotated[str, Field(max_length=MAX_TEXT)], TextPart, list[TextPart]]
+
+    def text(self) -> str:
+        parts = [self.content] if isinstance(self.content, (str, TextPart)) else self.content
+        return "".join(p if isinstance(p, str) else p.text for p in parts)
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_completions_tokens: int | None = Field(None, ge=1, le=32768)
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+
 class ScoreModelGrader(_Grader):
-    model_config = ConfigDict(extra="allow")
     type: Literal["score_model"]
-    model: str = Field(max_length=300)
-    input: list[Any] = Field(max_length=64)
-    range: list[float] | None = None
+    model: str = Field(min_length=1, max_length=128)
+    input: list[JudgeMessage] = Field(min_length=1, max_length=32)
+    range: list[float] | None = Field(None, min_length=2, max_length=2)
+    sampling_params: SamplingParams | None = None
 
 
 class LabelModelGrader(_Grader):
-    model_config = ConfigDict(extra="allow")
     type: Literal["label_model"]
-    model: str = Field(max_length=300)
-    input: list[Any] = Field(max_length=64)
-    labels: list[str] = Field(max_length=64)
-    passing_labels: list[str] = Field(max_length=64)
+    model: str = Field(min_length=1, max_length=128)
+    input: list[JudgeMessage] = Field(min_length=1, max_length=32)
+    labels: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(min_length=2, max_length=64)
+    passing_labels: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(min_length=1, max_length=64)
 
 
 Single = Annotated[Union[StringCheckGrader, TextSimilarityGrader, PythonGrader, ScoreModelGrader, LabelModelGrader],
@@ -104,6 +132,7 @@ class Graded(BaseModel):
     errors: dict[str, bool] = Field(default_factory=dict)
     details: str | None = None
     execution_time: float = 0.0
+    tokens: dict[str, dict[str, int]] = Field(default_factory=dict)   # judge model → prompt/completion tokens
 
 
 ERRORS = ("formula_parse_error", "invalid_variable_error", "model_grader_parse_error", "model_grader_refusal_error",
@@ -112,6 +141,7 @@ ERRORS = ("formula_parse_error", "invalid_variable_error", "model_grader_parse_e
 
 
 IN_PROCESS = frozenset({"string_check", "text_similarity", "multi"})
+MODEL_GRADERS = frozenset({"score_model", "label_model"})   # run wherever a judge model is configured
 
 
 def parse_grader(value: Any, where: str = "grader") -> Any:
@@ -139,42 +169,108 @@ def python_graders(grader: Any) -> dict[str, Any]:
     return {}
 
 
-def check_grader(grader: Any, runnable: frozenset[str] = IN_PROCESS, where: str = "grader") -> None:
+def model_graders(grader: Any) -> dict[str, Any]:
+    """The score_model/label_model graders in `grader`, by the key their score is reported under."""
+    if grader.type in MODEL_GRADERS:
+        return {grader.name: grader}
+    if isinstance(grader, MultiGrader):
+        return {k: g for k, g in grader.graders.items() if g.type in MODEL_GRADERS}
+    return {}
+
+
+def check_grader(grader: Any, runnable: frozenset[str] = IN_PROCESS, where: str = "grader",
+                 judges: Collection[str] = ()) -> None:
     """What `validate` adds to the schema: a formula that parses and names only sub-graders; metrics
-    this server computes; grader types it runs (`runnable`). GraderError names the field."""
-    if grader.type not in runnable:
+    this server computes; grader types it runs (`runnable`; model graders where their `model` is one of
+    the `judges` configured). GraderError names the field."""
+    if grader.type in MODEL_GRADERS:
+        if not judges:
+            raise GraderError(f"{where}.model", f"{grader.type} graders need a judge model, and none is configured "
+                                                "here (server.yaml graders.models; a spec's method.grpo.judges)")
+        if grader.model not in judges:
+            raise GraderError(f"{where}.model", f"{grader.model!r} is not a judge model here; the judges are: "
+                                                f"{', '.join(sorted(judges))}")
+        if isinstance(grader, ScoreModelGrader) and grader.range and not grader.range[0] < grader.range[1]:
+            raise GraderError(f"{where}.range", "the range is [low, high] with low < high")
+        if isinstance(grader, LabelModelGrader):
+            if len(set(grader.labels)) != len(grader.labels):
+                raise GraderError(f"{where}.labels", "the labels must differ")
+            stray = [label for label in grader.passing_labels if label not in grader.labels]
+            if stray:
+                raise GraderError(f"{where}.passing_labels", f"{stray[0]!r} is not one of the labels")
+        for i, message in enumerate(grader.input):
+            _check_template(message.text(), f"{where}.input.{i}.content")
+    elif grader.type not in runnable:
         raise GraderError(f"{where}.type", f"{grader.type} graders do not run on this server")
     if isinstance(grader, TextSimilarityGrader) and grader.evaluation_metric == "cosine":
         raise GraderError(f"{where}.evaluation_metric", "cosine needs an embedding model, and this server has none "
                                                         "configured; use fuzzy_match, bleu, gleu, meteor or rouge_*")
     if isinstance(grader, MultiGrader):
         for name, sub in grader.graders.items():
-            check_grader(sub, runnable, f"{where}.graders.{name}")
+            check_grader(sub, runnable, f"{where}.graders.{name}", judges)
         try:
             _Formula(grader.calculate_output, set(grader.graders))
         except GraderError as exc:
             raise GraderError(f"{where}.calculate_output", exc.message) from None
 
 
-def grade(grader: Any, sample: str, item: Any, sandbox: Any = None) -> Graded:
+def _check_template(text: str, where: str) -> None:
+    for match in _VARIABLE.finditer(text):
+        if match.group(1).split(".")[0] not in ("sample", "item"):
+            raise GraderError(where, f"{{{{{match.group(1)}}}}}: a template reads sample.* and item.* only")
+
+
+def grade(grader: Any, sample: str, item: Any, sandbox: Any = None, judges: Any = None) -> Graded:
     """Run a grader on one answer (`sample`, the model's text) to one row (`item`)."""
-    return grade_many(grader, [(sample, item)], sandbox)[0]
+    return grade_many(grader, [(sample, item)], sandbox, judges)[0]
 
 
-def grade_many(grader: Any, cases: list[tuple[str, Any]], sandbox: Any = None) -> list[Graded]:
+def grade_many(grader: Any, cases: list[tuple[str, Any]], sandbox: Any = None, judges: Any = None) -> list[Graded]:
     """Run a grader on each (answer, row). Python graders run in one sandboxed process per batch
-    (`sandbox`: its SandboxLimits; None refuses them); the rest in this process."""
+    (`sandbox`: its SandboxLimits; None refuses them); model graders ask their judge (`judges`: the
+    JudgeSpecs by name; None refuses them), a few answers at a time; the rest in this process."""
     started = time.perf_counter()
-    python: dict[str, list[Any]] = {}
+    outside: dict[str, list[Any]] = {}
     for key, sub in python_graders(grader).items():
         if sandbox is None:
             raise GraderError("grader.type", "python graders do not run here")
         from kubetune.graders.sandbox import run_python
 
-        python[key] = run_python(sub.source, [(python_sample(s), item) for s, item in cases], sandbox)
+        outside[key] = run_python(sub.source, [(python_sample(s), item) for s, item in cases], sandbox)
+    for key, sub in model_graders(grader).items():
+        if judges is None:
+            raise GraderError("grader.type", f"{sub.type} graders do not run here")
+        outside[key] = _judged(sub, cases, judges)
     shared = (time.perf_counter() - started) / max(1, len(cases))
-    return [_grade_one(grader, sample, item, {k: v[j] for k, v in python.items()}, shared)
+    return [_grade_one(grader, sample, item, {k: v[j] for k, v in outside.items()}, shared)
             for j, (sample, item) in enumerate(cases)]
+
+
+def _judged(grader: Any, cases: list[tuple[str, Any]], judges: Any) -> list[Any]:
+    """Each case's judgement (or JudgeFailed, or the _MissingVariable its messages raised)."""
+    from kubetune.graders.judge import JudgeCall, ask_all
+
+    params = getattr(grader, "sampling_params", None)  # score_model has them, label_model not (as OpenAI's)
+    sampling = params.model_dump(exclude_none=True) if params else {}
+    labels = tuple(grader.labels) if isinstance(grader, LabelModelGrader) else ()
+    bounds = tuple(grader.range) if isinstance(grader, ScoreModelGrader) and grader.range else (0.0, 1.0)
+    results: list[Any] = [None] * len(cases)
+    calls, slots = [], []
+    for j, (sample, item) in enumerate(cases):
+        try:
+            messages = [{"role": m.role, "content": render(m.text(), _namespace(sample, item))} for m in grader.input]
+        except _MissingVariable as exc:
+            results[j] = exc
+            continue
+        calls.append(JudgeCall(grader.model, messages, labels, bounds, sampling))  # type: ignore[arg-type]
+        slots.append(j)
+    for j, outcome in zip(slots, ask_all(calls, judges)):
+        results[j] = outcome
+    return results
+
+
+def _namespace(sample: str, item: Any) -> dict[str, Any]:
+    return {"sample": {"output_text": sample, "output_json": _json_or_none(sample)}, "item": item}
 
 
 def python_sample(text: str) -> dict[str, Any]:
@@ -186,12 +282,13 @@ def python_sample(text: str) -> dict[str, Any]:
 def _grade_one(grader: Any, sample: str, item: Any, python: dict[str, Any], shared: float) -> Graded:
     started = time.perf_counter()
     errors = dict.fromkeys(ERRORS, False)
-    namespace = {"sample": {"output_text": sample, "output_json": _json_or_none(sample)}, "item": item}
+    namespace = _namespace(sample, item)
     scores: dict[str, float] = {}
+    tokens = _tokens(grader, python)
 
     def failed(kind: str, details: str) -> Graded:
         errors[kind] = True
-        return Graded(reward=0.0, scores=scores, errors=errors, details=details,
+        return Graded(reward=0.0, scores=scores, errors=errors, details=details, tokens=tokens,
                       execution_time=shared + time.perf_counter() - started)
 
     try:
@@ -209,7 +306,22 @@ def _grade_one(grader: Any, sample: str, item: Any, python: dict[str, Any], shar
         return failed("formula_parse_error", f"calculate_output: {exc}")
     except _PythonFailed as exc:
         return failed(exc.kind, exc.detail)
-    return Graded(reward=reward, scores=scores, errors=errors, execution_time=shared + time.perf_counter() - started)
+    return Graded(reward=reward, scores=scores, errors=errors, tokens=tokens,
+                  execution_time=shared + time.perf_counter() - started)
+
+
+def _tokens(grader: Any, outcomes: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Prompt and completion tokens each judge model spent on this answer (OpenAI's token usage)."""
+    from kubetune.graders.judge import Judgement
+
+    used: dict[str, dict[str, int]] = {}
+    for key, sub in model_graders(grader).items():
+        outcome = outcomes.get(key)
+        if isinstance(outcome, Judgement):
+            count = used.setdefault(sub.model, {"prompt_tokens": 0, "completion_tokens": 0})
+            count["prompt_tokens"] += outcome.prompt_tokens
+            count["completion_tokens"] += outcome.completion_tokens
+    return used
 
 
 class _PythonFailed(Exception):
@@ -246,6 +358,18 @@ def render(template: str, namespace: dict[str, Any]) -> str:
 
 
 def _single(grader: Any, namespace: dict[str, Any], python: Any = None) -> float:
+    if grader.type in MODEL_GRADERS:
+        from kubetune.graders.judge import JudgeFailed
+
+        if isinstance(python, _MissingVariable):
+            raise python
+        if isinstance(python, JudgeFailed):
+            raise _PythonFailed(python.kind, f"{grader.name}: {python.detail}")
+        if python is None:
+            raise _PythonFailed("model_grader_server_error", f"{grader.name}: not run")
+        if isinstance(grader, LabelModelGrader):
+            return float(python.value in grader.passing_labels)
+        return float(python.value)
     if isinstance(grader, PythonGrader):
         if python is None or python.score is None:
             raise _PythonFailed(python.kind if python else "python_grader_server_error",

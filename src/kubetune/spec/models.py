@@ -178,6 +178,22 @@ class SandboxSpec(_Section):
     memory_mb: int = Field(1024, ge=256, le=16384, description="Address space of the grader's process.")
 
 
+class JudgeSpec(_Section):
+    """A judge model for score_model/label_model graders: an OpenAI-compatible endpoint the operator
+    serves (`kubetune serve`, vLLM). Graders name it by its key in `judges` (server.yaml
+    `graders.models`), never by URL."""
+    base_url: str = Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+                          description="The endpoint's /v1 URL, e.g. http://judge.team-a.svc:8000/v1.")
+    model: str | None = Field(None, max_length=300, description="The model's name at the endpoint (default: this "
+                              "judge's own name).")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", description="The environment "
+                                    "variable holding the endpoint's key (on Kubernetes, from a Secret the pod "
+                                    "gets); the training process is given it.")
+    timeout_s: float = Field(60.0, gt=0, le=600, description="One judgement's wall time.")
+    max_tokens: int = Field(1024, ge=1, le=32768, description="Most tokens a judgement may take (a grader's "
+                            "sampling_params.max_completions_tokens is capped by it).")
+
+
 class GRPOSpec(_Section):
     rewards: list[RewardSpec] = Field(default_factory=list, description="Reward functions, summed with their weights.")
     num_generations: int = Field(4, ge=2, description="Answers sampled per prompt (the group). train.total_batch_size "
@@ -196,6 +212,9 @@ class GRPOSpec(_Section):
         None, description="Passed to a chat template that reads reasoning_effort (gpt-oss's); refused for one "
         "that does not.")
     sandbox: SandboxSpec = Field(default_factory=lambda: SandboxSpec(), description="Limits of python graders.")
+    judges: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.:/-]{0,127}$")], JudgeSpec] = Field(
+        default_factory=dict, description="Judge models score_model and label_model graders may name (their "
+        "`model`), by name.")
 
 
 # The training objectives (kubetune.train.objectives.OBJECTIVES maps each to its module).

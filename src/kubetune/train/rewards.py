@@ -10,8 +10,8 @@ import json
 import re
 from typing import Any, Callable
 
-from kubetune.errors import Problem, SpecError, UsageError
-from kubetune.spec.models import RewardSpec, SandboxSpec
+from kubetune.errors import Problem, SpecError, TransientError, UsageError
+from kubetune.spec.models import JudgeSpec, RewardSpec, SandboxSpec
 
 Reward = Callable[..., list[float]]
 
@@ -72,7 +72,9 @@ def length(max_chars: int) -> Reward:
 
 # TRL's own keyword arguments to a reward function, beside the data columns
 _TRL_KWARGS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
-_FAILED = ("python_grader_runtime_error", "python_grader_server_error", "unresponsive_reward_error")
+_PYTHON_FAILED = ("python_grader_runtime_error", "python_grader_server_error", "unresponsive_reward_error")
+_MODEL_FAILED = ("model_grader_server_error", "model_grader_parse_error", "model_grader_refusal_error")
+_FAILED = _PYTHON_FAILED + _MODEL_FAILED
 
 
 class GraderReward:
@@ -81,37 +83,49 @@ class GraderReward:
     `grader/error_mean`; with python graders `grader/python_error_mean`, `grader/unresponsive_mean`). A batch in which every answer's grading failed — the grader's code raises,
     hangs or dies whatever the answer — ends the run (exit 2): it would train on no signal."""
 
-    def __init__(self, grader: Any, where: str, sandbox: SandboxSpec) -> None:
+    def __init__(self, grader: Any, where: str, sandbox: SandboxSpec, judges: dict[str, JudgeSpec] | None = None) -> None:
         from kubetune.graders.sandbox import SandboxLimits
 
-        self.grader, self.where = grader, where
+        self.grader, self.where, self.judges = grader, where, judges or {}
         self.sandbox = SandboxLimits(seconds=sandbox.seconds, memory_mb=sandbox.memory_mb)
         self.__name__ = "grader_" + (re.sub(r"[^\w.-]", "_", grader.name)[:48] or "grader")
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
-        from kubetune.graders import grade_many, python_graders
+        from kubetune.graders import grade_many, model_graders, python_graders
 
         log = columns.get("log_metric")
         data = {k: v for k, v in columns.items() if k not in _TRL_KWARGS and isinstance(v, list)}
         items = [{k: v[j] for k, v in data.items()} for j in range(len(completions))]
         graded = grade_many(self.grader, [(answer_text(c), item) for c, item in zip(completions, items)],
-                            self.sandbox)
+                            self.sandbox, self.judges)
         failed = [g for g in graded if any(g.errors.get(k) for k in _FAILED)]
+        if graded and all(g.errors.get("model_grader_server_error") for g in graded):
+            # the judge is down, not the grader wrong: a retry continues from the last checkpoint
+            raise TransientError(f"{self.where}: the judge model did not answer for a whole batch "
+                                 f"({len(graded)}): {graded[0].details}")
         if graded and len(failed) == len(graded):
+            hint = ("fix the grader: python graders run with no files, network, subprocesses or threads, within "
+                    "method.grpo.sandbox's limits") if python_graders(self.grader) else \
+                ("fix the grader's messages: the judge must answer a score in the grader's range, or one of its labels")
             raise UsageError(f"{self.where}: the grader failed on every answer of a batch ({len(graded)}): "
-                             f"{failed[0].details}", "fix the grader: python graders run with no files, network, "
-                             "subprocesses or threads, within method.grpo.sandbox's limits")
+                             f"{failed[0].details}", hint)
         if callable(log) and graded:
             for name in graded[0].scores if self.grader.type == "multi" else ():
                 values = [g.scores[name] for g in graded if name in g.scores]
                 if values:
                     log(f"grader/{name}/mean", sum(values) / len(values))
             log("grader/error_mean", sum(any(g.errors.values()) for g in graded) / len(graded))
+            if model_graders(self.grader):
+                log("grader/model_error_mean", _rate(graded, _MODEL_FAILED))
             if python_graders(self.grader):
-                log("grader/python_error_mean", len(failed) / len(graded))
+                log("grader/python_error_mean", _rate(graded, _PYTHON_FAILED))
                 log("grader/unresponsive_mean",
                     sum(bool(g.errors.get("unresponsive_reward_error")) for g in graded) / len(graded))
         return [g.reward for g in graded]
+
+
+def _rate(graded: list[Any], kinds: tuple[str, ...]) -> float:
+    return sum(any(g.errors.get(k) for k in kinds) for g in graded) / len(graded)
 
 
 def grader_columns(grader: Any) -> set[str]:
@@ -120,7 +134,8 @@ def grader_columns(grader: Any) -> set[str]:
     return set(re.findall(r"\{\{\s*item\.([\w-]+)", text))
 
 
-def load_rewards(specs: list[RewardSpec], sandbox: SandboxSpec | None = None) -> tuple[list[Reward], list[float]]:
+def load_rewards(specs: list[RewardSpec], sandbox: SandboxSpec | None = None,
+                 judges: dict[str, JudgeSpec] | None = None) -> tuple[list[Reward], list[float]]:
     """The reward callables and their weights; an import path that does not resolve, or a grader
     that does not parse or load, is a spec error."""
     funcs: list[Reward] = []
@@ -128,11 +143,11 @@ def load_rewards(specs: list[RewardSpec], sandbox: SandboxSpec | None = None) ->
     for i, r in enumerate(specs):
         if r.function == "grader":
             where = f"method.grpo.rewards.{i}.grader"
-            grader, problem = _checked_grader(r.grader, where, sandbox or SandboxSpec())
+            grader, problem = _checked_grader(r.grader, where, sandbox or SandboxSpec(), judges or {})
             if problem is not None:
                 problems.append(problem)
             else:
-                funcs.append(GraderReward(grader, where, sandbox or SandboxSpec()))
+                funcs.append(GraderReward(grader, where, sandbox or SandboxSpec(), judges))
         elif r.function == "exact_match":
             funcs.append(exact_match(str(r.column), r.pattern))
         elif r.function == "regex":
@@ -157,7 +172,7 @@ def load_rewards(specs: list[RewardSpec], sandbox: SandboxSpec | None = None) ->
     return funcs, [r.weight for r in specs]
 
 
-def _checked_grader(value: Any, where: str, sandbox: SandboxSpec) -> tuple[Any, Problem | None]:
+def _checked_grader(value: Any, where: str, sandbox: SandboxSpec, judges: dict[str, JudgeSpec]) -> tuple[Any, Problem | None]:
     """The grader, parsed and checked; python graders loaded once in the sandbox (a syntax error, a
     missing grade function or an import that is not there is found here, not at step 1)."""
     from kubetune.graders import GraderError, check_grader, parse_grader, python_graders
@@ -165,7 +180,7 @@ def _checked_grader(value: Any, where: str, sandbox: SandboxSpec) -> tuple[Any, 
 
     try:
         grader = parse_grader(value, where)
-        check_grader(grader, frozenset({"string_check", "text_similarity", "multi", "python"}), where)
+        check_grader(grader, frozenset({"string_check", "text_similarity", "multi", "python"}), where, judges)
     except GraderError as exc:
         return None, Problem(exc.param, exc.message)
     sources = python_graders(grader)
