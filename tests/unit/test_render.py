@@ -535,3 +535,16 @@ def test_serving_runs_vllms_build_for_the_accelerator(example: str, accelerator:
         assert set(pod["securityContext"]["supplementalGroups"]) >= {44, 109}
     named = rendered(example, "serve", f"resources.accelerator={accelerator}", "serve.image=registry.internal/vllm:7")
     assert pod_of(named)["containers"][0]["image"] == "registry.internal/vllm:7"
+
+
+def test_a_model_graders_judge_key_reaches_the_training_pod_by_reference_only() -> None:
+    judge = '{"grader-8b": {"base_url": "http://judge.serving.svc:8000/v1", "api_key_env": "JUDGE_KEY", %s}}'
+    grpo = ("method.objective=grpo", "eval.metrics=[]", 'method.grpo.rewards=[{"function": "length", "max_chars": 9}]')
+    objects = rendered("quickstart.yaml", "train", *grpo,
+                       "method.grpo.judges=" + judge % '"api_key_secret": "judge-creds/key"')
+    env = {e["name"]: e for e in pod_of(objects)["containers"][0]["env"]}
+    assert env["JUDGE_KEY"] == {"name": "JUDGE_KEY", "valueFrom": {"secretKeyRef": {"name": "judge-creds",
+                                                                                  "key": "key"}}}
+    with pytest.raises(SpecError) as refused:
+        rendered("quickstart.yaml", "train", *grpo, "method.grpo.judges=" + judge % '"timeout_s": 9')
+    assert refused.value.problems[0].where == "method.grpo.judges.grader-8b.api_key_secret"

@@ -189,6 +189,9 @@ class JudgeSpec(_Section):
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$", description="The environment "
                                     "variable holding the endpoint's key (on Kubernetes, from a Secret the pod "
                                     "gets); the training process is given it.")
+    api_key_secret: str | None = Field(None, pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?/[-._a-zA-Z0-9]+$",
+                                       description="On Kubernetes: SECRET/KEY holding that key (the training pod "
+                                       "gets it as api_key_env, by reference).")
     timeout_s: float = Field(60.0, gt=0, le=600, description="One judgement's wall time.")
     max_tokens: int = Field(1024, ge=1, le=32768, description="Most tokens a judgement may take (a grader's "
                             "sampling_params.max_completions_tokens is capped by it).")

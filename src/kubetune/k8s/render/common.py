@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune import __version__, settings
+from kubetune.errors import Problem, SpecError
 from kubetune.spec.models import RunSpec
 from kubetune.uris import bucket, scheme
 
@@ -101,6 +102,13 @@ def env(spec: RunSpec, trackers: bool = False) -> tuple[list[dict[str, Any]], li
         out.append({"name": "HF_TOKEN", "valueFrom": secret_ref(k.secrets.hf_token)})
     if trackers and k.secrets.wandb:
         out.append({"name": "WANDB_API_KEY", "valueFrom": secret_ref(k.secrets.wandb)})
+    for name, judge in spec.method.grpo.judges.items() if trackers else ():  # model graders' judges
+        if judge.api_key_env and not judge.api_key_secret:
+            raise SpecError([Problem(f"method.grpo.judges.{name}.api_key_secret", f"the judge's key "
+                                     f"({judge.api_key_env}) has no Secret to come from in the pod")],
+                            "name the Kubernetes Secret holding it: api_key_secret: SECRET/KEY")
+        if judge.api_key_env and judge.api_key_secret:
+            out.append({"name": judge.api_key_env, "valueFrom": secret_ref(judge.api_key_secret)})
     env_from = [{"secretRef": {"name": name}} for name in (k.secrets.storage, k.secrets.mlflow if trackers else None)
                 if name]
     return out, env_from
