@@ -1,6 +1,7 @@
 """A judge model for model graders' tests: an OpenAI-compatible /v1/chat/completions server on
 127.0.0.1 (HTTP, as vLLM or `kubetune serve` answer it), whose "model" is a rule a test can predict —
-a tiny random model's judgement could not be — so the scores the graders report can be checked.
+a tiny random model's judgement could not be — so the scores the graders report can be checked. It
+also serves /v1/embeddings (letter counts) for the cosine metric.
 
 It reads the conversation's text for `Answer: X` and `Reference: Y` lines and judges X == Y: a
 score_model request (response_format's result is a number) gets 1 or 0 (`scale` times), a
@@ -16,6 +17,11 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+
+def letter_counts(text: str) -> list[float]:
+    """The embedding model's vector: how often each letter a-z occurs (a cosine a test can compute)."""
+    return [float(text.lower().count(c)) for c in "abcdefghijklmnopqrstuvwxyz"]
 
 
 class Judge:
@@ -58,6 +64,11 @@ class Judge:
                 judge.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
                 if judge.key and self.headers.get("Authorization") != f"Bearer {judge.key}":
                     return self._send(401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
+                if self.path == "/v1/embeddings" and judge.mode != "error":
+                    vectors = [letter_counts(t) for t in body["input"]]
+                    return self._send(200, {"object": "list", "model": body["model"], "usage": {
+                        "prompt_tokens": 1, "total_tokens": 1}, "data": [
+                        {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]})
                 if self.path != "/v1/chat/completions" or judge.mode == "error":
                     return self._send(503, {"error": {"message": "overloaded", "type": "server_error"}})
                 if judge.mode == "slow":

@@ -372,7 +372,7 @@ JUDGED = {"type": "score_model", "name": "judge", "model": "grader-7b",
           "input": [{"role": "user", "content": "Answer: {{sample.output_text}}\nReference: {{item.answer}}"}]}
 
 
-def test_score_model_graders_run_through_the_official_client_and_grade_a_reinforcement_job(
+def test_model_graders_and_cosine_run_through_the_official_client_and_grade_a_reinforcement_job(
         tmp_path: Path, tiny_model: Path) -> None:
     import json
 
@@ -381,7 +381,8 @@ def test_score_model_graders_run_through_the_official_client_and_grade_a_reinfor
     judge = Judge(key="sk-judge-secret")
     config = tmp_path / "server.yaml"
     config.write_text(json.dumps({"models": {"root": str(tiny_model.parent)}, "graders": {"models": {
-        "grader-7b": {"base_url": judge.url, "model": "org/judge", "api_key_env": "JUDGE_KEY", "timeout_s": 10}}}}))
+        "grader-7b": {"base_url": judge.url, "model": "org/judge", "api_key_env": "JUDGE_KEY", "timeout_s": 10}},
+        "embeddings": {"base_url": judge.url, "model": "org/embedder", "api_key_env": "JUDGE_KEY"}}}))
     server = Control(tmp_path / "home", "--config", str(config), env={"JUDGE_KEY": "sk-judge-secret"}).start()
     try:
         client = server.client("unused")
@@ -395,6 +396,12 @@ def test_score_model_graders_run_through_the_official_client_and_grade_a_reinfor
         assert client.fine_tuning.alpha.graders.run(grader=label, model_sample="11",  # type: ignore[arg-type]
                                                     item={"answer": "12"}).reward == 0.0
         assert judge.requests[0]["model"] == "org/judge" and judge.requests[0]["auth"] == "Bearer sk-judge-secret"
+        cosine = {"type": "text_similarity", "name": "cos", "evaluation_metric": "cosine",
+                  "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}
+        anagram = client.fine_tuning.alpha.graders.run(grader=cosine, model_sample="listen",  # type: ignore[arg-type]
+                                                       item={"answer": "silent"})
+        assert anagram.reward == pytest.approx(1.0)  # the embedder counts letters
+        assert judge.requests[-1]["path"] == "/v1/embeddings" and judge.requests[-1]["model"] == "org/embedder"
         judge.mode = "error"
         down = client.fine_tuning.alpha.graders.run(grader=JUDGED, model_sample="1",  # type: ignore[arg-type]
                                                     item={"answer": "1"})

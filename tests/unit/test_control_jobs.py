@@ -165,6 +165,17 @@ def test_a_model_grader_job_gets_the_judge_it_names_and_its_keys_variable_only(t
         == {"grader-8b": judge}
     env = job_environment(spec, {"JUDGE_KEY": "k1", "OTHER_KEY": "k2", "PATH": "/bin"})
     assert env.get("JUDGE_KEY") == "k1" and "OTHER_KEY" not in env
+    embedder = {"base_url": "http://embed.serving.svc/v1", "model": "bge", "api_key_env": "EMBED_KEY"}
+    policy = JobPolicy(graders=GradersPolicy(models={"other": other}, embeddings=embedder))  # type: ignore[arg-type]
+    cosine = {"type": "text_similarity", "name": "c", "evaluation_metric": "cosine",
+              "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}
+    spec = build_spec("ftjob-0123456789abcdef01234567", JobRequest(model="m", training_file="file-1",
+                                                                   method=_rl(cosine)),
+                      Start(str(tmp_path)), "s3://b/t.jsonl", None, "s3://b/runs/x", policy, rows=100)
+    assert spec.method.grpo.embeddings is not None and spec.method.grpo.embeddings.model == "bge"
+    assert spec.method.grpo.judges == {}
+    env = job_environment(spec, {"EMBED_KEY": "k3", "OTHER_KEY": "k2"})
+    assert env == {"EMBED_KEY": "k3"}
     # a tenant cannot name an endpoint through the spec extension either
     with pytest.raises((Refused, SpecError)):
         spec_of(tmp_path, method=_rl(CHECK), kubetune={"method.grpo.judges": {"x": {"base_url": "http://evil/v1"}}})

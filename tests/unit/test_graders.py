@@ -214,3 +214,35 @@ def test_in_training_a_judge_down_for_a_batch_is_transient_and_a_judge_that_neve
     with pytest.raises(UsageError, match="failed on every answer") as ended:
         reward(["p"] * 2, ["12", "13"], answer=["12", "12"])
     assert "judge must answer a score" in (ended.value.hint or "")
+
+
+def test_cosine_similarity_embeds_with_the_operators_embedding_model(judge) -> None:  # type: ignore[no-untyped-def]
+    import math
+
+    from kubetune.spec.models import EndpointSpec
+    from tests.judge import letter_counts
+
+    def expected(a: str, b: str) -> float:
+        x, y = letter_counts(a), letter_counts(b)
+        return sum(p * q for p, q in zip(x, y)) / math.sqrt(sum(p * p for p in x) * sum(q * q for q in y))
+
+    cosine = g(type="text_similarity", input="{{sample.output_text}}", reference="{{item.answer}}",
+               evaluation_metric="cosine")
+    with pytest.raises(GraderError) as refused:
+        check_grader(cosine)
+    assert refused.value.param == "grader.evaluation_metric" and "none is configured" in refused.value.message
+    check_grader(cosine, embeddings=True)
+    endpoint = EndpointSpec(base_url=judge.url, model="org/embedder", api_key_env="JUDGE_KEY")
+    cases = [("the cat sat", {"answer": "a cat sat"}), ("zzz", {"answer": "abc"}), ("x", {})]
+    graded = grade_many(cosine, cases, embeddings=endpoint)
+    assert graded[0].reward == pytest.approx(expected("the cat sat", "a cat sat")) and graded[0].reward > 0.8
+    assert graded[1].reward == 0.0 and not graded[1].errors["model_grader_server_error"]
+    assert graded[2].errors["invalid_variable_error"]
+    (sent,) = judge.requests  # one request for the batch
+    assert sent["path"] == "/v1/embeddings" and sent["model"] == "org/embedder" and sent["auth"] == "Bearer sk-judge"
+    assert sent["input"] == ["the cat sat", "a cat sat", "zzz", "abc"]
+    multi = g(type="multi", name="m", calculate_output="cos", graders={"cos": {**cosine.model_dump(), "name": "c"}})
+    assert grade(multi, "dog", {"answer": "god"}, embeddings=endpoint).reward == pytest.approx(1.0)
+    judge.mode = "error"
+    down = grade(cosine, "a", {"answer": "b"}, embeddings=endpoint)
+    assert down.errors["model_grader_server_error"] and "embedding model answered HTTP 503" in (down.details or "")

@@ -493,7 +493,8 @@ async def _checked(grader: Any, state: ControlState) -> Any:
     sandbox = _sandbox(state)
     try:
         check_grader(grader, IN_PROCESS | ({"python"} if sandbox else set()),
-                     judges=state.settings.config.graders.models)
+                     judges=state.settings.config.graders.models,
+                     embeddings=state.settings.config.graders.embeddings is not None)
     except GraderError as exc:
         raise ApiError(400, f"{exc.param}: {exc.message}", param=exc.param, code="invalid_grader") from None
     sources = python_graders(grader)
@@ -533,7 +534,7 @@ async def run_grader(req: GraderRun, state: ControlState = Depends(control_state
     async with _GRADING:
         sandbox = await _checked(req.grader, state)
         graded = await asyncio.to_thread(grade, req.grader, req.model_sample, req.item, sandbox,
-                                         state.settings.config.graders.models)
+                                         state.settings.config.graders.models, state.settings.config.graders.embeddings)
     multi = req.grader.type == "multi"
     judged = any(graded.errors.get(k) for k in ("model_grader_server_error", "model_grader_parse_error",
                                                  "model_grader_refusal_error"))

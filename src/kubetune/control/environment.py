@@ -50,7 +50,7 @@ def job_environment(spec: RunSpec, server_env: Mapping[str, str], extra: Sequenc
         allowed += HUB
     for tracker in spec.tracking.report_to:
         allowed += TRACKERS.get(tracker, ())
-    # a model grader's judge: the key of the endpoint the operator named for it, by its variable
-    allowed += [j.api_key_env for j in spec.method.grpo.judges.values() if j.api_key_env]
+    # graders' judge and embedding models: the keys of the endpoints the operator named, by their variables
+    allowed += [j.api_key_env for j in spec.method.grpo.endpoints().values() if j.api_key_env]
     return {k: v for k, v in server_env.items()
             if k not in NEVER and any(fnmatch.fnmatchcase(k, pattern) for pattern in allowed)}

@@ -229,7 +229,7 @@ def _reinforcement(body: ReinforcementBody, policy: JobPolicy, raw: dict[str, An
     """method.reinforcement as GRPO settings: the grader is the reward; each prompt is answered
     GROUP x compute_multiplier times; batch_size counts prompts (the spec's total_batch_size counts
     answers); the validation file is scored before, every eval_interval steps, and after."""
-    from kubetune.graders import IN_PROCESS, GraderError, check_grader, model_graders, parse_grader
+    from kubetune.graders import IN_PROCESS, GraderError, check_grader, cosine_graders, model_graders, parse_grader
 
     where = "method.reinforcement"
     if body.response_format is not None:
@@ -239,7 +239,8 @@ def _reinforcement(body: ReinforcementBody, policy: JobPolicy, raw: dict[str, An
     runnable = IN_PROCESS | ({"python"} if policy.graders.python else set())
     try:
         grader = parse_grader(body.grader, f"{where}.grader")
-        check_grader(grader, frozenset(runnable), f"{where}.grader", policy.graders.models)
+        check_grader(grader, frozenset(runnable), f"{where}.grader", policy.graders.models,
+                     policy.graders.embeddings is not None)
     except GraderError as exc:
         hint = ("the operator has disabled python graders (server.yaml graders.python)"
                 if exc.message.startswith("python") else None)
@@ -252,6 +253,8 @@ def _reinforcement(body: ReinforcementBody, policy: JobPolicy, raw: dict[str, An
                 num_generations=generations,
                 sandbox={"seconds": policy.graders.python_seconds, "memory_mb": policy.graders.python_memory_mb},
                 judges={n: policy.graders.models[n].model_dump(exclude_none=True) for n in sorted(judges)})
+    if cosine_graders(grader) and policy.graders.embeddings is not None:
+        grpo["embeddings"] = policy.graders.embeddings.model_dump(exclude_none=True)
     params["method.grpo.num_generations"] = f"{where}.hyperparameters.compute_multiplier"
     prompts = 4 if hp.batch_size == "auto" else max(1, round(float(hp.batch_size)))
     raw["train"]["total_batch_size"] = prompts * generations

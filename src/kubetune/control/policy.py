@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kubetune.errors import Problem, SpecError, UsageError
-from kubetune.spec.models import OBJECTIVE_NAMES, JudgeSpec, ObjectiveName
+from kubetune.spec.models import OBJECTIVE_NAMES, EndpointSpec, JudgeSpec, ObjectiveName
 from kubetune.train.objectives import objective_named
 
 __all__ = ["Budgets", "Limits", "ModelEntry", "ModelsPolicy", "Refused", "ServerConfig", "Team",
@@ -111,6 +111,9 @@ class GradersPolicy(_Config):
         "`model`): NAME: {base_url, model, api_key_env, timeout_s, max_tokens}, each an OpenAI-compatible endpoint "
         "you serve (kubetune serve, vLLM). Jobs get the judges their grader names, and the key's variable. None: "
         "model graders are refused.")
+    embeddings: EndpointSpec | None = Field(None, description="The embedding model (an OpenAI-compatible "
+                                            "/v1/embeddings endpoint: {base_url, model, api_key_env, ...}) "
+                                            "text_similarity's cosine metric uses. None: cosine is refused.")
 
 
 class ServingPolicy(_Config):

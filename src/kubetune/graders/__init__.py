@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["Grader", "GraderError", "Graded", "LabelModelGrader", "MultiGrader", "PythonGrader", "ScoreModelGrader",
            "StringCheckGrader", "TextSimilarityGrader", "check_grader", "grade", "grade_many", "model_graders",
-           "parse_grader", "python_graders"]
+           "cosine_graders", "parse_grader", "python_graders"]
 
 MAX_TEXT = 20_000          # characters of a template
 MAX_COMPARED = 2_000       # characters of each side a similarity metric compares (ROUGE-L is quadratic in words)
@@ -178,11 +178,23 @@ def model_graders(grader: Any) -> dict[str, Any]:
     return {}
 
 
+def cosine_graders(grader: Any) -> dict[str, Any]:
+    """The text_similarity graders in `grader` that compare embeddings (cosine), by their score's key."""
+    def cosine(g: Any) -> bool:
+        return isinstance(g, TextSimilarityGrader) and g.evaluation_metric == "cosine"
+    if cosine(grader):
+        return {grader.name: grader}
+    if isinstance(grader, MultiGrader):
+        return {k: g for k, g in grader.graders.items() if cosine(g)}
+    return {}
+
+
 def check_grader(grader: Any, runnable: frozenset[str] = IN_PROCESS, where: str = "grader",
-                 judges: Collection[str] = ()) -> None:
+                 judges: Collection[str] = (), embeddings: bool = False) -> None:
     """What `validate` adds to the schema: a formula that parses and names only sub-graders; metrics
-    this server computes; grader types it runs (`runnable`; model graders where their `model` is one of
-    the `judges` configured). GraderError names the field."""
+    this server computes (cosine where an embedding model is configured); grader types it runs
+    (`runnable`; model graders where their `model` is one of the `judges` configured). GraderError
+    names the field."""
     if grader.type in MODEL_GRADERS:
         if not judges:
             raise GraderError(f"{where}.model", f"{grader.type} graders need a judge model, and none is configured "
@@ -202,12 +214,14 @@ def check_grader(grader: Any, runnable: frozenset[str] = IN_PROCESS, where: str 
             _check_template(message.text(), f"{where}.input.{i}.content")
     elif grader.type not in runnable:
         raise GraderError(f"{where}.type", f"{grader.type} graders do not run on this server")
-    if isinstance(grader, TextSimilarityGrader) and grader.evaluation_metric == "cosine":
-        raise GraderError(f"{where}.evaluation_metric", "cosine needs an embedding model, and this server has none "
-                                                        "configured; use fuzzy_match, bleu, gleu, meteor or rouge_*")
+    if isinstance(grader, TextSimilarityGrader) and grader.evaluation_metric == "cosine" and not embeddings:
+        raise GraderError(f"{where}.evaluation_metric", "cosine needs an embedding model, and none is configured "
+                                                        "here (server.yaml graders.embeddings; a spec's "
+                                                        "method.grpo.embeddings); use fuzzy_match, bleu, gleu, meteor "
+                                                        "or rouge_*")
     if isinstance(grader, MultiGrader):
         for name, sub in grader.graders.items():
-            check_grader(sub, runnable, f"{where}.graders.{name}", judges)
+            check_grader(sub, runnable, f"{where}.graders.{name}", judges, embeddings)
         try:
             _Formula(grader.calculate_output, set(grader.graders))
         except GraderError as exc:
@@ -220,15 +234,18 @@ def _check_template(text: str, where: str) -> None:
             raise GraderError(where, f"{{{{{match.group(1)}}}}}: a template reads sample.* and item.* only")
 
 
-def grade(grader: Any, sample: str, item: Any, sandbox: Any = None, judges: Any = None) -> Graded:
+def grade(grader: Any, sample: str, item: Any, sandbox: Any = None, judges: Any = None, embeddings: Any = None) -> Graded:
     """Run a grader on one answer (`sample`, the model's text) to one row (`item`)."""
-    return grade_many(grader, [(sample, item)], sandbox, judges)[0]
+    return grade_many(grader, [(sample, item)], sandbox, judges, embeddings)[0]
 
 
-def grade_many(grader: Any, cases: list[tuple[str, Any]], sandbox: Any = None, judges: Any = None) -> list[Graded]:
+def grade_many(grader: Any, cases: list[tuple[str, Any]], sandbox: Any = None, judges: Any = None,
+               embeddings: Any = None) -> list[Graded]:
     """Run a grader on each (answer, row). Python graders run in one sandboxed process per batch
     (`sandbox`: its SandboxLimits; None refuses them); model graders ask their judge (`judges`: the
-    JudgeSpecs by name; None refuses them), a few answers at a time; the rest in this process."""
+    JudgeSpecs by name; None refuses them), a few answers at a time; cosine similarity embeds the
+    batch's texts in one request (`embeddings`: the EndpointSpec; None refuses it); the rest in this
+    process."""
     started = time.perf_counter()
     outside: dict[str, list[Any]] = {}
     for key, sub in python_graders(grader).items():
@@ -241,6 +258,10 @@ def grade_many(grader: Any, cases: list[tuple[str, Any]], sandbox: Any = None, j
         if judges is None:
             raise GraderError("grader.type", f"{sub.type} graders do not run here")
         outside[key] = _judged(sub, cases, judges)
+    for key, sub in cosine_graders(grader).items():
+        if embeddings is None:
+            raise GraderError("grader.evaluation_metric", "cosine similarity does not run here")
+        outside[key] = _embedded(sub, cases, embeddings)
     shared = (time.perf_counter() - started) / max(1, len(cases))
     return [_grade_one(grader, sample, item, {k: v[j] for k, v in outside.items()}, shared)
             for j, (sample, item) in enumerate(cases)]
@@ -266,6 +287,25 @@ def _judged(grader: Any, cases: list[tuple[str, Any]], judges: Any) -> list[Any]
         slots.append(j)
     for j, outcome in zip(slots, ask_all(calls, judges)):
         results[j] = outcome
+    return results
+
+
+def _embedded(grader: Any, cases: list[tuple[str, Any]], endpoint: Any) -> list[Any]:
+    """Each case's cosine similarity (a Judgement), JudgeFailed, or its template's _MissingVariable."""
+    from kubetune.graders.judge import JudgeFailed, Judgement, cosines
+
+    results: list[Any] = [None] * len(cases)
+    pairs, slots = [], []
+    for j, (sample, item) in enumerate(cases):
+        try:
+            namespace = _namespace(sample, item)
+            pairs.append((render(grader.input, namespace)[:MAX_COMPARED], render(grader.reference, namespace)[:MAX_COMPARED]))
+            slots.append(j)
+        except _MissingVariable as exc:
+            results[j] = exc
+    found = cosines(pairs, endpoint) if pairs else []
+    for n, j in enumerate(slots):
+        results[j] = found if isinstance(found, JudgeFailed) else Judgement(found[n])
     return results
 
 
@@ -358,7 +398,7 @@ def render(template: str, namespace: dict[str, Any]) -> str:
 
 
 def _single(grader: Any, namespace: dict[str, Any], python: Any = None) -> float:
-    if grader.type in MODEL_GRADERS:
+    if grader.type in MODEL_GRADERS or cosine_graders(grader):  # asked of a model before: `python` holds it
         from kubetune.graders.judge import JudgeFailed
 
         if isinstance(python, _MissingVariable):

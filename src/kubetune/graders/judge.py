@@ -18,9 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.spec.models import JudgeSpec
+from kubetune.spec.models import EndpointSpec, JudgeSpec
 
-__all__ = ["JudgeCall", "JudgeFailed", "ask_all"]
+__all__ = ["JudgeCall", "JudgeFailed", "ask_all", "cosines"]
+
+EMBED_BATCH = 128          # texts per embeddings request
 
 PARALLEL = 8               # judge calls of one batch at a time
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
@@ -102,6 +104,40 @@ def _ask(call: JudgeCall, judges: dict[str, JudgeSpec]) -> Judgement | JudgeFail
     except ValueError as exc:
         return JudgeFailed("model_grader_parse_error", f"the judge model {call.judge}: {exc}")
     return Judgement(value, *tokens)
+
+
+def cosines(pairs: list[tuple[str, str]], endpoint: EndpointSpec) -> list[float] | JudgeFailed:
+    """The cosine similarity of each (answer, reference) pair's embeddings, from the operator's
+    embedding model (OpenAI's /v1/embeddings), or why there are none."""
+    import math
+
+    import openai
+
+    texts = [t for pair in pairs for t in pair]
+    key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
+    vectors: list[list[float]] = []
+    with openai.OpenAI(base_url=endpoint.base_url, api_key=key or "none", timeout=endpoint.timeout_s,
+                       max_retries=1) as client:
+        for start in range(0, len(texts), EMBED_BATCH):
+            chunk = texts[start:start + EMBED_BATCH]
+            try:
+                reply = client.embeddings.create(model=endpoint.model or "default", input=chunk,
+                                                 encoding_format="float")
+            except openai.APIStatusError as exc:
+                return JudgeFailed("model_grader_server_error", f"the embedding model answered HTTP {exc.status_code}")
+            except openai.APIError as exc:
+                return JudgeFailed("model_grader_server_error", f"the embedding model did not answer "
+                                                                f"({type(exc).__name__})")
+            got = sorted(reply.data, key=lambda d: d.index)
+            if len(got) != len(chunk):
+                return JudgeFailed("model_grader_server_error", f"the embedding model returned {len(got)} "
+                                                                f"embeddings for {len(chunk)} texts")
+            vectors += [list(d.embedding) for d in got]
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+        return sum(x * y for x, y in zip(a, b)) / norms if norms and len(a) == len(b) else 0.0
+    return [cosine(vectors[2 * i], vectors[2 * i + 1]) for i in range(len(pairs))]
 
 
 def _parsed(text: str, call: JudgeCall) -> float | str:

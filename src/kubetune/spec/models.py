@@ -178,10 +178,8 @@ class SandboxSpec(_Section):
     memory_mb: int = Field(1024, ge=256, le=16384, description="Address space of the grader's process.")
 
 
-class JudgeSpec(_Section):
-    """A judge model for score_model/label_model graders: an OpenAI-compatible endpoint the operator
-    serves (`kubetune serve`, vLLM). Graders name it by its key in `judges` (server.yaml
-    `graders.models`), never by URL."""
+class EndpointSpec(_Section):
+    """An OpenAI-compatible endpoint the operator serves, that graders use (never named by URL)."""
     base_url: str = Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
                           description="The endpoint's /v1 URL, e.g. http://judge.team-a.svc:8000/v1.")
     model: str | None = Field(None, max_length=300, description="The model's name at the endpoint (default: this "
@@ -192,7 +190,13 @@ class JudgeSpec(_Section):
     api_key_secret: str | None = Field(None, pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?/[-._a-zA-Z0-9]+$",
                                        description="On Kubernetes: SECRET/KEY holding that key (the training pod "
                                        "gets it as api_key_env, by reference).")
-    timeout_s: float = Field(60.0, gt=0, le=600, description="One judgement's wall time.")
+    timeout_s: float = Field(60.0, gt=0, le=600, description="One request's wall time.")
+
+
+class JudgeSpec(EndpointSpec):
+    """A judge model for score_model/label_model graders: an OpenAI-compatible chat endpoint the
+    operator serves (`kubetune serve`, vLLM). Graders name it by its key in `judges` (server.yaml
+    `graders.models`), never by URL."""
     max_tokens: int = Field(1024, ge=1, le=32768, description="Most tokens a judgement may take (a grader's "
                             "sampling_params.max_completions_tokens is capped by it).")
 
@@ -218,6 +222,13 @@ class GRPOSpec(_Section):
     judges: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.:/-]{0,127}$")], JudgeSpec] = Field(
         default_factory=dict, description="Judge models score_model and label_model graders may name (their "
         "`model`), by name.")
+    embeddings: EndpointSpec | None = Field(None, description="The embedding model text_similarity's cosine "
+                                            "metric uses: an OpenAI-compatible /v1/embeddings endpoint.")
+
+    def endpoints(self) -> dict[str, EndpointSpec]:
+        """The graders' endpoints by their field (judges.NAME, embeddings)."""
+        found: dict[str, EndpointSpec] = {f"judges.{n}": j for n, j in self.judges.items()}
+        return {**found, **({"embeddings": self.embeddings} if self.embeddings else {})}
 
 
 # The training objectives (kubetune.train.objectives.OBJECTIVES maps each to its module).

@@ -11,7 +11,7 @@ import re
 from typing import Any, Callable
 
 from kubetune.errors import Problem, SpecError, TransientError, UsageError
-from kubetune.spec.models import JudgeSpec, RewardSpec, SandboxSpec
+from kubetune.spec.models import EndpointSpec, JudgeSpec, RewardSpec, SandboxSpec
 
 Reward = Callable[..., list[float]]
 
@@ -83,10 +83,11 @@ class GraderReward:
     `grader/error_mean`; with python graders `grader/python_error_mean`, `grader/unresponsive_mean`). A batch in which every answer's grading failed — the grader's code raises,
     hangs or dies whatever the answer — ends the run (exit 2): it would train on no signal."""
 
-    def __init__(self, grader: Any, where: str, sandbox: SandboxSpec, judges: dict[str, JudgeSpec] | None = None) -> None:
+    def __init__(self, grader: Any, where: str, sandbox: SandboxSpec, judges: dict[str, JudgeSpec] | None = None,
+                 embeddings: EndpointSpec | None = None) -> None:
         from kubetune.graders.sandbox import SandboxLimits
 
-        self.grader, self.where, self.judges = grader, where, judges or {}
+        self.grader, self.where, self.judges, self.embeddings = grader, where, judges or {}, embeddings
         self.sandbox = SandboxLimits(seconds=sandbox.seconds, memory_mb=sandbox.memory_mb)
         self.__name__ = "grader_" + (re.sub(r"[^\w.-]", "_", grader.name)[:48] or "grader")
 
@@ -97,11 +98,11 @@ class GraderReward:
         data = {k: v for k, v in columns.items() if k not in _TRL_KWARGS and isinstance(v, list)}
         items = [{k: v[j] for k, v in data.items()} for j in range(len(completions))]
         graded = grade_many(self.grader, [(answer_text(c), item) for c, item in zip(completions, items)],
-                            self.sandbox, self.judges)
+                            self.sandbox, self.judges, self.embeddings)
         failed = [g for g in graded if any(g.errors.get(k) for k in _FAILED)]
         if graded and all(g.errors.get("model_grader_server_error") for g in graded):
-            # the judge is down, not the grader wrong: a retry continues from the last checkpoint
-            raise TransientError(f"{self.where}: the judge model did not answer for a whole batch "
+            # the judge (or embedding model) is down, not the grader wrong: a retry continues from the last checkpoint
+            raise TransientError(f"{self.where}: the judge or embedding model did not answer for a whole batch "
                                  f"({len(graded)}): {graded[0].details}")
         if graded and len(failed) == len(graded):
             hint = ("fix the grader: python graders run with no files, network, subprocesses or threads, within "
@@ -134,8 +135,8 @@ def grader_columns(grader: Any) -> set[str]:
     return set(re.findall(r"\{\{\s*item\.([\w-]+)", text))
 
 
-def load_rewards(specs: list[RewardSpec], sandbox: SandboxSpec | None = None,
-                 judges: dict[str, JudgeSpec] | None = None) -> tuple[list[Reward], list[float]]:
+def load_rewards(specs: list[RewardSpec], sandbox: SandboxSpec | None = None, judges: dict[str, JudgeSpec] | None = None,
+                 embeddings: EndpointSpec | None = None) -> tuple[list[Reward], list[float]]:
     """The reward callables and their weights; an import path that does not resolve, or a grader
     that does not parse or load, is a spec error."""
     funcs: list[Reward] = []
@@ -143,11 +144,11 @@ def load_rewards(specs: list[RewardSpec], sandbox: SandboxSpec | None = None,
     for i, r in enumerate(specs):
         if r.function == "grader":
             where = f"method.grpo.rewards.{i}.grader"
-            grader, problem = _checked_grader(r.grader, where, sandbox or SandboxSpec(), judges or {})
+            grader, problem = _checked_grader(r.grader, where, sandbox or SandboxSpec(), judges or {}, embeddings)
             if problem is not None:
                 problems.append(problem)
             else:
-                funcs.append(GraderReward(grader, where, sandbox or SandboxSpec(), judges))
+                funcs.append(GraderReward(grader, where, sandbox or SandboxSpec(), judges, embeddings))
         elif r.function == "exact_match":
             funcs.append(exact_match(str(r.column), r.pattern))
         elif r.function == "regex":
@@ -172,7 +173,8 @@ def load_rewards(specs: list[RewardSpec], sandbox: SandboxSpec | None = None,
     return funcs, [r.weight for r in specs]
 
 
-def _checked_grader(value: Any, where: str, sandbox: SandboxSpec, judges: dict[str, JudgeSpec]) -> tuple[Any, Problem | None]:
+def _checked_grader(value: Any, where: str, sandbox: SandboxSpec, judges: dict[str, JudgeSpec],
+                    embeddings: EndpointSpec | None = None) -> tuple[Any, Problem | None]:
     """The grader, parsed and checked; python graders loaded once in the sandbox (a syntax error, a
     missing grade function or an import that is not there is found here, not at step 1)."""
     from kubetune.graders import GraderError, check_grader, parse_grader, python_graders
@@ -180,7 +182,8 @@ def _checked_grader(value: Any, where: str, sandbox: SandboxSpec, judges: dict[s
 
     try:
         grader = parse_grader(value, where)
-        check_grader(grader, frozenset({"string_check", "text_similarity", "multi", "python"}), where, judges)
+        check_grader(grader, frozenset({"string_check", "text_similarity", "multi", "python"}), where, judges,
+                     embeddings is not None)
     except GraderError as exc:
         return None, Problem(exc.param, exc.message)
     sources = python_graders(grader)

@@ -102,9 +102,9 @@ def env(spec: RunSpec, trackers: bool = False) -> tuple[list[dict[str, Any]], li
         out.append({"name": "HF_TOKEN", "valueFrom": secret_ref(k.secrets.hf_token)})
     if trackers and k.secrets.wandb:
         out.append({"name": "WANDB_API_KEY", "valueFrom": secret_ref(k.secrets.wandb)})
-    for name, judge in spec.method.grpo.judges.items() if trackers else ():  # model graders' judges
+    for name, judge in spec.method.grpo.endpoints().items() if trackers else ():  # graders' judges, embeddings
         if judge.api_key_env and not judge.api_key_secret:
-            raise SpecError([Problem(f"method.grpo.judges.{name}.api_key_secret", f"the judge's key "
+            raise SpecError([Problem(f"method.grpo.{name}.api_key_secret", f"the endpoint's key "
                                      f"({judge.api_key_env}) has no Secret to come from in the pod")],
                             "name the Kubernetes Secret holding it: api_key_secret: SECRET/KEY")
         if judge.api_key_env and judge.api_key_secret:

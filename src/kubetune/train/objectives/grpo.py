@@ -76,7 +76,8 @@ class GRPO(BaseObjective):
         from kubetune.train.rewards import load_rewards
 
         # an import path that does not resolve, a grader that does not load: validate fails, not step 0
-        funcs, _ = load_rewards(spec.method.grpo.rewards, spec.method.grpo.sandbox, spec.method.grpo.judges)
+        funcs, _ = load_rewards(spec.method.grpo.rewards, spec.method.grpo.sandbox, spec.method.grpo.judges,
+                                spec.method.grpo.embeddings)
         data = prepare_prompts(spec)
         _check_graded_columns(funcs, data)
         if spec.method.grpo.reasoning_effort and "reasoning_effort" not in (data.formatter.template or ""):
@@ -100,7 +101,8 @@ class GRPO(BaseObjective):
                 callbacks: list[Any]) -> Any:
         from kubetune.train.rewards import load_rewards
 
-        funcs, weights = load_rewards(spec.method.grpo.rewards, spec.method.grpo.sandbox, spec.method.grpo.judges)
+        funcs, weights = load_rewards(spec.method.grpo.rewards, spec.method.grpo.sandbox, spec.method.grpo.judges,
+                                      spec.method.grpo.embeddings)
         tokenizer = _tokenizer(data)
         # TRL stops a generation at the model's eos ids: make them the template's end of turn, or every
         # answer runs on into a next turn and fails any format check
