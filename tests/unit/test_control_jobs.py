@@ -192,3 +192,19 @@ def test_python_graders_are_refused_where_the_operator_turned_them_off(tmp_path:
                    "s3://b/runs/x", JobPolicy(graders=GradersPolicy(python=False)), rows=100)
     assert refused.value.param == "method.reinforcement.grader.graders.p.type"
     assert "graders.python" in str(refused.value.hint)
+
+
+def test_each_tenants_wandb_projects_are_its_own_in_the_operators_account(tmp_path: Path) -> None:
+    from kubetune.control.jobs import JobPolicy, wandb_project
+
+    def project(tenant: str, operator: tuple[dict, ...] = ()) -> str | None:
+        req = JobRequest(model="m", training_file="file-1",
+                         integrations=[{"type": "wandb", "wandb": {"project": "support-bot"}}])
+        spec = build_spec("ftjob-0123456789abcdef01234567", req, Start(str(tmp_path)), "s3://b/t.jsonl", None,
+                          "s3://b/runs/x", JobPolicy(operator, integrations=("wandb",), tenant=tenant), rows=100)
+        return spec.tracking.wandb_project
+
+    assert project("team-nlp") == "team-nlp--support-bot" and project("team-vision") == "team-vision--support-bot"
+    assert project("key-alice") == "key-alice--support-bot"
+    assert project("team-nlp", ({"tracking": {"wandb_project": "ops-runs"}},)) == "ops-runs"  # the operator's wins
+    assert wandb_project("key-a b/../c", "p") == "key-a-b-..-c--p" and len(wandb_project("t" * 300, "p" * 128)) == 128

@@ -10,6 +10,7 @@ the job object.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
@@ -153,6 +154,7 @@ class JobPolicy:
     rewards: dict[str, str] = field(default_factory=dict)
     integrations: tuple[str, ...] = ()   # trackers the operator lets tenants report to
     graders: GradersPolicy = field(default_factory=GradersPolicy)
+    tenant: str = ""   # the caller's team, else its key's name or id: its W&B projects are under it
 
 
 def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid_uri: str | None, run_uri: str,
@@ -283,10 +285,18 @@ def _tracking(req: JobRequest, policy: JobPolicy, raw: dict[str, Any]) -> dict[s
         report = list(raw.get("tracking", {}).get("report_to", []))
         out["tracking.report_to"] = [*report, "wandb"] if "wandb" not in report else report
         if not raw.get("tracking", {}).get("wandb_project"):  # an operator's project wins
-            out["tracking.wandb_project"] = wandb.project
+            # one W&B account (the operator's) for every tenant: each tenant's projects are its own
+            out["tracking.wandb_project"] = wandb_project(policy.tenant, wandb.project)
         out["tracking.run_name"] = wandb.name
         out["tracking.tags"] = list(wandb.tags or [])
     return out
+
+
+def wandb_project(tenant: str, project: str) -> str:
+    """TENANT--PROJECT in W&B's project characters (at most 128): a tenant cannot write into another
+    tenant's project in the operator's account."""
+    prefix = re.sub(r"[^A-Za-z0-9._-]", "-", tenant)[:60].strip("-.") if tenant else ""
+    return f"{prefix}--{project}"[:128] if prefix else project
 
 
 def _hp_where(req: JobRequest, method: Method) -> str:

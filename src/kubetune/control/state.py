@@ -31,10 +31,13 @@ class ControlSettings:
     def policy_for(self, records: Records, owner: str) -> tuple[JobPolicy, Budgets]:
         """The operator's side of a job of `owner`: the server's spec, then its team's, with the
         team's limits and budgets where it has its own."""
-        team = self.config.team_of(owner, records.key_name(owner))
+        name = records.key_name(owner)
+        team = self.config.team_of(owner, name)
         layers = (self.operator_spec, self.config.spec, *((team.spec,) if team is not None else ()))
+        team_name = next((n for n, t in self.config.teams.items() if t is team), None)
         return (JobPolicy(layers, self.config.limits_for(team), dict(self.config.rewards),
-                          tuple(self.config.integrations), self.config.graders),
+                          tuple(self.config.integrations), self.config.graders,
+                          tenant=f"team-{team_name}" if team_name else f"key-{name or owner}"),
                 self.config.budgets_for(team))
 
 
