@@ -27,7 +27,7 @@ def letter_counts(text: str) -> list[float]:
 class Judge:
     def __init__(self, key: str | None = None) -> None:
         self.key = key
-        self.mode = "json"   # json | bare | prose | refuse | error | slow | out_of_range
+        self.mode = "json"   # json | bare | prose | refuse | error | slow | out_of_range | not_json | number_content
         self.scale = 1.0
         self.requests: list[dict[str, Any]] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -73,15 +73,28 @@ class Judge:
                     return self._send(503, {"error": {"message": "overloaded", "type": "server_error"}})
                 if judge.mode == "slow":
                     time.sleep(3)
+                if judge.mode == "not_json":
+                    data = b"<html>502 Bad Gateway</html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return None
                 value = judge.verdict(body)
                 content: str | None = {"json": json.dumps({"result": value}), "bare": str(value),
                                        "prose": "I think it is quite good."}.get(judge.mode, json.dumps({"result": value}))
                 refusal = "I cannot grade this." if judge.mode == "refuse" else None
+                if judge.mode == "number_content":
+                    content = value  # type: ignore[assignment]
                 message = {"role": "assistant", "content": None if refusal else content, "refusal": refusal}
+                usage = {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None} \
+                    if judge.mode == "number_content" else \
+                    {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
                 self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
                                  "model": body["model"], "choices": [{"index": 0, "message": message,
                                                                       "finish_reason": "stop"}],
-                                 "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}})
+                                 "usage": usage})
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()

@@ -415,6 +415,14 @@ def test_kubernetes_backend_needs_shared_storage(tmp_path: Path) -> None:
                                           "--port", str(free_port())), capture_output=True, text=True,
                              env=quiet_env(), timeout=60)
     assert refused.returncode == 2 and "pods cannot read" in refused.stderr
+    # a judge's key that pods could not get is found at start, not at a tenant's first job
+    config = tmp_path / "server.yaml"
+    config.write_text("graders: {models: {judge: {base_url: 'http://judge.svc/v1', api_key_env: JUDGE_KEY}}}\n")
+    refused = subprocess.run(kubetune_cmd("server", "--home", str(tmp_path), "--backend", "kubernetes", "--storage",
+                                          "s3://bucket/ft", "--config", str(config), "--port", str(free_port())),
+                             capture_output=True, text=True, env=quiet_env(), timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert "graders.models.judge.api_key_secret" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_two_replicas_on_one_postgresql_share_the_work_and_never_run_a_job_twice(

@@ -177,8 +177,11 @@ def test_a_model_grader_job_gets_the_judge_it_names_and_its_keys_variable_only(t
     env = job_environment(spec, {"EMBED_KEY": "k3", "OTHER_KEY": "k2"})
     assert env == {"EMBED_KEY": "k3"}
     # a tenant cannot name an endpoint through the spec extension either
-    with pytest.raises((Refused, SpecError)):
-        spec_of(tmp_path, method=_rl(CHECK), kubetune={"method.grpo.judges": {"x": {"base_url": "http://evil/v1"}}})
+    for settings in ({"method.grpo.judges": {"x": {"base_url": "http://evil/v1"}}},
+                     {"method": {"grpo": {"judges": {"x": {"base_url": "http://evil/v1"}}}}},
+                     {"method": {"grpo": {"embeddings": {"base_url": "http://evil/v1"}}}}):
+        with pytest.raises(Refused, match="is the operator's"):
+            spec_of(tmp_path, method=_rl(CHECK), kubetune=settings)
 
 
 def test_python_graders_are_refused_where_the_operator_turned_them_off(tmp_path: Path) -> None:

@@ -115,16 +115,18 @@ def judge(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     served.close()
 
 
-def judges(url: str, **extra: object) -> dict[str, object]:
+def judges(url: str, retries: int = 1, **extra: object):  # type: ignore[no-untyped-def]
+    """The endpoints: one judge, grader-7b, served by `url`."""
+    from kubetune.graders.judge import Endpoints
     from kubetune.spec.models import JudgeSpec
 
-    return {"grader-7b": JudgeSpec(base_url=url, model="org/judge-model", api_key_env="JUDGE_KEY", max_tokens=256,
-                                   **extra)}  # type: ignore[arg-type]
+    return Endpoints({"grader-7b": JudgeSpec(base_url=url, model="org/judge-model", api_key_env="JUDGE_KEY",
+                                             max_tokens=256, **extra)}, retries=retries)  # type: ignore[arg-type]
 
 
 def test_score_and_label_model_graders_ask_the_operators_judge(judge) -> None:  # type: ignore[no-untyped-def]
     cases = [("12", {"answer": "12"}), ("13", {"answer": "12"}), ("7", {"answer": "7"})]
-    scored = grade_many(g(**SCORE), cases, judges=judges(judge.url))
+    scored = grade_many(g(**SCORE), cases, endpoints=judges(judge.url))
     assert [s.reward for s in scored] == [1.0, 0.0, 1.0] and not any(any(s.errors.values()) for s in scored)
     assert scored[0].tokens == {"grader-7b": {"prompt_tokens": 11, "completion_tokens": 3}}
     assert len(judge.requests) == 3  # one call per answer (a few at once: in any order)
@@ -135,7 +137,7 @@ def test_score_and_label_model_graders_ask_the_operators_judge(judge) -> None:  
     assert (sent["max_tokens"], sent["temperature"], sent["seed"]) == (256, 0, 7)
     assert sent["response_format"]["json_schema"]["schema"]["properties"]["result"] == {"type": "number"}
     assert sent["messages"] == [SCORE["input"][0], {"role": "user", "content": "Answer: 12\nReference: 12"}]
-    labelled = grade_many(g(**LABEL), cases, judges=judges(judge.url))
+    labelled = grade_many(g(**LABEL), cases, endpoints=judges(judge.url))
     assert [s.reward for s in labelled] == [1.0, 0.0, 1.0]
     assert judge.requests[-1]["response_format"]["json_schema"]["schema"]["properties"]["result"] == \
         {"type": "string", "enum": ["right", "wrong"]}
@@ -144,7 +146,7 @@ def test_score_and_label_model_graders_ask_the_operators_judge(judge) -> None:  
         "said": {"type": "string_check", "name": "s", "input": "{{sample.output_text}}",
                  "reference": "{{item.answer}}", "operation": "like"}})
     judge.scale, judge.mode = 10.0, "bare"  # a judge that ignores response_format and says the number
-    both = grade(multi, "12", {"answer": "12"}, judges=judges(judge.url))
+    both = grade(multi, "12", {"answer": "12"}, endpoints=judges(judge.url))
     assert both.scores == {"judged": 10.0, "said": 1.0} and both.reward == 5.5
 
 
@@ -158,12 +160,12 @@ def test_score_and_label_model_graders_ask_the_operators_judge(judge) -> None:  
 def test_a_judge_that_does_not_grade_is_that_answers_error_not_a_crash(judge, mode: str, error: str,  # type: ignore[no-untyped-def]
                                                                         detail: str) -> None:
     judge.mode = mode
-    graded = grade(g(**SCORE), "12", {"answer": "12"}, judges=judges(judge.url, timeout_s=1.0))
+    graded = grade(g(**SCORE), "12", {"answer": "12"}, endpoints=judges(judge.url, timeout_s=1.0))
     assert graded.reward == 0.0 and graded.errors[error] and detail in (graded.details or ""), graded
     assert judge.url.split("//")[1] not in (graded.details or "")  # the operator's endpoint is not named
     # a template variable the row does not have: no call at all
     calls = len(judge.requests)
-    missing = grade(g(**SCORE), "12", {}, judges=judges(judge.url, timeout_s=1.0))
+    missing = grade(g(**SCORE), "12", {}, endpoints=judges(judge.url, timeout_s=1.0))
     assert missing.errors["invalid_variable_error"] and len(judge.requests) == calls
 
 
@@ -202,13 +204,13 @@ def test_in_training_a_judge_down_for_a_batch_is_transient_and_a_judge_that_neve
     from kubetune.spec.models import SandboxSpec
     from kubetune.train.rewards import GraderReward
 
-    reward = GraderReward(g(**SCORE), "method.grpo.rewards.0.grader", SandboxSpec(), judges(judge.url))
+    reward = GraderReward(g(**SCORE), "method.grpo.rewards.0.grader", SandboxSpec(), judges(judge.url).judges)
     logged: dict[str, float] = {}
     assert reward(["p"] * 3, ["12", "13", "12"], answer=["12", "12", "12"],
                   log_metric=logged.__setitem__) == [1.0, 0.0, 1.0]
     assert logged["grader/model_error_mean"] == 0.0 and "grader/python_error_mean" not in logged
     judge.mode = "error"  # a retry continues from the last checkpoint (exit 75, not 2)
-    with pytest.raises(TransientError, match="did not answer for a whole batch"):
+    with pytest.raises(TransientError, match="down or busy for a whole batch"):
         reward(["p"] * 2, ["12", "13"], answer=["12", "12"])
     judge.mode = "prose"
     with pytest.raises(UsageError, match="failed on every answer") as ended:
@@ -232,17 +234,80 @@ def test_cosine_similarity_embeds_with_the_operators_embedding_model(judge) -> N
         check_grader(cosine)
     assert refused.value.param == "grader.evaluation_metric" and "none is configured" in refused.value.message
     check_grader(cosine, embeddings=True)
-    endpoint = EndpointSpec(base_url=judge.url, model="org/embedder", api_key_env="JUDGE_KEY")
+    from kubetune.graders.judge import Endpoints
+
+    endpoint = Endpoints(embeddings=EndpointSpec(base_url=judge.url, model="org/embedder", api_key_env="JUDGE_KEY"))
     cases = [("the cat sat", {"answer": "a cat sat"}), ("zzz", {"answer": "abc"}), ("x", {})]
-    graded = grade_many(cosine, cases, embeddings=endpoint)
+    graded = grade_many(cosine, cases, endpoints=endpoint)
     assert graded[0].reward == pytest.approx(expected("the cat sat", "a cat sat")) and graded[0].reward > 0.8
     assert graded[1].reward == 0.0 and not graded[1].errors["model_grader_server_error"]
     assert graded[2].errors["invalid_variable_error"]
     (sent,) = judge.requests  # one request for the batch
     assert sent["path"] == "/v1/embeddings" and sent["model"] == "org/embedder" and sent["auth"] == "Bearer sk-judge"
-    assert sent["input"] == ["the cat sat", "a cat sat", "zzz", "abc"]
+    assert sorted(sent["input"]) == ["a cat sat", "abc", "the cat sat", "zzz"]  # each text once
     multi = g(type="multi", name="m", calculate_output="cos", graders={"cos": {**cosine.model_dump(), "name": "c"}})
-    assert grade(multi, "dog", {"answer": "god"}, embeddings=endpoint).reward == pytest.approx(1.0)
+    assert grade(multi, "dog", {"answer": "god"}, endpoints=endpoint).reward == pytest.approx(1.0)
     judge.mode = "error"
-    down = grade(cosine, "a", {"answer": "b"}, embeddings=endpoint)
+    down = grade(cosine, "a", {"answer": "b"}, endpoints=endpoint)
     assert down.errors["model_grader_server_error"] and "embedding model answered HTTP 503" in (down.details or "")
+
+
+def test_what_a_tenant_or_a_broken_judge_sends_is_bounded_and_graded_not_raised(judge) -> None:  # type: ignore[no-untyped-def]
+    """From a hostile review: templates that fill in to gigabytes, a slow judge holding the graders,
+    infinite scores, lone surrogates, numeric labels, judges answering what is not JSON."""
+    import time
+
+    from kubetune.graders.judge import Endpoints
+
+    many = {"role": "user", "content": [{"type": "input_text", "text": "{{sample.output_text}}"}] * 17}
+    with pytest.raises(GraderError) as refused:
+        parse_grader({**SCORE, "input": [many]})
+    assert refused.value.param.startswith("grader.input.0.content")
+    wide = {"role": "user", "content": [{"type": "input_text", "text": "x" * 15_000}] * 2}
+    with pytest.raises(GraderError, match="characters together"):
+        parse_grader({**SCORE, "input": [wide]})
+    repeated = {**SCORE, "input": [{"role": "user", "content": "{{sample.output_text}}" * 800}]}
+    calls = len(judge.requests)
+    huge = grade(g(**repeated), "y" * 10_000, {"answer": "1"}, endpoints=judges(judge.url))
+    assert huge.errors["other_error"] and "longer than 100,000 characters" in (huge.details or "")
+    assert len(judge.requests) == calls  # nothing was built, nothing sent
+
+    judge.mode = "slow"  # six judges in one multi, 3 s each: one deadline for the grading, no retries
+    multi = g(type="multi", name="m", calculate_output="a1+a2+a3+a4+a5+a6",
+              graders={f"a{i}": {**SCORE, "name": f"a{i}"} for i in range(1, 7)})
+    calls, started = len(judge.requests), time.monotonic()
+    slow = grade(multi, "12", {"answer": "12"},
+                 endpoints=Endpoints(judges(judge.url).judges, retries=0, deadline_s=1.0))
+    assert time.monotonic() - started < 2.5 and slow.errors["model_grader_server_error"] and slow.retryable
+    assert len(judge.requests) - calls == 6  # asked together, once each
+
+    judge.mode = "json"
+    with pytest.raises(GraderError, match="finite"):
+        parse_grader({**SCORE, "range": [0, float("inf")]})
+    judge.scale = float("inf")  # the judge says {"result": Infinity}
+    assert grade(g(**SCORE), "12", {"answer": "12"}, endpoints=judges(judge.url)).errors["model_grader_parse_error"]
+    judge.scale = 1.0
+    surrogate = grade(g(**SCORE), "12", {"answer": "\ud800"}, endpoints=judges(judge.url))
+    assert not surrogate.errors["model_grader_server_error"] and "\ufffd" in judge.requests[-1]["messages"][1]["content"]
+    numeric = {**LABEL, "labels": ["1", "0"], "passing_labels": ["1"]}
+    judge.mode = "bare"  # answers the label 1 as a number
+    assert grade(g(**numeric), "12", {"answer": "12"}, endpoints=judges(judge.url)).reward == 1.0
+    for mode in ("not_json", "number_content"):
+        judge.mode = mode
+        odd = grade(g(**SCORE), "12", {"answer": "12"}, endpoints=judges(judge.url))
+        assert odd.reward == (1.0 if mode == "number_content" else 0.0), (mode, odd)
+    judge.mode = "json"
+    reasoning = {**SCORE, "sampling_params": {"reasoning_effort": "high"}}
+    grade(g(**reasoning), "12", {"answer": "12"}, endpoints=judges(judge.url))
+    assert judge.requests[-1]["reasoning_effort"] == "high"
+
+
+def test_a_judge_refusing_the_question_is_not_retried_as_a_judge_down(judge) -> None:  # type: ignore[no-untyped-def]
+    from kubetune.errors import UsageError
+    from kubetune.spec.models import SandboxSpec
+    from kubetune.train.rewards import GraderReward
+
+    judge.key = "another-key"  # every call answered 401: retrying the run cannot help
+    reward = GraderReward(g(**SCORE), "method.grpo.rewards.0.grader", SandboxSpec(), judges(judge.url).judges)
+    with pytest.raises(UsageError, match="answered HTTP 401"):
+        reward(["p"] * 2, ["12", "13"], answer=["12", "12"])

@@ -463,6 +463,7 @@ class _Forward(Response):
 # graders (OpenAI's alpha endpoints)
 
 _GRADING = asyncio.Semaphore(2)
+GRADING_DEADLINE_S = 120.0  # a /graders/run's judge calls: none starts after this, none runs past it
 
 
 class GraderRun(BaseModel):
@@ -512,6 +513,15 @@ async def _checked(grader: Any, state: ControlState) -> Any:
     return sandbox
 
 
+def _endpoints(state: ControlState) -> Any:
+    """The judge and embedding models a request's graders may use: no retries, and one deadline for
+    all of a request's calls, so a slow judge cannot hold the graders' slots for long."""
+    from kubetune.graders.judge import Endpoints
+
+    g = state.settings.config.graders
+    return Endpoints(g.models, g.embeddings, retries=0, deadline_s=GRADING_DEADLINE_S)
+
+
 def _busy() -> None:
     if _GRADING.locked():  # graders are CPU work (threads, sandbox processes): a flood must not starve the API
         raise ApiError(429, "graders are busy; try again in a moment", "rate_limit_error", None, "graders_busy",
@@ -533,8 +543,7 @@ async def run_grader(req: GraderRun, state: ControlState = Depends(control_state
     _busy()
     async with _GRADING:
         sandbox = await _checked(req.grader, state)
-        graded = await asyncio.to_thread(grade, req.grader, req.model_sample, req.item, sandbox,
-                                         state.settings.config.graders.models, state.settings.config.graders.embeddings)
+        graded = await asyncio.to_thread(grade, req.grader, req.model_sample, req.item, sandbox, _endpoints(state))
     multi = req.grader.type == "multi"
     judged = any(graded.errors.get(k) for k in ("model_grader_server_error", "model_grader_parse_error",
                                                  "model_grader_refusal_error"))

@@ -232,11 +232,17 @@ def is_spec_field(path: str) -> bool:
         field = model.model_fields.get(part)
         if field is None:
             return False
+        if _is_mapping(field.annotation):
+            return True  # NAME: {...} (judges): anything under a mapping belongs to it
         inner = _models_in(field.annotation)
         if not inner:
             return True  # a value, list or mapping: anything under it belongs to it
         model = inner[0]
     return True
+
+
+def _is_mapping(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is dict or any(_is_mapping(a) for a in typing.get_args(annotation))
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

@@ -97,6 +97,13 @@ def build(options: ServerOptions) -> tuple[FastAPI, Records]:
         config.models.root = str(options.models_root.expanduser().resolve())
     operator_spec = {"kubernetes": {"namespace": options.namespace}} if k8s else {}
     check_policy(config, operator_spec, str(options.config or "--config"))
+    endpoints = {**{f"graders.models.{n}": j for n, j in config.graders.models.items()},
+                 **({"graders.embeddings": config.graders.embeddings} if config.graders.embeddings else {})}
+    for where, endpoint in endpoints.items() if k8s else ():  # found at start, not at a tenant's first job
+        if endpoint.api_key_env and not endpoint.api_key_secret:
+            raise UsageError(f"{options.config}: {where}.api_key_secret: the endpoint's key ({endpoint.api_key_env}) "
+                             "has no Secret to come from in the job's pods",
+                             "name the Kubernetes Secret holding it: api_key_secret: SECRET/KEY")
     control = ControlSettings(storage=storage, backend=options.backend, max_upload_bytes=options.max_upload_mb << 20,
                               open_without_key=not has_keys, runs=list(options.runs),
                               clusters=list(options.clusters), config=config, operator_spec=operator_spec)

@@ -21,7 +21,7 @@ import re
 import time
 from typing import Annotated, Any, Callable, Collection, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["Grader", "GraderError", "Graded", "LabelModelGrader", "MultiGrader", "PythonGrader", "ScoreModelGrader",
            "StringCheckGrader", "TextSimilarityGrader", "check_grader", "grade", "grade_many", "model_graders",
@@ -29,7 +29,10 @@ __all__ = ["Grader", "GraderError", "Graded", "LabelModelGrader", "MultiGrader",
 
 MAX_TEXT = 20_000          # characters of a template
 MAX_COMPARED = 2_000       # characters of each side a similarity metric compares (ROUGE-L is quadratic in words)
+MAX_RENDERED = 100_000     # characters a filled-in template (a judge call's messages together) may have
+MAX_PARTS = 16             # content parts of a judge's message
 MAX_FORMULA_NODES = 200
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][\w]*(?:\.[\w-]+)*)\s*\}\}")
 
 
@@ -79,7 +82,15 @@ class JudgeMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["message"] | None = None
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[Annotated[str, Field(max_length=MAX_TEXT)], TextPart, list[TextPart]]
+    content: Union[Annotated[str, Field(max_length=MAX_TEXT)], TextPart,
+                   Annotated[list[TextPart], Field(max_length=MAX_PARTS)]]
+
+    @field_validator("content")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        if isinstance(value, list) and sum(len(p.text) for p in value) > MAX_TEXT:
+            raise ValueError(f"a message's parts may have {MAX_TEXT:,} characters together")
+        return value
 
     def text(self) -> str:
         parts = [self.content] if isinstance(self.content, (str, TextPart)) else self.content
@@ -89,7 +100,7 @@ class JudgeMessage(BaseModel):
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_completions_tokens: int | None = Field(None, ge=1, le=32768)
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -101,6 +112,13 @@ class ScoreModelGrader(_Grader):
     input: list[JudgeMessage] = Field(min_length=1, max_length=32)
     range: list[float] | None = Field(None, min_length=2, max_length=2)
     sampling_params: SamplingParams | None = None
+
+    @field_validator("range")
+    @classmethod
+    def _finite(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(math.isfinite(v) for v in value):
+            raise ValueError("the range's bounds must be finite numbers")
+        return value
 
 
 class LabelModelGrader(_Grader):
@@ -133,6 +151,7 @@ class Graded(BaseModel):
     details: str | None = None
     execution_time: float = 0.0
     tokens: dict[str, dict[str, int]] = Field(default_factory=dict)   # judge model → prompt/completion tokens
+    retryable: bool = False   # it failed because a judge or embedding model was down or busy
 
 
 ERRORS = ("formula_parse_error", "invalid_variable_error", "model_grader_parse_error", "model_grader_refusal_error",
@@ -234,18 +253,16 @@ def _check_template(text: str, where: str) -> None:
             raise GraderError(where, f"{{{{{match.group(1)}}}}}: a template reads sample.* and item.* only")
 
 
-def grade(grader: Any, sample: str, item: Any, sandbox: Any = None, judges: Any = None, embeddings: Any = None) -> Graded:
+def grade(grader: Any, sample: str, item: Any, sandbox: Any = None, endpoints: Any = None) -> Graded:
     """Run a grader on one answer (`sample`, the model's text) to one row (`item`)."""
-    return grade_many(grader, [(sample, item)], sandbox, judges, embeddings)[0]
+    return grade_many(grader, [(sample, item)], sandbox, endpoints)[0]
 
 
-def grade_many(grader: Any, cases: list[tuple[str, Any]], sandbox: Any = None, judges: Any = None,
-               embeddings: Any = None) -> list[Graded]:
+def grade_many(grader: Any, cases: list[tuple[str, Any]], sandbox: Any = None, endpoints: Any = None) -> list[Graded]:
     """Run a grader on each (answer, row). Python graders run in one sandboxed process per batch
-    (`sandbox`: its SandboxLimits; None refuses them); model graders ask their judge (`judges`: the
-    JudgeSpecs by name; None refuses them), a few answers at a time; cosine similarity embeds the
-    batch's texts in one request (`embeddings`: the EndpointSpec; None refuses it); the rest in this
-    process."""
+    (`sandbox`: its SandboxLimits; None refuses them); model graders ask their judge and cosine
+    similarity embeds the batch's texts (`endpoints`: judge.Endpoints; None refuses them), every
+    judge call of the batch in one small pool; the rest in this process."""
     started = time.perf_counter()
     outside: dict[str, list[Any]] = {}
     for key, sub in python_graders(grader).items():
@@ -254,44 +271,47 @@ def grade_many(grader: Any, cases: list[tuple[str, Any]], sandbox: Any = None, j
         from kubetune.graders.sandbox import run_python
 
         outside[key] = run_python(sub.source, [(python_sample(s), item) for s, item in cases], sandbox)
-    for key, sub in model_graders(grader).items():
-        if judges is None:
-            raise GraderError("grader.type", f"{sub.type} graders do not run here")
-        outside[key] = _judged(sub, cases, judges)
-    for key, sub in cosine_graders(grader).items():
-        if embeddings is None:
-            raise GraderError("grader.evaluation_metric", "cosine similarity does not run here")
-        outside[key] = _embedded(sub, cases, embeddings)
+    judged, embedded = model_graders(grader), cosine_graders(grader)
+    if (judged or embedded) and endpoints is None:
+        raise GraderError("grader.type", "model graders and cosine similarity do not run here")
+    if judged:
+        outside.update(_judged(judged, cases, endpoints))
+    for key, sub in embedded.items():
+        outside[key] = _embedded(sub, cases, endpoints)
     shared = (time.perf_counter() - started) / max(1, len(cases))
     return [_grade_one(grader, sample, item, {k: v[j] for k, v in outside.items()}, shared)
             for j, (sample, item) in enumerate(cases)]
 
 
-def _judged(grader: Any, cases: list[tuple[str, Any]], judges: Any) -> list[Any]:
-    """Each case's judgement (or JudgeFailed, or the _MissingVariable its messages raised)."""
+def _judged(graders: dict[str, Any], cases: list[tuple[str, Any]], endpoints: Any) -> dict[str, list[Any]]:
+    """Each model grader's judgement of each case (or JudgeFailed, or the _RenderError its messages
+    raised), all the calls asked together."""
     from kubetune.graders.judge import JudgeCall, ask_all
 
-    params = getattr(grader, "sampling_params", None)  # score_model has them, label_model not (as OpenAI's)
-    sampling = params.model_dump(exclude_none=True) if params else {}
-    labels = tuple(grader.labels) if isinstance(grader, LabelModelGrader) else ()
-    bounds = tuple(grader.range) if isinstance(grader, ScoreModelGrader) and grader.range else (0.0, 1.0)
-    results: list[Any] = [None] * len(cases)
+    results: dict[str, list[Any]] = {key: [None] * len(cases) for key in graders}
     calls, slots = [], []
-    for j, (sample, item) in enumerate(cases):
-        try:
-            messages = [{"role": m.role, "content": render(m.text(), _namespace(sample, item))} for m in grader.input]
-        except _MissingVariable as exc:
-            results[j] = exc
-            continue
-        calls.append(JudgeCall(grader.model, messages, labels, bounds, sampling))  # type: ignore[arg-type]
-        slots.append(j)
-    for j, outcome in zip(slots, ask_all(calls, judges)):
-        results[j] = outcome
+    for key, grader in graders.items():
+        params = getattr(grader, "sampling_params", None)  # score_model has them, label_model not (as OpenAI's)
+        sampling = params.model_dump(exclude_none=True) if params else {}
+        labels = tuple(grader.labels) if isinstance(grader, LabelModelGrader) else ()
+        bounds = tuple(grader.range) if isinstance(grader, ScoreModelGrader) and grader.range else (0.0, 1.0)
+        for j, (sample, item) in enumerate(cases):
+            try:
+                budget = _Budget()
+                messages = [{"role": m.role, "content": _sendable(render(m.text(), _namespace(sample, item), budget))}
+                            for m in grader.input]
+            except _RenderError as exc:
+                results[key][j] = exc
+                continue
+            calls.append(JudgeCall(grader.model, messages, labels, bounds, sampling))  # type: ignore[arg-type]
+            slots.append((key, j))
+    for (key, j), outcome in zip(slots, ask_all(calls, endpoints)):
+        results[key][j] = outcome
     return results
 
 
-def _embedded(grader: Any, cases: list[tuple[str, Any]], endpoint: Any) -> list[Any]:
-    """Each case's cosine similarity (a Judgement), JudgeFailed, or its template's _MissingVariable."""
+def _embedded(grader: Any, cases: list[tuple[str, Any]], endpoints: Any) -> list[Any]:
+    """Each case's cosine similarity (a Judgement), JudgeFailed, or its template's _RenderError."""
     from kubetune.graders.judge import JudgeFailed, Judgement, cosines
 
     results: list[Any] = [None] * len(cases)
@@ -299,14 +319,20 @@ def _embedded(grader: Any, cases: list[tuple[str, Any]], endpoint: Any) -> list[
     for j, (sample, item) in enumerate(cases):
         try:
             namespace = _namespace(sample, item)
-            pairs.append((render(grader.input, namespace)[:MAX_COMPARED], render(grader.reference, namespace)[:MAX_COMPARED]))
+            pairs.append((_sendable(render(grader.input, namespace)[:MAX_COMPARED]),
+                          _sendable(render(grader.reference, namespace)[:MAX_COMPARED])))
             slots.append(j)
-        except _MissingVariable as exc:
+        except _RenderError as exc:
             results[j] = exc
-    found = cosines(pairs, endpoint) if pairs else []
+    found = cosines(pairs, endpoints) if pairs else []
     for n, j in enumerate(slots):
         results[j] = found if isinstance(found, JudgeFailed) else Judgement(found[n])
     return results
+
+
+def _sendable(text: str) -> str:
+    """UTF-8 that an HTTP body can carry: a lone surrogate (JSON's "\\ud800") becomes U+FFFD."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 def _namespace(sample: str, item: Any) -> dict[str, Any]:
@@ -326,9 +352,9 @@ def _grade_one(grader: Any, sample: str, item: Any, python: dict[str, Any], shar
     scores: dict[str, float] = {}
     tokens = _tokens(grader, python)
 
-    def failed(kind: str, details: str) -> Graded:
+    def failed(kind: str, details: str, retryable: bool = False) -> Graded:
         errors[kind] = True
-        return Graded(reward=0.0, scores=scores, errors=errors, details=details, tokens=tokens,
+        return Graded(reward=0.0, scores=scores, errors=errors, details=details, tokens=tokens, retryable=retryable,
                       execution_time=shared + time.perf_counter() - started)
 
     try:
@@ -342,10 +368,12 @@ def _grade_one(grader: Any, sample: str, item: Any, python: dict[str, Any], shar
             scores[grader.name] = reward
     except _MissingVariable as exc:
         return failed("invalid_variable_error", str(exc))
+    except _TooLong as exc:
+        return failed("other_error", str(exc))
     except ArithmeticError as exc:
         return failed("formula_parse_error", f"calculate_output: {exc}")
     except _PythonFailed as exc:
-        return failed(exc.kind, exc.detail)
+        return failed(exc.kind, exc.detail, exc.retryable)
     return Graded(reward=reward, scores=scores, errors=errors, tokens=tokens,
                   execution_time=shared + time.perf_counter() - started)
 
@@ -365,13 +393,36 @@ def _tokens(grader: Any, outcomes: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 class _PythonFailed(Exception):
-    def __init__(self, kind: str, detail: str) -> None:
+    """A grade another process or a model could not give: `kind` is OpenAI's error name."""
+
+    def __init__(self, kind: str, detail: str, retryable: bool = False) -> None:
         super().__init__(detail)
-        self.kind, self.detail = kind, detail
+        self.kind, self.detail, self.retryable = kind, detail, retryable
 
 
-class _MissingVariable(LookupError):
+class _RenderError(Exception):
     pass
+
+
+class _MissingVariable(_RenderError, LookupError):
+    pass
+
+
+class _TooLong(_RenderError):
+    pass
+
+
+class _Budget:
+    """Characters a filling-in may produce (a template of 20,000 characters naming a 1 MB answer a
+    thousand times would otherwise build gigabytes)."""
+
+    def __init__(self, chars: int = MAX_RENDERED) -> None:
+        self.left = chars
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise _TooLong(f"the filled-in template is longer than {MAX_RENDERED:,} characters")
 
 
 def _json_or_none(text: str) -> Any:
@@ -381,9 +432,13 @@ def _json_or_none(text: str) -> Any:
         return None
 
 
-def render(template: str, namespace: dict[str, Any]) -> str:
+def render(template: str, namespace: dict[str, Any], budget: _Budget | None = None) -> str:
     """`{{sample.output_text}}`, `{{item.answer}}`, `{{sample.output_json.a.b}}` filled in; a
-    variable that is not there raises (OpenAI's invalid_variable_error)."""
+    variable that is not there raises (OpenAI's invalid_variable_error), and so does a result longer
+    than the budget (MAX_RENDERED characters, shared by the messages of one judge call)."""
+    budget = budget or _Budget()
+    budget.spend(len(template))
+
     def value(match: re.Match[str]) -> str:
         node: Any = namespace
         for part in match.group(1).split("."):
@@ -393,7 +448,9 @@ def render(template: str, namespace: dict[str, Any]) -> str:
                 node = node[int(part)]
             else:
                 raise _MissingVariable(f"{{{{{match.group(1)}}}}} is not in the sample or the item")
-        return node if isinstance(node, str) else json.dumps(node)
+        text = node if isinstance(node, str) else json.dumps(node)
+        budget.spend(len(text))
+        return text
     return _VARIABLE.sub(value, template)
 
 
@@ -401,10 +458,10 @@ def _single(grader: Any, namespace: dict[str, Any], python: Any = None) -> float
     if grader.type in MODEL_GRADERS or cosine_graders(grader):  # asked of a model before: `python` holds it
         from kubetune.graders.judge import JudgeFailed
 
-        if isinstance(python, _MissingVariable):
+        if isinstance(python, _RenderError):
             raise python
         if isinstance(python, JudgeFailed):
-            raise _PythonFailed(python.kind, f"{grader.name}: {python.detail}")
+            raise _PythonFailed(python.kind, f"{grader.name}: {python.detail}", python.retryable)
         if python is None:
             raise _PythonFailed("model_grader_server_error", f"{grader.name}: not run")
         if isinstance(grader, LabelModelGrader):

@@ -85,9 +85,11 @@ class GraderReward:
 
     def __init__(self, grader: Any, where: str, sandbox: SandboxSpec, judges: dict[str, JudgeSpec] | None = None,
                  embeddings: EndpointSpec | None = None) -> None:
+        from kubetune.graders.judge import Endpoints
         from kubetune.graders.sandbox import SandboxLimits
 
-        self.grader, self.where, self.judges, self.embeddings = grader, where, judges or {}, embeddings
+        self.grader, self.where = grader, where
+        self.endpoints = Endpoints(judges or {}, embeddings, retries=1)
         self.sandbox = SandboxLimits(seconds=sandbox.seconds, memory_mb=sandbox.memory_mb)
         self.__name__ = "grader_" + (re.sub(r"[^\w.-]", "_", grader.name)[:48] or "grader")
 
@@ -98,11 +100,11 @@ class GraderReward:
         data = {k: v for k, v in columns.items() if k not in _TRL_KWARGS and isinstance(v, list)}
         items = [{k: v[j] for k, v in data.items()} for j in range(len(completions))]
         graded = grade_many(self.grader, [(answer_text(c), item) for c, item in zip(completions, items)],
-                            self.sandbox, self.judges, self.embeddings)
+                            self.sandbox, self.endpoints)
         failed = [g for g in graded if any(g.errors.get(k) for k in _FAILED)]
-        if graded and all(g.errors.get("model_grader_server_error") for g in graded):
+        if graded and all(g.retryable for g in graded):
             # the judge (or embedding model) is down, not the grader wrong: a retry continues from the last checkpoint
-            raise TransientError(f"{self.where}: the judge or embedding model did not answer for a whole batch "
+            raise TransientError(f"{self.where}: the judge or embedding model was down or busy for a whole batch "
                                  f"({len(graded)}): {graded[0].details}")
         if graded and len(failed) == len(graded):
             hint = ("fix the grader: python graders run with no files, network, subprocesses or threads, within "
