@@ -2,8 +2,11 @@
 (`habana_frameworks.torch.hpu`, with the calls kubetune makes of it — is_available, device_count,
 get_device_name, memory_stats) trains on the `hpu` device in bf16, reads the card's memory for its plan
 and its peak for the first-step report, and the Trainer gets use_cpu off (transformers then places the
-model on hpu:0). The runtime here is a module with those functions and the figures of a Gaudi 2;
-nothing of it runs on a card (README, support table)."""
+model on hpu:0) — transformers' Intel Gaudi page (huggingface.co/docs/transformers/perf_train_gaudi:
+"TrainingArguments, Trainer and Pipeline detect and set the backend device to hpu"; bf16 on every
+generation) and Intel's "Getting Started with Training on Intel Gaudi" (the `habana_frameworks.torch`
+runtime). The runtime here is a module with those functions and the figures of a Gaudi 2; nothing of
+it runs on a card (README, support table)."""
 
 from __future__ import annotations
 

@@ -548,3 +548,16 @@ def test_a_model_graders_judge_key_reaches_the_training_pod_by_reference_only() 
     with pytest.raises(SpecError) as refused:
         rendered("quickstart.yaml", "train", *grpo, "method.grpo.judges=" + judge % '"timeout_s": 9')
     assert refused.value.problems[0].where == "method.grpo.judges.grader-8b.api_key_secret"
+
+
+def test_gaudi_training_pods_run_transformers_in_eager_mode_unless_the_spec_says_otherwise() -> None:
+    """transformers' Intel Gaudi page (huggingface.co/docs/transformers/perf_train_gaudi): its modeling code is not
+    all written for HPU lazy mode, the images' default: PT_HPU_LAZY_MODE=0, and PT_ENABLE_INT64_SUPPORT=1."""
+    env = {e["name"]: e.get("value") for e in pod_of(rendered("c-gaudi-8card.yaml", "train"))["containers"][0]["env"]}
+    assert env["PT_HPU_LAZY_MODE"] == "0" and env["PT_ENABLE_INT64_SUPPORT"] == "1"
+    lazy = pod_of(rendered("c-gaudi-8card.yaml", "train", 'kubernetes.env={"PT_HPU_LAZY_MODE": "1", "X": "y"}'))
+    names = [e["name"] for e in lazy["containers"][0]["env"]]
+    env = {e["name"]: e.get("value") for e in lazy["containers"][0]["env"]}
+    assert env["PT_HPU_LAZY_MODE"] == "1" and env["X"] == "y" and len(names) == len(set(names))
+    nvidia = {e["name"] for e in pod_of(rendered("quickstart.yaml", "train"))["containers"][0]["env"]}
+    assert "PT_HPU_LAZY_MODE" not in nvidia

@@ -427,6 +427,10 @@ class KubernetesSpec(_Section):
         "and render on Ubuntu 22.04 nodes); the render group's id differs by node OS: read yours with "
         "`stat -c %g /dev/kfd /dev/dri/renderD128` on a node.")
     hugepages: str = Field("4Gi", description="hugepages-2Mi per pod on Gaudi nodes.")
+    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")],
+              Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict, description="Plain settings every container of the run gets, over kubetune's own (e.g. "
+        "PT_HPU_LAZY_MODE: '1' to train Gaudi in lazy mode). Not for credentials: those go in kubernetes.secrets.")
     termination_grace_seconds: int = Field(180, ge=30, description="Time a preempted pod gets to checkpoint and upload.")
     backoff_limit: int = Field(6, ge=1, description="Job retries on disruption or transient failure (each resumes).")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object.")

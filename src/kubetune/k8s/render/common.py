@@ -111,7 +111,19 @@ def env(spec: RunSpec, trackers: bool = False) -> tuple[list[dict[str, Any]], li
             out.append({"name": judge.api_key_env, "valueFrom": secret_ref(judge.api_key_secret)})
     env_from = [{"secretRef": {"name": name}} for name in (k.secrets.storage, k.secrets.mlflow if trackers else None)
                 if name]
-    return out, env_from
+    return with_env(out, {}, k.env), env_from
+
+
+# transformers' Intel Gaudi page (huggingface.co/docs/transformers/perf_train_gaudi): its modeling code is not all
+# written for HPU lazy mode (the images' default): eager mode, and int64 support against long-integer casts.
+GAUDI_TRAINING_ENV = {"PT_HPU_LAZY_MODE": "0", "PT_ENABLE_INT64_SUPPORT": "1"}
+
+
+def with_env(out: list[dict[str, Any]], defaults: dict[str, str], chosen: dict[str, str]) -> list[dict[str, Any]]:
+    """`out` with `defaults` added and the spec's own `kubernetes.env` over both (one entry per name)."""
+    values = {**defaults, **chosen}
+    kept = [e for e in out if e["name"] not in values]
+    return kept + [{"name": k, "value": v} for k, v in values.items()]
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Any
 from kubetune import settings
 from kubetune.errors import EXIT_TRANSIENT, EXIT_USAGE, UsageError
 from kubetune.k8s.render.common import (
-    SCRATCH, SPEC_DIR, container_security, env, metadata, pod_placement, pod_security, queue_labels, resources, volumes,
+    GAUDI_TRAINING_ENV, SCRATCH, SPEC_DIR, container_security, env, metadata, pod_placement, pod_security, queue_labels,
+    resources, volumes, with_env,
 )
 from kubetune.k8s.render.image import add_dist, image, kubetune_command
 from kubetune.spec.load import spec_to_yaml
@@ -75,6 +76,8 @@ def _job(spec: RunSpec, name: str, component: str, container: dict[str, Any], vo
 def train_objects(spec: RunSpec) -> list[dict[str, Any]]:
     nodes = spec.resources.nodes
     env_list, env_from = env(spec, trackers=True)
+    if spec.resources.accelerator == "gaudi":
+        env_list = with_env(env_list, GAUDI_TRAINING_ENV, spec.kubernetes.env)
     vols = add_dist(spec, volumes(spec, f"{spec.name}-spec"), spec.name)
     if nodes > 1:
         env_list.append({"name": settings.RDZV_ENDPOINT,
