@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=verbs.render)
     p = sub.add_parser("submit", help="create or update the run's Kubernetes objects (idempotent by run name)")
     _spec_args(p)
+    p.add_argument("--dry-run", action="store_true", help="check and render everything, list what would be applied; "
+                   "contact no cluster, apply nothing")
     p.set_defaults(func=verbs.submit)
     p = sub.add_parser("setup", help="prepare a namespace: Namespace, ServiceAccount (cloud identity), Role and "
                        "RoleBinding, Kueue LocalQueue, Secret placeholders (server-side apply; Secrets never overwritten)")
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "several adapter runs of one base (one Deployment)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="every run of this sweep of SPEC, as in `kubetune sweep` (one Deployment)")
+    p.add_argument("--dry-run", action="store_true", help="check and render everything, list what would be applied; "
+                   "contact no cluster, apply nothing")
     p.set_defaults(func=verbs.deploy)
     for name, help_text, func in (("status", "phase, pods, step/total, loss, ETA and why a run waits", verbs.status),
                                   ("logs", "the leader pod's log", verbs.logs),

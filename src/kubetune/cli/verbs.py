@@ -157,9 +157,22 @@ def submit(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     _check_cluster_memory(spec)
+    if args.dry_run:
+        from kubetune.k8s.dist import with_dist
+        from kubetune.k8s.render import render as render_objects
+
+        return _dry_run(with_dist(spec, render_objects(spec, "train")), spec.kubernetes.namespace, args.spec)
     code = launcher_for(spec, "k8s").launch(Launch(spec, args.spec, tuple(args.overrides)))
     print(f"follow it: kubetune status {spec.name} -n {spec.kubernetes.namespace}")
     return code
+
+
+def _dry_run(objects: list[dict[str, Any]], namespace: str, spec_path: str) -> int:
+    """What an apply would do, from the rendered objects alone (no cluster is contacted)."""
+    for obj in objects:
+        print(f"{obj['kind'].lower()}/{obj['metadata']['name']} would be applied in namespace {namespace}")
+    print(f"dry run: nothing was applied ({len(objects)} objects; `kubetune render {spec_path}` prints them)")
+    return 0
 
 
 def _check_cluster_memory(spec: Any) -> None:
@@ -239,6 +252,8 @@ def deploy(args: argparse.Namespace) -> int:
     objects = with_dist(plan.spec, render_objects(plan.spec, "serve", plan.served, plan.tool_parser,
                                                   plan.reasoning_parser))
     _say_unserved_metric(plan.spec)
+    if args.dry_run:
+        return _dry_run(objects, ns, args.spec)
     cluster = Cluster(ns)
     for line in cluster.apply(objects):
         print(line)
