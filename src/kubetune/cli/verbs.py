@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,14 +123,18 @@ def render(args: argparse.Namespace) -> int:
     from kubetune.k8s.dist import with_dist
     from kubetune.k8s.render import render as render_objects, to_yaml
 
+    from kubetune.k8s.storage import sized
+
     spec = load_spec(args.spec, args.overrides)
     if args.what == "serve":
         plan = _served_set(spec, args)
+        plan = replace(plan, spec=sized(plan.spec, plan.served))
         objects = render_objects(plan.spec, "serve", plan.served, plan.tool_parser, plan.reasoning_parser)
         _say_unserved_metric(plan.spec)
     else:
         if args.what == "train":
             _check_cluster_memory(spec)
+        spec = sized(spec)
         objects = render_objects(spec, args.what)
     sys.stdout.write(to_yaml(with_dist(spec, objects)))
     if not has_scheme(spec.output_uri):  # stderr: stdout stays valid YAML for kubectl
@@ -155,7 +160,9 @@ def _say_unserved_metric(spec: RunSpec) -> None:
 def submit(args: argparse.Namespace) -> int:
     from kubetune.launch import Launch, launcher_for
 
-    spec = load_spec(args.spec, args.overrides)
+    from kubetune.k8s.storage import sized
+
+    spec = sized(load_spec(args.spec, args.overrides))
     _check_cluster_memory(spec)
     if args.dry_run:
         from kubetune.k8s.dist import with_dist
@@ -247,7 +254,10 @@ def deploy(args: argparse.Namespace) -> int:
     from kubetune.k8s.client import Cluster
     from kubetune.k8s.dist import with_dist
     from kubetune.k8s.render import render as render_objects
+    from kubetune.k8s.storage import sized
+
     plan = _served_set(load_spec(args.spec, args.overrides), args)
+    plan = replace(plan, spec=sized(plan.spec, plan.served))
     ns = plan.spec.kubernetes.namespace
     objects = with_dist(plan.spec, render_objects(plan.spec, "serve", plan.served, plan.tool_parser,
                                                   plan.reasoning_parser))

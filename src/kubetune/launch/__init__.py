@@ -65,8 +65,10 @@ class Kubernetes:
         from kubetune.k8s.client import Cluster
         from kubetune.k8s.dist import with_dist
         from kubetune.k8s.render import render
+        from kubetune.k8s.storage import sized
 
-        for line in Cluster(job.spec.kubernetes.namespace).apply(with_dist(job.spec, render(job.spec, "train"))):
+        spec = sized(job.spec)  # disk sizes from the base's size, where this machine can read it
+        for line in Cluster(spec.kubernetes.namespace).apply(with_dist(spec, render(spec, "train"))):
             job.log(line)
         return 0
 

@@ -12,6 +12,8 @@ from pydantic_core import PydanticCustomError
 
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")
 QUANTITY = re.compile(r"\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?")
+FALLBACK_SCRATCH = "50Gi"         # kubernetes.scratch_size: auto, where the base's size cannot be read
+FALLBACK_MODEL_STORAGE = "60Gi"   # serve.model_storage: auto, likewise
 
 
 class _Section(BaseModel):
@@ -411,7 +413,11 @@ class KubernetesSpec(_Section):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     secrets: SecretsSpec = Field(default_factory=SecretsSpec)
-    scratch_size: str = Field("50Gi", description="Ephemeral scratch volume for the local working copy and caches.")
+    scratch_size: str = Field("auto", description="Ephemeral scratch volume of a training pod: the downloaded base, "
+                              "the run's working copy (checkpoints kept + the one being written + the final "
+                              "weights), caches. auto: worked out from the base's size where this machine can read "
+                              "it (a local folder, the Hugging Face cache), else 50Gi; a size smaller than that is "
+                              "refused.")
     storage_class: str | None = Field(None, description="Storage class of the scratch volume (default: the cluster's).")
     shm_size: str = Field("16Gi", description="Size limit of /dev/shm (memory emptyDir).")
     tmp_size: str = Field("4Gi", description="Size limit of /tmp (node-local disk). With the pod's logs it is the "
@@ -476,9 +482,10 @@ class ServeSpec(_Section):
     autoscaling: Autoscaling | None = Field(default_factory=Autoscaling, description="HPA on queue length; null = fixed replicas.")
     cpu: str = Field("2", description="CPU per serving pod.")
     memory: str = Field("10Gi", description="Memory per serving pod.")
-    model_storage: str = Field("60Gi", description="Node-local disk per serving pod for the served models (base and "
+    model_storage: str = Field("auto", description="Node-local disk per serving pod for the served models (base and "
                                "adapters, downloaded once: the download cache is on the same volume) — requested as "
-                               "ephemeral-storage.")
+                               "ephemeral-storage. auto: the base's size and headroom where this machine can read "
+                               "it, else 60Gi; a size smaller than that is refused.")
     gpu_sharing: str = Field("none", description="none, time_sharing, mps, or mig:PROFILE (e.g. mig:1g.10gb): "
                                                  "the node selectors and resources GKE and the NVIDIA device plugin use.")
     gpu_clients: int = Field(2, ge=2, le=48, description="Pods per shared GPU (time_sharing, mps).")
@@ -592,7 +599,8 @@ class RunSpec(_Section):
                             ("kubernetes.scratch_size", self.kubernetes.scratch_size),
                             ("kubernetes.shm_size", self.kubernetes.shm_size),
                             ("serve.model_storage", self.serve.model_storage)):
-            if not QUANTITY.fullmatch(size):
+            auto = where in ("kubernetes.scratch_size", "serve.model_storage") and size == "auto"
+            if not QUANTITY.fullmatch(size) and not auto:
                 problems.append((where, f"{size!r} is not a Kubernetes quantity such as 4Gi, 500Mi or 60G"))
         if self.resources.memory is not None and not QUANTITY.fullmatch(self.resources.memory):
             problems.append(("resources.memory", f"{self.resources.memory!r} is not a Kubernetes quantity such as "

@@ -8,7 +8,7 @@ from typing import Any
 
 from kubetune import __version__, settings
 from kubetune.errors import Problem, SpecError
-from kubetune.spec.models import RunSpec
+from kubetune.spec.models import FALLBACK_SCRATCH, RunSpec
 from kubetune.uris import bucket, scheme
 
 SPEC_DIR = "/etc/kubetune"
@@ -144,7 +144,8 @@ def volumes(spec: RunSpec, config_map: str | None, scratch: bool = True) -> Volu
     v.volumes.append({"name": "tmp", "emptyDir": {"sizeLimit": k.tmp_size}})
     v.mounts.append({"name": "tmp", "mountPath": "/tmp"})
     if scratch:
-        claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": k.scratch_size}}}
+        size = FALLBACK_SCRATCH if k.scratch_size == "auto" else k.scratch_size  # the edge sizes auto (k8s/storage.py)
+        claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
         if k.storage_class:
             claim["storageClassName"] = k.storage_class
         v.volumes.append({"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": claim}}})

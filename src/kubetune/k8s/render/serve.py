@@ -21,7 +21,7 @@ from kubetune.k8s.render.common import (
 )
 from kubetune.serve.vllm import VllmTarget, vllm_command
 from kubetune.k8s.render.image import add_dist, image, kubetune_command, scratch_size, serving_image
-from kubetune.spec.models import RunSpec
+from kubetune.spec.models import FALLBACK_MODEL_STORAGE, RunSpec
 from kubetune.uris import body, has_scheme, hub_ref, is_hub, scheme, uri_basename
 
 MODELS = "/models"
@@ -95,12 +95,13 @@ def serve_objects(spec: RunSpec, served: Sequence[Served] | None = None, tool_pa
     caches = {settings.CACHE: f"{MODELS}/.cache", "HF_HOME": f"{MODELS}/.hf"}
     env_list = [{**e, "value": caches[e["name"]]} if e["name"] in caches else e for e in env_list]
     vols = add_dist(spec, volumes(spec, None, scratch=False), name)
-    vols.volumes.append({"name": "models", "emptyDir": {"sizeLimit": s.model_storage}})
+    models = FALLBACK_MODEL_STORAGE if s.model_storage == "auto" else s.model_storage  # sized at the edge
+    vols.volumes.append({"name": "models", "emptyDir": {"sizeLimit": models}})
     vols.mounts.append({"name": "models", "mountPath": MODELS})
     scratch = scratch_size(spec, SERVE_SCRATCH)  # kubetune installed at start by the init containers lives here
     vols.volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": scratch}})
     vols.mounts.append({"name": "scratch", "mountPath": "/scratch"})
-    disk = node_disk(spec, s.model_storage, scratch)
+    disk = node_disk(spec, models, scratch)
     fetch: dict[str, list[str]] = {}  # where under /models → object-storage URIs an init container copies there
     several = len(served) > 1
 
