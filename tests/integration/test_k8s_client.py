@@ -268,6 +268,14 @@ def test_doctor_lists_what_to_fix_then_passes(k8s: FakeKubernetes, cli, s3, monk
     assert "✓ a node offers 2 nvidia.com/gpu (1 such nodes)" in out and "✓ LocalQueue q exists" in out
     code, out, _ = cli("doctor", SPEC, *sets[:-2], "--set", "output=s3://no-such-bucket-kt/x")
     assert code == 2 and "no-such-bucket-kt" in out and "fix:" in out
+    # an autoscaled cluster (GKE Autopilot, pools at zero): no GPU node until a pod asks, which is not a failure
+    code, out, _ = cli("doctor", SPEC, *sets, "--set", "resources.devices_per_node=8")
+    assert code == 2 and "✗ no node offers 8 nvidia.com/gpu (the most is 4)" in out
+    k8s.namespaces.add("kube-system")
+    k8s.put("configmaps", "kube-system", {"metadata": {"name": "cluster-autoscaler-status"}, "data": {"status": "x"}})
+    code, out, err = cli("doctor", SPEC, *sets, "--set", "resources.devices_per_node=8")
+    assert code == 0, out + err
+    assert "no node offers 8 nvidia.com/gpu now; the cluster autoscaler adds nodes when a pod asks" in out
 
 
 ADAPTER_CONFIG = """rules:

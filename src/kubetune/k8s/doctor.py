@@ -250,6 +250,11 @@ def _accelerators(cluster: Cluster, spec: RunSpec) -> Check:
     if best >= want:
         return Check(True, f"a node offers {want} {resource} ({sum(1 for o in offers if o >= want)} such nodes)")
     where = f" among nodes labelled {selector}" if selector else ""
+    adds = _adds_nodes(cluster)
+    if adds:  # GKE Autopilot, autoscaled pools at zero: the node appears when a pod asks for it
+        return Check(True, f"no node offers {want} {resource}{where} now; {adds} adds nodes when a pod asks "
+                           "for them: not checked (`kubetune doctor SPEC --probe` does not ask for devices)",
+                     skipped=True)
     return Check(False, f"no node offers {want} {resource}{where} (the most is {best})",
                  "add a node pool with that accelerator, install its device plugin, or lower "
                  "resources.devices_per_node")
@@ -311,6 +316,17 @@ def _metrics_path(cluster: Cluster, spec: RunSpec) -> list[Check]:
         out.append(Check(True, f"Prometheus at {a.prometheus_url}: queried by KEDA from inside the cluster, "
                                "not checked from here", skipped=True))
     return out
+
+
+# What adds nodes on demand: the cluster autoscaler publishes its status here (GKE's, Autopilot's and the
+# upstream one: "kubectl get configmap cluster-autoscaler-status -n kube-system"); Karpenter has its NodePools.
+NODE_PROVISIONERS = {"the cluster autoscaler": "/api/v1/namespaces/kube-system/configmaps/cluster-autoscaler-status",
+                     "Karpenter": "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/nodepools.karpenter.sh"}
+
+
+def _adds_nodes(cluster: Cluster) -> str | None:
+    """Who adds nodes to this cluster when pods ask for them, if anyone visible does."""
+    return next((who for who, path in NODE_PROVISIONERS.items() if _exists(cluster, path)), None)
 
 
 def _exists(cluster: Cluster, path: str) -> bool | None:
