@@ -201,3 +201,21 @@ def test_push_writes_a_model_card_from_the_run(trained: Path, tmp_path: Path) ->
     shown = f"{base:.4g}" if base is not None else "—"
     assert f"| rougeL | {shown} | {metrics['tuned']['rougeL']:.4g} |" in card
     assert (tmp_path / "published" / "tokenizer_config.json").exists()
+    # the merged model is published whole when the run has one, else the adapter: both, in this order
+    import shutil
+
+    published = {p.name for p in (tmp_path / "published").iterdir()}
+    if (trained / "final" / "merged").exists():
+        assert front["library_name"] == "transformers" and "model.safetensors" in published
+        assert "adapter_config.json" not in published
+    else:
+        assert front["library_name"] == "peft" and "adapter_model.safetensors" in published
+        res = run_kubetune("merge", str(trained))
+        assert res.returncode == 0, res.stderr[-2000:]
+        res = run_kubetune("push", str(trained), "--to", str(tmp_path / "merged-published"))
+        assert res.returncode == 0, res.stderr[-2000:]
+        merged = {p.name for p in (tmp_path / "merged-published").iterdir()}
+        front = yaml.safe_load((tmp_path / "merged-published" / "README.md").read_text().split("---")[1])
+        assert front["library_name"] == "transformers" and "model.safetensors" in merged
+        assert "adapter_config.json" not in merged
+    shutil.rmtree(tmp_path / "published")
