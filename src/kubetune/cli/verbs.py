@@ -137,10 +137,23 @@ def render(args: argparse.Namespace) -> int:
         spec = sized(spec)
         objects = render_objects(spec, args.what)
     sys.stdout.write(to_yaml(with_dist(spec, objects)))
+    if args.what != "setup":
+        _say_install_at_start(spec)
     if not has_scheme(spec.output_uri):  # stderr: stdout stays valid YAML for kubectl
         print(f"note: output {spec.output_uri} is a local path: in a pod it lives on the scratch volume and is lost "
               "with the pod, and a retried pod starts over; use --set output=s3://... (or gs://, pvc://)", file=sys.stderr)
     return 0
+
+
+def _say_install_at_start(spec: RunSpec) -> None:
+    """Pods that install kubetune at start with nowhere to keep it install again on every retry: say so (stderr)."""
+    from kubetune.k8s.render.image import installs_at_start
+
+    if installs_at_start(spec) and not spec.kubernetes.install_cache:
+        print("note: kubernetes.image and kubernetes.install_cache are unset: each pod (a retried one too) installs "
+              "kubetune and its pinned dependencies (2-3 GiB) when it starts; set kubernetes.install_cache to a "
+              "PVC to install once, or kubernetes.image to an image with kubetune (docs/kubernetes.md)",
+              file=sys.stderr)
 
 
 def _say_unserved_metric(spec: RunSpec) -> None:
@@ -164,6 +177,7 @@ def submit(args: argparse.Namespace) -> int:
 
     spec = sized(load_spec(args.spec, args.overrides))
     _check_cluster_memory(spec)
+    _say_install_at_start(spec)
     if args.dry_run:
         from kubetune.k8s.dist import with_dist
         from kubetune.k8s.render import render as render_objects
@@ -262,6 +276,7 @@ def deploy(args: argparse.Namespace) -> int:
     objects = with_dist(plan.spec, render_objects(plan.spec, "serve", plan.served, plan.tool_parser,
                                                   plan.reasoning_parser))
     _say_unserved_metric(plan.spec)
+    _say_install_at_start(plan.spec)
     if args.dry_run:
         return _dry_run(objects, ns, args.spec)
     cluster = Cluster(ns)
