@@ -1,4 +1,4 @@
-"""Any target from any machine: validate, plan (here and for the cluster), render, a sweep's, submit's
+"""Any target from any machine: validate, plan (here and for the cluster), render, a sweep's (here and for the cluster), submit's
 and deploy's dry runs of every example aimed at every accelerator, strategy, device count, node
 selector and offload end in exit 0 (done) or 2 (fix your input) on this CPU-only machine, never 1 (a
 kubetune bug); the verbs aimed at the cluster run as if this machine had a GPU whose reading fails:
@@ -22,10 +22,11 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 DEVICES = ("1", "8")
 SELECTORS = ("{}", "{cloud.google.com/gke-accelerator: nvidia-h100-80gb}")
 VERBS = (("validate",), ("plan",), ("plan", "--target", "k8s"), ("render",), ("render", "--what", "serve"),
-         ("sweep", "--dry-run", "--grid", "method.lora.r=4,8"), ("submit", "--dry-run"), ("deploy", "--dry-run"))
+         ("sweep", "--dry-run", "--grid", "method.lora.r=4,8"), ("submit", "--dry-run"), ("deploy", "--dry-run"),
+         ("sweep", "--dry-run", "--target", "k8s", "--grid", "model.dtype=bfloat16,float32"))
 # verbs that aim at the cluster's devices: run on a machine whose own GPU must not be read
 CLUSTER_VERBS = {("plan", "--target", "k8s"), ("render",), ("render", "--what", "serve"), ("submit", "--dry-run"),
-                 ("deploy", "--dry-run")}
+                 ("deploy", "--dry-run"), ("sweep", "--dry-run", "--target", "k8s", "--grid", "model.dtype=bfloat16,float32")}
 OFFLOAD = ("false", "true")
 
 

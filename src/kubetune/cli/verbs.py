@@ -340,6 +340,16 @@ def sweep(args: argparse.Namespace) -> int:
     print(f"sweep {spec.name}: {len(runs)} runs ({', '.join(r.name for r in runs)})")
     if args.dry_run:
         sys.stdout.write(sw.dump_plan(runs))
+        if args.target == "k8s":  # each run's objects, checked and rendered as its submit would (no cluster)
+            from kubetune.k8s.dist import with_dist
+            from kubetune.k8s.render import render as render_objects
+            from kubetune.k8s.storage import sized
+
+            for r in runs:
+                run_spec = sized(load_spec(spec_path, list(r.overrides)))
+                _check_cluster_memory(run_spec)
+                _dry_run(with_dist(run_spec, render_objects(run_spec, "train")), run_spec.kubernetes.namespace,
+                         spec_path)
         return 0
     if args.target == "k8s":
         sw.submit_k8s(spec_path, runs)
