@@ -1,8 +1,9 @@
-"""Any target from any machine: validate, plan (here and for the cluster), render, a sweep's (here and for the cluster), submit's
-and deploy's dry runs of every example aimed at every accelerator, strategy, device count, node
-selector and offload end in exit 0 (done) or 2 (fix your input) on this CPU-only machine, never 1 (a
-kubetune bug); the verbs aimed at the cluster run as if this machine had a GPU whose reading fails:
-planning for a cluster's GPUs, Gaudi or ROCm nodes must not call this machine's device APIs."""
+"""Any target from any machine: validate, plan (here and for the cluster), render, and the dry runs of
+sweep (here and for the cluster), submit and deploy, of every example aimed at every accelerator,
+strategy, device count, node selector and offload, end in exit 0 (done) or 2 (fix your input) on this
+CPU-only machine, never 1 (a kubetune bug); the verbs aimed at the cluster run as if this machine had
+a GPU whose reading fails: planning for a cluster's GPUs, Gaudi or ROCm nodes must not call this
+machine's device APIs."""
 
 from __future__ import annotations
 
