@@ -445,6 +445,57 @@ def test_doctor_probes_the_image_and_the_pods_identity_from_inside(k8s: FakeKube
     assert pod_args == ["--read", f"s3://{BUCKET}/nothing-here.jsonl", "--write", f"s3://{BUCKET}/runs/probe"]
 
 
+def test_doctor_opens_the_amd_gpus_devices_as_the_runs_pods_would(k8s: FakeKubernetes, cli, tmp_path: Path) -> None:
+    """The AMD device plugin passes /dev/kfd and /dev/dri/renderD* with the node's group ids (video, render:
+    they differ by node OS, ROCm/k8s-device-plugin issue #39); a pod on a GPU node, non-root in the run's
+    supplementalGroups, opens them and reports the groups that own them. The "node" here is a folder:
+    this machine has no AMD GPU, and runs as root, so a device it cannot open is a folder in its place."""
+    import kubernetes_validate
+
+    from kubetune.k8s.render.probe import OPEN_DEVICES, device_probe_pod
+    from kubetune.spec import load_spec
+
+    spec = load_spec(ROOT / "examples" / "d-full-8gpu.yaml", ["kubernetes.node_selector={pool: mi300}"])
+    pod = device_probe_pod(spec)
+    kubernetes_validate.validate(pod, "1.33.0", strict=True)
+    body = pod["spec"]
+    assert body["securityContext"]["runAsNonRoot"] and body["securityContext"]["supplementalGroups"] == [44, 109]
+    assert body["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "1" and body["nodeSelector"] == {"pool": "mi300"}
+    assert body["automountServiceAccountToken"] is False
+
+    dev = tmp_path / "dev"
+    (dev / "dri").mkdir(parents=True)
+    for device in ("kfd", "dri/renderD128", "dri/renderD136"):
+        (dev / device).write_text("")
+    (tmp_path / "scratch").mkdir()
+    sets = ["--set", "resources.accelerator=amd", "--set", "kubernetes.namespace=ml", "--probe", "--probe-poll", "0.1"]
+    name = "quickstart-doctor-devices"
+    devices = Kubelet(k8s, "ml", name, tmp_path / "scratch", image_env={"KUBETUNE_DEV_ROOT": str(dev)})
+    Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch")
+    Kubelet(k8s, "ml", "quickstart-doctor-serve", tmp_path / "scratch")
+    code, out, err = cli("doctor", SPEC, *sets)
+    assert devices.ran == [[sys.executable, "-c", OPEN_DEVICES]], out + err
+    assert "✓ in the cluster, a non-root pod in groups [44, 109] opened /dev/kfd, /dev/dri/renderD128, " \
+           "/dev/dri/renderD136" in out, out + err
+    assert k8s.get("pods", "ml", name) is None  # deleted
+    (dev / "dri" / "renderD136").unlink()
+    (dev / "dri" / "renderD136").mkdir()  # cannot be opened read-write (root opens any file)
+    Kubelet(k8s, "ml", name, tmp_path / "scratch", image_env={"KUBETUNE_DEV_ROOT": str(dev)})
+    Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch")
+    Kubelet(k8s, "ml", "quickstart-doctor-serve", tmp_path / "scratch")
+    code, out, err = cli("doctor", SPEC, *sets)
+    gid = (dev / "kfd").stat().st_gid
+    assert code == 2 and "✗ in the cluster, a non-root pod in groups [44, 109] cannot open /dev/dri/renderD136 " \
+                         f"(group {gid})" in out, out + err
+    assert f"fix: set kubernetes.device_groups: [{gid}]" in out
+    nvidia = [*sets, "--set", "resources.accelerator=nvidia"]  # the last --set wins
+    Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch")
+    Kubelet(k8s, "ml", "quickstart-doctor-serve", tmp_path / "scratch")
+    before = len(k8s.requests)
+    cli("doctor", SPEC, *nvidia)
+    assert not [p for _, p in k8s.requests[before:] if p.endswith(f"/pods/{name}")]  # an AMD-only probe
+
+
 def test_the_probe_pod_asks_for_no_accelerator_and_runs_as_the_runs_identity() -> None:
     import kubernetes_validate
 

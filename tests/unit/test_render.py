@@ -379,8 +379,11 @@ def test_the_image_build_fails_when_an_install_step_fails() -> None:
 
 
 def test_rocm_pods_run_non_root_in_the_groups_that_own_the_gpu_devices() -> None:
-    """ROCm's container documentation: /dev/kfd and /dev/dri/renderD* are owned by the video and render
-    groups, which a non-root process must be in; the AMD device plugin passes the devices, not the groups."""
+    """ROCm's container documentation (rocm.docs.amd.com, "Running ROCm Docker containers": --group-add video
+    --group-add render): /dev/kfd and /dev/dri/renderD* are owned by the node's video and render groups, which
+    a non-root process must be in. The AMD device plugin passes the devices with the node's group ids and not
+    the groups; a pod's supplementalGroups is how a non-root container gets them (ROCm/k8s-device-plugin
+    issue #39, where the render group is 106 on Debian 11: hence kubernetes.device_groups)."""
     for what in ("train", "serve"):
         pod = pod_of(rendered("d-full-8gpu.yaml", what))
         assert pod["securityContext"]["runAsNonRoot"] is True

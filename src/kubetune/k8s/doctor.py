@@ -18,7 +18,7 @@ from kubetune.errors import KubetuneError
 from kubetune.k8s.client import Cluster, pull_failure, unschedulable
 from kubetune.k8s.render.common import ACCELERATOR_RESOURCE, GCS_DRIVER, gcs_buckets
 from kubetune.k8s.dist import with_dist
-from kubetune.k8s.render.probe import PULL_SECONDS, probe_pod, probe_seconds, serving_probe_pod
+from kubetune.k8s.render.probe import PULL_SECONDS, device_probe_pod, probe_pod, probe_seconds, serving_probe_pod
 from kubetune.k8s.render.setup import RULES
 from kubetune.spec.models import RunSpec
 
@@ -52,6 +52,8 @@ def doctor(cluster: Cluster, spec: RunSpec | None, probe: bool = False, probe_ti
         if probe:
             checks += probe_from_inside(cluster, spec, probe_timeout or probe_seconds(spec), poll)
             checks += probe_serving_image(cluster, spec, probe_timeout or PULL_SECONDS, poll)
+            if spec.resources.accelerator == "amd":
+                checks += probe_devices(cluster, spec, probe_timeout or PULL_SECONDS, poll)
     return checks
 
 
@@ -149,6 +151,49 @@ def _run_pod(cluster: Cluster, pod: dict[str, Any], timeout: float, poll: float,
             return [Check(False, f"the probe pod {name} did not finish in {timeout:.0f} s{why}",
                           f"kubectl -n {cluster.namespace} describe pod {name}")], status
         time.sleep(poll)
+
+
+def probe_devices(cluster: Cluster, spec: RunSpec, timeout: float, poll: float) -> list[Check]:
+    """AMD: whether the run's non-root pods can open their GPU's devices (/dev/kfd, /dev/dri/renderD*),
+    which belong to the node's video and render groups — ids that differ by node OS."""
+    import json
+
+    pod = device_probe_pod(spec)
+    name = pod["metadata"]["name"]
+    groups = pod["spec"]["securityContext"].get("supplementalGroups", [])
+    try:
+        failed, status = _run_pod(cluster, pod, timeout, poll, "set kubernetes.image to an image your registry serves")
+        if failed:
+            return failed
+        try:
+            text = "".join(cluster.log(name))
+        except KubetuneError as exc:
+            text = f"(no log: {exc.message})"
+        rows = [r for r in (_json_line(line) for line in text.splitlines()) if isinstance(r, dict)]
+        devices = [r for r in rows if "device" in r]
+        if not devices:
+            return [Check(False, f"the device probe pod {name} found no /dev/kfd (log: {text.strip()[-200:] or 'empty'})",
+                          "install the AMD GPU device plugin (or AMD's GPU operator) on the GPU nodes")]
+        denied = [r for r in devices if not r.get("ok")]
+        if not denied:
+            return [Check(True, f"in the cluster, a non-root pod in groups {groups} opened "
+                                f"{', '.join(r['device'] for r in devices)}")]
+        gids = sorted({int(r["gid"]) for r in devices if isinstance(r.get("gid"), int)})
+        shown = "; ".join(f"{r['device']} (group {r.get('gid', '?')}): {r.get('error', 'denied')}" for r in denied)
+        return [Check(False, f"in the cluster, a non-root pod in groups {groups} cannot open {shown}",
+                      f"set kubernetes.device_groups: {json.dumps(gids)} (the groups that own the devices on "
+                      "these nodes)")]
+    finally:
+        cluster.request("DELETE", f"/api/v1/namespaces/{cluster.namespace}/pods/{name}", tolerate=(404,))
+
+
+def _json_line(line: str) -> Any:
+    import json
+
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def probe_serving_image(cluster: Cluster, spec: RunSpec, timeout: float, poll: float) -> list[Check]:

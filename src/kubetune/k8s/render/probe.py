@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.k8s.render.common import (
-    SCRATCH, container_security, env, metadata, node_disk, pod_security, uris, volumes,
+    ACCELERATOR_RESOURCE, SCRATCH, container_security, env, metadata, node_disk, pod_placement, pod_security, uris,
+    volumes,
 )
 from kubetune.k8s.render.image import add_dist, image, installs_at_start, kubetune_command, scratch_size, serving_image
 from kubetune.spec.models import RunSpec
@@ -20,6 +21,21 @@ PROBE_SECONDS = 300  # the pod's own deadline: a probe that hangs (a mount, the 
 PROBE_SCRATCH = "1Gi"
 PULL_SECONDS = 900  # a vLLM image is 10-20 GB: its first pull on a node takes minutes
 FIND_VLLM = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 3)"
+# An AMD GPU pod's devices, opened as the run's pods open them: one JSON line per device (its group id,
+# whether it opened read-write), then this process's groups. KUBETUNE_DEV_ROOT: tests point it at a folder.
+OPEN_DEVICES = """import glob, json, os
+root = os.environ.get("KUBETUNE_DEV_ROOT", "/dev")
+for path in [os.path.join(root, "kfd"), *sorted(glob.glob(os.path.join(root, "dri", "renderD*")))]:
+    row = {"device": "/dev/" + os.path.relpath(path, root)}
+    try:
+        row["gid"] = os.stat(path).st_gid
+        os.close(os.open(path, os.O_RDWR))
+        row["ok"] = True
+    except OSError as exc:
+        row.update(ok=False, error=exc.strerror or type(exc).__name__)
+    print(json.dumps(row))
+print(json.dumps({"groups": sorted(os.getgroups()), "uid": os.getuid()}))
+"""
 
 
 def probe_name(spec: RunSpec) -> str:
@@ -63,6 +79,24 @@ def probe_pod(spec: RunSpec) -> dict[str, Any]:
     if vols.annotations:
         meta["annotations"] = dict(vols.annotations)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod}
+
+
+def device_probe_pod(spec: RunSpec) -> dict[str, Any]:
+    """AMD: a pod on the run's GPU nodes asking for one amd.com/gpu, run as the run's pods run (non-root,
+    their supplementalGroups), that opens /dev/kfd and the render nodes read-write and reports each one's
+    group id: the node's groups are what kubernetes.device_groups must hold. The run's image (python3)."""
+    small = {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": node_disk(spec), ACCELERATOR_RESOURCE["amd"]: "1"}
+    container: dict[str, Any] = {
+        "name": "probe", "image": image(spec), "imagePullPolicy": spec.kubernetes.image_pull_policy,
+        "command": ["python3", "-c", OPEN_DEVICES], "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
+        "resources": {"requests": dict(small), "limits": dict(small)},
+        "securityContext": container_security(),
+    }
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": metadata(spec, f"{spec.name[:48]}-doctor-devices", "doctor"),
+            "spec": {"restartPolicy": "Never", "activeDeadlineSeconds": PULL_SECONDS,
+                     "automountServiceAccountToken": False, "enableServiceLinks": False,
+                     "securityContext": pod_security(spec), **pod_placement(spec), "containers": [container]}}
 
 
 def serving_probe_pod(spec: RunSpec) -> dict[str, Any]:
