@@ -142,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the pod to serve (default 300)")
     p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(func=verbs.copy)
+    image = sub.add_parser("image", help="build (and push) an image with this kubetune for kubernetes.image")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    p = image_sub.add_parser("build", help="the accelerator vendor's PyTorch image + this kubetune's wheel and pins",
+                             description="kubetune image build --accelerator nvidia --tag REGISTRY/kubetune:0.1.0-cuda "
+                                         "--push, then set kubernetes.image to that tag.")
+    p.add_argument("--accelerator", required=True, choices=["nvidia", "amd", "gaudi", "cpu"])
+    p.add_argument("--tag", required=True, help="the image's name, e.g. REGISTRY/kubetune:0.1.0-cuda")
+    p.add_argument("--push", action="store_true", help="push the tag when it is built")
+    p.add_argument("--tool", help="docker (default, else podman), podman, or none: only write --context")
+    p.add_argument("--context", help="write the build context into this folder (kept) instead of a temporary one")
+    p.set_defaults(func=verbs.image_build)
     p = sub.add_parser("deploy", help="serve a trained run on Kubernetes: vLLM Deployment, Service, HPA, PDB")
     _spec_args(p)
     p.add_argument("--run", action="append", help="a run's output URI, a model folder or hf://org/name; repeat for "

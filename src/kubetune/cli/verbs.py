@@ -263,6 +263,19 @@ def copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def image_build(args: argparse.Namespace) -> int:
+    from kubetune.errors import UsageError
+    from kubetune.k8s.image_build import build
+
+    if args.tool == "none" and not args.context:
+        raise UsageError("--tool none writes the build context only: give --context DIR")
+    build(args.accelerator, args.tag, push=args.push, tool=args.tool,
+          context=Path(args.context) if args.context else None)
+    print(f"then: kubernetes: {{image: {args.tag}}} in the spec (`kubetune doctor SPEC --probe` checks the "
+          "cluster pulls it)")
+    return 0
+
+
 def deploy(args: argparse.Namespace) -> int:
     from kubetune.k8s.autoscalers import prune_autoscalers
     from kubetune.k8s.client import Cluster

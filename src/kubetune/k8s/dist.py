@@ -22,7 +22,7 @@ from typing import Any
 import kubetune
 from kubetune.errors import UsageError
 from kubetune.k8s.render.common import metadata
-from kubetune.k8s.render.image import CPU_TORCH_INDEX, DIST_VOLUME, installs_at_start, vendor
+from kubetune.k8s.render.image import CPU_TORCH_INDEX, DIST_VOLUME, VENDOR_IMAGES, installs_at_start
 from kubetune.spec.models import RunSpec
 
 # A ConfigMap holds at most 1 MiB, and binaryData is base64 (4/3): the wheel must stay well under it.
@@ -73,12 +73,17 @@ def pins() -> list[str]:
 
 def requirements_for(spec: RunSpec) -> str:
     """What the pod installs before the wheel: the pins, fitted to the vendor image."""
-    image_torch = vendor(spec)[1]
+    return requirements_for_accelerator(spec.resources.accelerator)
+
+
+def requirements_for_accelerator(accelerator: str) -> str:
+    """The pins fitted to the accelerator's vendor image (an image build installs the same)."""
+    image_torch = VENDOR_IMAGES.get(accelerator, VENDOR_IMAGES["cpu"])[1]
     lines = [p for p in pins() if not (image_torch and p.startswith("torch=="))]  # the vendor's torch kept
     if not image_torch:
         lines.insert(0, f"--extra-index-url {CPU_TORCH_INDEX}")  # torch's CPU build, not PyPI's CUDA one
-    if spec.resources.accelerator == "nvidia":
-        lines.append("bitsandbytes>=0.45")  # QLoRA and 8-bit optimizers are CUDA's
+    if accelerator == "nvidia":
+        lines.append("bitsandbytes==0.50.2")  # QLoRA and 8-bit optimizers are CUDA's
     return "\n".join(lines) + "\n"
 
 
