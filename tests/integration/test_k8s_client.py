@@ -44,6 +44,34 @@ def test_submit_creates_then_leaves_a_running_run_alone(k8s: FakeKubernetes, cli
     assert ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/quickstart") not in writes(k8s)  # running: not replaced
 
 
+def test_a_resubmit_keeps_the_jobs_scratch_size_when_the_base_reads_otherwise(k8s: FakeKubernetes, cli,
+                                                                            tmp_path: Path, tiny_model: Path) -> None:
+    """scratch_size auto is worked out from the base's size where the submitting machine can read it; a Job's
+    pod template cannot change, so a re-submit (another machine, the base grown) keeps the Job's size."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    sets = ["--set", "kubernetes.namespace=ml", "--set", f"model.base={base}"]
+
+    def scratch() -> str:
+        volumes = k8s.get("jobs", "ml", "quickstart")["spec"]["template"]["spec"]["volumes"]
+        claim = next(v for v in volumes if v["name"] == "scratch")["ephemeral"]["volumeClaimTemplate"]
+        return claim["spec"]["resources"]["requests"]["storage"]
+
+    code, out, err = cli("submit", SPEC, *sets)
+    assert code == 0, err
+    first = scratch()
+    k8s.get("jobs", "ml", "quickstart")["status"] = {"active": 1}
+    with (base / "model.safetensors").open("r+b") as fh:
+        fh.truncate(40 * 2**30)  # this machine now reads a 40 GiB base
+    code, out, err = cli("submit", SPEC, *sets)
+    assert code == 0 and "job/quickstart unchanged (running)" in out, out + err
+    assert scratch() == first
+    code, out, err = cli("render", SPEC, *sets)
+    assert code == 0 and "storage: 46Gi" in out  # what a new Job would get: 40 GiB, the tiny LoRA, 5 GiB
+
+
 def test_resubmitting_a_failed_run_recreates_its_job(k8s: FakeKubernetes, cli) -> None:
     cli("submit", SPEC)
     k8s.get("jobs", "default", "quickstart")["status"] = {"conditions": [
@@ -268,14 +296,19 @@ def test_doctor_lists_what_to_fix_then_passes(k8s: FakeKubernetes, cli, s3, monk
     assert "✓ a node offers 2 nvidia.com/gpu (1 such nodes)" in out and "✓ LocalQueue q exists" in out
     code, out, _ = cli("doctor", SPEC, *sets[:-2], "--set", "output=s3://no-such-bucket-kt/x")
     assert code == 2 and "no-such-bucket-kt" in out and "fix:" in out
-    # an autoscaled cluster (GKE Autopilot, pools at zero): no GPU node until a pod asks, which is not a failure
-    code, out, _ = cli("doctor", SPEC, *sets, "--set", "resources.devices_per_node=8")
-    assert code == 2 and "✗ no node offers 8 nvidia.com/gpu (the most is 4)" in out
+    # an autoscaled cluster (GKE Autopilot, GPU pools at zero): no such node until a pod asks, not a failure;
+    # nodes of the accelerator that are too small stay a failure (an autoscaler adds nodes of the shapes it has)
+    h100 = ["--set", "kubernetes.node_selector={pool: h100}"]
+    code, out, _ = cli("doctor", SPEC, *sets, *h100)
+    assert code == 2 and "✗ no node offers 2 nvidia.com/gpu among nodes labelled {'pool': 'h100'} (the most is 0)" in out
     k8s.namespaces.add("kube-system")
     k8s.put("configmaps", "kube-system", {"metadata": {"name": "cluster-autoscaler-status"}, "data": {"status": "x"}})
-    code, out, err = cli("doctor", SPEC, *sets, "--set", "resources.devices_per_node=8")
+    code, out, err = cli("doctor", SPEC, *sets, *h100)
     assert code == 0, out + err
-    assert "no node offers 8 nvidia.com/gpu now; the cluster autoscaler adds nodes when a pod asks" in out
+    assert "no node offers nvidia.com/gpu among nodes labelled {'pool': 'h100'} now; the cluster autoscaler adds " \
+           "nodes when a pod asks for them: 2 per node not checked" in out
+    code, out, _ = cli("doctor", SPEC, *sets, "--set", "resources.devices_per_node=8")
+    assert code == 2 and "✗ no node offers 8 nvidia.com/gpu (the most is 4)" in out
 
 
 ADAPTER_CONFIG = """rules:
@@ -492,7 +525,8 @@ def test_doctor_opens_the_amd_gpus_devices_as_the_runs_pods_would(k8s: FakeKuber
     Kubelet(k8s, "ml", "quickstart-doctor", tmp_path / "scratch")
     Kubelet(k8s, "ml", "quickstart-doctor-serve", tmp_path / "scratch")
     before = len(k8s.requests)
-    cli("doctor", SPEC, *nvidia)
+    code, out, err = cli("doctor", SPEC, *nvidia)
+    assert "✓ the cluster pulled and ran the image" in out, out + err  # the other probes ran
     assert not [p for _, p in k8s.requests[before:] if p.endswith(f"/pods/{name}")]  # an AMD-only probe
 
 

@@ -193,7 +193,10 @@ def test_wandb_integration_reports_to_the_operators_wandb_under_the_tenants_proj
     (log,) = (server.home / "runs" / job.id / "wandb").glob("offline-run-*/run-*.wandb")
     runs = [r.run for r in wandb_records(log) if r.WhichOneof("record_type") == "run"]
     # the operator's one W&B account: each tenant's projects under its own name (no key here: the local owner)
-    assert runs and runs[0].project == "key-local--support-bot" and runs[0].display_name == "first try"
+    from kubetune.control.jobs import wandb_project
+
+    assert runs and runs[0].project == wandb_project("key-local", "support-bot") and runs[0].display_name == "first try"
+    assert runs[0].project.startswith("key-local-") and runs[0].project.endswith("--support-bot")
     assert list(runs[0].tags) == ["exp-1", "lora"]
     history = [r for r in wandb_records(log) if r.WhichOneof("record_type") == "history"]
     assert history  # the training steps went to it

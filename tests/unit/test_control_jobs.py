@@ -207,7 +207,13 @@ def test_each_tenants_wandb_projects_are_its_own_in_the_operators_account(tmp_pa
                           "s3://b/runs/x", JobPolicy(operator, integrations=("wandb",), tenant=tenant), rows=100)
         return spec.tracking.wandb_project
 
-    assert project("team-nlp") == "team-nlp--support-bot" and project("team-vision") == "team-vision--support-bot"
-    assert project("key-alice") == "key-alice--support-bot"
+    nlp, vision, alice = project("team-nlp"), project("team-vision"), project("key-alice")
+    assert re.fullmatch(r"team-nlp-[0-9a-f]{8}--support-bot", nlp) and vision.startswith("team-vision-") and \
+        alice.startswith("key-alice-") and len({nlp, vision, alice}) == 3
     assert project("team-nlp", ({"tracking": {"wandb_project": "ops-runs"}},)) == "ops-runs"  # the operator's wins
-    assert wandb_project("key-a b/../c", "p") == "key-a-b-..-c--p" and len(wandb_project("t" * 300, "p" * 128)) == 128
+    # names that read alike, or share a long prefix, stay apart; no tenant can spell another's prefix
+    assert wandb_project("key-alice smith", "p") != wandb_project("key-alice-smith", "p")
+    assert wandb_project("t" * 300 + "a", "p") != wandb_project("t" * 300 + "b", "p")
+    assert len(wandb_project("t" * 300, "p" * 128)) == 128 and "--" not in wandb_project("key-a--b", "p")[:-3]
+    with pytest.raises(Exception, match="may not contain '--'"):
+        JobRequest(model="m", training_file="file-1", integrations=[{"type": "wandb", "wandb": {"project": "x--y"}}])

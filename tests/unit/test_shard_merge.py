@@ -269,3 +269,15 @@ def test_weights_transformers_builds_or_ties_are_refused_with_what_to_do(tmp_pat
     with pytest.raises(UsageError, match="ties to its input embeddings") as info:
         merge_shards(tmp_path / "tied", tmp_path / "head", tmp_path / "m2")
     assert "target_modules" in (info.value.hint or "") and not (tmp_path / "m2").exists()
+
+
+def test_a_model_whose_keys_are_not_renamed_merges_without_building_a_model(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Llama, Qwen and most families load under their stored names: no meta model, no conversion mapping."""
+    import kubetune.train.shard_merge as shard_merge
+
+    def built(*args: object) -> None:
+        raise AssertionError("the conversion mapping was consulted for a model that needs none")
+    monkeypatch.setattr(shard_merge, "loaded_names", built)
+    base, adapter = make_base_and_adapter(tmp_path, 2, 32, torch.float32, "10GB")
+    assert merge_shards(base, adapter, tmp_path / "merged").merged == 2 * 7

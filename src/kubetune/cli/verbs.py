@@ -42,8 +42,10 @@ def plan(args: argparse.Namespace) -> int:
 
         from kubetune.k8s.render.image import dist_name, installs_at_start
 
+        from kubetune.k8s.storage import sized
+
         console.print("\nmanifests (kubetune render):", markup=False)
-        console.print(to_yaml(render_objects(spec, "train")), markup=False, highlight=False)
+        console.print(to_yaml(render_objects(sized(spec), "train")), markup=False, highlight=False)
         if installs_at_start(spec):
             console.print(f"# and the ConfigMap {dist_name(spec.name)}-KEY: this kubetune's wheel and pins, which the pod "
                           "installs at start (kubetune render and submit include it)", markup=False)
@@ -175,14 +177,15 @@ def submit(args: argparse.Namespace) -> int:
 
     from kubetune.k8s.storage import sized
 
-    spec = sized(load_spec(args.spec, args.overrides))
+    spec = load_spec(args.spec, args.overrides)
+    sizes = sized(spec)  # a size set too small is refused here; the launcher sizes against the cluster's Job
     _check_cluster_memory(spec)
     _say_install_at_start(spec)
     if args.dry_run:
         from kubetune.k8s.dist import with_dist
         from kubetune.k8s.render import render as render_objects
 
-        return _dry_run(with_dist(spec, render_objects(spec, "train")), spec.kubernetes.namespace, args.spec)
+        return _dry_run(with_dist(sizes, render_objects(sizes, "train")), spec.kubernetes.namespace, args.spec)
     code = launcher_for(spec, "k8s").launch(Launch(spec, args.spec, tuple(args.overrides)))
     print(f"follow it: kubetune status {spec.name} -n {spec.kubernetes.namespace}")
     return code

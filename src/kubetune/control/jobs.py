@@ -10,12 +10,13 @@ the job object.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kubetune.control.policy import GradersPolicy, Limits, Refused, check_limits, check_tenant_settings, flat
 from kubetune.control.redact import redact
@@ -80,6 +81,13 @@ class WandbSettings(BaseModel):
     (entity, key, host) is the operator's."""
     model_config = ConfigDict(extra="forbid")
     project: str = Field(pattern=_NAME)
+
+    @field_validator("project")
+    @classmethod
+    def _no_separator(cls, value: str) -> str:
+        if "--" in value:
+            raise ValueError("a project name may not contain '--' (it separates the tenant's prefix)")
+        return value
     name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]*$")
     entity: str | None = Field(None, max_length=128)
     tags: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]*$")]] | None = Field(
@@ -293,10 +301,14 @@ def _tracking(req: JobRequest, policy: JobPolicy, raw: dict[str, Any]) -> dict[s
 
 
 def wandb_project(tenant: str, project: str) -> str:
-    """TENANT--PROJECT in W&B's project characters (at most 128): a tenant cannot write into another
-    tenant's project in the operator's account."""
-    prefix = re.sub(r"[^A-Za-z0-9._-]", "-", tenant)[:60].strip("-.") if tenant else ""
-    return f"{prefix}--{project}"[:128] if prefix else project
+    """TENANT-HASH--PROJECT in W&B's project characters (at most 128): the tenant's name made readable
+    and a hash of it exact (two names that read alike, or share a long prefix, stay apart); a tenant's
+    project cannot hold `--` (Integration refuses it), so no tenant can spell another's prefix."""
+    if not tenant:
+        return project
+    readable = re.sub(r"[^A-Za-z0-9._]+", "-", tenant)[:48].strip("-.")
+    digest = hashlib.sha256(tenant.encode()).hexdigest()[:8]
+    return f"{readable}-{digest}--{project}"[:128]
 
 
 def _hp_where(req: JobRequest, method: Method) -> str:

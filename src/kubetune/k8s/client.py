@@ -228,6 +228,19 @@ class Cluster:
                              "from the latest checkpoint)")
         return f"job/{name} unchanged ({phase.lower()})"
 
+    def job_scratch_size(self, name: str) -> str | None:
+        """The scratch volume's size in the pod template of the Job `name`, if it exists."""
+        api = self._api("BatchV1Api")
+        current = self._call("get", "jobs.batch", name, lambda: api.read_namespaced_job(name, self.namespace),
+                             tolerate=(404,))
+        if current == 404:
+            return None
+        for volume in current.spec.template.spec.volumes or []:
+            claim = volume.ephemeral.volume_claim_template if volume.name == "scratch" and volume.ephemeral else None
+            if claim is not None:
+                return (claim.spec.resources.requests or {}).get("storage")
+        return None
+
     def job(self, name: str) -> Any:
         api = self._api("BatchV1Api")
         return self._call("get", "jobs.batch", name, lambda: api.read_namespaced_job(name, self.namespace))

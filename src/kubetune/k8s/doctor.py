@@ -172,7 +172,11 @@ def probe_devices(cluster: Cluster, spec: RunSpec, timeout: float, poll: float) 
         rows = [r for r in (_json_line(line) for line in text.splitlines()) if isinstance(r, dict)]
         devices = [r for r in rows if "device" in r]
         if not devices:
-            return [Check(False, f"the device probe pod {name} found no /dev/kfd (log: {text.strip()[-200:] or 'empty'})",
+            return [Check(False, f"the device probe pod {name} ended {status.get('phase')} without a report "
+                                 f"(log: {text.strip()[-200:] or 'empty'})",
+                          "the run's image must have python3 (kubernetes.image)")]
+        if any(r["device"] == "/dev/kfd" and "gid" not in r for r in devices):
+            return [Check(False, "in the cluster, a pod given an amd.com/gpu has no /dev/kfd",
                           "install the AMD GPU device plugin (or AMD's GPU operator) on the GPU nodes")]
         denied = [r for r in devices if not r.get("ok")]
         if not denied:
@@ -295,11 +299,10 @@ def _accelerators(cluster: Cluster, spec: RunSpec) -> Check:
     if best >= want:
         return Check(True, f"a node offers {want} {resource} ({sum(1 for o in offers if o >= want)} such nodes)")
     where = f" among nodes labelled {selector}" if selector else ""
-    adds = _adds_nodes(cluster)
-    if adds:  # GKE Autopilot, autoscaled pools at zero: the node appears when a pod asks for it
-        return Check(True, f"no node offers {want} {resource}{where} now; {adds} adds nodes when a pod asks "
-                           "for them: not checked (`kubetune doctor SPEC --probe` does not ask for devices)",
-                     skipped=True)
+    adds = _adds_nodes(cluster) if best == 0 else None  # nodes of a smaller shape would be added as they are
+    if adds:  # GKE Autopilot, GPU pools scaled to zero: the node appears when a pod asks for it
+        return Check(True, f"no node offers {resource}{where} now; {adds} adds nodes when a pod asks for them: "
+                           f"{want} per node not checked", skipped=True)
     return Check(False, f"no node offers {want} {resource}{where} (the most is {best})",
                  "add a node pool with that accelerator, install its device plugin, or lower "
                  "resources.devices_per_node")

@@ -28,6 +28,8 @@ def write_context(accelerator: str, folder: Path) -> str:
     if accelerator not in ACCELERATORS:
         raise UsageError(f"--accelerator {accelerator}: one of {', '.join(ACCELERATORS)}")
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("kubetune-*.whl"):  # a reused context: one wheel, this one
+        old.unlink()
     shutil.copyfile(DOCKERFILE, folder / "Dockerfile")
     (folder / "requirements.txt").write_text(requirements_for_accelerator(accelerator))
     name, data = wheel()

@@ -23,7 +23,7 @@ from kubetune.errors import Problem, SpecError
 from kubetune.spec.models import FALLBACK_MODEL_STORAGE, FALLBACK_SCRATCH, QUANTITY, RunSpec
 from kubetune.uris import has_scheme, hub_ref, is_hub, scheme
 
-__all__ = ["model_bytes", "scratch_need", "serve_need", "served_bytes", "sized"]
+__all__ = ["lora_parameters", "model_bytes", "model_config", "scratch_need", "serve_need", "served_bytes", "sized"]
 
 GIB = 2**30
 HEADROOM = 5 * GIB          # install at start, data cache, logs of the trainer
@@ -33,7 +33,8 @@ _UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 1
 
 
 def model_bytes(base: str, revision: str | None = None) -> int | None:
-    """The bytes of a model's weight files, where this machine can tell without a download."""
+    """The bytes of a model's weights as a pod downloads them (safetensors; .bin only where there are
+    none), where this machine can tell without a download."""
     if is_hub(base):
         return _cached_hub_bytes(base, revision)
     if has_scheme(base):
@@ -41,7 +42,11 @@ def model_bytes(base: str, revision: str | None = None) -> int | None:
     folder = Path(base)
     if not folder.is_dir():
         return None
-    return sum(f.stat().st_size for pattern in WEIGHTS for f in folder.glob(pattern)) or None
+    for patterns in (("*.safetensors",), WEIGHTS[1:]):  # a folder with both formats loads (and ships) one
+        found = sum(f.stat().st_size for pattern in patterns for f in folder.glob(pattern))
+        if found:
+            return found
+    return None
 
 
 def _cached_hub_bytes(base: str, revision: str | None) -> int | None:
@@ -49,32 +54,89 @@ def _cached_hub_bytes(base: str, revision: str | None) -> int | None:
 
     repo, rev = hub_ref(base, revision)
     index = try_to_load_from_cache(repo, "model.safetensors.index.json", revision=rev)
-    if isinstance(index, str):
+    if isinstance(index, str):  # the pod downloads the shards the index lists (storage.model_files)
         total = json.loads(Path(index).read_text()).get("metadata", {}).get("total_size")
         return int(total) if isinstance(total, (int, float)) and total > 0 else None
     single = try_to_load_from_cache(repo, "model.safetensors", revision=rev)
     return Path(single).stat().st_size if isinstance(single, str) else None
 
 
-def _bytes_per_parameter(spec: RunSpec) -> int:
-    return 4 if spec.model.dtype in ("float32", "fp32") else 2
+def model_config(base: str, revision: str | None = None) -> dict[str, Any]:
+    """The model's config.json where this machine has it (a folder, the Hugging Face cache), else {}."""
+    path: str | Path | None = None
+    if is_hub(base):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, rev = hub_ref(base, revision)
+        found = try_to_load_from_cache(repo, "config.json", revision=rev)
+        path = found if isinstance(found, str) else None
+    elif not has_scheme(base):
+        path = Path(base) / "config.json"
+    try:
+        return json.loads(Path(path).read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
 
 
-def scratch_need(spec: RunSpec, weights: int) -> int:
-    """Bytes a training pod writes on its scratch volume for a base of `weights` bytes."""
+def _dtype_bytes(name: Any) -> int:
+    return 4 if str(name) in ("float32", "torch.float32") else 2
+
+
+def _stored_bytes(config: dict[str, Any]) -> int:
+    """Bytes per parameter in the files (config.json's dtype; bf16, the common case, when unsaid)."""
+    text = config.get("text_config") or {}
+    return _dtype_bytes(config.get("torch_dtype") or config.get("dtype") or text.get("torch_dtype")
+                        or text.get("dtype") or "bfloat16")
+
+
+def _training_bytes(spec: RunSpec) -> int:
+    """Bytes per parameter as the run trains: model.dtype, and auto is fp32 where there is no GPU."""
+    if spec.model.dtype != "auto":
+        return _dtype_bytes(spec.model.dtype)
+    return 4 if spec.resources.accelerator in ("cpu", "auto") else 2
+
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_parameters(config: dict[str, Any], targets: str | list[str], rank: int) -> int | None:
+    """LoRA's parameters: rank x (in + out) of each targeted linear layer, every layer (a decoder's
+    usual shapes from config.json; experts counted); None where the config does not say."""
+    text = config.get("text_config") or config
+    h, inner = text.get("hidden_size"), text.get("intermediate_size")
+    layers, heads = text.get("num_hidden_layers"), text.get("num_attention_heads")
+    if not all(isinstance(v, int) and v > 0 for v in (h, inner, layers, heads)):
+        return None
+    kv = text.get("num_key_value_heads") or heads
+    head = text.get("head_dim") or h // heads
+    experts = text.get("num_local_experts") or text.get("num_experts") or 1
+    shapes = {"q_proj": (h, heads * head, 1), "k_proj": (h, kv * head, 1), "v_proj": (h, kv * head, 1),
+              "o_proj": (heads * head, h, 1), "gate_proj": (h, inner, experts), "up_proj": (h, inner, experts),
+              "down_proj": (inner, h, experts)}
+    names = list(LINEAR) if targets == "all-linear" else list(targets)
+    per_layer = sum((a + b) * n for a, b, n in (shapes.get(name, (h, h, 1)) for name in names))
+    return rank * per_layer * layers
+
+
+def scratch_need(spec: RunSpec, weights: int, config: dict[str, Any] | None = None) -> int:
+    """Bytes a training pod writes on its scratch volume for a base of `weights` bytes on disk."""
+    config = config or {}
     downloaded = weights if scheme(spec.model.base) not in ("pvc", "gs") else 0  # those are mounted, not copied
+    params = weights / _stored_bytes(config)
+    trained = _training_bytes(spec)
     if spec.method.type == "full":
-        params = weights / _bytes_per_parameter(spec)
-        checkpoint = weights + params * ADAM_BYTES  # the weights and the optimizer's two moments
-        final = weights
-    else:  # an adapter and its optimizer state: a few percent of the base at most
-        checkpoint = final = max(weights * 0.05, 0.1 * GIB)
+        checkpoint = params * (trained + ADAM_BYTES)  # the weights and the optimizer's two moments
+        final = params * trained
+    else:  # the adapter in fp32 and its optimizer's moments
+        lora = lora_parameters(config, spec.method.lora.target_modules, spec.method.lora.r)
+        adapter = lora * 4 if lora else weights * 0.05
+        checkpoint, final = adapter * (1 + ADAM_BYTES / 4), adapter
     kept = spec.train.keep_checkpoints + 1  # the next one is written before the oldest is deleted
     return int(downloaded + kept * checkpoint + final + HEADROOM)
 
 
-def serve_need(spec: RunSpec, weights: int) -> int:
-    """Bytes a serving pod writes on its models volume: the base (or a full run's weights) and adapters."""
+def serve_need(weights: int) -> int:
+    """Bytes a serving pod writes on its models volume: what it downloads, with 10% and 2 GiB to spare."""
     return int(weights * 1.1 + 2 * GIB)
 
 
@@ -88,10 +150,20 @@ def _bytes(quantity: str) -> float:
 
 
 def served_bytes(served: Sequence[Any]) -> int | None:
-    """The weights a serving pod downloads: each whole model and each adapter's base, once."""
+    """What a serving pod downloads: each whole model and each adapter's base, once, and each adapter
+    (its folder's files where they are here, else LoRA's parameters in fp32 at its rank)."""
     models = {(s.base or s.uri, s.revision) for s in served}
     sizes = [model_bytes(uri, revision) for uri, revision in models]
-    return sum(sizes) if sizes and all(sizes) else None  # type: ignore[arg-type]
+    if not sizes or not all(sizes):
+        return None
+    adapters = 0
+    for s in (s for s in served if s.base):
+        folder = Path(s.uri)
+        found = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if not has_scheme(s.uri) and \
+            folder.is_dir() else 0
+        params = lora_parameters(model_config(s.base, s.revision), "all-linear", s.rank or 64)
+        adapters += found or (params * 4 if params else int(0.05 * (model_bytes(s.base, s.revision) or 0)))
+    return sum(sizes) + adapters  # type: ignore[arg-type]
 
 
 def sized(spec: RunSpec, served: Sequence[Any] | None = None) -> RunSpec:
@@ -101,13 +173,14 @@ def sized(spec: RunSpec, served: Sequence[Any] | None = None) -> RunSpec:
     k, s = spec.kubernetes, spec.serve
     if served is None:
         weights = model_bytes(spec.model.base, spec.model.revision)
+        config = model_config(spec.model.base, spec.model.revision)
         fields = [("kubernetes.scratch_size", k.scratch_size, FALLBACK_SCRATCH,
-                   scratch_need(spec, weights) if weights else None,
+                   scratch_need(spec, weights, config) if weights else None,
                    "the base, the checkpoints kept and the final weights")]
     else:
         weights = served_bytes(served)
         fields = [("serve.model_storage", s.model_storage, FALLBACK_MODEL_STORAGE,
-                   serve_need(spec, weights) if weights else None, "the served models and adapters")]
+                   serve_need(weights) if weights else None, "the served models and adapters")]
     values: dict[str, str] = {}
     problems: list[Problem] = []
     for where, value, fallback, need, what in fields:

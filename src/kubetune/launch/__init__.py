@@ -67,8 +67,13 @@ class Kubernetes:
         from kubetune.k8s.render import render
         from kubetune.k8s.storage import sized
 
+        cluster = Cluster(job.spec.kubernetes.namespace)
         spec = sized(job.spec)  # disk sizes from the base's size, where this machine can read it
-        for line in Cluster(spec.kubernetes.namespace).apply(with_dist(spec, render(spec, "train"))):
+        existing = cluster.job_scratch_size(spec.name) if job.spec.kubernetes.scratch_size == "auto" else None
+        if existing:  # a Job's pod template cannot change: a re-submit from another machine keeps its size
+            spec = spec.model_copy(update={"kubernetes": spec.kubernetes.model_copy(
+                update={"scratch_size": existing})})
+        for line in cluster.apply(with_dist(spec, render(spec, "train"))):
             job.log(line)
         return 0
 

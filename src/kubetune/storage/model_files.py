@@ -49,9 +49,20 @@ def _from_hub(repo: str, revision: str | None, only_tokenizer: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = TOKENIZER_FILES if only_tokenizer else ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+    meta = ["*.json", "*.jinja", "*.model", "*.txt"]
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        if only_tokenizer:
+            return Path(snapshot_download(repo, revision=revision, allow_patterns=TOKENIZER_FILES))
+        # the shards the index lists, not every *.safetensors: some repositories ship the same weights
+        # twice (Mistral's consolidated.safetensors beside the shards), which would double the download
+        first = Path(snapshot_download(repo, revision=revision, allow_patterns=meta))
+        index = first / "model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+            ["*.safetensors"]
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=[*meta, *shards]))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"model.base hf://{repo}: its model.safetensors.index.json has no weight_map ({exc})",
+                         "point model.base at a repository saved by save_pretrained") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         raise hub_error(exc, f"model.base hf://{repo}: cannot download from the Hugging Face Hub",
                         "check the name, network access and HF_TOKEN (gated models need an accepted licence)") from None
