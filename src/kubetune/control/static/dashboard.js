@@ -116,7 +116,9 @@ async function refreshRuns() {
 
 async function refreshDetail() {
   if (!state.selected) return;
-  const d = await get(`/api/run?id=${encodeURIComponent(state.selected)}`);
+  const id = state.selected;
+  const d = await get(`/api/run?id=${encodeURIComponent(id)}`);
+  if (id !== state.selected) return;  // another run was picked while this one loaded: its answer is stale
   $("#detail").hidden = false;
   $("#detail").dataset.id = d.run.id;
   $("#detail-title").textContent = d.run.name;
