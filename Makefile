@@ -35,7 +35,7 @@ system-deps:
 # out of tests takes queued ones from the other (31.5 min here instead of 64.6 with the default split).
 test: install assets system-deps
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=25
 
 test-unit: install
 	$(BIN)/lint-imports
