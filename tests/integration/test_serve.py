@@ -409,3 +409,23 @@ def test_chat_with_a_run_interactively_in_process(adapter_run: Path) -> None:
                          text=True, env=quiet_env(), timeout=120)
     assert res.returncode == 0, res.stderr
     assert len(res.stdout.strip().splitlines()) == 1 and res.stdout.strip()
+
+
+def test_a_kubetune_serve_model_as_the_judge_of_model_graders(server: str, client: openai.OpenAI) -> None:
+    """`kubetune serve` as the operator's judge endpoint: it takes the graders' requests (response_format and
+    all) and answers; a tiny random model answers no score, which grades as OpenAI's parse error, not a crash."""
+    from kubetune.graders import grade, parse_grader
+    from kubetune.graders.judge import Endpoints
+    from kubetune.spec.models import JudgeSpec
+
+    name = client.models.list().data[0].id
+    endpoints = Endpoints({"judge": JudgeSpec(base_url=f"{server}/v1", model=name, max_tokens=8, timeout_s=60)},
+                          retries=0)
+    grader = parse_grader({"type": "score_model", "name": "j", "model": "judge", "sampling_params": {"temperature": 0},
+                           "input": [{"role": "user", "content": "Score 0 to 1: {{sample.output_text}}"}]})
+    graded = grade(grader, "Paris", {}, endpoints=endpoints)
+    assert not graded.errors["model_grader_server_error"], graded.details  # it was asked and it answered
+    assert graded.tokens["judge"]["completion_tokens"] <= 8  # the operator's token cap
+    assert graded.errors["model_grader_parse_error"] or 0.0 <= graded.reward <= 1.0
+    if graded.errors["model_grader_parse_error"]:
+        assert "not a score" in (graded.details or "")

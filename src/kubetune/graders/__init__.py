@@ -380,12 +380,12 @@ def _grade_one(grader: Any, sample: str, item: Any, python: dict[str, Any], shar
 
 def _tokens(grader: Any, outcomes: dict[str, Any]) -> dict[str, dict[str, int]]:
     """Prompt and completion tokens each judge model spent on this answer (OpenAI's token usage)."""
-    from kubetune.graders.judge import Judgement
+    from kubetune.graders.judge import JudgeFailed, Judgement
 
     used: dict[str, dict[str, int]] = {}
     for key, sub in model_graders(grader).items():
         outcome = outcomes.get(key)
-        if isinstance(outcome, Judgement):
+        if isinstance(outcome, (Judgement, JudgeFailed)):  # an answer that was no grade cost tokens too
             count = used.setdefault(sub.model, {"prompt_tokens": 0, "completion_tokens": 0})
             count["prompt_tokens"] += outcome.prompt_tokens
             count["completion_tokens"] += outcome.completion_tokens

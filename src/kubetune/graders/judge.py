@@ -48,9 +48,10 @@ class JudgeFailed(Exception):
     model_grader_parse_error, model_grader_refusal_error); `retryable`: the endpoint was down or
     busy (a retry may pass), not refusing the question."""
 
-    def __init__(self, kind: str, detail: str, retryable: bool = False) -> None:
+    def __init__(self, kind: str, detail: str, retryable: bool = False, tokens: tuple[int, int] = (0, 0)) -> None:
         super().__init__(detail)
         self.kind, self.detail, self.retryable = kind, detail, retryable
+        self.prompt_tokens, self.completion_tokens = tokens  # what an answer that gave no grade still cost
 
 
 @dataclass(frozen=True)
@@ -138,13 +139,13 @@ def _ask(call: JudgeCall, endpoints: Endpoints) -> Judgement | JudgeFailed:
     message = reply.choices[0].message if reply.choices else None
     if message is not None and getattr(message, "refusal", None):
         return JudgeFailed("model_grader_refusal_error", f"the judge model {call.judge} refused: "
-                                                         f"{str(message.refusal)[:200]}")
+                                                         f"{str(message.refusal)[:200]}", tokens=tokens)
     content = message.content if message is not None else None
     text = content if isinstance(content, str) else json.dumps(content) if content is not None else ""
     try:
         value = _parsed(text, call)
     except ValueError as exc:
-        return JudgeFailed("model_grader_parse_error", f"the judge model {call.judge}: {exc}")
+        return JudgeFailed("model_grader_parse_error", f"the judge model {call.judge}: {exc}", tokens=tokens)
     return Judgement(value, *tokens)
 
 
