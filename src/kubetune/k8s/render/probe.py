@@ -85,32 +85,28 @@ def device_probe_pod(spec: RunSpec) -> dict[str, Any]:
     """AMD: a pod on the run's GPU nodes asking for one amd.com/gpu, run as the run's pods run (non-root,
     their supplementalGroups), that opens /dev/kfd and the render nodes read-write and reports each one's
     group id: the node's groups are what kubernetes.device_groups must hold. The run's image (python3)."""
-    small = {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": node_disk(spec), ACCELERATOR_RESOURCE["amd"]: "1"}
-    container: dict[str, Any] = {
-        "name": "probe", "image": image(spec), "imagePullPolicy": spec.kubernetes.image_pull_policy,
-        "command": ["python3", "-c", OPEN_DEVICES], "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
-        "resources": {"requests": dict(small), "limits": dict(small)},
-        "securityContext": container_security(),
-    }
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": metadata(spec, f"{spec.name[:48]}-doctor-devices", "doctor"),
-            "spec": {"restartPolicy": "Never", "activeDeadlineSeconds": PULL_SECONDS,
-                     "automountServiceAccountToken": False, "enableServiceLinks": False,
-                     "securityContext": pod_security(spec), **pod_placement(spec), "containers": [container]}}
+    return _script_pod(spec, f"{spec.name[:48]}-doctor-devices", image(spec), OPEN_DEVICES,
+                       {ACCELERATOR_RESOURCE["amd"]: "1"}, pod_placement(spec))
 
 
 def serving_probe_pod(spec: RunSpec) -> dict[str, Any]:
     """A pod with the serving image that only looks for vLLM in it (no import: that would look for a device):
     the nodes can pull the image `deploy` will use, and it is a vLLM image. No accelerator, no token."""
-    small = {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": node_disk(spec)}
+    return _script_pod(spec, f"{spec.name[:50]}-doctor-serve", serving_image(spec), FIND_VLLM)
+
+
+def _script_pod(spec: RunSpec, name: str, image_name: str, script: str, devices: dict[str, str] | None = None,
+                placement: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A small pod that runs one Python snippet with the image's python3 and ends: no service-account token,
+    the run's pod security, a deadline long enough for a first pull of a large image."""
+    small = {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": node_disk(spec), **(devices or {})}
     container: dict[str, Any] = {
-        "name": "probe", "image": serving_image(spec), "imagePullPolicy": spec.kubernetes.image_pull_policy,
-        "command": ["python3", "-c", FIND_VLLM], "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
+        "name": "probe", "image": image_name, "imagePullPolicy": spec.kubernetes.image_pull_policy,
+        "command": ["python3", "-c", script], "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
         "resources": {"requests": dict(small), "limits": dict(small)},
         "securityContext": container_security(),
     }
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": metadata(spec, f"{spec.name[:50]}-doctor-serve", "doctor"),
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata(spec, name, "doctor"),
             "spec": {"restartPolicy": "Never", "activeDeadlineSeconds": PULL_SECONDS,
                      "automountServiceAccountToken": False, "enableServiceLinks": False,
-                     "securityContext": pod_security(spec), "containers": [container]}}
+                     "securityContext": pod_security(spec), **(placement or {}), "containers": [container]}}
