@@ -77,3 +77,10 @@ def test_build_and_push_run_the_tool_on_path(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     code, said = run("image", "build", "--accelerator", "cpu", "--tag", "t")
     assert code == 2 and "no docker or podman on PATH" in said and "--context DIR --tool none" in said
+
+
+def test_a_context_that_cannot_be_written_is_said_not_raised(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    code, said = run("image", "build", "--accelerator", "cpu", "--tag", "t", "--tool", "none",
+                     "--context", str(tmp_path / "a-file"))
+    assert code == 2 and "cannot write the build context there" in said and "Traceback" not in said

@@ -70,8 +70,6 @@ def _gcs_fuse(cluster: Cluster) -> Check:
 def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: float) -> list[Check]:
     """Create the probe pod, follow it until it ends (or cannot start), read its findings from its
     log, and delete it whatever happened."""
-    import json
-
     pod = probe_pod(spec)
     name, image = pod["metadata"]["name"], pod["spec"]["containers"][0]["image"]
     wheels = [o for o in with_dist(spec, [pod]) if o is not pod]  # the wheel it installs at start, if it does
@@ -87,14 +85,8 @@ def probe_from_inside(cluster: Cluster, spec: RunSpec, timeout: float, poll: flo
             text = "".join(cluster.log(name))
         except KubetuneError as exc:  # ended before its container started (the pod's deadline)
             text = f"(no log: {exc.message})"
-        results = []
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and {"uri", "access", "ok"} <= row.keys():
-                results.append(row)
+        results = [row for row in map(_json_line, text.splitlines())
+                   if isinstance(row, dict) and {"uri", "access", "ok"} <= row.keys()]
         out = [Check(True, f"the cluster pulled and ran the image {image}")]
         if not results:
             return out + [Check(False, f"the probe pod {name} ended {status.get('phase')} without a finding "

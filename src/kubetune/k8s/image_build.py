@@ -27,13 +27,17 @@ def write_context(accelerator: str, folder: Path) -> str:
     """The build context in `folder` (Dockerfile, requirements.txt, the wheel); returns the base image."""
     if accelerator not in ACCELERATORS:
         raise UsageError(f"--accelerator {accelerator}: one of {', '.join(ACCELERATORS)}")
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("kubetune-*.whl"):  # a reused context: one wheel, this one
-        old.unlink()
-    shutil.copyfile(DOCKERFILE, folder / "Dockerfile")
-    (folder / "requirements.txt").write_text(requirements_for_accelerator(accelerator))
     name, data = wheel()
-    (folder / name).write_bytes(data)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("kubetune-*.whl"):  # a reused context: one wheel, this one
+            old.unlink()
+        shutil.copyfile(DOCKERFILE, folder / "Dockerfile")
+        (folder / "requirements.txt").write_text(requirements_for_accelerator(accelerator))
+        (folder / name).write_bytes(data)
+    except OSError as exc:
+        raise UsageError(f"--context {folder}: cannot write the build context there ({exc.strerror or exc})",
+                         "give a folder you can write (it is created if missing)") from None
     return VENDOR_IMAGES[accelerator][0]
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kubetune.errors import Problem, SpecError
+from kubetune.k8s.render.common import quantity_bytes
 from kubetune.spec.models import FALLBACK_MODEL_STORAGE, FALLBACK_SCRATCH, QUANTITY, RunSpec
 from kubetune.uris import has_scheme, hub_ref, is_hub, scheme
 
@@ -29,7 +30,6 @@ GIB = 2**30
 HEADROOM = 5 * GIB          # install at start, data cache, logs of the trainer
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 ADAM_BYTES = 8              # a parameter's two fp32 Adam moments in a full fine-tune's checkpoint
-_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "": 1}
 
 
 def model_bytes(base: str, revision: str | None = None) -> int | None:
@@ -55,7 +55,10 @@ def _cached_hub_bytes(base: str, revision: str | None) -> int | None:
     repo, rev = hub_ref(base, revision)
     index = try_to_load_from_cache(repo, "model.safetensors.index.json", revision=rev)
     if isinstance(index, str):  # the pod downloads the shards the index lists (storage.model_files)
-        total = json.loads(Path(index).read_text()).get("metadata", {}).get("total_size")
+        try:
+            total = json.loads(Path(index).read_text()).get("metadata", {}).get("total_size")
+        except (OSError, ValueError, AttributeError):  # a broken cache entry: the size is unknown here
+            return None
         return int(total) if isinstance(total, (int, float)) and total > 0 else None
     single = try_to_load_from_cache(repo, "model.safetensors", revision=rev)
     return Path(single).stat().st_size if isinstance(single, str) else None
@@ -96,26 +99,13 @@ def _training_bytes(spec: RunSpec) -> int:
     return 4 if spec.resources.accelerator in ("cpu", "auto") else 2
 
 
-LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def lora_parameters(config: dict[str, Any], targets: str | list[str], rank: int) -> int | None:
-    """LoRA's parameters: rank x (in + out) of each targeted linear layer, every layer (a decoder's
-    usual shapes from config.json; experts counted); None where the config does not say."""
-    text = config.get("text_config") or config
-    h, inner = text.get("hidden_size"), text.get("intermediate_size")
-    layers, heads = text.get("num_hidden_layers"), text.get("num_attention_heads")
-    if not all(isinstance(v, int) and v > 0 for v in (h, inner, layers, heads)):
-        return None
-    kv = text.get("num_key_value_heads") or heads
-    head = text.get("head_dim") or h // heads
-    experts = text.get("num_local_experts") or text.get("num_experts") or 1
-    shapes = {"q_proj": (h, heads * head, 1), "k_proj": (h, kv * head, 1), "v_proj": (h, kv * head, 1),
-              "o_proj": (heads * head, h, 1), "gate_proj": (h, inner, experts), "up_proj": (h, inner, experts),
-              "down_proj": (inner, h, experts)}
-    names = list(LINEAR) if targets == "all-linear" else list(targets)
-    per_layer = sum((a + b) * n for a, b, n in (shapes.get(name, (h, h, 1)) for name in names))
-    return rank * per_layer * layers
+    """LoRA's parameters at `rank` on the targeted layers (the memory plan's count, from config.json's
+    shapes); None where the config does not give them."""
+    from kubetune.train.memory import Shape, lora_parameters as counted
+
+    shape = Shape.from_config(config, 0)
+    return counted(shape, targets, rank) if shape.hidden > 0 and shape.layers > 0 else None
 
 
 def scratch_need(spec: RunSpec, weights: int, config: dict[str, Any] | None = None) -> int:
@@ -142,11 +132,6 @@ def serve_need(weights: int) -> int:
 
 def _gi(n: int) -> str:
     return f"{math.ceil(n / GIB)}Gi"
-
-
-def _bytes(quantity: str) -> float:
-    number = quantity.rstrip("KiMGTk")
-    return float(number) * _UNITS[quantity[len(number):]]
 
 
 def served_bytes(served: Sequence[Any]) -> int | None:
@@ -186,7 +171,7 @@ def sized(spec: RunSpec, served: Sequence[Any] | None = None) -> RunSpec:
     for where, value, fallback, need, what in fields:
         if value == "auto":
             values[where] = _gi(need) if need else fallback
-        elif need and QUANTITY.fullmatch(value) and _bytes(value) < need:
+        elif need and QUANTITY.fullmatch(value) and quantity_bytes(value) < need:
             problems.append(Problem(where, f"{value} is less than the pods write: about {_gi(need)} ({what}; the "
                                            f"weights are {(weights or 0) / GIB:.1f} GiB)"))
     if problems:

@@ -388,11 +388,15 @@ def _targets(spec: RunSpec, shape: Shape) -> list[str]:
 
 
 def _lora_params(spec: RunSpec, shape: Shape) -> int:
-    r = spec.method.lora.r
+    return lora_parameters(shape, spec.method.lora.target_modules, spec.method.lora.r)
+
+
+def lora_parameters(shape: Shape, targets: str | list[str], r: int) -> int:
+    """LoRA's trainable parameters: r x (in + out) of each targeted linear layer, in every layer."""
     proj = shape.projections()
     dims = {"h": shape.hidden, "a": shape.attn, "i": shape.intermediate}
     total = 0
-    for name in _targets(spec, shape):
+    for name in (list(proj) if targets == "all-linear" else list(targets)):
         i, o = proj.get(name, (dims[_IN.get(name, "h")], shape.hidden))
         total += r * (i + o)
     return shape.layers * total

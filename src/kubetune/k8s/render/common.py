@@ -165,12 +165,15 @@ LOGS = "1Gi"  # a container's logs and writable layer (the root filesystem itsel
 _UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "": 1}
 
 
+def quantity_bytes(quantity: str) -> float:
+    """A Kubernetes quantity (4Gi, 500Mi, 60G) in bytes."""
+    number = quantity.rstrip("KiMGTk")
+    return float(number) * _UNITS[quantity[len(number):]]
+
+
 def quantity_sum(*quantities: str) -> str:
     """Kubernetes quantities added up, in Mi (rounded up)."""
-    total = 0.0
-    for q in quantities:
-        number = q.rstrip("KiMGTk")
-        total += float(number) * _UNITS[q[len(number):]]
+    total = sum(quantity_bytes(q) for q in quantities)
     return f"{-(-int(total) // 2**20)}Mi"
 
 
