@@ -113,3 +113,29 @@ def test_an_engine_that_fails_answers_with_errors_and_fails_its_health_check(tin
         assert later.status_code == 503 and later.json()["error"]["code"] == "engine_failed"
         health = http.get("/health")
         assert health.status_code == 503 and "device lost" in health.json()["reason"]
+
+
+@pytest.mark.timeout(120)
+def test_a_request_racing_the_thread_s_death_is_refused_not_left_waiting(tiny_model: Path) -> None:
+    """The library fails the requests in flight and marks itself stopping before it records its error: a
+    request that arrives in between must be refused (it once sat in a queue no one read, and its HTTP
+    request hung until the test's 15-minute timeout)."""
+    from transformers.generation.continuous_batching.continuous_api import BackgroundThreadStatus
+
+    from kubetune.serve.batching import EngineFailed
+
+    engine = load_engine([str(tiny_model)])
+    lane = engine.served["tiny-llama"].lane
+    loop = asyncio.new_event_loop()
+    try:
+        lane.submit([1, 2, 3], 2, 0.0, 1.0, None, lambda output: None, loop)  # starts the batching thread
+        status = lane._manager.background_thread_status
+        # The crash's first step, frozen: the thread says it is stopping, no error is recorded yet.
+        status.request_stop(BackgroundThreadStatus.HARD_STOP, 0)
+        assert status.fatal_error is None
+        with pytest.raises(EngineFailed, match="stopping"):
+            lane.submit([1, 2, 3], 2, 0.0, 1.0, None, lambda output: None, loop)
+        assert lane.failure is not None
+    finally:
+        lane.close()
+        loop.close()

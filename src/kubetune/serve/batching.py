@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -22,6 +23,7 @@ CACHE_SHARE = 0.10     # of the memory available when a lane starts, at most, fo
 TOKENS_PER_REQUEST = 4096  # cache room per admitted request, at most (the context, if shorter)
 PAGE = 256             # tokens per KV block (the library's default)
 MAX_BATCH_TOKENS = 512  # tokens per step: all decoding rows plus a chunk of prefill (long prompts take a few steps)
+FAILURE_GRACE_S = 2.0   # how long a crash's error is waited for once the thread says it is stopping
 
 _ids = itertools.count()
 
@@ -89,8 +91,20 @@ class Lane:
         self._lock = threading.Lock()
 
     @property
-    def failure(self) -> BaseException | None:
-        return self._manager.background_thread_status.fatal_error if self._manager is not None else None
+    def failure(self) -> BaseException | str | None:
+        """Why the batching thread cannot take requests any more, or None while it can. The library fails the
+        requests in flight before it records the error, and marks itself stopping before both: between the
+        two, the stop is the answer, and the error is waited for a moment so the reason names it."""
+        if self._manager is None:
+            return None
+        status = self._manager.background_thread_status
+        denial = status.can_accept_new_requests()
+        if denial is None:
+            return None
+        deadline = time.monotonic() + FAILURE_GRACE_S
+        while status.fatal_error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return status.fatal_error if status.fatal_error is not None else denial
 
     def _started(self) -> Any:
         with self._lock:
@@ -139,8 +153,13 @@ class Lane:
 
         with router._lock:  # before add_request: a short answer may finish before this thread returns
             router.result_handlers[request.request_id] = (deliver, loop)
-        manager.add_request(prompt_ids, request_id=request.request_id, max_new_tokens=max_tokens, streaming=True,
-                            eos_token_id=self.eos, **request.kwargs)
+        added = manager.add_request(prompt_ids, request_id=request.request_id, max_new_tokens=max_tokens,
+                                    streaming=True, eos_token_id=self.eos, **request.kwargs)
+        # The thread may have died between the check above and the queueing: the library drops the request
+        # (None) or it sits in a queue no one reads. Either way it would never be answered: say so now.
+        if added is None or self.failure is not None:
+            self._forget(request)
+            raise EngineFailed(str(self.failure or "the batching thread stopped"))
         return request
 
     def cancel(self, request: Request) -> None:
