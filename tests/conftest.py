@@ -18,7 +18,20 @@ def pytest_configure(config: pytest.Config) -> None:
     # Tests (and the kubetune processes they start) use their own data cache, never the user's.
     import tempfile
 
-    os.environ.setdefault("KUBETUNE_CACHE", tempfile.mkdtemp(prefix="kubetune-test-cache-"))
+    if "KUBETUNE_CACHE" not in os.environ:
+        made = tempfile.mkdtemp(prefix="kubetune-test-cache-")
+        os.environ["KUBETUNE_CACHE"] = config._kubetune_cache = made  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    made = getattr(config, "_kubetune_cache", None)
+    if made:  # only the one this process made (each xdist worker makes its own), never a cache given to it
+        shutil.rmtree(made, ignore_errors=True)
+        os.environ.pop("KUBETUNE_CACHE", None)
+
+
 TINY = ROOT / "examples" / "assets" / "tiny-llama"
 QUICKSTART_DATA = ROOT / "examples" / "data" / "quickstart"
 
