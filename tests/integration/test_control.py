@@ -295,6 +295,7 @@ def test_no_network_listening_without_a_key_and_keys_are_stored_hashed(tmp_path:
         server.stop()
 
 
+@pytest.mark.long
 def test_kubernetes_backend_submits_jobs_follows_them_and_cancel_deletes(
         tmp_path: Path, s3: S3Server, staged: dict[str, str]) -> None:
     fake = FakeKubernetes()

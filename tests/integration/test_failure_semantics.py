@@ -87,6 +87,7 @@ def test_two_trainers_on_one_output_exactly_one_trains(s3: S3Server, staged: dic
     assert not any(k.endswith("/.lease") for k in s3.keys(BUCKET, f"runs/{name}/"))  # released at the end
 
 
+@pytest.mark.long
 def test_a_killed_holders_lease_is_taken_over_after_it_lapses(s3: S3Server, staged: dict[str, str],
                                                               tmp_path: Path) -> None:
     import json
@@ -138,6 +139,7 @@ def training_here(home: Path, starts_before: int) -> bool:
     return False
 
 
+@pytest.mark.long
 def test_chaos_five_kills_at_random_moments_then_the_run_finishes(s3: S3Server, staged: dict[str, str],
                                                                   tmp_path: Path) -> None:
     name = "chaos"

@@ -83,6 +83,7 @@ def assert_served_prompts_are_training_contexts(url: str, family: str, spec: Pat
 
 @pytest.mark.parametrize("family, parser", [("qwen3", "hermes"), ("llama3_2", "llama3_json"),
                                             ("mistral_nemo", "mistral")])
+@pytest.mark.long
 def test_a_tool_call_is_trained_served_and_parsed_back(family: str, parser: str, tmp_path: Path) -> None:
     spec, run = train(family, tmp_path, {"tools": TOOLS, "messages": MESSAGES})
     proc, url = start_server(run)

@@ -73,6 +73,7 @@ def test_fsdp_trains_like_one_process_with_half_the_state_per_rank(write_spec, t
     assert again.returncode == 2 and "does not overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.long
 def test_sigkill_under_fsdp_resumes_the_sharded_checkpoint(write_spec, tmp_path: Path) -> None:
     spec = write_spec(name="fkill", data={"eval": None},
                       train={**TRAIN, "max_steps": 40, "save_every_steps": 4, "logging_steps": 4},

@@ -83,6 +83,7 @@ def start(pod: tuple[list[str], dict[str, str]], log: Path) -> subprocess.Popen[
                             start_new_session=True)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_nodes_rendezvous_train_and_resume_after_one_is_killed(s3: S3Server, tiny_model: Path,
                                                                    tmp_path: Path, strategy: str) -> None:

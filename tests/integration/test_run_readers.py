@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 TRAIN = {"total_batch_size": 8, "max_per_device_batch_size": 8, "logging_steps": 10, "learning_rate": 3e-3}
 
 
+@pytest.mark.long
 def test_readers_of_a_training_run_never_delete_its_checkpoints(
         tmp_path: Path, s3: S3Server, staged: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     name = "hammered"

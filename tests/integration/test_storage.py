@@ -73,6 +73,7 @@ def test_stage_from_a_spec_with_a_data_script(s3: S3Server, staged: dict[str, st
     assert res.returncode == 0 and "25" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.long
 def test_sigkill_then_resume_on_a_fresh_machine(s3: S3Server, staged: dict[str, str], tmp_path: Path) -> None:
     name = "resume-anywhere"
     spec = spec_file(tmp_path, name, staged, 120)
@@ -147,6 +148,7 @@ def test_outage_during_training_retries_and_every_checkpoint_completes(s3: S3Ser
     assert f"runs/{name}/final/COMPLETE" in s3.keys(BUCKET, f"runs/{name}/")
 
 
+@pytest.mark.long
 def test_storage_that_never_comes_back_is_a_clear_error_and_local_checkpoints_stay(
         s3: S3Server, staged: dict[str, str], tmp_path: Path) -> None:
     name = "gone"

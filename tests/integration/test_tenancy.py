@@ -116,6 +116,7 @@ def finished(client: openai.OpenAI, job_id: str, timeout: float = 240) -> Any:
                     in ("succeeded", "failed", "cancelled") and j, timeout)
 
 
+@pytest.mark.long
 def test_a_tenant_reaches_only_its_own_data_models_and_nothing_of_the_server(
         server: Control, models: Path, tmp_path: Path) -> None:
     attacker, victim = server.client(ATTACKER), server.client(VICTIM)

@@ -32,6 +32,7 @@ def test_two_processes_train_one_adapter(write_spec, tmp_path: Path) -> None:
     assert len(ends) == 1 and ends[0].step == 6  # events come from rank 0 only
 
 
+@pytest.mark.long
 def test_sigterm_under_torchrun_saves_on_every_rank_and_resumes(write_spec, tmp_path: Path) -> None:
     import signal
     import subprocess
