@@ -139,3 +139,102 @@ def test_a_request_racing_the_thread_s_death_is_refused_not_left_waiting(tiny_mo
     finally:
         lane.close()
         loop.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_model_removed_mid_answer_finishes_its_requests_and_gives_their_slots_back(tiny_model: Path) -> None:
+    """An adapter deleted or evicted while it answers: the request holds its model (the lane finishes it,
+    its tokenizer decodes it) and its admission slot comes back. It once decoded by name, hit the
+    removed name, and lost the slot for good — after `limit` of those the server answered 429 forever."""
+    engine = load_engine([str(tiny_model)])
+    metrics = ServerMetrics()
+    admission = Admission(2, metrics)
+    gen = Generation(engine, admission, metrics)
+    prompt = engine.encode_chat("tiny-llama", [{"role": "user", "content": "Go on."}])
+
+    async def remove_after_the_first_piece() -> list[object]:
+        seen: list[object] = []
+        stream = gen.run("tiny-llama", prompt, gen.params(200, 0.0, 1.0, None, [], len(prompt), "messages"),
+                         admission.enter())
+        try:
+            async for item in stream:
+                seen.append(item)
+                if len(seen) == 1:
+                    engine.remove("tiny-llama")
+        except ApiError as exc:  # the lane stopped before the answer was whole: an error, not a hang
+            seen.append(exc)
+        return seen
+
+    try:
+        seen = asyncio.run(remove_after_the_first_piece())
+        assert len(seen) >= 2 and (isinstance(seen[-1], Finished) or seen[-1].status == 503), seen[-1]
+        assert admission.admitted == 0 and admission.running == 0
+        with pytest.raises(ApiError) as info:  # a new request for it: the engine says it is gone
+            asyncio.run(collect_all(gen, admission, prompt))
+        assert info.value.status == 503 and "no longer served" in str(info.value.body)
+        assert admission.admitted == 0
+    finally:
+        gen.close()
+
+
+async def collect_all(gen: Generation, admission: Admission, prompt: list[int]) -> list[object]:
+    return [item async for item in gen.run("tiny-llama", prompt, gen.params(4, 0.0, 1.0, None, [], len(prompt),
+                                                                              "messages"), admission.enter())]
+
+
+@pytest.mark.timeout(120)
+def test_a_request_its_lane_never_answers_is_a_503_not_a_wait_forever(tiny_model: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net under every lost-answer race: a request with no output looks at its lane every
+    LIVENESS_S, and a lane that stopped is a 503 (here the library is made to drop the request, then stops)."""
+    import kubetune.serve.generation as generation
+
+    monkeypatch.setattr(generation, "LIVENESS_S", 0.2)
+    engine = load_engine([str(tiny_model)])
+    metrics = ServerMetrics()
+    admission = Admission(2, metrics)
+    gen = Generation(engine, admission, metrics)
+    lane = engine.served["tiny-llama"].lane
+    prompt = engine.encode_chat("tiny-llama", [{"role": "user", "content": "hi"}])
+
+    async def lost() -> None:
+        asyncio.get_running_loop().call_later(1.0, lane.close)
+        await collect_all(gen, admission, prompt)
+
+    try:
+        asyncio.run(collect_all(gen, admission, prompt))  # starts the batching thread
+        lane._manager.add_request = lambda *args, **kwargs: kwargs["request_id"]  # accepted, then lost
+        with pytest.raises(ApiError) as info:
+            asyncio.run(asyncio.wait_for(lost(), 30))
+        assert info.value.status == 503 and info.value.body["error"]["code"] == "engine_failed"
+        assert admission.admitted == 0
+    finally:
+        gen.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_closed_event_loop_does_not_end_the_batching_thread(tiny_model: Path) -> None:
+    """A request whose event loop closed before its outputs came (its caller is gone) is skipped; the
+    batching thread goes on and answers the others."""
+    import queue
+    import time
+
+    from kubetune.serve.engine import GenerationParams
+
+    engine = load_engine([str(tiny_model)])
+    lane = engine.served["tiny-llama"].lane
+    try:
+        gone = asyncio.new_event_loop()
+        gone.close()
+        orphan = lane.submit([1, 2, 3, 4], 16, 0.0, 1.0, None, lambda output: None, gone)
+        answers: queue.Queue[object] = queue.Queue()
+        engine.generate("tiny-llama", [1, 2, 3], GenerationParams(max_tokens=4, temperature=0.0), answers.put)
+        handlers = lane._manager.output_router.result_handlers
+        deadline = time.monotonic() + 60
+        while orphan.request_id in handlers and time.monotonic() < deadline:  # its outputs all delivered
+            time.sleep(0.05)
+        assert orphan.request_id not in handlers
+        engine.generate("tiny-llama", [5, 6], GenerationParams(max_tokens=4, temperature=0.0), answers.put)
+        assert lane.failure is None and answers.qsize() >= 2
+    finally:
+        lane.close()

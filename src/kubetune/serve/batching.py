@@ -23,7 +23,7 @@ CACHE_SHARE = 0.10     # of the memory available when a lane starts, at most, fo
 TOKENS_PER_REQUEST = 4096  # cache room per admitted request, at most (the context, if shorter)
 PAGE = 256             # tokens per KV block (the library's default)
 MAX_BATCH_TOKENS = 512  # tokens per step: all decoding rows plus a chunk of prefill (long prompts take a few steps)
-FAILURE_GRACE_S = 2.0   # how long a crash's error is waited for once the thread says it is stopping
+FAILURE_GRACE_S = 0.5   # how long a crash's error is waited for once the thread says it is stopping
 
 _ids = itertools.count()
 
@@ -37,6 +37,47 @@ class Direct:
 
     def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
         callback(*args)
+
+
+def call_soon(loop: Loop, callback: Callable[..., Any], *args: Any) -> None:
+    """Hand a callback to a request's event loop from a batching or reader thread. A loop closed
+    meanwhile (its caller is gone) is skipped: raising there would end the thread and strand every
+    other request it serves."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
+
+
+def hand_over(batch: list[tuple[Callable[[Any], None], Any]]) -> None:
+    for on_output, output in batch:
+        on_output(output)
+
+
+class Router:
+    """What the library's output router gets as every request's "loop". The library hands a step's
+    outputs to the loop of the batch's *last* request, whichever loop each request came from; here
+    they run on the batching thread, are sorted by their own request's loop, and each loop is woken
+    once (a closed loop is skipped: see call_soon)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        self._local.batches = batches = {}
+        try:
+            callback(*args)  # the library's batch (or one output): each request's `add` below
+        finally:
+            self._local.batches = None
+        for loop, batch in batches.values():
+            call_soon(loop, hand_over, batch)
+
+    def add(self, loop: Loop, on_output: Callable[[Any], None], output: Any) -> None:
+        batches = getattr(self._local, "batches", None)
+        if batches is None:  # called outside a router call (not how the library calls it): hand over alone
+            call_soon(loop, on_output, output)
+        else:
+            batches.setdefault(id(loop), (loop, []))[1].append((on_output, output))
 
 
 class EngineFailed(KubetuneError):
@@ -88,6 +129,7 @@ class Lane:
         self.max_concurrency, self.context = max_concurrency, context
         self.sampler = RequestSampler()
         self._manager: Any = None
+        self._router = Router()
         self._lock = threading.Lock()
 
     @property
@@ -102,7 +144,8 @@ class Lane:
         if denial is None:
             return None
         deadline = time.monotonic() + FAILURE_GRACE_S
-        while status.fatal_error is None and time.monotonic() < deadline:
+        # (only while the thread still runs: a thread gone without recording an error never will)
+        while status.fatal_error is None and self._manager.is_running() and time.monotonic() < deadline:
             time.sleep(0.01)
         return status.fatal_error if status.fatal_error is not None else denial
 
@@ -146,13 +189,13 @@ class Lane:
         request = Request(f"kt-{next(_ids)}", self.sampler.row_kwargs(temperature, top_p, seed, self.model.device))
         router = manager.output_router
 
-        def deliver(output: Any) -> None:
+        def deliver(output: Any) -> None:  # on the batching thread
             if output.is_finished():
                 self._forget(request)
-            on_output(output)
+            self._router.add(loop, on_output, output)
 
         with router._lock:  # before add_request: a short answer may finish before this thread returns
-            router.result_handlers[request.request_id] = (deliver, loop)
+            router.result_handlers[request.request_id] = (deliver, self._router)
         added = manager.add_request(prompt_ids, request_id=request.request_id, max_new_tokens=max_tokens,
                                     streaming=True, eos_token_id=self.eos, **request.kwargs)
         # The thread may have died between the check above and the queueing: the library drops the request

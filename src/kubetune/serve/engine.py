@@ -42,6 +42,14 @@ class ServedModel:
     def stop_ids(self) -> set[int]:
         return _stops(self.generation)
 
+    def decode(self, ids: Sequence[int], keep_special: bool = False) -> str:
+        """The answer's text; `keep_special`: with special tokens (Mistral's [TOOL_CALLS] is one), less
+        the end-of-turn token, for reading tool calls."""
+        if keep_special:
+            stops = self.stop_ids
+            return self.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=False)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
 
 @dataclass
 class GenerationParams:
@@ -158,23 +166,21 @@ class TransformersEngine:
         return list(self.served[name].tokenizer(prompt)["input_ids"])
 
     def decode(self, name: str, ids: Sequence[int], keep_special: bool = False) -> str:
-        """The answer's text; `keep_special`: with special tokens (Mistral's [TOOL_CALLS] is one), less
-        the end-of-turn token, for reading tool calls."""
-        served = self.served[name]
-        if keep_special:
-            stops = served.stop_ids
-            return served.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=False)
-        return served.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.served[name].decode(ids, keep_special)
+
+    def model(self, name: str) -> ServedModel:
+        """`name`'s model, held by a request for its whole life: a model removed meanwhile (a deleted or
+        evicted adapter) still decodes and cancels that request's tokens, and its lane finishes it."""
+        served = self.served.get(name)
+        if served is None:  # removed (a deleted model) after the request was admitted
+            raise EngineFailed(f"{name} is no longer served")
+        return served
 
     def submit(self, name: str, prompt_ids: list[int], params: GenerationParams, on_output: Callable[[Any], None],
                loop: Loop) -> Request:
         """Queue a request into the running batch of `name`'s lane; `on_output` gets, through `loop`, a
         transformers GenerationOutput (all token ids so far) per step, the last one finished."""
-        served = self.served.get(name)
-        if served is None:  # removed (a deleted model) after the request was admitted
-            raise EngineFailed(f"{name} is no longer served")
-        return served.lane.submit(prompt_ids, params.max_tokens, params.temperature, params.top_p,
-                                  params.seed, on_output, loop)
+        return submit_to(self.model(name), prompt_ids, params, on_output, loop)
 
     def cancel(self, name: str, request: Request) -> None:
         self.served[name].lane.cancel(request)
@@ -201,6 +207,12 @@ class TransformersEngine:
     def close(self) -> None:
         for lane in {id(m.lane): m.lane for m in self.served.values()}.values():  # a pool closes once
             lane.close()
+
+
+def submit_to(served: ServedModel, prompt_ids: list[int], params: GenerationParams,
+              on_output: Callable[[Any], None], loop: Loop) -> Request:
+    return served.lane.submit(prompt_ids, params.max_tokens, params.temperature, params.top_p, params.seed,
+                              on_output, loop)
 
 
 def load_engine(targets: Sequence[str], served_name: str | None = None, with_base: bool = True,

@@ -11,9 +11,12 @@ from typing import Any, AsyncIterator
 
 from kubetune.serve.admission import Admission, Ticket
 from kubetune.serve.batching import EngineFailed
-from kubetune.serve.engine import Finished, GenerationParams, TransformersEngine, finish_of, iter_text, split_stop
+from kubetune.serve.engine import (Finished, GenerationParams, ServedModel, TransformersEngine, finish_of, iter_text,
+                                   split_stop, submit_to)
 from kubetune.serve.errors import ApiError
 from kubetune.serve.metrics import ServerMetrics
+
+LIVENESS_S = 5.0  # how often a request that has had no output looks at whether its lane still runs
 
 
 class Generation:
@@ -45,23 +48,26 @@ class Generation:
                   ticket: Ticket, keep_special: bool = False) -> AsyncIterator[str | Finished]:
         """Text deltas as they are generated, then the Finished record (`keep_special`: the text keeps
         special tokens other than the end of turn, for reading tool calls)."""
-        engine, metrics, admission = self.engine, self.metrics, self.admission
+        metrics, admission = self.metrics, self.admission
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         began = time.perf_counter()
         ticket.hand_over()  # from here this generator gives the slot back, whatever happens
         started = finished = False
-        request = None
+        request = served = None
         ids: list[int] = []
         try:
             try:
-                request = engine.submit(name, prompt_ids, params, outputs.put_nowait, asyncio.get_running_loop())
+                # The model is held for the whole request: removed meanwhile (a deleted or evicted adapter),
+                # its lane still finishes this request and its tokenizer still decodes it.
+                served = self.engine.model(name)
+                request = submit_to(served, prompt_ids, params, outputs.put_nowait, asyncio.get_running_loop())
             except EngineFailed as exc:
                 raise ApiError(503, f"the engine has stopped: {exc}", "server_error", None, "engine_failed") from None
             hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
             full = sent = ""
             hit = False
             while not finished:
-                output = await outputs.get()
+                output = await _next_output(outputs, served)
                 while not outputs.empty():  # behind the batch: each output holds all tokens so far, take the latest
                     output = outputs.get_nowait()
                 if output.error:
@@ -72,7 +78,7 @@ class Generation:
                     metrics.first_token_after(name, time.perf_counter() - began)
                 finished = output.is_finished()
                 ids = list(output.generated_tokens)
-                _, full = iter_text(lambda x: engine.decode(name, x, keep_special), ids, full)
+                _, full = iter_text(lambda x: served.decode(x, keep_special), ids, full)
                 text, hit = split_stop(full, params.stop)
                 if hit:
                     full = text
@@ -82,15 +88,17 @@ class Generation:
                     sent = visible
                 if hit:
                     break
-            done = finish_of(ids, engine.served[name].stop_ids, params.max_tokens, cut=hit)
+            done = finish_of(ids, served.stop_ids, params.max_tokens, cut=hit)
         except BaseException:
             if started:  # the client went away (or the engine failed) mid-answer: its tokens were still made
                 metrics.tokens(name, len(prompt_ids), len(ids))
             raise
         finally:
-            if request is not None and not finished:
-                engine.cancel(name, request)  # a stop string, or the client went away: leave the batch now
-            admission.leave(started)
+            try:
+                if served is not None and request is not None and not finished:
+                    served.lane.cancel(request)  # a stop string, or the client went away: leave the batch now
+            finally:
+                admission.leave(started)  # whatever cancelling did: a slot lost here would be lost for good
         metrics.finished(name, len(prompt_ids), done.completion_tokens, time.perf_counter() - began)
         yield done
 
@@ -101,6 +109,19 @@ class Generation:
             return await collect(self.run(name, prompt_ids, params, ticket, keep_special))
         finally:
             ticket.release()
+
+
+async def _next_output(outputs: asyncio.Queue[Any], served: ServedModel) -> Any:
+    """The next output of a request; while none comes, whether its lane can still give one is looked at
+    every few seconds, so a request never waits on a lane that stopped without answering it."""
+    while True:
+        try:
+            return await asyncio.wait_for(outputs.get(), LIVENESS_S)
+        except asyncio.TimeoutError:
+            failure = served.lane.failure
+            if failure is not None:
+                raise ApiError(503, f"the engine has stopped: {failure}", "server_error", None,
+                               "engine_failed") from None
 
 
 def usage(prompt: int, finished: Finished) -> dict[str, int]:

@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from kubetune.serve.batching import EngineFailed, Loop, Request
+from kubetune.serve.batching import EngineFailed, Loop, Request, call_soon, hand_over
 
 # auto: workers for weights in this range (bytes). Below it a step is mostly fixed Python cost, which N
 # workers pay N times (the quickstart's 0.8 MB model: 283 req/s in-process, 180 with 2 workers); above it a
@@ -94,14 +94,17 @@ class _Worker:
         self.reader = threading.Thread(target=self._read, name=f"kubetune-engine-{index}-reader", daemon=True)
         self.reader.start()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: tuple[Any, ...]) -> bool:
+        """Whether the message went to a live worker."""
         if self.failure is not None:
-            return
+            return False
         try:
             with self.send_lock:
                 self.conn.send(message)
         except (OSError, EOFError) as exc:
             self._fail(f"engine worker {self.index} is gone: {exc}")
+            return False
+        return True
 
     def _read(self) -> None:
         try:
@@ -139,7 +142,7 @@ class _Worker:
                 output = Output(tuple(pending.tokens), finished, error)
                 calls.setdefault(id(pending.loop), (pending.loop, []))[1].append((pending.on_output, output))
         for loop, batch in calls.values():
-            loop.call_soon_threadsafe(_hand_over, batch)
+            call_soon(loop, hand_over, batch)
 
     def _fail(self, why: str) -> None:
         with self.lock:
@@ -147,7 +150,7 @@ class _Worker:
                 self.failure = why
             pending, self.pending = self.pending, {}
         for p in pending.values():  # nobody waits forever on a dead worker
-            p.loop.call_soon_threadsafe(p.on_output, Output(tuple(p.tokens), True, why))
+            call_soon(p.loop, p.on_output, Output(tuple(p.tokens), True, why))
 
 
 def _how(code: int | None) -> str:
@@ -158,11 +161,6 @@ def _how(code: int | None) -> str:
 
         return f" (killed by {signal.Signals(-code).name})"
     return f" with code {code}"
-
-
-def _hand_over(batch: list[tuple[Callable[[Any], None], Output]]) -> None:
-    for on_output, output in batch:
-        on_output(output)
 
 
 class WorkerPool:
@@ -196,9 +194,14 @@ class WorkerPool:
             raise EngineFailed(self.failure)
         worker = min(self.workers, key=lambda w: len(w.pending))  # the fewest requests in flight
         request = Request(f"kt-w{worker.index}-{next(_ids)}", {"worker": worker.index})
-        with worker.lock:
+        with worker.lock:  # under the lock _fail takes: a request is either failed by it or refused here
+            if worker.failure is not None:
+                raise EngineFailed(worker.failure)
             worker.pending[request.request_id] = _Pending(name, on_output, loop)
-        worker.send(("add", name, request.request_id, list(prompt_ids), max_tokens, temperature, top_p, seed))
+        if not worker.send(("add", name, request.request_id, list(prompt_ids), max_tokens, temperature, top_p, seed)):
+            with worker.lock:
+                worker.pending.pop(request.request_id, None)
+            raise EngineFailed(worker.failure or f"engine worker {worker.index} is gone")
         return request
 
     def cancel(self, request: Request) -> None:
