@@ -25,7 +25,7 @@ def main(url: str, key: str = "none") -> None:
         extra_body={"kubetune": {"train": {"max_steps": 600, "save_every_steps": 200, "logging_steps": 50,
                                            "max_per_device_batch_size": 16},
                                  "data": {"max_length": 128}}})
-    print(f"job {job.id}: {job.status} → the model will be {job.fine_tuned_model}")
+    print(f"job {job.id}: {job.status}")
     status, seen = job.status, set()
     while status not in ("succeeded", "failed", "cancelled"):
         time.sleep(1)
@@ -37,7 +37,7 @@ def main(url: str, key: str = "none") -> None:
         status = job.status
     if status != "succeeded":
         raise SystemExit(f"job {status}: {job.error}")
-    print(f"job {job.id}: succeeded, {job.trained_tokens:,} tokens trained")
+    print(f"job {job.id}: succeeded, {job.trained_tokens:,} tokens trained → {job.fine_tuned_model}")
     for ckpt in client.fine_tuning.jobs.checkpoints.list(job.id):
         print(f"  checkpoint {ckpt.fine_tuned_model_checkpoint} (train loss {ckpt.metrics.train_loss:.3f})")
     for question in ("Spell moon.", "What is 3 plus 4?"):

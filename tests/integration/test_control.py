@@ -105,7 +105,7 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
                                          suffix="qs", seed=7, extra_body={"kubetune": {**FAST, "train": {
                                              **FAST["train"], "max_steps": 160}}})
         assert job.status == "validating_files" and job.seed == 7
-        assert re.fullmatch(r"ft:tiny-llama:qs:[0-9a-f]{8}", job.fine_tuned_model or "")
+        assert job.fine_tuned_model is None  # OpenAI's: set once the job succeeded
         assert job.hyperparameters.batch_size == 16
         # the second job is created once the first is past validation: two validations run at once and
         # either may finish first, and this test needs the first job to be the one training
@@ -128,6 +128,7 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
                         in ("succeeded", "failed", "cancelled") and j)
         assert done.status == "succeeded", done.error
         assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at
+        assert re.fullmatch(r"ft:tiny-llama:qs:[0-9a-f]{8}", done.fine_tuned_model or "")
 
         events = list(c1.fine_tuning.jobs.list_events(job.id, limit=100))
         messages = [e.message for e in events]
@@ -173,8 +174,9 @@ def test_the_whole_loop_survives_a_server_kill_and_keys_see_only_their_own(
             c2.files.retrieve(train.id)
         with pytest.raises(openai.NotFoundError):
             c2.chat.completions.create(model=done.fine_tuned_model, messages=msgs, max_tokens=4)
-        with pytest.raises(openai.NotFoundError):
+        with pytest.raises(openai.BadRequestError) as others:  # another key's file is no file of this one
             c2.fine_tuning.jobs.create(model=MODEL, training_file=train.id)
+        assert others.value.body["param"] == "training_file"
         with pytest.raises(openai.AuthenticationError):
             server.client("kt-not-a-key").models.list()
         assert httpx.get(f"{server.url}/v1/fine_tuning/jobs").status_code == 401
@@ -265,8 +267,12 @@ def test_requests_the_server_refuses(server: Control, tiny_model: Path, tmp_path
                                        extra_body={"kubetune": {"train": {"max_stepz": 3}}})
     assert bad_setting.value.body["param"] == "kubetune.train.max_stepz"
     assert "max_steps" in bad_setting.value.message  # the allowed keys are listed
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.BadRequestError) as no_file:  # OpenAI's 400 on the field, as any bad field
         client.fine_tuning.jobs.create(model=MODEL, training_file="file-nope")
+    assert no_file.value.body["param"] == "training_file" and "file-nope" in no_file.value.message
+    with pytest.raises(openai.BadRequestError) as no_file:
+        client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id, validation_file="file-nope")
+    assert no_file.value.body["param"] == "validation_file"
     with pytest.raises(openai.BadRequestError, match="not a model this server offers") as unknown:
         client.fine_tuning.jobs.create(model="no such model!", training_file=upload.id)
     assert unknown.value.body["param"] == "model" and "tiny-llama" in unknown.value.message

@@ -205,6 +205,11 @@ def test_temperature_top_p_and_seed_are_per_request(client: openai.OpenAI) -> No
     (json.dumps({"model": "served", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(),
      400, "max_tokens"),
     (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
+    # not returned by this engine: refused by field, not answered without them
+    (json.dumps({"model": "served", "messages": [{"role": "user", "content": "x"}], "logprobs": True}).encode(),
+     400, "logprobs"),
+    (json.dumps({"model": "served", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).encode(),
+     400, "top_logprobs"),
 ])
 def test_bad_requests_get_openai_style_errors(server: str, body: bytes, status: int, param: str | None) -> None:
     res = httpx.post(f"{server}/v1/chat/completions", content=body, headers={"content-type": "application/json"})

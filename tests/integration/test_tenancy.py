@@ -176,8 +176,12 @@ def test_a_tenant_reaches_only_its_own_data_models_and_nothing_of_the_server(
                 attacker.fine_tuning.jobs.create(model=model, training_file=a_file.id)
             assert refused.value.body["param"] == "model", model
         for file_id in (v_file.id,):
-            with pytest.raises(openai.NotFoundError):
+            with pytest.raises(openai.BadRequestError) as taken:  # the same answer as for no such file at all
                 attacker.fine_tuning.jobs.create(model="tiny-llama", training_file=file_id)
+            assert taken.value.body["param"] == "training_file"
+            with pytest.raises(openai.BadRequestError) as missing:
+                attacker.fine_tuning.jobs.create(model="tiny-llama", training_file="file-" + "0" * 24)
+            assert taken.value.message.replace(file_id, "ID") == missing.value.message.replace("file-" + "0" * 24, "ID")
             with pytest.raises(openai.NotFoundError):
                 attacker.files.content(file_id)
         with pytest.raises(openai.NotFoundError):
@@ -203,14 +207,14 @@ def test_a_tenant_reaches_only_its_own_data_models_and_nothing_of_the_server(
                                                   extra_body={"kubetune": {**FAST, "train": {**FAST["train"],
                                                                                              "max_steps": 5}}})
                  for model in (f"{a_done.fine_tuned_model}:ckpt-step-5", a_done.fine_tuned_model)]
-        for job in again:
-            done = finished(attacker, job.id)
+        dones = [finished(attacker, job.id) for job in again]
+        for job, done in zip(again, dones):
             assert done.status == "succeeded", done.error
             assert done.fine_tuned_model.startswith("ft:tiny-llama:") or done.fine_tuned_model.startswith(
                 "ft:evil-llama:")
             spec = (server.home / "runs" / job.id / "spec.yaml").read_text()
             assert f"runs/{a_job.id}" in spec  # started from the attacker's own run
-        answer = attacker.chat.completions.create(model=again[1].fine_tuned_model, max_tokens=4,
+        answer = attacker.chat.completions.create(model=dones[1].fine_tuned_model, max_tokens=4,
                                                   messages=[{"role": "user", "content": "Spell moon."}])
         assert answer.choices[0].message.content is not None
 

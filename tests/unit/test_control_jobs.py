@@ -66,6 +66,11 @@ def test_model_references(tmp_path: Path) -> None:
     assert resolve_model("Qwen/Qwen3-0.6B@v1.0", models) == ("hf://Qwen/Qwen3-0.6B", "v1.0", False)
     assert resolve_model("big", models) == ("s3://bucket/models/big", None, False)
     assert resolve_model("llama", models) == (str((tmp_path / "llama").resolve()), None, False)
+    kept_elsewhere = tmp_path.parent / f"{tmp_path.name}-disk" / "mistral"  # the operator's link to it is offered
+    kept_elsewhere.mkdir(parents=True)
+    (kept_elsewhere / "config.json").write_text("{}")
+    (tmp_path / "mistral").symlink_to(kept_elsewhere)
+    assert resolve_model("mistral", models) == (str(kept_elsewhere.resolve()), None, False)
     for name in ("gpt 4", "meta-llama/Llama-3-8B", "s3://bucket/models/big", str(tmp_path / "llama"), "../llama",
                  "Qwen/../../etc", "Qwen/x@../../y", "/etc/passwd", "~/llama", "file:///etc"):
         with pytest.raises(Refused) as refused:
@@ -217,3 +222,34 @@ def test_each_tenants_wandb_projects_are_its_own_in_the_operators_account(tmp_pa
     assert len(wandb_project("t" * 300, "p" * 128)) == 128 and "--" not in wandb_project("key-a--b", "p")[:-3]
     with pytest.raises(Exception, match="may not contain '--'"):
         JobRequest(model="m", training_file="file-1", integrations=[{"type": "wandb", "wandb": {"project": "x--y"}}])
+
+
+def test_reasoning_effort_is_refused_at_create_for_a_template_that_does_not_read_it(tmp_path: Path,
+                                                                                   tiny_model: Path) -> None:
+    """A job whose model cannot take reasoning_effort is a 400 on that field when it is created, not a
+    job that fails later as if its training file were wrong."""
+    req = JobRequest(model="tiny-llama", training_file="file-1", method=_rl(CHECK, reasoning_effort="low"))
+    with pytest.raises(Refused) as refused:
+        build_spec("ftjob-0123456789abcdef01234567", req, Start(str(tiny_model)), "s3://b/t.jsonl", None,
+                   "s3://b/runs/x", rows=100)
+    assert refused.value.param == "method.reinforcement.hyperparameters.reasoning_effort"
+    reasoning = tmp_path / "reasoning-model"
+    reasoning.mkdir()
+    (reasoning / "chat_template.jinja").write_text("{{ reasoning_effort }}{% for m in messages %}{{ m.content }}"
+                                                   "{% endfor %}")
+    spec = build_spec("ftjob-0123456789abcdef01234567", req, Start(str(reasoning)), "s3://b/t.jsonl", None,
+                      "s3://b/runs/x", rows=100)
+    assert spec.method.grpo.reasoning_effort == "low"
+    remote = build_spec("ftjob-0123456789abcdef01234567", req, Start("hf://org/model"), "s3://b/t.jsonl", None,
+                        "s3://b/runs/x", rows=100)  # checked when the job validates, with the model's tokenizer
+    assert remote.method.grpo.reasoning_effort == "low"
+
+
+def test_hyperparameters_given_twice_are_refused(tmp_path: Path) -> None:
+    """The deprecated top-level form and method.supervised.hyperparameters together: one would silently win."""
+    with pytest.raises(Refused) as refused:
+        spec_of(tmp_path, hyperparameters={"n_epochs": 1},
+                method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
+    assert refused.value.param == "hyperparameters"
+    spec = spec_of(tmp_path, hyperparameters={"n_epochs": 2}, method={"type": "supervised"})
+    assert spec.train.epochs == 2

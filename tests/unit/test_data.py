@@ -41,13 +41,23 @@ def test_all_bad_rows_reported_with_file_and_line(tmp_path: Path) -> None:
         f"{f}:2: bad JSON: Expecting value (column 16)",
         f"{f}:3: messages[0] has no 'role'",
         f"{f}:4: messages[0] (user) has no 'content'",
-        f"{f}:5: messages[0]: unknown role 'robot'; expected one of system, user, assistant, tool",
+        f"{f}:5: messages[0]: unknown role 'robot'; expected one of system, user, assistant, tool, developer",
         f"{f}:6: empty conversation",
         f"{f}:7: column 'messages' must be a list of messages, got str",
         f"{f}:8: messages[0] (user): content must be a string or a list of text parts, got int",
         f"{f}:9: conversation has no assistant turn (nothing to train on)",
     ]
     assert "bad_rows: skip" in (info.value.hint or "")
+
+
+def test_a_developer_message_is_the_system_prompt(tmp_path: Path) -> None:
+    """OpenAI's newer name for the system role, which its reinforcement fine-tuning examples use: a
+    training file written for OpenAI trains with it as the system prompt."""
+    row = {"messages": [{"role": "developer", "content": "Answer with a number."}, *CHAT["messages"]]}
+    f = _jsonl(tmp_path / "d.jsonl", [row])
+    samples = load_samples(DataSpec(train=[str(f)], eval=None), seed=0)
+    assert [m["role"] for m in samples.train[0].messages] == ["system", "user", "assistant"]
+    assert samples.train[0].messages[0]["content"] == "Answer with a number."
 
 
 def test_bad_rows_skip_counts_them(tmp_path: Path) -> None:

@@ -126,8 +126,11 @@ async def list_files(purpose: str | None = None, after: str | None = None, limit
 
 def _own_file(state: ControlState, owner: str, file_id: str, param: str = "file_id") -> dict[str, Any]:
     row = state.records.file(owner, file_id)
-    if row is None:
+    if row is None and param == "file_id":  # the path names it: the resource is not there
         raise ApiError(404, f"no file {file_id}", "invalid_request_error", param, "file_not_found")
+    if row is None:  # a field of the request names it: the request is wrong (OpenAI's 400 on the field)
+        raise ApiError(400, f"invalid {param}: {file_id} (no such file for this key; upload it with "
+                       "purpose fine-tune)", "invalid_request_error", param, "file_not_found")
     return row
 
 

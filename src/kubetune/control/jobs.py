@@ -127,6 +127,10 @@ class JobRequest(BaseModel):
             if method.type != "supervised":
                 raise UsageError("hyperparameters: the top-level form is for supervised jobs",
                                  "give them in method.dpo.hyperparameters")
+            given = getattr(method, method.type)
+            if given is not None and given.hyperparameters.model_fields_set:  # two values for one setting
+                raise Refused("hyperparameters", "give the hyperparameters once: in method.supervised."
+                              "hyperparameters (the top-level form is the deprecated one), not in both")
             body = MethodBody(hyperparameters=self.hyperparameters)
         return Method(type=method.type, **{method.type: body})
 
@@ -205,6 +209,10 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
         params["train.epochs"] = f"{_hp_where(req, method)}.n_epochs"
     if method.reinforcement is not None:
         _reinforcement(method.reinforcement, policy, raw, params)
+        if method.reinforcement.hyperparameters.reasoning_effort != "default" and _template_lacks(start.base,
+                                                                                                   "reasoning_effort"):
+            raise Refused(f"{_hp_where(req, method)}.reasoning_effort", f"{req.model}: the model's chat template "
+                          "does not read reasoning_effort (gpt-oss's does)", "leave it out for this model")
     elif hp.batch_size != "auto":
         raw["train"]["total_batch_size"] = hp.batch_size
         params["train.total_batch_size"] = f"{_hp_where(req, method)}.batch_size"
@@ -233,6 +241,20 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
         raise SpecError(unknown, "the README lists the settings a job can have")
     check_limits(spec, policy.limits, rows, params, eval_rows)
     return spec
+
+
+def _template_lacks(base: str, variable: str) -> bool:
+    """Whether a base in a folder of this machine has a chat template that never reads `variable` (a
+    base elsewhere is checked when the job validates its files, with the model's own tokenizer)."""
+    from pathlib import Path
+
+    from kubetune.serve.tool_parser import folder_template
+
+    folder = Path(base)
+    if not folder.is_dir():
+        return False
+    template = folder_template(folder)
+    return template is None or variable not in template  # (none: ChatML, which reads no such variable)
 
 
 def _reinforcement(body: ReinforcementBody, policy: JobPolicy, raw: dict[str, Any], params: dict[str, str]) -> None:
@@ -336,7 +358,9 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
     hp = method.get(method["type"], {}).get("hyperparameters", {})
     return {
         "object": "fine_tuning.job", "id": job["id"], "model": job["model"], "created_at": job["created_at"],
-        "finished_at": job.get("finished_at"), "fine_tuned_model": job.get("fine_tuned_model"),
+        "finished_at": job.get("finished_at"),
+        # OpenAI's: null until the job succeeded (callers wait for it to be set, then chat with it)
+        "fine_tuned_model": job.get("fine_tuned_model") if job["status"] == "succeeded" else None,
         "organization_id": "org-kubetune", "result_files": job.get("result_files") or [], "status": job["status"],
         "validation_file": job.get("validation_file"), "training_file": job["training_file"],
         "hyperparameters": {k: hp.get(k, "auto") for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},

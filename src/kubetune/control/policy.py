@@ -348,10 +348,11 @@ def resolve_model(name: str, models: ModelsPolicy) -> tuple[str, str | None, boo
             if entry.uri is None and fnmatch.fnmatchcase(hub, entry.name):
                 return f"hf://{hub}", revision or None, entry.trust_remote_code
     if models.root and FOLDER_NAME.fullmatch(name) and ".." not in name:
-        root = Path(models.root).expanduser().resolve()
-        folder = (root / name).resolve()
-        if folder.parent == root and (folder / "config.json").is_file():
-            return str(folder), None, False
+        # One folder name (the pattern has no separator, and no `..`): an entry of the root itself. It
+        # may be the operator's link to a model kept elsewhere, as its listing (describe_models) shows.
+        entry = Path(models.root).expanduser().resolve() / name
+        if (entry / "config.json").is_file():
+            return str(entry.resolve()), None, False
     raise Refused("model", f"{name!r} is not a model this server offers ({describe_models(models)})",
                   "name one of them, or the `ft:` model of one of your succeeded jobs")
 

@@ -131,11 +131,9 @@ def _chat(value: Any, where: str, col: str, system_prompt: str | None, need_assi
 def chat_message(msg: Any, at: str) -> dict[str, Any] | str:
     """One OpenAI message of a request (not a training row) in the shape chat templates take, or
     what is wrong with it: the same conversion training used, so a server renders what was trained.
-    "developer" is OpenAI's newer name for the system role; an empty assistant turn is allowed."""
+    "developer" is read as the system role (as in training rows); an empty assistant turn is allowed."""
     if isinstance(msg, dict):
         msg = {k: v for k, v in msg.items() if k != "weight"}  # a training-file key, meaningless here
-        if msg.get("role") == "developer":
-            msg["role"] = "system"
     return _message(msg, at, sharegpt=False, training=False)
 
 
@@ -146,9 +144,10 @@ def _message(msg: Any, at: str, sharegpt: bool, training: bool = True) -> dict[s
     speaker = msg.get("from") if sharegpt or ("from" in msg and "role" not in msg) else msg.get("role")
     if speaker is None:
         return f"{at} has no {'from' if sharegpt else 'role'!r}"
-    role = SHAREGPT_ROLES.get(speaker) if sharegpt or "from" in msg else speaker
+    # "developer" is OpenAI's newer name for the system role (its reinforcement fine-tuning data uses it)
+    role = SHAREGPT_ROLES.get(speaker) if sharegpt or "from" in msg else "system" if speaker == "developer" else speaker
     if role not in ROLES:
-        known = SHAREGPT_ROLES if sharegpt or "from" in msg else ROLES
+        known = SHAREGPT_ROLES if sharegpt or "from" in msg else (*ROLES, "developer")
         return f"{at}: unknown role {speaker!r}; expected one of {', '.join(known)}"
     raw = msg.get("value") if "from" in msg and "role" not in msg else msg.get("content")
     out: dict[str, Any] = {"role": role}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kubetune.data.formats import chat_message
 from kubetune.serve.errors import ApiError
@@ -27,6 +27,18 @@ class _Request(BaseModel):
     stop: Union[str, list[str], None] = None
     seed: int | None = None
     user: str | None = None
+    # Log probabilities are not returned by this engine: asked for, they are a 400 on the field rather
+    # than an answer without them that an evaluation script would read as missing data.
+    logprobs: Union[bool, int, None] = None
+    top_logprobs: int | None = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("this server does not return log probabilities; leave logprobs and top_logprobs "
+                             "out (vLLM serving, `kubetune deploy`, returns them)")
+        return value
 
     @property
     def stop_list(self) -> list[str]:
