@@ -253,3 +253,17 @@ def test_hyperparameters_given_twice_are_refused(tmp_path: Path) -> None:
     assert refused.value.param == "hyperparameters"
     spec = spec_of(tmp_path, hyperparameters={"n_epochs": 2}, method={"type": "supervised"})
     assert spec.train.epochs == 2
+
+
+def test_a_checkpoint_at_the_end_of_each_epoch_the_last_three_kept(tmp_path: Path) -> None:
+    """OpenAI's cadence for a job that trains by epochs; a cadence the caller sets wins."""
+    by_epochs = spec_of(tmp_path, method={"type": "supervised", "supervised": {"hyperparameters": {
+        "n_epochs": 3, "batch_size": 8}}})  # 100 rows: 13 steps an epoch
+    assert (by_epochs.train.save_every_steps, by_epochs.train.keep_checkpoints) == (13, 3)
+    rl = spec_of(tmp_path, method=_rl(CHECK, batch_size=5, compute_multiplier=1, n_epochs=2))
+    assert rl.train.save_every_steps == 20  # 100 prompts, 5 a step
+    chosen = spec_of(tmp_path, hyperparameters={"n_epochs": 2},
+                     kubetune={"train": {"save_every_steps": 5, "keep_checkpoints": 1}})
+    assert (chosen.train.save_every_steps, chosen.train.keep_checkpoints) == (5, 1)
+    by_steps = spec_of(tmp_path, kubetune={"train": {"max_steps": 50}})
+    assert by_steps.train.save_every_steps == 100  # by steps: the spec's own cadence

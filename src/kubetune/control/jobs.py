@@ -135,6 +135,9 @@ class JobRequest(BaseModel):
         return Method(type=method.type, **{method.type: body})
 
 
+EPOCH_CHECKPOINTS = 3  # OpenAI keeps the checkpoints of the last three epochs
+
+
 def new_job_id() -> str:
     return f"ftjob-{secrets.token_hex(12)}"
 
@@ -239,6 +242,13 @@ def build_spec(job_id: str, req: JobRequest, start: Start, train_uri: str, valid
         raise SpecError(sorted([*exc.problems, *unknown], key=lambda p: p.where), exc.hint) from None
     if unknown:
         raise SpecError(unknown, "the README lists the settings a job can have")
+    if spec.train.max_steps <= 0 and rows > 0 and "save_every_steps" not in raw["train"]:
+        # OpenAI's cadence: a checkpoint at the end of each epoch, the last three kept (unless the caller
+        # or the operator chose a cadence: `kubetune.train.save_every_steps`)
+        per_epoch = -(-rows * objective_for(spec).answers_per_row(spec) // spec.train.total_batch_size)
+        raw["train"]["save_every_steps"] = max(1, per_epoch)
+        raw["train"].setdefault("keep_checkpoints", min(EPOCH_CHECKPOINTS, policy.limits.max_keep_checkpoints))
+        spec = validate_spec(raw, "kubetune")
     check_limits(spec, policy.limits, rows, params, eval_rows)
     return spec
 
