@@ -113,3 +113,12 @@ def test_grpo_inputs_are_checked(write_spec, tmp_path: Path, cli) -> None:
                                                   data={"train": str(prompts), "eval": None})))
     assert code == 2 and "method.grpo.rewards" in err and "multiple of method.grpo.num_generations" in err
     assert "Traceback" not in err
+
+
+def test_the_steps_of_an_epoch_count_every_answer_to_a_prompt(write_spec, tmp_path: Path, sft_run: Path) -> None:
+    """The batch counts answers (num_generations per prompt): 300 prompts x 4 answers in batches of 16 are
+    75 steps an epoch, as the trainer runs them, in the plan (and the start event) — not 300 / 16."""
+    spec = _grpo_spec(write_spec, tmp_path, sft_run, "grpoplan", max_steps=-1, epochs=1)
+    res = run_kubetune("plan", str(spec), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "optimizer steps: 75" in res.stdout, res.stdout

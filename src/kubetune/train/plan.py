@@ -46,7 +46,10 @@ class PlanReport:
 def make_plan(spec: RunSpec, data: Prepared) -> PlanReport:
     world = spec.resources.world_size
     batches = batch_shape(spec.train.total_batch_size, spec.train.max_per_device_batch_size, world)
-    steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
+    from kubetune.train.objectives import objective_for  # (objectives import this module's helpers)
+
+    answers = len(data.train.rows) * objective_for(spec).answers_per_row(spec)  # the batch counts answers
+    steps = optimizer_steps(answers, batches.total, spec.train.epochs, spec.train.max_steps)
     params = count_params(data.model_dir)
     mean_tokens = data.train.stats()["mean"] or 1
     tokens = steps * batches.total * min(mean_tokens, spec.data.max_length)

@@ -215,7 +215,9 @@ def _set_up(fit: Fit) -> None:
                 trainer.add_callback(callback)
         if fit.uploader:
             fit.uploader.files(layout.spec, layout.manifest, *([fit.trackers.path] if fit.trackers else []))
-    total_steps = optimizer_steps(len(data.train.rows), batches.total, spec.train.epochs, spec.train.max_steps)
+    # (the batch counts answers: GRPO's prompts are answered num_generations times each)
+    total_steps = optimizer_steps(len(data.train.rows) * fit.objective.answers_per_row(spec), batches.total,
+                                  spec.train.epochs, spec.train.max_steps)
     stop = data.formatter.stop if data.has_chat else None
     if stop is not None and not stop.consistent:
         say(f"note: generation stopped at {stop.generation_eos_ids} but the chat template ends turns with "
