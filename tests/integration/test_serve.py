@@ -434,3 +434,24 @@ def test_a_kubetune_serve_model_as_the_judge_of_model_graders(server: str, clien
     assert graded.errors["model_grader_parse_error"] or 0.0 <= graded.reward <= 1.0
     if graded.errors["model_grader_parse_error"]:
         assert "not a score" in (graded.details or "")
+
+
+def test_n_choices_each_a_request_of_the_batch(client: openai.OpenAI) -> None:
+    """`n` answers to one prompt: indices 0..n-1, the prompt counted once in usage and each choice's
+    tokens added up, sampled choices seeded apart. (Not compared token for token with lone requests:
+    rows batched together may round differently, and a sampled token can follow.)"""
+    msgs = [{"role": "user", "content": "Describe a blue fox."}]
+    sampled = client.chat.completions.create(model="served", messages=msgs, n=3, temperature=1.0, seed=5,
+                                             max_tokens=12)
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert len({c.message.content for c in sampled.choices}) > 1  # seed, seed + 1, seed + 2
+    one = client.chat.completions.create(model="served", messages=msgs, temperature=1.0, seed=5, max_tokens=12)
+    assert sampled.usage.prompt_tokens == one.usage.prompt_tokens
+    assert 3 <= sampled.usage.completion_tokens <= 36
+    assert sampled.usage.total_tokens == sampled.usage.prompt_tokens + sampled.usage.completion_tokens
+    text = client.completions.create(model="served", prompt="The fox", n=2, temperature=1.0, seed=1, max_tokens=6)
+    assert [c.index for c in text.choices] == [0, 1] and all(c.finish_reason for c in text.choices)
+    for bad in ({"n": 2, "stream": True}, {"n": 9}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="served", messages=msgs, max_tokens=4, **bad)
+        assert info.value.body["param"] == "n"  # type: ignore[index]

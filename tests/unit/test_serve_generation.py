@@ -156,18 +156,15 @@ def test_a_model_removed_mid_answer_finishes_its_requests_and_gives_their_slots_
         seen: list[object] = []
         stream = gen.run("tiny-llama", prompt, gen.params(200, 0.0, 1.0, None, [], len(prompt), "messages"),
                          admission.enter())
-        try:
-            async for item in stream:
-                seen.append(item)
-                if len(seen) == 1:
-                    engine.remove("tiny-llama")
-        except ApiError as exc:  # the lane stopped before the answer was whole: an error, not a hang
-            seen.append(exc)
+        async for item in stream:
+            seen.append(item)
+            if len(seen) == 1:
+                engine.remove("tiny-llama")
         return seen
 
     try:
         seen = asyncio.run(remove_after_the_first_piece())
-        assert len(seen) >= 2 and (isinstance(seen[-1], Finished) or seen[-1].status == 503), seen[-1]
+        assert len(seen) >= 2 and isinstance(seen[-1], Finished), seen[-1]  # answered in full
         assert admission.admitted == 0 and admission.running == 0
         with pytest.raises(ApiError) as info:  # a new request for it: the engine says it is gone
             asyncio.run(collect_all(gen, admission, prompt))

@@ -217,6 +217,18 @@ class Lane:
                 self._manager.output_router.result_handlers.pop(request.request_id, None)
         self.sampler.release(request.kwargs)
 
+    def close_when_idle(self, timeout: float = 600.0) -> None:
+        """Close once the requests in flight have their answers (a removed model finishes what it
+        was asked), at most `timeout` seconds from now; returns at once."""
+        def wait() -> None:
+            deadline = time.monotonic() + timeout
+            while (self._manager is not None and self._manager.output_router.result_handlers
+                   and self.failure is None and time.monotonic() < deadline):
+                time.sleep(0.1)
+            self.close()
+
+        threading.Thread(target=wait, name="kubetune-lane-close", daemon=True).start()
+
     def close(self) -> None:
         with self._lock:
             if self._manager is not None and self._manager.is_running():

@@ -140,12 +140,13 @@ class TransformersEngine:
         return added
 
     def remove(self, name: str) -> None:
-        """Stop serving `name`: new requests for it are 404; its lane stops."""
+        """Stop serving `name`: new requests for it are 404; its lane stops once the requests it has
+        are answered (without blocking the caller, which may be the event loop)."""
         gone = self.served.get(name)
         if gone is None:
             return
         self.served = {k: v for k, v in self.served.items() if k != name}
-        gone.lane.close()
+        gone.lane.close_when_idle()
 
     @property
     def failure(self) -> str | None:

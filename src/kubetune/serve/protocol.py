@@ -14,6 +14,9 @@ from kubetune.data.formats import chat_message
 from kubetune.serve.errors import ApiError
 
 
+MAX_CHOICES = 8  # choices a request may ask for (each is a request of its own in the batch)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -22,7 +25,7 @@ class _Request(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stop: Union[str, list[str], None] = None
     seed: int | None = None

@@ -248,6 +248,9 @@ class PooledLane:
     def close(self) -> None:
         self.pool.close()
 
+    def close_when_idle(self) -> None:
+        self.pool.close()  # a pool serves its names together: it is not grown or shrunk name by name
+
 
 # ----------------------------------------------------------------------------------------------------
 # In the worker process.

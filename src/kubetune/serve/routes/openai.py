@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from dataclasses import replace
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from kubetune.data.template import TemplateMismatch
-from kubetune.serve.admission import stream_response
-from kubetune.serve.engine import Finished
+from kubetune.serve.admission import Ticket, stream_response
+from kubetune.serve.engine import Finished, GenerationParams
 from kubetune.serve.errors import ApiError
 from kubetune.serve.generation import usage
 from kubetune.serve.protocol import ChatRequest, CompletionRequest
@@ -21,6 +23,12 @@ from kubetune.serve.answer import AnswerReader, Delta, thinks, whole_answer
 from kubetune.serve.tools import plan_tools
 
 router = APIRouter()
+
+
+def _one_choice_streams(req: ChatRequest | CompletionRequest) -> None:
+    if req.n > 1 and req.stream:
+        raise ApiError(400, "n above 1 is answered without streaming here; stream one choice, or leave stream out",
+                       param="n")
 
 
 def sse(body: dict[str, Any]) -> str:
@@ -44,6 +52,7 @@ async def chat(req: ChatRequest, state: ServerState = Depends(server_state)) -> 
         raise ApiError(400, f"{exc}", param="tools" if "`tools`" in str(exc) else "messages") from None
     params = gen.params(req.token_limit, req.temperature, req.top_p, req.seed, req.stop_list, len(prompt_ids),
                         "messages")
+    _one_choice_streams(req)
     think = thinks(served.formatter.template)
     structured = plan is not None or think  # the text is read for reasoning and tool calls
     ticket = state.admission.enter()
@@ -79,20 +88,52 @@ async def chat(req: ChatRequest, state: ServerState = Depends(server_state)) -> 
             yield "data: [DONE]\n\n"
 
         return stream_response(events(), ticket)
-    text, finished = await gen.complete(name, prompt_ids, params, ticket, keep_special=plan is not None)
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    reason = finished.finish_reason
-    if structured:
-        answer = whole_answer(plan, think, text, prefix)
-        message["content"] = (answer.content.strip() or None) if answer.calls else answer.content
-        if answer.reasoning.strip():
-            message["reasoning_content"] = answer.reasoning.strip()
-        if answer.calls:
-            message["tool_calls"] = [c.openai() for c in answer.calls]
-            reason = plan.finish if plan else reason
+
+    def choice(index: int, text: str, finished: Finished) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        reason = finished.finish_reason
+        if structured:
+            answer = whole_answer(plan, think, text, prefix)
+            message["content"] = (answer.content.strip() or None) if answer.calls else answer.content
+            if answer.reasoning.strip():
+                message["reasoning_content"] = answer.reasoning.strip()
+            if answer.calls:
+                message["tool_calls"] = [c.openai() for c in answer.calls]
+                reason = plan.finish if plan else reason
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
+
+    answers = await _choices(state, req.n, ticket,
+                             lambda i, t: gen.complete(name, prompt_ids, _nth(params, i), t, keep_special=plan is not None))
     return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": name,
-                         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
-                         "usage": usage(len(prompt_ids), finished)})
+                         "choices": [choice(i, text, done) for i, (text, done) in enumerate(answers)],
+                         "usage": _usage(len(prompt_ids), answers)})
+
+
+async def _choices(state: ServerState, n: int, first: Ticket,
+                   answer: Callable[[int, Ticket], Awaitable[tuple[str, Finished]]]) -> list[tuple[str, Finished]]:
+    """`n` answers to one prompt, each a request of its own in the running batch (with its own
+    admission slot: all of them or a 429 before any is generated)."""
+    tickets = [first]
+    try:
+        tickets += [state.admission.enter() for _ in range(n - 1)]
+    except ApiError:
+        for t in tickets:
+            t.release()
+        raise
+    return list(await asyncio.gather(*(answer(i, t) for i, t in enumerate(tickets))))
+
+
+def _nth(params: GenerationParams, index: int) -> GenerationParams:
+    """The parameters of choice `index`: with a seed, each choice its own (seed + index), so n sampled
+    choices differ and the same request gives the same n again."""
+    if index == 0 or params.seed is None:
+        return params
+    return replace(params, seed=params.seed + index)
+
+
+def _usage(prompt: int, answers: list[tuple[str, Finished]]) -> dict[str, int]:
+    made = sum(done.completion_tokens for _, done in answers)  # the prompt is counted once, as OpenAI's
+    return {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
 
 
 def _delta_chunks(delta: Delta, first_index: int) -> list[dict[str, Any]]:
@@ -110,6 +151,7 @@ async def completions(req: CompletionRequest, state: ServerState = Depends(serve
     prompt_ids = state.engine.encode(name, req.text())
     params = gen.params(req.token_limit, req.temperature, req.top_p, req.seed, req.stop_list, len(prompt_ids),
                         "prompt")
+    _one_choice_streams(req)
     ticket = state.admission.enter()
     rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prefix = req.text() if req.echo else ""
@@ -124,8 +166,8 @@ async def completions(req: CompletionRequest, state: ServerState = Depends(serve
             yield "data: [DONE]\n\n"
 
         return stream_response(events(), ticket)
-    text, finished = await gen.complete(name, prompt_ids, params, ticket)
+    answers = await _choices(state, req.n, ticket, lambda i, t: gen.complete(name, prompt_ids, _nth(params, i), t))
     return JSONResponse({"id": rid, "object": "text_completion", "created": now, "model": name,
-                         "choices": [{"index": 0, "text": prefix + text, "logprobs": None,
-                                      "finish_reason": finished.finish_reason}],
-                         "usage": usage(len(prompt_ids), finished)})
+                         "choices": [{"index": i, "text": prefix + text, "logprobs": None,
+                                      "finish_reason": done.finish_reason} for i, (text, done) in enumerate(answers)],
+                         "usage": _usage(len(prompt_ids), answers)})
