@@ -445,27 +445,3 @@ def test_model_graders_and_cosine_run_through_the_official_client_and_grade_a_re
     assert any("valid_reward_mean" in (e.data or {}) for e in events)
     spec = (server.home / "runs" / job.id / "spec.yaml").read_text()
     assert "grader-7b" in spec and "sk-judge-secret" not in spec  # the key by its variable's name only
-
-
-def test_a_checkpoint_at_each_epoch_each_with_its_own_metrics(server: Control, tiny_model: Path,
-                                                               tmp_path: Path) -> None:
-    """OpenAI's cadence: a job that trains by epochs has a checkpoint at the end of each (the last three
-    kept), and every checkpoint carries its step's training loss — also where logging_steps (10) does not
-    land on the checkpoint's step (6, 12, 18: 90 rows in batches of 16)."""
-    client = server.client("unused")
-    rows = (QUICKSTART_DATA / "train.jsonl").read_text().splitlines()[:90]
-    (tmp_path / "ninety.jsonl").write_text("\n".join(rows) + "\n")
-    train = client.files.create(file=(tmp_path / "ninety.jsonl").open("rb"), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(
-        model=MODEL, training_file=train.id,
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 16}}},
-        extra_body={"kubetune": {"train": {"learning_rate": 3e-3, "max_per_device_batch_size": 16,
-                                           "logging_steps": 10}, "data": {"max_length": 128}}})
-    done = wait_for(job.id, lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
-                    in ("succeeded", "failed") and j, 300)
-    assert done.status == "succeeded", done.error
-    ckpts = list(client.fine_tuning.jobs.checkpoints.list(job.id))
-    assert [c.step_number for c in ckpts] == [18, 12, 6]
-    assert all(c.metrics.train_loss is not None and c.metrics.train_mean_token_accuracy is not None
-               for c in ckpts), [c.metrics for c in ckpts]
-    assert ckpts[-1].metrics.train_loss != ckpts[0].metrics.train_loss  # each its own step's

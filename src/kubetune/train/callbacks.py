@@ -83,12 +83,10 @@ class EventsCallback(TrainerCallback):
             self.progress.update(rec)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if (state.global_step >= state.max_steps or control.should_save) and getattr(
-                args.logging_strategy, "value", args.logging_strategy) != "no":
+        if state.global_step >= state.max_steps and getattr(args.logging_strategy, "value",
+                                                            args.logging_strategy) != "no":
             # the last step is always logged: the final loss (and a results file's last row) is the
-            # model's, not the one logging_steps happened to land on before it (every rank sets it);
-            # so is a checkpoint's step (set just before by the library's flow callback): a checkpoint's
-            # metrics are its own step's, even where logging_steps does not divide save_every_steps
+            # model's, not the one logging_steps happened to land on before it (every rank sets it)
             control.should_log = True
         if not self._first_step_seen and state.is_world_process_zero:
             self._first_step_seen = True
