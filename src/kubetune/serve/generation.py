@@ -124,9 +124,10 @@ async def _next_output(outputs: asyncio.Queue[Any], served: ServedModel) -> Any:
                                "engine_failed") from None
 
 
-def usage(prompt: int, finished: Finished) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": finished.completion_tokens,
-            "total_tokens": prompt + finished.completion_tokens}
+def usage(prompt: int, *finished: Finished) -> dict[str, int]:
+    """OpenAI's usage of one prompt's answers: the prompt counted once, every choice's tokens added up."""
+    made = sum(f.completion_tokens for f in finished)
+    return {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
 
 
 async def collect(stream: AsyncIterator[str | Finished]) -> tuple[str, Finished]:

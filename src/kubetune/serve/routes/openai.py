@@ -106,7 +106,7 @@ async def chat(req: ChatRequest, state: ServerState = Depends(server_state)) -> 
                              lambda i, t: gen.complete(name, prompt_ids, _nth(params, i), t, keep_special=plan is not None))
     return JSONResponse({"id": rid, "object": "chat.completion", "created": now, "model": name,
                          "choices": [choice(i, text, done) for i, (text, done) in enumerate(answers)],
-                         "usage": _usage(len(prompt_ids), answers)})
+                         "usage": usage(len(prompt_ids), *(done for _, done in answers))})
 
 
 async def _choices(state: ServerState, n: int, first: Ticket,
@@ -129,11 +129,6 @@ def _nth(params: GenerationParams, index: int) -> GenerationParams:
     if index == 0 or params.seed is None:
         return params
     return replace(params, seed=params.seed + index)
-
-
-def _usage(prompt: int, answers: list[tuple[str, Finished]]) -> dict[str, int]:
-    made = sum(done.completion_tokens for _, done in answers)  # the prompt is counted once, as OpenAI's
-    return {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made}
 
 
 def _delta_chunks(delta: Delta, first_index: int) -> list[dict[str, Any]]:
@@ -170,4 +165,4 @@ async def completions(req: CompletionRequest, state: ServerState = Depends(serve
     return JSONResponse({"id": rid, "object": "text_completion", "created": now, "model": name,
                          "choices": [{"index": i, "text": prefix + text, "logprobs": None,
                                       "finish_reason": done.finish_reason} for i, (text, done) in enumerate(answers)],
-                         "usage": _usage(len(prompt_ids), answers)})
+                         "usage": usage(len(prompt_ids), *(done for _, done in answers))})
