@@ -28,7 +28,8 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    # a 64-bit seed (the sampler's generator takes no more: beyond it was a 500); choice i uses seed + i
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None
     # Log probabilities are not returned by this engine: asked for, they are a 400 on the field rather
     # than an answer without them that an evaluation script would read as missing data.
