@@ -207,6 +207,10 @@ def test_temperature_top_p_and_seed_are_per_request(client: openai.OpenAI) -> No
     (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
     (json.dumps({"model": "served", "messages": [{"role": "user", "content": "x"}], "seed": 2**64 + 3}).encode(),
      400, "seed"),  # a 500 once: the sampler's generator takes 64 bits
+    (json.dumps({"model": "served", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 17}).encode(),
+     400, "stop"),  # each is searched for at every step: bounded
+    (json.dumps({"model": "served", "messages": [{"role": "user", "content": "x"}], "stop": "z" * 1001}).encode(),
+     400, "stop"),
     # not returned by this engine: refused by field, not answered without them
     (json.dumps({"model": "served", "messages": [{"role": "user", "content": "x"}], "logprobs": True}).encode(),
      400, "logprobs"),

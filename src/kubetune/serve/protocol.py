@@ -15,6 +15,7 @@ from kubetune.serve.errors import ApiError
 
 
 MAX_CHOICES = 8  # choices a request may ask for (each is a request of its own in the batch)
+MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # OpenAI allows 4 stop strings; vLLM users pass a few more
 
 
 class _Request(BaseModel):
@@ -35,6 +36,15 @@ class _Request(BaseModel):
     # than an answer without them that an evaluation script would read as missing data.
     logprobs: Union[bool, int, None] = None
     top_logprobs: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, value: Any) -> Any:
+        # every stop string is looked for in the answer at each step, on the server's event loop
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
+        return value
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
